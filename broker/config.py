@@ -1,0 +1,385 @@
+"""Typed, frozen settings loaded once at start-up from YAML (plus ``${ENV}`` references).
+
+Nothing deeper in the broker reads the environment or a file for configuration: every
+component receives the part of ``Settings`` it needs. A bad file stops start-up with the
+path of the offending key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from broker.durations import parse_duration
+from broker.errors import ConfigError
+
+ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+MAX_LEEWAY_SECONDS = 60
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Parameters each engine lets a role template, and the identity values a template may use.
+ENGINE_PARAMS = {"pki": frozenset({"common_name", "alt_names"}), "database": frozenset()}
+REQUIRED_PARAMS = {"pki": frozenset({"common_name"}), "database": frozenset()}
+TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _seconds(value: Any) -> int:
+    return parse_duration(value)
+
+
+Duration = Annotated[int, Field(ge=0)]
+
+
+class ServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8300, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class StoreSettings(_Frozen):
+    url: str = "sqlite:///broker.db"
+    pool_size: int = Field(10, ge=1, le=200)
+    connect_timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite://") or v.startswith("postgresql")):
+            raise ValueError("expected a sqlite:///PATH or postgresql://… URL")
+        return v
+
+
+class TokenAuth(_Frozen):
+    method: Literal["token"] = "token"
+    token: SecretStr
+
+
+class AppRoleAuth(_Frozen):
+    method: Literal["approle"]
+    role_id: str
+    secret_id: SecretStr
+    mount: str = "approle"
+
+
+class VaultSettings(_Frozen):
+    addr: str
+    auth: Annotated[TokenAuth | AppRoleAuth, Field(discriminator="method")]
+    token_role: str = "broker-instance"
+    instance_policies: tuple[str, ...] = ("broker-instance",)
+    instance_token_ttl: Duration = 24 * 3600
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    max_connections: int = Field(64, ge=1, le=1024)
+    ca_cert: Path | None = None
+
+    _ttl = field_validator("instance_token_ttl", mode="before")(_seconds)
+
+    @field_validator("addr")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+$", v.rstrip("/")):
+            raise ValueError("expected http(s)://host:port with no path")
+        return v.rstrip("/")
+
+    @field_validator("token_role")
+    @classmethod
+    def _segment(cls, v: str) -> str:
+        if not _VAULT_SEGMENT.match(v):
+            raise ValueError("expected a Vault token role name (letters, digits, _ . -)")
+        return v
+
+
+ClaimPath = tuple[str, ...]
+
+
+def _claim_path(value: Any) -> ClaimPath:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value or not all(
+        isinstance(p, str) and p for p in value
+    ):
+        raise ValueError("expected a claim name or a list of nested claim names")
+    return tuple(value)
+
+
+class IssuerSettings(_Frozen):
+    name: str
+    issuer: str
+    jwks_uri: str
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    instance_claim: ClaimPath = ("sub",)
+    workload_claim: ClaimPath = ("sub",)
+    leeway_s: int = Field(30, ge=0, le=MAX_LEEWAY_SECONDS)
+    max_token_lifetime: Duration = 3600
+    max_token_bytes: int = Field(16 * 1024, ge=512, le=64 * 1024)
+    jwks_cache_ttl_s: int = Field(300, ge=1, le=86400)
+    jwks_refresh_cooldown_s: float = Field(30.0, ge=0, le=3600)
+    jwks_stale_max_s: int = Field(3600, ge=0, le=7 * 86400)
+    jwks_max_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
+    jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+
+    _lifetime = field_validator("max_token_lifetime", mode="before")(_seconds)
+    _paths = field_validator("instance_claim", "workload_claim", mode="before")(_claim_path)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("expected lower-case letters, digits, _ or -")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if a not in ALLOWED_ALGORITHMS]
+        if bad or not v:
+            raise ValueError(
+                f"expected a non-empty list from {', '.join(ALLOWED_ALGORITHMS)}; "
+                f"refused: {', '.join(bad) or 'empty list'}"
+            )
+        return v
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("expected an http(s) URL")
+        return v
+
+
+class IdentitySettings(_Frozen):
+    audience: str = Field(min_length=1)
+    issuers: tuple[IssuerSettings, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> IdentitySettings:
+        names = [i.name for i in self.issuers]
+        issuers = [i.issuer for i in self.issuers]
+        if len(set(names)) != len(names):
+            raise ValueError("issuer names must be unique")
+        if len(set(issuers)) != len(issuers):
+            raise ValueError("issuer 'issuer' values must be unique")
+        return self
+
+
+class RoleSettings(_Frozen):
+    engine: Literal["pki", "database"]
+    mount: str
+    vault_role: str
+    default_ttl: Duration = 600
+    max_ttl: Duration = 3600
+    params: dict[str, str] = Field(default_factory=dict)
+
+    _ttls = field_validator("default_ttl", "max_ttl", mode="before")(_seconds)
+
+    @field_validator("mount", "vault_role")
+    @classmethod
+    def _segment(cls, v: str) -> str:
+        if not _VAULT_SEGMENT.match(v) or ".." in v:
+            raise ValueError("expected one Vault path segment (letters, digits, _ . -)")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> RoleSettings:
+        unknown = set(self.params) - ENGINE_PARAMS[self.engine]
+        if unknown:
+            raise ValueError(f"params: engine {self.engine} takes no {', '.join(sorted(unknown))}"
+                             f" (allowed: {', '.join(sorted(ENGINE_PARAMS[self.engine])) or 'none'})")
+        missing = REQUIRED_PARAMS[self.engine] - set(self.params)
+        if missing:
+            raise ValueError(f"params: engine {self.engine} needs {', '.join(sorted(missing))}")
+        for name, template in self.params.items():
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            except ValueError:
+                raise ValueError(f"params.{name}: malformed template") from None
+            bad = fields - TEMPLATE_FIELDS
+            if bad:
+                raise ValueError(f"params.{name}: unknown template field(s) {sorted(bad)}; "
+                                 f"use {sorted(TEMPLATE_FIELDS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> RoleSettings:
+        if self.max_ttl < 1:
+            raise ValueError("max_ttl must be at least 1s")
+        if self.default_ttl > self.max_ttl:
+            raise ValueError("default_ttl must not exceed max_ttl")
+        return self
+
+
+class ClaimMatch(_Frozen):
+    """One condition of a rule. ``claim`` is a path into the verified claims; ``identity``
+    names a mapped identity field (``instance_id``, ``workload``, ``subject``). Exactly one
+    of ``exact``, ``glob``, ``regex``, ``one_of`` says how to compare."""
+
+    claim: ClaimPath | None = None
+    identity: Literal["instance_id", "workload", "subject"] | None = None
+    exact: str | None = None
+    glob: str | None = None
+    regex: str | None = None
+    one_of: tuple[str, ...] | None = None
+
+    @field_validator("claim", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return None if v is None else _claim_path(v)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ClaimMatch:
+        if (self.claim is None) == (self.identity is None):
+            raise ValueError("set exactly one of 'claim' or 'identity'")
+        ops = [x for x in (self.exact, self.glob, self.regex, self.one_of) if x is not None]
+        if len(ops) != 1:
+            raise ValueError("set exactly one of 'exact', 'glob', 'regex', 'one_of'")
+        return self
+
+
+class Rule(_Frozen):
+    name: str
+    issuer: str | None = None
+    match: tuple[ClaimMatch, ...] = ()
+    allow: tuple[str, ...] = Field(min_length=1)
+    max_ttl: Duration | None = None
+
+    _ttl = field_validator("max_ttl", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+
+class PolicySettings(_Frozen):
+    rules: tuple[Rule, ...] = ()
+
+
+class AdminSettings(_Frozen):
+    token_sha256: str
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("expected the hex SHA-256 of the admin token (64 hex digits)")
+        return v
+
+
+class RevocationSettings(_Frozen):
+    tick_s: float = Field(1.0, gt=0, le=300)
+    batch: int = Field(8, ge=1, le=256)
+    claim_timeout_s: int = Field(120, ge=5, le=3600)
+    backoff_base_s: float = Field(1.0, gt=0, le=600)
+    backoff_max_s: float = Field(300.0, gt=0, le=86400)
+    max_attempts: int = Field(12, ge=1, le=1000)
+    issuing_timeout_s: int = Field(120, ge=5, le=3600)
+
+
+class Settings(_Frozen):
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    vault: VaultSettings
+    identity: IdentitySettings
+    roles: dict[str, RoleSettings] = Field(min_length=1)
+    policy: PolicySettings = PolicySettings()
+    admin: AdminSettings
+    revocation: RevocationSettings = RevocationSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        issuer_names = {i.name for i in self.identity.issuers}
+        for name in self.roles:
+            if not _NAME.match(name):
+                raise ValueError(f"role name {name!r}: expected lower-case letters, digits, _ or -")
+        longest = max(r.max_ttl for r in self.roles.values())
+        if longest > self.vault.instance_token_ttl:
+            raise ValueError(
+                "vault.instance_token_ttl must be at least the longest role max_ttl "
+                f"({longest}s): a lease cannot outlive the instance token it was read with"
+            )
+        for idx, rule in enumerate(self.policy.rules):
+            for role in rule.allow:
+                if role not in self.roles:
+                    raise ValueError(f"policy.rules.{idx}.allow: unknown role {role!r}")
+            if rule.issuer is not None and rule.issuer not in issuer_names:
+                raise ValueError(f"policy.rules.{idx}.issuer: unknown issuer {rule.issuer!r}")
+        return self
+
+
+def _expand_env(node: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}.{i}", env) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return env[name]
+
+        return _ENV_REF.sub(sub, node)
+    return node
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(data: dict[str, Any], *, source: str = "config",
+                  env: dict[str, str] | None = None) -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    expanded = _expand_env(data, "", dict(os.environ) if env is None else env)
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_settings_file(path: str | Path, *, env: dict[str, str] | None = None) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    return load_settings(data or {}, source=str(path), env=env)

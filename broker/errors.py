@@ -1,0 +1,87 @@
+"""The broker's whole exception tree, and the HTTP status each maps to.
+
+Every error a caller can see is a ``BrokerError`` with a stable ``code``. Foreign
+exceptions (hvac, aiohttp, SQLAlchemy, PyJWT) are translated at the boundary of the
+package that calls them; nothing above that boundary catches them.
+
+    BrokerError
+    ├── BadRequest                 400  malformed body, unknown field, bad ttl
+    ├── TokenInvalid               401  identity token refused (code says why)
+    ├── AdminUnauthorized          401  admin token missing or wrong
+    ├── NotPermitted               403  policy refused the role for this identity
+    ├── NotFound                   404  unknown lease/instance (or not the caller's)
+    ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
+    ├── PayloadTooLarge            413
+    ├── UpstreamRejected           502  Vault refused a request the broker made
+    ├── UpstreamUnavailable        503  Vault unreachable, sealed or timing out
+    └── StoreUnavailable           503  the lease store cannot be reached
+
+Messages say what to fix and never contain a token, credential or secret.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(BrokerError):
+    status = 400
+    code = "bad_request"
+
+
+class TokenInvalid(BrokerError):
+    status = 401
+    code = "token_invalid"
+
+
+class AdminUnauthorized(BrokerError):
+    status = 401
+    code = "admin_unauthorized"
+
+
+class NotPermitted(BrokerError):
+    status = 403
+    code = "role_not_permitted"
+
+
+class NotFound(BrokerError):
+    status = 404
+    code = "not_found"
+
+
+class InstanceTerminated(BrokerError):
+    status = 409
+    code = "instance_terminated"
+
+
+class PayloadTooLarge(BrokerError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamRejected(BrokerError):
+    status = 502
+    code = "vault_rejected"
+
+
+class UpstreamUnavailable(BrokerError):
+    status = 503
+    code = "vault_unavailable"
+
+
+class StoreUnavailable(BrokerError):
+    status = 503
+    code = "store_unavailable"
+
+
+class ConfigError(Exception):
+    """A configuration file or flag is wrong; the message names the key and what was expected."""

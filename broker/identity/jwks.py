@@ -1,0 +1,170 @@
+"""An issuer's signing keys, fetched over HTTP and cached.
+
+Rules that keep an attacker from steering this cache:
+- a refresh caused by an unknown ``kid`` happens at most once per cooldown, and concurrent
+  requests share one fetch, so a spray of random ``kid``s costs the issuer one request;
+- an empty or unparsable key set is never cached: the last good one stays in use;
+- the last good keys keep serving while the issuer is down, up to ``jwks_stale_max_s``;
+- responses are bounded in size and time; symmetric (``oct``) keys are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import jwt
+
+from broker.config import IssuerSettings
+from broker.errors import TokenInvalid, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+MIN_CACHE_SECONDS = 10
+_MAX_AGE = re.compile(r"max-age=(\d+)")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str | None
+    alg: str | None  # the key's own "alg", if it names one: then only that algorithm
+    key: Any
+
+
+@dataclass
+class _KeySet:
+    keys: tuple[SigningKey, ...]
+    fetched_at: float
+    fresh_until: float
+
+
+@dataclass
+class FetchStats:
+    attempts: int = 0
+    failures: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def parse_jwks(document: Any) -> tuple[SigningKey, ...]:
+    """Usable signature keys of a JWKS document; oct keys and non-signing keys dropped."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWKS document")
+    out = []
+    for entry in document["keys"]:
+        if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP"):
+            continue
+        if entry.get("use", "sig") != "sig":
+            continue
+        if any(k in entry for k in ("d", "p", "q")):
+            continue  # a private key published by mistake is not used as a public one
+        try:
+            key = jwt.PyJWK(entry).key
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            continue
+        kid = entry.get("kid") if isinstance(entry.get("kid"), str) else None
+        alg = entry.get("alg") if isinstance(entry.get("alg"), str) else None
+        out.append(SigningKey(kid=kid, alg=alg, key=key))
+    return tuple(out)
+
+
+class JwksCache:
+    def __init__(self, issuer: IssuerSettings, session: aiohttp.ClientSession, *,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._issuer = issuer
+        self._session = session
+        self._now = monotonic
+        self._set: _KeySet | None = None
+        self._last_attempt: float | None = None
+        self._lock = asyncio.Lock()
+        self.stats = FetchStats()
+
+    @property
+    def issuer(self) -> IssuerSettings:
+        return self._issuer
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        now = self._now()
+        current = self._set
+        if current is None or now >= current.fresh_until:
+            await self._refresh(reason="expired")
+        elif self._find(kid, alg) is None:
+            await self._refresh(reason="unknown_kid")
+        current = self._set
+        if current is None:
+            raise UpstreamUnavailable(
+                f"the signing keys of issuer {self._issuer.name} cannot be fetched",
+                code="jwks_unavailable",
+            )
+        if self._now() > current.fresh_until + self._issuer.jwks_stale_max_s:
+            raise UpstreamUnavailable(
+                f"the signing keys of issuer {self._issuer.name} are too old to trust",
+                code="jwks_unavailable",
+            )
+        found = self._find(kid, alg)
+        if found is None:
+            raise TokenInvalid("the token's key is not in the issuer's key set",
+                               code="token_unknown_key")
+        return found
+
+    def _find(self, kid: str | None, alg: str) -> Any | None:
+        if self._set is None:
+            return None
+        usable = [k for k in self._set.keys if k.alg in (None, alg)]
+        if kid is not None:
+            hits = [k for k in usable if k.kid == kid]
+        else:
+            hits = usable if len(usable) == 1 else []
+        return hits[0].key if len(hits) == 1 else None
+
+    async def _refresh(self, *, reason: str) -> None:
+        async with self._lock:
+            now = self._now()
+            if (self._last_attempt is not None
+                    and now - self._last_attempt < self._issuer.jwks_refresh_cooldown_s):
+                return  # someone fetched (or failed) just now: use what that gave
+            self._last_attempt = now
+            self.stats.attempts += 1
+            try:
+                keys, ttl = await self._fetch()
+            except Exception as exc:  # noqa: BLE001 — any failure keeps the last good set
+                self.stats.failures += 1
+                self.stats.outcomes["failure"] = self.stats.outcomes.get("failure", 0) + 1
+                log.warning("jwks fetch failed", extra={"issuer": self._issuer.name,
+                                                        "reason": reason,
+                                                        "error": type(exc).__name__})
+                return
+            self.stats.outcomes["success"] = self.stats.outcomes.get("success", 0) + 1
+            fetched = self._now()
+            self._set = _KeySet(keys=keys, fetched_at=fetched, fresh_until=fetched + ttl)
+
+    async def refresh_if_stale(self) -> None:
+        """For the periodic tick: refresh a key set that is past its freshness."""
+        current = self._set
+        if current is None or self._now() >= current.fresh_until:
+            await self._refresh(reason="scheduled")
+
+    async def _fetch(self) -> tuple[tuple[SigningKey, ...], float]:
+        limit = self._issuer.jwks_max_bytes
+        timeout = aiohttp.ClientTimeout(total=self._issuer.jwks_timeout_s)
+        async with self._session.get(self._issuer.jwks_uri, timeout=timeout,
+                                     allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise ValueError(f"status {resp.status}")
+            body = await resp.content.read(limit + 1)
+            if len(body) > limit:
+                raise ValueError("key set larger than jwks_max_bytes")
+            cache_control = resp.headers.get("Cache-Control", "")
+        keys = parse_jwks(json.loads(body))
+        if not keys:
+            raise ValueError("key set holds no usable signing key")
+        ttl = float(self._issuer.jwks_cache_ttl_s)
+        match = _MAX_AGE.search(cache_control)
+        if match:
+            ttl = min(ttl, max(MIN_CACHE_SECONDS, int(match.group(1))))
+        return keys, ttl

@@ -1,0 +1,46 @@
+"""Database URLs and schema migrations (Alembic, scripts in ``migrations/``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def async_url(url: str) -> str:
+    if url.startswith("sqlite:"):
+        return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def sync_url(url: str) -> str:
+    if url.startswith("sqlite+aiosqlite:"):
+        return url.replace("sqlite+aiosqlite:", "sqlite:", 1)
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = sync_url(url)
+    return cfg
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def migrate(url: str) -> None:
+    """Bring the store to the newest schema. Safe to run from several replicas at once:
+    ``migrations/env.py`` takes an advisory lock on PostgreSQL."""
+    command.upgrade(alembic_config(url), "head")

@@ -1,0 +1,57 @@
+"""State machines of leases, instances and revocation jobs. Pure."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class LeaseState(StrEnum):
+    ISSUING = "issuing"      # row written, Vault asked (or about to be)
+    ACTIVE = "active"        # Vault issued it and the broker recorded it
+    FAILED = "failed"        # Vault refused or failed: nothing was issued
+    RELEASED = "released"    # the workload returned it early; Vault confirmed it gone
+    REVOKED = "revoked"      # revoked by termination; Vault confirmed it gone
+    ABANDONED = "abandoned"  # stuck in issuing past the bound; covered by the token revocation
+
+
+class InstanceState(StrEnum):
+    ACTIVE = "active"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # gave up retrying on its own; visible, retried when asked again
+
+
+LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.ISSUING: frozenset({LeaseState.ACTIVE, LeaseState.FAILED, LeaseState.ABANDONED}),
+    LeaseState.ACTIVE: frozenset({LeaseState.RELEASED, LeaseState.REVOKED}),
+    LeaseState.FAILED: frozenset(),
+    LeaseState.RELEASED: frozenset(),
+    LeaseState.REVOKED: frozenset(),
+    LeaseState.ABANDONED: frozenset(),
+}
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.PENDING, JobState.FAILED,
+                                 JobState.RUNNING}),  # RUNNING→RUNNING: reclaimed after a crash
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.DONE: frozenset(),
+}
+
+# Leases that may still hold a live credential in Vault.
+LIVE_LEASE_STATES = frozenset({LeaseState.ISSUING, LeaseState.ACTIVE})
+FINAL_LEASE_STATES = frozenset(LeaseState) - LIVE_LEASE_STATES
+
+
+def lease_can_move(old: LeaseState, new: LeaseState) -> bool:
+    return new in LEASE_TRANSITIONS[old]
+
+
+def job_can_move(old: JobState, new: JobState) -> bool:
+    return new in JOB_TRANSITIONS[old]

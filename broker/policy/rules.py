@@ -1,0 +1,86 @@
+"""Declarative rules: an identity matcher → the roles it may have, with TTL caps.
+
+Deny by default. Rules are tried in order; the first rule that applies to the identity
+(issuer and every condition match) *and* allows the role grants it. A refusal explains
+which rules applied and that none allowed the role, or that no rule applied at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from broker.config import ClaimMatch, RoleSettings, Rule
+from broker.identity.model import Identity
+from broker.identity.verify import claim_at
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    role: str
+    rule: str | None
+    reason: str
+    ttl: int = 0
+
+
+@lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _value(identity: Identity, cond: ClaimMatch) -> Any:
+    if cond.identity is not None:
+        return getattr(identity, cond.identity)
+    assert cond.claim is not None
+    return claim_at(identity.claims, cond.claim)
+
+
+def condition_holds(identity: Identity, cond: ClaimMatch) -> bool:
+    value = _value(identity, cond)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return False  # absent, list, object: never matches a string condition
+    text = str(value)
+    if cond.exact is not None:
+        return text == cond.exact
+    if cond.glob is not None:
+        return fnmatch.fnmatchcase(text, cond.glob)
+    if cond.regex is not None:
+        return _regex(cond.regex).fullmatch(text) is not None
+    if cond.one_of is not None:
+        return text in cond.one_of
+    return False
+
+
+def rule_applies(identity: Identity, rule: Rule) -> bool:
+    if rule.issuer is not None and rule.issuer != identity.issuer_name:
+        return False
+    return all(condition_holds(identity, c) for c in rule.match)
+
+
+def decide(identity: Identity, role: str, requested_ttl: int | None, *,
+           roles: Mapping[str, RoleSettings], rules: Sequence[Rule]) -> Decision:
+    spec = roles.get(role)
+    if spec is None:
+        return Decision(False, role, None, f"role {role!r} does not exist")
+    applied = []
+    for rule in rules:
+        if not rule_applies(identity, rule):
+            continue
+        applied.append(rule.name)
+        if role not in rule.allow:
+            continue
+        cap = spec.max_ttl if rule.max_ttl is None else min(spec.max_ttl, rule.max_ttl)
+        wanted = spec.default_ttl if requested_ttl is None else requested_ttl
+        ttl = max(1, min(wanted, cap))
+        return Decision(True, role, rule.name,
+                        f"rule {rule.name!r} allows role {role!r} (ttl capped at {cap}s)", ttl)
+    if applied:
+        return Decision(False, role, None,
+                        f"rules {', '.join(map(repr, applied))} apply to this identity "
+                        f"but none allows role {role!r}")
+    return Decision(False, role, None, "no rule applies to this identity (deny by default)")

@@ -1,0 +1,222 @@
+"""Async Vault client for exactly the calls the broker makes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from broker.clock import Clock
+from broker.config import AppRoleAuth, VaultSettings
+from broker.errors import UpstreamRejected, UpstreamUnavailable
+from broker.secret import Secret
+
+log = logging.getLogger(__name__)
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,255}$")
+
+
+def vault_path(*segments: str) -> str:
+    """Join validated, escaped path segments. A segment can never climb or add a level."""
+    for seg in segments:
+        if not _SEGMENT.match(seg) or ".." in seg:
+            raise UpstreamRejected("a Vault path segment is not allowed", code="vault_path_refused")
+    return "/".join(quote(s, safe="") for s in segments)
+
+
+@dataclass(frozen=True)
+class InstanceToken:
+    token: Secret
+    accessor: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class IssuedSecret:
+    """Vault's answer to a credential request. ``data`` holds credential values: it is
+    handed to the caller once and never logged or stored."""
+
+    lease_id: str
+    lease_duration: int
+    renewable: bool
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VaultHealth:
+    reachable: bool
+    initialized: bool = False
+    sealed: bool = True
+
+    @property
+    def ready(self) -> bool:
+        return self.reachable and self.initialized and not self.sealed
+
+
+class VaultClient:
+    def __init__(self, settings: VaultSettings, clock: Clock) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._token: Secret | None = None
+        self._token_renew_at: float | None = None
+        self._login_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self._settings.ca_cert is not None:
+            ssl_ctx = ssl.create_default_context(cafile=str(self._settings.ca_cert))
+        connector = aiohttp.TCPConnector(limit=self._settings.max_connections, ssl=ssl_ctx)
+        self._session = aiohttp.ClientSession(
+            base_url=self._settings.addr,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
+            raise_for_status=False,
+        )
+        await self.login()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- the broker's own identity ---------------------------------------------------
+
+    async def login(self) -> None:
+        auth = self._settings.auth
+        if isinstance(auth, AppRoleAuth):
+            body = await self._call("POST", f"/v1/{vault_path('auth', auth.mount, 'login')}",
+                                    token=None, json={"role_id": auth.role_id,
+                                                      "secret_id": auth.secret_id.get_secret_value()})
+            info = body.get("auth") or {}
+            self._token = Secret(info["client_token"])
+            ttl = int(info.get("lease_duration") or 0)
+            self._token_renew_at = time.monotonic() + ttl * 2 / 3 if ttl else None
+        else:
+            self._token = Secret(auth.token.get_secret_value())
+            self._token_renew_at = None
+
+    async def maintain_login(self) -> None:
+        """Periodic: log in again before an AppRole token's TTL runs out."""
+        if self._token_renew_at is not None and time.monotonic() >= self._token_renew_at:
+            async with self._login_lock:
+                if self._token_renew_at is not None and time.monotonic() >= self._token_renew_at:
+                    await self.login()
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def health(self) -> VaultHealth:
+        try:
+            body = await self._call("GET", "/v1/sys/health", token=None,
+                                    params={"standbyok": "true", "sealedcode": "200",
+                                            "uninitcode": "200"})
+        except (UpstreamUnavailable, UpstreamRejected):
+            return VaultHealth(reachable=False)
+        return VaultHealth(reachable=True, initialized=bool(body.get("initialized")),
+                           sealed=bool(body.get("sealed", True)))
+
+    async def create_instance_token(self, *, instance_id: str, workload: str,
+                                    issuer: str) -> InstanceToken:
+        ttl = self._settings.instance_token_ttl
+        body = await self._call(
+            "POST", f"/v1/{vault_path('auth', 'token', 'create', self._settings.token_role)}",
+            json={
+                "policies": list(self._settings.instance_policies),
+                "no_default_policy": True,
+                "ttl": f"{ttl}s",
+                "renewable": False,
+                "display_name": "broker-instance",
+                "meta": {"instance_id": instance_id, "workload": workload, "issuer": issuer},
+            },
+        )
+        auth = body.get("auth") or {}
+        if not auth.get("client_token") or not auth.get("accessor"):
+            raise UpstreamRejected("Vault returned no token for the instance",
+                                   code="vault_bad_response")
+        duration = int(auth.get("lease_duration") or ttl)
+        return InstanceToken(token=Secret(auth["client_token"]), accessor=auth["accessor"],
+                             expires_at=self._clock.now() + timedelta(seconds=duration))
+
+    async def issue(self, token: Secret, method: str, path: str,
+                    body: dict[str, Any] | None) -> IssuedSecret:
+        resp = await self._call(method, f"/v1/{path}", token=token,
+                                json=body if method != "GET" else None)
+        data = resp.get("data")
+        if not isinstance(data, dict):
+            raise UpstreamRejected("Vault returned no credential", code="vault_bad_response")
+        return IssuedSecret(lease_id=str(resp.get("lease_id") or ""),
+                            lease_duration=int(resp.get("lease_duration") or 0),
+                            renewable=bool(resp.get("renewable")), data=data)
+
+    async def renew_lease(self, lease_id: str, increment: int) -> tuple[int, bool]:
+        body = await self._call("PUT", "/v1/sys/leases/renew",
+                                json={"lease_id": lease_id, "increment": increment})
+        return int(body.get("lease_duration") or 0), bool(body.get("renewable"))
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        """Revoke now (``sync``): returns only once the backend has removed the credential.
+        Revoking a lease Vault no longer knows is not an error."""
+        await self._call("PUT", "/v1/sys/leases/revoke", json={"lease_id": lease_id, "sync": True})
+
+    async def lease_exists(self, lease_id: str) -> bool:
+        try:
+            await self._call("PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id})
+        except UpstreamRejected as exc:
+            if exc.code == "vault_invalid_request":
+                return False  # Vault answers 400 "invalid lease" for one that is gone
+            raise
+        return True
+
+    async def revoke_accessor(self, accessor: str) -> None:
+        """Revoke an instance token; its leases are queued for revocation by Vault."""
+        await self._call("POST", "/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+
+    # -- transport -------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, *, token: Secret | None | bool = True,
+                    json: dict[str, Any] | None = None,
+                    params: dict[str, str] | None = None) -> dict[str, Any]:
+        if self._session is None:
+            raise UpstreamUnavailable("the Vault client is not started")
+        headers = {}
+        if token is True:
+            if self._token is None:
+                raise UpstreamUnavailable("the broker is not logged in to Vault")
+            headers["X-Vault-Token"] = self._token.reveal()
+        elif isinstance(token, Secret):
+            headers["X-Vault-Token"] = token.reveal()
+        try:
+            async with self._session.request(method, path, json=json, params=params,
+                                             headers=headers) as resp:
+                status = resp.status
+                payload = await resp.json(content_type=None) if status != 204 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.warning("vault call failed", extra={"path": _log_path(path),
+                                                    "error": type(exc).__name__})
+            raise UpstreamUnavailable("Vault is unreachable; retry shortly") from None
+        if status in (200, 204):
+            return payload or {}
+        errors = payload.get("errors") if isinstance(payload, dict) else None
+        first = str(errors[0])[:200] if errors else ""
+        log.warning("vault refused a call", extra={"path": _log_path(path), "status": status,
+                                                   "vault_error": first})
+        if status in (429, 500, 502, 503, 504):
+            raise UpstreamUnavailable("Vault is unavailable or sealed; retry shortly")
+        if status == 403:
+            raise UpstreamRejected("Vault refused the broker's request (permission denied); "
+                                   "check the broker's Vault policy", code="vault_permission_denied")
+        if status == 400:
+            raise UpstreamRejected("Vault refused the request", code="vault_invalid_request")
+        raise UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
+
+
+def _log_path(path: str) -> str:
+    """A path for a log line: the last segment of a lease or credential path is dropped."""
+    return path if path.startswith("/v1/sys/") or "/auth/" in path else path.rsplit("/", 1)[0]
