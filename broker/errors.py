@@ -9,6 +9,7 @@ package that calls them; nothing above that boundary catches them.
     ├── TokenInvalid               401  identity token refused (code says why)
     ├── AdminUnauthorized          401  admin token missing or wrong
     ├── NotPermitted               403  policy refused the role for this identity
+    ├── AdminForbidden             403  a token was sent, but not the admin token
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
     ├── PayloadTooLarge            413
@@ -51,6 +52,11 @@ class AdminUnauthorized(BrokerError):
 class NotPermitted(BrokerError):
     status = 403
     code = "role_not_permitted"
+
+
+class AdminForbidden(BrokerError):
+    status = 403
+    code = "admin_forbidden"
 
 
 class NotFound(BrokerError):

@@ -1,0 +1,273 @@
+"""Routes and handlers. Each handler authenticates, decodes, calls one function, encodes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.errors import error_response, make_middleware
+from broker.api.metrics import Metrics
+from broker.api.openapi import openapi_document
+from broker.durations import parse_duration
+from broker.errors import AdminForbidden, AdminUnauthorized, BadRequest, BrokerError, NotFound, TokenInvalid
+from broker.identity import Identity, IdentityVerifier
+from broker.identity.verify import INSTANCE_ID_PATTERN
+from broker.issuance import CredentialService
+from broker.leases.states import InstanceState, JobState, LeaseState
+from broker.leases.store import Store
+from broker.vault import VaultClient
+
+ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}$")
+MAX_AUTH_HEADER = 70 * 1024
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    verifier: IdentityVerifier
+    service: CredentialService
+    store: Store
+    vault: VaultClient
+    metrics: Metrics
+    admin_token_sha256: str
+    max_body_bytes: int
+    kick_revocation: Callable[[], None]
+    forget_instance: Callable[[str], None]
+
+
+DEPS: web.AppKey[ApiDeps] = web.AppKey("deps", ApiDeps)
+
+
+def _bearer(request: web.Request, *, admin: bool) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if not header or scheme.lower() != "bearer" or not value.strip():
+        if admin:
+            raise AdminUnauthorized("send the admin token as 'Authorization: Bearer <token>'",
+                                    code="admin_token_missing")
+        raise TokenInvalid("send the identity token as 'Authorization: Bearer <jwt>'",
+                           code="token_missing")
+    return value.strip()
+
+
+async def identity_of(request: web.Request) -> Identity:
+    return await request.app[DEPS].verifier.verify(_bearer(request, admin=False))
+
+
+def require_admin(request: web.Request) -> None:
+    presented = _bearer(request, admin=True)
+    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+    if not hmac.compare_digest(digest, request.app[DEPS].admin_token_sha256):
+        raise AdminForbidden("this call needs the broker's admin token")
+
+
+async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    if request.content_length is None and not request.can_read_body:
+        return {}
+    raw = await request.read()  # bounded by client_max_size → 413
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", code="malformed_json")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        shown = ", ".join(k[:40] for k in unknown[:5])
+        raise BadRequest(f"unknown field(s): {shown}; allowed: {', '.join(sorted(allowed))}",
+                         code="unknown_field")
+    return body
+
+
+def _ttl(body: dict[str, Any]) -> int | None:
+    if "ttl" not in body or body["ttl"] is None:
+        return None
+    value = body["ttl"]
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise BadRequest("ttl must be a duration like '10m' or a number of seconds",
+                         code="invalid_ttl")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"ttl: {exc}", code="invalid_ttl") from None
+    if seconds < 1:
+        raise BadRequest("ttl must be at least 1s", code="invalid_ttl")
+    return seconds
+
+
+def _lease_id(request: web.Request) -> str:
+    lease_id = request.match_info["lease_id"]
+    if not LEASE_ID_PATTERN.match(lease_id):
+        raise NotFound("no such lease", code="lease_not_found")
+    return lease_id
+
+
+def _instance_id(request: web.Request) -> str:
+    instance_id = request.match_info["instance_id"]
+    if not INSTANCE_ID_PATTERN.match(instance_id):
+        raise BadRequest("the instance id has characters outside [A-Za-z0-9._:@-]",
+                         code="invalid_instance_id")
+    return instance_id
+
+
+# -- workload endpoints ------------------------------------------------------------------
+
+async def create_credential(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    identity = await identity_of(request)
+    body = await _json_object(request, {"role", "ttl"})
+    role = body.get("role")
+    if not isinstance(role, str) or not ROLE_PATTERN.match(role):
+        raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
+    credential = await deps.service.issue(identity, role, _ttl(body))
+    deps.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
+    return web.json_response(credential.response(), status=201,
+                             headers={"Cache-Control": "no-store"})
+
+
+async def renew_lease(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    identity = await identity_of(request)
+    lease_id = _lease_id(request)
+    body = await _json_object(request, {"ttl"})
+    return web.json_response(await deps.service.renew(identity, lease_id, _ttl(body)))
+
+
+async def release_lease(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    identity = await identity_of(request)
+    await deps.service.release(identity, _lease_id(request))
+    return web.Response(status=204)
+
+
+# -- admin endpoints ---------------------------------------------------------------------
+
+async def terminate_instance(request: web.Request) -> web.Response:
+    require_admin(request)
+    deps = request.app[DEPS]
+    instance_id = _instance_id(request)
+    job = await deps.store.request_termination(instance_id, actor="admin")
+    deps.forget_instance(instance_id)
+    if job.state in (JobState.PENDING, JobState.RUNNING):
+        deps.kick_revocation()
+    return web.json_response({"instance_id": instance_id, "job": job.public()}, status=202)
+
+
+async def show_instance(request: web.Request) -> web.Response:
+    require_admin(request)
+    deps = request.app[DEPS]
+    instance, leases, job = await deps.store.get_instance(_instance_id(request))
+    return web.json_response({**instance.public(), "leases": [x.admin() for x in leases],
+                              "job": job.public() if job else None})
+
+
+def _query(request: web.Request, name: str, allowed: set[str] | None = None) -> str | None:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > 255 or (allowed is not None and value not in allowed):
+        hint = f"; one of {', '.join(sorted(allowed))}" if allowed else ""
+        raise BadRequest(f"query parameter {name!r} is not valid{hint}", code="invalid_query")
+    return value
+
+
+async def list_leases(request: web.Request) -> web.Response:
+    require_admin(request)
+    deps = request.app[DEPS]
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("limit must be an integer", code="invalid_query") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be between 1 and 1000", code="invalid_query")
+    after = _query(request, "after")
+    leases = await deps.store.list_leases(
+        instance=_query(request, "instance"), workload=_query(request, "workload"),
+        role=_query(request, "role"),
+        state=_query(request, "state", {s.value for s in LeaseState}), limit=limit, after=after)
+    nxt = leases[-1].lease_id if len(leases) == limit else None
+    return web.json_response({"leases": [x.admin() for x in leases], "next": nxt})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    require_admin(request)
+    deps = request.app[DEPS]
+    jobs = await deps.store.list_jobs(state=_query(request, "state", {s.value for s in JobState}))
+    return web.json_response({"jobs": [j.public() for j in jobs]})
+
+
+# -- operations --------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    checks: dict[str, str] = {}
+    try:
+        await deps.store.ping()
+        checks["store"] = "ok"
+    except BrokerError:
+        checks["store"] = "unavailable"
+    health = await deps.vault.health()
+    checks["vault"] = ("ok" if health.ready else "sealed" if health.reachable and health.sealed
+                       else "unavailable")
+    if all(v == "ok" for v in checks.values()):
+        return web.json_response({"status": "ready", "checks": checks})
+    body = {"error": {"code": "not_ready",
+                      "message": "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")},
+            "checks": checks}
+    return web.json_response(body, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    try:
+        deps.metrics.observe_store(await deps.store.counts())
+    except BrokerError:
+        pass  # serve the last values; readiness reports the store
+    for cache in deps.verifier.caches:
+        for outcome, n in cache.stats.outcomes.items():
+            deps.metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
+    return web.Response(body=deps.metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(404, "not_found", "no such endpoint")
+
+
+def build_app(deps: ApiDeps) -> web.Application:
+    app = web.Application(middlewares=[make_middleware(deps.metrics)],
+                          client_max_size=deps.max_body_bytes)
+    app[DEPS] = deps
+    r = app.router
+    r.add_post("/v1/credentials", create_credential)
+    r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
+    r.add_delete("/v1/leases/{lease_id}", release_lease)
+    r.add_post("/v1/instances/{instance_id}/terminate", terminate_instance)
+    r.add_get("/v1/instances/{instance_id}", show_instance)
+    r.add_get("/v1/admin/leases", list_leases)
+    r.add_get("/v1/admin/jobs", list_jobs)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    return app
+
+
+__all__ = ["ApiDeps", "build_app", "InstanceState"]

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``broker`` (run the service) and ``brokerctl`` (admin)."""

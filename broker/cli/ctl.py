@@ -1,0 +1,188 @@
+"""``brokerctl``: the admin CLI over the admin API. Tables for people, ``-o json`` for
+scripts. Reads ``BROKER_URL`` and ``BROKER_ADMIN_TOKEN`` from the environment or flags.
+
+Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
+4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
+6 ``--wait`` timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_TIMEOUT = (
+    0, 1, 2, 3, 4, 5, 6)
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, query: dict[str, Any] | None = None) -> Any:
+        q = {k: v for k, v in (query or {}).items() if v is not None}
+        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(q)}" if q else "")
+        req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                body = resp.read()
+                return json.loads(body) if body else None
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read())["error"]
+                message = f"{err['message']} ({err['code']})"
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}"
+            code = {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND,
+                    503: EXIT_UNAVAILABLE}.get(exc.code, EXIT_FAILED)
+            if exc.code in (401, 403):
+                message += "; set BROKER_ADMIN_TOKEN or pass --admin-token"
+            raise CtlError(message, code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CtlError(f"cannot reach the broker at {self.url}: {reason}; "
+                           "set BROKER_URL or pass --url", EXIT_UNAVAILABLE) from None
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+LEASE_COLUMNS = ["lease_id", "instance_id", "workload", "role", "kind", "state", "expires_at"]
+
+
+def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
+    result = c.call("POST", f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}/terminate")
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        while result["job"]["state"] not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                raise CtlError(f"revocation of {args.instance} not finished after "
+                               f"{args.timeout}s (job {result['job']['state']})", EXIT_TIMEOUT)
+            time.sleep(0.5)
+            shown = c.call("GET", f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}")
+            result = {"instance_id": args.instance, "job": shown["job"]}
+        if result["job"]["state"] == "failed":
+            raise CtlError(f"revocation of {args.instance} failed: {result['job']['last_error']}",
+                           EXIT_FAILED)
+    return result
+
+
+def show_revoke(result: Any) -> str:
+    job = result["job"]
+    return (f"instance {result['instance_id']}: revocation job {job['job_id']} is {job['state']}"
+            f" (attempts {job['attempts']}"
+            + (f", last error {job['last_error']}" if job.get("last_error") else "") + ")")
+
+
+def cmd_leases(c: Client, args: argparse.Namespace) -> Any:
+    leases: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = c.call("GET", "/v1/admin/leases", {
+            "instance": args.instance, "workload": args.workload, "role": args.role,
+            "state": args.state, "limit": min(args.limit - len(leases), 1000), "after": after})
+        leases += page["leases"]
+        after = page["next"]
+        if not after or len(leases) >= args.limit:
+            return leases
+
+
+def cmd_instance(c: Client, args: argparse.Namespace) -> Any:
+    return c.call("GET", f"/v1/instances/{urllib.parse.quote(args.instance_id, safe='')}")
+
+
+def show_instance(inst: Any) -> str:
+    job = inst.get("job")
+    head = [f"instance   {inst['instance_id']}", f"state      {inst['state']}",
+            f"workload   {inst.get('workload') or ''}", f"created    {inst['created_at']}",
+            f"terminated {inst.get('terminated_at') or ''}",
+            f"job        {job['state'] + ' (' + job['job_id'] + ')' if job else '-'}", ""]
+    return "\n".join(head) + table(inst["leases"], LEASE_COLUMNS)
+
+
+def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
+    return c.call("GET", "/v1/admin/jobs", {"state": args.state})["jobs"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
+    p.add_argument("--url", default=os.environ.get("BROKER_URL"), help="default: $BROKER_URL")
+    p.add_argument("--admin-token", default=os.environ.get("BROKER_ADMIN_TOKEN"),
+                   help="default: $BROKER_ADMIN_TOKEN")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("revoke", help="terminate an instance: revoke everything it holds")
+    r.add_argument("--instance", required=True)
+    r.add_argument("--wait", action="store_true", help="wait until Vault confirms")
+    r.add_argument("--timeout", type=float, default=120.0)
+    r.set_defaults(run=cmd_revoke, show=show_revoke)
+
+    leases = sub.add_parser("leases", help="leases the broker tracks")
+    lsub = leases.add_subparsers(dest="leases_command", required=True)
+    ll = lsub.add_parser("list")
+    for name in ("instance", "workload", "role", "state"):
+        ll.add_argument(f"--{name}")
+    ll.add_argument("--limit", type=int, default=1000)
+    ll.set_defaults(run=cmd_leases, show=lambda rows: table(rows, LEASE_COLUMNS))
+
+    inst = sub.add_parser("instances", help="instances the broker tracks")
+    isub = inst.add_subparsers(dest="instances_command", required=True)
+    ish = isub.add_parser("show")
+    ish.add_argument("instance_id")
+    ish.set_defaults(run=cmd_instance, show=show_instance)
+
+    jobs = sub.add_parser("jobs", help="revocation jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jl = jsub.add_parser("list")
+    jl.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    jl.set_defaults(run=cmd_jobs, show=lambda rows: table(
+        rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.url:
+        parser.error("no broker URL: set BROKER_URL or pass --url")
+    if not args.admin_token:
+        parser.error("no admin token: set BROKER_ADMIN_TOKEN or pass --admin-token")
+    try:
+        result = args.run(Client(args.url, args.admin_token), args)
+    except CtlError as exc:
+        print(f"brokerctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(args.show(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""``broker``: serve, migrate, dev, dev token, hash-admin-token.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import signal
+import sys
+from pathlib import Path
+
+from broker.config import load_settings_file
+from broker.durations import parse_duration
+from broker.errors import BrokerError, ConfigError
+
+DEFAULT_DEV_DIR = Path(".broker-dev")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broker", description="Ephemeral credential broker")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the broker against a configured Vault and store")
+    s.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+
+    m = sub.add_parser("migrate", help="apply the lease store's schema migrations")
+    g = m.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", type=Path, help="YAML configuration file (uses store.url)")
+    g.add_argument("--store-url", help="sqlite:///PATH or postgresql://…")
+
+    d = sub.add_parser("dev", help="run everything locally: OpenBao dev, SQLite, dev issuer")
+    d.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, help="state directory")
+    d.add_argument("--port", type=int, default=8300, help="broker port (0: any free port)")
+    d.add_argument("--postgres-url", default=None,
+                   help="PostgreSQL for the dev-db role (default: postgres@127.0.0.1:5432)")
+    d.add_argument("--no-postgres", action="store_true", help="do not configure dev-db")
+    dsub = d.add_subparsers(dest="dev_command")
+    t = dsub.add_parser("token", help="print an identity token signed by the dev issuer")
+    t.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, dest="token_dir")
+    t.add_argument("--instance", required=True)
+    t.add_argument("--workload", required=True)
+    t.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra claim (repeatable)")
+    t.add_argument("--ttl", default="5m", help="token lifetime, e.g. 5m")
+
+    h = sub.add_parser("hash-admin-token",
+                       help="read an admin token on stdin, print the SHA-256 for admin.token_sha256")
+    h.set_defaults()
+    return p
+
+
+def _run_until_signal(coro_fn) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_fn(stop)
+
+    asyncio.run(main())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.logs import configure_logging
+    from broker.runtime import Broker
+
+    settings = load_settings_file(args.config)
+    configure_logging(settings.log_level)
+    broker = Broker(settings)
+    _run_until_signal(broker.run)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from broker.leases.db import migrate
+
+    url = load_settings_file(args.config).store.url if args.config else args.store_url
+    migrate(url)
+    print("lease store migrated to the newest schema")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from broker.dev.environment import DEFAULT_POSTGRES_URL, DevEnvironment
+    from broker.logs import configure_logging
+
+    configure_logging("warning")
+    pg = None if args.no_postgres else (args.postgres_url or DEFAULT_POSTGRES_URL)
+    env = DevEnvironment(args.dir, port=args.port, postgres_url=pg)
+    _run_until_signal(env.run)
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    from broker.dev.issuer import DevIssuer
+
+    try:
+        issuer = DevIssuer.load(args.token_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"{args.token_dir}: no dev issuer here; start `broker dev` first "
+                          "(or pass --dir)") from None
+    claims = {}
+    for item in args.claim:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--claim {item!r}: expected KEY=VALUE")
+        claims[key] = value
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+    print(issuer.mint(instance=args.instance, workload=args.workload, ttl=ttl, claims=claims))
+    return 0
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise ConfigError("give the admin token on standard input")
+    print(hashlib.sha256(token.encode()).hexdigest())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        if args.command == "dev":
+            return cmd_dev_token(args) if args.dev_command == "token" else cmd_dev(args)
+        if args.command == "hash-admin-token":
+            return cmd_hash(args)
+    except ConfigError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"broker: {exc.message} ({exc.code})", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Structured (JSON) log lines. Callers pass identifiers in ``extra``; never a token or a
+credential value. As a last guard, values that look like Vault tokens or JWTs are masked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_LOOKS_SECRET = re.compile(r"\b(?:[hsb]\.[A-Za-z0-9]{20,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
+
+
+def _mask(text: str) -> str:
+    return _LOOKS_SECRET.sub("***", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name,
+               "msg": _mask(record.getMessage())}
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = _mask(value) if isinstance(value, str) else value
+        if record.exc_info:
+            out["exc"] = _mask(self.formatException(record.exc_info))
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiohttp.access", "apscheduler", "hvac", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

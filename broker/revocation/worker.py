@@ -1,0 +1,158 @@
+"""The revocation worker: claims jobs from the store and makes Vault forget an instance.
+
+For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
+1. revoke every recorded live lease explicitly, synchronously;
+2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
+   never managed to record;
+3. confirm with ``sys/leases/lookup`` that each lease is gone, and only then mark it
+   ``revoked``;
+4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
+   marked ``abandoned``: its token is revoked, so Vault holds nothing usable for it;
+5. mark the job done and the instance terminated.
+
+Every step is idempotent, so a worker that dies anywhere leaves a job that the next claim
+(after ``claim_timeout_s``) finishes. Failures retry with exponential backoff and jitter;
+after ``max_attempts`` the job is ``failed``: visible, counted, retried when asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+
+from broker.clock import Clock
+from broker.config import RevocationSettings
+from broker.errors import BrokerError, UpstreamRejected
+from broker.leases.states import LeaseState
+from broker.leases.store import JobView, LeaseView, Store
+from broker.revocation.backoff import retry_delay
+from broker.vault import VaultClient
+
+log = logging.getLogger(__name__)
+VAULT_CONCURRENCY = 16
+
+
+class RetryLater(BrokerError):
+    code = "revocation_waiting"
+
+
+class RevocationWorker:
+    def __init__(self, settings: RevocationSettings, store: Store, vault: VaultClient,
+                 clock: Clock, *, on_terminated: Callable[[str], None] | None = None,
+                 worker_id: str | None = None, jitter: Callable[[], float] = random.random) -> None:
+        self._settings = settings
+        self._store = store
+        self._vault = vault
+        self._clock = clock
+        self._on_terminated = on_terminated
+        self._jitter = jitter
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._sem = asyncio.Semaphore(VAULT_CONCURRENCY)
+        self.completed = 0
+        self.retried = 0
+        self.failed = 0
+
+    async def run_once(self) -> int:
+        """Claim and process one batch of due jobs. Returns how many were claimed."""
+        jobs = await self._store.claim_jobs(
+            worker=self.worker_id, limit=self._settings.batch,
+            claim_for=timedelta(seconds=self._settings.claim_timeout_s))
+        if jobs:
+            await asyncio.gather(*(self._process(job) for job in jobs))
+        return len(jobs)
+
+    async def drain(self, *, max_rounds: int = 1000) -> None:
+        """Run until no job is due (bounded); for tests and the CLI's ``--wait``."""
+        for _ in range(max_rounds):
+            if not await self.run_once():
+                return
+
+    async def _process(self, job: JobView) -> None:
+        try:
+            await self._revoke_instance(job)
+        except BrokerError as exc:
+            await self._retry(job, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 — a job never dies silently
+            log.exception("revocation job crashed", extra={"job_id": job.job_id})
+            await self._retry(job, exc)
+            return
+        if await self._store.finish_job(job, worker=self.worker_id):
+            self.completed += 1
+            if self._on_terminated is not None:
+                self._on_terminated(job.instance_id)
+            log.info("instance terminated", extra={"instance_id": job.instance_id,
+                                                   "job_id": job.job_id,
+                                                   "attempts": job.attempts})
+
+    async def _retry(self, job: JobView, exc: Exception) -> None:
+        code = exc.code if isinstance(exc, BrokerError) else type(exc).__name__
+        waiting = isinstance(exc, RetryLater)
+        give_up = not waiting and job.attempts >= self._settings.max_attempts
+        if waiting:
+            delay = min(self._settings.tick_s * 2, 5.0)
+        else:
+            delay = retry_delay(job.attempts, base=self._settings.backoff_base_s,
+                                cap=self._settings.backoff_max_s, jitter=self._jitter())
+        next_at = self._clock.now() + timedelta(seconds=delay)
+        try:
+            await self._store.reschedule_job(job, worker=self.worker_id, error=code,
+                                             next_attempt_at=next_at, give_up=give_up)
+        except BrokerError:
+            # The store is down too: the claim lapses and the job is picked up again.
+            log.warning("could not reschedule revocation job", extra={"job_id": job.job_id})
+            return
+        if give_up:
+            self.failed += 1
+            log.error("revocation job failed", extra={"job_id": job.job_id,
+                                                      "instance_id": job.instance_id,
+                                                      "error": code, "attempts": job.attempts})
+        elif not waiting:
+            self.retried += 1
+            log.warning("revocation job will retry", extra={"job_id": job.job_id, "error": code,
+                                                            "delay_s": round(delay, 2)})
+
+    async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
+        async with self._sem:
+            return await coro_fn(*args)
+
+    async def _revoke_instance(self, job: JobView) -> None:
+        work = await self._store.revocation_work(job.instance_id)
+        recorded = [lease for lease in work.leases if lease.vault_lease_id]
+        issuing = [lease for lease in work.leases if not lease.vault_lease_id]
+
+        await asyncio.gather(*(self._bounded(self._vault.revoke_lease, lease.vault_lease_id)
+                               for lease in recorded))
+        for token in work.tokens:
+            if token.revoked_at is None:
+                await self._vault.revoke_accessor(token.accessor)
+                await self._store.mark_token_revoked(token.accessor)
+
+        still = await asyncio.gather(*(self._bounded(self._vault.lease_exists,
+                                                     lease.vault_lease_id)
+                                       for lease in recorded))
+        gone = [lease.lease_id for lease, exists in zip(recorded, still, strict=True)
+                if not exists]
+        await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor=self.worker_id)
+        if len(gone) != len(recorded):
+            raise UpstreamRejected(f"{len(recorded) - len(gone)} lease(s) still exist in Vault "
+                                   "after revocation", code="revocation_unconfirmed")
+
+        if issuing:
+            await self._settle_issuing(issuing)
+
+    async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
+        bound = timedelta(seconds=self._settings.issuing_timeout_s)
+        now = self._clock.now()
+        young = [lease for lease in issuing if now - lease.created_at < bound]
+        if young:
+            # A request is between writing its row and recording Vault's answer; once it
+            # records, the lease is revoked on the next pass.
+            raise RetryLater(f"{len(young)} lease(s) still being issued")
+        await self._store.mark_leases_ended([lease.lease_id for lease in issuing],
+                                            LeaseState.ABANDONED, actor=self.worker_id)
