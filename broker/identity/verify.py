@@ -92,7 +92,7 @@ def inspect_token(raw: str, *, max_bytes: int) -> Unverified:
     parts = raw.split(".")
     if len(parts) == 5:
         raise refuse("token_encrypted", "encrypted tokens (JWE) are not accepted")
-    if len(parts) != 3 or not all(parts):
+    if len(parts) != 3 or not parts[0] or not parts[1]:
         raise refuse("token_malformed", "the token is not three base64url segments")
     header = _json_object(_b64decode(parts[0]), "header")
     extra = set(header) - ALLOWED_HEADER_KEYS
@@ -110,6 +110,8 @@ def inspect_token(raw: str, *, max_bytes: int) -> Unverified:
         raise refuse("token_algorithm_refused",
                      "the token's algorithm is not one the broker accepts "
                      f"({', '.join(ALLOWED_ALGORITHMS)}); 'none' and HMAC never are")
+    if not parts[2]:
+        raise refuse("token_malformed", "the token is not signed")
     kid = header.get("kid")
     if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= 256):
         raise refuse("token_malformed", "the token's kid is not a short string")

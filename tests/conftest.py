@@ -1,0 +1,160 @@
+"""Shared fixtures: a real OpenBao dev server, a real PostgreSQL, the dev issuer serving its
+JWKS over HTTP on loopback, and brokers started in-process on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from sqlalchemy import create_engine, text
+
+from broker.config import Settings, load_settings
+from broker.dev.environment import dev_settings_dict
+from broker.dev.issuer import DevIssuer
+from broker.dev.openbao import OpenBaoDevServer, free_port
+from broker.leases.db import migrate, sync_url
+from broker.runtime import Broker
+from broker.vault.bootstrap import DevVault, bootstrap_dev
+from tests.harness.postgres import PgServer, find_or_start_postgres
+from tests.harness.vault import VaultProbe
+
+ADMIN_TOKEN = "adm-" + secrets.token_urlsafe(24)
+ADMIN_SHA = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="broker-tests-") as d:
+        os.chmod(d, 0o755)  # a throwaway PostgreSQL may run as another user
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def pg(workdir: Path) -> Iterator[PgServer]:
+    server = find_or_start_postgres(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bao(workdir: Path) -> Iterator[OpenBaoDevServer]:
+    server = OpenBaoDevServer(workdir / "openbao")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vault_setup(bao: OpenBaoDevServer, pg: PgServer) -> DevVault:
+    return bootstrap_dev(bao.addr, bao.root_token, postgres_url=pg.admin_url)
+
+
+@pytest.fixture(scope="session")
+def vault(bao: OpenBaoDevServer) -> VaultProbe:
+    return VaultProbe(bao.addr, bao.root_token)
+
+
+@pytest.fixture(scope="session")
+async def issuer() -> AsyncIterator[DevIssuer]:
+    port = free_port()
+    dev = DevIssuer.generate(f"http://127.0.0.1:{port}")
+    runner = web.AppRunner(dev.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield dev
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@dataclass
+class RunningBroker:
+    broker: Broker
+    settings: Settings
+    store_url: str
+    issuer: DevIssuer
+
+    @property
+    def url(self) -> str:
+        assert self.broker.url
+        return self.broker.url
+
+    def token(self, instance: str, workload: str = "payments", **kw: Any) -> str:
+        return self.issuer.mint(instance=instance, workload=workload, **kw)
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        engine = create_engine(sync_url(self.store_url))
+        try:
+            with engine.connect() as conn:
+                return [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {table}"))]
+        finally:
+            engine.dispose()
+
+    def store_snapshot(self) -> dict[str, int]:
+        return {t: len(self.rows(t)) for t in ("instances", "instance_tokens", "leases",
+                                                "revocation_jobs", "audit_events")}
+
+
+def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
+                    issuer: DevIssuer, vault_addr: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> Settings:
+    data = dev_settings_dict(
+        vault_addr=vault_addr or bao.addr, broker_token=setup.broker_token, issuer=issuer.issuer,
+        jwks_uri=f"{issuer.issuer}/.well-known/jwks.json", store_url=store_url,
+        admin_token_sha256=ADMIN_SHA, with_database=setup.database_configured, port=0)
+    data["revocation"] = {"tick_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
+                          "claim_timeout_s": 5, "issuing_timeout_s": 5}
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return load_settings(data, source="test")
+
+
+@pytest.fixture
+async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
+                      vault_setup: DevVault, issuer: DevIssuer,
+                      ) -> AsyncIterator[Callable[..., Awaitable[RunningBroker]]]:
+    started: list[Broker] = []
+    databases: list[str] = []
+
+    async def make(store: str = "postgresql", **kw: Any) -> RunningBroker:
+        if store == "sqlite":
+            store_url = f"sqlite:///{workdir / ('store-' + secrets.token_hex(6) + '.db')}"
+        else:
+            name = await asyncio.to_thread(pg.create_database)
+            databases.append(name)
+            store_url = pg.url(name)
+        await asyncio.to_thread(migrate, store_url)
+        settings = broker_settings(store_url=store_url, bao=bao, setup=vault_setup,
+                                   issuer=issuer, **kw)
+        broker = Broker(settings)
+        await broker.start()
+        started.append(broker)
+        return RunningBroker(broker, settings, store_url, issuer)
+
+    yield make
+    for b in started:
+        await b.stop()
+    for name in databases:
+        await asyncio.to_thread(pg.drop_database, name)
+
+
+@pytest.fixture
+async def broker(make_broker: Callable[..., Awaitable[RunningBroker]]) -> RunningBroker:
+    return await make_broker()
