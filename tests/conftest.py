@@ -133,8 +133,11 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
     started: list[Broker] = []
     databases: list[str] = []
 
-    async def make(store: str = "postgresql", **kw: Any) -> RunningBroker:
-        if store == "sqlite":
+    async def make(store: str = "postgresql", store_url: str | None = None,
+                   **kw: Any) -> RunningBroker:
+        if store_url is not None:
+            pass
+        elif store == "sqlite":
             store_url = f"sqlite:///{workdir / ('store-' + secrets.token_hex(6) + '.db')}"
         else:
             name = await asyncio.to_thread(pg.create_database)

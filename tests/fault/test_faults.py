@@ -1,0 +1,199 @@
+"""Faults on real components: a broker process killed with SIGKILL mid-revocation, OpenBao
+unreachable, the lease store unreachable. Bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+import yaml
+
+from broker.dev.environment import dev_settings_dict
+from broker.dev.openbao import free_port
+from broker.leases.db import migrate
+from tests.conftest import ADMIN_TOKEN
+from tests.harness.proxy import FaultProxy
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as s:
+        while asyncio.get_running_loop().time() < deadline:
+            assert proc.poll() is None, "broker exited during start-up"
+            try:
+                async with s.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("broker did not become ready")
+
+
+def _serve(config: Path, log: Path, vault_token: str) -> subprocess.Popen:
+    env = {**os.environ, "TEST_BROKER_VAULT_TOKEN": vault_token}
+    return subprocess.Popen([sys.executable, "-m", "broker.cli.main", "serve", "--config",
+                             str(config)], env=env, stdout=open(log, "ab"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+async def vault_proxy(bao):
+    proxy = FaultProxy("127.0.0.1", bao.port)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+async def test_worker_killed_between_vault_revoke_and_store_update_finishes_after_restart(
+        workdir, pg, bao, vault_setup, issuer, vault, vault_proxy, http):
+    name = await asyncio.to_thread(pg.create_database)
+    store_url = pg.url(name)
+    procs: list[subprocess.Popen] = []
+    try:
+        await asyncio.to_thread(migrate, store_url)
+        port = free_port()
+        data = dev_settings_dict(
+            vault_addr=vault_proxy.url, broker_token="${TEST_BROKER_VAULT_TOKEN}",
+            issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
+            store_url=store_url, admin_token_sha256=hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
+            with_database=True, port=port)
+        data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "backoff_base_s": 0.2}
+        config = workdir / f"crash-{name}.yaml"
+        config.write_text(yaml.safe_dump(data))
+        url = f"http://127.0.0.1:{port}"
+        log = workdir / f"crash-{name}.log"
+
+        procs.append(_serve(config, log, vault_setup.broker_token))
+        await _wait_ready(url, procs[-1])
+        token = issuer.mint(instance="i-crash", workload="payments")
+        creds = []
+        for role in ("dev-db", "dev-cert", "dev-db"):
+            async with http.post(f"{url}/v1/credentials", json={"role": role},
+                                 headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 201, await resp.text()
+                creds.append(await resp.json())
+        users = [c["data"]["username"] for c in creds if c["kind"] == "database_login"]
+        assert all(pg.role_exists(u) for u in users)
+
+        vault_proxy.hold_on = b"/v1/sys/leases/lookup"
+        async with http.post(f"{url}/v1/instances/i-crash/terminate", headers=ADMIN) as resp:
+            assert resp.status == 202
+        await asyncio.wait_for(vault_proxy.held.wait(), timeout=15)
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(timeout=10)
+
+        # Vault has revoked everything; the store has not heard of it yet.
+        assert not any(pg.role_exists(u) for u in users)
+        with psycopg.connect(store_url) as conn:
+            states = sorted(r[0] for r in conn.execute("SELECT state FROM leases"))
+            job = conn.execute("SELECT state, attempts FROM revocation_jobs").fetchone()
+        assert states == ["active", "active", "active"]
+        assert job == ("running", 1)
+
+        vault_proxy.release()
+        procs.append(_serve(config, log, vault_setup.broker_token))
+        await _wait_ready(url, procs[-1])
+        for _ in range(300):  # the dead worker's claim lapses after 5 s
+            async with http.get(f"{url}/v1/instances/i-crash", headers=ADMIN) as resp:
+                shown = await resp.json()
+            if shown["job"]["state"] == "done":
+                break
+            await asyncio.sleep(0.1)
+        assert shown["state"] == "terminated"
+        assert shown["job"]["state"] == "done" and shown["job"]["attempts"] == 2
+        assert [x["state"] for x in shown["leases"]] == ["revoked"] * 3
+        for lease in shown["leases"]:
+            assert not vault.lease_exists(lease["vault_lease_id"])
+        with psycopg.connect(store_url) as conn:
+            revoked_events = conn.execute(
+                "SELECT detail FROM audit_events WHERE action = 'leases.revoked'").fetchall()
+        assert [e[0]["count"] for e in revoked_events] == [3]  # revoked once, in effect
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        await asyncio.to_thread(pg.drop_database, name)
+
+
+async def test_vault_unreachable_fails_closed_and_revocation_waits_for_it(
+        make_broker, vault_proxy, http, vault):
+    b = await make_broker(vault_addr=vault_proxy.url)
+    token = {"Authorization": f"Bearer {b.token('i-outage')}"}
+    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
+                         headers=token) as resp:
+        assert resp.status == 201
+        cred = await resp.json()
+
+    vault_proxy.cut()
+    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-cert"},
+                         headers=token) as resp:
+        body = await resp.json()
+    assert (resp.status, body["error"]["code"]) == (503, "vault_unavailable")
+    # The attempt is recorded as failed, never as a live lease.
+    assert sorted(r["state"] for r in b.rows("leases")) == ["active", "failed"]
+    async with http.get(f"{b.url}/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["vault"] == "unavailable"
+
+    async with http.post(f"{b.url}/v1/instances/i-outage/terminate", headers=b.admin()) as resp:
+        assert resp.status == 202
+    for _ in range(100):
+        job = b.rows("revocation_jobs")[0]
+        if job["attempts"] >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert job["state"] in ("pending", "running") and job["attempts"] >= 2
+    assert job["last_error"] == "vault_unavailable"
+    [live] = [r for r in b.rows("leases") if r["state"] == "active"]
+    assert vault.lease_exists(live["vault_lease_id"])  # not revoked while Vault was away
+
+    vault_proxy.restore()
+    for _ in range(200):
+        if b.rows("revocation_jobs")[0]["state"] == "done":
+            break
+        await asyncio.sleep(0.05)
+    assert b.rows("revocation_jobs")[0]["state"] == "done"
+    active = [r for r in b.rows("leases") if r["vault_lease_id"]]
+    assert [r["state"] for r in active] == ["revoked"]
+    assert not vault.lease_exists(active[0]["vault_lease_id"])
+    assert cred["lease_id"] == active[0]["lease_id"]
+
+
+async def test_store_unreachable_fails_closed_and_nothing_is_minted(
+        make_broker, pg, http, vault):
+    proxy = FaultProxy(pg.host, pg.port)
+    await proxy.start()
+    try:
+        name = await asyncio.to_thread(pg.create_database)
+        store_url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
+        b = await make_broker(store_url=store_url)
+        token = {"Authorization": f"Bearer {b.token('i-nostore')}"}
+        before = vault.snapshot()
+        proxy.cut()
+        async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
+                             headers=token) as resp:
+            body = await resp.json()
+        assert (resp.status, body["error"]["code"]) == (503, "store_unavailable")
+        assert vault.snapshot() == before
+        async with http.get(f"{b.url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["checks"]["store"] == "unavailable"
+        proxy.restore()
+        async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
+                             headers=token) as resp:
+            assert resp.status == 201
+    finally:
+        await proxy.stop()
+        await asyncio.to_thread(pg.drop_database, name)
