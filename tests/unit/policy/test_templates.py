@@ -107,15 +107,17 @@ UNSAFE_VALUES = [
 ]
 
 TRAILING_NEWLINE_REASON = (
-    "BUG broker/policy/templates.py:18 SAFE_VALUE ends in '$' and is used with .match(), "
+    "BUG broker/policy/templates.py:18/39 SAFE_VALUE ends in '$' and is used with .match(), "
     "so a value followed by one trailing newline ('payments\\n') passes; render_params "
     "returns 'payments\\n.workload.internal' instead of refusing (use \\Z or fullmatch)"
 )
 UNSAFE_VALUES_WITH_BUGS = [pytest.param(v, id=i) for v, i in UNSAFE_VALUES] + [
     pytest.param("payments\n", id="trailing-newline",
-                 marks=pytest.mark.xfail(strict=True, reason=TRAILING_NEWLINE_REASON)),
+                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                                         reason=TRAILING_NEWLINE_REASON)),
     pytest.param("a" * 63 + "\n", id="63-chars-plus-newline",
-                 marks=pytest.mark.xfail(strict=True, reason=TRAILING_NEWLINE_REASON)),
+                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                                         reason=TRAILING_NEWLINE_REASON)),
 ]
 
 

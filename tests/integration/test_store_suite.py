@@ -1,0 +1,172 @@
+"""One suite that every store backend runs: SQLite and PostgreSQL, real databases."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from broker.clock import FixedClock
+from broker.config import StoreSettings
+from broker.errors import InstanceTerminated, NotFound
+from broker.leases.db import migrate
+from broker.leases.states import LeaseState
+from broker.leases.store import Store
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def stores(request, pg, workdir):
+    """A factory of Store objects on one fresh database (several = several replicas)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{workdir / ('suite-' + secrets.token_hex(6) + '.db')}"
+        name = None
+    else:
+        name = await asyncio.to_thread(pg.create_database)
+        url = pg.url(name)
+    await asyncio.to_thread(migrate, url)
+    clock = FixedClock(T0)
+    opened: list[Store] = []
+
+    async def make() -> Store:
+        s = Store(StoreSettings(url=url), clock)
+        await s.start()
+        opened.append(s)
+        return s
+
+    make.clock = clock  # type: ignore[attr-defined]
+    yield make
+    for s in opened:
+        await s.close()
+    if name:
+        await asyncio.to_thread(pg.drop_database, name)
+
+
+async def _issue(store: Store, instance: str, role: str = "r") -> str:
+    lease_id = await store.begin_issue(instance_id=instance, issuer_name="dev", workload="w",
+                                       role=role, kind="k")
+    return lease_id
+
+
+async def test_migrated_store_reports_its_revision(stores):
+    s = await stores()
+    assert await s.is_migrated()
+
+
+async def test_issue_then_complete(stores):
+    s = await stores()
+    lease_id = await _issue(s, "i-1")
+    lease = await s.get_lease(lease_id)
+    assert (lease.state, lease.instance_id, lease.vault_lease_id) == ("issuing", "i-1", None)
+    await s.record_token(instance_id="i-1", accessor="acc-1", expires_at=T0 + timedelta(hours=1))
+    ok = await s.complete_issue(lease_id, vault_lease_id="db/creds/r/abc", accessor="acc-1",
+                                renewable=True, issued_at=T0, expires_at=T0 + timedelta(minutes=5))
+    assert ok is True
+    lease = await s.get_lease(lease_id)
+    assert (lease.state, lease.vault_lease_id, lease.token_accessor, lease.renewable) == (
+        "active", "db/creds/r/abc", "acc-1", True)
+    assert lease.expires_at == T0 + timedelta(minutes=5)
+    with pytest.raises(NotFound):
+        await s.get_lease("l-" + "0" * 32)
+
+
+async def test_termination_is_idempotent_and_tombstones(stores):
+    s = await stores()
+    lease_id = await _issue(s, "i-2")
+    job1 = await s.request_termination("i-2", actor="admin")
+    job2 = await s.request_termination("i-2", actor="admin")
+    assert job1.job_id == job2.job_id and job1.state == "pending"
+    with pytest.raises(InstanceTerminated):
+        await _issue(s, "i-2")
+    with pytest.raises(InstanceTerminated):
+        await s.record_token(instance_id="i-2", accessor="acc-x", expires_at=T0)
+    # A request that was in flight when the instance was tombstoned records its lease (so
+    # the job revokes it) but is told not to hand the credential out.
+    still_active = await s.complete_issue(lease_id, vault_lease_id="v/1", accessor="a",
+                                          renewable=False, issued_at=T0, expires_at=T0)
+    assert still_active is False
+    work = await s.revocation_work("i-2")
+    assert [x.lease_id for x in work.leases] == [lease_id]
+
+
+async def test_two_replicas_claim_disjoint_jobs(stores):
+    a, b = await stores(), await stores()
+    for i in range(20):
+        await a.request_termination(f"i-{i}", actor="admin")
+    got_a, got_b = await asyncio.gather(
+        a.claim_jobs(worker="A", limit=15, claim_for=timedelta(seconds=60)),
+        b.claim_jobs(worker="B", limit=15, claim_for=timedelta(seconds=60)))
+    ids_a, ids_b = {j.job_id for j in got_a}, {j.job_id for j in got_b}
+    assert not ids_a & ids_b
+    rest = await a.claim_jobs(worker="A", limit=50, claim_for=timedelta(seconds=60))
+    assert len(ids_a) + len(ids_b) + len(rest) == 20
+    assert all(j.state == "running" and j.attempts == 1 for j in got_a + got_b + rest)
+
+
+async def test_a_lapsed_claim_is_taken_over_and_the_old_worker_cannot_finish(stores):
+    s = await stores()
+    await s.request_termination("i-lapse", actor="admin")
+    [job] = await s.claim_jobs(worker="dead", limit=5, claim_for=timedelta(seconds=30))
+    assert await s.claim_jobs(worker="new", limit=5, claim_for=timedelta(seconds=30)) == []
+    stores.clock.advance(31)
+    [again] = await s.claim_jobs(worker="new", limit=5, claim_for=timedelta(seconds=30))
+    assert again.job_id == job.job_id and again.attempts == 2
+    assert await s.finish_job(job, worker="dead") is False
+    assert await s.finish_job(again, worker="new") is True
+    instance, _, shown = await s.get_instance("i-lapse")
+    assert (instance.state, shown.state) == ("terminated", "done")
+
+
+async def test_a_job_that_gives_up_stays_visible_and_can_be_requeued(stores):
+    s = await stores()
+    await s.request_termination("i-fail", actor="admin")
+    [job] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    await s.reschedule_job(job, worker="w", error="vault_unavailable",
+                           next_attempt_at=T0 + timedelta(seconds=5), give_up=True)
+    [failed] = await s.list_jobs(state="failed")
+    assert (failed.job_id, failed.last_error) == (job.job_id, "vault_unavailable")
+    stores.clock.advance(3600)
+    assert await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30)) == []
+    counts = await s.counts()
+    assert counts.failed_jobs == 1 and counts.queue_depth == 0
+    requeued = await s.request_termination("i-fail", actor="admin")
+    assert (requeued.state, requeued.attempts) == ("pending", 0)
+    [claimed] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    assert claimed.job_id == job.job_id
+
+
+async def test_retry_is_not_claimed_before_its_time(stores):
+    s = await stores()
+    await s.request_termination("i-later", actor="admin")
+    [job] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    await s.reschedule_job(job, worker="w", error="x", next_attempt_at=T0 + timedelta(seconds=10),
+                           give_up=False)
+    assert await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30)) == []
+    stores.clock.advance(11)
+    assert len(await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))) == 1
+
+
+async def test_end_lease_and_bulk_mark(stores):
+    s = await stores()
+    ids = [await _issue(s, "i-bulk") for _ in range(3)]
+    assert await s.end_lease(ids[0], LeaseState.RELEASED, actor="workload") is True
+    assert await s.end_lease(ids[0], LeaseState.RELEASED, actor="workload") is False
+    assert await s.mark_leases_ended(ids, LeaseState.REVOKED, actor="w") == 2
+    states = {x.lease_id: x.state for x in await s.list_leases(instance="i-bulk")}
+    assert states == {ids[0]: "released", ids[1]: "revoked", ids[2]: "revoked"}
+
+
+async def test_list_filters_and_pagination(stores):
+    s = await stores()
+    made = sorted([await _issue(s, "i-p1", "r1"), await _issue(s, "i-p1", "r2"),
+                   await _issue(s, "i-p2", "r1")])
+    assert {x.lease_id for x in await s.list_leases(role="r1")} == {
+        x.lease_id for x in await s.list_leases() if x.role == "r1"}
+    page1 = await s.list_leases(limit=2)
+    page2 = await s.list_leases(limit=2, after=page1[-1].lease_id)
+    assert [x.lease_id for x in page1 + page2] == made
+    assert await s.list_leases(instance="nope") == []
+    assert [x.state for x in await s.list_leases(state="issuing")] == ["issuing"] * 3

@@ -1,0 +1,573 @@
+"""Settings loading: the dev dict loads; each bad config names the key path and what was
+expected; ``${VAR}`` expansion; YAML file errors; frozen settings."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from broker.config import ALLOWED_ALGORITHMS, Settings, load_settings, load_settings_file
+from broker.dev.environment import dev_settings_dict
+from broker.errors import ConfigError
+from broker.identity.model import Identity
+from broker.policy.templates import render_params
+
+ADMIN_SHA = "ab" * 32
+BROKER_TOKEN = "s.brokerTokenValue1234567890"
+
+
+def base() -> dict[str, Any]:
+    return dev_settings_dict(
+        vault_addr="http://127.0.0.1:8200", broker_token=BROKER_TOKEN,
+        issuer="https://issuer.example", jwks_uri="https://issuer.example/jwks.json",
+        store_url="sqlite:///broker.db", admin_token_sha256=ADMIN_SHA, with_database=True)
+
+
+def errors_of(data: dict[str, Any], **kw: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(data, **kw)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{kw.get('source', 'config')}: invalid configuration"
+    return lines[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the valid dev configuration
+# ---------------------------------------------------------------------------------------------
+
+def test_dev_settings_dict_loads() -> None:
+    s = load_settings(base())
+    assert isinstance(s, Settings)
+    assert s.vault.addr == "http://127.0.0.1:8200"
+    assert s.vault.auth.method == "token"
+    assert s.vault.auth.token.get_secret_value() == BROKER_TOKEN
+    assert s.vault.instance_token_ttl == 86400
+    assert s.vault.instance_policies == ("broker-instance",)
+    iss = s.identity.issuers[0]
+    assert (iss.name, iss.issuer, iss.algorithms, iss.instance_claim, iss.workload_claim,
+            iss.leeway_s, iss.max_token_lifetime) == (
+        "dev", "https://issuer.example", ("ES256",), ("instance_id",), ("workload",), 30, 3600)
+    assert sorted(s.roles) == ["dev-cert", "dev-db"]
+    cert = s.roles["dev-cert"]
+    assert (cert.engine, cert.mount, cert.vault_role, cert.default_ttl, cert.max_ttl,
+            cert.params) == ("pki", "pki", "dev-cert", 600, 3600,
+                             {"common_name": "{workload}.workload.internal"})
+    assert s.roles["dev-db"].params == {}
+    (r,) = s.policy.rules
+    assert (r.name, r.issuer, r.allow, r.max_ttl) == ("dev-workloads", "dev",
+                                                      ("dev-cert", "dev-db"), None)
+    (m,) = r.match
+    assert (m.identity, m.claim, m.regex, m.exact, m.glob, m.one_of) == (
+        "workload", None, "[a-z0-9-]{1,63}", None, None, None)
+    assert s.admin.token_sha256 == ADMIN_SHA
+    assert s.revocation.tick_s == 1.0
+    assert s.log_level == "info"
+
+
+def test_secret_values_not_in_repr() -> None:
+    s = load_settings(base())
+    assert BROKER_TOKEN not in repr(s)
+    assert BROKER_TOKEN not in str(s)
+
+
+NORMALISE_CASES = [
+    (lambda d: d["vault"].__setitem__("addr", "https://vault.example:8200/"),
+     lambda s: s.vault.addr, "https://vault.example:8200", "addr-trailing-slash-stripped"),
+    (lambda d: d["admin"].__setitem__("token_sha256", " " + "AB" * 32 + "\n"),
+     lambda s: s.admin.token_sha256, ADMIN_SHA, "admin-sha-stripped-lowercased"),
+    (lambda d: d["roles"]["dev-cert"].update(default_ttl=90, max_ttl="1h30m"),
+     lambda s: (s.roles["dev-cert"].default_ttl, s.roles["dev-cert"].max_ttl), (90, 5400),
+     "durations-parsed"),
+    (lambda d: d["identity"]["issuers"][0].__setitem__("workload_claim",
+                                                       ["kubernetes.io", "namespace"]),
+     lambda s: s.identity.issuers[0].workload_claim, ("kubernetes.io", "namespace"),
+     "claim-path-list"),
+    (lambda d: d["policy"]["rules"][0].__setitem__("max_ttl", "5m"),
+     lambda s: s.policy.rules[0].max_ttl, 300, "rule-max-ttl-parsed"),
+    (lambda d: d["vault"].__setitem__("auth", {"method": "approle", "role_id": "rid",
+                                               "secret_id": "sid"}),
+     lambda s: (s.vault.auth.method, s.vault.auth.role_id,
+                s.vault.auth.secret_id.get_secret_value(), s.vault.auth.mount),
+     ("approle", "rid", "sid", "approle"), "approle-auth"),
+    (lambda d: d["policy"].__setitem__("rules", []),
+     lambda s: s.policy.rules, (), "no-rules-is-valid"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "get", "expected"),
+                         [(a, b, c) for a, b, c, _ in NORMALISE_CASES],
+                         ids=[i for *_, i in NORMALISE_CASES])
+def test_valid_variants(mutate: Callable[[dict[str, Any]], Any],
+                        get: Callable[[Settings], Any], expected: Any) -> None:
+    data = base()
+    mutate(data)
+    assert get(load_settings(data)) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# bad configurations: each names the key path and the expectation
+# ---------------------------------------------------------------------------------------------
+
+def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        node = d
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+    return mutate
+
+
+def _del(path: list[Any]) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        node = d
+        for p in path[:-1]:
+            node = node[p]
+        del node[path[-1]]
+    return mutate
+
+
+def _rename_role(d: dict[str, Any]) -> None:
+    d["roles"]["Dev_Cert"] = d["roles"].pop("dev-cert")
+    d["policy"]["rules"][0]["allow"] = ["Dev_Cert"]
+
+
+def _dup_issuer(d: dict[str, Any]) -> None:
+    d["identity"]["issuers"].append(dict(d["identity"]["issuers"][0], issuer="https://other"))
+
+
+ALG_LIST = ", ".join(ALLOWED_ALGORITHMS)
+
+BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
+    # vault
+    (_set(["vault", "addr"], "http://127.0.0.1:8200/v1"),
+     "vault.addr: expected http(s)://host:port with no path", "vault-addr-with-path"),
+    (_set(["vault", "addr"], "127.0.0.1:8200"),
+     "vault.addr: expected http(s)://host:port with no path", "vault-addr-no-scheme"),
+    (_set(["vault", "addr"], "ftp://vault:8200"),
+     "vault.addr: expected http(s)://host:port with no path", "vault-addr-ftp"),
+    (_del(["vault", "auth", "token"]), "vault.auth.token.token: Field required",
+     "vault-auth-token-missing"),
+    (_set(["vault", "auth", "method"], "ldap"), "vault.auth: Input tag 'ldap' found using "
+     "'method' does not match any of the expected tags: 'token', 'approle'",
+     "vault-auth-unknown-method"),
+    (_set(["vault", "token_role"], "a/b"),
+     "vault.token_role: expected a Vault token role name (letters, digits, _ . -)",
+     "vault-token-role-slash"),
+    (_set(["vault", "bogus"], 1), "vault.bogus: Extra inputs are not permitted",
+     "vault-unknown-key"),
+    (_del(["vault"]), "vault: Field required", "vault-missing"),
+    (_set(["vault", "instance_token_ttl"], "30m"),
+     "(top level): vault.instance_token_ttl must be at least the longest role max_ttl "
+     "(3600s): a lease cannot outlive the instance token it was read with",
+     "instance-token-ttl-shorter-than-role-max"),
+    (_set(["vault", "instance_token_ttl"], "1 day"),
+     "vault.instance_token_ttl: expected a duration like '10m', '1h30m' or a number of "
+     "seconds, got '1 day'", "instance-token-ttl-unparseable"),
+    # identity
+    (_set(["identity", "issuers", 0, "algorithms"], ["ES256", "HS256"]),
+     f"identity.issuers.0.algorithms: expected a non-empty list from {ALG_LIST}; "
+     "refused: HS256", "algorithms-hs256"),
+    (_set(["identity", "issuers", 0, "algorithms"], ["none"]),
+     f"identity.issuers.0.algorithms: expected a non-empty list from {ALG_LIST}; "
+     "refused: none", "algorithms-none"),
+    (_set(["identity", "issuers", 0, "algorithms"], ["HS256", "none", "RS256"]),
+     f"identity.issuers.0.algorithms: expected a non-empty list from {ALG_LIST}; "
+     "refused: HS256, none", "algorithms-several-refused"),
+    (_set(["identity", "issuers", 0, "algorithms"], []),
+     f"identity.issuers.0.algorithms: expected a non-empty list from {ALG_LIST}; "
+     "refused: empty list", "algorithms-empty"),
+    (_set(["identity", "issuers", 0, "leeway_s"], 61),
+     "identity.issuers.0.leeway_s: Input should be less than or equal to 60", "leeway-61"),
+    (_set(["identity", "issuers", 0, "leeway_s"], -1),
+     "identity.issuers.0.leeway_s: Input should be greater than or equal to 0",
+     "leeway-negative"),
+    (_set(["identity", "issuers", 0, "name"], "Dev"),
+     "identity.issuers.0.name: expected lower-case letters, digits, _ or -",
+     "issuer-name-uppercase"),
+    (_set(["identity", "issuers", 0, "jwks_uri"], "file:///etc/passwd"),
+     "identity.issuers.0.jwks_uri: expected an http(s) URL", "jwks-uri-file"),
+    (_set(["identity", "issuers", 0, "workload_claim"], []),
+     "identity.issuers.0.workload_claim: expected a claim name or a list of nested claim "
+     "names", "workload-claim-empty"),
+    (_dup_issuer, "identity: issuer names must be unique", "issuer-names-duplicate"),
+    (_set(["identity", "audience"], ""),
+     "identity.audience: String should have at least 1 character", "audience-empty"),
+    # top level
+    (_set(["bogus"], 1), "bogus: Extra inputs are not permitted", "unknown-top-level-key"),
+    (_set(["log_level"], "trace"),
+     "log_level: Input should be 'debug', 'info', 'warning' or 'error'", "log-level"),
+    (_set(["server", "port"], 70000), "server.port: Input should be less than or equal to "
+     "65535", "server-port"),
+    (_set(["store", "url"], "mysql://db"),
+     "store.url: expected a sqlite:///PATH or postgresql://… URL", "store-url-scheme"),
+    # roles
+    (_set(["roles"], {}), "roles: Dictionary should have at least 1 item after validation, "
+     "not 0", "roles-empty"),
+    (_set(["roles", "dev-cert", "engine"], "aws"),
+     "roles.dev-cert.engine: Input should be 'pki' or 'database'", "role-engine-aws"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{email}.x"),
+     "roles.dev-cert: params.common_name: unknown template field(s) ['email']; "
+     "use ['instance_id', 'issuer_name', 'workload']", "template-unknown-field"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload.__class__}.x"),
+     "roles.dev-cert: params.common_name: unknown template field(s) ['workload.__class__']; "
+     "use ['instance_id', 'issuer_name', 'workload']", "template-attribute-access"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{}.x"),
+     "roles.dev-cert: params.common_name: unknown template field(s) ['']; "
+     "use ['instance_id', 'issuer_name', 'workload']", "template-positional"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload.x"),
+     "roles.dev-cert: params.common_name: malformed template", "template-malformed"),
+    (_set(["roles", "dev-cert", "params", "ttl"], "1h"),
+     "roles.dev-cert: params: engine pki takes no ttl (allowed: alt_names, common_name)",
+     "pki-param-not-taken"),
+    (_set(["roles", "dev-db", "params"], {"common_name": "x"}),
+     "roles.dev-db: params: engine database takes no common_name (allowed: none)",
+     "database-takes-no-params"),
+    (_set(["roles", "dev-cert", "params"], {}),
+     "roles.dev-cert: params: engine pki needs common_name", "pki-without-common-name"),
+    (_set(["roles", "dev-cert", "default_ttl"], "2h"),
+     "roles.dev-cert: default_ttl must not exceed max_ttl", "default-ttl-above-max-ttl"),
+    (_set(["roles", "dev-cert", "max_ttl"], 0),
+     "roles.dev-cert: max_ttl must be at least 1s", "max-ttl-zero"),
+    (_set(["roles", "dev-cert", "max_ttl"], "10x"),
+     "roles.dev-cert.max_ttl: expected a duration like '10m', '1h30m' or a number of "
+     "seconds, got '10x'", "max-ttl-unparseable"),
+    (_set(["roles", "dev-cert", "mount"], "pk..i"),
+     "roles.dev-cert.mount: expected one Vault path segment (letters, digits, _ . -)",
+     "mount-dotdot"),
+    (_set(["roles", "dev-cert", "vault_role"], "a/b"),
+     "roles.dev-cert.vault_role: expected one Vault path segment (letters, digits, _ . -)",
+     "vault-role-slash"),
+    (_rename_role,
+     "(top level): role name 'Dev_Cert': expected lower-case letters, digits, _ or -",
+     "role-name-uppercase"),
+    # policy
+    (_set(["policy", "rules", 0, "allow"], ["dev-cert", "nope"]),
+     "(top level): policy.rules.0.allow: unknown role 'nope'", "rule-allows-unknown-role"),
+    (_set(["policy", "rules", 0, "issuer"], "other"),
+     "(top level): policy.rules.0.issuer: unknown issuer 'other'", "rule-unknown-issuer"),
+    (_set(["policy", "rules", 0, "allow"], []),
+     "policy.rules.0.allow: Tuple should have at least 1 item after validation, not 0",
+     "rule-allow-empty"),
+    (_set(["policy", "rules", 0, "match"], [{"identity": "workload", "exact": "a",
+                                               "glob": "a*"}]),
+     "policy.rules.0.match.0: set exactly one of 'exact', 'glob', 'regex', 'one_of'",
+     "claim-match-two-operators"),
+    (_set(["policy", "rules", 0, "match"], [{"identity": "workload"}]),
+     "policy.rules.0.match.0: set exactly one of 'exact', 'glob', 'regex', 'one_of'",
+     "claim-match-no-operator"),
+    (_set(["policy", "rules", 0, "match"], [{"identity": "workload", "claim": "sub",
+                                               "exact": "a"}]),
+     "policy.rules.0.match.0: set exactly one of 'claim' or 'identity'",
+     "claim-match-claim-and-identity"),
+    (_set(["policy", "rules", 0, "match"], [{"exact": "a"}]),
+     "policy.rules.0.match.0: set exactly one of 'claim' or 'identity'",
+     "claim-match-no-subject"),
+    (_set(["policy", "rules", 0, "match"], [{"identity": "email", "exact": "a"}]),
+     "policy.rules.0.match.0.identity: Input should be 'instance_id', 'workload' or "
+     "'subject'", "claim-match-unknown-identity-field"),
+    (_set(["policy", "rules", 0, "match"], [{"identity": "workload", "regex": "(unclosed"}]),
+     "policy.rules.0.match.0.regex: regex does not compile: missing ), unterminated "
+     "subpattern at position 0", "regex-does-not-compile"),
+    (_set(["policy", "rules", 0, "match"], [{"claim": [], "exact": "a"}]),
+     "policy.rules.0.match.0.claim: expected a claim name or a list of nested claim names",
+     "claim-path-empty"),
+    # admin
+    (_set(["admin", "token_sha256"], "a" * 63),
+     "admin.token_sha256: expected the hex SHA-256 of the admin token (64 hex digits)",
+     "admin-sha-63-digits"),
+    (_set(["admin", "token_sha256"], "g" * 64),
+     "admin.token_sha256: expected the hex SHA-256 of the admin token (64 hex digits)",
+     "admin-sha-not-hex"),
+    (_set(["admin", "token_sha256"], "a" * 65),
+     "admin.token_sha256: expected the hex SHA-256 of the admin token (64 hex digits)",
+     "admin-sha-65-digits"),
+    (_set(["admin", "token_sha256"], "adm-plaintext-token"),
+     "admin.token_sha256: expected the hex SHA-256 of the admin token (64 hex digits)",
+     "admin-plaintext-token"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected_line"), [(m, e) for m, e, _ in BAD_CASES],
+                         ids=[i for *_, i in BAD_CASES])
+def test_bad_config_names_key_and_expectation(mutate: Callable[[dict[str, Any]], None],
+                                              expected_line: str) -> None:
+    data = base()
+    mutate(data)
+    lines = errors_of(data)
+    assert f"  {expected_line}" in lines, lines
+
+
+def test_error_source_is_named() -> None:
+    data = base()
+    data["log_level"] = "loud"
+    lines = errors_of(data, source="/etc/broker.yaml")
+    assert lines == ["  log_level: Input should be 'debug', 'info', 'warning' or 'error'"]
+
+
+def test_every_error_is_listed() -> None:
+    data = base()
+    data["vault"]["addr"] = "http://vault/v1"
+    data["admin"]["token_sha256"] = "x"
+    data["bogus"] = True
+    lines = errors_of(data)
+    assert sorted(lines) == sorted([
+        "  vault.addr: expected http(s)://host:port with no path",
+        "  admin.token_sha256: expected the hex SHA-256 of the admin token (64 hex digits)",
+        "  bogus: Extra inputs are not permitted",
+    ])
+
+
+def test_error_message_does_not_leak_secret() -> None:
+    data = base()
+    data["vault"]["addr"] = "not a url"
+    with pytest.raises(ConfigError) as info:
+        load_settings(data)
+    assert BROKER_TOKEN not in str(info.value)
+
+
+def test_top_level_not_a_mapping() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(["not", "a", "mapping"], source="x.yaml")  # type: ignore[arg-type]
+    assert str(info.value) == "x.yaml: expected a mapping at the top level"
+
+
+TRAILING_NEWLINE_SEGMENT = (
+    "BUG broker/config.py:33 _VAULT_SEGMENT (and _NAME at :32) end in '$' and are used with "
+    ".match(), so 'pki\\n' is accepted as roles.*.mount / vault_role / vault.token_role and "
+    "kept verbatim (newline inside a Vault path); use \\Z or fullmatch"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                   reason=TRAILING_NEWLINE_SEGMENT)
+@pytest.mark.parametrize(
+    ("path", "expected_line"),
+    [(["roles", "dev-cert", "mount"],
+      "roles.dev-cert.mount: expected one Vault path segment (letters, digits, _ . -)"),
+     (["roles", "dev-cert", "vault_role"],
+      "roles.dev-cert.vault_role: expected one Vault path segment (letters, digits, _ . -)"),
+     (["vault", "token_role"],
+      "vault.token_role: expected a Vault token role name (letters, digits, _ . -)")],
+    ids=["mount", "vault-role", "token-role"],
+)
+def test_vault_segment_with_trailing_newline_refused(path: list[str],
+                                                     expected_line: str) -> None:
+    data = base()
+    node: Any = data
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = node[path[-1]] + "\n"
+    assert f"  {expected_line}" in errors_of(data)
+
+
+TEMPLATE_SPEC_REASON = (
+    "BUG broker/config.py:200-218 RoleSettings._params only checks the field *names* of a "
+    "template, so '{workload!r}' / '{workload:>80}' load fine, while "
+    "broker/policy/templates.py:27 template_fields raises ValueError for any conversion or "
+    "format spec: the role can never be issued and each request fails with an unhandled "
+    "ValueError (HTTP 500) instead of the config being refused at start-up"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=TEMPLATE_SPEC_REASON)
+@pytest.mark.parametrize("template", ["{workload!r}.x", "{workload:>80}.x"],
+                         ids=["conversion", "format-spec"])
+def test_template_that_cannot_render_is_refused_at_load(template: str) -> None:
+    data = base()
+    data["roles"]["dev-cert"]["params"]["common_name"] = template
+    try:
+        settings = load_settings(data)
+    except ConfigError as exc:
+        assert "roles.dev-cert" in str(exc)
+        return
+    # Loaded: then it must at least render for a perfectly ordinary identity.
+    ident = Identity(issuer_name="dev", issuer="https://issuer.example", subject="payments",
+                     instance_id="i-1", workload="payments",
+                     issued_at=datetime(2024, 1, 1, tzinfo=UTC),
+                     expires_at=datetime(2024, 1, 1, 1, tzinfo=UTC), claims={})
+    render_params(settings.roles["dev-cert"].params, ident)
+
+
+# ---------------------------------------------------------------------------------------------
+# ${VAR} expansion
+# ---------------------------------------------------------------------------------------------
+
+ENV_CASES = [
+    (["vault", "auth", "token"], "${BROKER_TOKEN}", {"BROKER_TOKEN": "s.fromEnv"},
+     lambda s: s.vault.auth.token.get_secret_value(), "s.fromEnv", "whole-value"),
+    (["vault", "addr"], "http://${VAULT_HOST}:${VAULT_PORT}",
+     {"VAULT_HOST": "vault.internal", "VAULT_PORT": "8200"},
+     lambda s: s.vault.addr, "http://vault.internal:8200", "two-refs-in-one-value"),
+    (["identity", "issuers", 0, "jwks_uri"], "${JWKS}", {"JWKS": "https://idp/jwks"},
+     lambda s: s.identity.issuers[0].jwks_uri, "https://idp/jwks", "inside-list"),
+    (["vault", "auth", "token"], "${OUTER}", {"OUTER": "${INNER}", "INNER": "nope"},
+     lambda s: s.vault.auth.token.get_secret_value(), "${INNER}", "not-re-expanded"),
+    (["vault", "auth", "token"], "$BROKER_TOKEN", {"BROKER_TOKEN": "x"},
+     lambda s: s.vault.auth.token.get_secret_value(), "$BROKER_TOKEN", "no-braces-literal"),
+    (["vault", "auth", "token"], "${EMPTY}", {"EMPTY": ""},
+     lambda s: s.vault.auth.token.get_secret_value(), "", "empty-variable"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "env", "get", "expected"),
+                         [c[:5] for c in ENV_CASES], ids=[c[5] for c in ENV_CASES])
+def test_env_expansion(path: list[Any], raw: str, env: dict[str, str],
+                       get: Callable[[Settings], Any], expected: Any) -> None:
+    data = base()
+    _set(path, raw)(data)
+    assert get(load_settings(data, env=env)) == expected
+
+
+MISSING_ENV_CASES = [
+    (["vault", "auth", "token"], "${NOPE}",
+     "vault.auth.token: environment variable NOPE is not set", "nested-key"),
+    (["identity", "issuers", 0, "jwks_uri"], "https://${NOPE}/jwks",
+     "identity.issuers.0.jwks_uri: environment variable NOPE is not set", "list-index"),
+    (["log_level"], "${NOPE}", "log_level: environment variable NOPE is not set", "top-level"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "message"), [c[:3] for c in MISSING_ENV_CASES],
+                         ids=[c[3] for c in MISSING_ENV_CASES])
+def test_missing_env_variable_names_key_path(path: list[Any], raw: str, message: str) -> None:
+    data = base()
+    _set(path, raw)(data)
+    with pytest.raises(ConfigError) as info:
+        load_settings(data, env={})
+    assert str(info.value) == message
+
+
+def test_explicit_env_replaces_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_TEST_TOKEN", "s.fromProcess")
+    data = base()
+    data["vault"]["auth"]["token"] = "${BROKER_TEST_TOKEN}"
+    with pytest.raises(ConfigError, match="vault.auth.token: environment variable "
+                                          "BROKER_TEST_TOKEN is not set"):
+        load_settings(data, env={})
+    assert load_settings(data).vault.auth.token.get_secret_value() == "s.fromProcess"
+
+
+def test_expanded_value_is_still_validated() -> None:
+    data = base()
+    data["vault"]["addr"] = "${ADDR}"
+    lines = errors_of(data, env={"ADDR": "http://vault:8200/v1/sys"})
+    assert lines == ["  vault.addr: expected http(s)://host:port with no path"]
+
+
+def test_input_dict_not_mutated_by_expansion() -> None:
+    data = base()
+    data["vault"]["auth"]["token"] = "${T}"
+    before = copy.deepcopy(data)
+    load_settings(data, env={"T": "s.x"})
+    assert data == before
+
+
+# ---------------------------------------------------------------------------------------------
+# load_settings_file
+# ---------------------------------------------------------------------------------------------
+
+def test_load_settings_file_valid(tmp_path: Path) -> None:
+    data = base()
+    data["vault"]["auth"]["token"] = "${TOKEN}"
+    p = tmp_path / "broker.yaml"
+    p.write_text(yaml.safe_dump(data))
+    s = load_settings_file(p, env={"TOKEN": "s.fileToken"})
+    assert s.vault.auth.token.get_secret_value() == "s.fileToken"
+    assert s == load_settings(base() | {"vault": data["vault"] | {
+        "auth": {"method": "token", "token": "s.fileToken"}}})
+
+
+YAML_CASES = [
+    ("server:\n  host: x\n  port: [1, 2\nvault: 3\n", "line 4, column 6", "unclosed-flow"),
+    ("server:\n  host: x\n bad: 1\n", "line 3, column 2", "bad-indentation"),
+    ("a: b: c\n", "line 1, column 5", "mapping-in-value"),
+    ("log_level: info\nkey: 'unterminated\n", "line 3, column 1", "unterminated-quote"),
+    ("\tserver: 1\n", "line 1, column 1", "tab-indent"),
+]
+
+
+@pytest.mark.parametrize(("text", "where"), [(t, w) for t, w, _ in YAML_CASES],
+                         ids=[i for *_, i in YAML_CASES])
+def test_load_settings_file_invalid_yaml_names_line(tmp_path: Path, text: str,
+                                                    where: str) -> None:
+    p = tmp_path / "broker.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value) == f"{p}: {where} not valid YAML"
+
+
+def test_load_settings_file_missing(tmp_path: Path) -> None:
+    p = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value) == f"{p}: cannot read: No such file or directory"
+
+
+def test_load_settings_file_top_level_list(tmp_path: Path) -> None:
+    p = tmp_path / "broker.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value) == f"{p}: expected a mapping at the top level"
+
+
+def test_load_settings_file_empty_lists_required_keys(tmp_path: Path) -> None:
+    p = tmp_path / "broker.yaml"
+    p.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value).splitlines() == [
+        f"{p}: invalid configuration", "  vault: Field required",
+        "  identity: Field required", "  roles: Field required", "  admin: Field required"]
+
+
+def test_load_settings_file_error_names_file_and_key(tmp_path: Path) -> None:
+    data = base()
+    data["identity"]["issuers"][0]["leeway_s"] = 61
+    p = tmp_path / "broker.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{p}: invalid configuration"
+    assert "  identity.issuers.0.leeway_s: Input should be less than or equal to 60" in lines
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen
+# ---------------------------------------------------------------------------------------------
+
+FROZEN_CASES = [
+    (lambda s: setattr(s, "log_level", "debug"), "top-level"),
+    (lambda s: setattr(s.vault, "addr", "http://evil:8200"), "vault-addr"),
+    (lambda s: setattr(s.roles["dev-cert"], "max_ttl", 10**6), "role-max-ttl"),
+    (lambda s: setattr(s.policy.rules[0], "allow", ("dev-cert",)), "rule-allow"),
+    (lambda s: setattr(s.policy.rules[0].match[0], "regex", ".*"), "claim-match-regex"),
+    (lambda s: setattr(s.identity.issuers[0], "leeway_s", 60), "issuer-leeway"),
+    (lambda s: setattr(s.admin, "token_sha256", "0" * 64), "admin-sha"),
+]
+
+
+@pytest.mark.parametrize("assign", [a for a, _ in FROZEN_CASES],
+                         ids=[i for _, i in FROZEN_CASES])
+def test_settings_are_frozen(assign: Callable[[Settings], None]) -> None:
+    s = load_settings(base())
+    before = s.model_dump()
+    with pytest.raises(ValidationError, match="frozen"):
+        assign(s)
+    assert s.model_dump() == before
+
+
+def test_rules_and_issuers_are_tuples() -> None:
+    s = load_settings(base())
+    assert isinstance(s.policy.rules, tuple)
+    assert isinstance(s.identity.issuers, tuple)
+    assert isinstance(s.policy.rules[0].allow, tuple)
