@@ -27,15 +27,42 @@ from pydantic import (
 from broker.durations import parse_duration
 from broker.errors import ConfigError
 
-ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+ALLOWED_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "EdDSA",
+)
 MAX_LEEWAY_SECONDS = 60
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+_VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Parameters each engine lets a role template, and the identity values a template may use.
 ENGINE_PARAMS = {"pki": frozenset({"common_name", "alt_names"}), "database": frozenset()}
 REQUIRED_PARAMS = {"pki": frozenset({"common_name"}), "database": frozenset()}
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+
+
+def template_fields(template: str) -> set[str]:
+    """Names a role-parameter template refers to. Only plain ``{name}`` fields: no
+    conversion, format spec, attribute or index, which could not be validated."""
+    names = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        raise ValueError("malformed template (unbalanced braces)") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if spec or conv or not name.isidentifier():
+            raise ValueError(f"template field {{{name}}} must be a plain name like {{workload}}")
+        names.add(name)
+    return names
 
 
 class _Frozen(BaseModel):
@@ -57,7 +84,7 @@ class ServerSettings(_Frozen):
 
 class StoreSettings(_Frozen):
     url: str = "sqlite:///broker.db"
-    pool_size: int = Field(10, ge=1, le=200)
+    pool_size: int = Field(20, ge=1, le=200)
     connect_timeout_s: float = Field(5.0, gt=0, le=60)
 
     @field_validator("url")
@@ -113,8 +140,10 @@ ClaimPath = tuple[str, ...]
 def _claim_path(value: Any) -> ClaimPath:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list | tuple) or not value or not all(
-        isinstance(p, str) and p for p in value
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(p, str) and p for p in value)
     ):
         raise ValueError("expected a claim name or a list of nested claim names")
     return tuple(value)
@@ -201,20 +230,24 @@ class RoleSettings(_Frozen):
     def _params(self) -> RoleSettings:
         unknown = set(self.params) - ENGINE_PARAMS[self.engine]
         if unknown:
-            raise ValueError(f"params: engine {self.engine} takes no {', '.join(sorted(unknown))}"
-                             f" (allowed: {', '.join(sorted(ENGINE_PARAMS[self.engine])) or 'none'})")
+            raise ValueError(
+                f"params: engine {self.engine} takes no {', '.join(sorted(unknown))}"
+                f" (allowed: {', '.join(sorted(ENGINE_PARAMS[self.engine])) or 'none'})"
+            )
         missing = REQUIRED_PARAMS[self.engine] - set(self.params)
         if missing:
             raise ValueError(f"params: engine {self.engine} needs {', '.join(sorted(missing))}")
         for name, template in self.params.items():
             try:
-                fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            except ValueError:
-                raise ValueError(f"params.{name}: malformed template") from None
+                fields = template_fields(template)
+            except ValueError as exc:
+                raise ValueError(f"params.{name}: {exc}") from None
             bad = fields - TEMPLATE_FIELDS
             if bad:
-                raise ValueError(f"params.{name}: unknown template field(s) {sorted(bad)}; "
-                                 f"use {sorted(TEMPLATE_FIELDS)}")
+                raise ValueError(
+                    f"params.{name}: unknown template field(s) {sorted(bad)}; "
+                    f"use {sorted(TEMPLATE_FIELDS)}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -268,7 +301,7 @@ class Rule(_Frozen):
     issuer: str | None = None
     match: tuple[ClaimMatch, ...] = ()
     allow: tuple[str, ...] = Field(min_length=1)
-    max_ttl: Duration | None = None
+    max_ttl: Annotated[int, Field(ge=1)] | None = None
 
     _ttl = field_validator("max_ttl", mode="before")(
         lambda v: None if v is None else parse_duration(v)
@@ -359,8 +392,9 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_settings(data: dict[str, Any], *, source: str = "config",
-                  env: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    data: dict[str, Any], *, source: str = "config", env: dict[str, str] | None = None
+) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     expanded = _expand_env(data, "", dict(os.environ) if env is None else env)
@@ -382,4 +416,6 @@ def load_settings_file(path: str | Path, *, env: dict[str, str] | None = None) -
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML") from None
-    return load_settings(data or {}, source=str(path), env=env)
+    if data is None:
+        data = {}
+    return load_settings(data, source=str(path), env=env)

@@ -19,7 +19,7 @@ def parse_duration(value: str | int | float) -> int:
         text = value.strip()
         if not text:
             raise ValueError("expected a duration like '10m', '1h30m' or a number of seconds")
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             seconds = float(text)
         else:
             pos, seconds = 0, 0.0
@@ -40,6 +40,8 @@ def parse_duration(value: str | int | float) -> int:
 
 def format_duration(seconds: int) -> str:
     seconds = int(seconds)
+    if seconds < 0:
+        raise ValueError("a duration is not negative")
     if seconds == 0:
         return "0s"
     out = []

@@ -8,23 +8,37 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_LOOKS_SECRET = re.compile(r"\b(?:[hsb]\.[A-Za-z0-9]{20,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
+# Vault/OpenBao tokens (legacy s./b./r. and current hvs./hvb./hvr.) and JWT-shaped strings.
+_LOOKS_SECRET = re.compile(
+    r"(?<![A-Za-z0-9])(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{20,}"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+"
+)
 
 
-def _mask(text: str) -> str:
-    return _LOOKS_SECRET.sub("***", text)
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LOOKS_SECRET.sub("***", value)
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_mask(v) for v in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name,
-               "msg": _mask(record.getMessage())}
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": _mask(record.getMessage()),
+        }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = _mask(value) if isinstance(value, str) else value
+                out[key] = _mask(value)
         if record.exc_info:
             out["exc"] = _mask(self.formatException(record.exc_info))
         return json.dumps(out, default=str)

@@ -34,16 +34,23 @@ MAX_HEADER_BYTES = 72 * 1024
 
 
 class Broker:
-    def __init__(self, settings: Settings, *, clock: Clock | None = None,
-                 worker_id: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, worker_id: str | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store = Store(settings.store, self.clock)
         self.vault = VaultClient(settings.vault, self.clock)
         self.metrics = Metrics()
         self.tokens = InstanceTokens(self.vault, self.store, self.clock)
-        self.worker = RevocationWorker(settings.revocation, self.store, self.vault, self.clock,
-                                       on_terminated=self.tokens.forget, worker_id=worker_id)
+        self.worker = RevocationWorker(
+            settings.revocation,
+            self.store,
+            self.vault,
+            self.clock,
+            on_terminated=self.tokens.forget,
+            worker_id=worker_id,
+        )
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -54,29 +61,59 @@ class Broker:
         await self.store.start()
         if require_migrated and not await self.store.is_migrated():
             await self.store.close()
-            raise ConfigError("the lease store is not migrated to this version: "
-                              "run `broker migrate --config FILE` first")
+            raise ConfigError(
+                "the lease store is not migrated to this version: "
+                "run `broker migrate --config FILE` first"
+            )
         await self.vault.start()
         self._http = aiohttp.ClientSession()
         self.verifier = IdentityVerifier(self.settings.identity, self._http, self.clock)
-        service = CredentialService(roles=self.settings.roles, rules=self.settings.policy.rules,
-                                    store=self.store, vault=self.vault, tokens=self.tokens,
-                                    clock=self.clock)
+        service = CredentialService(
+            roles=self.settings.roles,
+            rules=self.settings.policy.rules,
+            store=self.store,
+            vault=self.vault,
+            tokens=self.tokens,
+            clock=self.clock,
+        )
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         rev = self.settings.revocation
-        self._scheduler.add_job(self._tick_revocation, "interval", seconds=rev.tick_s,
-                                id="revocation", max_instances=1, coalesce=True,
-                                next_run_time=datetime.now(UTC))
-        self._scheduler.add_job(self._tick_maintenance, "interval", seconds=30,
-                                id="maintenance", max_instances=1, coalesce=True)
-        deps = ApiDeps(verifier=self.verifier, service=service, store=self.store,
-                       vault=self.vault, metrics=self.metrics,
-                       admin_token_sha256=self.settings.admin.token_sha256,
-                       max_body_bytes=self.settings.server.max_body_bytes,
-                       kick_revocation=self.kick_revocation, forget_instance=self.tokens.forget)
+        self._scheduler.add_job(
+            self._tick_revocation,
+            "interval",
+            seconds=rev.tick_s,
+            id="revocation",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+        self._scheduler.add_job(
+            self._tick_maintenance,
+            "interval",
+            seconds=30,
+            id="maintenance",
+            max_instances=1,
+            coalesce=True,
+        )
+        deps = ApiDeps(
+            verifier=self.verifier,
+            service=service,
+            store=self.store,
+            vault=self.vault,
+            metrics=self.metrics,
+            admin_token_sha256=self.settings.admin.token_sha256,
+            max_body_bytes=self.settings.server.max_body_bytes,
+            kick_revocation=self.kick_revocation,
+            forget_instance=self.tokens.forget,
+        )
         app = build_app(deps)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=False,
-                                     max_field_size=MAX_HEADER_BYTES, max_line_size=16 * 1024)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=False,
+            max_field_size=MAX_HEADER_BYTES,
+            max_line_size=16 * 1024,
+        )
         await self._runner.setup()
         srv = self.settings.server
         sock = socket.socket(socket.AF_INET6 if ":" in srv.host else socket.AF_INET)

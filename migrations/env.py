@@ -28,8 +28,9 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=Base.metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(
+        url=_url(), target_metadata=Base.metadata, literal_binds=True, render_as_batch=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -44,15 +45,20 @@ def run_migrations_online() -> None:
             connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
             connection.commit()
         try:
-            context.configure(connection=connection, target_metadata=Base.metadata,
-                              render_as_batch=not is_pg, compare_type=True)
+            context.configure(
+                connection=connection,
+                target_metadata=Base.metadata,
+                render_as_batch=not is_pg,
+                compare_type=True,
+            )
             with context.begin_transaction():
                 context.run_migrations()
             connection.commit()
         finally:
             if is_pg:
-                connection.execute(text("SELECT pg_advisory_unlock(:id)"),
-                                   {"id": MIGRATION_LOCK_ID})
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID}
+                )
                 connection.commit()
     engine.dispose()
 

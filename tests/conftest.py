@@ -55,13 +55,16 @@ def bao(workdir: Path) -> Iterator[OpenBaoDevServer]:
 
 
 @pytest.fixture(scope="session")
-def vault_setup(bao: OpenBaoDevServer, pg: PgServer) -> DevVault:
-    return bootstrap_dev(bao.addr, bao.root_token, postgres_url=pg.admin_url)
+def vault(bao: OpenBaoDevServer) -> VaultProbe:
+    return VaultProbe(bao.addr, bao.root_token)
 
 
 @pytest.fixture(scope="session")
-def vault(bao: OpenBaoDevServer) -> VaultProbe:
-    return VaultProbe(bao.addr, bao.root_token)
+def vault_setup(bao: OpenBaoDevServer, pg: PgServer, vault: VaultProbe) -> Iterator[DevVault]:
+    yield bootstrap_dev(bao.addr, bao.root_token, postgres_url=pg.admin_url)
+    # Leave no PostgreSQL login behind in a shared server: revoke whatever tests left.
+    for prefix in ("database/creds/dev-db", "pki/issue/dev-cert"):
+        vault.call("PUT", f"sys/leases/revoke-prefix/{prefix}", {"sync": True})
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,14 @@ from broker.api.errors import error_response, make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
 from broker.durations import parse_duration
-from broker.errors import AdminForbidden, AdminUnauthorized, BadRequest, BrokerError, NotFound, TokenInvalid
+from broker.errors import (
+    AdminForbidden,
+    AdminUnauthorized,
+    BadRequest,
+    BrokerError,
+    NotFound,
+    TokenInvalid,
+)
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import INSTANCE_ID_PATTERN
 from broker.issuance import CredentialService
@@ -24,8 +31,8 @@ from broker.leases.states import InstanceState, JobState, LeaseState
 from broker.leases.store import Store
 from broker.vault import VaultClient
 
-ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}$")
+ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
 
 
@@ -50,10 +57,13 @@ def _bearer(request: web.Request, *, admin: bool) -> str:
     scheme, _, value = header.partition(" ")
     if not header or scheme.lower() != "bearer" or not value.strip():
         if admin:
-            raise AdminUnauthorized("send the admin token as 'Authorization: Bearer <token>'",
-                                    code="admin_token_missing")
-        raise TokenInvalid("send the identity token as 'Authorization: Bearer <jwt>'",
-                           code="token_missing")
+            raise AdminUnauthorized(
+                "send the admin token as 'Authorization: Bearer <token>'",
+                code="admin_token_missing",
+            )
+        raise TokenInvalid(
+            "send the identity token as 'Authorization: Bearer <jwt>'", code="token_missing"
+        )
     return value.strip()
 
 
@@ -83,8 +93,10 @@ async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any
     unknown = sorted(set(body) - allowed)
     if unknown:
         shown = ", ".join(k[:40] for k in unknown[:5])
-        raise BadRequest(f"unknown field(s): {shown}; allowed: {', '.join(sorted(allowed))}",
-                         code="unknown_field")
+        raise BadRequest(
+            f"unknown field(s): {shown}; allowed: {', '.join(sorted(allowed))}",
+            code="unknown_field",
+        )
     return body
 
 
@@ -93,8 +105,9 @@ def _ttl(body: dict[str, Any]) -> int | None:
         return None
     value = body["ttl"]
     if not isinstance(value, str | int) or isinstance(value, bool):
-        raise BadRequest("ttl must be a duration like '10m' or a number of seconds",
-                         code="invalid_ttl")
+        raise BadRequest(
+            "ttl must be a duration like '10m' or a number of seconds", code="invalid_ttl"
+        )
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
@@ -114,12 +127,14 @@ def _lease_id(request: web.Request) -> str:
 def _instance_id(request: web.Request) -> str:
     instance_id = request.match_info["instance_id"]
     if not INSTANCE_ID_PATTERN.match(instance_id):
-        raise BadRequest("the instance id has characters outside [A-Za-z0-9._:@-]",
-                         code="invalid_instance_id")
+        raise BadRequest(
+            "the instance id has characters outside [A-Za-z0-9._:@-]", code="invalid_instance_id"
+        )
     return instance_id
 
 
 # -- workload endpoints ------------------------------------------------------------------
+
 
 async def create_credential(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
@@ -130,8 +145,9 @@ async def create_credential(request: web.Request) -> web.Response:
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
     credential = await deps.service.issue(identity, role, _ttl(body))
     deps.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
-    return web.json_response(credential.response(), status=201,
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        credential.response(), status=201, headers={"Cache-Control": "no-store"}
+    )
 
 
 async def renew_lease(request: web.Request) -> web.Response:
@@ -151,6 +167,7 @@ async def release_lease(request: web.Request) -> web.Response:
 
 # -- admin endpoints ---------------------------------------------------------------------
 
+
 async def terminate_instance(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
@@ -166,8 +183,13 @@ async def show_instance(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
     instance, leases, job = await deps.store.get_instance(_instance_id(request))
-    return web.json_response({**instance.public(), "leases": [x.admin() for x in leases],
-                              "job": job.public() if job else None})
+    return web.json_response(
+        {
+            **instance.public(),
+            "leases": [x.admin() for x in leases],
+            "job": job.public() if job else None,
+        }
+    )
 
 
 def _query(request: web.Request, name: str, allowed: set[str] | None = None) -> str | None:
@@ -191,9 +213,13 @@ async def list_leases(request: web.Request) -> web.Response:
         raise BadRequest("limit must be between 1 and 1000", code="invalid_query")
     after = _query(request, "after")
     leases = await deps.store.list_leases(
-        instance=_query(request, "instance"), workload=_query(request, "workload"),
+        instance=_query(request, "instance"),
+        workload=_query(request, "workload"),
         role=_query(request, "role"),
-        state=_query(request, "state", {s.value for s in LeaseState}), limit=limit, after=after)
+        state=_query(request, "state", {s.value for s in LeaseState}),
+        limit=limit,
+        after=after,
+    )
     nxt = leases[-1].lease_id if len(leases) == limit else None
     return web.json_response({"leases": [x.admin() for x in leases], "next": nxt})
 
@@ -206,6 +232,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 # -- operations --------------------------------------------------------------------------
+
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -220,13 +247,18 @@ async def readyz(request: web.Request) -> web.Response:
     except BrokerError:
         checks["store"] = "unavailable"
     health = await deps.vault.health()
-    checks["vault"] = ("ok" if health.ready else "sealed" if health.reachable and health.sealed
-                       else "unavailable")
+    checks["vault"] = (
+        "ok" if health.ready else "sealed" if health.reachable and health.sealed else "unavailable"
+    )
     if all(v == "ok" for v in checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
-    body = {"error": {"code": "not_ready",
-                      "message": "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")},
-            "checks": checks}
+    body = {
+        "error": {
+            "code": "not_ready",
+            "message": "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
+        },
+        "checks": checks,
+    }
     return web.json_response(body, status=503)
 
 
@@ -239,8 +271,10 @@ async def metrics(request: web.Request) -> web.Response:
     for cache in deps.verifier.caches:
         for outcome, n in cache.stats.outcomes.items():
             deps.metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
-    return web.Response(body=deps.metrics.render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=deps.metrics.render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -252,8 +286,9 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 def build_app(deps: ApiDeps) -> web.Application:
-    app = web.Application(middlewares=[make_middleware(deps.metrics)],
-                          client_max_size=deps.max_body_bytes)
+    app = web.Application(
+        middlewares=[make_middleware(deps.metrics)], client_max_size=deps.max_body_bytes
+    )
     app[DEPS] = deps
     r = app.router
     r.add_post("/v1/credentials", create_credential)

@@ -14,8 +14,13 @@ from broker.errors import BrokerError
 log = logging.getLogger("broker.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -38,22 +43,30 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
             response = error_response(exc.status, exc.code, exc.message)
             metrics.refused.labels(code=exc.code).inc()
             level = logging.WARNING if exc.status >= 500 else logging.INFO
-            log.log(level, "request refused", extra={"route": route, "status": exc.status,
-                                                     "code": exc.code})
+            log.log(
+                level,
+                "request refused",
+                extra={"route": route, "status": exc.status, "code": exc.code},
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = _HTTP_CODES.get(exc.status, "http_error")
-            message = ("the request body is too large" if exc.status == 413
-                       else exc.reason or "request refused")
+            message = (
+                "the request body is too large"
+                if exc.status == 413
+                else exc.reason or "request refused"
+            )
             response = error_response(exc.status, code, message)
             metrics.refused.labels(code=code).inc()
         except Exception:
             log.exception("unhandled error", extra={"route": route})
-            response = error_response(500, "internal_error",
-                                      "the broker failed unexpectedly; see its log")
-        metrics.requests.labels(route=route, method=request.method,
-                                status=str(response.status)).inc()
+            response = error_response(
+                500, "internal_error", "the broker failed unexpectedly; see its log"
+            )
+        metrics.requests.labels(
+            route=route, method=request.method, status=str(response.status)
+        ).inc()
         metrics.latency.labels(route=route).observe(time.perf_counter() - started)
         return response
 

@@ -21,12 +21,22 @@ def _ok(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 _WORKLOAD = [{"identityToken": []}]
 _ADMIN = [{"adminToken": []}]
-_LEASE_PARAM = {"name": "lease_id", "in": "path", "required": True,
-                "schema": {"type": "string", "pattern": "^l-[0-9a-f]{32}$"}}
-_INSTANCE_PARAM = {"name": "instance_id", "in": "path", "required": True,
-                   "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$"}}
-_COMMON = {"401": _err("identity token missing or invalid"),
-           "503": _err("Vault or the lease store is unavailable")}
+_LEASE_PARAM = {
+    "name": "lease_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^l-[0-9a-f]{32}$"},
+}
+_INSTANCE_PARAM = {
+    "name": "instance_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$"},
+}
+_COMMON = {
+    "401": _err("identity token missing or invalid"),
+    "503": _err("Vault or the lease store is unavailable"),
+}
 _ADMIN_ERRS = {"401": _err("admin token missing"), "403": _err("not the admin token")}
 
 
@@ -40,82 +50,181 @@ def openapi_document() -> dict[str, Any]:
                 "adminToken": {"type": "http", "scheme": "bearer"},
             },
             "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {
-                    "error": {"type": "object", "required": ["code", "message"], "properties": {
-                        "code": {"type": "string"}, "message": {"type": "string"}}}}},
-                "CredentialRequest": {"type": "object", "additionalProperties": False,
-                                      "required": ["role"], "properties": {
-                                          "role": {"type": "string"},
-                                          "ttl": {"type": ["string", "integer"]}}},
-                "Credential": {"type": "object", "properties": {
-                    "lease_id": {"type": "string"}, "instance_id": {"type": "string"},
-                    "workload": {"type": "string"}, "role": {"type": "string"},
-                    "kind": {"type": "string", "enum": ["x509_certificate", "database_login"]},
-                    "data": {"type": "object"}, "issued_at": {"type": "string",
-                                                              "format": "date-time"},
-                    "expires_at": {"type": "string", "format": "date-time"},
-                    "renewable": {"type": "boolean"}}},
-                "Renewal": {"type": "object", "properties": {
-                    "lease_id": {"type": "string"},
-                    "expires_at": {"type": "string", "format": "date-time"},
-                    "max_expires_at": {"type": "string", "format": "date-time"},
-                    "near_max_ttl": {"type": "boolean"}, "renewable": {"type": "boolean"}}},
-                "Job": {"type": "object", "properties": {
-                    "job_id": {"type": "string"}, "instance_id": {"type": "string"},
-                    "state": {"type": "string", "enum": ["pending", "running", "done", "failed"]},
-                    "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}},
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "CredentialRequest": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["role"],
+                    "properties": {
+                        "role": {"type": "string"},
+                        "ttl": {"type": ["string", "integer"]},
+                    },
+                },
+                "Credential": {
+                    "type": "object",
+                    "properties": {
+                        "lease_id": {"type": "string"},
+                        "instance_id": {"type": "string"},
+                        "workload": {"type": "string"},
+                        "role": {"type": "string"},
+                        "kind": {"type": "string", "enum": ["x509_certificate", "database_login"]},
+                        "data": {"type": "object"},
+                        "issued_at": {"type": "string", "format": "date-time"},
+                        "expires_at": {"type": "string", "format": "date-time"},
+                        "renewable": {"type": "boolean"},
+                    },
+                },
+                "Renewal": {
+                    "type": "object",
+                    "properties": {
+                        "lease_id": {"type": "string"},
+                        "expires_at": {"type": "string", "format": "date-time"},
+                        "max_expires_at": {"type": "string", "format": "date-time"},
+                        "near_max_ttl": {"type": "boolean"},
+                        "renewable": {"type": "boolean"},
+                    },
+                },
+                "Job": {
+                    "type": "object",
+                    "properties": {
+                        "job_id": {"type": "string"},
+                        "instance_id": {"type": "string"},
+                        "state": {
+                            "type": "string",
+                            "enum": ["pending", "running", "done", "failed"],
+                        },
+                        "attempts": {"type": "integer"},
+                        "last_error": {"type": ["string", "null"]},
+                    },
+                },
             },
         },
         "paths": {
-            "/v1/credentials": {"post": {
-                "summary": "Exchange an identity token for a credential",
-                "security": _WORKLOAD,
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/CredentialRequest"}}}},
-                "responses": {"201": _ok("issued and recorded",
-                                         {"$ref": "#/components/schemas/Credential"}),
-                              "400": _err("malformed request"),
-                              "403": _err("role not permitted for this identity"),
-                              "409": _err("instance terminated"),
-                              "413": _err("request too large"), **_COMMON}}},
-            "/v1/leases/{lease_id}/renew": {"post": {
-                "summary": "Renew one of the caller's own leases", "security": _WORKLOAD,
-                "parameters": [_LEASE_PARAM],
-                "responses": {"200": _ok("renewed", {"$ref": "#/components/schemas/Renewal"}),
-                              "400": _err("not renewable / at max TTL"),
-                              "404": _err("no such lease for this instance"),
-                              "409": _err("instance terminated"), **_COMMON}}},
-            "/v1/leases/{lease_id}": {"delete": {
-                "summary": "Return one of the caller's own leases early", "security": _WORKLOAD,
-                "parameters": [_LEASE_PARAM],
-                "responses": {"204": _ok("revoked in Vault"),
-                              "404": _err("no such lease for this instance"), **_COMMON}}},
-            "/v1/instances/{instance_id}/terminate": {"post": {
-                "summary": "Revoke everything an instance holds and tombstone it (idempotent)",
-                "security": _ADMIN, "parameters": [_INSTANCE_PARAM],
-                "responses": {"202": _ok("revocation job queued"), **_ADMIN_ERRS}}},
-            "/v1/instances/{instance_id}": {"get": {
-                "summary": "An instance's state, leases and revocation job",
-                "security": _ADMIN, "parameters": [_INSTANCE_PARAM],
-                "responses": {"200": _ok("the instance"), "404": _err("unknown instance"),
-                              **_ADMIN_ERRS}}},
-            "/v1/admin/leases": {"get": {
-                "summary": "Leases, filtered and paginated (cursor: 'after')",
-                "security": _ADMIN,
-                "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}}
-                               for n in ("instance", "workload", "role", "state", "after")]
-                + [{"name": "limit", "in": "query", "schema": {"type": "integer",
-                                                                "minimum": 1, "maximum": 1000}}],
-                "responses": {"200": _ok("a page of leases"), "400": _err("bad query"),
-                              **_ADMIN_ERRS}}},
-            "/v1/admin/jobs": {"get": {
-                "summary": "Revocation jobs", "security": _ADMIN,
-                "parameters": [{"name": "state", "in": "query", "schema": {"type": "string"}}],
-                "responses": {"200": _ok("jobs"), **_ADMIN_ERRS}}},
+            "/v1/credentials": {
+                "post": {
+                    "summary": "Exchange an identity token for a credential",
+                    "security": _WORKLOAD,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CredentialRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": _ok(
+                            "issued and recorded", {"$ref": "#/components/schemas/Credential"}
+                        ),
+                        "400": _err("malformed request"),
+                        "403": _err("role not permitted for this identity"),
+                        "409": _err("instance terminated"),
+                        "413": _err("request too large"),
+                        **_COMMON,
+                    },
+                }
+            },
+            "/v1/leases/{lease_id}/renew": {
+                "post": {
+                    "summary": "Renew one of the caller's own leases",
+                    "security": _WORKLOAD,
+                    "parameters": [_LEASE_PARAM],
+                    "responses": {
+                        "200": _ok("renewed", {"$ref": "#/components/schemas/Renewal"}),
+                        "400": _err("not renewable / at max TTL"),
+                        "404": _err("no such lease for this instance"),
+                        "409": _err("instance terminated"),
+                        **_COMMON,
+                    },
+                }
+            },
+            "/v1/leases/{lease_id}": {
+                "delete": {
+                    "summary": "Return one of the caller's own leases early",
+                    "security": _WORKLOAD,
+                    "parameters": [_LEASE_PARAM],
+                    "responses": {
+                        "204": _ok("revoked in Vault"),
+                        "404": _err("no such lease for this instance"),
+                        **_COMMON,
+                    },
+                }
+            },
+            "/v1/instances/{instance_id}/terminate": {
+                "post": {
+                    "summary": "Revoke everything an instance holds and tombstone it (idempotent)",
+                    "security": _ADMIN,
+                    "parameters": [_INSTANCE_PARAM],
+                    "responses": {"202": _ok("revocation job queued"), **_ADMIN_ERRS},
+                }
+            },
+            "/v1/instances/{instance_id}": {
+                "get": {
+                    "summary": "An instance's state, leases and revocation job",
+                    "security": _ADMIN,
+                    "parameters": [_INSTANCE_PARAM],
+                    "responses": {
+                        "200": _ok("the instance"),
+                        "404": _err("unknown instance"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/leases": {
+                "get": {
+                    "summary": "Leases, filtered and paginated (cursor: 'after')",
+                    "security": _ADMIN,
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": "string"}}
+                        for n in ("instance", "workload", "role", "state", "after")
+                    ]
+                    + [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        }
+                    ],
+                    "responses": {
+                        "200": _ok("a page of leases"),
+                        "400": _err("bad query"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/jobs": {
+                "get": {
+                    "summary": "Revocation jobs",
+                    "security": _ADMIN,
+                    "parameters": [{"name": "state", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": _ok("jobs"), **_ADMIN_ERRS},
+                }
+            },
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _ok("up")}}},
-            "/readyz": {"get": {"summary": "Store and Vault reachable, Vault unsealed",
-                                "responses": {"200": _ok("ready"), "503": _err("not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": _ok("text exposition format")}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Store and Vault reachable, Vault unsealed",
+                    "responses": {"200": _ok("ready"), "503": _err("not ready")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": _ok("text exposition format")},
+                }
+            },
         },
     }

@@ -19,7 +19,14 @@ import urllib.request
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_TIMEOUT = (
-    0, 1, 2, 3, 4, 5, 6)
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
 
 
 class CtlError(Exception):
@@ -30,6 +37,8 @@ class CtlError(Exception):
 
 class Client:
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise CtlError(f"BROKER_URL must be an http(s) URL, got {url[:60]!r}", EXIT_USAGE)
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -37,10 +46,14 @@ class Client:
     def call(self, method: str, path: str, query: dict[str, Any] | None = None) -> Any:
         q = {k: v for k, v in (query or {}).items() if v is not None}
         url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(q)}" if q else "")
-        req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None,
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Accept": "application/json"})
+        req = urllib.request.Request(  # noqa: S310 — http(s) only, checked in __init__
+            url,
+            method=method,
+            data=b"" if method == "POST" else None,
+            headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"},
+        )
         try:
+            # The URL is the operator's BROKER_URL; only http(s) is accepted in main().
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
                 body = resp.read()
                 return json.loads(body) if body else None
@@ -50,15 +63,18 @@ class Client:
                 message = f"{err['message']} ({err['code']})"
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {exc.code}"
-            code = {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND,
-                    503: EXIT_UNAVAILABLE}.get(exc.code, EXIT_FAILED)
+            code = {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND, 503: EXIT_UNAVAILABLE}.get(
+                exc.code, EXIT_FAILED
+            )
             if exc.code in (401, 403):
                 message += "; set BROKER_ADMIN_TOKEN or pass --admin-token"
             raise CtlError(message, code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CtlError(f"cannot reach the broker at {self.url}: {reason}; "
-                           "set BROKER_URL or pass --url", EXIT_UNAVAILABLE) from None
+            raise CtlError(
+                f"cannot reach the broker at {self.url}: {reason}; set BROKER_URL or pass --url",
+                EXIT_UNAVAILABLE,
+            ) from None
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -80,31 +96,47 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
         deadline = time.monotonic() + args.timeout
         while result["job"]["state"] not in ("done", "failed"):
             if time.monotonic() > deadline:
-                raise CtlError(f"revocation of {args.instance} not finished after "
-                               f"{args.timeout}s (job {result['job']['state']})", EXIT_TIMEOUT)
+                raise CtlError(
+                    f"revocation of {args.instance} not finished after "
+                    f"{args.timeout}s (job {result['job']['state']})",
+                    EXIT_TIMEOUT,
+                )
             time.sleep(0.5)
             shown = c.call("GET", f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}")
             result = {"instance_id": args.instance, "job": shown["job"]}
         if result["job"]["state"] == "failed":
-            raise CtlError(f"revocation of {args.instance} failed: {result['job']['last_error']}",
-                           EXIT_FAILED)
+            raise CtlError(
+                f"revocation of {args.instance} failed: {result['job']['last_error']}", EXIT_FAILED
+            )
     return result
 
 
 def show_revoke(result: Any) -> str:
     job = result["job"]
-    return (f"instance {result['instance_id']}: revocation job {job['job_id']} is {job['state']}"
-            f" (attempts {job['attempts']}"
-            + (f", last error {job['last_error']}" if job.get("last_error") else "") + ")")
+    return (
+        f"instance {result['instance_id']}: revocation job {job['job_id']} is {job['state']}"
+        f" (attempts {job['attempts']}"
+        + (f", last error {job['last_error']}" if job.get("last_error") else "")
+        + ")"
+    )
 
 
 def cmd_leases(c: Client, args: argparse.Namespace) -> Any:
     leases: list[dict[str, Any]] = []
     after = None
     while True:
-        page = c.call("GET", "/v1/admin/leases", {
-            "instance": args.instance, "workload": args.workload, "role": args.role,
-            "state": args.state, "limit": min(args.limit - len(leases), 1000), "after": after})
+        page = c.call(
+            "GET",
+            "/v1/admin/leases",
+            {
+                "instance": args.instance,
+                "workload": args.workload,
+                "role": args.role,
+                "state": args.state,
+                "limit": min(args.limit - len(leases), 1000),
+                "after": after,
+            },
+        )
         leases += page["leases"]
         after = page["next"]
         if not after or len(leases) >= args.limit:
@@ -117,10 +149,15 @@ def cmd_instance(c: Client, args: argparse.Namespace) -> Any:
 
 def show_instance(inst: Any) -> str:
     job = inst.get("job")
-    head = [f"instance   {inst['instance_id']}", f"state      {inst['state']}",
-            f"workload   {inst.get('workload') or ''}", f"created    {inst['created_at']}",
-            f"terminated {inst.get('terminated_at') or ''}",
-            f"job        {job['state'] + ' (' + job['job_id'] + ')' if job else '-'}", ""]
+    head = [
+        f"instance   {inst['instance_id']}",
+        f"state      {inst['state']}",
+        f"workload   {inst.get('workload') or ''}",
+        f"created    {inst['created_at']}",
+        f"terminated {inst.get('terminated_at') or ''}",
+        f"job        {job['state'] + ' (' + job['job_id'] + ')' if job else '-'}",
+        "",
+    ]
     return "\n".join(head) + table(inst["leases"], LEASE_COLUMNS)
 
 
@@ -131,8 +168,11 @@ def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
     p.add_argument("--url", default=os.environ.get("BROKER_URL"), help="default: $BROKER_URL")
-    p.add_argument("--admin-token", default=os.environ.get("BROKER_ADMIN_TOKEN"),
-                   help="default: $BROKER_ADMIN_TOKEN")
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("BROKER_ADMIN_TOKEN"),
+        help="default: $BROKER_ADMIN_TOKEN",
+    )
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -160,8 +200,12 @@ def _parser() -> argparse.ArgumentParser:
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     jl = jsub.add_parser("list")
     jl.add_argument("--state", choices=["pending", "running", "done", "failed"])
-    jl.set_defaults(run=cmd_jobs, show=lambda rows: table(
-        rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]))
+    jl.set_defaults(
+        run=cmd_jobs,
+        show=lambda rows: table(
+            rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]
+        ),
+    )
     return p
 
 
@@ -173,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.admin_token:
         parser.error("no admin token: set BROKER_ADMIN_TOKEN or pass --admin-token")
     try:
-        result = args.run(Client(args.url, args.admin_token), args)
+        result = args.run(Client(args.url, args.admin_token), args)  # type: ignore[misc]
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -34,20 +34,30 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dev", help="run everything locally: OpenBao dev, SQLite, dev issuer")
     d.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, help="state directory")
     d.add_argument("--port", type=int, default=8300, help="broker port (0: any free port)")
-    d.add_argument("--postgres-url", default=None,
-                   help="PostgreSQL for the dev-db role (default: postgres@127.0.0.1:5432)")
+    d.add_argument(
+        "--postgres-url",
+        default=None,
+        help="PostgreSQL for the dev-db role (default: postgres@127.0.0.1:5432)",
+    )
     d.add_argument("--no-postgres", action="store_true", help="do not configure dev-db")
     dsub = d.add_subparsers(dest="dev_command")
     t = dsub.add_parser("token", help="print an identity token signed by the dev issuer")
     t.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, dest="token_dir")
     t.add_argument("--instance", required=True)
     t.add_argument("--workload", required=True)
-    t.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra claim (repeatable)")
+    t.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra claim (repeatable)",
+    )
     t.add_argument("--ttl", default="5m", help="token lifetime, e.g. 5m")
 
-    h = sub.add_parser("hash-admin-token",
-                       help="read an admin token on stdin, print the SHA-256 for admin.token_sha256")
+    h = sub.add_parser(
+        "hash-admin-token",
+        help="read an admin token on stdin, print the SHA-256 for admin.token_sha256",
+    )
     h.set_defaults()
     return p
 
@@ -101,8 +111,9 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
     try:
         issuer = DevIssuer.load(args.token_dir)
     except FileNotFoundError:
-        raise ConfigError(f"{args.token_dir}: no dev issuer here; start `broker dev` first "
-                          "(or pass --dir)") from None
+        raise ConfigError(
+            f"{args.token_dir}: no dev issuer here; start `broker dev` first (or pass --dir)"
+        ) from None
     claims = {}
     for item in args.claim:
         key, sep, value = item.partition("=")

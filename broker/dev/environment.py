@@ -26,32 +26,74 @@ from broker.vault.bootstrap import bootstrap_dev
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def dev_settings_dict(*, vault_addr: str, broker_token: str, issuer: str, jwks_uri: str,
-                      store_url: str, admin_token_sha256: str, with_database: bool,
-                      host: str = "127.0.0.1", port: int = 8300) -> dict[str, Any]:
+def dev_settings_dict(
+    *,
+    vault_addr: str,
+    broker_token: str,
+    issuer: str,
+    jwks_uri: str,
+    store_url: str,
+    admin_token_sha256: str,
+    with_database: bool,
+    host: str = "127.0.0.1",
+    port: int = 8300,
+) -> dict[str, Any]:
     """The configuration `broker dev` runs with; the test harness uses it too."""
     roles: dict[str, Any] = {
-        "dev-cert": {"engine": "pki", "mount": "pki", "vault_role": "dev-cert",
-                     "default_ttl": "10m", "max_ttl": "1h",
-                     "params": {"common_name": "{workload}.workload.internal"}},
+        "dev-cert": {
+            "engine": "pki",
+            "mount": "pki",
+            "vault_role": "dev-cert",
+            "default_ttl": "10m",
+            "max_ttl": "1h",
+            "params": {"common_name": "{workload}.workload.internal"},
+        },
     }
     if with_database:
-        roles["dev-db"] = {"engine": "database", "mount": "database", "vault_role": "dev-db",
-                           "default_ttl": "10m", "max_ttl": "1h"}
+        roles["dev-db"] = {
+            "engine": "database",
+            "mount": "database",
+            "vault_role": "dev-db",
+            "default_ttl": "10m",
+            "max_ttl": "1h",
+        }
     return {
         "server": {"host": host, "port": port},
         "store": {"url": store_url},
-        "vault": {"addr": vault_addr, "auth": {"method": "token", "token": broker_token},
-                  "token_role": "broker-instance", "instance_policies": ["broker-instance"],
-                  "instance_token_ttl": "24h"},
-        "identity": {"audience": DEV_AUDIENCE, "issuers": [{
-            "name": "dev", "issuer": issuer, "jwks_uri": jwks_uri, "algorithms": ["ES256"],
-            "instance_claim": "instance_id", "workload_claim": "workload",
-            "leeway_s": 30, "max_token_lifetime": "1h", "jwks_refresh_cooldown_s": 5}]},
+        "vault": {
+            "addr": vault_addr,
+            "auth": {"method": "token", "token": broker_token},
+            "token_role": "broker-instance",
+            "instance_policies": ["broker-instance"],
+            "instance_token_ttl": "24h",
+        },
+        "identity": {
+            "audience": DEV_AUDIENCE,
+            "issuers": [
+                {
+                    "name": "dev",
+                    "issuer": issuer,
+                    "jwks_uri": jwks_uri,
+                    "algorithms": ["ES256"],
+                    "instance_claim": "instance_id",
+                    "workload_claim": "workload",
+                    "leeway_s": 30,
+                    "max_token_lifetime": "1h",
+                    "jwks_refresh_cooldown_s": 5,
+                }
+            ],
+        },
         "roles": roles,
-        "policy": {"rules": [{"name": "dev-workloads", "issuer": "dev",
-                              "match": [{"identity": "workload", "regex": "[a-z0-9-]{1,63}"}],
-                              "allow": sorted(roles)}]},
+        "policy": {
+            "rules": [
+                {
+                    "name": "dev-workloads",
+                    "issuer": "dev",
+                    "match": [{"identity": "workload", "regex": "[a-z0-9-]{1,63}"}],
+                    "allow": sorted(roles),
+                }
+            ]
+        },
         "admin": {"token_sha256": admin_token_sha256},
         "revocation": {"tick_s": 1.0},
     }
@@ -61,16 +103,18 @@ def postgres_reachable(url: str, timeout: float = 2.0) -> str | None:
     """None if PostgreSQL answers at ``url``, else why not."""
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432),
-                                      timeout=timeout):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 5432), timeout=timeout
+        ):
             pass
     except OSError as exc:
         return f"nothing listens at {parts.hostname}:{parts.port or 5432} ({exc.strerror})"
     try:
         import psycopg
 
-        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
-                             connect_timeout=int(timeout) or 1):
+        with psycopg.connect(
+            url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=int(timeout) or 1
+        ):
             return None
     except Exception as exc:  # noqa: BLE001 — a reason for the user, no secret in it
         return f"cannot log in ({type(exc).__name__})"
@@ -103,31 +147,50 @@ class DevEnvironment:
             await issuer_runner.setup()
             await web.TCPSite(issuer_runner, "127.0.0.1", issuer_port).start()
 
-            db_problem = (await asyncio.to_thread(postgres_reachable, self.postgres_url)
-                          if self.postgres_url else "disabled with --no-postgres")
+            db_problem = (
+                await asyncio.to_thread(postgres_reachable, self.postgres_url)
+                if self.postgres_url
+                else "disabled with --no-postgres"
+            )
             setup = await asyncio.to_thread(
-                bootstrap_dev, bao.addr, bao.root_token,
-                postgres_url=self.postgres_url if db_problem is None else None)
+                bootstrap_dev,
+                bao.addr,
+                bao.root_token,
+                postgres_url=self.postgres_url if db_problem is None else None,
+            )
             (d / "ca.pem").write_text(setup.ca_pem)
 
             admin_token = "adm-" + secrets.token_urlsafe(24)
             store_url = f"sqlite:///{d / 'broker.db'}"
-            settings: Settings = load_settings(dev_settings_dict(
-                vault_addr=bao.addr, broker_token=setup.broker_token, issuer=issuer.issuer,
-                jwks_uri=f"{issuer.issuer}/.well-known/jwks.json", store_url=store_url,
-                admin_token_sha256=hashlib.sha256(admin_token.encode()).hexdigest(),
-                with_database=setup.database_configured, port=self.port), source="dev")
+            settings: Settings = load_settings(
+                dev_settings_dict(
+                    vault_addr=bao.addr,
+                    broker_token=setup.broker_token,
+                    issuer=issuer.issuer,
+                    jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
+                    store_url=store_url,
+                    admin_token_sha256=hashlib.sha256(admin_token.encode()).hexdigest(),
+                    with_database=setup.database_configured,
+                    port=self.port,
+                ),
+                source="dev",
+            )
             await asyncio.to_thread(migrate, store_url)
             broker = Broker(settings)
             await broker.start()
-            write_private(d / "dev.env", textwrap.dedent(f"""\
+            write_private(
+                d / "dev.env",
+                textwrap.dedent(f"""\
                 BROKER_URL={broker.url}
                 BROKER_ADMIN_TOKEN={admin_token}
                 VAULT_ADDR={bao.addr}
                 VAULT_TOKEN={bao.root_token}
-                """))
-            print(walkthrough(d, broker.url or "", bao.addr, setup.database_configured,
-                              db_problem), flush=True)
+                """),
+            )
+            print(
+                walkthrough(d, broker.url or "", bao.addr, setup.database_configured, db_problem),
+                flush=True,
+            )
             if ready is not None:
                 ready.set()
             await stop.wait()
@@ -146,8 +209,11 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
         shown = d.relative_to(Path.cwd())
     except ValueError:
         shown = d
-    db = ("  dev-db  : a dynamic PostgreSQL login (OpenBao database engine)" if with_db else
-          f"  dev-db  : not configured: PostgreSQL {db_problem}; pass --postgres-url URL")
+    db = (
+        "  dev-db  : a dynamic PostgreSQL login (OpenBao database engine)"
+        if with_db
+        else f"  dev-db  : not configured: PostgreSQL {db_problem}; pass --postgres-url URL"
+    )
     return textwrap.dedent(f"""
         Broker dev environment is ready.
           broker   : {url}
@@ -160,7 +226,8 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
         Try it, in another shell:
           . .venv/bin/activate && set -a && . {shown}/dev.env && set +a
           TOKEN=$(broker dev token --dir {shown} --instance i-123 --workload payments)
-          curl -s -H "Authorization: Bearer $TOKEN" -d '{{"role":"dev-cert"}}' $BROKER_URL/v1/credentials
+          curl -s -H "Authorization: Bearer $TOKEN" -d '{{"role":"dev-cert"}}' \\
+               $BROKER_URL/v1/credentials
           brokerctl leases list --instance i-123
           brokerctl revoke --instance i-123 --wait
           brokerctl instances show i-123

@@ -28,21 +28,35 @@ class DevIssuer:
 
     @classmethod
     def generate(cls, issuer: str, audience: str = DEV_AUDIENCE) -> DevIssuer:
-        return cls(ec.generate_private_key(ec.SECP256R1()), "dev-" + secrets.token_hex(4),
-                   issuer, audience)
+        return cls(
+            ec.generate_private_key(ec.SECP256R1()), "dev-" + secrets.token_hex(4), issuer, audience
+        )
 
     def jwks(self) -> dict[str, Any]:
         public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
         public.update({"kid": self.kid, "alg": "ES256", "use": "sig"})
         return {"keys": [public]}
 
-    def mint(self, *, instance: str, workload: str, ttl: int = 300,
-             claims: dict[str, Any] | None = None, now: float | None = None) -> str:
+    def mint(
+        self,
+        *,
+        instance: str,
+        workload: str,
+        ttl: int = 300,
+        claims: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> str:
         iat = int(time.time() if now is None else now)
         payload: dict[str, Any] = {
-            "iss": self.issuer, "aud": self.audience, "sub": workload,
-            "instance_id": instance, "workload": workload,
-            "iat": iat, "nbf": iat, "exp": iat + ttl, "jti": secrets.token_hex(12),
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": workload,
+            "instance_id": instance,
+            "workload": workload,
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat + ttl,
+            "jti": secrets.token_hex(12),
         }
         payload.update(claims or {})
         return jwt.encode(payload, self.key, algorithm="ES256", headers={"kid": self.kid})
@@ -51,15 +65,18 @@ class DevIssuer:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = self.key.private_bytes(serialization.Encoding.PEM,
-                                     serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         key_path = directory / "issuer-key.pem"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        (directory / "issuer.json").write_text(json.dumps(
-            {"issuer": self.issuer, "kid": self.kid, "audience": self.audience}))
+        (directory / "issuer.json").write_text(
+            json.dumps({"issuer": self.issuer, "kid": self.kid, "audience": self.audience})
+        )
 
     @classmethod
     def load(cls, directory: Path) -> DevIssuer:
@@ -75,9 +92,13 @@ class DevIssuer:
             return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=300"})
 
         async def discovery(_: web.Request) -> web.Response:
-            return web.json_response({"issuer": self.issuer,
-                                      "jwks_uri": f"{self.issuer}/.well-known/jwks.json",
-                                      "id_token_signing_alg_values_supported": ["ES256"]})
+            return web.json_response(
+                {
+                    "issuer": self.issuer,
+                    "jwks_uri": f"{self.issuer}/.well-known/jwks.json",
+                    "id_token_signing_alg_values_supported": ["ES256"],
+                }
+            )
 
         app = web.Application()
         app.router.add_get("/.well-known/jwks.json", jwks)

@@ -61,9 +61,18 @@ class OpenBaoDevServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["HOME"] = str(self.workdir)
         self.proc = subprocess.Popen(
-            [bao_binary(), "server", "-dev", f"-dev-root-token-id={self.root_token}",
-             f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={self.root_token}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+                "-dev-no-store-token",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
             preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
         )
         log.close()

@@ -13,8 +13,15 @@ from broker.config import RoleSettings
 from broker.engines.base import VaultRequest
 from broker.vault import vault_path
 
-_KEEP = ("certificate", "private_key", "private_key_type", "ca_chain", "issuing_ca",
-         "serial_number", "expiration")
+_KEEP = (
+    "certificate",
+    "private_key",
+    "private_key_type",
+    "ca_chain",
+    "issuing_ca",
+    "serial_number",
+    "expiration",
+)
 
 
 class PkiEngine:
@@ -22,8 +29,12 @@ class PkiEngine:
     params = frozenset({"common_name", "alt_names"})
 
     def request(self, role: RoleSettings, params: Mapping[str, str], ttl: int) -> VaultRequest:
-        body: dict[str, Any] = {"common_name": params["common_name"], "ttl": f"{ttl}s",
-                                "format": "pem", "exclude_cn_from_sans": False}
+        body: dict[str, Any] = {
+            "common_name": params["common_name"],
+            "ttl": f"{ttl}s",
+            "format": "pem",
+            "exclude_cn_from_sans": False,
+        }
         if params.get("alt_names"):
             body["alt_names"] = params["alt_names"]
         return VaultRequest("POST", vault_path(role.mount, "issue", role.vault_role), body, True)

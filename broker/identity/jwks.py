@@ -65,7 +65,7 @@ def parse_jwks(document: Any) -> tuple[SigningKey, ...]:
             continue  # a private key published by mistake is not used as a public one
         try:
             key = jwt.PyJWK(entry).key
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except Exception:  # noqa: BLE001, S112 — one bad entry (alg none, odd curve) is skipped
             continue
         kid = entry.get("kid") if isinstance(entry.get("kid"), str) else None
         alg = entry.get("alg") if isinstance(entry.get("alg"), str) else None
@@ -74,8 +74,13 @@ def parse_jwks(document: Any) -> tuple[SigningKey, ...]:
 
 
 class JwksCache:
-    def __init__(self, issuer: IssuerSettings, session: aiohttp.ClientSession, *,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        issuer: IssuerSettings,
+        session: aiohttp.ClientSession,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._issuer = issuer
         self._session = session
         self._now = monotonic
@@ -108,8 +113,9 @@ class JwksCache:
             )
         found = self._find(kid, alg)
         if found is None:
-            raise TokenInvalid("the token's key is not in the issuer's key set",
-                               code="token_unknown_key")
+            raise TokenInvalid(
+                "the token's key is not in the issuer's key set", code="token_unknown_key"
+            )
         return found
 
     def _find(self, kid: str | None, alg: str) -> Any | None:
@@ -125,8 +131,10 @@ class JwksCache:
     async def _refresh(self, *, reason: str) -> None:
         async with self._lock:
             now = self._now()
-            if (self._last_attempt is not None
-                    and now - self._last_attempt < self._issuer.jwks_refresh_cooldown_s):
+            if (
+                self._last_attempt is not None
+                and now - self._last_attempt < self._issuer.jwks_refresh_cooldown_s
+            ):
                 return  # someone fetched (or failed) just now: use what that gave
             self._last_attempt = now
             self.stats.attempts += 1
@@ -135,9 +143,14 @@ class JwksCache:
             except Exception as exc:  # noqa: BLE001 — any failure keeps the last good set
                 self.stats.failures += 1
                 self.stats.outcomes["failure"] = self.stats.outcomes.get("failure", 0) + 1
-                log.warning("jwks fetch failed", extra={"issuer": self._issuer.name,
-                                                        "reason": reason,
-                                                        "error": type(exc).__name__})
+                log.warning(
+                    "jwks fetch failed",
+                    extra={
+                        "issuer": self._issuer.name,
+                        "reason": reason,
+                        "error": type(exc).__name__,
+                    },
+                )
                 return
             self.stats.outcomes["success"] = self.stats.outcomes.get("success", 0) + 1
             fetched = self._now()
@@ -152,15 +165,18 @@ class JwksCache:
     async def _fetch(self) -> tuple[tuple[SigningKey, ...], float]:
         limit = self._issuer.jwks_max_bytes
         timeout = aiohttp.ClientTimeout(total=self._issuer.jwks_timeout_s)
-        async with self._session.get(self._issuer.jwks_uri, timeout=timeout,
-                                     allow_redirects=False) as resp:
+        async with self._session.get(
+            self._issuer.jwks_uri, timeout=timeout, allow_redirects=False
+        ) as resp:
             if resp.status != 200:
                 raise ValueError(f"status {resp.status}")
-            body = await resp.content.read(limit + 1)
-            if len(body) > limit:
-                raise ValueError("key set larger than jwks_max_bytes")
+            body = bytearray()
+            while chunk := await resp.content.read(limit + 1 - len(body)):
+                body += chunk
+                if len(body) > limit:
+                    raise ValueError("key set larger than jwks_max_bytes")
             cache_control = resp.headers.get("Cache-Control", "")
-        keys = parse_jwks(json.loads(body))
+        keys = parse_jwks(json.loads(bytes(body)))
         if not keys:
             raise ValueError("key set holds no usable signing key")
         ttl = float(self._issuer.jwks_cache_ttl_s)

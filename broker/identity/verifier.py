@@ -14,8 +14,9 @@ from broker.identity.verify import inspect_token, refuse, verify_signed
 
 
 class IdentityVerifier:
-    def __init__(self, settings: IdentitySettings, session: aiohttp.ClientSession,
-                 clock: Clock) -> None:
+    def __init__(
+        self, settings: IdentitySettings, session: aiohttp.ClientSession, clock: Clock
+    ) -> None:
         self._settings = settings
         self._clock = clock
         self._by_iss: Mapping[str, JwksCache] = {
@@ -33,5 +34,11 @@ class IdentityVerifier:
         if cache is None:
             raise refuse("token_unknown_issuer", "the token's issuer is not configured")
         key = await cache.key_for(unverified.kid, unverified.alg)
-        return verify_signed(raw, unverified, cache.issuer, key,
-                             audience=self._settings.audience, now=self._clock.now())
+        return verify_signed(
+            raw,
+            unverified,
+            cache.issuer,
+            key,
+            audience=self._settings.audience,
+            now=self._clock.now(),
+        )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,9 +34,20 @@ from broker.identity.model import Identity
 # changes how the token must be processed.
 ALLOWED_HEADER_KEYS = frozenset({"alg", "kid", "typ", "x5t", "x5t#S256"})
 MIN_RSA_BITS = 2048
-INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$")
-WORKLOAD_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}$")
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}\Z")
+WORKLOAD_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}\Z")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*\Z")
+
+
+def _finite_number(value: Any) -> bool:
+    # JSON allows NaN and Infinity through Python's parser; every comparison with NaN is
+    # False, which would silently skip a time check.
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) < 1e11
+    )
 
 
 def refuse(code: str, message: str) -> TokenInvalid:
@@ -98,20 +110,31 @@ def inspect_token(raw: str, *, max_bytes: int) -> Unverified:
     extra = set(header) - ALLOWED_HEADER_KEYS
     if extra:
         # Name only fixed, known parameter names: never echo attacker-chosen text.
-        known = sorted(k for k in extra if k in {"jwk", "jku", "x5u", "x5c", "crit", "cty",
-                                                  "b64", "enc", "zip"})
+        known = sorted(
+            k
+            for k in extra
+            if k in {"jwk", "jku", "x5u", "x5c", "crit", "cty", "b64", "enc", "zip"}
+        )
         detail = ", ".join(known) if known else "an unknown parameter"
-        raise refuse("token_header_refused", f"the token header carries {detail}; "
-                     "keys come only from the issuer's configured key set")
+        raise refuse(
+            "token_header_refused",
+            f"the token header carries {detail}; "
+            "keys come only from the issuer's configured key set",
+        )
     if header.get("typ") not in (None, "JWT", "jwt", "at+jwt", "application/at+jwt"):
         raise refuse("token_header_refused", "the token type is not JWT")
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
-        raise refuse("token_algorithm_refused",
-                     "the token's algorithm is not one the broker accepts "
-                     f"({', '.join(ALLOWED_ALGORITHMS)}); 'none' and HMAC never are")
+        raise refuse(
+            "token_algorithm_refused",
+            "the token's algorithm is not one the broker accepts "
+            f"({', '.join(ALLOWED_ALGORITHMS)}); 'none' and HMAC never are",
+        )
     if not parts[2]:
         raise refuse("token_malformed", "the token is not signed")
+    if not _B64URL.match(parts[2]):
+        # PyJWT would accept '=' padding: one token, several spellings. Refuse them.
+        raise refuse("token_malformed", "the token is not three base64url segments")
     kid = header.get("kid")
     if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= 256):
         raise refuse("token_malformed", "the token's kid is not a short string")
@@ -143,46 +166,62 @@ def claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _mapped(claims: Mapping[str, Any], path: tuple[str, ...], what: str,
-            pattern: re.Pattern[str]) -> str:
+def _mapped(
+    claims: Mapping[str, Any], path: tuple[str, ...], what: str, pattern: re.Pattern[str]
+) -> str:
     value = claim_at(claims, path)
     if isinstance(value, bool) or value is None:
-        raise refuse("token_missing_claim",
-                     f"the token has no '{'.'.join(path)}' claim for the {what}")
+        raise refuse(
+            "token_missing_claim", f"the token has no '{'.'.join(path)}' claim for the {what}"
+        )
     if isinstance(value, int):
         value = str(value)
     if not isinstance(value, str) or not pattern.match(value):
-        raise refuse("token_claim_invalid",
-                     f"the token's '{'.'.join(path)}' claim is not a valid {what}")
+        raise refuse(
+            "token_claim_invalid", f"the token's '{'.'.join(path)}' claim is not a valid {what}"
+        )
     return value
 
 
 _PYJWT_CODES: tuple[tuple[type[Exception], str, str], ...] = (
     (jwt.ExpiredSignatureError, "token_expired", "the token has expired"),
     (jwt.ImmatureSignatureError, "token_not_yet_valid", "the token is not valid yet (nbf/iat)"),
-    (jwt.InvalidAudienceError, "token_wrong_audience",
-     "the token's 'aud' does not include the broker's audience"),
+    (
+        jwt.InvalidAudienceError,
+        "token_wrong_audience",
+        "the token's 'aud' does not include the broker's audience",
+    ),
     (jwt.InvalidIssuerError, "token_wrong_issuer", "the token's 'iss' is not this issuer"),
-    (jwt.MissingRequiredClaimError, "token_missing_claim",
-     "the token lacks a required claim (exp, iat, iss, aud)"),
+    (
+        jwt.MissingRequiredClaimError,
+        "token_missing_claim",
+        "the token lacks a required claim (exp, iat, iss, aud)",
+    ),
     (jwt.InvalidSignatureError, "token_bad_signature", "the token's signature does not verify"),
     (jwt.InvalidAlgorithmError, "token_algorithm_refused", "the token's algorithm is refused"),
     (jwt.DecodeError, "token_malformed", "the token could not be decoded"),
 )
 
 
-def verify_signed(raw: str, unverified: Unverified, issuer: IssuerSettings, key: Any, *,
-                  audience: str, now: datetime) -> Identity:
+def verify_signed(
+    raw: str,
+    unverified: Unverified,
+    issuer: IssuerSettings,
+    key: Any,
+    *,
+    audience: str,
+    now: datetime,
+) -> Identity:
     """Check signature and claims of a token whose issuer and key were chosen already."""
     if len(raw) > issuer.max_token_bytes:
-        raise refuse("token_too_large",
-                     f"the token is larger than {issuer.max_token_bytes} bytes")
+        raise refuse("token_too_large", f"the token is larger than {issuer.max_token_bytes} bytes")
     if unverified.alg not in issuer.algorithms:
-        raise refuse("token_algorithm_refused",
-                     f"issuer {issuer.name} accepts only {', '.join(issuer.algorithms)}")
+        raise refuse(
+            "token_algorithm_refused",
+            f"issuer {issuer.name} accepts only {', '.join(issuer.algorithms)}",
+        )
     if not key_matches_algorithm(key, unverified.alg):
-        raise refuse("token_key_mismatch",
-                     "the key named by the token does not fit its algorithm")
+        raise refuse("token_key_mismatch", "the key named by the token does not fit its algorithm")
     try:
         claims = jwt.decode(
             raw,
@@ -207,22 +246,24 @@ def verify_signed(raw: str, unverified: Unverified, issuer: IssuerSettings, key:
             if isinstance(exc, kind):
                 raise refuse(code, message) from None
         raise refuse("token_invalid", "the token was refused") from None
-    exp, iat = claims["exp"], claims["iat"]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exp, iat)):
-        raise refuse("token_malformed", "the token's exp and iat must be numbers")
+    exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf")
+    if not all(_finite_number(v) for v in (exp, iat)) or (
+        nbf is not None and not _finite_number(nbf)
+    ):
+        raise refuse("token_malformed", "the token's exp, iat and nbf must be finite numbers")
     nowts = now.timestamp()
     if exp + issuer.leeway_s < nowts:
         raise refuse("token_expired", "the token has expired")
     if iat - issuer.leeway_s > nowts:
         raise refuse("token_not_yet_valid", "the token was issued in the future")
-    nbf = claims.get("nbf")
-    if nbf is not None and (not isinstance(nbf, int | float) or isinstance(nbf, bool)
-                            or nbf - issuer.leeway_s > nowts):
+    if nbf is not None and nbf - issuer.leeway_s > nowts:
         raise refuse("token_not_yet_valid", "the token is not valid yet (nbf)")
     if exp - iat > issuer.max_token_lifetime:
-        raise refuse("token_lifetime_too_long",
-                     f"the token is valid for longer than {issuer.max_token_lifetime}s; "
-                     "ask the issuer for a shorter-lived token")
+        raise refuse(
+            "token_lifetime_too_long",
+            f"the token is valid for longer than {issuer.max_token_lifetime}s; "
+            "ask the issuer for a shorter-lived token",
+        )
     subject = claims.get("sub")
     jti = claims.get("jti")
     return Identity(

@@ -59,19 +59,33 @@ class IssuedCredential:
     renewable: bool
 
     def response(self) -> dict[str, Any]:
-        return {"lease_id": self.lease_id, "instance_id": self.instance_id,
-                "workload": self.workload, "role": self.role, "kind": self.kind,
-                "data": dict(self.data), "issued_at": _iso(self.issued_at),
-                "expires_at": _iso(self.expires_at), "renewable": self.renewable}
+        return {
+            "lease_id": self.lease_id,
+            "instance_id": self.instance_id,
+            "workload": self.workload,
+            "role": self.role,
+            "kind": self.kind,
+            "data": dict(self.data),
+            "issued_at": _iso(self.issued_at),
+            "expires_at": _iso(self.expires_at),
+            "renewable": self.renewable,
+        }
 
     def __repr__(self) -> str:  # data holds the credential: never printed
         return f"IssuedCredential(lease_id={self.lease_id!r}, role={self.role!r}, data=***)"
 
 
 class CredentialService:
-    def __init__(self, *, roles: Mapping[str, RoleSettings], rules: tuple[Rule, ...],
-                 store: Store, vault: VaultClient, tokens: InstanceTokens,
-                 clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        roles: Mapping[str, RoleSettings],
+        rules: tuple[Rule, ...],
+        store: Store,
+        vault: VaultClient,
+        tokens: InstanceTokens,
+        clock: Clock,
+    ) -> None:
         self._roles = roles
         self._rules = rules
         self._store = store
@@ -82,9 +96,15 @@ class CredentialService:
     def _permit(self, identity: Identity, role: str, ttl: int | None) -> tuple[RoleSettings, int]:
         decision = decide(identity, role, ttl, roles=self._roles, rules=self._rules)
         if not decision.allowed:
-            log.info("role refused", extra={"instance_id": identity.instance_id,
-                                            "workload": identity.workload, "role": role,
-                                            "reason": decision.reason})
+            log.info(
+                "role refused",
+                extra={
+                    "instance_id": identity.instance_id,
+                    "workload": identity.workload,
+                    "role": role,
+                    "reason": decision.reason,
+                },
+            )
             raise NotPermitted(f"role {role!r} is not permitted for this identity")
         return self._roles[role], decision.ttl
 
@@ -94,12 +114,17 @@ class CredentialService:
         request = engine.request(role, render_params(role.params, identity), ttl_s)
 
         lease_id = await self._store.begin_issue(
-            instance_id=identity.instance_id, issuer_name=identity.issuer_name,
-            workload=identity.workload, role=role_name, kind=engine.kind)
+            instance_id=identity.instance_id,
+            issuer_name=identity.issuer_name,
+            workload=identity.workload,
+            role=role_name,
+            kind=engine.kind,
+        )
         try:
             token = await self._tokens.for_lease(identity, ttl_s)
-            issued = await self._vault.issue(token.token, request.method, request.path,
-                                             request.body)
+            issued = await self._vault.issue(
+                token.token, request.method, request.path, request.body
+            )
         except BrokerError as exc:
             with contextlib.suppress(BrokerError):
                 await self._store.fail_issue(lease_id, exc.code)
@@ -109,7 +134,9 @@ class CredentialService:
                 await self._store.fail_issue(lease_id, "vault_no_lease")
             raise UpstreamRejected(
                 f"Vault issued role {role_name!r} without a lease, so it could not be revoked; "
-                "configure the Vault role to generate leases", code="vault_no_lease")
+                "configure the Vault role to generate leases",
+                code="vault_no_lease",
+            )
 
         duration, renewable = issued.lease_duration, issued.renewable
         if not request.ttl_applied and renewable and duration > ttl_s:
@@ -121,8 +148,13 @@ class CredentialService:
         expires_at = issued_at + timedelta(seconds=duration)
         try:
             still_active = await self._store.complete_issue(
-                lease_id, vault_lease_id=issued.lease_id, accessor=token.accessor,
-                renewable=renewable, issued_at=issued_at, expires_at=expires_at)
+                lease_id,
+                vault_lease_id=issued.lease_id,
+                accessor=token.accessor,
+                renewable=renewable,
+                issued_at=issued_at,
+                expires_at=expires_at,
+            )
         except BrokerError:
             # Not recorded, so not handed out: take it back from Vault now. If that fails
             # too, the ``issuing`` row and the recorded token let the reconciler find it.
@@ -131,11 +163,19 @@ class CredentialService:
             raise
         if not still_active:
             raise InstanceTerminated(
-                f"instance {identity.instance_id} was terminated while the credential was issued")
-        return IssuedCredential(lease_id=lease_id, instance_id=identity.instance_id,
-                                workload=identity.workload, role=role_name, kind=engine.kind,
-                                data=engine.shape(issued.data), issued_at=issued_at,
-                                expires_at=expires_at, renewable=renewable)
+                f"instance {identity.instance_id} was terminated while the credential was issued"
+            )
+        return IssuedCredential(
+            lease_id=lease_id,
+            instance_id=identity.instance_id,
+            workload=identity.workload,
+            role=role_name,
+            kind=engine.kind,
+            data=engine.shape(issued.data),
+            issued_at=issued_at,
+            expires_at=expires_at,
+            renewable=renewable,
+        )
 
     async def _own_lease(self, identity: Identity, lease_id: str) -> LeaseView:
         lease = await self._store.get_lease(lease_id)
@@ -149,11 +189,14 @@ class CredentialService:
         if await self._store.instance_state(identity.instance_id) != "active":
             raise InstanceTerminated(f"instance {identity.instance_id} is terminated")
         if lease.state != LeaseState.ACTIVE:
-            raise BadRequest(f"lease is {lease.state}; only an active lease can be renewed",
-                             code="lease_not_active")
+            raise BadRequest(
+                f"lease is {lease.state}; only an active lease can be renewed",
+                code="lease_not_active",
+            )
         if not lease.renewable or lease.vault_lease_id is None or lease.issued_at is None:
-            raise BadRequest("this lease is not renewable; request a new credential",
-                             code="lease_not_renewable")
+            raise BadRequest(
+                "this lease is not renewable; request a new credential", code="lease_not_renewable"
+            )
         # Policy is asked again: a role withdrawn since issue is not renewed.
         role, granted = self._permit(identity, lease.role, ttl)
         cap = self._cap(identity, lease.role, role)
@@ -161,15 +204,21 @@ class CredentialService:
         max_expires = lease.issued_at + timedelta(seconds=cap)
         room = int((max_expires - now).total_seconds())
         if room <= 0:
-            raise BadRequest("lease has reached its maximum TTL; request a new credential",
-                             code="lease_at_max_ttl")
+            raise BadRequest(
+                "lease has reached its maximum TTL; request a new credential",
+                code="lease_at_max_ttl",
+            )
         increment = min(granted, room)
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
         await self._store.set_lease_expiry(lease_id, expires_at, renewable)
-        return {"lease_id": lease_id, "expires_at": _iso(expires_at), "renewable": renewable,
-                "max_expires_at": _iso(max_expires),
-                "near_max_ttl": (max_expires - expires_at) < timedelta(seconds=min(cap / 10, 300))}
+        return {
+            "lease_id": lease_id,
+            "expires_at": _iso(expires_at),
+            "renewable": renewable,
+            "max_expires_at": _iso(max_expires),
+            "near_max_ttl": (max_expires - expires_at) < timedelta(seconds=min(cap / 10, 300)),
+        }
 
     def _cap(self, identity: Identity, role_name: str, role: RoleSettings) -> int:
         decision = decide(identity, role_name, role.max_ttl, roles=self._roles, rules=self._rules)
@@ -177,13 +226,19 @@ class CredentialService:
 
     async def release(self, identity: Identity, lease_id: str) -> None:
         lease = await self._own_lease(identity, lease_id)
-        if lease.state in (LeaseState.RELEASED, LeaseState.REVOKED, LeaseState.FAILED,
-                           LeaseState.ABANDONED):
+        if lease.state in (
+            LeaseState.RELEASED,
+            LeaseState.REVOKED,
+            LeaseState.FAILED,
+            LeaseState.ABANDONED,
+        ):
             return  # idempotent: already gone
         if lease.state == LeaseState.ISSUING or lease.vault_lease_id is None:
             raise BadRequest("the lease is still being issued", code="lease_not_active")
         await self._vault.revoke_lease(lease.vault_lease_id)
         if await self._vault.lease_exists(lease.vault_lease_id):
-            raise UpstreamRejected("Vault still holds the lease after revoking it; retry",
-                                   code="revocation_unconfirmed")
+            raise UpstreamRejected(
+                "Vault still holds the lease after revoking it; retry",
+                code="revocation_unconfirmed",
+            )
         await self._store.end_lease(lease_id, LeaseState.RELEASED, actor="workload")

@@ -20,8 +20,9 @@ from broker.vault import InstanceToken
 
 
 class TokenMinter(Protocol):
-    async def create_instance_token(self, *, instance_id: str, workload: str,
-                                    issuer: str) -> InstanceToken: ...
+    async def create_instance_token(
+        self, *, instance_id: str, workload: str, issuer: str
+    ) -> InstanceToken: ...
 
     async def revoke_accessor(self, accessor: str) -> None: ...
 
@@ -35,8 +36,9 @@ REUSE_MARGIN = timedelta(seconds=60)
 
 
 class InstanceTokens:
-    def __init__(self, vault: TokenMinter, store: TokenRecorder, clock: Clock,
-                 max_entries: int = 100_000) -> None:
+    def __init__(
+        self, vault: TokenMinter, store: TokenRecorder, clock: Clock, max_entries: int = 100_000
+    ) -> None:
         self._vault = vault
         self._store = store
         self._clock = clock
@@ -48,27 +50,32 @@ class InstanceTokens:
         key = identity.instance_id
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-                cached = self._tokens.get(key)
-                if cached and cached.expires_at - self._clock.now() >= timedelta(seconds=ttl) + REUSE_MARGIN:
-                    self._tokens.move_to_end(key)
-                    return cached
-                token = await self._vault.create_instance_token(
-                    instance_id=key, workload=identity.workload, issuer=identity.issuer_name)
-                try:
-                    await self._store.record_token(instance_id=key, accessor=token.accessor,
-                                                   expires_at=token.expires_at)
-                except InstanceTerminated:
+            cached = self._tokens.get(key)
+            if (
+                cached
+                and cached.expires_at - self._clock.now() >= timedelta(seconds=ttl) + REUSE_MARGIN
+            ):
+                self._tokens.move_to_end(key)
+                return cached
+            token = await self._vault.create_instance_token(
+                instance_id=key, workload=identity.workload, issuer=identity.issuer_name
+            )
+            try:
+                await self._store.record_token(
+                    instance_id=key, accessor=token.accessor, expires_at=token.expires_at
+                )
+            except InstanceTerminated:
+                await self._vault.revoke_accessor(token.accessor)
+                raise
+            except Exception:
+                # Unrecorded, so unusable: revoke it now rather than leave it to expire.
+                with contextlib.suppress(Exception):
                     await self._vault.revoke_accessor(token.accessor)
-                    raise
-                except Exception:
-                    # Unrecorded, so unusable: revoke it now rather than leave it to expire.
-                    with contextlib.suppress(Exception):
-                        await self._vault.revoke_accessor(token.accessor)
-                    raise
-                self._tokens[key] = token
-                while len(self._tokens) > self._max:
-                    self._tokens.popitem(last=False)
-                return token
+                raise
+            self._tokens[key] = token
+            while len(self._tokens) > self._max:
+                self._tokens.popitem(last=False)
+            return token
 
     def forget(self, instance_id: str) -> None:
         self._tokens.pop(instance_id, None)

@@ -13,10 +13,12 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 def async_url(url: str) -> str:
+    """The serving path uses asyncpg: psycopg's async mode spent most of the broker's CPU
+    registering and unregistering socket readers per query (profiled under bench/)."""
     if url.startswith("sqlite:"):
         return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
     return url
 
 

@@ -6,11 +6,11 @@ from enum import StrEnum
 
 
 class LeaseState(StrEnum):
-    ISSUING = "issuing"      # row written, Vault asked (or about to be)
-    ACTIVE = "active"        # Vault issued it and the broker recorded it
-    FAILED = "failed"        # Vault refused or failed: nothing was issued
-    RELEASED = "released"    # the workload returned it early; Vault confirmed it gone
-    REVOKED = "revoked"      # revoked by termination; Vault confirmed it gone
+    ISSUING = "issuing"  # row written, Vault asked (or about to be)
+    ACTIVE = "active"  # Vault issued it and the broker recorded it
+    FAILED = "failed"  # Vault refused or failed: nothing was issued
+    RELEASED = "released"  # the workload returned it early; Vault confirmed it gone
+    REVOKED = "revoked"  # revoked by termination; Vault confirmed it gone
     ABANDONED = "abandoned"  # stuck in issuing past the bound; covered by the token revocation
 
 
@@ -38,8 +38,9 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.RUNNING}),
-    JobState.RUNNING: frozenset({JobState.DONE, JobState.PENDING, JobState.FAILED,
-                                 JobState.RUNNING}),  # RUNNING→RUNNING: reclaimed after a crash
+    JobState.RUNNING: frozenset(
+        {JobState.DONE, JobState.PENDING, JobState.FAILED, JobState.RUNNING}
+    ),  # RUNNING→RUNNING: reclaimed after a crash
     JobState.FAILED: frozenset({JobState.PENDING}),
     JobState.DONE: frozenset(),
 }

@@ -128,19 +128,41 @@ class StoreCounts:
 
 
 def _lease_view(r: m.Lease) -> LeaseView:
-    return LeaseView(r.lease_id, r.instance_id, r.workload, r.role, r.kind, r.state,
-                     r.renewable, r.created_at, r.issued_at, r.expires_at, r.ended_at,
-                     r.vault_lease_id, r.token_accessor)
+    return LeaseView(
+        r.lease_id,
+        r.instance_id,
+        r.workload,
+        r.role,
+        r.kind,
+        r.state,
+        r.renewable,
+        r.created_at,
+        r.issued_at,
+        r.expires_at,
+        r.ended_at,
+        r.vault_lease_id,
+        r.token_accessor,
+    )
 
 
 def _job_view(r: m.RevocationJob) -> JobView:
-    return JobView(r.job_id, r.instance_id, r.state, r.attempts, r.next_attempt_at,
-                   r.last_error, r.requested_by, r.created_at, r.completed_at)
+    return JobView(
+        r.job_id,
+        r.instance_id,
+        r.state,
+        r.attempts,
+        r.next_attempt_at,
+        r.last_error,
+        r.requested_by,
+        r.created_at,
+        r.completed_at,
+    )
 
 
 def _instance_view(r: m.Instance) -> InstanceView:
-    return InstanceView(r.instance_id, r.state, r.issuer_name, r.workload, r.created_at,
-                        r.terminated_at)
+    return InstanceView(
+        r.instance_id, r.state, r.issuer_name, r.workload, r.created_at, r.terminated_at
+    )
 
 
 class Store:
@@ -158,10 +180,19 @@ class Store:
             engine = create_async_engine(url, connect_args={"timeout": 30})
             _sqlite_pragmas(engine)
         else:
+            # No pre-ping: it costs a round trip per transaction. A connection that died
+            # with the server fails one request (503), and SQLAlchemy then discards the pool.
             engine = create_async_engine(
-                url, pool_size=self._settings.pool_size, max_overflow=self._settings.pool_size,
-                pool_pre_ping=True, pool_timeout=self._settings.connect_timeout_s,
-                connect_args={"connect_timeout": int(self._settings.connect_timeout_s)},
+                url,
+                pool_size=self._settings.pool_size,
+                max_overflow=self._settings.pool_size,
+                pool_timeout=self._settings.connect_timeout_s,
+                pool_recycle=1800,
+                connect_args={
+                    "timeout": self._settings.connect_timeout_s,
+                    "command_timeout": 30,
+                    "server_settings": {"application_name": "credential-broker"},
+                },
             )
         self._engine = engine
 
@@ -207,97 +238,173 @@ class Store:
         except SQLAlchemyError:
             return False
 
-    async def _audit(self, conn: AsyncConnection, actor: str, action: str, *,
-                     instance_id: str | None = None, lease_id: str | None = None,
-                     **detail: Any) -> None:
-        await conn.execute(m.AuditEvent.__table__.insert().values(
-            at=self._clock.now(), actor=actor[:128], action=action, instance_id=instance_id,
-            lease_id=lease_id, detail=detail))
+    async def _audit(
+        self,
+        conn: AsyncConnection,
+        actor: str,
+        action: str,
+        *,
+        instance_id: str | None = None,
+        lease_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        await conn.execute(
+            m.AuditEvent.__table__.insert().values(
+                at=self._clock.now(),
+                actor=actor[:128],
+                action=action,
+                instance_id=instance_id,
+                lease_id=lease_id,
+                detail=detail,
+            )
+        )
 
     # -- issuance --------------------------------------------------------------------
 
-    async def _lock_instance(self, conn: AsyncConnection, instance_id: str) -> m.Instance | None:
-        stmt = select(m.Instance).where(m.Instance.instance_id == instance_id).with_for_update()
+    async def _lock_instance(
+        self, conn: AsyncConnection, instance_id: str, *, shared: bool = False
+    ) -> m.Instance | None:
+        """Lock the instance row. Issuance takes a shared lock (many requests of one
+        instance proceed together); termination an exclusive one, so it waits for every
+        in-flight ``issuing`` row to commit and its job then sees them all."""
+        stmt = (
+            select(m.Instance)
+            .where(m.Instance.instance_id == instance_id)
+            .with_for_update(read=shared)
+        )
         row = (await conn.execute(stmt)).first()
         return m.Instance(**row._mapping) if row else None
 
-    async def _ensure_instance(self, conn: AsyncConnection, instance_id: str,
-                               issuer_name: str | None, workload: str | None,
-                               state: InstanceState) -> m.Instance:
-        inst = await self._lock_instance(conn, instance_id)
+    async def _ensure_instance(
+        self,
+        conn: AsyncConnection,
+        instance_id: str,
+        issuer_name: str | None,
+        workload: str | None,
+        state: InstanceState,
+        *,
+        shared: bool = False,
+    ) -> m.Instance:
+        inst = await self._lock_instance(conn, instance_id, shared=shared)
         if inst is not None:
             return inst
         now = self._clock.now()
         try:
             async with conn.begin_nested():
-                await conn.execute(m.Instance.__table__.insert().values(
-                    instance_id=instance_id, issuer_name=issuer_name, workload=workload,
-                    state=state.value, created_at=now, updated_at=now))
+                await conn.execute(
+                    m.Instance.__table__.insert().values(
+                        instance_id=instance_id,
+                        issuer_name=issuer_name,
+                        workload=workload,
+                        state=state.value,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
         except IntegrityError:
             pass  # created concurrently: lock the winner's row below
-        inst = await self._lock_instance(conn, instance_id)
+        inst = await self._lock_instance(conn, instance_id, shared=shared)
         assert inst is not None
         return inst
 
-    async def begin_issue(self, *, instance_id: str, issuer_name: str, workload: str,
-                          role: str, kind: str) -> str:
+    async def begin_issue(
+        self, *, instance_id: str, issuer_name: str, workload: str, role: str, kind: str
+    ) -> str:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance."""
         lease_id = new_id("l")
         async with self._tx() as conn:
-            inst = await self._ensure_instance(conn, instance_id, issuer_name, workload,
-                                               InstanceState.ACTIVE)
+            inst = await self._ensure_instance(
+                conn, instance_id, issuer_name, workload, InstanceState.ACTIVE, shared=True
+            )
             if inst.state != InstanceState.ACTIVE:
                 raise InstanceTerminated(
-                    f"instance {instance_id} is terminated; no new credential is issued for it")
+                    f"instance {instance_id} is terminated; no new credential is issued for it"
+                )
             now = self._clock.now()
-            await conn.execute(m.Lease.__table__.insert().values(
-                lease_id=lease_id, instance_id=instance_id, workload=workload, role=role,
-                kind=kind, state=LeaseState.ISSUING.value, renewable=False,
-                created_at=now, updated_at=now))
+            await conn.execute(
+                m.Lease.__table__.insert().values(
+                    lease_id=lease_id,
+                    instance_id=instance_id,
+                    workload=workload,
+                    role=role,
+                    kind=kind,
+                    state=LeaseState.ISSUING.value,
+                    renewable=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         return lease_id
 
-    async def record_token(self, *, instance_id: str, accessor: str,
-                           expires_at: datetime) -> None:
+    async def record_token(self, *, instance_id: str, accessor: str, expires_at: datetime) -> None:
         """Record an instance token's accessor before the token is used.
         Raises ``InstanceTerminated`` if the instance was tombstoned meanwhile."""
         async with self._tx() as conn:
-            inst = await self._lock_instance(conn, instance_id)
+            inst = await self._lock_instance(conn, instance_id, shared=True)
             if inst is None or inst.state != InstanceState.ACTIVE:
                 raise InstanceTerminated(f"instance {instance_id} is terminated")
-            await conn.execute(m.InstanceToken.__table__.insert().values(
-                accessor=accessor, instance_id=instance_id, created_at=self._clock.now(),
-                expires_at=expires_at))
+            await conn.execute(
+                m.InstanceToken.__table__.insert().values(
+                    accessor=accessor,
+                    instance_id=instance_id,
+                    created_at=self._clock.now(),
+                    expires_at=expires_at,
+                )
+            )
 
-    async def complete_issue(self, lease_id: str, *, vault_lease_id: str, accessor: str,
-                             renewable: bool, issued_at: datetime,
-                             expires_at: datetime) -> bool:
+    async def complete_issue(
+        self,
+        lease_id: str,
+        *,
+        vault_lease_id: str,
+        accessor: str,
+        renewable: bool,
+        issued_at: datetime,
+        expires_at: datetime,
+    ) -> bool:
         """Mark the lease active. Returns whether its instance is still active: if not, a
-        revocation job is already on its way and the credential must not be handed out."""
+        revocation job is already on its way and the credential must not be handed out.
+        (The lease row is the issuance record; no separate audit row is written.)"""
         async with self._tx() as conn:
-            res = await conn.execute(
-                update(m.Lease)
-                .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
-                .values(state=LeaseState.ACTIVE.value, vault_lease_id=vault_lease_id,
-                        token_accessor=accessor, renewable=renewable, issued_at=issued_at,
-                        expires_at=expires_at, updated_at=self._clock.now()))
-            if res.rowcount != 1:
-                raise StoreUnavailable("the lease row changed while it was being issued",
-                                       code="lease_state_conflict")
-            row = (await conn.execute(
-                select(m.Instance.state, m.Lease.instance_id, m.Lease.role)
-                .join(m.Instance, m.Instance.instance_id == m.Lease.instance_id)
-                .where(m.Lease.lease_id == lease_id))).one()
-            await self._audit(conn, "workload", "lease.issued", instance_id=row.instance_id,
-                              lease_id=lease_id, role=row.role)
-            return bool(row.state == InstanceState.ACTIVE.value)
+            instance_id = (
+                await conn.execute(
+                    update(m.Lease)
+                    .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
+                    .values(
+                        state=LeaseState.ACTIVE.value,
+                        vault_lease_id=vault_lease_id,
+                        token_accessor=accessor,
+                        renewable=renewable,
+                        issued_at=issued_at,
+                        expires_at=expires_at,
+                        updated_at=self._clock.now(),
+                    )
+                    .returning(m.Lease.instance_id)
+                )
+            ).scalar()
+            if instance_id is None:
+                raise StoreUnavailable(
+                    "the lease row changed while it was being issued", code="lease_state_conflict"
+                )
+            state = (
+                await conn.execute(
+                    select(m.Instance.state).where(m.Instance.instance_id == instance_id)
+                )
+            ).scalar()
+            return bool(state == InstanceState.ACTIVE.value)
 
     async def fail_issue(self, lease_id: str, code: str) -> None:
         async with self._tx() as conn:
             await conn.execute(
                 update(m.Lease)
                 .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
-                .values(state=LeaseState.FAILED.value, error_code=code[:64],
-                        updated_at=self._clock.now(), ended_at=self._clock.now()))
+                .values(
+                    state=LeaseState.FAILED.value,
+                    error_code=code[:64],
+                    updated_at=self._clock.now(),
+                    ended_at=self._clock.now(),
+                )
+            )
 
     # -- lease operations by their owner ---------------------------------------------
 
@@ -310,18 +417,30 @@ class Store:
 
     async def instance_state(self, instance_id: str) -> str | None:
         async with self._tx() as conn:
-            return (await conn.execute(select(m.Instance.state)
-                                       .where(m.Instance.instance_id == instance_id))).scalar()
+            return (
+                await conn.execute(
+                    select(m.Instance.state).where(m.Instance.instance_id == instance_id)
+                )
+            ).scalar()
 
-    async def set_lease_expiry(self, lease_id: str, expires_at: datetime,
-                               renewable: bool) -> None:
+    async def set_lease_expiry(self, lease_id: str, expires_at: datetime, renewable: bool) -> None:
         async with self._tx() as conn:
-            row = (await conn.execute(select(m.Lease.instance_id).where(
-                m.Lease.lease_id == lease_id))).scalar_one()
-            await conn.execute(update(m.Lease).where(m.Lease.lease_id == lease_id).values(
-                expires_at=expires_at, renewable=renewable, updated_at=self._clock.now()))
-            await self._audit(conn, "workload", "lease.renewed", instance_id=row,
-                              lease_id=lease_id, expires_at=_iso(expires_at))
+            row = (
+                await conn.execute(select(m.Lease.instance_id).where(m.Lease.lease_id == lease_id))
+            ).scalar_one()
+            await conn.execute(
+                update(m.Lease)
+                .where(m.Lease.lease_id == lease_id)
+                .values(expires_at=expires_at, renewable=renewable, updated_at=self._clock.now())
+            )
+            await self._audit(
+                conn,
+                "workload",
+                "lease.renewed",
+                instance_id=row,
+                lease_id=lease_id,
+                expires_at=_iso(expires_at),
+            )
 
     async def end_lease(self, lease_id: str, state: LeaseState, actor: str) -> bool:
         """Move a live lease to a final state. False if it was no longer live."""
@@ -329,9 +448,12 @@ class Store:
         async with self._tx() as conn:
             res = await conn.execute(
                 update(m.Lease)
-                .where(m.Lease.lease_id == lease_id,
-                       m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]))
-                .values(state=state.value, ended_at=now, updated_at=now))
+                .where(
+                    m.Lease.lease_id == lease_id,
+                    m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]),
+                )
+                .values(state=state.value, ended_at=now, updated_at=now)
+            )
             if res.rowcount:
                 await self._audit(conn, actor, f"lease.{state.value}", lease_id=lease_id)
             return bool(res.rowcount)
@@ -343,31 +465,60 @@ class Store:
         Idempotent: a second call returns the existing job (re-queued if it had failed)."""
         now = self._clock.now()
         async with self._tx() as conn:
-            inst = await self._ensure_instance(conn, instance_id, None, None,
-                                               InstanceState.TERMINATING)
+            inst = await self._ensure_instance(
+                conn, instance_id, None, None, InstanceState.TERMINATING
+            )
             if inst.state == InstanceState.ACTIVE:
-                await conn.execute(update(m.Instance).where(
-                    m.Instance.instance_id == instance_id).values(
-                    state=InstanceState.TERMINATING.value, updated_at=now))
-            job = (await conn.execute(select(m.RevocationJob).where(
-                m.RevocationJob.instance_id == instance_id))).first()
+                await conn.execute(
+                    update(m.Instance)
+                    .where(m.Instance.instance_id == instance_id)
+                    .values(state=InstanceState.TERMINATING.value, updated_at=now)
+                )
+            job = (
+                await conn.execute(
+                    select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+                )
+            ).first()
             if job is None:
                 job_id = new_id("j")
-                await conn.execute(m.RevocationJob.__table__.insert().values(
-                    job_id=job_id, instance_id=instance_id, state=JobState.PENDING.value,
-                    attempts=0, next_attempt_at=now, requested_by=actor[:64], created_at=now,
-                    updated_at=now))
-                await self._audit(conn, actor, "instance.terminate_requested",
-                                  instance_id=instance_id, job_id=job_id)
+                await conn.execute(
+                    m.RevocationJob.__table__.insert().values(
+                        job_id=job_id,
+                        instance_id=instance_id,
+                        state=JobState.PENDING.value,
+                        attempts=0,
+                        next_attempt_at=now,
+                        requested_by=actor[:64],
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                await self._audit(
+                    conn,
+                    actor,
+                    "instance.terminate_requested",
+                    instance_id=instance_id,
+                    job_id=job_id,
+                )
             elif job.state == JobState.FAILED.value:
-                await conn.execute(update(m.RevocationJob).where(
-                    m.RevocationJob.job_id == job.job_id).values(
-                    state=JobState.PENDING.value, next_attempt_at=now, attempts=0,
-                    updated_at=now))
-                await self._audit(conn, actor, "revocation.requeued", instance_id=instance_id,
-                                  job_id=job.job_id)
-            row = (await conn.execute(select(m.RevocationJob).where(
-                m.RevocationJob.instance_id == instance_id))).one()
+                await conn.execute(
+                    update(m.RevocationJob)
+                    .where(m.RevocationJob.job_id == job.job_id)
+                    .values(
+                        state=JobState.PENDING.value,
+                        next_attempt_at=now,
+                        attempts=0,
+                        updated_at=now,
+                    )
+                )
+                await self._audit(
+                    conn, actor, "revocation.requeued", instance_id=instance_id, job_id=job.job_id
+                )
+            row = (
+                await conn.execute(
+                    select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+                )
+            ).one()
             return _job_view(m.RevocationJob(**row._mapping))
 
     async def claim_jobs(self, *, worker: str, limit: int, claim_for: timedelta) -> list[JobView]:
@@ -382,117 +533,202 @@ class Store:
                 (m.RevocationJob.state == JobState.RUNNING.value)
                 & (m.RevocationJob.claimed_until < now),
             )
-            ids = (await conn.execute(
-                select(m.RevocationJob.job_id).where(due)
-                .order_by(m.RevocationJob.next_attempt_at).limit(limit)
-                .with_for_update(skip_locked=True))).scalars().all()
+            ids = (
+                (
+                    await conn.execute(
+                        select(m.RevocationJob.job_id)
+                        .where(due)
+                        .order_by(m.RevocationJob.next_attempt_at)
+                        .limit(limit)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+                .scalars()
+                .all()
+            )
             claimed = []
             for job_id in ids:
                 res = await conn.execute(
-                    update(m.RevocationJob).where(m.RevocationJob.job_id == job_id, due).values(
-                        state=JobState.RUNNING.value, claimed_by=worker[:64],
+                    update(m.RevocationJob)
+                    .where(m.RevocationJob.job_id == job_id, due)
+                    .values(
+                        state=JobState.RUNNING.value,
+                        claimed_by=worker[:64],
                         claimed_until=now + claim_for,
-                        attempts=m.RevocationJob.attempts + 1, updated_at=now))
+                        attempts=m.RevocationJob.attempts + 1,
+                        updated_at=now,
+                    )
+                )
                 if res.rowcount == 1:
                     claimed.append(job_id)
             if not claimed:
                 return []
-            rows = (await conn.execute(select(m.RevocationJob).where(
-                m.RevocationJob.job_id.in_(claimed)))).all()
+            rows = (
+                await conn.execute(
+                    select(m.RevocationJob).where(m.RevocationJob.job_id.in_(claimed))
+                )
+            ).all()
             return [_job_view(m.RevocationJob(**r._mapping)) for r in rows]
 
     async def revocation_work(self, instance_id: str) -> RevocationWork:
         async with self._tx() as conn:
-            toks = (await conn.execute(select(m.InstanceToken).where(
-                m.InstanceToken.instance_id == instance_id))).all()
-            leases = (await conn.execute(select(m.Lease).where(
-                m.Lease.instance_id == instance_id,
-                m.Lease.state.in_([LeaseState.ISSUING.value, LeaseState.ACTIVE.value])))).all()
+            toks = (
+                await conn.execute(
+                    select(m.InstanceToken).where(m.InstanceToken.instance_id == instance_id)
+                )
+            ).all()
+            leases = (
+                await conn.execute(
+                    select(m.Lease).where(
+                        m.Lease.instance_id == instance_id,
+                        m.Lease.state.in_([LeaseState.ISSUING.value, LeaseState.ACTIVE.value]),
+                    )
+                )
+            ).all()
         return RevocationWork(
             tokens=tuple(TokenView(t.accessor, t.expires_at, t.revoked_at) for t in toks),
-            leases=tuple(_lease_view(m.Lease(**r._mapping)) for r in leases))
+            leases=tuple(_lease_view(m.Lease(**r._mapping)) for r in leases),
+        )
 
     async def mark_token_revoked(self, accessor: str) -> None:
         async with self._tx() as conn:
-            await conn.execute(update(m.InstanceToken).where(
-                m.InstanceToken.accessor == accessor,
-                m.InstanceToken.revoked_at.is_(None)).values(revoked_at=self._clock.now()))
+            await conn.execute(
+                update(m.InstanceToken)
+                .where(m.InstanceToken.accessor == accessor, m.InstanceToken.revoked_at.is_(None))
+                .values(revoked_at=self._clock.now())
+            )
 
-    async def mark_leases_ended(self, lease_ids: Sequence[str], state: LeaseState, *,
-                                actor: str) -> int:
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int:
         if not lease_ids:
             return 0
         now = self._clock.now()
         async with self._tx() as conn:
             total = 0
             for chunk_start in range(0, len(lease_ids), 500):
-                chunk = list(lease_ids[chunk_start:chunk_start + 500])
+                chunk = list(lease_ids[chunk_start : chunk_start + 500])
                 res = await conn.execute(
-                    update(m.Lease).where(m.Lease.lease_id.in_(chunk),
-                                          m.Lease.state.in_([LeaseState.ACTIVE.value,
-                                                             LeaseState.ISSUING.value]))
-                    .values(state=state.value, ended_at=now, updated_at=now))
+                    update(m.Lease)
+                    .where(
+                        m.Lease.lease_id.in_(chunk),
+                        m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]),
+                    )
+                    .values(state=state.value, ended_at=now, updated_at=now)
+                )
                 total += res.rowcount
-            await self._audit(conn, actor, f"leases.{state.value}", count=total,
-                              lease_ids=list(lease_ids)[:50])
+            await self._audit(
+                conn, actor, f"leases.{state.value}", count=total, lease_ids=list(lease_ids)[:50]
+            )
             return total
 
     async def finish_job(self, job: JobView, *, worker: str) -> bool:
         now = self._clock.now()
         async with self._tx() as conn:
-            res = await conn.execute(update(m.RevocationJob).where(
-                m.RevocationJob.job_id == job.job_id,
-                m.RevocationJob.state == JobState.RUNNING.value,
-                m.RevocationJob.claimed_by == worker[:64]).values(
-                state=JobState.DONE.value, completed_at=now, updated_at=now,
-                claimed_until=None, last_error=None))
+            res = await conn.execute(
+                update(m.RevocationJob)
+                .where(
+                    m.RevocationJob.job_id == job.job_id,
+                    m.RevocationJob.state == JobState.RUNNING.value,
+                    m.RevocationJob.claimed_by == worker[:64],
+                )
+                .values(
+                    state=JobState.DONE.value,
+                    completed_at=now,
+                    updated_at=now,
+                    claimed_until=None,
+                    last_error=None,
+                )
+            )
             if res.rowcount != 1:
                 return False  # our claim lapsed and someone else holds the job now
-            await conn.execute(update(m.Instance).where(
-                m.Instance.instance_id == job.instance_id).values(
-                state=InstanceState.TERMINATED.value, terminated_at=now, updated_at=now))
-            await self._audit(conn, worker, "instance.terminated", instance_id=job.instance_id,
-                              job_id=job.job_id)
+            await conn.execute(
+                update(m.Instance)
+                .where(m.Instance.instance_id == job.instance_id)
+                .values(state=InstanceState.TERMINATED.value, terminated_at=now, updated_at=now)
+            )
+            await self._audit(
+                conn, worker, "instance.terminated", instance_id=job.instance_id, job_id=job.job_id
+            )
             return True
 
-    async def reschedule_job(self, job: JobView, *, worker: str, error: str,
-                             next_attempt_at: datetime, give_up: bool) -> None:
+    async def reschedule_job(
+        self, job: JobView, *, worker: str, error: str, next_attempt_at: datetime, give_up: bool
+    ) -> None:
         now = self._clock.now()
         state = JobState.FAILED if give_up else JobState.PENDING
         async with self._tx() as conn:
-            res = await conn.execute(update(m.RevocationJob).where(
-                m.RevocationJob.job_id == job.job_id,
-                m.RevocationJob.state == JobState.RUNNING.value,
-                m.RevocationJob.claimed_by == worker[:64]).values(
-                state=state.value, next_attempt_at=next_attempt_at, last_error=error[:255],
-                claimed_until=None, updated_at=now))
+            res = await conn.execute(
+                update(m.RevocationJob)
+                .where(
+                    m.RevocationJob.job_id == job.job_id,
+                    m.RevocationJob.state == JobState.RUNNING.value,
+                    m.RevocationJob.claimed_by == worker[:64],
+                )
+                .values(
+                    state=state.value,
+                    next_attempt_at=next_attempt_at,
+                    last_error=error[:255],
+                    claimed_until=None,
+                    updated_at=now,
+                )
+            )
             if res.rowcount and give_up:
-                await self._audit(conn, worker, "revocation.failed",
-                                  instance_id=job.instance_id, job_id=job.job_id, error=error)
+                await self._audit(
+                    conn,
+                    worker,
+                    "revocation.failed",
+                    instance_id=job.instance_id,
+                    job_id=job.job_id,
+                    error=error,
+                )
 
     # -- admin queries ---------------------------------------------------------------
 
-    async def get_instance(self, instance_id: str) -> tuple[InstanceView, list[LeaseView],
-                                                            JobView | None]:
+    async def get_instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
         async with self._tx() as conn:
-            row = (await conn.execute(select(m.Instance).where(
-                m.Instance.instance_id == instance_id))).first()
+            row = (
+                await conn.execute(select(m.Instance).where(m.Instance.instance_id == instance_id))
+            ).first()
             if row is None:
                 raise NotFound("no such instance", code="instance_not_found")
-            leases = (await conn.execute(select(m.Lease).where(
-                m.Lease.instance_id == instance_id).order_by(m.Lease.created_at))).all()
-            job = (await conn.execute(select(m.RevocationJob).where(
-                m.RevocationJob.instance_id == instance_id))).first()
-        return (_instance_view(m.Instance(**row._mapping)),
-                [_lease_view(m.Lease(**r._mapping)) for r in leases],
-                _job_view(m.RevocationJob(**job._mapping)) if job else None)
+            leases = (
+                await conn.execute(
+                    select(m.Lease)
+                    .where(m.Lease.instance_id == instance_id)
+                    .order_by(m.Lease.created_at)
+                )
+            ).all()
+            job = (
+                await conn.execute(
+                    select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+                )
+            ).first()
+        return (
+            _instance_view(m.Instance(**row._mapping)),
+            [_lease_view(m.Lease(**r._mapping)) for r in leases],
+            _job_view(m.RevocationJob(**job._mapping)) if job else None,
+        )
 
-    async def list_leases(self, *, instance: str | None = None, workload: str | None = None,
-                          role: str | None = None, state: str | None = None, limit: int = 100,
-                          after: str | None = None) -> list[LeaseView]:
+    async def list_leases(
+        self,
+        *,
+        instance: str | None = None,
+        workload: str | None = None,
+        role: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[LeaseView]:
         stmt = select(m.Lease)
-        for col, value in ((m.Lease.instance_id, instance), (m.Lease.workload, workload),
-                           (m.Lease.role, role), (m.Lease.state, state)):
+        for col, value in (
+            (m.Lease.instance_id, instance),
+            (m.Lease.workload, workload),
+            (m.Lease.role, role),
+            (m.Lease.state, state),
+        ):
             if value is not None:
                 stmt = stmt.where(col == value)
         if after is not None:
@@ -513,33 +749,57 @@ class Store:
 
     async def audit_events(self, instance_id: str) -> list[dict[str, Any]]:
         async with self._tx() as conn:
-            rows = (await conn.execute(select(m.AuditEvent).where(
-                m.AuditEvent.instance_id == instance_id).order_by(m.AuditEvent.id))).all()
-        return [{"at": _iso(r.at), "actor": r.actor, "action": r.action,
-                 "lease_id": r.lease_id, "detail": r.detail} for r in rows]
+            rows = (
+                await conn.execute(
+                    select(m.AuditEvent)
+                    .where(m.AuditEvent.instance_id == instance_id)
+                    .order_by(m.AuditEvent.id)
+                )
+            ).all()
+        return [
+            {
+                "at": _iso(r.at),
+                "actor": r.actor,
+                "action": r.action,
+                "lease_id": r.lease_id,
+                "detail": r.detail,
+            }
+            for r in rows
+        ]
 
     async def counts(self) -> StoreCounts:
         now = self._clock.now()
         async with self._tx() as conn:
-            lease_rows = (await conn.execute(
-                select(m.Lease.role, m.Lease.state, func.count())
-                .where(m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]))
-                .group_by(m.Lease.role, m.Lease.state))).all()
-            queue = (await conn.execute(
-                select(func.count(), func.min(m.RevocationJob.created_at)).where(
-                    m.RevocationJob.state.in_([JobState.PENDING.value,
-                                               JobState.RUNNING.value])))).one()
-            failed = (await conn.execute(select(func.count()).where(
-                m.RevocationJob.state == JobState.FAILED.value))).scalar_one()
+            lease_rows = (
+                await conn.execute(
+                    select(m.Lease.role, m.Lease.state, func.count())
+                    .where(m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]))
+                    .group_by(m.Lease.role, m.Lease.state)
+                )
+            ).all()
+            queue = (
+                await conn.execute(
+                    select(func.count(), func.min(m.RevocationJob.created_at)).where(
+                        m.RevocationJob.state.in_([JobState.PENDING.value, JobState.RUNNING.value])
+                    )
+                )
+            ).one()
+            failed = (
+                await conn.execute(
+                    select(func.count()).where(m.RevocationJob.state == JobState.FAILED.value)
+                )
+            ).scalar_one()
         oldest = queue[1]
         if oldest is not None and oldest.tzinfo is None:
             from datetime import UTC
+
             oldest = oldest.replace(tzinfo=UTC)
         return StoreCounts(
             leases={(r[0], r[1]): int(r[2]) for r in lease_rows},
             queue_depth=int(queue[0]),
             oldest_job_age_s=(now - oldest).total_seconds() if oldest else 0.0,
-            failed_jobs=int(failed))
+            failed_jobs=int(failed),
+        )
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

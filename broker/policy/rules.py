@@ -62,8 +62,14 @@ def rule_applies(identity: Identity, rule: Rule) -> bool:
     return all(condition_holds(identity, c) for c in rule.match)
 
 
-def decide(identity: Identity, role: str, requested_ttl: int | None, *,
-           roles: Mapping[str, RoleSettings], rules: Sequence[Rule]) -> Decision:
+def decide(
+    identity: Identity,
+    role: str,
+    requested_ttl: int | None,
+    *,
+    roles: Mapping[str, RoleSettings],
+    rules: Sequence[Rule],
+) -> Decision:
     spec = roles.get(role)
     if spec is None:
         return Decision(False, role, None, f"role {role!r} does not exist")
@@ -77,10 +83,19 @@ def decide(identity: Identity, role: str, requested_ttl: int | None, *,
         cap = spec.max_ttl if rule.max_ttl is None else min(spec.max_ttl, rule.max_ttl)
         wanted = spec.default_ttl if requested_ttl is None else requested_ttl
         ttl = max(1, min(wanted, cap))
-        return Decision(True, role, rule.name,
-                        f"rule {rule.name!r} allows role {role!r} (ttl capped at {cap}s)", ttl)
+        return Decision(
+            True,
+            role,
+            rule.name,
+            f"rule {rule.name!r} allows role {role!r} (ttl capped at {cap}s)",
+            ttl,
+        )
     if applied:
-        return Decision(False, role, None,
-                        f"rules {', '.join(map(repr, applied))} apply to this identity "
-                        f"but none allows role {role!r}")
+        return Decision(
+            False,
+            role,
+            None,
+            f"rules {', '.join(map(repr, applied))} apply to this identity "
+            f"but none allows role {role!r}",
+        )
     return Decision(False, role, None, "no rule applies to this identity (deny by default)")

@@ -8,26 +8,13 @@ widen a grant. A value that does not fit refuses the request; it is never cleane
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 
+from broker.config import template_fields
 from broker.errors import NotPermitted
 from broker.identity.model import Identity
 
-from broker.config import TEMPLATE_FIELDS  # noqa: E402,F401
-SAFE_VALUE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
-
-
-def template_fields(template: str) -> set[str]:
-    """Names a template refers to; ``ValueError`` for a malformed template."""
-    names = set()
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if spec or conv or not name.isidentifier():
-            raise ValueError(f"template field {{{name}}} must be a plain name")
-        names.add(name)
-    return names
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def render_params(templates: Mapping[str, str], identity: Identity) -> dict[str, str]:

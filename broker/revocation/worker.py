@@ -42,9 +42,17 @@ class RetryLater(BrokerError):
 
 
 class RevocationWorker:
-    def __init__(self, settings: RevocationSettings, store: Store, vault: VaultClient,
-                 clock: Clock, *, on_terminated: Callable[[str], None] | None = None,
-                 worker_id: str | None = None, jitter: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        settings: RevocationSettings,
+        store: Store,
+        vault: VaultClient,
+        clock: Clock,
+        *,
+        on_terminated: Callable[[str], None] | None = None,
+        worker_id: str | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._vault = vault
@@ -60,8 +68,10 @@ class RevocationWorker:
     async def run_once(self) -> int:
         """Claim and process one batch of due jobs. Returns how many were claimed."""
         jobs = await self._store.claim_jobs(
-            worker=self.worker_id, limit=self._settings.batch,
-            claim_for=timedelta(seconds=self._settings.claim_timeout_s))
+            worker=self.worker_id,
+            limit=self._settings.batch,
+            claim_for=timedelta(seconds=self._settings.claim_timeout_s),
+        )
         if jobs:
             await asyncio.gather(*(self._process(job) for job in jobs))
         return len(jobs)
@@ -86,9 +96,14 @@ class RevocationWorker:
             self.completed += 1
             if self._on_terminated is not None:
                 self._on_terminated(job.instance_id)
-            log.info("instance terminated", extra={"instance_id": job.instance_id,
-                                                   "job_id": job.job_id,
-                                                   "attempts": job.attempts})
+            log.info(
+                "instance terminated",
+                extra={
+                    "instance_id": job.instance_id,
+                    "job_id": job.job_id,
+                    "attempts": job.attempts,
+                },
+            )
 
     async def _retry(self, job: JobView, exc: Exception) -> None:
         code = exc.code if isinstance(exc, BrokerError) else type(exc).__name__
@@ -97,25 +112,38 @@ class RevocationWorker:
         if waiting:
             delay = min(self._settings.tick_s * 2, 5.0)
         else:
-            delay = retry_delay(job.attempts, base=self._settings.backoff_base_s,
-                                cap=self._settings.backoff_max_s, jitter=self._jitter())
+            delay = retry_delay(
+                job.attempts,
+                base=self._settings.backoff_base_s,
+                cap=self._settings.backoff_max_s,
+                jitter=self._jitter(),
+            )
         next_at = self._clock.now() + timedelta(seconds=delay)
         try:
-            await self._store.reschedule_job(job, worker=self.worker_id, error=code,
-                                             next_attempt_at=next_at, give_up=give_up)
+            await self._store.reschedule_job(
+                job, worker=self.worker_id, error=code, next_attempt_at=next_at, give_up=give_up
+            )
         except BrokerError:
             # The store is down too: the claim lapses and the job is picked up again.
             log.warning("could not reschedule revocation job", extra={"job_id": job.job_id})
             return
         if give_up:
             self.failed += 1
-            log.error("revocation job failed", extra={"job_id": job.job_id,
-                                                      "instance_id": job.instance_id,
-                                                      "error": code, "attempts": job.attempts})
+            log.error(
+                "revocation job failed",
+                extra={
+                    "job_id": job.job_id,
+                    "instance_id": job.instance_id,
+                    "error": code,
+                    "attempts": job.attempts,
+                },
+            )
         elif not waiting:
             self.retried += 1
-            log.warning("revocation job will retry", extra={"job_id": job.job_id, "error": code,
-                                                            "delay_s": round(delay, 2)})
+            log.warning(
+                "revocation job will retry",
+                extra={"job_id": job.job_id, "error": code, "delay_s": round(delay, 2)},
+            )
 
     async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
         async with self._sem:
@@ -126,22 +154,24 @@ class RevocationWorker:
         recorded = [lease for lease in work.leases if lease.vault_lease_id]
         issuing = [lease for lease in work.leases if not lease.vault_lease_id]
 
-        await asyncio.gather(*(self._bounded(self._vault.revoke_lease, lease.vault_lease_id)
-                               for lease in recorded))
+        await asyncio.gather(
+            *(self._bounded(self._vault.revoke_lease, lease.vault_lease_id) for lease in recorded)
+        )
         for token in work.tokens:
             if token.revoked_at is None:
                 await self._vault.revoke_accessor(token.accessor)
                 await self._store.mark_token_revoked(token.accessor)
 
-        still = await asyncio.gather(*(self._bounded(self._vault.lease_exists,
-                                                     lease.vault_lease_id)
-                                       for lease in recorded))
-        gone = [lease.lease_id for lease, exists in zip(recorded, still, strict=True)
-                if not exists]
+        still = await asyncio.gather(
+            *(self._bounded(self._vault.lease_exists, lease.vault_lease_id) for lease in recorded)
+        )
+        gone = [lease.lease_id for lease, exists in zip(recorded, still, strict=True) if not exists]
         await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor=self.worker_id)
         if len(gone) != len(recorded):
-            raise UpstreamRejected(f"{len(recorded) - len(gone)} lease(s) still exist in Vault "
-                                   "after revocation", code="revocation_unconfirmed")
+            raise UpstreamRejected(
+                f"{len(recorded) - len(gone)} lease(s) still exist in Vault after revocation",
+                code="revocation_unconfirmed",
+            )
 
         if issuing:
             await self._settle_issuing(issuing)
@@ -154,5 +184,6 @@ class RevocationWorker:
             # A request is between writing its row and recording Vault's answer; once it
             # records, the lease is revoked on the next pass.
             raise RetryLater(f"{len(young)} lease(s) still being issued")
-        await self._store.mark_leases_ended([lease.lease_id for lease in issuing],
-                                            LeaseState.ABANDONED, actor=self.worker_id)
+        await self._store.mark_leases_ended(
+            [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.worker_id
+        )

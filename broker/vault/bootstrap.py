@@ -65,18 +65,25 @@ def _vault_connection_url(postgres_url: str) -> tuple[str, str | None, str | Non
     return f"postgresql://{quote(user)}@{host}:{port}/{db}?sslmode=disable", None, None
 
 
-def bootstrap_dev(addr: str, root_token: str, *, postgres_url: str | None,
-                  instance_token_ttl: int = 24 * 3600, role_max_ttl: int = 3600) -> DevVault:
+def bootstrap_dev(
+    addr: str,
+    root_token: str,
+    *,
+    postgres_url: str | None,
+    instance_token_ttl: int = 24 * 3600,
+    role_max_ttl: int = 3600,
+) -> DevVault:
     client = hvac.Client(url=addr, token=root_token, timeout=30)
     mounts = client.sys.list_mounted_secrets_engines()["data"]
 
     if f"{PKI_MOUNT}/" not in mounts:
-        client.sys.enable_secrets_engine("pki", path=PKI_MOUNT,
-                                         config={"max_lease_ttl": "87600h"})
-        client.secrets.pki.generate_root(type="internal", common_name="broker dev root CA",
-                                         extra_params={"ttl": "87600h", "key_type": "ec",
-                                                       "key_bits": 256},
-                                         mount_point=PKI_MOUNT)
+        client.sys.enable_secrets_engine("pki", path=PKI_MOUNT, config={"max_lease_ttl": "87600h"})
+        client.secrets.pki.generate_root(
+            type="internal",
+            common_name="broker dev root CA",
+            extra_params={"ttl": "87600h", "key_type": "ec", "key_bits": 256},
+            mount_point=PKI_MOUNT,
+        )
     client.secrets.pki.create_or_update_role(
         PKI_ROLE,
         extra_params={
@@ -106,28 +113,50 @@ def bootstrap_dev(addr: str, root_token: str, *, postgres_url: str | None,
         url, user, password = _vault_connection_url(postgres_url)
         extra = {"username": user, "password": password} if user else {}
         client.secrets.database.configure(
-            DB_CONNECTION, "postgresql-database-plugin", connection_url=url,
-            allowed_roles=[DB_ROLE], verify_connection=True, mount_point=DB_MOUNT,
-            password_authentication="scram-sha-256", **extra,
+            DB_CONNECTION,
+            "postgresql-database-plugin",
+            connection_url=url,
+            allowed_roles=[DB_ROLE],
+            verify_connection=True,
+            mount_point=DB_MOUNT,
+            password_authentication="scram-sha-256",
+            **extra,
         )
         client.secrets.database.create_role(
-            DB_ROLE, DB_CONNECTION,
+            DB_ROLE,
+            DB_CONNECTION,
             creation_statements=[
                 "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
                 "VALID UNTIL '{{expiration}}';",
             ],
-            default_ttl="10m", max_ttl=f"{role_max_ttl}s", mount_point=DB_MOUNT,
+            default_ttl="10m",
+            max_ttl=f"{role_max_ttl}s",
+            mount_point=DB_MOUNT,
         )
         database_configured = True
 
     client.sys.create_or_update_policy(INSTANCE_POLICY, instance_policy())
     client.sys.create_or_update_policy(BROKER_POLICY, broker_policy())
-    client.write(f"auth/token/roles/{TOKEN_ROLE}", allowed_policies=[INSTANCE_POLICY],
-                 disallowed_policies=["root", BROKER_POLICY], orphan=True, renewable=False,
-                 token_explicit_max_ttl=f"{instance_token_ttl}s", token_type="service",
-                 token_no_default_policy=True)
-    created = client.auth.token.create(policies=[BROKER_POLICY], no_parent=True,
-                                       ttl="768h", renewable=True,
-                                       display_name="broker", meta={"purpose": "broker"})
-    return DevVault(broker_token=created["auth"]["client_token"],
-                    database_configured=database_configured, ca_pem=ca_pem)
+    client.write(
+        f"auth/token/roles/{TOKEN_ROLE}",
+        allowed_policies=[INSTANCE_POLICY],
+        disallowed_policies=["root", BROKER_POLICY],
+        orphan=True,
+        renewable=False,
+        token_explicit_max_ttl=f"{instance_token_ttl}s",
+        token_type="service",
+        token_no_default_policy=True,
+    )
+    created = client.auth.token.create(
+        policies=[BROKER_POLICY],
+        no_parent=True,
+        ttl="768h",
+        renewable=True,
+        display_name="broker",
+        meta={"purpose": "broker"},
+    )
+    return DevVault(
+        broker_token=created["auth"]["client_token"],
+        database_configured=database_configured,
+        ca_pem=ca_pem,
+    )

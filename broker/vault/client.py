@@ -20,7 +20,7 @@ from broker.errors import UpstreamRejected, UpstreamUnavailable
 from broker.secret import Secret
 
 log = logging.getLogger(__name__)
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,255}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,255}\Z")
 
 
 def vault_path(*segments: str) -> str:
@@ -92,9 +92,12 @@ class VaultClient:
     async def login(self) -> None:
         auth = self._settings.auth
         if isinstance(auth, AppRoleAuth):
-            body = await self._call("POST", f"/v1/{vault_path('auth', auth.mount, 'login')}",
-                                    token=None, json={"role_id": auth.role_id,
-                                                      "secret_id": auth.secret_id.get_secret_value()})
+            body = await self._call(
+                "POST",
+                f"/v1/{vault_path('auth', auth.mount, 'login')}",
+                token=None,
+                json={"role_id": auth.role_id, "secret_id": auth.secret_id.get_secret_value()},
+            )
             info = body.get("auth") or {}
             self._token = Secret(info["client_token"])
             ttl = int(info.get("lease_duration") or 0)
@@ -114,19 +117,27 @@ class VaultClient:
 
     async def health(self) -> VaultHealth:
         try:
-            body = await self._call("GET", "/v1/sys/health", token=None,
-                                    params={"standbyok": "true", "sealedcode": "200",
-                                            "uninitcode": "200"})
+            body = await self._call(
+                "GET",
+                "/v1/sys/health",
+                token=None,
+                params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"},
+            )
         except (UpstreamUnavailable, UpstreamRejected):
             return VaultHealth(reachable=False)
-        return VaultHealth(reachable=True, initialized=bool(body.get("initialized")),
-                           sealed=bool(body.get("sealed", True)))
+        return VaultHealth(
+            reachable=True,
+            initialized=bool(body.get("initialized")),
+            sealed=bool(body.get("sealed", True)),
+        )
 
-    async def create_instance_token(self, *, instance_id: str, workload: str,
-                                    issuer: str) -> InstanceToken:
+    async def create_instance_token(
+        self, *, instance_id: str, workload: str, issuer: str
+    ) -> InstanceToken:
         ttl = self._settings.instance_token_ttl
         body = await self._call(
-            "POST", f"/v1/{vault_path('auth', 'token', 'create', self._settings.token_role)}",
+            "POST",
+            f"/v1/{vault_path('auth', 'token', 'create', self._settings.token_role)}",
             json={
                 "policies": list(self._settings.instance_policies),
                 "no_default_policy": True,
@@ -138,26 +149,36 @@ class VaultClient:
         )
         auth = body.get("auth") or {}
         if not auth.get("client_token") or not auth.get("accessor"):
-            raise UpstreamRejected("Vault returned no token for the instance",
-                                   code="vault_bad_response")
+            raise UpstreamRejected(
+                "Vault returned no token for the instance", code="vault_bad_response"
+            )
         duration = int(auth.get("lease_duration") or ttl)
-        return InstanceToken(token=Secret(auth["client_token"]), accessor=auth["accessor"],
-                             expires_at=self._clock.now() + timedelta(seconds=duration))
+        return InstanceToken(
+            token=Secret(auth["client_token"]),
+            accessor=auth["accessor"],
+            expires_at=self._clock.now() + timedelta(seconds=duration),
+        )
 
-    async def issue(self, token: Secret, method: str, path: str,
-                    body: dict[str, Any] | None) -> IssuedSecret:
-        resp = await self._call(method, f"/v1/{path}", token=token,
-                                json=body if method != "GET" else None)
+    async def issue(
+        self, token: Secret, method: str, path: str, body: dict[str, Any] | None
+    ) -> IssuedSecret:
+        resp = await self._call(
+            method, f"/v1/{path}", token=token, json=body if method != "GET" else None
+        )
         data = resp.get("data")
         if not isinstance(data, dict):
             raise UpstreamRejected("Vault returned no credential", code="vault_bad_response")
-        return IssuedSecret(lease_id=str(resp.get("lease_id") or ""),
-                            lease_duration=int(resp.get("lease_duration") or 0),
-                            renewable=bool(resp.get("renewable")), data=data)
+        return IssuedSecret(
+            lease_id=str(resp.get("lease_id") or ""),
+            lease_duration=int(resp.get("lease_duration") or 0),
+            renewable=bool(resp.get("renewable")),
+            data=data,
+        )
 
     async def renew_lease(self, lease_id: str, increment: int) -> tuple[int, bool]:
-        body = await self._call("PUT", "/v1/sys/leases/renew",
-                                json={"lease_id": lease_id, "increment": increment})
+        body = await self._call(
+            "PUT", "/v1/sys/leases/renew", json={"lease_id": lease_id, "increment": increment}
+        )
         return int(body.get("lease_duration") or 0), bool(body.get("renewable"))
 
     async def revoke_lease(self, lease_id: str) -> None:
@@ -180,9 +201,15 @@ class VaultClient:
 
     # -- transport -------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, *, token: Secret | None | bool = True,
-                    json: dict[str, Any] | None = None,
-                    params: dict[str, str] | None = None) -> dict[str, Any]:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: Secret | None | bool = True,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         if self._session is None:
             raise UpstreamUnavailable("the Vault client is not started")
         headers = {}
@@ -193,25 +220,32 @@ class VaultClient:
         elif isinstance(token, Secret):
             headers["X-Vault-Token"] = token.reveal()
         try:
-            async with self._session.request(method, path, json=json, params=params,
-                                             headers=headers) as resp:
+            async with self._session.request(
+                method, path, json=json, params=params, headers=headers
+            ) as resp:
                 status = resp.status
                 payload = await resp.json(content_type=None) if status != 204 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("vault call failed", extra={"path": _log_path(path),
-                                                    "error": type(exc).__name__})
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            log.warning(
+                "vault call failed", extra={"path": _log_path(path), "error": type(exc).__name__}
+            )
             raise UpstreamUnavailable("Vault is unreachable; retry shortly") from None
         if status in (200, 204):
             return payload or {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
         first = str(errors[0])[:200] if errors else ""
-        log.warning("vault refused a call", extra={"path": _log_path(path), "status": status,
-                                                   "vault_error": first})
+        log.warning(
+            "vault refused a call",
+            extra={"path": _log_path(path), "status": status, "vault_error": first},
+        )
         if status in (429, 500, 502, 503, 504):
             raise UpstreamUnavailable("Vault is unavailable or sealed; retry shortly")
         if status == 403:
-            raise UpstreamRejected("Vault refused the broker's request (permission denied); "
-                                   "check the broker's Vault policy", code="vault_permission_denied")
+            raise UpstreamRejected(
+                "Vault refused the broker's request (permission denied); "
+                "check the broker's Vault policy",
+                code="vault_permission_denied",
+            )
         if status == 400:
             raise UpstreamRejected("Vault refused the request", code="vault_invalid_request")
         raise UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
