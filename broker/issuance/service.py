@@ -139,8 +139,8 @@ class CredentialService:
             )
 
         duration, renewable = issued.lease_duration, issued.renewable
-        if not request.ttl_applied and renewable and duration > ttl_s:
-            # The engine takes no TTL per request: shorten the lease to what was granted.
+        if not request.ttl_applied and renewable and duration != ttl_s:
+            # The engine takes no TTL per request: set the lease to exactly what was granted.
             with contextlib.suppress(BrokerError):
                 duration, renewable = await self._vault.renew_lease(issued.lease_id, ttl_s)
 

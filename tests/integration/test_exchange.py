@@ -159,6 +159,12 @@ async def test_renew_extends_within_the_max_ttl_and_release_revokes(broker, http
                          headers=_bearer(token)) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["code"] == "lease_not_active"
 
+    # Longer than the Vault role's 10m default, within the broker role's 1h: granted as asked.
+    status, longer = await _issue(http, broker, "i-renew", "dev-db", ttl="25m")
+    assert status == 201
+    granted = (datetime.fromisoformat(longer["expires_at"])
+               - datetime.fromisoformat(longer["issued_at"])).total_seconds()
+    assert 1490 <= granted <= 1500
     status, pki = await _issue(http, broker, "i-renew", "dev-cert")
     async with http.post(f"{broker.url}/v1/leases/{pki['lease_id']}/renew",
                          headers=_bearer(token)) as resp:
