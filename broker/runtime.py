@@ -162,8 +162,8 @@ class Broker:
         await self.store.close()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
         try:
+            await self.start()
             await stop.wait()
         finally:
             await self.stop()

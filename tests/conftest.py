@@ -150,7 +150,11 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
         settings = broker_settings(store_url=store_url, bao=bao, setup=vault_setup,
                                    issuer=issuer, **kw)
         broker = Broker(settings)
-        await broker.start()
+        try:
+            await broker.start()
+        except BaseException:
+            await broker.stop()
+            raise
         started.append(broker)
         return RunningBroker(broker, settings, store_url, issuer)
 
