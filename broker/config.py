@@ -122,7 +122,7 @@ class VaultSettings(_Frozen):
     @field_validator("addr")
     @classmethod
     def _http(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+$", v.rstrip("/")):
+        if not re.match(r"^https?://[^/\s]+\Z", v.rstrip("/")):
             raise ValueError("expected http(s)://host:port with no path")
         return v.rstrip("/")
 

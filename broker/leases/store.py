@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, func, or_, select, text, update
+from sqlalchemy import bindparam, event, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -29,6 +29,32 @@ from broker.errors import BrokerError, InstanceTerminated, NotFound, StoreUnavai
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
 from broker.leases.states import InstanceState, JobState, LeaseState
+
+# The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
+# which per-call construction would recompute on every request.
+_I, _L, _T = m.Instance.__table__, m.Lease.__table__, m.InstanceToken.__table__
+_LOCK_SHARED = (
+    select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update(read=True)
+)
+_LOCK_EXCLUSIVE = select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update()
+_INSTANCE_STATE = select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid"))
+_INSERT_INSTANCE = _I.insert()
+_INSERT_LEASE = _L.insert()
+_INSERT_TOKEN = _T.insert()
+_COMPLETE_LEASE = (
+    update(_L)
+    .where(_L.c.lease_id == bindparam("b_lid"), _L.c.state == LeaseState.ISSUING.value)
+    .values(
+        state=LeaseState.ACTIVE.value,
+        vault_lease_id=bindparam("b_vlid"),
+        token_accessor=bindparam("b_acc"),
+        renewable=bindparam("b_ren"),
+        issued_at=bindparam("b_iss"),
+        expires_at=bindparam("b_exp"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(_L.c.instance_id)
+)
 
 
 def new_id(prefix: str) -> str:
@@ -263,17 +289,12 @@ class Store:
 
     async def _lock_instance(
         self, conn: AsyncConnection, instance_id: str, *, shared: bool = False
-    ) -> m.Instance | None:
-        """Lock the instance row. Issuance takes a shared lock (many requests of one
-        instance proceed together); termination an exclusive one, so it waits for every
-        in-flight ``issuing`` row to commit and its job then sees them all."""
-        stmt = (
-            select(m.Instance)
-            .where(m.Instance.instance_id == instance_id)
-            .with_for_update(read=shared)
-        )
-        row = (await conn.execute(stmt)).first()
-        return m.Instance(**row._mapping) if row else None
+    ) -> str | None:
+        """Lock the instance row and return its state. Issuance takes a shared lock (many
+        requests of one instance proceed together); termination an exclusive one, so it
+        waits for every in-flight ``issuing`` row to commit and its job then sees them all."""
+        stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
+        return (await conn.execute(stmt, {"b_iid": instance_id})).scalar()
 
     async def _ensure_instance(
         self,
@@ -284,28 +305,29 @@ class Store:
         state: InstanceState,
         *,
         shared: bool = False,
-    ) -> m.Instance:
-        inst = await self._lock_instance(conn, instance_id, shared=shared)
-        if inst is not None:
-            return inst
+    ) -> str:
+        current = await self._lock_instance(conn, instance_id, shared=shared)
+        if current is not None:
+            return current
         now = self._clock.now()
         try:
             async with conn.begin_nested():
                 await conn.execute(
-                    m.Instance.__table__.insert().values(
-                        instance_id=instance_id,
-                        issuer_name=issuer_name,
-                        workload=workload,
-                        state=state.value,
-                        created_at=now,
-                        updated_at=now,
-                    )
+                    _INSERT_INSTANCE,
+                    {
+                        "instance_id": instance_id,
+                        "issuer_name": issuer_name,
+                        "workload": workload,
+                        "state": state.value,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
                 )
         except IntegrityError:
             pass  # created concurrently: lock the winner's row below
-        inst = await self._lock_instance(conn, instance_id, shared=shared)
-        assert inst is not None
-        return inst
+        current = await self._lock_instance(conn, instance_id, shared=shared)
+        assert current is not None
+        return current
 
     async def begin_issue(
         self, *, instance_id: str, issuer_name: str, workload: str, role: str, kind: str
@@ -313,26 +335,27 @@ class Store:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance."""
         lease_id = new_id("l")
         async with self._tx() as conn:
-            inst = await self._ensure_instance(
+            state = await self._ensure_instance(
                 conn, instance_id, issuer_name, workload, InstanceState.ACTIVE, shared=True
             )
-            if inst.state != InstanceState.ACTIVE:
+            if state != InstanceState.ACTIVE:
                 raise InstanceTerminated(
                     f"instance {instance_id} is terminated; no new credential is issued for it"
                 )
             now = self._clock.now()
             await conn.execute(
-                m.Lease.__table__.insert().values(
-                    lease_id=lease_id,
-                    instance_id=instance_id,
-                    workload=workload,
-                    role=role,
-                    kind=kind,
-                    state=LeaseState.ISSUING.value,
-                    renewable=False,
-                    created_at=now,
-                    updated_at=now,
-                )
+                _INSERT_LEASE,
+                {
+                    "lease_id": lease_id,
+                    "instance_id": instance_id,
+                    "workload": workload,
+                    "role": role,
+                    "kind": kind,
+                    "state": LeaseState.ISSUING.value,
+                    "renewable": False,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
         return lease_id
 
@@ -340,16 +363,17 @@ class Store:
         """Record an instance token's accessor before the token is used.
         Raises ``InstanceTerminated`` if the instance was tombstoned meanwhile."""
         async with self._tx() as conn:
-            inst = await self._lock_instance(conn, instance_id, shared=True)
-            if inst is None or inst.state != InstanceState.ACTIVE:
+            state = await self._lock_instance(conn, instance_id, shared=True)
+            if state != InstanceState.ACTIVE:
                 raise InstanceTerminated(f"instance {instance_id} is terminated")
             await conn.execute(
-                m.InstanceToken.__table__.insert().values(
-                    accessor=accessor,
-                    instance_id=instance_id,
-                    created_at=self._clock.now(),
-                    expires_at=expires_at,
-                )
+                _INSERT_TOKEN,
+                {
+                    "accessor": accessor,
+                    "instance_id": instance_id,
+                    "created_at": self._clock.now(),
+                    "expires_at": expires_at,
+                },
             )
 
     async def complete_issue(
@@ -368,29 +392,24 @@ class Store:
         async with self._tx() as conn:
             instance_id = (
                 await conn.execute(
-                    update(m.Lease)
-                    .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
-                    .values(
-                        state=LeaseState.ACTIVE.value,
-                        vault_lease_id=vault_lease_id,
-                        token_accessor=accessor,
-                        renewable=renewable,
-                        issued_at=issued_at,
-                        expires_at=expires_at,
-                        updated_at=self._clock.now(),
-                    )
-                    .returning(m.Lease.instance_id)
+                    _COMPLETE_LEASE,
+                    {
+                        "b_lid": lease_id,
+                        "b_vlid": vault_lease_id,
+                        "b_acc": accessor,
+                        "b_ren": renewable,
+                        "b_iss": issued_at,
+                        "b_exp": expires_at,
+                        "b_now": self._clock.now(),
+                    },
                 )
             ).scalar()
             if instance_id is None:
                 raise StoreUnavailable(
-                    "the lease row changed while it was being issued", code="lease_state_conflict"
+                    "the lease row changed while it was being issued",
+                    code="lease_state_conflict",
                 )
-            state = (
-                await conn.execute(
-                    select(m.Instance.state).where(m.Instance.instance_id == instance_id)
-                )
-            ).scalar()
+            state = (await conn.execute(_INSTANCE_STATE, {"b_iid": instance_id})).scalar()
             return bool(state == InstanceState.ACTIVE.value)
 
     async def fail_issue(self, lease_id: str, code: str) -> None:
@@ -465,10 +484,10 @@ class Store:
         Idempotent: a second call returns the existing job (re-queued if it had failed)."""
         now = self._clock.now()
         async with self._tx() as conn:
-            inst = await self._ensure_instance(
+            state = await self._ensure_instance(
                 conn, instance_id, None, None, InstanceState.TERMINATING
             )
-            if inst.state == InstanceState.ACTIVE:
+            if state == InstanceState.ACTIVE:
                 await conn.execute(
                     update(m.Instance)
                     .where(m.Instance.instance_id == instance_id)

@@ -4,7 +4,6 @@ unreachable, the lease store unreachable. Bounded in time."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import yaml
 from broker.dev.environment import dev_settings_dict
 from broker.dev.openbao import free_port
 from broker.leases.db import migrate
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
 from tests.harness.proxy import FaultProxy
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -66,7 +65,7 @@ async def test_worker_killed_between_vault_revoke_and_store_update_finishes_afte
         data = dev_settings_dict(
             vault_addr=vault_proxy.url, broker_token="${TEST_BROKER_VAULT_TOKEN}",
             issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
-            store_url=store_url, admin_token_sha256=hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
+            store_url=store_url, admin_token_sha256=ADMIN_SHA,
             with_database=True, port=port)
         data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "backoff_base_s": 0.2}
         config = workdir / f"crash-{name}.yaml"

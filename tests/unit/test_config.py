@@ -216,13 +216,29 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
      "roles.dev-cert: params.common_name: unknown template field(s) ['email']; "
      "use ['instance_id', 'issuer_name', 'workload']", "template-unknown-field"),
     (_set(["roles", "dev-cert", "params", "common_name"], "{workload.__class__}.x"),
-     "roles.dev-cert: params.common_name: unknown template field(s) ['workload.__class__']; "
-     "use ['instance_id', 'issuer_name', 'workload']", "template-attribute-access"),
+     "roles.dev-cert: params.common_name: template field {workload.__class__} must be a "
+     "plain name like {workload}", "template-attribute-access"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload[0]}.x"),
+     "roles.dev-cert: params.common_name: template field {workload[0]} must be a "
+     "plain name like {workload}", "template-index-access"),
     (_set(["roles", "dev-cert", "params", "common_name"], "{}.x"),
-     "roles.dev-cert: params.common_name: unknown template field(s) ['']; "
-     "use ['instance_id', 'issuer_name', 'workload']", "template-positional"),
+     "roles.dev-cert: params.common_name: template field {} must be a plain name like "
+     "{workload}", "template-positional"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{0}.x"),
+     "roles.dev-cert: params.common_name: template field {0} must be a plain name like "
+     "{workload}", "template-numbered-positional"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload!r}.x"),
+     "roles.dev-cert: params.common_name: template field {workload} must be a plain name "
+     "like {workload}", "template-conversion"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload:>80}.x"),
+     "roles.dev-cert: params.common_name: template field {workload} must be a plain name "
+     "like {workload}", "template-format-spec"),
     (_set(["roles", "dev-cert", "params", "common_name"], "{workload.x"),
-     "roles.dev-cert: params.common_name: malformed template", "template-malformed"),
+     "roles.dev-cert: params.common_name: malformed template (unbalanced braces)",
+     "template-malformed"),
+    (_set(["roles", "dev-cert", "params", "common_name"], "{workload}}.x"),
+     "roles.dev-cert: params.common_name: malformed template (unbalanced braces)",
+     "template-stray-closing-brace"),
     (_set(["roles", "dev-cert", "params", "ttl"], "1h"),
      "roles.dev-cert: params: engine pki takes no ttl (allowed: alt_names, common_name)",
      "pki-param-not-taken"),
@@ -255,6 +271,11 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_set(["policy", "rules", 0, "allow"], []),
      "policy.rules.0.allow: Tuple should have at least 1 item after validation, not 0",
      "rule-allow-empty"),
+    (_set(["policy", "rules", 0, "max_ttl"], 0),
+     "policy.rules.0.max_ttl: Input should be greater than or equal to 1", "rule-max-ttl-zero"),
+    (_set(["policy", "rules", 0, "max_ttl"], "0s"),
+     "policy.rules.0.max_ttl: Input should be greater than or equal to 1",
+     "rule-max-ttl-zero-duration"),
     (_set(["policy", "rules", 0, "match"], [{"identity": "workload", "exact": "a",
                                                "glob": "a*"}]),
      "policy.rules.0.match.0: set exactly one of 'exact', 'glob', 'regex', 'one_of'",
@@ -338,15 +359,8 @@ def test_top_level_not_a_mapping() -> None:
     assert str(info.value) == "x.yaml: expected a mapping at the top level"
 
 
-TRAILING_NEWLINE_SEGMENT = (
-    "BUG broker/config.py:33 _VAULT_SEGMENT (and _NAME at :32) end in '$' and are used with "
-    ".match(), so 'pki\\n' is accepted as roles.*.mount / vault_role / vault.token_role and "
-    "kept verbatim (newline inside a Vault path); use \\Z or fullmatch"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason=TRAILING_NEWLINE_SEGMENT)
+# Regression guard: _VAULT_SEGMENT once ended in '$' (used with .match()), so 'pki\n' was
+# accepted and kept verbatim (a newline inside a Vault path).
 @pytest.mark.parametrize(
     ("path", "expected_line"),
     [(["roles", "dev-cert", "mount"],
@@ -367,16 +381,14 @@ def test_vault_segment_with_trailing_newline_refused(path: list[str],
     assert f"  {expected_line}" in errors_of(data)
 
 
-TEMPLATE_SPEC_REASON = (
-    "BUG broker/config.py:200-218 RoleSettings._params only checks the field *names* of a "
-    "template, so '{workload!r}' / '{workload:>80}' load fine, while "
-    "broker/policy/templates.py:27 template_fields raises ValueError for any conversion or "
-    "format spec: the role can never be issued and each request fails with an unhandled "
-    "ValueError (HTTP 500) instead of the config being refused at start-up"
-)
+def test_vault_addr_with_trailing_newline_refused() -> None:
+    data = base()
+    data["vault"]["addr"] = "http://127.0.0.1:8200\n"
+    assert "  vault.addr: expected http(s)://host:port with no path" in errors_of(data)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=TEMPLATE_SPEC_REASON)
+# Regression guard: RoleSettings once checked only the field *names* of a template, so
+# '{workload!r}' / '{workload:>80}' loaded fine and then failed every request (HTTP 500).
 @pytest.mark.parametrize("template", ["{workload!r}.x", "{workload:>80}.x"],
                          ids=["conversion", "format-spec"])
 def test_template_that_cannot_render_is_refused_at_load(template: str) -> None:
@@ -511,9 +523,11 @@ def test_load_settings_file_missing(tmp_path: Path) -> None:
     assert str(info.value) == f"{p}: cannot read: No such file or directory"
 
 
-def test_load_settings_file_top_level_list(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["- a\n- b\n", "[]\n", "0\n", "false\n", "''\n", "x\n"],
+                         ids=["list", "empty-list", "zero", "false", "empty-string", "scalar"])
+def test_load_settings_file_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
     p = tmp_path / "broker.yaml"
-    p.write_text("- a\n- b\n")
+    p.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_settings_file(p)
     assert str(info.value) == f"{p}: expected a mapping at the top level"

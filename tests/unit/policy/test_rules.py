@@ -267,7 +267,10 @@ TTL_CASES = [
     (1, None, 1, 3600, "one-second"),
     (0, None, 1, 3600, "zero-raised-to-one"),
     (-5, None, 1, 3600, "negative-raised-to-one"),
-    (None, 0, 1, 0, "zero-rule-cap-still-one"),
+    # A rule max_ttl of 0 is now refused at load (test_config.py rule-max-ttl-zero); the
+    # smallest rule cap, 1s, still grants 1s.
+    (None, 1, 1, 1, "smallest-rule-cap-one-second"),
+    (3600, "1s", 1, 1, "request-capped-by-one-second-rule-cap"),
 ]
 
 

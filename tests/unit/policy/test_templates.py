@@ -106,22 +106,15 @@ UNSAFE_VALUES = [
     ("", "empty"),
 ]
 
-TRAILING_NEWLINE_REASON = (
-    "BUG broker/policy/templates.py:18/39 SAFE_VALUE ends in '$' and is used with .match(), "
-    "so a value followed by one trailing newline ('payments\\n') passes; render_params "
-    "returns 'payments\\n.workload.internal' instead of refusing (use \\Z or fullmatch)"
-)
-UNSAFE_VALUES_WITH_BUGS = [pytest.param(v, id=i) for v, i in UNSAFE_VALUES] + [
-    pytest.param("payments\n", id="trailing-newline",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                                         reason=TRAILING_NEWLINE_REASON)),
-    pytest.param("a" * 63 + "\n", id="63-chars-plus-newline",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                                         reason=TRAILING_NEWLINE_REASON)),
+# Regression guard: SAFE_VALUE once ended in '$' (used with .match()), so 'payments\n'
+# passed and rendered as 'payments\n.workload.internal'.
+UNSAFE_VALUE_PARAMS = [pytest.param(v, id=i) for v, i in UNSAFE_VALUES] + [
+    pytest.param("payments\n", id="trailing-newline"),
+    pytest.param("a" * 63 + "\n", id="63-chars-plus-newline"),
 ]
 
 
-@pytest.mark.parametrize("value", UNSAFE_VALUES_WITH_BUGS)
+@pytest.mark.parametrize("value", UNSAFE_VALUE_PARAMS)
 def test_unsafe_workload_refused(value: str) -> None:
     with pytest.raises(NotPermitted) as info:
         render_params(CN, make_identity(workload=value))
@@ -133,7 +126,7 @@ def test_unsafe_workload_refused(value: str) -> None:
         "it must be letters, digits, '-' or '_' (at most 63)")
 
 
-@pytest.mark.parametrize("value", UNSAFE_VALUES_WITH_BUGS)
+@pytest.mark.parametrize("value", UNSAFE_VALUE_PARAMS)
 def test_unsafe_instance_id_refused(value: str) -> None:
     templates = {"common_name": "{workload}.workload.internal",
                  "alt_names": "{instance_id}.node.internal"}
@@ -169,12 +162,20 @@ def test_template_fields(template: str, expected: set[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "template",
-    ["{workload!r}", "{workload:>80}", "{workload.__class__}", "{workload[0]}", "{}", "{0}",
-     "{workload"],
+    ("template", "message"),
+    [("{workload!r}", "template field {workload} must be a plain name like {workload}"),
+     ("{workload:>80}", "template field {workload} must be a plain name like {workload}"),
+     ("{workload.__class__}",
+      "template field {workload.__class__} must be a plain name like {workload}"),
+     ("{workload[0]}", "template field {workload[0]} must be a plain name like {workload}"),
+     ("{}", "template field {} must be a plain name like {workload}"),
+     ("{0}", "template field {0} must be a plain name like {workload}"),
+     ("{workload", "malformed template (unbalanced braces)"),
+     ("workload}", "malformed template (unbalanced braces)")],
     ids=["conversion", "format-spec", "attribute", "index", "positional", "numbered",
-         "unclosed"],
+         "unclosed", "stray-closing"],
 )
-def test_template_fields_refuses_non_plain_fields(template: str) -> None:
-    with pytest.raises(ValueError):
+def test_template_fields_refuses_non_plain_fields(template: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
         template_fields(template)
+    assert str(info.value) == message
