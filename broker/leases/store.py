@@ -28,7 +28,13 @@ from broker.config import StoreSettings
 from broker.errors import BrokerError, InstanceTerminated, NotFound, StoreUnavailable
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
-from broker.leases.states import InstanceState, JobState, LeaseState
+from broker.leases.states import (
+    LIVE_LEASE_STATES,
+    InstanceState,
+    JobState,
+    LeaseState,
+    lease_can_move,
+)
 
 # The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
 # which per-call construction would recompute on every request.
@@ -37,7 +43,6 @@ _LOCK_SHARED = (
     select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update(read=True)
 )
 _LOCK_EXCLUSIVE = select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update()
-_INSTANCE_STATE = select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid"))
 _INSERT_INSTANCE = _I.insert()
 _INSERT_LEASE = _L.insert()
 _INSERT_TOKEN = _T.insert()
@@ -55,6 +60,12 @@ _COMPLETE_LEASE = (
     )
     .returning(_L.c.instance_id)
 )
+
+
+class LeasesStillLive(BrokerError):
+    """A job cannot finish: some lease of its instance is still issuing or active."""
+
+    code = "revocation_waiting"
 
 
 def new_id(prefix: str) -> str:
@@ -409,7 +420,9 @@ class Store:
                     "the lease row changed while it was being issued",
                     code="lease_state_conflict",
                 )
-            state = (await conn.execute(_INSTANCE_STATE, {"b_iid": instance_id})).scalar()
+            # Under the shared lock: termination (exclusive) either committed before, and we
+            # see it, or waits for this transaction, and its job then sees the active row.
+            state = await self._lock_instance(conn, instance_id, shared=True)
             return bool(state == InstanceState.ACTIVE.value)
 
     async def fail_issue(self, lease_id: str, code: str) -> None:
@@ -469,7 +482,9 @@ class Store:
                 update(m.Lease)
                 .where(
                     m.Lease.lease_id == lease_id,
-                    m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]),
+                    m.Lease.state.in_(
+                        [o.value for o in LIVE_LEASE_STATES if lease_can_move(o, state)]
+                    ),
                 )
                 .values(state=state.value, ended_at=now, updated_at=now)
             )
@@ -620,8 +635,16 @@ class Store:
     async def mark_leases_ended(
         self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
     ) -> int:
+        """Move leases to a final state, only from a state that may lead to it: a lease
+        that became ``active`` meanwhile is never marked ``abandoned``. Returns how many
+        rows moved; the caller compares with how many it asked for."""
         if not lease_ids:
             return 0
+        sources = [
+            old.value
+            for old in (LeaseState.ISSUING, LeaseState.ACTIVE)
+            if lease_can_move(old, state)
+        ]
         now = self._clock.now()
         async with self._tx() as conn:
             total = 0
@@ -629,10 +652,7 @@ class Store:
                 chunk = list(lease_ids[chunk_start : chunk_start + 500])
                 res = await conn.execute(
                     update(m.Lease)
-                    .where(
-                        m.Lease.lease_id.in_(chunk),
-                        m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]),
-                    )
+                    .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources))
                     .values(state=state.value, ended_at=now, updated_at=now)
                 )
                 total += res.rowcount
@@ -642,8 +662,22 @@ class Store:
             return total
 
     async def finish_job(self, job: JobView, *, worker: str) -> bool:
+        """Mark the job done and the instance terminated. Refuses (``LeasesStillLive``)
+        while any lease of the instance is still ``issuing`` or ``active``: the instance
+        row is locked first, so no request can complete a lease between check and finish."""
         now = self._clock.now()
         async with self._tx() as conn:
+            await self._lock_instance(conn, job.instance_id)
+            live = (
+                await conn.execute(
+                    select(func.count()).where(
+                        m.Lease.instance_id == job.instance_id,
+                        m.Lease.state.in_([LeaseState.ISSUING.value, LeaseState.ACTIVE.value]),
+                    )
+                )
+            ).scalar_one()
+            if live:
+                raise LeasesStillLive(f"{live} lease(s) of the instance are still live")
             res = await conn.execute(
                 update(m.RevocationJob)
                 .where(
@@ -672,8 +706,17 @@ class Store:
             return True
 
     async def reschedule_job(
-        self, job: JobView, *, worker: str, error: str, next_attempt_at: datetime, give_up: bool
+        self,
+        job: JobView,
+        *,
+        worker: str,
+        error: str,
+        next_attempt_at: datetime,
+        give_up: bool,
+        count_attempt: bool = True,
     ) -> None:
+        """Put a claimed job back. ``count_attempt=False`` for a pass that only waited (for
+        in-flight issuance): it takes back the attempt its claim counted."""
         now = self._clock.now()
         state = JobState.FAILED if give_up else JobState.PENDING
         async with self._tx() as conn:
@@ -686,6 +729,7 @@ class Store:
                 )
                 .values(
                     state=state.value,
+                    attempts=m.RevocationJob.attempts - (0 if count_attempt else 1),
                     next_attempt_at=next_attempt_at,
                     last_error=error[:255],
                     claimed_until=None,

@@ -29,7 +29,7 @@ from broker.clock import Clock
 from broker.config import RevocationSettings
 from broker.errors import BrokerError, UpstreamRejected
 from broker.leases.states import LeaseState
-from broker.leases.store import JobView, LeaseView, Store
+from broker.leases.store import JobView, LeasesStillLive, LeaseView, Store
 from broker.revocation.backoff import retry_delay
 from broker.vault import VaultClient
 
@@ -92,7 +92,15 @@ class RevocationWorker:
             log.exception("revocation job crashed", extra={"job_id": job.job_id})
             await self._retry(job, exc)
             return
-        if await self._store.finish_job(job, worker=self.worker_id):
+        try:
+            finished = await self._store.finish_job(job, worker=self.worker_id)
+        except LeasesStillLive as exc:
+            await self._retry(job, RetryLater(exc.message))
+            return
+        except BrokerError as exc:
+            await self._retry(job, exc)
+            return
+        if finished:
             self.completed += 1
             if self._on_terminated is not None:
                 self._on_terminated(job.instance_id)
@@ -121,7 +129,12 @@ class RevocationWorker:
         next_at = self._clock.now() + timedelta(seconds=delay)
         try:
             await self._store.reschedule_job(
-                job, worker=self.worker_id, error=code, next_attempt_at=next_at, give_up=give_up
+                job,
+                worker=self.worker_id,
+                error=code,
+                next_attempt_at=next_at,
+                give_up=give_up,
+                count_attempt=not waiting,
             )
         except BrokerError:
             # The store is down too: the claim lapses and the job is picked up again.
@@ -184,6 +197,9 @@ class RevocationWorker:
             # A request is between writing its row and recording Vault's answer; once it
             # records, the lease is revoked on the next pass.
             raise RetryLater(f"{len(young)} lease(s) still being issued")
-        await self._store.mark_leases_ended(
+        moved = await self._store.mark_leases_ended(
             [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.worker_id
         )
+        if moved != len(issuing):
+            # Some completed meanwhile and are active now: revoke them on the next pass.
+            raise RetryLater(f"{len(issuing) - moved} lease(s) completed while being settled")

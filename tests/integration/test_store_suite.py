@@ -13,7 +13,7 @@ from broker.config import StoreSettings
 from broker.errors import InstanceTerminated, NotFound
 from broker.leases.db import migrate
 from broker.leases.states import LeaseState
-from broker.leases.store import Store
+from broker.leases.store import LeasesStillLive, Store
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -149,14 +149,51 @@ async def test_retry_is_not_claimed_before_its_time(stores):
     assert len(await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))) == 1
 
 
-async def test_end_lease_and_bulk_mark(stores):
+async def _complete(store: Store, lease_id: str, n: int) -> None:
+    await store.complete_issue(lease_id, vault_lease_id=f"v/{lease_id}", accessor="acc",
+                               renewable=True, issued_at=T0, expires_at=T0)
+
+
+async def test_end_lease_and_bulk_mark_follow_the_state_machine(stores):
     s = await stores()
     ids = [await _issue(s, "i-bulk") for _ in range(3)]
+    for n, lease_id in enumerate(ids[:2]):
+        await _complete(s, lease_id, n)
+    # An issuing lease cannot be released; an active one can, once.
+    assert await s.end_lease(ids[2], LeaseState.RELEASED, actor="workload") is False
     assert await s.end_lease(ids[0], LeaseState.RELEASED, actor="workload") is True
     assert await s.end_lease(ids[0], LeaseState.RELEASED, actor="workload") is False
-    assert await s.mark_leases_ended(ids, LeaseState.REVOKED, actor="w") == 2
+    # Revoked only from active; abandoned only from issuing — never over an active lease.
+    assert await s.mark_leases_ended(ids, LeaseState.ABANDONED, actor="w") == 1
+    assert await s.mark_leases_ended(ids, LeaseState.REVOKED, actor="w") == 1
     states = {x.lease_id: x.state for x in await s.list_leases(instance="i-bulk")}
-    assert states == {ids[0]: "released", ids[1]: "revoked", ids[2]: "revoked"}
+    assert states == {ids[0]: "released", ids[1]: "revoked", ids[2]: "abandoned"}
+
+
+async def test_a_job_cannot_finish_while_a_lease_is_live(stores):
+    s = await stores()
+    lease_id = await _issue(s, "i-live")
+    await s.request_termination("i-live", actor="admin")
+    [job] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    with pytest.raises(LeasesStillLive):
+        await s.finish_job(job, worker="w")
+    await s.complete_issue(lease_id, vault_lease_id="v/live", accessor="a", renewable=False,
+                           issued_at=T0, expires_at=T0)  # completes after termination
+    with pytest.raises(LeasesStillLive):
+        await s.finish_job(job, worker="w")
+    await s.mark_leases_ended([lease_id], LeaseState.REVOKED, actor="w")
+    assert await s.finish_job(job, worker="w") is True
+
+
+async def test_a_pass_that_only_waited_is_not_an_attempt(stores):
+    s = await stores()
+    await s.request_termination("i-wait", actor="admin")
+    for _ in range(5):
+        [job] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+        await s.reschedule_job(job, worker="w", error="revocation_waiting",
+                               next_attempt_at=T0, give_up=False, count_attempt=False)
+    [job] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    assert job.attempts == 1
 
 
 async def test_list_filters_and_pagination(stores):
