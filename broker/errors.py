@@ -77,11 +77,13 @@ class PayloadTooLarge(BrokerError):
 class UpstreamRejected(BrokerError):
     status = 502
     code = "vault_rejected"
+    vault_errors: tuple[str, ...] = ()  # Vault's own error strings: for decisions, not callers
 
 
 class UpstreamUnavailable(BrokerError):
     status = 503
     code = "vault_unavailable"
+    outcome_unknown = False  # True when the request may have reached Vault and taken effect
 
 
 class StoreUnavailable(BrokerError):

@@ -75,6 +75,7 @@ class Broker:
             vault=self.vault,
             tokens=self.tokens,
             clock=self.clock,
+            deadline_s=self.settings.revocation.issuing_timeout_s / 2,
         )
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         rev = self.settings.revocation

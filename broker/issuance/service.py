@@ -14,6 +14,7 @@ the revocation job (and, later, the reconciler) revoke it through that token.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from broker.errors import (
     NotFound,
     NotPermitted,
     UpstreamRejected,
+    UpstreamUnavailable,
 )
 from broker.identity.model import Identity
 from broker.issuance.tokens import InstanceTokens
@@ -85,6 +87,7 @@ class CredentialService:
         vault: VaultClient,
         tokens: InstanceTokens,
         clock: Clock,
+        deadline_s: float = 60.0,
     ) -> None:
         self._roles = roles
         self._rules = rules
@@ -92,6 +95,9 @@ class CredentialService:
         self._vault = vault
         self._tokens = tokens
         self._clock = clock
+        # Bounds token, issue and TTL adjustment together; shorter than the revocation
+        # worker's issuing_timeout_s so a job never gives up on a request still running.
+        self._deadline_s = deadline_s
 
     def _permit(self, identity: Identity, role: str, ttl: int | None) -> tuple[RoleSettings, int]:
         decision = decide(identity, role, ttl, roles=self._roles, rules=self._rules)
@@ -121,13 +127,32 @@ class CredentialService:
             kind=engine.kind,
         )
         try:
-            token = await self._tokens.for_lease(identity, ttl_s)
-            issued = await self._vault.issue(
-                token.token, request.method, request.path, request.body
+            async with asyncio.timeout(self._deadline_s):
+                token = await self._tokens.for_lease(identity, ttl_s)
+                issued = await self._vault.issue(
+                    token.token, request.method, request.path, request.body
+                )
+                duration, renewable = issued.lease_duration, issued.renewable
+                if issued.lease_id and not request.ttl_applied and renewable and duration != ttl_s:
+                    # The engine takes no TTL per request: set the lease to exactly what was
+                    # granted, or hand nothing out (fail closed).
+                    try:
+                        duration, renewable = await self._vault.renew_lease(issued.lease_id, ttl_s)
+                    except BrokerError:
+                        await self._take_back(issued.lease_id)
+                        raise
+        except TimeoutError:
+            log.warning(
+                "issuance passed its deadline; outcome in Vault unknown",
+                extra={"lease_id": lease_id, "role": role_name},
             )
+            raise UpstreamUnavailable("Vault did not answer in time; retry shortly") from None
         except BrokerError as exc:
-            with contextlib.suppress(BrokerError):
-                await self._store.fail_issue(lease_id, exc.code)
+            if not getattr(exc, "outcome_unknown", False):
+                with contextlib.suppress(BrokerError):
+                    await self._store.fail_issue(lease_id, exc.code)
+            # Otherwise Vault may have issued under the (recorded) instance token: the row
+            # stays ``issuing`` so termination and reconciliation treat it as possibly live.
             raise
         if not issued.lease_id:
             with contextlib.suppress(BrokerError):
@@ -137,12 +162,6 @@ class CredentialService:
                 "configure the Vault role to generate leases",
                 code="vault_no_lease",
             )
-
-        duration, renewable = issued.lease_duration, issued.renewable
-        if not request.ttl_applied and renewable and duration != ttl_s:
-            # The engine takes no TTL per request: set the lease to exactly what was granted.
-            with contextlib.suppress(BrokerError):
-                duration, renewable = await self._vault.renew_lease(issued.lease_id, ttl_s)
 
         issued_at = self._clock.now()
         expires_at = issued_at + timedelta(seconds=duration)
@@ -158,10 +177,11 @@ class CredentialService:
         except BrokerError:
             # Not recorded, so not handed out: take it back from Vault now. If that fails
             # too, the ``issuing`` row and the recorded token let the reconciler find it.
-            with contextlib.suppress(BrokerError):
-                await self._vault.revoke_lease(issued.lease_id)
+            await self._take_back(issued.lease_id)
             raise
         if not still_active:
+            # Recorded, so the revocation job confirms it; revoking now just saves time.
+            await self._take_back(issued.lease_id)
             raise InstanceTerminated(
                 f"instance {identity.instance_id} was terminated while the credential was issued"
             )
@@ -176,6 +196,15 @@ class CredentialService:
             expires_at=expires_at,
             renewable=renewable,
         )
+
+    async def _take_back(self, vault_lease_id: str) -> None:
+        try:
+            await self._vault.revoke_lease(vault_lease_id)
+        except BrokerError:
+            log.warning(
+                "could not revoke a credential that was not handed out",
+                extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
+            )
 
     async def _own_lease(self, identity: Identity, lease_id: str) -> LeaseView:
         lease = await self._store.get_lease(lease_id)

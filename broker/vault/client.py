@@ -48,6 +48,9 @@ class IssuedSecret:
     renewable: bool
     data: dict[str, Any]
 
+    def __repr__(self) -> str:  # data holds credential values: never printed
+        return f"IssuedSecret(lease_id={self.lease_id!r}, lease_duration={self.lease_duration})"
+
 
 @dataclass(frozen=True)
 class VaultHealth:
@@ -190,8 +193,10 @@ class VaultClient:
         try:
             await self._call("PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id})
         except UpstreamRejected as exc:
-            if exc.code == "vault_invalid_request":
-                return False  # Vault answers 400 "invalid lease" for one that is gone
+            # Only Vault's own word that the lease is unknown proves it gone; any other
+            # 400 (or a proxy's) is no evidence, and the caller retries.
+            if exc.code == "vault_invalid_request" and exc.vault_errors == ("invalid lease",):
+                return False
             raise
         return True
 
@@ -229,7 +234,11 @@ class VaultClient:
             log.warning(
                 "vault call failed", extra={"path": _log_path(path), "error": type(exc).__name__}
             )
-            raise UpstreamUnavailable("Vault is unreachable; retry shortly") from None
+            err = UpstreamUnavailable("Vault is unreachable; retry shortly")
+            # A refused connection sent nothing; a timeout or a dropped connection may
+            # have reached Vault, which may have acted on it.
+            err.outcome_unknown = not isinstance(exc, aiohttp.ClientConnectorError)
+            raise err from None
         if status in (200, 204):
             return payload or {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
@@ -247,7 +256,9 @@ class VaultClient:
                 code="vault_permission_denied",
             )
         if status == 400:
-            raise UpstreamRejected("Vault refused the request", code="vault_invalid_request")
+            err = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
+            err.vault_errors = tuple(str(e) for e in errors or ())
+            raise err
         raise UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
 
 
