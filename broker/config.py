@@ -7,11 +7,13 @@ path of the offending key and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -46,6 +48,26 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENGINE_PARAMS = {"pki": frozenset({"common_name", "alt_names"}), "database": frozenset()}
 REQUIRED_PARAMS = {"pki": frozenset({"common_name"}), "database": frozenset()}
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+# An instance token is reused only while it outlives a new lease by this much.
+TOKEN_REUSE_MARGIN_S = 60
+
+
+def _loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_tls_off_loopback(url: str) -> str:
+    """Plain http only to this machine: a JWKS fetched in clear text lets anyone on the
+    path inject signing keys, and the broker's Vault token would travel in clear text."""
+    if url.startswith("http://") and not _loopback(url):
+        raise ValueError("expected https:// (plain http is allowed only to a loopback address)")
+    return url
 
 
 def template_fields(template: str) -> set[str]:
@@ -124,7 +146,7 @@ class VaultSettings(_Frozen):
     def _http(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+\Z", v.rstrip("/")):
             raise ValueError("expected http(s)://host:port with no path")
-        return v.rstrip("/")
+        return require_tls_off_loopback(v.rstrip("/"))
 
     @field_validator("token_role")
     @classmethod
@@ -154,8 +176,10 @@ class IssuerSettings(_Frozen):
     issuer: str
     jwks_uri: str
     algorithms: tuple[str, ...] = ("RS256", "ES256")
-    instance_claim: ClaimPath = ("sub",)
-    workload_claim: ClaimPath = ("sub",)
+    # Required, not defaulted to `sub`: `sub` often names a service account shared by
+    # every pod, which would make all of them one instance.
+    instance_claim: ClaimPath
+    workload_claim: ClaimPath
     leeway_s: int = Field(30, ge=0, le=MAX_LEEWAY_SECONDS)
     max_token_lifetime: Duration = 3600
     max_token_bytes: int = Field(16 * 1024, ge=512, le=64 * 1024)
@@ -191,7 +215,7 @@ class IssuerSettings(_Frozen):
     def _uri(cls, v: str) -> str:
         if not re.match(r"^https?://", v):
             raise ValueError("expected an http(s) URL")
-        return v
+        return require_tls_off_loopback(v)
 
 
 class IdentitySettings(_Frozen):
@@ -352,10 +376,11 @@ class Settings(_Frozen):
             if not _NAME.match(name):
                 raise ValueError(f"role name {name!r}: expected lower-case letters, digits, _ or -")
         longest = max(r.max_ttl for r in self.roles.values())
-        if longest > self.vault.instance_token_ttl:
+        if longest + TOKEN_REUSE_MARGIN_S > self.vault.instance_token_ttl:
             raise ValueError(
-                "vault.instance_token_ttl must be at least the longest role max_ttl "
-                f"({longest}s): a lease cannot outlive the instance token it was read with"
+                "vault.instance_token_ttl must exceed the longest role max_ttl "
+                f"({longest}s) by at least {TOKEN_REUSE_MARGIN_S}s: a lease cannot outlive "
+                "the instance token it was read with"
             )
         for idx, rule in enumerate(self.policy.rules):
             for role in rule.allow:

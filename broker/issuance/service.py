@@ -206,16 +206,23 @@ class CredentialService:
                 extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
             )
 
-    async def _own_lease(self, identity: Identity, lease_id: str) -> LeaseView:
+    async def _own_lease(self, identity: Identity, lease_id: str) -> tuple[LeaseView, str]:
+        """The caller's own lease and its instance's state. Another instance's lease, or
+        one under the same instance id from another issuer, is indistinguishable from one
+        that does not exist."""
         lease = await self._store.get_lease(lease_id)
-        if lease.instance_id != identity.instance_id:
-            # Another instance's lease is indistinguishable from one that does not exist.
+        instance = await self._store.instance_state(lease.instance_id)
+        if (
+            lease.instance_id != identity.instance_id
+            or instance is None
+            or instance[1] != identity.issuer_name
+        ):
             raise NotFound("no such lease", code="lease_not_found")
-        return lease
+        return lease, instance[0]
 
     async def renew(self, identity: Identity, lease_id: str, ttl: int | None) -> dict[str, Any]:
-        lease = await self._own_lease(identity, lease_id)
-        if await self._store.instance_state(identity.instance_id) != "active":
+        lease, instance_state = await self._own_lease(identity, lease_id)
+        if instance_state != "active":
             raise InstanceTerminated(f"instance {identity.instance_id} is terminated")
         if lease.state != LeaseState.ACTIVE:
             raise BadRequest(
@@ -254,7 +261,7 @@ class CredentialService:
         return decision.ttl
 
     async def release(self, identity: Identity, lease_id: str) -> None:
-        lease = await self._own_lease(identity, lease_id)
+        lease, _ = await self._own_lease(identity, lease_id)
         if lease.state in (
             LeaseState.RELEASED,
             LeaseState.REVOKED,

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from broker.clock import Clock
+from broker.config import TOKEN_REUSE_MARGIN_S
 from broker.errors import InstanceTerminated
 from broker.identity.model import Identity
 from broker.vault import InstanceToken
@@ -32,7 +33,7 @@ class TokenRecorder(Protocol):
 
 
 # A token is reused only if it outlives the new lease by this much.
-REUSE_MARGIN = timedelta(seconds=60)
+REUSE_MARGIN = timedelta(seconds=TOKEN_REUSE_MARGIN_S)
 
 
 class InstanceTokens:

@@ -25,7 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from broker.clock import Clock
 from broker.config import StoreSettings
-from broker.errors import BrokerError, InstanceTerminated, NotFound, StoreUnavailable
+from broker.errors import (
+    BrokerError,
+    InstanceTerminated,
+    NotFound,
+    NotPermitted,
+    StoreUnavailable,
+)
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
 from broker.leases.states import (
@@ -39,10 +45,9 @@ from broker.leases.states import (
 # The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
 # which per-call construction would recompute on every request.
 _I, _L, _T = m.Instance.__table__, m.Lease.__table__, m.InstanceToken.__table__
-_LOCK_SHARED = (
-    select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update(read=True)
-)
-_LOCK_EXCLUSIVE = select(_I.c.state).where(_I.c.instance_id == bindparam("b_iid")).with_for_update()
+_WHICH_INSTANCE = select(_I.c.state, _I.c.issuer_name).where(_I.c.instance_id == bindparam("b_iid"))
+_LOCK_SHARED = _WHICH_INSTANCE.with_for_update(read=True)
+_LOCK_EXCLUSIVE = _WHICH_INSTANCE.with_for_update()
 _INSERT_INSTANCE = _I.insert()
 _INSERT_LEASE = _L.insert()
 _INSERT_TOKEN = _T.insert()
@@ -239,12 +244,17 @@ class Store:
             self._engine = None
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+    async def _tx(self, *, readonly: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction. ``readonly`` ones on SQLite start with a plain ``BEGIN``, so
+        queries (admin listings, metrics) never hold the write lock issuance needs."""
         if self._engine is None:
             raise StoreUnavailable("the lease store is not started")
         try:
-            async with self._engine.begin() as conn:
-                yield conn
+            async with self._engine.connect() as conn:
+                if readonly:
+                    await conn.execution_options(broker_readonly=True)
+                async with conn.begin():
+                    yield conn
         except BrokerError:
             raise
         except IntegrityError:
@@ -256,11 +266,11 @@ class Store:
             ) from None
 
     async def ping(self) -> None:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             await conn.execute(text("SELECT 1"))
 
     async def current_revision(self) -> str | None:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             try:
                 row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
             except SQLAlchemyError:
@@ -300,12 +310,13 @@ class Store:
 
     async def _lock_instance(
         self, conn: AsyncConnection, instance_id: str, *, shared: bool = False
-    ) -> str | None:
-        """Lock the instance row and return its state. Issuance takes a shared lock (many
+    ) -> tuple[str, str | None] | None:
+        """Lock the instance row; its (state, issuer). Issuance takes a shared lock (many
         requests of one instance proceed together); termination an exclusive one, so it
         waits for every in-flight ``issuing`` row to commit and its job then sees them all."""
         stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
-        return (await conn.execute(stmt, {"b_iid": instance_id})).scalar()
+        row = (await conn.execute(stmt, {"b_iid": instance_id})).first()
+        return (row[0], row[1]) if row else None
 
     async def _ensure_instance(
         self,
@@ -316,7 +327,7 @@ class Store:
         state: InstanceState,
         *,
         shared: bool = False,
-    ) -> str:
+    ) -> tuple[str, str | None]:
         current = await self._lock_instance(conn, instance_id, shared=shared)
         if current is not None:
             return current
@@ -346,9 +357,16 @@ class Store:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance."""
         lease_id = new_id("l")
         async with self._tx() as conn:
-            state = await self._ensure_instance(
+            state, owner = await self._ensure_instance(
                 conn, instance_id, issuer_name, workload, InstanceState.ACTIVE, shared=True
             )
+            if owner is not None and owner != issuer_name:
+                # Instance ids are unique only per issuer: the first issuer to present one
+                # owns it, and no other issuer's token can draw on or end its leases.
+                raise NotPermitted(
+                    f"instance {instance_id} belongs to another issuer",
+                    code="instance_issuer_mismatch",
+                )
             if state != InstanceState.ACTIVE:
                 raise InstanceTerminated(
                     f"instance {instance_id} is terminated; no new credential is issued for it"
@@ -374,8 +392,8 @@ class Store:
         """Record an instance token's accessor before the token is used.
         Raises ``InstanceTerminated`` if the instance was tombstoned meanwhile."""
         async with self._tx() as conn:
-            state = await self._lock_instance(conn, instance_id, shared=True)
-            if state != InstanceState.ACTIVE:
+            current = await self._lock_instance(conn, instance_id, shared=True)
+            if current is None or current[0] != InstanceState.ACTIVE:
                 raise InstanceTerminated(f"instance {instance_id} is terminated")
             await conn.execute(
                 _INSERT_TOKEN,
@@ -422,8 +440,8 @@ class Store:
                 )
             # Under the shared lock: termination (exclusive) either committed before, and we
             # see it, or waits for this transaction, and its job then sees the active row.
-            state = await self._lock_instance(conn, instance_id, shared=True)
-            return bool(state == InstanceState.ACTIVE.value)
+            current = await self._lock_instance(conn, instance_id, shared=True)
+            return current is not None and current[0] == InstanceState.ACTIVE.value
 
     async def fail_issue(self, lease_id: str, code: str) -> None:
         async with self._tx() as conn:
@@ -441,19 +459,17 @@ class Store:
     # -- lease operations by their owner ---------------------------------------------
 
     async def get_lease(self, lease_id: str) -> LeaseView:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             row = (await conn.execute(select(m.Lease).where(m.Lease.lease_id == lease_id))).first()
         if row is None:
             raise NotFound("no such lease", code="lease_not_found")
         return _lease_view(m.Lease(**row._mapping))
 
-    async def instance_state(self, instance_id: str) -> str | None:
-        async with self._tx() as conn:
-            return (
-                await conn.execute(
-                    select(m.Instance.state).where(m.Instance.instance_id == instance_id)
-                )
-            ).scalar()
+    async def instance_state(self, instance_id: str) -> tuple[str, str | None] | None:
+        """(state, issuer) of an instance, or None if the broker never saw it."""
+        async with self._tx(readonly=True) as conn:
+            row = (await conn.execute(_WHICH_INSTANCE, {"b_iid": instance_id})).first()
+        return (row[0], row[1]) if row else None
 
     async def set_lease_expiry(self, lease_id: str, expires_at: datetime, renewable: bool) -> None:
         async with self._tx() as conn:
@@ -499,7 +515,7 @@ class Store:
         Idempotent: a second call returns the existing job (re-queued if it had failed)."""
         now = self._clock.now()
         async with self._tx() as conn:
-            state = await self._ensure_instance(
+            state, _ = await self._ensure_instance(
                 conn, instance_id, None, None, InstanceState.TERMINATING
             )
             if state == InstanceState.ACTIVE:
@@ -605,7 +621,7 @@ class Store:
             return [_job_view(m.RevocationJob(**r._mapping)) for r in rows]
 
     async def revocation_work(self, instance_id: str) -> RevocationWork:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             toks = (
                 await conn.execute(
                     select(m.InstanceToken).where(m.InstanceToken.instance_id == instance_id)
@@ -751,7 +767,7 @@ class Store:
     async def get_instance(
         self, instance_id: str
     ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             row = (
                 await conn.execute(select(m.Instance).where(m.Instance.instance_id == instance_id))
             ).first()
@@ -797,7 +813,7 @@ class Store:
         if after is not None:
             stmt = stmt.where(m.Lease.lease_id > after)
         stmt = stmt.order_by(m.Lease.lease_id).limit(limit)
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             rows = (await conn.execute(stmt)).all()
         return [_lease_view(m.Lease(**r._mapping)) for r in rows]
 
@@ -806,12 +822,12 @@ class Store:
         if state is not None:
             stmt = stmt.where(m.RevocationJob.state == state)
         stmt = stmt.order_by(m.RevocationJob.created_at).limit(limit)
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             rows = (await conn.execute(stmt)).all()
         return [_job_view(m.RevocationJob(**r._mapping)) for r in rows]
 
     async def audit_events(self, instance_id: str) -> list[dict[str, Any]]:
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             rows = (
                 await conn.execute(
                     select(m.AuditEvent)
@@ -832,7 +848,7 @@ class Store:
 
     async def counts(self) -> StoreCounts:
         now = self._clock.now()
-        async with self._tx() as conn:
+        async with self._tx(readonly=True) as conn:
             lease_rows = (
                 await conn.execute(
                     select(m.Lease.role, m.Lease.state, func.count())
@@ -882,4 +898,5 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        readonly = conn.get_execution_options().get("broker_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

@@ -164,9 +164,19 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
      "vault-unknown-key"),
     (_del(["vault"]), "vault: Field required", "vault-missing"),
     (_set(["vault", "instance_token_ttl"], "30m"),
-     "(top level): vault.instance_token_ttl must be at least the longest role max_ttl "
-     "(3600s): a lease cannot outlive the instance token it was read with",
+     "(top level): vault.instance_token_ttl must exceed the longest role max_ttl "
+     "(3600s) by at least 60s: a lease cannot outlive the instance token it was read with",
      "instance-token-ttl-shorter-than-role-max"),
+    (_set(["vault", "instance_token_ttl"], "1h"),
+     "(top level): vault.instance_token_ttl must exceed the longest role max_ttl "
+     "(3600s) by at least 60s: a lease cannot outlive the instance token it was read with",
+     "instance-token-ttl-equal-to-role-max"),
+    (_set(["vault", "addr"], "http://vault.internal:8200"),
+     "vault.addr: expected https:// (plain http is allowed only to a loopback address)",
+     "vault-plain-http-off-loopback"),
+    (_set(["identity", "issuers", 0, "jwks_uri"], "http://idp.example/jwks"),
+     "identity.issuers.0.jwks_uri: expected https:// (plain http is allowed only to a "
+     "loopback address)", "jwks-plain-http-off-loopback"),
     (_set(["vault", "instance_token_ttl"], "1 day"),
      "vault.instance_token_ttl: expected a duration like '10m', '1h30m' or a number of "
      "seconds, got '1 day'", "instance-token-ttl-unparseable"),
@@ -414,9 +424,9 @@ def test_template_that_cannot_render_is_refused_at_load(template: str) -> None:
 ENV_CASES = [
     (["vault", "auth", "token"], "${BROKER_TOKEN}", {"BROKER_TOKEN": "s.fromEnv"},
      lambda s: s.vault.auth.token.get_secret_value(), "s.fromEnv", "whole-value"),
-    (["vault", "addr"], "http://${VAULT_HOST}:${VAULT_PORT}",
+    (["vault", "addr"], "https://${VAULT_HOST}:${VAULT_PORT}",
      {"VAULT_HOST": "vault.internal", "VAULT_PORT": "8200"},
-     lambda s: s.vault.addr, "http://vault.internal:8200", "two-refs-in-one-value"),
+     lambda s: s.vault.addr, "https://vault.internal:8200", "two-refs-in-one-value"),
     (["identity", "issuers", 0, "jwks_uri"], "${JWKS}", {"JWKS": "https://idp/jwks"},
      lambda s: s.identity.issuers[0].jwks_uri, "https://idp/jwks", "inside-list"),
     (["vault", "auth", "token"], "${OUTER}", {"OUTER": "${INNER}", "INNER": "nope"},
