@@ -188,6 +188,10 @@ class IssuerSettings(_Frozen):
     jwks_stale_max_s: int = Field(3600, ge=0, le=7 * 86400)
     jwks_max_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
     jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+    # jti_once: a token carrying a jti is good for one exchange; require_jti_once: and a
+    # token without one is refused; off: no replay record (tokens stay bound to their
+    # instance, their lifetime and the tombstone).
+    replay: Literal["jti_once", "require_jti_once", "off"] = "jti_once"
 
     _lifetime = field_validator("max_token_lifetime", mode="before")(_seconds)
     _paths = field_validator("instance_claim", "workload_claim", mode="before")(_claim_path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 from aiohttp import web
@@ -19,7 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from broker.api.app import ApiDeps, build_app
 from broker.api.metrics import Metrics
 from broker.clock import Clock, SystemClock
-from broker.config import Settings
+from broker.config import MAX_LEEWAY_SECONDS, Settings
 from broker.errors import ConfigError
 from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
@@ -144,6 +144,7 @@ class Broker:
         try:
             await self.vault.maintain_login()
             self.tokens.prune()
+            await self.store.prune_seen_tokens(grace=timedelta(seconds=MAX_LEEWAY_SECONDS))
             assert self.verifier is not None
             await asyncio.gather(*(c.refresh_if_stale() for c in self.verifier.caches))
         except Exception:  # noqa: BLE001

@@ -79,6 +79,9 @@ def dev_settings_dict(
                     "workload_claim": "workload",
                     "leeway_s": 30,
                     "max_token_lifetime": "1h",
+                    # One dev token drives the whole walk-through; configured issuers
+                    # default to jti_once (a token is good for one exchange).
+                    "replay": "off",
                     "jwks_refresh_cooldown_s": 5,
                 }
             ],

@@ -59,6 +59,7 @@ class DevIssuer:
             "jti": secrets.token_hex(12),
         }
         payload.update(claims or {})
+        payload = {k: v for k, v in payload.items() if v is not None}  # None: leave it out
         return jwt.encode(payload, self.key, algorithm="ES256", headers={"kid": self.kid})
 
     # -- persistence, so that `broker dev token` can sign for the running dev server ----

@@ -19,6 +19,8 @@ class Identity:
     expires_at: datetime
     claims: Mapping[str, Any]
     jti: str | None = None
+    # Set when the issuer's replay mode applies: the exchange consumes this token id.
+    replay_key: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What may be shown back to an admin: no signature, no raw token."""

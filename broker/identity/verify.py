@@ -266,6 +266,14 @@ def verify_signed(
         )
     subject = claims.get("sub")
     jti = claims.get("jti")
+    if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= 255):
+        raise refuse("token_claim_invalid", "the token's jti is not a short string")
+    if jti is None and issuer.replay == "require_jti_once":
+        raise refuse(
+            "token_missing_claim",
+            "the token has no 'jti' claim; this issuer "
+            "requires one so that each token is used once",
+        )
     return Identity(
         issuer_name=issuer.name,
         issuer=issuer.issuer,
@@ -275,5 +283,6 @@ def verify_signed(
         issued_at=datetime.fromtimestamp(iat, UTC),
         expires_at=datetime.fromtimestamp(exp, UTC),
         claims=MappingProxyType(claims),
-        jti=jti if isinstance(jti, str) else None,
+        jti=jti,
+        replay_key=jti if issuer.replay != "off" else None,
     )

@@ -125,6 +125,9 @@ class CredentialService:
             workload=identity.workload,
             role=role_name,
             kind=engine.kind,
+            token_id=(identity.replay_key, identity.expires_at)
+            if identity.replay_key is not None
+            else None,
         )
         try:
             async with asyncio.timeout(self._deadline_s):
@@ -150,7 +153,9 @@ class CredentialService:
         except BrokerError as exc:
             if not getattr(exc, "outcome_unknown", False):
                 with contextlib.suppress(BrokerError):
-                    await self._store.fail_issue(lease_id, exc.code)
+                    await self._store.fail_issue(
+                        lease_id, exc.code, release_token_id=self._token_id(identity)
+                    )
             # Otherwise Vault may have issued under the (recorded) instance token: the row
             # stays ``issuing`` so termination and reconciliation treat it as possibly live.
             raise
@@ -196,6 +201,12 @@ class CredentialService:
             expires_at=expires_at,
             renewable=renewable,
         )
+
+    @staticmethod
+    def _token_id(identity: Identity) -> tuple[str, str] | None:
+        if identity.replay_key is None:
+            return None
+        return identity.issuer_name, identity.replay_key
 
     async def _take_back(self, vault_lease_id: str) -> None:
         try:

@@ -112,6 +112,18 @@ class RevocationJob(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class SeenToken(Base):
+    """A token id (``jti``) that was used for an exchange, kept until the token expires:
+    in the shared store, so that every replica refuses its replay."""
+
+    __tablename__ = "seen_tokens"
+    __table_args__ = (Index("ix_seen_tokens_expires", "expires_at"),)
+
+    issuer_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_instance", "instance_id"),)

@@ -31,6 +31,7 @@ from broker.errors import (
     NotFound,
     NotPermitted,
     StoreUnavailable,
+    TokenInvalid,
 )
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
@@ -51,6 +52,7 @@ _LOCK_EXCLUSIVE = _WHICH_INSTANCE.with_for_update()
 _INSERT_INSTANCE = _I.insert()
 _INSERT_LEASE = _L.insert()
 _INSERT_TOKEN = _T.insert()
+_INSERT_SEEN = m.SeenToken.__table__.insert()
 _COMPLETE_LEASE = (
     update(_L)
     .where(_L.c.lease_id == bindparam("b_lid"), _L.c.state == LeaseState.ISSUING.value)
@@ -352,9 +354,18 @@ class Store:
         return current
 
     async def begin_issue(
-        self, *, instance_id: str, issuer_name: str, workload: str, role: str, kind: str
+        self,
+        *,
+        instance_id: str,
+        issuer_name: str,
+        workload: str,
+        role: str,
+        kind: str,
+        token_id: tuple[str, datetime] | None = None,
     ) -> str:
-        """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance."""
+        """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
+        and a token id (``jti``, with the token's expiry) already used for an exchange: the
+        id is recorded in this same transaction, so a refused request records nothing."""
         lease_id = new_id("l")
         async with self._tx() as conn:
             state, owner = await self._ensure_instance(
@@ -371,6 +382,22 @@ class Store:
                 raise InstanceTerminated(
                     f"instance {instance_id} is terminated; no new credential is issued for it"
                 )
+            if token_id is not None:
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(
+                            _INSERT_SEEN,
+                            {
+                                "issuer_name": issuer_name,
+                                "jti": token_id[0],
+                                "expires_at": token_id[1],
+                            },
+                        )
+                except IntegrityError:
+                    raise TokenInvalid(
+                        "this token was already used for an exchange; get a fresh token",
+                        code="token_replayed",
+                    ) from None
             now = self._clock.now()
             await conn.execute(
                 _INSERT_LEASE,
@@ -443,8 +470,19 @@ class Store:
             current = await self._lock_instance(conn, instance_id, shared=True)
             return current is not None and current[0] == InstanceState.ACTIVE.value
 
-    async def fail_issue(self, lease_id: str, code: str) -> None:
+    async def fail_issue(
+        self, lease_id: str, code: str, *, release_token_id: tuple[str, str] | None = None
+    ) -> None:
+        """Nothing was issued. ``release_token_id`` (issuer, jti) gives the token back, so a
+        workload can retry a refused exchange with the token it has."""
         async with self._tx() as conn:
+            if release_token_id is not None:
+                await conn.execute(
+                    m.SeenToken.__table__.delete().where(
+                        m.SeenToken.issuer_name == release_token_id[0],
+                        m.SeenToken.jti == release_token_id[1],
+                    )
+                )
             await conn.execute(
                 update(m.Lease)
                 .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
@@ -845,6 +883,17 @@ class Store:
             }
             for r in rows
         ]
+
+    async def prune_seen_tokens(self, *, grace: timedelta) -> int:
+        """Forget token ids whose tokens expired (plus the leeway): they can no longer be
+        presented, so their replay record has done its work."""
+        async with self._tx() as conn:
+            res = await conn.execute(
+                m.SeenToken.__table__.delete().where(
+                    m.SeenToken.expires_at < self._clock.now() - grace
+                )
+            )
+            return int(res.rowcount or 0)
 
     async def counts(self) -> StoreCounts:
         now = self._clock.now()

@@ -207,3 +207,22 @@ async def test_list_filters_and_pagination(stores):
     assert [x.lease_id for x in page1 + page2] == made
     assert await s.list_leases(instance="nope") == []
     assert [x.state for x in await s.list_leases(state="issuing")] == ["issuing"] * 3
+
+
+async def test_token_ids_are_refused_twice_and_forgotten_after_expiry(stores):
+    from broker.errors import TokenInvalid
+
+    s = await stores()
+    await s.begin_issue(instance_id="i-jti", issuer_name="dev", workload="w", role="r",
+                        kind="k", token_id=("jti-1", T0 + timedelta(minutes=5)))
+    with pytest.raises(TokenInvalid) as replay:
+        await s.begin_issue(instance_id="i-jti", issuer_name="dev", workload="w", role="r",
+                            kind="k", token_id=("jti-1", T0 + timedelta(minutes=5)))
+    assert replay.value.code == "token_replayed"
+    # The same id from another issuer is another token.
+    await s.begin_issue(instance_id="i-jti2", issuer_name="other", workload="w", role="r",
+                        kind="k", token_id=("jti-1", T0 + timedelta(minutes=5)))
+    assert len(await s.list_leases()) == 2  # the replay wrote no lease
+    assert await s.prune_seen_tokens(grace=timedelta(seconds=60)) == 0
+    stores.clock.advance(5 * 60 + 61)
+    assert await s.prune_seen_tokens(grace=timedelta(seconds=60)) == 2
