@@ -33,22 +33,46 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _value(identity: Identity, cond: ClaimMatch) -> Any:
-    if cond.identity is not None:
-        return getattr(identity, cond.identity)
-    assert cond.claim is not None
-    return claim_at(identity.claims, cond.claim)
+@lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
 
 
-def condition_holds(identity: Identity, cond: ClaimMatch) -> bool:
-    value = _value(identity, cond)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return False  # absent, list, object: never matches a string condition
-    text = str(value)
+class _Values:
+    """The text each condition compares, resolved once per decision: a thousand rules on
+    the same claim path walk that path once."""
+
+    __slots__ = ("_identity", "_memo")
+
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+        self._memo: dict[object, str | None] = {}
+
+    def text(self, cond: ClaimMatch) -> str | None:
+        key = cond.identity if cond.identity is not None else cond.claim
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        if cond.identity is not None:
+            value: Any = getattr(self._identity, cond.identity)
+        else:
+            assert cond.claim is not None
+            value = claim_at(self._identity.claims, cond.claim)
+        # Absent, a list, an object or a boolean never matches a string condition.
+        text = None if isinstance(value, bool) or not isinstance(value, str | int) else str(value)
+        self._memo[key] = text
+        return text
+
+
+def _holds(values: _Values, cond: ClaimMatch) -> bool:
+    text = values.text(cond)
+    if text is None:
+        return False
     if cond.exact is not None:
         return text == cond.exact
     if cond.glob is not None:
-        return fnmatch.fnmatchcase(text, cond.glob)
+        return _glob(cond.glob).match(text) is not None
     if cond.regex is not None:
         return _regex(cond.regex).fullmatch(text) is not None
     if cond.one_of is not None:
@@ -56,10 +80,18 @@ def condition_holds(identity: Identity, cond: ClaimMatch) -> bool:
     return False
 
 
-def rule_applies(identity: Identity, rule: Rule) -> bool:
+def condition_holds(identity: Identity, cond: ClaimMatch) -> bool:
+    return _holds(_Values(identity), cond)
+
+
+def _applies(values: _Values, identity: Identity, rule: Rule) -> bool:
     if rule.issuer is not None and rule.issuer != identity.issuer_name:
         return False
-    return all(condition_holds(identity, c) for c in rule.match)
+    return all(_holds(values, c) for c in rule.match)
+
+
+def rule_applies(identity: Identity, rule: Rule) -> bool:
+    return _applies(_Values(identity), identity, rule)
 
 
 def decide(
@@ -74,8 +106,9 @@ def decide(
     if spec is None:
         return Decision(False, role, None, f"role {role!r} does not exist")
     applied = []
+    values = _Values(identity)
     for rule in rules:
-        if not rule_applies(identity, rule):
+        if not _applies(values, identity, rule):
             continue
         applied.append(rule.name)
         if role not in rule.allow:
