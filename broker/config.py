@@ -171,15 +171,75 @@ def _claim_path(value: Any) -> ClaimPath:
     return tuple(value)
 
 
+class ClaimJoin(_Frozen):
+    """Several claims joined into one value, e.g. a CI run id and its attempt."""
+
+    join: tuple[ClaimPath, ...] = Field(min_length=1, max_length=8)
+    separator: Literal[":", "/", "-", ".", "_"] = ":"
+
+    @field_validator("join", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        if not isinstance(v, list | tuple):
+            raise ValueError("expected a list of claim paths")
+        return tuple(_claim_path(p) for p in v)
+
+
+ClaimSpec = ClaimPath | ClaimJoin
+
+
+def _claim_spec(value: Any) -> Any:
+    if value is None or isinstance(value, ClaimJoin):
+        return value
+    if isinstance(value, dict):
+        return ClaimJoin.model_validate(value)
+    return _claim_path(value)
+
+
+IssuerKind = Literal["generic", "kubernetes", "spiffe", "github_actions", "gcp"]
+
+# What each kind of issuer's tokens look like: where the instance id and the workload
+# name are, unless the configuration says otherwise.
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Projected, audience-bound service-account tokens: one pod = one instance.
+    "kubernetes": {
+        "instance_claim": ("kubernetes.io", "pod", "uid"),
+        "workload_claim": {
+            "join": [["kubernetes.io", "namespace"], ["kubernetes.io", "serviceaccount", "name"]],
+            "separator": "/",
+        },
+    },
+    # JWT-SVIDs: the SPIFFE ID names the workload (and, by default, the instance).
+    "spiffe": {"instance_claim": ("sub",), "workload_claim": ("sub",)},
+    # GitHub Actions OIDC: one run attempt = one instance.
+    "github_actions": {
+        "instance_claim": {"join": [["run_id"], ["run_attempt"]], "separator": "-"},
+        "workload_claim": ("repository",),
+    },
+    # GCP compute identity tokens (format=full): one VM = one instance.
+    "gcp": {
+        "instance_claim": ("google", "compute_engine", "instance_id"),
+        "workload_claim": ("email",),
+    },
+}
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}\Z")
+
+
 class IssuerSettings(_Frozen):
     name: str
     issuer: str
-    jwks_uri: str
+    kind: IssuerKind = "generic"
+    # Where the keys come from: exactly one of these.
+    jwks_uri: str | None = None
+    discovery: bool = False  # <issuer>/.well-known/openid-configuration → jwks_uri
+    jwks_file: Path | None = None
+    spiffe_bundle_uri: str | None = None
+    trust_domain: str | None = None  # spiffe: the only trust domain this issuer vouches for
     algorithms: tuple[str, ...] = ("RS256", "ES256")
-    # Required, not defaulted to `sub`: `sub` often names a service account shared by
-    # every pod, which would make all of them one instance.
-    instance_claim: ClaimPath
-    workload_claim: ClaimPath
+    # Required for a generic issuer, not defaulted to `sub`: `sub` often names a service
+    # account shared by every pod, which would make all of them one instance.
+    instance_claim: ClaimSpec
+    workload_claim: ClaimSpec
     leeway_s: int = Field(30, ge=0, le=MAX_LEEWAY_SECONDS)
     max_token_lifetime: Duration = 3600
     max_token_bytes: int = Field(16 * 1024, ge=512, le=64 * 1024)
@@ -194,7 +254,14 @@ class IssuerSettings(_Frozen):
     replay: Literal["jti_once", "require_jti_once", "off"] = "jti_once"
 
     _lifetime = field_validator("max_token_lifetime", mode="before")(_seconds)
-    _paths = field_validator("instance_claim", "workload_claim", mode="before")(_claim_path)
+    _specs = field_validator("instance_claim", "workload_claim", mode="before")(_claim_spec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in KIND_DEFAULTS:
+            data = {**KIND_DEFAULTS[data["kind"]], **data}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -214,12 +281,58 @@ class IssuerSettings(_Frozen):
             )
         return v
 
-    @field_validator("jwks_uri")
+    @field_validator("jwks_uri", "spiffe_bundle_uri")
     @classmethod
-    def _uri(cls, v: str) -> str:
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not re.match(r"^https?://", v):
             raise ValueError("expected an http(s) URL")
         return require_tls_off_loopback(v)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _td(cls, v: str | None) -> str | None:
+        if v is not None and not _TRUST_DOMAIN.match(v):
+            raise ValueError("expected a SPIFFE trust domain (lower-case letters, digits, . _ -)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> IssuerSettings:
+        sources = [
+            name
+            for name, on in (
+                ("jwks_uri", self.jwks_uri is not None),
+                ("discovery", self.discovery),
+                ("jwks_file", self.jwks_file is not None),
+                ("spiffe_bundle_uri", self.spiffe_bundle_uri is not None),
+            )
+            if on
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "set exactly one key source: jwks_uri, discovery: true, jwks_file or "
+                f"spiffe_bundle_uri (got {', '.join(sources) or 'none'})"
+            )
+        if self.discovery:
+            if not re.match(r"^https?://", self.issuer):
+                raise ValueError("discovery needs an http(s) issuer URL")
+            require_tls_off_loopback(self.issuer)
+        if self.kind == "spiffe" and self.trust_domain is None:
+            raise ValueError("a spiffe issuer needs trust_domain")
+        if self.kind != "spiffe" and self.trust_domain is not None:
+            raise ValueError("trust_domain applies to kind: spiffe only")
+        return self
+
+    @property
+    def key_source(self) -> str:
+        if self.jwks_file is not None:
+            return "file"
+        if self.discovery:
+            return "discovery"
+        if self.spiffe_bundle_uri is not None:
+            return "spiffe_bundle"
+        return "jwks_uri"
 
 
 class IdentitySettings(_Frozen):

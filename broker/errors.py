@@ -26,6 +26,7 @@ from __future__ import annotations
 class BrokerError(Exception):
     status: int = 500
     code: str = "internal_error"
+    issuer_name: str | None = None  # set on identity refusals once the issuer is known
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

@@ -106,6 +106,8 @@ class Broker:
             max_body_bytes=self.settings.server.max_body_bytes,
             kick_revocation=self.kick_revocation,
             forget_instance=self.tokens.forget,
+            roles=self.settings.roles,
+            rules=self.settings.policy.rules,
         )
         app = build_app(deps)
         self._runner = web.AppRunner(

@@ -8,7 +8,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from aiohttp import web
 from broker.api.errors import error_response, make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
+from broker.config import RoleSettings, Rule
 from broker.durations import parse_duration
 from broker.errors import (
     AdminForbidden,
@@ -31,6 +32,7 @@ from broker.identity.verify import INSTANCE_ID_PATTERN
 from broker.issuance import CredentialService
 from broker.leases.states import InstanceState, JobState, LeaseState
 from broker.leases.store import Store, StoreCounts
+from broker.policy.explain import explain
 from broker.vault import VaultClient
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
@@ -49,6 +51,8 @@ class ApiDeps:
     max_body_bytes: int
     kick_revocation: Callable[[], None]
     forget_instance: Callable[[str], None]
+    roles: Mapping[str, RoleSettings]
+    rules: tuple[Rule, ...]
 
 
 DEPS: web.AppKey[ApiDeps] = web.AppKey("deps", ApiDeps)
@@ -229,6 +233,45 @@ async def list_leases(request: web.Request) -> web.Response:
     return web.json_response({"leases": [x.admin() for x in leases], "next": nxt})
 
 
+async def explain_policy(request: web.Request) -> web.Response:
+    """Which issuer verified the token, the identity it produced, which rule matched and
+    why the role would be granted or refused. Issues nothing, records nothing, and does
+    not use up the token's jti."""
+    require_admin(request)
+    deps = request.app[DEPS]
+    body = await _json_object(request, {"token", "role", "ttl"})
+    token, role = body.get("token"), body.get("role")
+    if not isinstance(token, str) or not token:
+        raise BadRequest(
+            "'token' is required: the identity token to explain", code="invalid_token_field"
+        )
+    if not isinstance(role, str) or not ROLE_PATTERN.match(role):
+        raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
+    ttl = _ttl(body)
+    try:
+        identity = await deps.verifier.verify(token)
+    except TokenInvalid as exc:
+        return web.json_response(
+            {
+                "token": {
+                    "valid": False,
+                    "issuer": exc.issuer_name,
+                    "error": {"code": exc.code, "message": exc.message},
+                },
+                "identity": None,
+                "decision": None,
+            }
+        )
+    decision = explain(identity, role, ttl, roles=deps.roles, rules=deps.rules)
+    return web.json_response(
+        {
+            "token": {"valid": True, "issuer": identity.issuer_name, "error": None},
+            "identity": identity.public(),
+            "decision": decision,
+        }
+    )
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
@@ -337,6 +380,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     r.add_get("/v1/instances/{instance_id}", show_instance)
     r.add_get("/v1/admin/leases", list_leases)
     r.add_get("/v1/admin/jobs", list_jobs)
+    r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

@@ -41,7 +41,7 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
             response = await handler(request)
         except BrokerError as exc:
             response = error_response(exc.status, exc.code, exc.message)
-            metrics.refused.labels(code=exc.code).inc()
+            metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
             level = logging.WARNING if exc.status >= 500 else logging.INFO
             log.log(
                 level,
@@ -58,7 +58,7 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
                 else exc.reason or "request refused"
             )
             response = error_response(exc.status, code, message)
-            metrics.refused.labels(code=code).inc()
+            metrics.refused.labels(code=code, issuer="").inc()
         except Exception:
             log.exception("unhandled error", extra={"route": route})
             response = error_response(

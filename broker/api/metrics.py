@@ -28,7 +28,10 @@ class Metrics:
             "broker_credentials_issued_total", "Credentials issued", ["role", "kind"], registry=r
         )
         self.refused = Counter(
-            "broker_requests_refused_total", "Requests refused, by error code", ["code"], registry=r
+            "broker_requests_refused_total",
+            "Requests refused, by error code and (for identity refusals) issuer",
+            ["code", "issuer"],
+            registry=r,
         )
         self.revocations = Counter(
             "broker_revocation_jobs_total", "Revocation jobs by outcome", ["outcome"], registry=r

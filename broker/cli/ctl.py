@@ -43,20 +43,32 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, query: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
         q = {k: v for k, v in (query or {}).items() if v is not None}
         url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(q)}" if q else "")
         req = urllib.request.Request(  # noqa: S310 — http(s) only, checked in __init__
             url,
             method=method,
-            data=b"" if method == "POST" else None,
-            headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"},
+            data=json.dumps(body).encode()
+            if body is not None
+            else (b"" if method == "POST" else None),
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            },
         )
         try:
             # The URL is the operator's BROKER_URL; only http(s) is accepted in main().
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                body = resp.read()
-                return json.loads(body) if body else None
+                answer = resp.read()
+                return json.loads(answer) if answer else None
         except urllib.error.HTTPError as exc:
             try:
                 err = json.loads(exc.read())["error"]
@@ -161,6 +173,41 @@ def show_instance(inst: Any) -> str:
     return "\n".join(head) + table(inst["leases"], LEASE_COLUMNS)
 
 
+def cmd_explain(c: Client, args: argparse.Namespace) -> Any:
+    try:
+        token = (sys.stdin.read() if args.token == "-" else open(args.token).read()).strip()
+    except OSError as exc:
+        raise CtlError(f"cannot read --token {args.token}: {exc.strerror}", EXIT_USAGE) from None
+    if not token:
+        raise CtlError(f"--token {args.token} is empty", EXIT_USAGE)
+    body = {"token": token, "role": args.role}
+    if args.ttl:
+        body["ttl"] = args.ttl
+    return c.call("POST", "/v1/admin/policy/explain", body=body)
+
+
+def show_explain(result: Any) -> str:
+    tok, ident, dec = result["token"], result["identity"], result["decision"]
+    if not tok["valid"]:
+        err = tok["error"]
+        return (
+            f"token     REFUSED by {tok['issuer'] or 'no configured issuer'}: "
+            f"{err['message']} ({err['code']})"
+        )
+    lines = [
+        f"token     valid, issuer {tok['issuer']}",
+        f"identity  instance {ident['instance_id']}, workload {ident['workload']}, "
+        f"subject {ident['subject'] or '-'}, expires {ident['expires_at']}",
+        f"rules     applying: {', '.join(dec['rules_applying']) or 'none'}",
+        f"role      {dec['role']}: {'GRANTED' if dec['allowed'] else 'REFUSED'}"
+        + (f" by rule {dec['rule']}, ttl {dec['ttl']}s" if dec["allowed"] else ""),
+        f"why       {dec['reason']}",
+    ]
+    if dec.get("params"):
+        lines.append("params    " + ", ".join(f"{k}={v}" for k, v in dec["params"].items()))
+    return "\n".join(lines)
+
+
 def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
     return c.call("GET", "/v1/admin/jobs", {"state": args.state})["jobs"]
 
@@ -195,6 +242,14 @@ def _parser() -> argparse.ArgumentParser:
     ish = isub.add_parser("show")
     ish.add_argument("instance_id")
     ish.set_defaults(run=cmd_instance, show=show_instance)
+
+    pol = sub.add_parser("policy", help="policy questions")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    pe = psub.add_parser("explain", help="would this token get that role, and why")
+    pe.add_argument("--token", required=True, help="file holding the identity token (- = stdin)")
+    pe.add_argument("--role", required=True)
+    pe.add_argument("--ttl")
+    pe.set_defaults(run=cmd_explain, show=show_explain)
 
     jobs = sub.add_parser("jobs", help="revocation jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)

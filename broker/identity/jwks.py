@@ -17,12 +17,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
 
-from broker.config import IssuerSettings
+from broker.config import IssuerSettings, require_tls_off_loopback
 from broker.errors import TokenInvalid, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,16 @@ class FetchStats:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-def parse_jwks(document: Any) -> tuple[SigningKey, ...]:
-    """Usable signature keys of a JWKS document; oct keys and non-signing keys dropped."""
+def parse_jwks(document: Any, *, use: str = "sig") -> tuple[SigningKey, ...]:
+    """Usable signature keys of a JWKS document; oct keys and keys for another use dropped.
+    A SPIFFE bundle is a JWKS whose JWT-SVID keys say ``use: jwt-svid`` (and must)."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("not a JWKS document")
     out = []
     for entry in document["keys"]:
         if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP"):
             continue
-        if entry.get("use", "sig") != "sig":
+        if entry.get("use", "sig" if use == "sig" else None) != use:
             continue
         if any(k in entry for k in ("d", "p", "q")):
             continue  # a private key published by mistake is not used as a public one
@@ -163,24 +165,61 @@ class JwksCache:
             await self._refresh(reason="scheduled")
 
     async def _fetch(self) -> tuple[tuple[SigningKey, ...], float]:
+        issuer = self._issuer
+        ttl = float(issuer.jwks_cache_ttl_s)
+        if issuer.key_source == "file":
+            assert issuer.jwks_file is not None
+            body = await asyncio.to_thread(_read_bounded, issuer.jwks_file, issuer.jwks_max_bytes)
+            document = json.loads(body)
+        else:
+            uri = issuer.jwks_uri or issuer.spiffe_bundle_uri
+            if issuer.key_source == "discovery":
+                uri = await self._discover()
+            assert uri is not None
+            document, cache_control = await self._get_json(uri)
+            match = _MAX_AGE.search(cache_control)
+            if match:
+                ttl = min(ttl, max(MIN_CACHE_SECONDS, int(match.group(1))))
+        spiffe = issuer.key_source == "spiffe_bundle"
+        if spiffe and isinstance(document, dict):
+            hint = document.get("spiffe_refresh_hint")
+            if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
+                ttl = min(ttl, max(MIN_CACHE_SECONDS, hint))
+        keys = parse_jwks(document, use="jwt-svid" if spiffe else "sig")
+        if not keys:
+            raise ValueError("key set holds no usable signing key")
+        return keys, ttl
+
+    async def _discover(self) -> str:
+        """OpenID discovery: the document must name this very issuer, and its jwks_uri is
+        held to the same rules as a configured one."""
+        url = self._issuer.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        meta, _ = await self._get_json(url)
+        if not isinstance(meta, dict) or meta.get("issuer") != self._issuer.issuer:
+            raise ValueError("the discovery document names another issuer")
+        uri = meta.get("jwks_uri")
+        if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
+            raise ValueError("the discovery document has no http(s) jwks_uri")
+        return require_tls_off_loopback(uri)
+
+    async def _get_json(self, url: str) -> tuple[Any, str]:
         limit = self._issuer.jwks_max_bytes
         timeout = aiohttp.ClientTimeout(total=self._issuer.jwks_timeout_s)
-        async with self._session.get(
-            self._issuer.jwks_uri, timeout=timeout, allow_redirects=False
-        ) as resp:
+        async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"status {resp.status}")
             body = bytearray()
             while chunk := await resp.content.read(limit + 1 - len(body)):
                 body += chunk
                 if len(body) > limit:
-                    raise ValueError("key set larger than jwks_max_bytes")
+                    raise ValueError("response larger than jwks_max_bytes")
             cache_control = resp.headers.get("Cache-Control", "")
-        keys = parse_jwks(json.loads(bytes(body)))
-        if not keys:
-            raise ValueError("key set holds no usable signing key")
-        ttl = float(self._issuer.jwks_cache_ttl_s)
-        match = _MAX_AGE.search(cache_control)
-        if match:
-            ttl = min(ttl, max(MIN_CACHE_SECONDS, int(match.group(1))))
-        return keys, ttl
+        return json.loads(bytes(body)), cache_control
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        body = f.read(limit + 1)
+    if len(body) > limit:
+        raise ValueError("key file larger than jwks_max_bytes")
+    return body

@@ -8,6 +8,7 @@ import aiohttp
 
 from broker.clock import Clock
 from broker.config import IdentitySettings
+from broker.errors import BrokerError
 from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
 from broker.identity.verify import inspect_token, refuse, verify_signed
@@ -33,12 +34,16 @@ class IdentityVerifier:
         cache = self._by_iss.get(unverified.issuer)
         if cache is None:
             raise refuse("token_unknown_issuer", "the token's issuer is not configured")
-        key = await cache.key_for(unverified.kid, unverified.alg)
-        return verify_signed(
-            raw,
-            unverified,
-            cache.issuer,
-            key,
-            audience=self._settings.audience,
-            now=self._clock.now(),
-        )
+        try:
+            key = await cache.key_for(unverified.kid, unverified.alg)
+            return verify_signed(
+                raw,
+                unverified,
+                cache.issuer,
+                key,
+                audience=self._settings.audience,
+                now=self._clock.now(),
+            )
+        except BrokerError as exc:
+            exc.issuer_name = cache.issuer.name  # for metrics: refusals by reason and issuer
+            raise

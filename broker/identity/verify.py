@@ -25,7 +25,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from broker.config import ALLOWED_ALGORITHMS, IssuerSettings
+from broker.config import ALLOWED_ALGORITHMS, ClaimJoin, ClaimSpec, IssuerSettings
 from broker.errors import TokenInvalid
 from broker.identity.model import Identity
 
@@ -34,7 +34,9 @@ from broker.identity.model import Identity
 # changes how the token must be processed.
 ALLOWED_HEADER_KEYS = frozenset({"alg", "kid", "typ", "x5t", "x5t#S256"})
 MIN_RSA_BITS = 2048
-INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}\Z")
+# May hold '/' (SPIFFE IDs): instance ids reach Vault only as token metadata, never in a
+# path, and the admin API takes them percent-encoded.
+INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}\Z")
 WORKLOAD_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}\Z")
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*\Z")
 
@@ -63,6 +65,7 @@ class Unverified:
     issuer: str
     alg: str
     kid: str | None
+    payload: Mapping[str, Any]
 
 
 def _b64decode(segment: str) -> bytes:
@@ -142,7 +145,7 @@ def inspect_token(raw: str, *, max_bytes: int) -> Unverified:
     iss = payload.get("iss")
     if not isinstance(iss, str) or not iss:
         raise refuse("token_missing_claim", "the token has no 'iss' claim")
-    return Unverified(header=header, issuer=iss, alg=alg, kid=kid)
+    return Unverified(header=header, issuer=iss, alg=alg, kid=kid, payload=payload)
 
 
 def key_matches_algorithm(key: Any, alg: str) -> bool:
@@ -166,9 +169,10 @@ def claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _mapped(
-    claims: Mapping[str, Any], path: tuple[str, ...], what: str, pattern: re.Pattern[str]
-) -> str:
+_PART = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}\Z")
+
+
+def _claim_text(claims: Mapping[str, Any], path: tuple[str, ...], what: str) -> str:
     value = claim_at(claims, path)
     if isinstance(value, bool) or value is None:
         raise refuse(
@@ -176,11 +180,68 @@ def _mapped(
         )
     if isinstance(value, int):
         value = str(value)
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str):
         raise refuse(
             "token_claim_invalid", f"the token's '{'.'.join(path)}' claim is not a valid {what}"
         )
     return value
+
+
+def _mapped(claims: Mapping[str, Any], spec: ClaimSpec, what: str, pattern: re.Pattern[str]) -> str:
+    if isinstance(spec, ClaimJoin):
+        parts = []
+        for path in spec.join:
+            part = _claim_text(claims, path, what)
+            if not _PART.match(part):
+                raise refuse(
+                    "token_claim_invalid",
+                    f"the token's '{'.'.join(path)}' claim is not a valid part of the {what}",
+                )
+            parts.append(part)
+        value = spec.separator.join(parts)
+        shown = "+".join(".".join(p) for p in spec.join)
+    else:
+        value = _claim_text(claims, spec, what)
+        shown = ".".join(spec)
+    if not pattern.match(value):
+        raise refuse("token_claim_invalid", f"the token's '{shown}' claim is not a valid {what}")
+    return value
+
+
+_SPIFFE_ID = re.compile(r"^spiffe://([a-z0-9._-]{1,255})((?:/[A-Za-z0-9._-]+)+)\Z")
+
+
+def _check_kind_before(unverified: Unverified, issuer: IssuerSettings) -> None:
+    """Refusals that read best before the signature check, with a message that says what
+    to do. (The token is refused either way.)"""
+    if issuer.kind == "kubernetes":
+        legacy = "kubernetes.io/serviceaccount/namespace" in unverified.payload
+        if legacy or "exp" not in unverified.payload:
+            raise refuse(
+                "token_legacy_serviceaccount",
+                "legacy service-account tokens never expire and are bound to no pod; mount a "
+                "projected serviceAccountToken with the broker's audience instead",
+            )
+
+
+def _check_kind_after(claims: Mapping[str, Any], issuer: IssuerSettings) -> None:
+    if issuer.kind == "kubernetes":
+        pod = claim_at(claims, ("kubernetes.io", "pod"))
+        if not isinstance(pod, Mapping) or not isinstance(pod.get("uid"), str):
+            raise refuse(
+                "token_not_pod_bound",
+                "the service-account token is not bound to a pod; use a projected token",
+            )
+    elif issuer.kind == "spiffe":
+        match = _SPIFFE_ID.match(str(claims.get("sub", "")))
+        segments = match.group(2).split("/")[1:] if match else []
+        if match is None or any(seg in (".", "..") for seg in segments):
+            raise refuse("token_claim_invalid", "the token's 'sub' is not a SPIFFE ID")
+        if match.group(1) != issuer.trust_domain:
+            raise refuse(
+                "token_wrong_trust_domain",
+                f"the SPIFFE ID is not in trust domain {issuer.trust_domain}",
+            )
 
 
 _PYJWT_CODES: tuple[tuple[type[Exception], str, str], ...] = (
@@ -222,6 +283,7 @@ def verify_signed(
         )
     if not key_matches_algorithm(key, unverified.alg):
         raise refuse("token_key_mismatch", "the key named by the token does not fit its algorithm")
+    _check_kind_before(unverified, issuer)
     try:
         claims = jwt.decode(
             raw,
@@ -264,6 +326,7 @@ def verify_signed(
             f"the token is valid for longer than {issuer.max_token_lifetime}s; "
             "ask the issuer for a shorter-lived token",
         )
+    _check_kind_after(claims, issuer)
     subject = claims.get("sub")
     jti = claims.get("jti")
     if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= 255):
