@@ -27,6 +27,7 @@ test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install
+	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/exchange.py
 
 clean:

@@ -256,6 +256,11 @@ class IssuerSettings(_Frozen):
     _lifetime = field_validator("max_token_lifetime", mode="before")(_seconds)
     _specs = field_validator("instance_claim", "workload_claim", mode="before")(_claim_spec)
 
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads an unquoted `off` as false
+
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:

@@ -205,6 +205,34 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/admin/policy/explain": {
+                "post": {
+                    "summary": "Why a token would get a role or not; issues and records nothing",
+                    "security": _ADMIN,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["token", "role"],
+                                    "properties": {
+                                        "token": {"type": "string"},
+                                        "role": {"type": "string"},
+                                        "ttl": {"type": ["string", "integer"]},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _ok("token verdict, identity, rules applying, decision"),
+                        "400": _err("malformed request"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
             "/v1/admin/jobs": {
                 "get": {
                     "summary": "Revocation jobs",

@@ -16,6 +16,10 @@ def test_the_documented_example_config_loads():
     assert isinstance(s.vault.auth, AppRoleAuth)
     assert s.vault.auth.secret_id.get_secret_value() == "sid"
     assert s.identity.issuers[0].instance_claim == ("kubernetes.io", "pod", "uid")
+    kinds = {i.name: (i.kind, i.key_source) for i in s.identity.issuers}
+    assert kinds == {"k8s-prod": ("kubernetes", "jwks_uri"), "ci": ("github_actions", "discovery"),
+                     "spire": ("spiffe", "spiffe_bundle"), "gce": ("gcp", "discovery"),
+                     "batch": ("generic", "file")}
     assert s.roles["workload-cert"].params == {"common_name": "{workload}.svc.internal"}
     assert s.policy.rules[0].max_ttl == 1800
     assert "sid" not in repr(s)

@@ -240,3 +240,17 @@ async def test_terminating_an_unknown_instance_tombstones_it(broker, http):
     assert shown["state"] == "terminated" and shown["leases"] == []
     status, body = await _issue(http, broker, "i-never-seen", "dev-cert")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
+
+
+async def test_refusals_are_counted_by_reason_and_issuer(broker, http, issuer):
+    import time as _time
+
+    old = issuer.mint(instance="i-m", workload="payments", now=_time.time() - 3600, ttl=60)
+    for token in (old, old, "garbage"):
+        async with http.post(f"{broker.url}/v1/credentials", json={"role": "dev-cert"},
+                             headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 401
+    async with http.get(f"{broker.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'broker_requests_refused_total{code="token_expired",issuer="dev"} 2.0' in text
+    assert 'broker_requests_refused_total{code="token_malformed",issuer=""} 1.0' in text
