@@ -124,7 +124,8 @@ def inspect_token(raw: str, *, max_bytes: int) -> Unverified:
             f"the token header carries {detail}; "
             "keys come only from the issuer's configured key set",
         )
-    if header.get("typ") not in (None, "JWT", "jwt", "at+jwt", "application/at+jwt"):
+    # JWT-SVIDs may say JOSE; access tokens at+jwt.
+    if header.get("typ") not in (None, "JWT", "jwt", "JOSE", "at+jwt", "application/at+jwt"):
         raise refuse("token_header_refused", "the token type is not JWT")
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:

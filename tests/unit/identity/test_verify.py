@@ -551,3 +551,26 @@ def test_sign_input_helper_produces_raw_ecdsa_signatures() -> None:
     # bit-flip cases would be testing the wrong thing.
     assert len(unb64(sign_input("a.b", EC256, "ES256"))) == 64
     assert len(unb64(sign_input("a.b", EC384, "ES384"))) == 96
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "jwt", "JOSE", "at+jwt"],
+                         ids=["absent", "JWT", "jwt-lower", "JOSE-jwt-svid", "at+jwt"])
+def test_token_types_real_issuers_send_are_accepted(typ):
+    import jwt
+
+    headers = {"kid": "k"} if typ is None else {"kid": "k", "typ": typ}
+    key = ec.generate_private_key(ec.SECP256R1())
+    raw = jwt.encode({"iss": "https://i"}, key, algorithm="ES256", headers=headers)
+    assert inspect_token(raw, max_bytes=16384).header.get("typ") == typ
+
+
+@pytest.mark.parametrize("typ", ["JWE", "secevent+jwt", "application/jose+json"],
+                         ids=["JWE", "security-event", "jose-json"])
+def test_other_token_types_are_refused(typ):
+    import jwt
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    raw = jwt.encode({"iss": "https://i"}, key, algorithm="ES256", headers={"typ": typ})
+    with pytest.raises(TokenInvalid) as err:
+        inspect_token(raw, max_bytes=16384)
+    assert err.value.code == "token_header_refused"
