@@ -208,6 +208,9 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
             "join": [["kubernetes.io", "namespace"], ["kubernetes.io", "serviceaccount", "name"]],
             "separator": "/",
         },
+        # The kubelet hands a pod the same token for most of its life, and a pod asks
+        # for several credentials: one exchange per jti would refuse its second request.
+        "replay": "off",
     },
     # JWT-SVIDs: the SPIFFE ID names the workload (and, by default, the instance).
     "spiffe": {"instance_claim": ("sub",), "workload_claim": ("sub",)},

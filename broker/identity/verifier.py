@@ -13,6 +13,9 @@ from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
 from broker.identity.verify import inspect_token, refuse, verify_signed
 
+# The fixed `iss` of legacy (secret-based) service-account tokens.
+LEGACY_K8S_ISSUER = "kubernetes/serviceaccount"
+
 
 class IdentityVerifier:
     def __init__(
@@ -24,6 +27,7 @@ class IdentityVerifier:
             i.issuer: JwksCache(i, session) for i in settings.issuers
         }
         self._max_bytes = max(i.max_token_bytes for i in settings.issuers)
+        self._has_kubernetes = any(i.kind == "kubernetes" for i in settings.issuers)
 
     @property
     def caches(self) -> list[JwksCache]:
@@ -33,6 +37,12 @@ class IdentityVerifier:
         unverified = inspect_token(raw, max_bytes=self._max_bytes)
         cache = self._by_iss.get(unverified.issuer)
         if cache is None:
+            if unverified.issuer == LEGACY_K8S_ISSUER and self._has_kubernetes:
+                raise refuse(
+                    "token_legacy_serviceaccount",
+                    "legacy service-account tokens never expire and are bound to no pod; "
+                    "mount a projected serviceAccountToken with the broker's audience instead",
+                )
             raise refuse("token_unknown_issuer", "the token's issuer is not configured")
         try:
             key = await cache.key_for(unverified.kid, unverified.alg)
