@@ -67,6 +67,13 @@ def _token_cases(issuer):
         ("bad_signature", _signed(issuer, key=other_key), "token_bad_signature"),
         ("alg_none", _raw({"alg": "none", "kid": issuer.kid}, _claims(issuer)),
          "token_algorithm_refused"),
+        ("alg_none_with_signature", _raw({"alg": "none", "kid": issuer.kid}, _claims(issuer),
+                                         sig=b"\x01" * 64), "token_algorithm_refused"),
+        ("alg_None_capitalised", _raw({"alg": "None", "kid": issuer.kid}, _claims(issuer),
+                                      sig=b"\x01" * 64), "token_algorithm_refused"),
+        ("non_json_payload", ".".join([_b64(json.dumps({"alg": "ES256", "kid": issuer.kid})
+                                            .encode()), _b64(b"not json at all"),
+                                       _b64(b"\x01" * 64)]), "token_malformed"),
         ("hs256_with_public_key", hs_token, "token_algorithm_refused"),
         ("embedded_jwk", _signed(issuer, headers={"jwk": {"kty": "EC"}}), "token_header_refused"),
         ("missing_instance_claim", _signed(issuer, instance_id=None), "token_missing_claim"),
