@@ -193,7 +193,9 @@ def _mapped(claims: Mapping[str, Any], spec: ClaimSpec, what: str, pattern: re.P
         parts = []
         for path in spec.join:
             part = _claim_text(claims, path, what)
-            if not _PART.match(part):
+            # A part holding the separator could make two different claim sets one
+            # value ("1-2" + "3" and "1" + "2-3"): refused, not joined ambiguously.
+            if not _PART.match(part) or spec.separator in part:
                 raise refuse(
                     "token_claim_invalid",
                     f"the token's '{'.'.join(path)}' claim is not a valid part of the {what}",

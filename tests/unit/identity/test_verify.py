@@ -574,3 +574,18 @@ def test_other_token_types_are_refused(typ):
     with pytest.raises(TokenInvalid) as err:
         inspect_token(raw, max_bytes=16384)
     assert err.value.code == "token_header_refused"
+
+
+@pytest.mark.parametrize("run_id,attempt", [("1-2", "3"), ("1", "2-3")],
+                         ids=["separator-in-first", "separator-in-second"])
+def test_a_composite_part_holding_the_separator_is_refused(run_id, attempt):
+    from broker.config import ClaimJoin
+    from broker.identity.verify import INSTANCE_ID_PATTERN, _mapped
+
+    spec = ClaimJoin(join=(("run_id",), ("run_attempt",)), separator="-")
+    with pytest.raises(TokenInvalid) as err:
+        _mapped({"run_id": run_id, "run_attempt": attempt}, spec, "instance id",
+                INSTANCE_ID_PATTERN)
+    assert err.value.code == "token_claim_invalid"
+    ok = _mapped({"run_id": "12", "run_attempt": "3"}, spec, "instance id", INSTANCE_ID_PATTERN)
+    assert ok == "12-3"
