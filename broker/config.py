@@ -212,16 +212,26 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         # for several credentials: one exchange per jti would refuse its second request.
         "replay": "off",
     },
-    # JWT-SVIDs: the SPIFFE ID names the workload (and, by default, the instance).
-    "spiffe": {"instance_claim": ("sub",), "workload_claim": ("sub",)},
-    # GitHub Actions OIDC: one run attempt = one instance.
+    # JWT-SVIDs: the SPIFFE ID names the workload. Every replica usually shares it, so
+    # there is no default instance claim: say which claim tells replicas apart (or `sub`
+    # where each replica has its own SPIFFE ID).
+    "spiffe": {"workload_claim": ("sub",)},
+    # GitHub Actions OIDC: one run attempt = one instance. The workload is the owner and
+    # repository *ids*: a renamed or deleted repository's name can be registered again.
     "github_actions": {
         "instance_claim": {"join": [["run_id"], ["run_attempt"]], "separator": "-"},
-        "workload_claim": ("repository",),
+        "workload_claim": {"join": [["repository_owner_id"], ["repository_id"]], "separator": ":"},
     },
-    # GCP compute identity tokens (format=full): one VM = one instance.
+    # GCP compute identity tokens (format=full): one VM = one instance, scoped to its
+    # project (instance ids are not unique across projects).
     "gcp": {
-        "instance_claim": ("google", "compute_engine", "instance_id"),
+        "instance_claim": {
+            "join": [
+                ["google", "compute_engine", "project_id"],
+                ["google", "compute_engine", "instance_id"],
+            ],
+            "separator": ":",
+        },
         "workload_claim": ("email",),
     },
 }
@@ -513,6 +523,12 @@ class Settings(_Frozen):
                     raise ValueError(f"policy.rules.{idx}.allow: unknown role {role!r}")
             if rule.issuer is not None and rule.issuer not in issuer_names:
                 raise ValueError(f"policy.rules.{idx}.issuer: unknown issuer {rule.issuer!r}")
+            if rule.issuer is None and len(issuer_names) > 1:
+                # Workload names of different issuers can look alike (a namespace/sa and
+                # an owner/repo): a rule must say whose tokens it is about.
+                raise ValueError(
+                    f"policy.rules.{idx}.issuer: required when more than one issuer is configured"
+                )
         return self
 
 
@@ -535,7 +551,14 @@ def _expand_env(node: Any, path: str, env: dict[str, str]) -> Any:
 
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
-    for err in exc.errors():
+    errors = exc.errors()
+    deeper = [tuple(e["loc"]) for e in errors]
+    for err in errors:
+        loc_t = tuple(err["loc"])
+        if err["type"] == "too_short" and any(
+            other[: len(loc_t)] == loc_t and other != loc_t for other in deeper
+        ):
+            continue  # a list came out short only because one of its items was refused
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {loc or '(top level)'}: {msg}")

@@ -29,6 +29,10 @@ from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
+# A used token id is kept this long past its token's expiry: the leeway, plus the time a
+# request may spend between verifying a token and recording it, plus clock skew between
+# replicas (each prunes by its own clock).
+REPLAY_PRUNE_GRACE = timedelta(seconds=MAX_LEEWAY_SECONDS + 600)
 # Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB.
 MAX_HEADER_BYTES = 72 * 1024
 
@@ -146,7 +150,7 @@ class Broker:
         try:
             await self.vault.maintain_login()
             self.tokens.prune()
-            await self.store.prune_seen_tokens(grace=timedelta(seconds=MAX_LEEWAY_SECONDS))
+            await self.store.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE)
             assert self.verifier is not None
             await asyncio.gather(*(c.refresh_if_stale() for c in self.verifier.caches))
         except Exception:  # noqa: BLE001

@@ -28,7 +28,7 @@ from broker.errors import (
     TokenInvalid,
 )
 from broker.identity import Identity, IdentityVerifier
-from broker.identity.verify import INSTANCE_ID_PATTERN
+from broker.identity.verify import valid_instance_id
 from broker.issuance import CredentialService
 from broker.leases.states import InstanceState, JobState, LeaseState
 from broker.leases.store import Store, StoreCounts
@@ -135,9 +135,11 @@ def _lease_id(request: web.Request) -> str:
 
 def _instance_id(request: web.Request) -> str:
     instance_id = request.match_info["instance_id"]
-    if not INSTANCE_ID_PATTERN.match(instance_id):
+    if not valid_instance_id(instance_id):
         raise BadRequest(
-            "the instance id has characters outside [A-Za-z0-9._:@-]", code="invalid_instance_id"
+            "an instance id is 1-254 of [A-Za-z0-9._:@/-], starting with a letter or digit, "
+            "with no '.' or '..' segment (percent-encode '/' in the path)",
+            code="invalid_instance_id",
         )
     return instance_id
 

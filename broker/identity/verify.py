@@ -173,6 +173,14 @@ def claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 _PART = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}\Z")
 
 
+def valid_instance_id(value: str) -> bool:
+    """The instance-id alphabet, and no '.' or '..' path segment: a proxy in front of the
+    admin API that normalises paths must not be able to turn one id into another."""
+    return bool(INSTANCE_ID_PATTERN.match(value)) and not any(
+        seg in (".", "..") for seg in value.split("/")
+    )
+
+
 def _claim_text(claims: Mapping[str, Any], path: tuple[str, ...], what: str) -> str:
     value = claim_at(claims, path)
     if isinstance(value, bool) or value is None:
@@ -212,6 +220,13 @@ def _mapped(claims: Mapping[str, Any], spec: ClaimSpec, what: str, pattern: re.P
 
 
 _SPIFFE_ID = re.compile(r"^spiffe://([a-z0-9._-]{1,255})((?:/[A-Za-z0-9._-]+)+)\Z")
+
+
+def _instance(claims: Mapping[str, Any], issuer: IssuerSettings) -> str:
+    value = _mapped(claims, issuer.instance_claim, "instance id", INSTANCE_ID_PATTERN)
+    if not valid_instance_id(value):
+        raise refuse("token_claim_invalid", "the token's instance id has a '.' or '..' segment")
+    return value
 
 
 def _check_kind_before(unverified: Unverified, issuer: IssuerSettings) -> None:
@@ -344,7 +359,7 @@ def verify_signed(
         issuer_name=issuer.name,
         issuer=issuer.issuer,
         subject=subject if isinstance(subject, str) else "",
-        instance_id=_mapped(claims, issuer.instance_claim, "instance id", INSTANCE_ID_PATTERN),
+        instance_id=_instance(claims, issuer),
         workload=_mapped(claims, issuer.workload_claim, "workload name", WORKLOAD_PATTERN),
         issued_at=datetime.fromtimestamp(iat, UTC),
         expires_at=datetime.fromtimestamp(exp, UTC),

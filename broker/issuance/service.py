@@ -31,6 +31,7 @@ from broker.errors import (
     InstanceTerminated,
     NotFound,
     NotPermitted,
+    TokenInvalid,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -119,30 +120,37 @@ class CredentialService:
         engine = ENGINES[role.engine]
         request = engine.request(role, render_params(role.params, identity), ttl_s)
 
-        lease_id = await self._store.begin_issue(
-            instance_id=identity.instance_id,
-            issuer_name=identity.issuer_name,
-            workload=identity.workload,
-            role=role_name,
-            kind=engine.kind,
-            token_id=(identity.replay_key, identity.expires_at)
-            if identity.replay_key is not None
-            else None,
-        )
+        try:
+            lease_id = await self._store.begin_issue(
+                instance_id=identity.instance_id,
+                issuer_name=identity.issuer_name,
+                workload=identity.workload,
+                role=role_name,
+                kind=engine.kind,
+                token_id=(identity.replay_key, identity.expires_at)
+                if identity.replay_key is not None
+                else None,
+            )
+        except TokenInvalid as exc:
+            exc.issuer_name = identity.issuer_name  # count replays against their issuer
+            raise
+        vault_issued = False
         try:
             async with asyncio.timeout(self._deadline_s):
                 token = await self._tokens.for_lease(identity, ttl_s)
                 issued = await self._vault.issue(
                     token.token, request.method, request.path, request.body
                 )
+                vault_issued = True
                 duration, renewable = issued.lease_duration, issued.renewable
                 if issued.lease_id and not request.ttl_applied and renewable and duration != ttl_s:
                     # The engine takes no TTL per request: set the lease to exactly what was
                     # granted, or hand nothing out (fail closed).
                     try:
                         duration, renewable = await self._vault.renew_lease(issued.lease_id, ttl_s)
-                    except BrokerError:
-                        await self._take_back(issued.lease_id)
+                    except BrokerError as exc:
+                        if not await self._take_back(issued.lease_id):
+                            exc.outcome_unknown = True  # still live: keep the row issuing
                         raise
         except TimeoutError:
             log.warning(
@@ -152,9 +160,13 @@ class CredentialService:
             raise UpstreamUnavailable("Vault did not answer in time; retry shortly") from None
         except BrokerError as exc:
             if not getattr(exc, "outcome_unknown", False):
+                # The token id is given back only if Vault issued nothing: then the
+                # workload may retry with the token it has.
                 with contextlib.suppress(BrokerError):
                     await self._store.fail_issue(
-                        lease_id, exc.code, release_token_id=self._token_id(identity)
+                        lease_id,
+                        exc.code,
+                        release_token_id=None if vault_issued else self._token_id(identity),
                     )
             # Otherwise Vault may have issued under the (recorded) instance token: the row
             # stays ``issuing`` so termination and reconciliation treat it as possibly live.
@@ -208,14 +220,18 @@ class CredentialService:
             return None
         return identity.issuer_name, identity.replay_key
 
-    async def _take_back(self, vault_lease_id: str) -> None:
+    async def _take_back(self, vault_lease_id: str) -> bool:
+        """Revoke a credential that is not being handed out. False if Vault still may
+        hold it (then the instance token and the reconciler cover it)."""
         try:
             await self._vault.revoke_lease(vault_lease_id)
+            return True
         except BrokerError:
             log.warning(
                 "could not revoke a credential that was not handed out",
                 extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
             )
+            return False
 
     async def _own_lease(self, identity: Identity, lease_id: str) -> tuple[LeaseView, str]:
         """The caller's own lease and its instance's state. Another instance's lease, or

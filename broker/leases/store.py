@@ -46,7 +46,9 @@ from broker.leases.states import (
 # The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
 # which per-call construction would recompute on every request.
 _I, _L, _T = m.Instance.__table__, m.Lease.__table__, m.InstanceToken.__table__
-_WHICH_INSTANCE = select(_I.c.state, _I.c.issuer_name).where(_I.c.instance_id == bindparam("b_iid"))
+_WHICH_INSTANCE = select(_I.c.state, _I.c.issuer_name, _I.c.workload).where(
+    _I.c.instance_id == bindparam("b_iid")
+)
 _LOCK_SHARED = _WHICH_INSTANCE.with_for_update(read=True)
 _LOCK_EXCLUSIVE = _WHICH_INSTANCE.with_for_update()
 _INSERT_INSTANCE = _I.insert()
@@ -312,13 +314,13 @@ class Store:
 
     async def _lock_instance(
         self, conn: AsyncConnection, instance_id: str, *, shared: bool = False
-    ) -> tuple[str, str | None] | None:
-        """Lock the instance row; its (state, issuer). Issuance takes a shared lock (many
+    ) -> tuple[str, str | None, str | None] | None:
+        """Lock the instance row; its (state, issuer, workload). Issuance takes a shared lock (many
         requests of one instance proceed together); termination an exclusive one, so it
         waits for every in-flight ``issuing`` row to commit and its job then sees them all."""
         stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
         row = (await conn.execute(stmt, {"b_iid": instance_id})).first()
-        return (row[0], row[1]) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     async def _ensure_instance(
         self,
@@ -329,7 +331,7 @@ class Store:
         state: InstanceState,
         *,
         shared: bool = False,
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, str | None]:
         current = await self._lock_instance(conn, instance_id, shared=shared)
         if current is not None:
             return current
@@ -368,7 +370,7 @@ class Store:
         id is recorded in this same transaction, so a refused request records nothing."""
         lease_id = new_id("l")
         async with self._tx() as conn:
-            state, owner = await self._ensure_instance(
+            state, owner, owner_workload = await self._ensure_instance(
                 conn, instance_id, issuer_name, workload, InstanceState.ACTIVE, shared=True
             )
             if owner is not None and owner != issuer_name:
@@ -377,6 +379,13 @@ class Store:
                 raise NotPermitted(
                     f"instance {instance_id} belongs to another issuer",
                     code="instance_issuer_mismatch",
+                )
+            if owner_workload is not None and owner_workload != workload:
+                # An instance runs one workload; another workload presenting the same
+                # instance id is a collision or an impostor, not the same instance.
+                raise NotPermitted(
+                    f"instance {instance_id} belongs to another workload",
+                    code="instance_workload_mismatch",
                 )
             if state != InstanceState.ACTIVE:
                 raise InstanceTerminated(
@@ -553,7 +562,7 @@ class Store:
         Idempotent: a second call returns the existing job (re-queued if it had failed)."""
         now = self._clock.now()
         async with self._tx() as conn:
-            state, _ = await self._ensure_instance(
+            state, _, _ = await self._ensure_instance(
                 conn, instance_id, None, None, InstanceState.TERMINATING
             )
             if state == InstanceState.ACTIVE:

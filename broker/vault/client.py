@@ -248,7 +248,10 @@ class VaultClient:
             extra={"path": _log_path(path), "status": status, "vault_error": first},
         )
         if status in (429, 500, 502, 503, 504):
-            raise UpstreamUnavailable("Vault is unavailable or sealed; retry shortly")
+            err = UpstreamUnavailable("Vault is unavailable or sealed; retry shortly")
+            # 502/504 come from something in front of Vault, after Vault may have acted.
+            err.outcome_unknown = status in (502, 504)
+            raise err
         if status == 403:
             raise UpstreamRejected(
                 "Vault refused the broker's request (permission denied); "

@@ -226,3 +226,19 @@ async def test_token_ids_are_refused_twice_and_forgotten_after_expiry(stores):
     assert await s.prune_seen_tokens(grace=timedelta(seconds=60)) == 0
     stores.clock.advance(5 * 60 + 61)
     assert await s.prune_seen_tokens(grace=timedelta(seconds=60)) == 2
+
+
+async def test_an_instance_id_belongs_to_one_issuer_and_one_workload(stores):
+    from broker.errors import NotPermitted
+
+    s = await stores()
+    await _issue(s, "i-own")  # issuer dev, workload w
+    with pytest.raises(NotPermitted) as other_issuer:
+        await s.begin_issue(instance_id="i-own", issuer_name="other", workload="w", role="r",
+                            kind="k")
+    assert other_issuer.value.code == "instance_issuer_mismatch"
+    with pytest.raises(NotPermitted) as other_workload:
+        await s.begin_issue(instance_id="i-own", issuer_name="dev", workload="w2", role="r",
+                            kind="k")
+    assert other_workload.value.code == "instance_workload_mismatch"
+    assert len(await s.list_leases(instance="i-own")) == 1

@@ -85,7 +85,8 @@ async def atk(make_broker, lab_env: Env):
                           ["ES256"]),
             _issuer_entry("lab", LAB_ISS, lab_env.lab_jwks_uri, ["ES256", "RS256"]),
         ]},
-        "policy": {"rules": [{"name": "all", "allow": ["dev-cert"]}]},
+        "policy": {"rules": [{"name": f"all-{i}", "issuer": i, "allow": ["dev-cert"]}
+                             for i in ("dev", "other", "lab")]},
     })
 
 

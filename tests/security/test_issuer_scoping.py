@@ -23,7 +23,8 @@ async def test_a_second_issuer_cannot_use_an_instance_id_it_does_not_own(make_br
                    for name, i in (("dev", issuer), ("other", other))]
         b = await make_broker(overrides={
             "identity": {"audience": issuer.audience, "issuers": issuers},
-            "policy": {"rules": [{"name": "all", "allow": ["dev-cert", "dev-db"]}]},
+            "policy": {"rules": [{"name": f"all-{i}", "issuer": i,
+                                  "allow": ["dev-cert", "dev-db"]} for i in ("dev", "other")]},
         })
         mine = {"Authorization": f"Bearer {issuer.mint(instance='i-same', workload='payments')}"}
         theirs = {"Authorization":

@@ -595,3 +595,21 @@ def test_rules_and_issuers_are_tuples() -> None:
     assert isinstance(s.policy.rules, tuple)
     assert isinstance(s.identity.issuers, tuple)
     assert isinstance(s.policy.rules[0].allow, tuple)
+
+
+def test_with_several_issuers_every_rule_names_its_issuer() -> None:
+    data = base()
+    second = dict(data["identity"]["issuers"][0], name="other", issuer="https://other.example")
+    data["identity"]["issuers"].append(second)
+    data["policy"]["rules"][0].pop("issuer", None)
+    assert errors_of(data) == [
+        "  (top level): policy.rules.0.issuer: required when more than one issuer is configured"]
+
+
+def test_a_spiffe_issuer_must_say_which_claim_is_the_instance() -> None:
+    data = base()
+    data["identity"]["issuers"][0] = {
+        "name": "dev", "issuer": "https://spire.example", "kind": "spiffe",
+        "trust_domain": "example.org", "spiffe_bundle_uri": "https://spire.example/bundle"}
+    # Only the real error: not also "issuers: should have at least 1 item" as a consequence.
+    assert errors_of(data) == ["  identity.issuers.0.instance_claim: Field required"]

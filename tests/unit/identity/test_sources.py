@@ -475,7 +475,9 @@ SVID = "spiffe://example.org/ns/prod/sa/api"
 
 
 def spiffe_issuer(idp: Idp) -> IssuerSettings:
-    return IssuerSettings(name="spire", issuer=SPIRE_ISS, kind="spiffe",
+    # Each replica has its own SPIFFE ID in this deployment, so the instance is `sub`
+    # (the spiffe kind has no default instance claim).
+    return IssuerSettings(name="spire", issuer=SPIRE_ISS, kind="spiffe", instance_claim="sub",
                           trust_domain="example.org", spiffe_bundle_uri=idp.url(BUNDLE),
                           algorithms=("ES256", "RS256"), jwks_cache_ttl_s=300,
                           jwks_refresh_cooldown_s=30)
@@ -647,7 +649,8 @@ async def test_github_actions_token_maps_run_attempt_and_repository(
         issuer=GH_ISS,
         subject="repo:octo-org/octo-repo:ref:refs/heads/main",
         instance_id="6029393517-2",
-        workload="octo-org/octo-repo",
+        # Owner and repository ids, not names: a name can be registered again.
+        workload="65:74",
         issued_at=ISSUED,
         expires_at=dt.datetime(2030, 6, 1, 12, 4, 0, tzinfo=UTC),
         claims=payload,
@@ -717,7 +720,7 @@ async def test_gcp_compute_identity_token_maps_instance_id_and_email(
         issuer_name="gce",
         issuer=GOOGLE_ISS,
         subject="104907837361246731195",
-        instance_id="2905631874365238291",
+        instance_id="acme-prod:2905631874365238291",  # scoped to its project
         workload=SA_EMAIL,
         issued_at=ISSUED,
         expires_at=dt.datetime(2030, 6, 1, 12, 59, 0, tzinfo=UTC),

@@ -589,3 +589,14 @@ def test_a_composite_part_holding_the_separator_is_refused(run_id, attempt):
     assert err.value.code == "token_claim_invalid"
     ok = _mapped({"run_id": "12", "run_attempt": "3"}, spec, "instance id", INSTANCE_ID_PATTERN)
     assert ok == "12-3"
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("spiffe://example.org/ns/a", True), ("a/b", True), ("a/./b", False), ("a/../b", False),
+    ("..", False), ("a/..", False), ("a..b", True), ("a/b/.", False),
+], ids=["spiffe-id", "slash", "dot-segment", "dotdot-segment", "only-dotdot",
+        "trailing-dotdot", "dots-inside-a-segment", "trailing-dot"])
+def test_instance_ids_may_hold_slashes_but_no_dot_segments(value, ok):
+    from broker.identity.verify import valid_instance_id
+
+    assert valid_instance_id(value) is ok
