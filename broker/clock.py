@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -26,14 +25,4 @@ class FixedClock:
         return self._at
 
     def advance(self, seconds: float) -> None:
-        from datetime import timedelta
-
         self._at = self._at + timedelta(seconds=seconds)
-
-
-def epoch(dt: datetime) -> float:
-    return dt.timestamp()
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -30,7 +30,7 @@ from broker.errors import (
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
 from broker.issuance import CredentialService
-from broker.leases.states import InstanceState, JobState, LeaseState
+from broker.leases.states import JobState, LeaseState
 from broker.leases.store import Store, StoreCounts
 from broker.policy.explain import explain
 from broker.vault import VaultClient
@@ -390,4 +390,4 @@ def build_app(deps: ApiDeps) -> web.Application:
     return app
 
 
-__all__ = ["ApiDeps", "build_app", "InstanceState"]
+__all__ = ["ApiDeps", "build_app"]
