@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -255,33 +256,29 @@ async def main() -> None:
         out.mkdir(exist_ok=True)
         (out / f"exchange-{args.store}.json").write_text(json.dumps(rows, indent=2))
     finally:
+        # Each step on its own: one that fails must not leave the others undone.
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=20)
+            with contextlib.suppress(Exception):
+                proc.terminate()
+                proc.wait(timeout=20)
         # Revoke everything both paths minted, so no PostgreSQL role outlives the run.
         for prefix in ("database/creds/dev-db", "pki/issue/dev-cert"):
-            subprocess.run(
-                [
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-X",
-                    "PUT",
-                    "-H",
-                    f"X-Vault-Token: {bao.root_token}",
-                    "-d",
-                    '{"sync": true}',
-                    f"{bao.addr}/v1/sys/leases/revoke-prefix/{prefix}",
-                ],
-                check=False,
-                timeout=120,
-            )
+            with contextlib.suppress(Exception):
+                subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", "-X", "PUT",
+                     "-H", f"X-Vault-Token: {bao.root_token}", "-d", '{"sync": true}',
+                     f"{bao.addr}/v1/sys/leases/revoke-prefix/{prefix}"],
+                    check=False,
+                    timeout=300,
+                )
         if issuer_runner is not None:
-            await issuer_runner.cleanup()
-        bao.stop()
+            with contextlib.suppress(Exception):
+                await issuer_runner.cleanup()
+        with contextlib.suppress(Exception):
+            bao.stop()
         if db_name:
-            pg.drop_database(db_name)
+            with contextlib.suppress(Exception):
+                pg.drop_database(db_name)
         pg.stop()
 
 
