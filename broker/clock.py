@@ -6,6 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
+def iso_z(dt: datetime) -> str:
+    """An aware datetime as the API writes it: ISO 8601 in UTC with a trailing Z."""
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Clock(Protocol):
     def now(self) -> datetime: ...
 

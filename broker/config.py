@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import string
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -70,7 +71,8 @@ def require_tls_off_loopback(url: str) -> str:
     return url
 
 
-def template_fields(template: str) -> set[str]:
+@lru_cache(maxsize=1024)
+def template_fields(template: str) -> frozenset[str]:
     """Names a role-parameter template refers to. Only plain ``{name}`` fields: no
     conversion, format spec, attribute or index, which could not be validated."""
     names = set()
@@ -84,7 +86,7 @@ def template_fields(template: str) -> set[str]:
         if spec or conv or not name.isidentifier():
             raise ValueError(f"template field {{{name}}} must be a plain name like {{workload}}")
         names.add(name)
-    return names
+    return frozenset(names)
 
 
 class _Frozen(BaseModel):

@@ -92,5 +92,13 @@ class StoreUnavailable(BrokerError):
     code = "store_unavailable"
 
 
+class RevocationWaiting(BrokerError):
+    """Internal to revocation: a job must wait (for in-flight issuance), not fail. Never
+    reaches a caller; a pass that only waited does not count as an attempt."""
+
+    status = 503
+    code = "revocation_waiting"
+
+
 class ConfigError(Exception):
     """A configuration file or flag is wrong; the message names the key and what was expected."""

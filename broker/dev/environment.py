@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import secrets
 import socket
 import textwrap
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from broker.config import Settings, load_settings
+from broker.dev import write_private
 from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.db import migrate
@@ -121,12 +121,6 @@ def postgres_reachable(url: str, timeout: float = 2.0) -> str | None:
             return None
     except Exception as exc:  # noqa: BLE001 — a reason for the user, no secret in it
         return f"cannot log in ({type(exc).__name__})"
-
-
-def write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 @dataclass

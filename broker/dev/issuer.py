@@ -4,7 +4,6 @@ loopback (the broker fetches it like any other issuer's), and a way to mint toke
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.dev import write_private
 
 DEV_AUDIENCE = "ephemeral-broker"
 
@@ -71,10 +72,7 @@ class DevIssuer:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        key_path = directory / "issuer-key.pem"
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        write_private(directory / "issuer-key.pem", pem)
         (directory / "issuer.json").write_text(
             json.dumps({"issuer": self.issuer, "kid": self.kid, "audience": self.audience})
         )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from broker.clock import Clock
+from broker.clock import Clock, iso_z
 from broker.config import RoleSettings, Rule
 from broker.engines import ENGINES
 from broker.errors import (
@@ -45,10 +45,6 @@ from broker.vault import VaultClient
 log = logging.getLogger(__name__)
 
 
-def _iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
-
-
 @dataclass(frozen=True)
 class IssuedCredential:
     lease_id: str
@@ -69,8 +65,8 @@ class IssuedCredential:
             "role": self.role,
             "kind": self.kind,
             "data": dict(self.data),
-            "issued_at": _iso(self.issued_at),
-            "expires_at": _iso(self.expires_at),
+            "issued_at": iso_z(self.issued_at),
+            "expires_at": iso_z(self.expires_at),
             "renewable": self.renewable,
         }
 
@@ -277,9 +273,9 @@ class CredentialService:
         await self._store.set_lease_expiry(lease_id, expires_at, renewable)
         return {
             "lease_id": lease_id,
-            "expires_at": _iso(expires_at),
+            "expires_at": iso_z(expires_at),
             "renewable": renewable,
-            "max_expires_at": _iso(max_expires),
+            "max_expires_at": iso_z(max_expires),
             "near_max_ttl": (max_expires - expires_at) < timedelta(seconds=min(cap / 10, 300)),
         }
 

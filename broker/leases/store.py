@@ -23,13 +23,14 @@ from sqlalchemy import bindparam, event, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from broker.clock import Clock
+from broker.clock import Clock, iso_z
 from broker.config import StoreSettings
 from broker.errors import (
     BrokerError,
     InstanceTerminated,
     NotFound,
     NotPermitted,
+    RevocationWaiting,
     StoreUnavailable,
     TokenInvalid,
 )
@@ -71,10 +72,18 @@ _COMPLETE_LEASE = (
 )
 
 
-class LeasesStillLive(BrokerError):
+class LeasesStillLive(RevocationWaiting):
     """A job cannot finish: some lease of its instance is still issuing or active."""
 
-    code = "revocation_waiting"
+
+def _still_claimed(job: JobView, worker: str) -> Any:
+    """The job is still running under this worker's claim: a worker whose claim lapsed
+    (and was taken over) can neither finish nor reschedule it."""
+    return (
+        (m.RevocationJob.job_id == job.job_id)
+        & (m.RevocationJob.state == JobState.RUNNING.value)
+        & (m.RevocationJob.claimed_by == worker[:64])
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -82,7 +91,7 @@ def new_id(prefix: str) -> str:
 
 
 def _iso(dt: datetime | None) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
+    return iso_z(dt) if dt else None
 
 
 @dataclass(frozen=True)
@@ -743,11 +752,7 @@ class Store:
                 raise LeasesStillLive(f"{live} lease(s) of the instance are still live")
             res = await conn.execute(
                 update(m.RevocationJob)
-                .where(
-                    m.RevocationJob.job_id == job.job_id,
-                    m.RevocationJob.state == JobState.RUNNING.value,
-                    m.RevocationJob.claimed_by == worker[:64],
-                )
+                .where(_still_claimed(job, worker))
                 .values(
                     state=JobState.DONE.value,
                     completed_at=now,
@@ -785,11 +790,7 @@ class Store:
         async with self._tx() as conn:
             res = await conn.execute(
                 update(m.RevocationJob)
-                .where(
-                    m.RevocationJob.job_id == job.job_id,
-                    m.RevocationJob.state == JobState.RUNNING.value,
-                    m.RevocationJob.claimed_by == worker[:64],
-                )
+                .where(_still_claimed(job, worker))
                 .values(
                     state=state.value,
                     attempts=m.RevocationJob.attempts - (0 if count_attempt else 1),

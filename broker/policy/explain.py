@@ -8,7 +8,7 @@ from typing import Any
 from broker.config import RoleSettings, Rule
 from broker.errors import NotPermitted
 from broker.identity.model import Identity
-from broker.policy.rules import decide, rule_applies
+from broker.policy.rules import decide, rules_applying
 from broker.policy.templates import render_params
 
 
@@ -27,7 +27,7 @@ def explain(
         "rule": decision.rule,
         "reason": decision.reason,
         "ttl": decision.ttl if decision.allowed else None,
-        "rules_applying": [r.name for r in rules if rule_applies(identity, r)],
+        "rules_applying": rules_applying(identity, rules),
         "params": None,
     }
     if decision.allowed:

@@ -94,6 +94,12 @@ def rule_applies(identity: Identity, rule: Rule) -> bool:
     return _applies(_Values(identity), identity, rule)
 
 
+def rules_applying(identity: Identity, rules: Sequence[Rule]) -> list[str]:
+    """Names of every rule whose issuer and conditions match the identity."""
+    values = _Values(identity)
+    return [rule.name for rule in rules if _applies(values, identity, rule)]
+
+
 def decide(
     identity: Identity,
     role: str,

@@ -27,18 +27,14 @@ from datetime import timedelta
 
 from broker.clock import Clock
 from broker.config import RevocationSettings
-from broker.errors import BrokerError, UpstreamRejected
+from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected
 from broker.leases.states import LeaseState
-from broker.leases.store import JobView, LeasesStillLive, LeaseView, Store
+from broker.leases.store import JobView, LeaseView, Store
 from broker.revocation.backoff import retry_delay
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
 VAULT_CONCURRENCY = 16
-
-
-class RetryLater(BrokerError):
-    code = "revocation_waiting"
 
 
 class RevocationWorker:
@@ -94,9 +90,6 @@ class RevocationWorker:
             return
         try:
             finished = await self._store.finish_job(job, worker=self.worker_id)
-        except LeasesStillLive as exc:
-            await self._retry(job, RetryLater(exc.message))
-            return
         except BrokerError as exc:
             await self._retry(job, exc)
             return
@@ -115,7 +108,7 @@ class RevocationWorker:
 
     async def _retry(self, job: JobView, exc: Exception) -> None:
         code = exc.code if isinstance(exc, BrokerError) else type(exc).__name__
-        waiting = isinstance(exc, RetryLater)
+        waiting = isinstance(exc, RevocationWaiting)
         give_up = not waiting and job.attempts >= self._settings.max_attempts
         if waiting:
             delay = min(self._settings.tick_s * 2, 5.0)
@@ -196,10 +189,12 @@ class RevocationWorker:
         if young:
             # A request is between writing its row and recording Vault's answer; once it
             # records, the lease is revoked on the next pass.
-            raise RetryLater(f"{len(young)} lease(s) still being issued")
+            raise RevocationWaiting(f"{len(young)} lease(s) still being issued")
         moved = await self._store.mark_leases_ended(
             [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.worker_id
         )
         if moved != len(issuing):
             # Some completed meanwhile and are active now: revoke them on the next pass.
-            raise RetryLater(f"{len(issuing) - moved} lease(s) completed while being settled")
+            raise RevocationWaiting(
+                f"{len(issuing) - moved} lease(s) completed while being settled"
+            )

@@ -24,7 +24,16 @@ from broker.config import IdentitySettings, IssuerSettings
 from broker.errors import TokenInvalid, UpstreamUnavailable
 from broker.identity.jwks import MIN_CACHE_SECONDS, JwksCache, parse_jwks
 from broker.identity.verifier import IdentityVerifier
-from tests.unit.identity.tokenkit import AUDIENCE, ISSUER, NOW, RSA2048, claims, issuer, token
+from tests.unit.identity.tokenkit import (
+    AUDIENCE,
+    ISSUER,
+    NOW,
+    RSA2048,
+    Monotonic,
+    claims,
+    issuer,
+    token,
+)
 
 # ------------------------------------------------------------------ keys and documents
 
@@ -128,17 +137,6 @@ class JwksServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-
-class Monotonic:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from broker.errors import TokenInvalid, UpstreamUnavailable
 from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
 from broker.identity.verifier import IdentityVerifier
-from tests.unit.identity.tokenkit import AUDIENCE, NOW, NOW_TS, RSA2048
+from tests.unit.identity.tokenkit import AUDIENCE, NOW, NOW_TS, RSA2048, Monotonic
 
 UTC = dt.UTC
 IAT = NOW_TS - 60
@@ -130,17 +130,6 @@ class Idp:
         await self._runner.cleanup()
 
 
-class Monotonic:
-    def __init__(self, start: float = 5000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
 @pytest.fixture
 async def idp() -> AsyncIterator[Idp]:
     server = Idp()
@@ -157,7 +146,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 def mono() -> Monotonic:
-    return Monotonic()
+    return Monotonic(5000.0)
 
 
 @pytest.fixture

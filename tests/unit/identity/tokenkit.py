@@ -151,3 +151,16 @@ def outcome(raw: str, **kwargs: Any) -> str:
     except TokenInvalid as exc:
         return f"refused:{exc.code}"
     return "accepted"
+
+
+class Monotonic:
+    """A monotonic clock the test moves by hand (JwksCache cooldowns and freshness)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
