@@ -45,9 +45,7 @@ MAX_LEEWAY_SECONDS = 60
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 _VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Parameters each engine lets a role template, and the identity values a template may use.
-ENGINE_PARAMS = {"pki": frozenset({"common_name", "alt_names"}), "database": frozenset()}
-REQUIRED_PARAMS = {"pki": frozenset({"common_name"}), "database": frozenset()}
+# The identity values a role-parameter template may use.
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
 # An instance token is reused only while it outlives a new lease by this much.
 TOKEN_REUSE_MARGIN_S = 60
@@ -371,12 +369,20 @@ class IdentitySettings(_Frozen):
 
 
 class RoleSettings(_Frozen):
-    engine: Literal["pki", "database"]
+    engine: str
+    mode: str | None = None  # the engine's default mode unless set
     mount: str
     vault_role: str
     default_ttl: Duration = 600
     max_ttl: Duration = 3600
-    params: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, str] = Field(default_factory=dict)  # templated from the identity
+    # What a caller may send (e.g. a CSR); by default what the engine's mode requires.
+    request_params: tuple[str, ...] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # fixed, engine-specific
+    # At most this many live leases per instance and role. A crash-looping workload that
+    # asks again and again replaces its oldest lease, or is refused.
+    max_leases_per_instance: int = Field(3, ge=1, le=1000)
+    on_limit: Literal["revoke_oldest", "refuse"] = "revoke_oldest"
 
     _ttls = field_validator("default_ttl", "max_ttl", mode="before")(_seconds)
 
@@ -389,15 +395,12 @@ class RoleSettings(_Frozen):
 
     @model_validator(mode="after")
     def _params(self) -> RoleSettings:
-        unknown = set(self.params) - ENGINE_PARAMS[self.engine]
-        if unknown:
-            raise ValueError(
-                f"params: engine {self.engine} takes no {', '.join(sorted(unknown))}"
-                f" (allowed: {', '.join(sorted(ENGINE_PARAMS[self.engine])) or 'none'})"
-            )
-        missing = REQUIRED_PARAMS[self.engine] - set(self.params)
-        if missing:
-            raise ValueError(f"params: engine {self.engine} needs {', '.join(sorted(missing))}")
+        from broker.engines import ENGINES, validate_role  # engines import this module
+
+        engine = ENGINES.get(self.engine)
+        if engine is None:
+            raise ValueError(f"engine: expected one of {', '.join(sorted(ENGINES))}")
+        validate_role(engine, self)
         for name, template in self.params.items():
             try:
                 fields = template_fields(template)

@@ -12,6 +12,7 @@ package that calls them; nothing above that boundary catches them.
     ├── AdminForbidden             403  a token was sent, but not the admin token
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
+    ├── LeaseLimitReached          409  the role's per-instance lease limit is reached
     ├── PayloadTooLarge            413
     ├── UpstreamRejected           502  Vault refused a request the broker made
     ├── UpstreamUnavailable        503  Vault unreachable, sealed or timing out
@@ -68,6 +69,11 @@ class NotFound(BrokerError):
 class InstanceTerminated(BrokerError):
     status = 409
     code = "instance_terminated"
+
+
+class LeaseLimitReached(BrokerError):
+    status = 409
+    code = "lease_limit_reached"
 
 
 class PayloadTooLarge(BrokerError):

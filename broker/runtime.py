@@ -151,6 +151,7 @@ class Broker:
             await self.vault.maintain_login()
             self.tokens.prune()
             await self.store.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE)
+            await self.worker.sweep_superseded()
             assert self.verifier is not None
             await asyncio.gather(*(c.refresh_if_stale() for c in self.verifier.caches))
         except Exception:  # noqa: BLE001

@@ -122,6 +122,9 @@ def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
         vault_addr=vault_addr or bao.addr, broker_token=setup.broker_token, issuer=issuer.issuer,
         jwks_uri=f"{issuer.issuer}/.well-known/jwks.json", store_url=store_url,
         admin_token_sha256=ADMIN_SHA, with_database=setup.database_configured, port=0)
+    # Tests issue many credentials per instance; the lease-limit tests set their own.
+    for role in data["roles"].values():
+        role["max_leases_per_instance"] = 100
     data["revocation"] = {"tick_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
                           "claim_timeout_s": 5, "issuing_timeout_s": 5}
     for key, value in (overrides or {}).items():

@@ -86,7 +86,7 @@ def require_admin(request: web.Request) -> None:
         raise AdminForbidden("this call needs the broker's admin token")
 
 
-async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+async def _json_object(request: web.Request, allowed: set[str] | None) -> dict[str, Any]:
     if request.content_length is None and not request.can_read_body:
         return {}
     raw = await request.read()  # bounded by client_max_size → 413
@@ -98,7 +98,7 @@ async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any
         raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="malformed_json")
-    if set(body) - allowed:
+    if allowed is not None and set(body) - allowed:
         raise BadRequest(
             f"the body has fields the broker does not take; allowed: {', '.join(sorted(allowed))}",
             code="unknown_field",
@@ -150,11 +150,15 @@ def _instance_id(request: web.Request) -> str:
 async def create_credential(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     identity = await identity_of(request)
-    body = await _json_object(request, {"role", "ttl"})
-    role = body.get("role")
+    # Other fields are the role's request parameters (a CSR, a public key): the service
+    # refuses any the role does not take, once it knows the role is permitted.
+    body = await _json_object(request, None)
+    role = body.pop("role", None)
     if not isinstance(role, str) or not ROLE_PATTERN.match(role):
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
-    credential = await deps.service.issue(identity, role, _ttl(body))
+    ttl = _ttl(body)
+    body.pop("ttl", None)
+    credential = await deps.service.issue(identity, role, ttl, body)
     deps.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
     return web.json_response(
         credential.response(), status=201, headers={"Cache-Control": "no-store"}

@@ -1,12 +1,26 @@
-"""The interface every engine implements."""
+"""The interface every engine implements, and the checks shared by all of them.
+
+An engine knows one Vault secrets engine: which path to call, which parameters a role may
+template from the identity, which parameters a caller may send, how to turn Vault's answer
+into the credential the caller gets, and whether that answer carries a Vault lease. It
+does no I/O: ``broker.issuance`` calls Vault with the request the engine builds.
+
+Adding an engine is one module with a subclass of ``Engine`` plus its entry in
+``broker.engines.ENGINES``; config validation, the API and the OpenAPI document follow.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from broker.config import RoleSettings
+if TYPE_CHECKING:  # config imports the engine registry to validate roles
+    from broker.config import RoleSettings
+
+# A caller parameter's check: takes the JSON value, returns the value to use, or raises
+# ValueError with a message that says what to fix (never echoing the value).
+CallerCheck = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -17,10 +31,138 @@ class VaultRequest:
     ttl_applied: bool  # False when the engine cannot set a TTL per request
 
 
-class Engine(Protocol):
-    kind: str  # the credential kind callers see
-    params: frozenset[str]  # parameters a role may template
+@dataclass(frozen=True)
+class Mode:
+    """What one mode of an engine (e.g. PKI ``issue`` or ``sign``) takes."""
 
-    def request(self, role: RoleSettings, params: Mapping[str, str], ttl: int) -> VaultRequest: ...
+    templates: frozenset[str] = frozenset()  # role params templated from the identity
+    required_templates: frozenset[str] = frozenset()
+    caller: Mapping[str, CallerCheck] = field(default_factory=dict)  # params a caller may send
+    required_caller: frozenset[str] = frozenset()
+    options: frozenset[str] = frozenset()  # fixed, untemplated role options
+    required_options: frozenset[str] = frozenset()
 
-    def shape(self, data: Mapping[str, Any]) -> dict[str, Any]: ...
+
+class Engine:
+    name: ClassVar[str]  # the ``engine:`` value in a role
+    kind: ClassVar[str]  # the credential kind callers see
+    modes: ClassVar[Mapping[str, Mode]]  # the first is the default
+    # Whether Vault answers with a lease the broker tracks, renews and revokes. An engine
+    # without (kv) hands out a value that no revocation can take back.
+    leased: ClassVar[bool] = True
+
+    def mode(self, role: RoleSettings) -> Mode:
+        return self.modes[role.mode or next(iter(self.modes))]
+
+    def check_role(self, role: RoleSettings) -> None:
+        """Engine-specific checks of a role's options at load time; raise ValueError."""
+
+    def request(
+        self,
+        role: RoleSettings,
+        params: Mapping[str, str],
+        caller: Mapping[str, Any],
+        ttl: int,
+    ) -> VaultRequest:
+        raise NotImplementedError
+
+    def check_caller(
+        self, role: RoleSettings, params: Mapping[str, str], caller: Mapping[str, Any]
+    ) -> None:
+        """Checks of caller parameters against the rendered templates (e.g. the names in
+        a CSR); raise ValueError with a message that says what to fix."""
+
+    def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def validate_role(engine: Engine, role: RoleSettings) -> None:
+    """Load-time checks of a role against its engine. Raises ValueError."""
+    if role.mode is not None and role.mode not in engine.modes:
+        raise ValueError(
+            f"mode: engine {engine.name} has modes {', '.join(engine.modes)}; got {role.mode!r}"
+        )
+    mode = engine.mode(role)
+    unknown = set(role.params) - mode.templates
+    if unknown:
+        raise ValueError(
+            f"params: engine {engine.name} takes no {', '.join(sorted(unknown))}"
+            f" (allowed: {', '.join(sorted(mode.templates)) or 'none'})"
+        )
+    missing = mode.required_templates - set(role.params)
+    if missing:
+        raise ValueError(f"params: engine {engine.name} needs {', '.join(sorted(missing))}")
+    if role.request_params is not None:
+        unknown = set(role.request_params) - set(mode.caller)
+        if unknown:
+            raise ValueError(
+                f"request_params: engine {engine.name} lets a caller send "
+                f"{', '.join(sorted(mode.caller)) or 'nothing'}; got {', '.join(sorted(unknown))}"
+            )
+        missing = mode.required_caller - set(role.request_params)
+        if missing:
+            raise ValueError(
+                f"request_params: engine {engine.name} needs {', '.join(sorted(missing))} "
+                "from the caller"
+            )
+    unknown = set(role.options) - mode.options
+    if unknown:
+        raise ValueError(
+            f"options: engine {engine.name} takes no {', '.join(sorted(unknown))}"
+            f" (allowed: {', '.join(sorted(mode.options)) or 'none'})"
+        )
+    missing = mode.required_options - set(role.options)
+    if missing:
+        raise ValueError(f"options: engine {engine.name} needs {', '.join(sorted(missing))}")
+    engine.check_role(role)
+
+
+def caller_params_of(engine: Engine, role: RoleSettings) -> frozenset[str]:
+    """The parameters a caller may send for this role: those the role lists, or by
+    default those the engine's mode requires."""
+    if role.request_params is not None:
+        return frozenset(role.request_params)
+    return engine.mode(role).required_caller
+
+
+def read_caller_params(
+    engine: Engine, role_name: str, role: RoleSettings, body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The caller's parameters from a request body (without ``role`` and ``ttl``), checked.
+    Anything the role does not let the caller fill in is refused, never passed on."""
+    from broker.errors import BadRequest  # engines stay importable by config
+
+    allowed = caller_params_of(engine, role)
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(
+            f"role {role_name!r} does not take {', '.join(sorted(unknown))} from a "
+            f"request (it takes: {', '.join(sorted(allowed | {'role', 'ttl'}))})",
+            code="unknown_parameter",
+        )
+    mode = engine.mode(role)
+    missing = (mode.required_caller & allowed) - set(body)
+    if missing:
+        raise BadRequest(
+            f"this role needs {', '.join(sorted(missing))} in the request", code="missing_parameter"
+        )
+    out: dict[str, Any] = {}
+    for name, value in body.items():
+        try:
+            out[name] = mode.caller[name](value)
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}", code="invalid_parameter") from None
+    return out
+
+
+def text_param(max_bytes: int, what: str) -> CallerCheck:
+    """A caller parameter that is a non-empty string of at most ``max_bytes``."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected {what} as a non-empty string")
+        if len(value.encode()) > max_bytes:
+            raise ValueError(f"too long (at most {max_bytes} bytes)")
+        return value
+
+    return check

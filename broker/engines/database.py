@@ -1,25 +1,32 @@
 """Database: a dynamic login from Vault's database engine (``<mount>/creds/<role>``).
 
-The engine takes no TTL per request; the broker shortens the lease with a renewal when the
-caller asked for less than the Vault role's default.
+One module serves every database plugin Vault and OpenBao share (PostgreSQL, MySQL and
+MariaDB, Redis and Valkey, …): the Vault role's creation statements decide what the login
+may do, so the broker only reads the path. The engine takes no TTL per request; the broker
+shortens the lease with a renewal when the caller asked for less than the role's default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from broker.config import RoleSettings
-from broker.engines.base import VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest
 from broker.vault import vault_path
 
+if TYPE_CHECKING:
+    from broker.config import RoleSettings
 
-class DatabaseEngine:
+
+class DatabaseEngine(Engine):
+    name = "database"
     kind = "database_login"
-    params: frozenset[str] = frozenset()
+    modes = {"dynamic": Mode()}
 
-    def request(self, role: RoleSettings, params: Mapping[str, str], ttl: int) -> VaultRequest:
+    def request(
+        self, role: RoleSettings, params: Mapping[str, str], caller: Mapping[str, Any], ttl: int
+    ) -> VaultRequest:
         return VaultRequest("GET", vault_path(role.mount, "creds", role.vault_role), None, False)
 
-    def shape(self, data: Mapping[str, Any]) -> dict[str, Any]:
+    def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         return {"username": data.get("username"), "password": data.get("password")}

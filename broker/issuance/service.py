@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from broker.clock import Clock, iso_z
 from broker.config import RoleSettings, Rule
-from broker.engines import ENGINES
+from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -38,7 +38,7 @@ from broker.errors import (
 from broker.identity.model import Identity
 from broker.issuance.tokens import InstanceTokens
 from broker.leases.states import LeaseState
-from broker.leases.store import LeaseView, Store
+from broker.leases.store import LeaseLimit, LeaseView, Store
 from broker.policy import decide, render_params
 from broker.vault import VaultClient
 
@@ -56,9 +56,11 @@ class IssuedCredential:
     issued_at: datetime
     expires_at: datetime
     renewable: bool
+    leased: bool = True  # False: no Vault lease (a static kv secret), nothing to revoke
+    lease_limit: Mapping[str, Any] | None = None  # what the role's lease limit did
 
     def response(self) -> dict[str, Any]:
-        return {
+        out = {
             "lease_id": self.lease_id,
             "instance_id": self.instance_id,
             "workload": self.workload,
@@ -68,7 +70,11 @@ class IssuedCredential:
             "issued_at": iso_z(self.issued_at),
             "expires_at": iso_z(self.expires_at),
             "renewable": self.renewable,
+            "leased": self.leased,
         }
+        if self.lease_limit is not None:
+            out["lease_limit"] = dict(self.lease_limit)
+        return out
 
     def __repr__(self) -> str:  # data holds the credential: never printed
         return f"IssuedCredential(lease_id={self.lease_id!r}, role={self.role!r}, data=***)"
@@ -111,13 +117,26 @@ class CredentialService:
             raise NotPermitted(f"role {role!r} is not permitted for this identity")
         return self._roles[role], decision.ttl
 
-    async def issue(self, identity: Identity, role_name: str, ttl: int | None) -> IssuedCredential:
+    async def issue(
+        self,
+        identity: Identity,
+        role_name: str,
+        ttl: int | None,
+        caller_params: Mapping[str, Any] | None = None,
+    ) -> IssuedCredential:
         role, ttl_s = self._permit(identity, role_name, ttl)
         engine = ENGINES[role.engine]
-        request = engine.request(role, render_params(role.params, identity), ttl_s)
+        caller = read_caller_params(engine, role_name, role, caller_params or {})
+        params = render_params(role.params, identity)
+        try:
+            engine.check_caller(role, params, caller)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_parameter") from None
+        request = engine.request(role, params, caller, ttl_s)
+        limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if engine.leased else None
 
         try:
-            lease_id = await self._store.begin_issue(
+            ticket = await self._store.begin_issue(
                 instance_id=identity.instance_id,
                 issuer_name=identity.issuer_name,
                 workload=identity.workload,
@@ -126,10 +145,41 @@ class CredentialService:
                 token_id=(identity.replay_key, identity.expires_at)
                 if identity.replay_key is not None
                 else None,
+                limit=limit,
             )
         except TokenInvalid as exc:
             exc.issuer_name = identity.issuer_name  # count replays against their issuer
             raise
+        try:
+            credential = await self._issue_recorded(
+                identity, role_name, role, engine, request, ttl_s, ticket.lease_id
+            )
+        finally:
+            # Chosen under the lease limit: revoked whatever became of the new one (a
+            # lease left ``revoking`` by a crash here is finished by the sweep).
+            replaced = await self._revoke_superseded(ticket.superseded)
+        if limit is not None:
+            credential = replace(
+                credential,
+                lease_limit={
+                    "max_leases": limit.max_leases,
+                    "on_limit": limit.on_limit,
+                    "revoked": [lid for lid, done in replaced if done],
+                    "revocation_pending": [lid for lid, done in replaced if not done],
+                },
+            )
+        return credential
+
+    async def _issue_recorded(
+        self,
+        identity: Identity,
+        role_name: str,
+        role: RoleSettings,
+        engine: Engine,
+        request: VaultRequest,
+        ttl_s: int,
+        lease_id: str,
+    ) -> IssuedCredential:
         vault_issued = False
         try:
             async with asyncio.timeout(self._deadline_s):
@@ -167,7 +217,7 @@ class CredentialService:
             # Otherwise Vault may have issued under the (recorded) instance token: the row
             # stays ``issuing`` so termination and reconciliation treat it as possibly live.
             raise
-        if not issued.lease_id:
+        if not issued.lease_id and engine.leased:
             with contextlib.suppress(BrokerError):
                 await self._store.fail_issue(lease_id, "vault_no_lease")
             raise UpstreamRejected(
@@ -178,23 +228,27 @@ class CredentialService:
 
         issued_at = self._clock.now()
         expires_at = issued_at + timedelta(seconds=duration)
+        vault_lease_id = issued.lease_id or None
         try:
             still_active = await self._store.complete_issue(
                 lease_id,
-                vault_lease_id=issued.lease_id,
+                vault_lease_id=vault_lease_id,
                 accessor=token.accessor,
-                renewable=renewable,
+                renewable=renewable and vault_lease_id is not None,
                 issued_at=issued_at,
                 expires_at=expires_at,
+                state=LeaseState.ACTIVE if vault_lease_id else LeaseState.DELIVERED,
             )
         except BrokerError:
             # Not recorded, so not handed out: take it back from Vault now. If that fails
             # too, the ``issuing`` row and the recorded token let the reconciler find it.
-            await self._take_back(issued.lease_id)
+            if vault_lease_id:
+                await self._take_back(vault_lease_id)
             raise
         if not still_active:
             # Recorded, so the revocation job confirms it; revoking now just saves time.
-            await self._take_back(issued.lease_id)
+            if vault_lease_id:
+                await self._take_back(vault_lease_id)
             raise InstanceTerminated(
                 f"instance {identity.instance_id} was terminated while the credential was issued"
             )
@@ -204,11 +258,32 @@ class CredentialService:
             workload=identity.workload,
             role=role_name,
             kind=engine.kind,
-            data=engine.shape(issued.data),
+            data=engine.shape(role, issued.data),
             issued_at=issued_at,
             expires_at=expires_at,
-            renewable=renewable,
+            renewable=renewable and vault_lease_id is not None,
+            leased=vault_lease_id is not None,
         )
+
+    async def _revoke_superseded(
+        self, superseded: tuple[tuple[str, str], ...]
+    ) -> list[tuple[str, bool]]:
+        """Revoke leases replaced under a role's lease limit; (lease id, confirmed gone).
+        One that is not confirmed stays ``revoking`` for the revocation worker's sweep."""
+        out = []
+        for lease_id, vault_lease_id in superseded:
+            try:
+                gone = await self._vault.revoke_confirmed(vault_lease_id)
+                if gone:
+                    await self._store.end_lease(lease_id, LeaseState.REVOKED, actor="lease_limit")
+            except BrokerError as exc:
+                log.warning(
+                    "a replaced lease is not revoked yet; the sweep retries",
+                    extra={"lease_id": lease_id, "error": exc.code},
+                )
+                gone = False
+            out.append((lease_id, gone))
+        return out
 
     @staticmethod
     def _token_id(identity: Identity) -> tuple[str, str] | None:

@@ -8,6 +8,11 @@ from enum import StrEnum
 class LeaseState(StrEnum):
     ISSUING = "issuing"  # row written, Vault asked (or about to be)
     ACTIVE = "active"  # Vault issued it and the broker recorded it
+    # Chosen for revocation while still live (replaced under the role's lease limit);
+    # revoked by the request that chose it, or by the sweep if that request died.
+    REVOKING = "revoking"
+    # Handed out without a Vault lease (a static kv secret): nothing to renew or revoke.
+    DELIVERED = "delivered"
     FAILED = "failed"  # Vault refused or failed: nothing was issued
     RELEASED = "released"  # the workload returned it early; Vault confirmed it gone
     REVOKED = "revoked"  # revoked by termination; Vault confirmed it gone
@@ -28,8 +33,12 @@ class JobState(StrEnum):
 
 
 LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
-    LeaseState.ISSUING: frozenset({LeaseState.ACTIVE, LeaseState.FAILED, LeaseState.ABANDONED}),
-    LeaseState.ACTIVE: frozenset({LeaseState.RELEASED, LeaseState.REVOKED}),
+    LeaseState.ISSUING: frozenset(
+        {LeaseState.ACTIVE, LeaseState.DELIVERED, LeaseState.FAILED, LeaseState.ABANDONED}
+    ),
+    LeaseState.ACTIVE: frozenset({LeaseState.RELEASED, LeaseState.REVOKED, LeaseState.REVOKING}),
+    LeaseState.REVOKING: frozenset({LeaseState.REVOKED}),
+    LeaseState.DELIVERED: frozenset(),
     LeaseState.FAILED: frozenset(),
     LeaseState.RELEASED: frozenset(),
     LeaseState.REVOKED: frozenset(),
@@ -46,7 +55,9 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 # Leases that may still hold a live credential in Vault.
-LIVE_LEASE_STATES = frozenset({LeaseState.ISSUING, LeaseState.ACTIVE})
+LIVE_LEASE_STATES = frozenset({LeaseState.ISSUING, LeaseState.ACTIVE, LeaseState.REVOKING})
+# Leases that count against a role's per-instance limit (a revoking one is on its way out).
+COUNTED_LEASE_STATES = frozenset({LeaseState.ISSUING, LeaseState.ACTIVE})
 FINAL_LEASE_STATES = frozenset(LeaseState) - LIVE_LEASE_STATES
 
 

@@ -28,6 +28,7 @@ from broker.config import StoreSettings
 from broker.errors import (
     BrokerError,
     InstanceTerminated,
+    LeaseLimitReached,
     NotFound,
     NotPermitted,
     RevocationWaiting,
@@ -37,6 +38,7 @@ from broker.errors import (
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
 from broker.leases.states import (
+    COUNTED_LEASE_STATES,
     LIVE_LEASE_STATES,
     InstanceState,
     JobState,
@@ -56,11 +58,21 @@ _INSERT_INSTANCE = _I.insert()
 _INSERT_LEASE = _L.insert()
 _INSERT_TOKEN = _T.insert()
 _INSERT_SEEN = m.SeenToken.__table__.insert()
+_LIVE = sorted(s.value for s in LIVE_LEASE_STATES)
+_COUNTED_FOR_LIMIT = (
+    select(_L.c.lease_id, _L.c.vault_lease_id, _L.c.state)
+    .where(
+        _L.c.instance_id == bindparam("b_iid"),
+        _L.c.role == bindparam("b_role"),
+        _L.c.state.in_(sorted(s.value for s in COUNTED_LEASE_STATES)),
+    )
+    .order_by(_L.c.created_at, _L.c.lease_id)
+)
 _COMPLETE_LEASE = (
     update(_L)
     .where(_L.c.lease_id == bindparam("b_lid"), _L.c.state == LeaseState.ISSUING.value)
     .values(
-        state=LeaseState.ACTIVE.value,
+        state=bindparam("b_state"),
         vault_lease_id=bindparam("b_vlid"),
         token_accessor=bindparam("b_acc"),
         renewable=bindparam("b_ren"),
@@ -70,6 +82,18 @@ _COMPLETE_LEASE = (
     )
     .returning(_L.c.instance_id)
 )
+
+
+@dataclass(frozen=True)
+class LeaseLimit:
+    max_leases: int
+    on_limit: str  # "revoke_oldest" | "refuse"
+
+
+@dataclass(frozen=True)
+class IssueTicket:
+    lease_id: str
+    superseded: tuple[tuple[str, str], ...]  # (lease_id, vault_lease_id) to revoke
 
 
 class LeasesStillLive(RevocationWaiting):
@@ -373,14 +397,26 @@ class Store:
         role: str,
         kind: str,
         token_id: tuple[str, datetime] | None = None,
-    ) -> str:
+        limit: LeaseLimit | None = None,
+    ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
-        id is recorded in this same transaction, so a refused request records nothing."""
+        id is recorded in this same transaction, so a refused request records nothing.
+
+        With a ``limit``, the instance's live leases of the role are counted under an
+        exclusive lock on the instance (two requests of one instance cannot both see room):
+        at the limit the request is refused, or the oldest active leases are moved to
+        ``revoking`` for the caller to revoke once the new one is issued."""
         lease_id = new_id("l")
+        superseded: list[tuple[str, str]] = []
         async with self._tx() as conn:
             state, owner, owner_workload = await self._ensure_instance(
-                conn, instance_id, issuer_name, workload, InstanceState.ACTIVE, shared=True
+                conn,
+                instance_id,
+                issuer_name,
+                workload,
+                InstanceState.ACTIVE,
+                shared=limit is None,
             )
             if owner is not None and owner != issuer_name:
                 # Instance ids are unique only per issuer: the first issuer to present one
@@ -417,6 +453,8 @@ class Store:
                         code="token_replayed",
                     ) from None
             now = self._clock.now()
+            if limit is not None:
+                superseded = await self._make_room(conn, instance_id, role, limit, now)
             await conn.execute(
                 _INSERT_LEASE,
                 {
@@ -431,7 +469,64 @@ class Store:
                     "updated_at": now,
                 },
             )
-        return lease_id
+        return IssueTicket(lease_id, tuple(superseded))
+
+    async def _make_room(
+        self, conn: AsyncConnection, instance_id: str, role: str, limit: LeaseLimit, now: datetime
+    ) -> list[tuple[str, str]]:
+        """Under the instance's exclusive lock: refuse, or pick the oldest active leases
+        to replace, so that with the new one the role stays within its limit."""
+        live = (
+            await conn.execute(_COUNTED_FOR_LIMIT, {"b_iid": instance_id, "b_role": role})
+        ).all()
+        excess = len(live) - limit.max_leases + 1
+        if excess <= 0:
+            return []
+        if limit.on_limit == "refuse":
+            raise LeaseLimitReached(
+                f"this instance already holds {len(live)} live lease(s) of role {role!r}, its "
+                f"limit; release one (DELETE /v1/leases/{{lease_id}}) before asking again"
+            )
+        victims = [(r[0], r[1]) for r in live if r[2] == LeaseState.ACTIVE.value][:excess]
+        if len(victims) < excess:
+            raise LeaseLimitReached(
+                f"this instance's requests for role {role!r} in flight already reach its limit "
+                f"of {limit.max_leases}; retry once they complete"
+            )
+        await conn.execute(
+            update(m.Lease)
+            .where(
+                m.Lease.lease_id.in_([v[0] for v in victims]),
+                m.Lease.state == LeaseState.ACTIVE.value,
+            )
+            .values(state=LeaseState.REVOKING.value, error_code="superseded", updated_at=now)
+        )
+        await self._audit(
+            conn,
+            "lease_limit",
+            "leases.superseded",
+            instance_id=instance_id,
+            role=role,
+            lease_ids=[v[0] for v in victims],
+        )
+        return victims
+
+    async def superseded_leases(
+        self, *, older_than: timedelta, limit: int = 200
+    ) -> list[LeaseView]:
+        """Leases left in ``revoking`` longer than ``older_than``: their request died
+        before it revoked them. The sweep finishes the job."""
+        cutoff = self._clock.now() - older_than
+        async with self._tx(readonly=True) as conn:
+            rows = (
+                await conn.execute(
+                    select(m.Lease)
+                    .where(m.Lease.state == LeaseState.REVOKING.value, m.Lease.updated_at < cutoff)
+                    .order_by(m.Lease.updated_at)
+                    .limit(limit)
+                )
+            ).all()
+        return [_lease_view(m.Lease(**r._mapping)) for r in rows]
 
     async def record_token(self, *, instance_id: str, accessor: str, expires_at: datetime) -> None:
         """Record an instance token's accessor before the token is used.
@@ -454,14 +549,16 @@ class Store:
         self,
         lease_id: str,
         *,
-        vault_lease_id: str,
+        vault_lease_id: str | None,
         accessor: str,
         renewable: bool,
         issued_at: datetime,
         expires_at: datetime,
+        state: LeaseState = LeaseState.ACTIVE,
     ) -> bool:
-        """Mark the lease active. Returns whether its instance is still active: if not, a
-        revocation job is already on its way and the credential must not be handed out.
+        """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
+        Returns whether its instance is still active: if not, a revocation job is already on
+        its way and the credential must not be handed out.
         (The lease row is the issuance record; no separate audit row is written.)"""
         async with self._tx() as conn:
             instance_id = (
@@ -469,6 +566,7 @@ class Store:
                     _COMPLETE_LEASE,
                     {
                         "b_lid": lease_id,
+                        "b_state": state.value,
                         "b_vlid": vault_lease_id,
                         "b_acc": accessor,
                         "b_ren": renewable,
@@ -687,7 +785,7 @@ class Store:
                 await conn.execute(
                     select(m.Lease).where(
                         m.Lease.instance_id == instance_id,
-                        m.Lease.state.in_([LeaseState.ISSUING.value, LeaseState.ACTIVE.value]),
+                        m.Lease.state.in_(_LIVE),
                     )
                 )
             ).all()
@@ -712,11 +810,7 @@ class Store:
         rows moved; the caller compares with how many it asked for."""
         if not lease_ids:
             return 0
-        sources = [
-            old.value
-            for old in (LeaseState.ISSUING, LeaseState.ACTIVE)
-            if lease_can_move(old, state)
-        ]
+        sources = [old.value for old in LIVE_LEASE_STATES if lease_can_move(old, state)]
         now = self._clock.now()
         async with self._tx() as conn:
             total = 0
@@ -744,7 +838,7 @@ class Store:
                 await conn.execute(
                     select(func.count()).where(
                         m.Lease.instance_id == job.instance_id,
-                        m.Lease.state.in_([LeaseState.ISSUING.value, LeaseState.ACTIVE.value]),
+                        m.Lease.state.in_(_LIVE),
                     )
                 )
             ).scalar_one()
@@ -911,7 +1005,7 @@ class Store:
             lease_rows = (
                 await conn.execute(
                     select(m.Lease.role, m.Lease.state, func.count())
-                    .where(m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.ISSUING.value]))
+                    .where(m.Lease.state.in_(_LIVE))
                     .group_by(m.Lease.role, m.Lease.state)
                 )
             ).all()

@@ -151,6 +151,23 @@ class RevocationWorker:
                 extra={"job_id": job.job_id, "error": code, "delay_s": round(delay, 2)},
             )
 
+    async def sweep_superseded(self) -> int:
+        """Finish leases left ``revoking`` by a request that died before it revoked them
+        (replaced under a role's lease limit). Returns how many were confirmed gone."""
+        leases = await self._store.superseded_leases(
+            older_than=timedelta(seconds=self._settings.issuing_timeout_s)
+        )
+        recorded = [lease for lease in leases if lease.vault_lease_id]
+        results = await asyncio.gather(
+            *(
+                self._bounded(self._vault.revoke_confirmed, lease.vault_lease_id)
+                for lease in recorded
+            ),
+            return_exceptions=True,
+        )
+        gone = [lease.lease_id for lease, ok in zip(recorded, results, strict=True) if ok is True]
+        return await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
+
     async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
         async with self._sem:
             return await coro_fn(*args)

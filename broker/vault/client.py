@@ -200,6 +200,11 @@ class VaultClient:
             raise
         return True
 
+    async def revoke_confirmed(self, lease_id: str) -> bool:
+        """Revoke a lease and ask Vault whether it is gone: True only on Vault's word."""
+        await self.revoke_lease(lease_id)
+        return not await self.lease_exists(lease_id)
+
     async def revoke_accessor(self, accessor: str) -> None:
         """Revoke an instance token; its leases are queued for revocation by Vault."""
         await self._call("POST", "/v1/auth/token/revoke-accessor", json={"accessor": accessor})

@@ -48,7 +48,7 @@ async def test_database_login_lives_until_the_instance_is_terminated(
     status, cred = await _issue(http, b, "i-db-1", "dev-db", ttl="5m")
     assert status == 201, cred
     assert set(cred) == {"lease_id", "instance_id", "workload", "role", "kind", "data",
-                         "issued_at", "expires_at", "renewable"}
+                         "issued_at", "expires_at", "renewable", "leased", "lease_limit"}
     assert (cred["instance_id"], cred["workload"], cred["role"], cred["kind"]) == (
         "i-db-1", "payments", "dev-db", "database_login")
     assert cred["renewable"] is True

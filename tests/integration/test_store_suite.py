@@ -48,7 +48,7 @@ async def stores(request, pg, workdir):
 async def _issue(store: Store, instance: str, role: str = "r") -> str:
     lease_id = await store.begin_issue(instance_id=instance, issuer_name="dev", workload="w",
                                        role=role, kind="k")
-    return lease_id
+    return lease_id.lease_id
 
 
 async def test_migrated_store_reports_its_revision(stores):

@@ -128,7 +128,7 @@ async def test_missing_identity_token(sec, http, vault, headers, code):
 @pytest.mark.parametrize("body,status,code", [
     (b"{not json", 400, "malformed_json"),
     (b"[1, 2]", 400, "malformed_json"),
-    (b'{"role": "dev-cert", "common_name": "evil.example.com"}', 400, "unknown_field"),
+    (b'{"role": "dev-cert", "common_name": "evil.example.com"}', 400, "unknown_parameter"),
     (b'{"ttl": "5m"}', 400, "invalid_role"),
     (b'{"role": "../sys/raw"}', 400, "invalid_role"),
     (b'{"role": "dev-cert", "ttl": "5 minutes"}', 400, "invalid_ttl"),

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from broker.engines import ENGINES
 from broker.config import ALLOWED_ALGORITHMS, Settings, load_settings, load_settings_file
 from broker.dev.environment import dev_settings_dict
 from broker.errors import ConfigError
@@ -220,8 +221,9 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     # roles
     (_set(["roles"], {}), "roles: Dictionary should have at least 1 item after validation, "
      "not 0", "roles-empty"),
-    (_set(["roles", "dev-cert", "engine"], "aws"),
-     "roles.dev-cert.engine: Input should be 'pki' or 'database'", "role-engine-aws"),
+    (_set(["roles", "dev-cert", "engine"], "nosuch"),
+     f"roles.dev-cert: engine: expected one of {', '.join(sorted(ENGINES))}",
+     "role-engine-unknown"),
     (_set(["roles", "dev-cert", "params", "common_name"], "{email}.x"),
      "roles.dev-cert: params.common_name: unknown template field(s) ['email']; "
      "use ['instance_id', 'issuer_name', 'workload']", "template-unknown-field"),

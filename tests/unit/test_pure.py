@@ -109,8 +109,10 @@ def test_parse_duration_unit_form_refuses_non_ascii_digits(value: str) -> None:
 L = LeaseState
 J = JobState
 EXPECTED_LEASE_MOVES = {
-    (L.ISSUING, L.ACTIVE), (L.ISSUING, L.FAILED), (L.ISSUING, L.ABANDONED),
-    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED),
+    (L.ISSUING, L.ACTIVE), (L.ISSUING, L.DELIVERED), (L.ISSUING, L.FAILED),
+    (L.ISSUING, L.ABANDONED),
+    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING),
+    (L.REVOKING, L.REVOKED),
 }
 EXPECTED_JOB_MOVES = {
     (J.PENDING, J.RUNNING),
@@ -122,8 +124,8 @@ JOB_PAIRS = list(itertools.product(JobState, JobState))
 
 
 def test_state_values() -> None:
-    assert [s.value for s in LeaseState] == ["issuing", "active", "failed", "released",
-                                             "revoked", "abandoned"]
+    assert [s.value for s in LeaseState] == ["issuing", "active", "revoking", "delivered",
+                                             "failed", "released", "revoked", "abandoned"]
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
 
 
@@ -145,11 +147,11 @@ def test_every_state_has_a_transition_entry() -> None:
 
 
 def test_live_and_final_lease_states() -> None:
-    assert LIVE_LEASE_STATES == {L.ISSUING, L.ACTIVE}
-    assert FINAL_LEASE_STATES == {L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED}
+    assert LIVE_LEASE_STATES == {L.ISSUING, L.ACTIVE, L.REVOKING}
+    assert FINAL_LEASE_STATES == {L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED}
 
 
-@pytest.mark.parametrize("state", [L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED],
+@pytest.mark.parametrize("state", [L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED],
                          ids=lambda s: s.value)
 def test_final_lease_states_have_no_exits(state: LeaseState) -> None:
     assert LEASE_TRANSITIONS[state] == frozenset()

@@ -15,7 +15,7 @@ DB = RoleSettings(engine="database", mount="database", vault_role="dev-db")
 
 
 def test_pki_issue_request_carries_only_the_templated_name_and_ttl():
-    req = ENGINES["pki"].request(PKI, {"common_name": "payments.workload.internal"}, 300)
+    req = ENGINES["pki"].request(PKI, {"common_name": "payments.workload.internal"}, {}, 300)
     assert (req.method, req.path, req.ttl_applied) == ("POST", "pki/issue/dev-cert", True)
     assert req.body == {"common_name": "payments.workload.internal", "ttl": "300s",
                         "format": "pem", "exclude_cn_from_sans": False}
@@ -25,15 +25,15 @@ def test_pki_response_keeps_the_certificate_fields_only():
     data = {"certificate": "C", "private_key": "K", "private_key_type": "ec",
             "ca_chain": ["A"], "issuing_ca": "A", "serial_number": "01", "expiration": 5,
             "unexpected": "dropped"}
-    shaped = ENGINES["pki"].shape(data)
+    shaped = ENGINES["pki"].shape(PKI, data)
     assert shaped == {k: v for k, v in data.items() if k != "unexpected"}
 
 
 def test_database_request_and_response():
-    req = ENGINES["database"].request(DB, {}, 600)
+    req = ENGINES["database"].request(DB, {}, {}, 600)
     assert (req.method, req.path, req.body, req.ttl_applied) == (
         "GET", "database/creds/dev-db", None, False)
-    assert ENGINES["database"].shape({"username": "u", "password": "p", "x": 1}) == {
+    assert ENGINES["database"].shape(DB, {"username": "u", "password": "p", "x": 1}) == {
         "username": "u", "password": "p"}
 
 
