@@ -26,9 +26,21 @@ from broker.leases.db import migrate, sync_url
 from broker.runtime import Broker
 from broker.vault.bootstrap import DevVault, bootstrap_dev
 from tests.harness.postgres import PgServer, find_or_start_postgres
+from tests.harness.services import STRICT_ENV, strict
 from tests.harness.vault import VaultProbe
 
 ADMIN_TOKEN = "adm-" + secrets.token_urlsafe(24)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under BROKER_TESTS_REQUIRE_SERVICES=1 (CI) no test may skip: a skip there means
+    something the suite should prove was not proved."""
+    outcome = yield
+    report = outcome.get_result()
+    if strict() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under {STRICT_ENV}=1: {report.longrepr}"
 ADMIN_SHA = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
 
 
@@ -117,7 +129,12 @@ class RunningBroker:
 
 def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
                     issuer: DevIssuer, vault_addr: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> Settings:
+                    overrides: dict[str, Any] | None = None,
+                    extra_roles: dict[str, dict[str, Any]] | None = None,
+                    instance_policies: tuple[str, ...] = ()) -> Settings:
+    """The dev settings on the test Vault. ``extra_roles`` are added to the dev roles and
+    allowed to every dev workload; ``instance_policies`` (named ``broker-instance-*``) are
+    given to instance tokens on top of ``broker-instance``."""
     data = dev_settings_dict(
         vault_addr=vault_addr or bao.addr, broker_token=setup.broker_token, issuer=issuer.issuer,
         jwks_uri=f"{issuer.issuer}/.well-known/jwks.json", store_url=store_url,
@@ -125,6 +142,11 @@ def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
     # Tests issue many credentials per instance; the lease-limit tests set their own.
     for role in data["roles"].values():
         role["max_leases_per_instance"] = 100
+    if extra_roles:
+        data["roles"].update(extra_roles)
+        data["policy"]["rules"][0]["allow"] = sorted(data["roles"])
+    if instance_policies:
+        data["vault"]["instance_policies"] = ["broker-instance", *instance_policies]
     data["revocation"] = {"tick_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
                           "claim_timeout_s": 5, "issuing_timeout_s": 5}
     for key, value in (overrides or {}).items():

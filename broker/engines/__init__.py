@@ -1,9 +1,35 @@
-"""One module per Vault secrets engine: which path to call and how to shape the answer."""
+"""One module per Vault secrets engine: which path to call and how to shape the answer.
+
+Every module in this package that defines an ``Engine`` subclass with a ``name`` is an
+engine: adding one is adding its file (and a role in the configuration that uses it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from broker.engines.base import Engine, Mode, VaultRequest, read_caller_params, validate_role
-from broker.engines.database import DatabaseEngine
-from broker.engines.pki import PkiEngine
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (PkiEngine(), DatabaseEngine())}
+
+def _discover() -> dict[str, Engine]:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    found: dict[str, Engine] = {}
+    pending = list(Engine.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        name = cls.__dict__.get("name")
+        if name is None:
+            continue
+        if name in found:
+            raise RuntimeError(f"two engines are named {name!r}")
+        found[name] = cls()
+    return dict(sorted(found.items()))
+
+
+ENGINES: dict[str, Engine] = _discover()
 
 __all__ = ["ENGINES", "Engine", "Mode", "VaultRequest", "read_caller_params", "validate_role"]

@@ -140,6 +140,8 @@ def bootstrap_dev(
     client.write(
         f"auth/token/roles/{TOKEN_ROLE}",
         allowed_policies=[INSTANCE_POLICY],
+        # Further instance policies (one per credential family) are named broker-instance-*.
+        allowed_policies_glob=[f"{INSTANCE_POLICY}-*"],
         disallowed_policies=["root", BROKER_POLICY],
         orphan=True,
         renewable=False,

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from broker.engines import ENGINES
 from broker.config import ALLOWED_ALGORITHMS, Settings, load_settings, load_settings_file
 from broker.dev.environment import dev_settings_dict
+from broker.engines import ENGINES
 from broker.errors import ConfigError
 from broker.identity.model import Identity
 from broker.policy.templates import render_params
