@@ -41,15 +41,16 @@ class Mode:
     required_caller: frozenset[str] = frozenset()
     options: frozenset[str] = frozenset()  # fixed, untemplated role options
     required_options: frozenset[str] = frozenset()
+    # Whether Vault answers with a lease the broker tracks, renews and revokes. A mode
+    # without (a kv read, a GCP OAuth token) hands out a value no revocation takes back:
+    # it is recorded as ``delivered`` and not counted against the lease limit.
+    leased: bool = True
 
 
 class Engine:
     name: ClassVar[str]  # the ``engine:`` value in a role
     kind: ClassVar[str]  # the credential kind callers see
     modes: ClassVar[Mapping[str, Mode]]  # the first is the default
-    # Whether Vault answers with a lease the broker tracks, renews and revokes. An engine
-    # without (kv) hands out a value that no revocation can take back.
-    leased: ClassVar[bool] = True
 
     def mode(self, role: RoleSettings) -> Mode:
         return self.modes[role.mode or next(iter(self.modes))]

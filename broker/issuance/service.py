@@ -133,7 +133,8 @@ class CredentialService:
         except ValueError as exc:
             raise BadRequest(str(exc), code="invalid_parameter") from None
         request = engine.request(role, params, caller, ttl_s)
-        limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if engine.leased else None
+        leased = engine.mode(role).leased
+        limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if leased else None
 
         try:
             ticket = await self._store.begin_issue(
@@ -152,7 +153,7 @@ class CredentialService:
             raise
         try:
             credential = await self._issue_recorded(
-                identity, role_name, role, engine, request, ttl_s, ticket.lease_id
+                identity, role_name, role, engine, request, ttl_s, ticket.lease_id, leased
             )
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
@@ -179,6 +180,7 @@ class CredentialService:
         request: VaultRequest,
         ttl_s: int,
         lease_id: str,
+        leased: bool,
     ) -> IssuedCredential:
         vault_issued = False
         try:
@@ -217,7 +219,7 @@ class CredentialService:
             # Otherwise Vault may have issued under the (recorded) instance token: the row
             # stays ``issuing`` so termination and reconciliation treat it as possibly live.
             raise
-        if not issued.lease_id and engine.leased:
+        if not issued.lease_id and leased:
             with contextlib.suppress(BrokerError):
                 await self._store.fail_issue(lease_id, "vault_no_lease")
             raise UpstreamRejected(
