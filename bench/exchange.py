@@ -182,6 +182,8 @@ async def main() -> None:
             port=port,
         )
         cfg["log_level"] = "warning"
+        for role in cfg["roles"].values():
+            role["max_leases_per_instance"] = PER_INSTANCE  # each instance keeps all it asked for
         (work / "broker.yaml").write_text(yaml.safe_dump(cfg))
         proc = subprocess.Popen(
             [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker import __version__
+from broker.engines import ENGINES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -66,7 +67,12 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "CredentialRequest": {
                     "type": "object",
-                    "additionalProperties": False,
+                    "description": (
+                        "Besides role and ttl, only the parameters the role lets a caller "
+                        "send (e.g. csr for a PKI sign role, public_key for an SSH role); "
+                        "any other field is refused with 400 unknown_parameter."
+                    ),
+                    "additionalProperties": {"type": "string"},
                     "required": ["role"],
                     "properties": {
                         "role": {"type": "string"},
@@ -80,11 +86,33 @@ def openapi_document() -> dict[str, Any]:
                         "instance_id": {"type": "string"},
                         "workload": {"type": "string"},
                         "role": {"type": "string"},
-                        "kind": {"type": "string", "enum": ["x509_certificate", "database_login"]},
+                        "kind": {
+                            "type": "string",
+                            "enum": sorted({e.kind for e in ENGINES.values()}),
+                        },
                         "data": {"type": "object"},
                         "issued_at": {"type": "string", "format": "date-time"},
                         "expires_at": {"type": "string", "format": "date-time"},
                         "renewable": {"type": "boolean"},
+                        "leased": {
+                            "type": "boolean",
+                            "description": "false: no Vault lease (e.g. a kv secret); "
+                            "termination cannot take it back",
+                        },
+                        "lease_limit": {
+                            "type": "object",
+                            "description": "the role's per-instance lease limit and the "
+                            "leases this request replaced under it",
+                            "properties": {
+                                "max_leases": {"type": "integer"},
+                                "on_limit": {"type": "string", "enum": ["revoke_oldest", "refuse"]},
+                                "revoked": {"type": "array", "items": {"type": "string"}},
+                                "revocation_pending": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                },
+                            },
+                        },
                     },
                 },
                 "Renewal": {
@@ -131,7 +159,7 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "400": _err("malformed request"),
                         "403": _err("role not permitted for this identity"),
-                        "409": _err("instance terminated"),
+                        "409": _err("instance terminated, or the role's lease limit reached"),
                         "413": _err("request too large"),
                         **_COMMON,
                     },
