@@ -1,0 +1,190 @@
+"""RabbitMQ for the rabbitmq engine's tests: the management API that Vault drives, and a
+small client of that API to create and inspect vhosts and users.
+
+Vault's rabbitmq secrets engine creates and deletes users through the management API
+(port 15672), which a stock RabbitMQ ships disabled. When the node answers on AMQP but not
+on 15672, and ``rabbitmq-plugins`` can talk to the node (root or the rabbitmq user), the
+plugin is enabled online, bound to loopback, and the API is waited for; otherwise the test
+is skipped loudly (or fails in CI) with what was missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from tests.harness.services import listening, require_service, service_missing
+
+HOST = "127.0.0.1"
+AMQP_PORT = 5672
+MANAGEMENT_PORT = 15672
+# Where the Debian and RPM packages put the CLIs; /usr/sbin is not on every user's PATH.
+_CLI_DIRS = ("/usr/sbin", "/usr/lib/rabbitmq/bin", "/usr/local/sbin")
+_CLI_TIMEOUT_S = 60.0
+# Only if the operator configured no listener: an online-enabled plugin would otherwise
+# listen on every interface. Kept in the node's memory, never written to its config.
+_LOOPBACK_LISTENER = (
+    "case application:get_env(rabbitmq_management, tcp_config) of "
+    "undefined -> application:set_env(rabbitmq_management, tcp_config, "
+    f'[{{ip, "{HOST}"}}, {{port, {MANAGEMENT_PORT}}}], [{{persistent, true}}]), set; '
+    "_ -> kept end."
+)
+
+
+def _cli(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in _CLI_DIRS:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _run(cmd: Sequence[str]) -> tuple[bool, str]:
+    """Run a RabbitMQ CLI, bounded; (succeeded, last line of its output)."""
+    try:
+        done = subprocess.run(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_CLI_TIMEOUT_S,
+            cwd="/",
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"{os.path.basename(cmd[0])} did not finish in {_CLI_TIMEOUT_S:.0f} s"
+    except OSError as exc:
+        return False, str(exc)
+    lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    return done.returncode == 0, lines[-1] if lines else f"exit status {done.returncode}"
+
+
+def _api_answers(base_url: str) -> bool:
+    """The API is up once it answers HTTP at all (401 without credentials)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/api/overview", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def ensure_management(timeout: float = 60.0) -> str:
+    """The management API's base URL, enabling the plugin first when it is off."""
+    require_service("rabbitmq", HOST, AMQP_PORT)
+    base_url = f"http://{HOST}:{MANAGEMENT_PORT}"
+    if listening(HOST, MANAGEMENT_PORT):
+        return base_url
+    plugins, ctl = _cli("rabbitmq-plugins"), _cli("rabbitmqctl")
+    if plugins is None or ctl is None:
+        service_missing(
+            "rabbitmq management API",
+            f"nothing listens on {HOST}:{MANAGEMENT_PORT} and rabbitmq-plugins is not "
+            "installed here to enable it",
+        )
+    assert plugins is not None and ctl is not None  # service_missing does not return
+    may, why = _run([plugins, "list", "--enabled", "--minimal"])
+    if not may:
+        service_missing(
+            "rabbitmq management API",
+            f"nothing listens on {HOST}:{MANAGEMENT_PORT} and rabbitmq-plugins may not be "
+            f"used here ({why}); run `rabbitmq-plugins enable rabbitmq_management` as root",
+        )
+    ok, why = _run([ctl, "eval", _LOOPBACK_LISTENER])
+    if ok:
+        ok, why = _run([plugins, "enable", "rabbitmq_management"])
+    if not ok:
+        service_missing(
+            "rabbitmq management API",
+            f"`rabbitmq-plugins enable rabbitmq_management` failed: {why}",
+        )
+    deadline = time.monotonic() + timeout
+    while not _api_answers(base_url):
+        if time.monotonic() > deadline:
+            service_missing(
+                "rabbitmq management API",
+                f"the plugin is enabled but {base_url} did not answer within {timeout:.0f} s",
+            )
+        time.sleep(0.5)
+    return base_url
+
+
+class ManagementApi:
+    """The management HTTP API as one user. Answers are (status, JSON or None)."""
+
+    def __init__(self, base_url: str, user: str, password: str) -> None:
+        self.base_url = base_url
+        self.user = user
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def __repr__(self) -> str:  # never the password
+        return f"ManagementApi({self.base_url!r}, user={self.user!r})"
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.base_url}/api/{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw) if raw else None
+            except ValueError:
+                return exc.code, raw.decode(errors="replace")
+
+    def whoami(self) -> tuple[int, Any]:
+        return self.call("GET", "whoami")
+
+    def user_info(self, name: str) -> dict[str, Any] | None:
+        status, body = self.call("GET", f"users/{quote(name, safe='')}")
+        if status == 404:
+            return None
+        assert status == 200, (status, body)
+        return body
+
+    def users(self) -> list[str]:
+        status, body = self.call("GET", "users")
+        assert status == 200, (status, body)
+        return [u["name"] for u in body]
+
+    def put_user(self, name: str, password: str, tags: str = "") -> None:
+        status, body = self.call(
+            "PUT", f"users/{quote(name, safe='')}", {"password": password, "tags": tags}
+        )
+        assert status in (201, 204), (status, body)
+
+    def delete_user(self, name: str) -> None:
+        status, body = self.call("DELETE", f"users/{quote(name, safe='')}")
+        assert status in (204, 404), (status, body)
+
+    def permissions_of(self, name: str) -> list[dict[str, Any]]:
+        status, body = self.call("GET", f"users/{quote(name, safe='')}/permissions")
+        assert status == 200, (status, body)
+        return body
+
+    def put_vhost(self, name: str) -> None:
+        status, body = self.call("PUT", f"vhosts/{quote(name, safe='')}", {})
+        assert status in (201, 204), (status, body)
+
+    def delete_vhost(self, name: str) -> None:
+        status, body = self.call("DELETE", f"vhosts/{quote(name, safe='')}")
+        assert status in (204, 404), (status, body)

@@ -1,0 +1,343 @@
+"""The rabbitmq engine end to end: OpenBao's rabbitmq secrets engine creating real users in
+the machine's RabbitMQ through its management API, and pika logging in with them.
+
+A login may do exactly what the Vault role grants in the vhost it names and nothing in
+another; termination deletes the user, which also cuts its open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pika
+import pika.exceptions
+import pytest
+
+from tests.harness.rabbitmq import AMQP_PORT, HOST, ManagementApi, ensure_management
+from tests.harness.services import service_missing
+
+# What the Vault role grants in its one vhost: queues named app.*, and publishing through
+# the default exchange to them.
+PERMISSIONS = {"configure": r"^app\.", "write": r"^(amq\.default|app\..*)$", "read": r"^app\."}
+# What pika reports for a user RabbitMQ does not know (or a wrong password).
+LOGIN_REFUSED = (
+    "ConnectionClosedByBroker: (403) 'ACCESS_REFUSED - Login was refused using "
+    "authentication mechanism PLAIN. For details see the broker logfile.'"
+)
+
+
+@dataclass(frozen=True)
+class Rabbit:
+    admin: ManagementApi  # a dedicated administrator, as Vault uses it
+    mount: str
+    vault_role: str
+    policy: str
+    granted_vhost: str
+    refused_vhost: str
+    user_prefix: str
+
+    def broker_role(self) -> dict:
+        return {
+            "engine": "rabbitmq",
+            "mount": self.mount,
+            "vault_role": self.vault_role,
+            "default_ttl": "10m",
+            "max_ttl": "1h",
+        }
+
+
+def _ok(answer: tuple[int, object]) -> None:
+    status, body = answer
+    assert status in (200, 204), (status, body)
+
+
+@pytest.fixture(scope="module")
+def rabbit(vault) -> Iterator[Rabbit]:
+    """A Vault rabbitmq mount on its own administrator user and two fresh vhosts; all of
+    it, and every user Vault created, is gone at teardown."""
+    base_url = ensure_management()
+    guest = ManagementApi(base_url, "guest", "guest")
+    status, who = guest.whoami()
+    if status != 200 or "administrator" not in (who or {}).get("tags", []):
+        service_missing(
+            "rabbitmq management API",
+            f"the bootstrap login guest/guest is refused or not an administrator "
+            f"at {base_url} (HTTP {status}); the fixture creates its own admin "
+            "user with it",
+        )
+    tag = secrets.token_hex(4)
+    prefix = f"bt-{tag}-"
+    admin_name, admin_password = f"{prefix}vault-admin", secrets.token_urlsafe(24)
+    rabbit = Rabbit(
+        admin=ManagementApi(base_url, admin_name, admin_password),
+        mount=f"rabbitmq-{tag}",
+        vault_role="app",
+        policy=f"broker-instance-mq-{tag}",
+        granted_vhost=f"{prefix}granted",
+        refused_vhost=f"{prefix}refused",
+        user_prefix=f"{prefix}app-",
+    )
+    with contextlib.ExitStack() as cleanup:
+        guest.put_user(admin_name, admin_password, tags="administrator")
+        cleanup.callback(guest.delete_user, admin_name)
+        for vhost in (rabbit.granted_vhost, rabbit.refused_vhost):
+            rabbit.admin.put_vhost(vhost)
+            cleanup.callback(rabbit.admin.delete_vhost, vhost)
+
+        _ok(vault.call("POST", f"sys/mounts/{rabbit.mount}", {"type": "rabbitmq"}))
+        cleanup.callback(vault.call, "DELETE", f"sys/mounts/{rabbit.mount}")
+        # Registered after the mount, so they run before it is disabled: revoke what Vault
+        # still holds, then delete any user a failed run left behind.
+        cleanup.callback(_delete_users, rabbit.admin, prefix, keep=admin_name)
+        cleanup.callback(
+            vault.call, "PUT", f"sys/leases/revoke-prefix/{rabbit.mount}/creds", {"sync": True}
+        )
+        _ok(
+            vault.call(
+                "POST",
+                f"{rabbit.mount}/config/connection",
+                {
+                    "connection_uri": base_url,
+                    "username": admin_name,
+                    "password": admin_password,
+                    "verify_connection": True,
+                    "username_template": f"{prefix}{{{{ .RoleName }}}}-{{{{ random 20 }}}}",
+                },
+            )
+        )
+        _ok(vault.call("POST", f"{rabbit.mount}/config/lease", {"ttl": "10m", "max_ttl": "1h"}))
+        _ok(
+            vault.call(
+                "POST",
+                f"{rabbit.mount}/roles/{rabbit.vault_role}",
+                {"vhosts": json.dumps({rabbit.granted_vhost: PERMISSIONS})},
+            )
+        )
+        creds = f"{rabbit.mount}/creds/{rabbit.vault_role}"
+        policy = f'path "{creds}" {{ capabilities = ["read"] }}'
+        _ok(vault.call("PUT", f"sys/policies/acl/{rabbit.policy}", {"policy": policy}))
+        cleanup.callback(vault.call, "DELETE", f"sys/policies/acl/{rabbit.policy}")
+        yield rabbit
+
+
+def _delete_users(admin: ManagementApi, prefix: str, keep: str) -> None:
+    for name in admin.users():
+        if name.startswith(prefix) and name != keep:
+            admin.delete_user(name)
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _issue(http, b, instance: str, **body):
+    async with http.post(
+        f"{b.url}/v1/credentials", headers=_bearer(b.token(instance)), json={"role": "mq", **body}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+async def _wait_job(http, b, instance: str, timeout: float = 20.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
+            body = await resp.json()
+        if body["job"] and body["job"]["state"] in ("done", "failed"):
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+def _connect(vhost: str, user: str, password: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(
+        pika.ConnectionParameters(
+            HOST,
+            AMQP_PORT,
+            vhost,
+            pika.PlainCredentials(user, password),
+            connection_attempts=1,
+            socket_timeout=5,
+            stack_timeout=10,
+            blocked_connection_timeout=5,
+        )
+    )
+
+
+def _round_trip(vhost: str, user: str, password: str, body: bytes) -> bytes | None:
+    """Declare an allowed queue, publish to it through the default exchange, read it back."""
+    conn = _connect(vhost, user, password)
+    try:
+        channel = conn.channel()
+        channel.queue_declare("app.jobs", auto_delete=True)
+        channel.basic_publish("", "app.jobs", body)
+        for _ in range(50):  # bounded: 50 x 0.1 s
+            _, _, got = channel.basic_get("app.jobs", auto_ack=True)
+            if got is not None:
+                return got
+            conn.sleep(0.1)
+        return None
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _declare_outside_the_grant(vhost: str, user: str, password: str) -> None:
+    conn = _connect(vhost, user, password)
+    try:
+        conn.channel().queue_declare("other.jobs")
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _lifetime(cred: dict) -> float:
+    return (
+        datetime.fromisoformat(cred["expires_at"]) - datetime.fromisoformat(cred["issued_at"])
+    ).total_seconds()
+
+
+async def test_login_may_use_its_granted_vhost_and_nothing_else(make_broker, http, vault, rabbit):
+    b = await make_broker(
+        extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
+    )
+    status, cred = await _issue(http, b, "i-mq-use", ttl="5m")
+    assert status == 201, cred
+    assert (
+        cred["instance_id"],
+        cred["workload"],
+        cred["role"],
+        cred["kind"],
+        cred["renewable"],
+        cred["leased"],
+    ) == ("i-mq-use", "payments", "mq", "rabbitmq_login", True, True)
+    assert set(cred["data"]) == {"username", "password"}
+    user, password = cred["data"]["username"], cred["data"]["password"]
+    assert user.startswith(rabbit.user_prefix) and len(user) == len(rabbit.user_prefix) + 20
+    # Vault's rabbitmq reads take no TTL: the lease came at config/lease's 10m and the
+    # broker renewed it to the 5m asked for. Vault agrees.
+    assert 290 <= _lifetime(cred) <= 300
+    [lease] = b.rows("leases")
+    assert lease["state"] == "active"
+    assert lease["vault_lease_id"].startswith(f"{rabbit.mount}/creds/{rabbit.vault_role}/")
+    status, looked = vault.call("PUT", "sys/leases/lookup", {"lease_id": lease["vault_lease_id"]})
+    assert status == 200 and 280 <= looked["data"]["ttl"] <= 300
+
+    # RabbitMQ holds the user with exactly the Vault role's permissions, no tags.
+    info = rabbit.admin.user_info(user)
+    assert info is not None and (info["name"], info["tags"]) == (user, [])
+    assert rabbit.admin.permissions_of(user) == [
+        {"user": user, "vhost": rabbit.granted_vhost, **PERMISSIONS}
+    ]
+
+    # Publish and consume where the role allows it.
+    body = b"order 42 for i-mq-use"
+    assert await asyncio.to_thread(_round_trip, rabbit.granted_vhost, user, password, body) == body
+    # A queue outside the permission patterns, in the same vhost: refused.
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        await asyncio.to_thread(_declare_outside_the_grant, rabbit.granted_vhost, user, password)
+    assert (refused.value.reply_code, refused.value.reply_text) == (
+        403,
+        f"ACCESS_REFUSED - access to queue 'other.jobs' in vhost "
+        f"'{rabbit.granted_vhost}' refused for user '{user}'",
+    )
+    # A vhost the role does not name: the connection is refused.
+    with pytest.raises(pika.exceptions.ProbableAccessDeniedError) as denied:
+        await asyncio.to_thread(_connect, rabbit.refused_vhost, user, password)
+    assert denied.value.args == (
+        f'ConnectionClosedByBroker: (530) "NOT_ALLOWED - access to vhost '
+        f"'{rabbit.refused_vhost}' refused for user '{user}'\"",
+    )
+    # A wrong password: refused as a login.
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError) as wrong:
+        await asyncio.to_thread(_connect, rabbit.granted_vhost, user, password + "x")
+    assert wrong.value.args == (LOGIN_REFUSED,)
+
+    # The store keeps the lease, never the login.
+    dump = repr(
+        [
+            b.rows(t)
+            for t in ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
+        ]
+    )
+    assert password not in dump and user not in dump
+
+
+async def test_termination_deletes_the_user_and_cuts_its_open_connection(
+    make_broker, http, vault, rabbit
+):
+    b = await make_broker(
+        extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
+    )
+    status, cred = await _issue(http, b, "i-mq-term")
+    assert status == 201, cred
+    assert 590 <= _lifetime(cred) <= 600  # the role's default_ttl
+    user, password = cred["data"]["username"], cred["data"]["password"]
+    held = await asyncio.to_thread(_connect, rabbit.granted_vhost, user, password)
+    try:
+        [tok] = b.rows("instance_tokens")
+        async with http.post(
+            f"{b.url}/v1/instances/i-mq-term/terminate", headers=b.admin()
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+        shown = await _wait_job(http, b, "i-mq-term")
+        assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
+        assert [x["state"] for x in shown["leases"]] == ["revoked"]
+
+        # The user is gone from RabbitMQ, and so is the connection it had open.
+        assert rabbit.admin.user_info(user) is None
+        assert user not in rabbit.admin.users()
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as cut:
+            await asyncio.to_thread(held.process_data_events, 1)
+        assert (cut.value.reply_code, cut.value.reply_text) == (
+            320,
+            f"CONNECTION_FORCED - user '{user}' is deleted",
+        )
+    finally:
+        if held.is_open:
+            await asyncio.to_thread(held.close)
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError) as refused:
+        await asyncio.to_thread(_connect, rabbit.granted_vhost, user, password)
+    assert refused.value.args == (LOGIN_REFUSED,)
+
+    [lease] = b.rows("leases")
+    assert not vault.lease_exists(lease["vault_lease_id"])
+    assert not vault.accessor_alive(tok["accessor"])
+    status, body = await _issue(http, b, "i-mq-term")
+    assert (status, body["error"]["code"]) == (409, "instance_terminated")
+
+
+async def test_renewal_sets_the_lease_as_asked_and_release_deletes_the_user(
+    make_broker, http, vault, rabbit
+):
+    b = await make_broker(
+        extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
+    )
+    status, cred = await _issue(http, b, "i-mq-renew", ttl="2m")
+    assert status == 201, cred
+    user = cred["data"]["username"]
+    token = _bearer(b.token("i-mq-renew"))
+    async with http.post(
+        f"{b.url}/v1/leases/{cred['lease_id']}/renew", headers=token, json={"ttl": "20m"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        renewed = await resp.json()
+    left = datetime.fromisoformat(renewed["expires_at"]) - datetime.now(UTC)
+    assert timedelta(minutes=19) < left <= timedelta(minutes=20)
+    assert (
+        datetime.fromisoformat(renewed["max_expires_at"])
+        - datetime.fromisoformat(cred["issued_at"])
+    ) == timedelta(hours=1)
+    [lease] = b.rows("leases")
+    status, looked = vault.call("PUT", "sys/leases/lookup", {"lease_id": lease["vault_lease_id"]})
+    assert status == 200 and 1140 < looked["data"]["ttl"] <= 1200
+
+    async with http.delete(f"{b.url}/v1/leases/{cred['lease_id']}", headers=token) as resp:
+        assert resp.status == 204, await resp.text()
+    assert rabbit.admin.user_info(user) is None
+    [lease] = b.rows("leases")
+    assert lease["state"] == "released" and not vault.lease_exists(lease["vault_lease_id"])
