@@ -3,7 +3,9 @@
 One module serves every database plugin Vault and OpenBao share (PostgreSQL, MySQL and
 MariaDB, Redis and Valkey, …): the Vault role's creation statements decide what the login
 may do, so the broker only reads the path. The engine takes no TTL per request; the broker
-shortens the lease with a renewal when the caller asked for less than the role's default.
+sets the lease to the granted TTL with a renewal when it differs from the role's default.
+Every plugin answers with ``username`` and ``password``; ``deploy/engines/database.md``
+shows narrow roles for PostgreSQL, MariaDB and Redis that end open sessions on revocation.
 """
 
 from __future__ import annotations
