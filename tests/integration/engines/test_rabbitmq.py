@@ -7,23 +7,21 @@ another; termination deletes the user, which also cuts its open connections."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pika
 import pika.exceptions
 import pytest
 
-from tests.harness.rabbitmq import AMQP_PORT, HOST, ManagementApi, ensure_management
-from tests.harness.services import service_missing
+from tests.harness.rabbitmq import (
+    AMQP_PORT,
+    HOST,
+    PERMISSIONS,
+    Rabbit,
+    mounted_rabbitmq,
+)
 
-# What the Vault role grants in its one vhost: queues named app.*, and publishing through
-# the default exchange to them.
-PERMISSIONS = {"configure": r"^app\.", "write": r"^(amq\.default|app\..*)$", "read": r"^app\."}
 # What pika reports for a user RabbitMQ does not know (or a wrong password).
 LOGIN_REFUSED = (
     "ConnectionClosedByBroker: (403) 'ACCESS_REFUSED - Login was refused using "
@@ -31,104 +29,10 @@ LOGIN_REFUSED = (
 )
 
 
-@dataclass(frozen=True)
-class Rabbit:
-    admin: ManagementApi  # a dedicated administrator, as Vault uses it
-    mount: str
-    vault_role: str
-    policy: str
-    granted_vhost: str
-    refused_vhost: str
-    user_prefix: str
-
-    def broker_role(self) -> dict:
-        return {
-            "engine": "rabbitmq",
-            "mount": self.mount,
-            "vault_role": self.vault_role,
-            "default_ttl": "10m",
-            "max_ttl": "1h",
-        }
-
-
-def _ok(answer: tuple[int, object]) -> None:
-    status, body = answer
-    assert status in (200, 204), (status, body)
-
-
 @pytest.fixture(scope="module")
 def rabbit(vault) -> Iterator[Rabbit]:
-    """A Vault rabbitmq mount on its own administrator user and two fresh vhosts; all of
-    it, and every user Vault created, is gone at teardown."""
-    base_url = ensure_management()
-    guest = ManagementApi(base_url, "guest", "guest")
-    status, who = guest.whoami()
-    if status != 200 or "administrator" not in (who or {}).get("tags", []):
-        service_missing(
-            "rabbitmq management API",
-            f"the bootstrap login guest/guest is refused or not an administrator "
-            f"at {base_url} (HTTP {status}); the fixture creates its own admin "
-            "user with it",
-        )
-    tag = secrets.token_hex(4)
-    prefix = f"bt-{tag}-"
-    admin_name, admin_password = f"{prefix}vault-admin", secrets.token_urlsafe(24)
-    rabbit = Rabbit(
-        admin=ManagementApi(base_url, admin_name, admin_password),
-        mount=f"rabbitmq-{tag}",
-        vault_role="app",
-        policy=f"broker-instance-mq-{tag}",
-        granted_vhost=f"{prefix}granted",
-        refused_vhost=f"{prefix}refused",
-        user_prefix=f"{prefix}app-",
-    )
-    with contextlib.ExitStack() as cleanup:
-        guest.put_user(admin_name, admin_password, tags="administrator")
-        cleanup.callback(guest.delete_user, admin_name)
-        for vhost in (rabbit.granted_vhost, rabbit.refused_vhost):
-            rabbit.admin.put_vhost(vhost)
-            cleanup.callback(rabbit.admin.delete_vhost, vhost)
-
-        _ok(vault.call("POST", f"sys/mounts/{rabbit.mount}", {"type": "rabbitmq"}))
-        cleanup.callback(vault.call, "DELETE", f"sys/mounts/{rabbit.mount}")
-        # Registered after the mount, so they run before it is disabled: revoke what Vault
-        # still holds, then delete any user a failed run left behind.
-        cleanup.callback(_delete_users, rabbit.admin, prefix, keep=admin_name)
-        cleanup.callback(
-            vault.call, "PUT", f"sys/leases/revoke-prefix/{rabbit.mount}/creds", {"sync": True}
-        )
-        _ok(
-            vault.call(
-                "POST",
-                f"{rabbit.mount}/config/connection",
-                {
-                    "connection_uri": base_url,
-                    "username": admin_name,
-                    "password": admin_password,
-                    "verify_connection": True,
-                    "username_template": f"{prefix}{{{{ .RoleName }}}}-{{{{ random 20 }}}}",
-                },
-            )
-        )
-        _ok(vault.call("POST", f"{rabbit.mount}/config/lease", {"ttl": "10m", "max_ttl": "1h"}))
-        _ok(
-            vault.call(
-                "POST",
-                f"{rabbit.mount}/roles/{rabbit.vault_role}",
-                {"vhosts": json.dumps({rabbit.granted_vhost: PERMISSIONS})},
-            )
-        )
-        creds = f"{rabbit.mount}/creds/{rabbit.vault_role}"
-        policy = f'path "{creds}" {{ capabilities = ["read"] }}'
-        _ok(vault.call("PUT", f"sys/policies/acl/{rabbit.policy}", {"policy": policy}))
-        cleanup.callback(vault.call, "DELETE", f"sys/policies/acl/{rabbit.policy}")
-        yield rabbit
-
-
-def _delete_users(admin: ManagementApi, prefix: str, keep: str) -> None:
-    for name in admin.users():
-        if name.startswith(prefix) and name != keep:
-            admin.delete_user(name)
+    with mounted_rabbitmq(vault) as mounted:
+        yield mounted
 
 
 def _bearer(token: str) -> dict[str, str]:
