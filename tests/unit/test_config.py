@@ -252,7 +252,8 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
      "roles.dev-cert: params.common_name: malformed template (unbalanced braces)",
      "template-stray-closing-brace"),
     (_set(["roles", "dev-cert", "params", "ttl"], "1h"),
-     "roles.dev-cert: params: engine pki takes no ttl (allowed: alt_names, common_name)",
+     "roles.dev-cert: params: engine pki takes no ttl "
+     "(allowed: alt_names, common_name, uri_sans)",
      "pki-param-not-taken"),
     (_set(["roles", "dev-db", "params"], {"common_name": "x"}),
      "roles.dev-db: params: engine database takes no common_name (allowed: none)",
