@@ -138,6 +138,12 @@ class VaultSettings(_Frozen):
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_connections: int = Field(64, ge=1, le=1024)
     ca_cert: Path | None = None
+    # workload: every instance token is bound to one identity entity per workload, through
+    # the entity alias ``<issuer_name>:<workload>`` on the token auth mount (the token role
+    # must list it in allowed_entity_aliases). Reading ``identity/oidc/token/<role>`` (the
+    # aws engine's web_identity mode) needs an entity; one per workload keeps Vault's
+    # identity store bounded and gives a stable ``sub`` an IAM trust policy can pin.
+    entity_alias: Literal["none", "workload"] = "none"
 
     _ttl = field_validator("instance_token_ttl", mode="before")(_seconds)
 
@@ -154,6 +160,71 @@ class VaultSettings(_Frozen):
         if not _VAULT_SEGMENT.match(v):
             raise ValueError("expected a Vault token role name (letters, digits, _ . -)")
         return v
+
+
+class AwsDefaultChain(_Frozen):
+    """The AWS SDK's standard chain: environment, shared files, web identity, container
+    and instance roles. The one place the broker's AWS credentials come from outside
+    this file, by design of the chain."""
+
+    method: Literal["chain"] = "chain"
+
+
+class AwsStaticKeys(_Frozen):
+    method: Literal["static"]
+    access_key_id: str = Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_]+$")
+    secret_access_key: SecretStr
+    session_token: SecretStr | None = None
+
+
+_AWS_REGION = re.compile(r"^[a-z]{2,4}(-[a-z]+)+-\d{1,2}\Z")
+_IAM_NAME = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,128}\Z")
+
+
+def _endpoint(v: str | None) -> str | None:
+    if v is None:
+        return v
+    if not re.match(r"^https?://[^/\s?#]+/?\Z", v):
+        raise ValueError("expected http(s)://host[:port] with no path")
+    return require_tls_off_loopback(v.rstrip("/"))
+
+
+class AwsSettings(_Frozen):
+    """The broker's own access to AWS: STS for web-identity exchanges (unsigned), IAM for
+    the deny policy that stands in for revoking an STS session (signed, with these
+    credentials; they need iam:GetRole, iam:GetRolePolicy and iam:PutRolePolicy on the
+    roles the broker's web_identity roles assume)."""
+
+    region: str = "us-east-1"
+    sts_endpoint: str | None = None  # default https://sts.<region>.amazonaws.com
+    iam_endpoint: str | None = None  # default the SDK's (https://iam.amazonaws.com)
+    credentials: Annotated[AwsDefaultChain | AwsStaticKeys, Field(discriminator="method")] = (
+        AwsDefaultChain()
+    )
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    iam_concurrency: int = Field(4, ge=1, le=32)  # threads for the (synchronous) IAM SDK
+    # The inline policy on each IAM role that holds the denies of revoked sessions.
+    revoked_sessions_policy: str = "broker-revoked-sessions"
+
+    _endpoints = field_validator("sts_endpoint", "iam_endpoint")(_endpoint)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not _AWS_REGION.match(v):
+            raise ValueError("expected an AWS region such as us-east-1")
+        return v
+
+    @field_validator("revoked_sessions_policy")
+    @classmethod
+    def _policy_name(cls, v: str) -> str:
+        if not _IAM_NAME.match(v):
+            raise ValueError("expected an IAM policy name (letters, digits, + = , . @ _ -)")
+        return v
+
+    @property
+    def sts_url(self) -> str:
+        return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
 
 
 ClaimPath = tuple[str, ...]
@@ -507,6 +578,7 @@ class Settings(_Frozen):
     policy: PolicySettings = PolicySettings()
     admin: AdminSettings
     revocation: RevocationSettings = RevocationSettings()
+    aws: AwsSettings | None = None  # needed by aws roles that deal with STS themselves
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -522,6 +594,7 @@ class Settings(_Frozen):
                 f"({longest}s) by at least {TOKEN_REUSE_MARGIN_S}s: a lease cannot outlive "
                 "the instance token it was read with"
             )
+        self._engine_needs()
         for idx, rule in enumerate(self.policy.rules):
             for role in rule.allow:
                 if role not in self.roles:
@@ -535,6 +608,23 @@ class Settings(_Frozen):
                     f"policy.rules.{idx}.issuer: required when more than one issuer is configured"
                 )
         return self
+
+    def _engine_needs(self) -> None:
+        from broker.engines.aws import needs  # engines import this module
+
+        for name, role in self.roles.items():
+            wanted = needs(role)
+            if "aws" in wanted and self.aws is None:
+                raise ValueError(
+                    f"aws: role {name!r} exchanges tokens at AWS STS or denies its sessions "
+                    "in IAM on termination; configure the aws section"
+                )
+            if "entity" in wanted and self.vault.entity_alias == "none":
+                raise ValueError(
+                    f"vault.entity_alias: role {name!r} reads an OIDC token from Vault's "
+                    "identity engine, which needs the instance token to have an entity; "
+                    "set entity_alias: workload"
+                )
 
 
 def _expand_env(node: Any, path: str, env: dict[str, str]) -> Any:

@@ -1,8 +1,10 @@
 """Builds the broker from ``Settings`` and runs its parts together.
 
 Parts: the HTTP server, and APScheduler ticks for revocation, JWKS refresh, the broker's
-own Vault login and the instance-token cache. Work done by ticks is claimed from the store,
-so the same tick on several replicas is safe. A tick logs its error and carries on.
+own Vault login and the instance-token cache; with an ``aws`` section, the AWS client
+(STS exchanges on issuance, IAM denies on termination). Work done by ticks is claimed from
+the store, so the same tick on several replicas is safe. A tick logs its error and carries
+on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import socket
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +30,9 @@ from broker.issuance.tokens import InstanceTokens
 from broker.leases.store import Store
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
+
+if TYPE_CHECKING:
+    from broker.cloud.aws import AwsClient
 
 log = logging.getLogger(__name__)
 # A used token id is kept this long past its token's expiry: the leeway, plus the time a
@@ -47,6 +53,11 @@ class Broker:
         self.vault = VaultClient(settings.vault, self.clock)
         self.metrics = Metrics()
         self.tokens = InstanceTokens(self.vault, self.store, self.clock)
+        self.aws: AwsClient | None = None
+        if settings.aws is not None:
+            from broker.cloud.aws import AwsClient  # boto3 loads only where AWS is used
+
+            self.aws = AwsClient(settings.aws, self.clock)
         self.worker = RevocationWorker(
             settings.revocation,
             self.store,
@@ -54,6 +65,7 @@ class Broker:
             self.clock,
             on_terminated=self.tokens.forget,
             worker_id=worker_id,
+            cloud=self.aws,
         )
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -70,6 +82,8 @@ class Broker:
                 "run `broker migrate --config FILE` first"
             )
         await self.vault.start()
+        if self.aws is not None:
+            await self.aws.start()
         self._http = aiohttp.ClientSession()
         self.verifier = IdentityVerifier(self.settings.identity, self._http, self.clock)
         service = CredentialService(
@@ -80,6 +94,7 @@ class Broker:
             tokens=self.tokens,
             clock=self.clock,
             deadline_s=self.settings.revocation.issuing_timeout_s / 2,
+            cloud=self.aws,
         )
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         rev = self.settings.revocation
@@ -168,6 +183,8 @@ class Broker:
             await self._http.close()
             self._http = None
         await self.vault.close()
+        if self.aws is not None:
+            await self.aws.close()
         await self.store.close()
 
     async def run(self, stop: asyncio.Event) -> None:

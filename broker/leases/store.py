@@ -12,6 +12,7 @@ revocation job sees it) or refused.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -133,6 +134,8 @@ class LeaseView:
     ended_at: datetime | None
     vault_lease_id: str | None
     token_accessor: str | None
+    # What termination acts on outside Vault (an STS session it denies in IAM), or None.
+    external_ref: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,11 +145,14 @@ class LeaseView:
         # callers don't need them; admins see them through the admin API.
         d.pop("vault_lease_id")
         d.pop("token_accessor")
+        d.pop("external_ref")
         return d
 
     def admin(self) -> dict[str, Any]:
         d = self.public()
         d["vault_lease_id"] = self.vault_lease_id
+        if self.external_ref is not None:
+            d["external_ref"] = self.external_ref
         return d
 
 
@@ -221,6 +227,7 @@ def _lease_view(r: m.Lease) -> LeaseView:
         r.ended_at,
         r.vault_lease_id,
         r.token_accessor,
+        r.external_ref,
     )
 
 
@@ -301,6 +308,21 @@ class Store:
                 f"the lease store is unavailable ({type(exc).__name__}); retry shortly",
                 code="store_unavailable",
             ) from None
+
+    @asynccontextmanager
+    async def exclusive(self, key: str, *, timeout_s: int = 30) -> AsyncIterator[None]:
+        """Hold a lock named ``key`` across replicas (a PostgreSQL advisory lock, released
+        with its transaction) around a read-modify-write outside the store, such as an IAM
+        policy several revocation workers edit. On SQLite, which serves one replica, the
+        caller's in-process lock suffices, and the write lock is not held for it."""
+        if self.is_sqlite:
+            yield
+            return
+        lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        async with self._tx() as conn:
+            await conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout_s)}s'"))
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
+            yield
 
     async def ping(self) -> None:
         async with self._tx(readonly=True) as conn:
@@ -398,6 +420,7 @@ class Store:
         kind: str,
         token_id: tuple[str, datetime] | None = None,
         limit: LeaseLimit | None = None,
+        external_ref: dict[str, Any] | None = None,
     ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
@@ -406,7 +429,10 @@ class Store:
         With a ``limit``, the instance's live leases of the role are counted under an
         exclusive lock on the instance (two requests of one instance cannot both see room):
         at the limit the request is refused, or the oldest active leases are moved to
-        ``revoking`` for the caller to revoke once the new one is issued."""
+        ``revoking`` for the caller to revoke once the new one is issued.
+
+        ``external_ref`` names what termination must act on outside Vault (an STS
+        session), recorded with the row so that even a crash mid-issue leaves it known."""
         lease_id = new_id("l")
         superseded: list[tuple[str, str]] = []
         async with self._tx() as conn:
@@ -467,6 +493,7 @@ class Store:
                     "renewable": False,
                     "created_at": now,
                     "updated_at": now,
+                    "external_ref": external_ref,
                 },
             )
         return IssueTicket(lease_id, tuple(superseded))

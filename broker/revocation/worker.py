@@ -8,7 +8,11 @@ For one instance, in this order (see DESIGN: revoking a token only *queues* its 
    ``revoked``;
 4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
    marked ``abandoned``: its token is revoked, so Vault holds nothing usable for it;
-5. mark the job done and the instance terminated.
+5. leases that stand for STS sessions (``external_ref``), which no one can revoke, are
+   denied in IAM once no request of the instance is in flight any more (so the deny's
+   time comes after every session's issue time), abandoned ones included; each is
+   marked ``revoked`` only once IAM shows the deny in place;
+6. mark the job done and the instance terminated.
 
 Every step is idempotent, so a worker that dies anywhere leaves a job that the next claim
 (after ``claim_timeout_s``) finishes. Failures retry with exponential backoff and jitter;
@@ -23,9 +27,11 @@ import os
 import random
 import socket
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Protocol
 
 from broker.clock import Clock
+from broker.cloud import SessionRef
 from broker.config import RevocationSettings
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected
 from broker.leases.states import LeaseState
@@ -35,6 +41,15 @@ from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
 VAULT_CONCURRENCY = 16
+# A session that expired this long ago (by the broker's clock, against AWS's stamp) needs
+# no deny: AWS refuses it already.
+EXPIRED_MARGIN = timedelta(minutes=5)
+
+
+class SessionRevoker(Protocol):
+    """Stands in for revoking STS sessions: a deny in IAM, confirmed before returning."""
+
+    async def deny_sessions(self, ref: SessionRef, *, issued_before: datetime) -> None: ...
 
 
 class RevocationWorker:
@@ -48,11 +63,13 @@ class RevocationWorker:
         on_terminated: Callable[[str], None] | None = None,
         worker_id: str | None = None,
         jitter: Callable[[], float] = random.random,
+        cloud: SessionRevoker | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._vault = vault
         self._clock = clock
+        self._cloud = cloud
         self._on_terminated = on_terminated
         self._jitter = jitter
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -175,7 +192,13 @@ class RevocationWorker:
     async def _revoke_instance(self, job: JobView) -> None:
         work = await self._store.revocation_work(job.instance_id)
         recorded = [lease for lease in work.leases if lease.vault_lease_id]
-        issuing = [lease for lease in work.leases if not lease.vault_lease_id]
+        issuing = [lease for lease in work.leases if lease.state == LeaseState.ISSUING]
+        # Live STS sessions with no Vault lease: only a deny at AWS ends them.
+        sessions = [
+            lease
+            for lease in work.leases
+            if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
+        ]
 
         await asyncio.gather(
             *(self._bounded(self._vault.revoke_lease, lease.vault_lease_id) for lease in recorded)
@@ -188,8 +211,14 @@ class RevocationWorker:
         still = await asyncio.gather(
             *(self._bounded(self._vault.lease_exists, lease.vault_lease_id) for lease in recorded)
         )
-        gone = [lease.lease_id for lease, exists in zip(recorded, still, strict=True) if not exists]
-        await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor=self.worker_id)
+        gone = [lease for lease, exists in zip(recorded, still, strict=True) if not exists]
+        # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
+        # for its deny before it counts as revoked.
+        await self._store.mark_leases_ended(
+            [lease.lease_id for lease in gone if lease.external_ref is None],
+            LeaseState.REVOKED,
+            actor=self.worker_id,
+        )
         if len(gone) != len(recorded):
             raise UpstreamRejected(
                 f"{len(recorded) - len(gone)} lease(s) still exist in Vault after revocation",
@@ -197,9 +226,14 @@ class RevocationWorker:
             )
 
         if issuing:
+            self._wait_for_issuing(issuing)
+        external = [lease for lease in (*gone, *sessions, *issuing) if lease.external_ref]
+        if external:
+            await self._deny_sessions(external)
+        if issuing:
             await self._settle_issuing(issuing)
 
-    async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
+    def _wait_for_issuing(self, issuing: list[LeaseView]) -> None:
         bound = timedelta(seconds=self._settings.issuing_timeout_s)
         now = self._clock.now()
         young = [lease for lease in issuing if now - lease.created_at < bound]
@@ -207,6 +241,48 @@ class RevocationWorker:
             # A request is between writing its row and recording Vault's answer; once it
             # records, the lease is revoked on the next pass.
             raise RevocationWaiting(f"{len(young)} lease(s) still being issued")
+
+    async def _deny_sessions(self, leases: list[LeaseView]) -> None:
+        """Deny in IAM the STS sessions these leases stand for, then mark the live ones
+        ``revoked``. Runs only when no request of the instance is in flight, so every
+        session was issued before now. A session known to have expired is left alone."""
+        now = self._clock.now()
+        by_ref: dict[SessionRef, list[LeaseView]] = {}
+        for lease in leases:
+            assert lease.external_ref is not None
+            try:
+                ref = SessionRef.from_record(lease.external_ref)
+            except ValueError:
+                raise UpstreamRejected(
+                    f"lease {lease.lease_id} names an external reference this broker cannot act on",
+                    code="external_ref_unknown",
+                ) from None
+            by_ref.setdefault(ref, []).append(lease)
+        for ref, group in by_ref.items():
+            expired = all(
+                lease.state != LeaseState.ISSUING
+                and lease.expires_at is not None
+                and lease.expires_at + EXPIRED_MARGIN < now
+                for lease in group
+            )
+            if expired:
+                continue
+            if self._cloud is None:
+                raise UpstreamRejected(
+                    "leases of this instance are STS sessions, and the broker has no aws "
+                    "section to deny them with",
+                    code="cloud_not_configured",
+                )
+            async with self._store.exclusive(f"aws-deny:{ref.role_arn}"):
+                await self._cloud.deny_sessions(ref, issued_before=now)
+        await self._store.mark_leases_ended(
+            [lease.lease_id for lease in leases if lease.state != LeaseState.ISSUING],
+            LeaseState.REVOKED,
+            actor=self.worker_id,
+        )
+
+    async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
+        self._wait_for_issuing(issuing)
         moved = await self._store.mark_leases_ended(
             [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.worker_id
         )

@@ -143,6 +143,10 @@ def bootstrap_dev(
         # Further instance policies (one per credential family) are named broker-instance-*.
         allowed_policies_glob=[f"{INSTANCE_POLICY}-*"],
         disallowed_policies=["root", BROKER_POLICY],
+        # Instance tokens may carry an entity alias (vault.entity_alias: workload), which
+        # gives them the identity entity an OIDC token for cloud federation needs. Only
+        # the broker creates tokens through this role, and it names the alias.
+        allowed_entity_aliases=["*"],
         orphan=True,
         renewable=False,
         token_explicit_max_ttl=f"{instance_token_ttl}s",
@@ -162,3 +166,59 @@ def bootstrap_dev(
         database_configured=database_configured,
         ca_pem=ca_pem,
     )
+
+
+@dataclass(frozen=True)
+class OidcRole:
+    name: str
+    client_id: str  # the ``aud`` of its tokens: what an IAM OIDC provider lists
+    issuer: str  # the ``iss`` of its tokens: <issuer>/v1/identity/oidc
+
+
+def configure_oidc_role(
+    addr: str,
+    token: str,
+    role: str,
+    *,
+    key: str = "broker",
+    ttl: str = "5m",
+    issuer: str | None = None,
+) -> OidcRole:
+    """An OIDC key and role in Vault's identity engine, whose tokens an instance token
+    (with an entity) reads at ``identity/oidc/token/<role>`` to federate with a cloud.
+    ``issuer`` is the URL the cloud fetches keys from (default: Vault's own address)."""
+    client = hvac.Client(url=addr, token=token, timeout=30)
+    if issuer is not None:
+        client.write("identity/oidc/config", issuer=issuer)
+    client.write(
+        f"identity/oidc/key/{key}",
+        algorithm="RS256",
+        allowed_client_ids=["*"],
+        rotation_period="24h",
+        verification_ttl="24h",
+    )
+    client.write(f"identity/oidc/role/{role}", key=key, ttl=ttl)
+    data = client.read(f"identity/oidc/role/{role}")["data"]
+    config = client.read("identity/oidc/config")["data"]
+    base = config.get("issuer") or addr
+    return OidcRole(name=role, client_id=data["client_id"], issuer=f"{base}/v1/identity/oidc")
+
+
+def token_auth_accessor(addr: str, token: str) -> str:
+    """The token auth mount's accessor: entity aliases of instance tokens live on it."""
+    client = hvac.Client(url=addr, token=token, timeout=30)
+    return client.sys.list_auth_methods()["data"]["token/"]["accessor"]
+
+
+def ensure_workload_entity(addr: str, token: str, alias: str) -> str:
+    """Create (or find) the entity of a workload's instance tokens ahead of their first
+    use, so that its id, the ``sub`` of their OIDC tokens, can be pinned in an IAM trust
+    policy. Returns the entity id."""
+    client = hvac.Client(url=addr, token=token, timeout=30)
+    accessor = token_auth_accessor(addr, token)
+    found = client.write("identity/lookup/entity", alias_name=alias, alias_mount_accessor=accessor)
+    if isinstance(found, dict) and found.get("data"):  # 204 (no such entity): a Response
+        return str(found["data"]["id"])
+    entity = client.write("identity/entity", metadata={"broker_alias": alias})["data"]["id"]
+    client.write("identity/entity-alias", name=alias, canonical_id=entity, mount_accessor=accessor)
+    return str(entity)

@@ -31,6 +31,11 @@ def vault_path(*segments: str) -> str:
     return "/".join(quote(s, safe="") for s in segments)
 
 
+def entity_alias_name(issuer: str, workload: str) -> str:
+    """The entity alias an instance token of this workload is created with."""
+    return f"{issuer}:{workload}"
+
+
 @dataclass(frozen=True)
 class InstanceToken:
     token: Secret
@@ -138,17 +143,23 @@ class VaultClient:
         self, *, instance_id: str, workload: str, issuer: str
     ) -> InstanceToken:
         ttl = self._settings.instance_token_ttl
+        request: dict[str, Any] = {
+            "policies": list(self._settings.instance_policies),
+            "no_default_policy": True,
+            "ttl": f"{ttl}s",
+            "renewable": False,
+            "display_name": "broker-instance",
+            "meta": {"instance_id": instance_id, "workload": workload, "issuer": issuer},
+        }
+        if self._settings.entity_alias == "workload":
+            # Vault creates the entity (and this alias on the token auth mount) the first
+            # time; every later instance of the workload shares it. Issuer-scoped: two
+            # issuers' workloads of the same name are different workloads.
+            request["entity_alias"] = entity_alias_name(issuer, workload)
         body = await self._call(
             "POST",
             f"/v1/{vault_path('auth', 'token', 'create', self._settings.token_role)}",
-            json={
-                "policies": list(self._settings.instance_policies),
-                "no_default_policy": True,
-                "ttl": f"{ttl}s",
-                "renewable": False,
-                "display_name": "broker-instance",
-                "meta": {"instance_id": instance_id, "workload": workload, "issuer": issuer},
-            },
+            json=request,
         )
         auth = body.get("auth") or {}
         if not auth.get("client_token") or not auth.get("accessor"):

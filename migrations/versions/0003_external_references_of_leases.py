@@ -1,0 +1,25 @@
+"""external references of leases (STS sessions that termination denies in IAM)
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-27 10:00:00.000000
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("leases", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("external_ref", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("leases", schema=None) as batch_op:
+        batch_op.drop_column("external_ref")
