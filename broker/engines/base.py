@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # config imports the engine registry to validate roles
@@ -75,6 +76,11 @@ class Engine:
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def expires_at(self, role: RoleSettings, data: Mapping[str, Any]) -> datetime | None:
+        """When a credential without a Vault lease stops being valid, if it says so itself
+        (an SSH certificate's ``valid_before``); None: the broker's grant says."""
+        return None
 
 
 def validate_role(engine: Engine, role: RoleSettings) -> None:

@@ -10,6 +10,11 @@ The order of ``issue`` is the safety argument:
 
 A crash after 4 and before 5 leaves an ``issuing`` row and a lease under a recorded token:
 the revocation job (and, later, the reconciler) revoke it through that token.
+
+Some credentials come from a cloud, not from Vault: Vault's answer (an OIDC token for the
+instance) is exchanged at AWS STS in step 4, and the session that comes back has no Vault
+lease. Its row carries, from step 2 on, a reference to what termination must deny at the
+cloud instead (``external_ref``), so that even a crash mid-exchange leaves it known.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from broker.clock import Clock, iso_z
+from broker.cloud import SessionRef, StsSession, WebIdentityRequest
 from broker.config import RoleSettings, Rule
 from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
 from broker.errors import (
@@ -43,6 +49,36 @@ from broker.policy import decide, render_params
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ShapesWithExpiry(Protocol):
+    """An engine whose credential states its own expiry, which only the lease tells (an
+    AWS key for ``credential_process``)."""
+
+    def shape_expiring(
+        self, role: RoleSettings, data: Mapping[str, Any], expires_at: datetime
+    ) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ExchangesAtCloud(Protocol):
+    """An engine some of whose modes exchange Vault's answer at a cloud (an OIDC token for
+    an STS session), or leave something termination must deny there."""
+
+    def session_ref(
+        self, role: RoleSettings, params: Mapping[str, str], instance_id: str
+    ) -> SessionRef | None: ...
+
+    def exchange(
+        self, role: RoleSettings, instance_id: str, data: Mapping[str, Any], ttl: int
+    ) -> WebIdentityRequest | None: ...
+
+    def shape_session(self, role: RoleSettings, session: StsSession) -> dict[str, Any]: ...
+
+
+class CloudExchange(Protocol):
+    async def assume_role_with_web_identity(self, request: WebIdentityRequest) -> StsSession: ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +127,7 @@ class CredentialService:
         tokens: InstanceTokens,
         clock: Clock,
         deadline_s: float = 60.0,
+        cloud: CloudExchange | None = None,
     ) -> None:
         self._roles = roles
         self._rules = rules
@@ -98,6 +135,7 @@ class CredentialService:
         self._vault = vault
         self._tokens = tokens
         self._clock = clock
+        self._cloud = cloud
         # Bounds token, issue and TTL adjustment together; shorter than the revocation
         # worker's issuing_timeout_s so a job never gives up on a request still running.
         self._deadline_s = deadline_s
@@ -135,6 +173,15 @@ class CredentialService:
         request = engine.request(role, params, caller, ttl_s)
         leased = engine.mode(role).leased
         limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if leased else None
+        external: SessionRef | None = None
+        if isinstance(engine, ExchangesAtCloud):
+            try:
+                external = engine.session_ref(role, params, identity.instance_id)
+            except ValueError as exc:
+                raise NotPermitted(
+                    f"role {role_name!r} cannot be issued to this instance: {exc}",
+                    code="session_name_refused",
+                ) from None
 
         try:
             ticket = await self._store.begin_issue(
@@ -147,13 +194,22 @@ class CredentialService:
                 if identity.replay_key is not None
                 else None,
                 limit=limit,
+                external_ref=external.to_record() if external is not None else None,
             )
         except TokenInvalid as exc:
             exc.issuer_name = identity.issuer_name  # count replays against their issuer
             raise
         try:
             credential = await self._issue_recorded(
-                identity, role_name, role, engine, request, ttl_s, ticket.lease_id, leased
+                identity,
+                role_name,
+                role,
+                engine,
+                request,
+                ttl_s,
+                ticket.lease_id,
+                leased,
+                external is not None,
             )
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
@@ -181,14 +237,18 @@ class CredentialService:
         ttl_s: int,
         lease_id: str,
         leased: bool,
+        external: bool = False,
     ) -> IssuedCredential:
         vault_issued = False
+        session: StsSession | None = None
         try:
             async with asyncio.timeout(self._deadline_s):
                 token = await self._tokens.for_lease(identity, ttl_s)
                 issued = await self._vault.issue(
                     token.token, request.method, request.path, request.body
                 )
+                if isinstance(engine, ExchangesAtCloud):
+                    session = await self._exchange(engine, role, identity, issued.data, ttl_s)
                 vault_issued = True
                 duration, renewable = issued.lease_duration, issued.renewable
                 if issued.lease_id and not request.ttl_applied and renewable and duration != ttl_s:
@@ -219,7 +279,7 @@ class CredentialService:
             # Otherwise Vault may have issued under the (recorded) instance token: the row
             # stays ``issuing`` so termination and reconciliation treat it as possibly live.
             raise
-        if not issued.lease_id and leased:
+        if not issued.lease_id and leased and session is None:
             with contextlib.suppress(BrokerError):
                 await self._store.fail_issue(lease_id, "vault_no_lease")
             raise UpstreamRejected(
@@ -231,6 +291,34 @@ class CredentialService:
         issued_at = self._clock.now()
         expires_at = issued_at + timedelta(seconds=duration)
         vault_lease_id = issued.lease_id or None
+        if session is not None:
+            expires_at, renewable = session.expiration, False
+        elif vault_lease_id is None:
+            # No lease to say when it ends (Vault answers 0, or kv v1's refresh hint): the
+            # credential itself may (an SSH certificate), else the broker's grant does.
+            expires_at = engine.expires_at(role, issued.data) or issued_at + timedelta(
+                seconds=ttl_s
+            )
+        # Tracked until termination: by Vault's lease, or by what termination denies at AWS.
+        tracked = vault_lease_id is not None or external
+        try:
+            # Shaped before it is recorded: an answer the broker cannot hand out
+            # (vault_bad_response) is never recorded as issued.
+            if session is not None:
+                assert isinstance(engine, ExchangesAtCloud)
+                data = engine.shape_session(role, session)
+            elif isinstance(engine, ShapesWithExpiry):
+                data = engine.shape_expiring(role, issued.data, expires_at)
+            else:
+                data = engine.shape(role, issued.data)
+        except BrokerError as exc:
+            # Taken back if it has a lease; if it may still be live (not taken back, or
+            # known to the cloud) the row stays ``issuing`` for termination to settle.
+            if (vault_lease_id and not await self._take_back(vault_lease_id)) or external:
+                raise
+            with contextlib.suppress(BrokerError):
+                await self._store.fail_issue(lease_id, exc.code)
+            raise
         try:
             still_active = await self._store.complete_issue(
                 lease_id,
@@ -239,7 +327,7 @@ class CredentialService:
                 renewable=renewable and vault_lease_id is not None,
                 issued_at=issued_at,
                 expires_at=expires_at,
-                state=LeaseState.ACTIVE if vault_lease_id else LeaseState.DELIVERED,
+                state=LeaseState.ACTIVE if tracked else LeaseState.DELIVERED,
             )
         except BrokerError:
             # Not recorded, so not handed out: take it back from Vault now. If that fails
@@ -260,12 +348,30 @@ class CredentialService:
             workload=identity.workload,
             role=role_name,
             kind=engine.kind,
-            data=engine.shape(role, issued.data),
+            data=data,
             issued_at=issued_at,
             expires_at=expires_at,
             renewable=renewable and vault_lease_id is not None,
-            leased=vault_lease_id is not None,
+            leased=tracked,
         )
+
+    async def _exchange(
+        self,
+        engine: ExchangesAtCloud,
+        role: RoleSettings,
+        identity: Identity,
+        answer: Mapping[str, Any],
+        ttl_s: int,
+    ) -> StsSession | None:
+        """Exchange Vault's answer at the cloud when the role's mode says so."""
+        request = engine.exchange(role, identity.instance_id, answer, ttl_s)
+        if request is None:
+            return None
+        if self._cloud is None:  # configuration validation requires it; fail closed
+            raise UpstreamRejected(
+                "this role needs the broker's aws section", code="cloud_not_configured"
+            )
+        return await self._cloud.assume_role_with_web_identity(request)
 
     async def _revoke_superseded(
         self, superseded: tuple[tuple[str, str], ...]
@@ -369,8 +475,22 @@ class CredentialService:
             LeaseState.ABANDONED,
         ):
             return  # idempotent: already gone
-        if lease.state == LeaseState.ISSUING or lease.vault_lease_id is None:
+        if lease.state == LeaseState.ISSUING:
             raise BadRequest("the lease is still being issued", code="lease_not_active")
+        if lease.external_ref is not None:
+            # Revoking one STS session is impossible, and denying its name would end every
+            # session of the instance on that role: only termination does that.
+            raise BadRequest(
+                "an AWS STS session cannot be revoked on its own; it expires at "
+                f"{iso_z(lease.expires_at) if lease.expires_at else 'its expiry'}, and "
+                "terminating the instance denies its sessions",
+                code="lease_not_revocable",
+            )
+        if lease.vault_lease_id is None:
+            raise BadRequest(
+                f"lease is {lease.state}; it holds no Vault lease, so there is nothing to release",
+                code="lease_not_active",
+            )
         await self._vault.revoke_lease(lease.vault_lease_id)
         if await self._vault.lease_exists(lease.vault_lease_id):
             raise UpstreamRejected(
