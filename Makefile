@@ -29,6 +29,7 @@ test: install lint
 bench: install
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/exchange.py
+	$(BIN)/python bench/engines.py
 
 clean:
 	rm -rf $(VENV) .broker-dev .pytest_cache

@@ -9,16 +9,17 @@ from typing import Any
 
 
 class VaultProbe:
-    def __init__(self, addr: str, token: str) -> None:
+    def __init__(self, addr: str, token: str, timeout: float = 10.0) -> None:
         self.addr = addr
         self.token = token
+        self.timeout = timeout  # a bench's teardown revokes thousands of leases at once
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.addr}/v1/{path}", data=data, method=method,
                                      headers={"X-Vault-Token": self.token})
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
                 return resp.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:
