@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -162,15 +163,23 @@ class Broker:
             log.exception("revocation tick failed")
 
     async def _tick_maintenance(self) -> None:
-        try:
-            await self.vault.maintain_login()
-            self.tokens.prune()
-            await self.store.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE)
-            await self.worker.sweep_superseded()
-            assert self.verifier is not None
-            await asyncio.gather(*(c.refresh_if_stale() for c in self.verifier.caches))
-        except Exception:  # noqa: BLE001
-            log.exception("maintenance tick failed")
+        assert self.verifier is not None
+        verifier = self.verifier
+        steps: tuple[tuple[str, Callable[[], Awaitable[Any]]], ...] = (
+            ("vault login", self.vault.maintain_login),
+            ("instance tokens", self._prune_tokens),
+            ("replay records", lambda: self.store.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE)),
+            ("replaced leases", self.worker.sweep_superseded),
+            ("jwks", lambda: asyncio.gather(*(c.refresh_if_stale() for c in verifier.caches))),
+        )
+        for name, step in steps:  # one failing step does not skip the others
+            try:
+                await step()
+            except Exception:  # noqa: BLE001
+                log.exception("maintenance step failed", extra={"step": name})
+
+    async def _prune_tokens(self) -> None:
+        self.tokens.prune()
 
     async def stop(self) -> None:
         if self._scheduler is not None:

@@ -103,7 +103,10 @@ def parse_expiration(value: str) -> datetime:
         raise _bad("Expiration is not an ISO 8601 time") from None
     if parsed.tzinfo is None:
         raise _bad("Expiration has no time zone")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00
+        raise _bad("Expiration is out of range") from None
 
 
 def parse_session(body: bytes) -> StsSession:

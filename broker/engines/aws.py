@@ -140,6 +140,10 @@ class AwsEngine(Engine):
 
     # -- load time -------------------------------------------------------------------
 
+    def revocable(self, role: RoleSettings) -> bool:
+        # Revoking the Vault lease of an STS session does nothing at AWS.
+        return self._mode_name(role) not in STS_MODES
+
     def check_role(self, role: RoleSettings) -> None:
         mode = self._mode_name(role)
         arn = role.options.get("role_arn")

@@ -77,6 +77,12 @@ class Engine:
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def revocable(self, role: RoleSettings) -> bool:
+        """Whether revoking the Vault lease ends the credential. False for an AWS STS
+        session: Vault's lease revocation does nothing at AWS, so releasing one must not
+        free a slot under the lease limit while the session stays valid."""
+        return True
+
     def expires_at(self, role: RoleSettings, data: Mapping[str, Any]) -> datetime | None:
         """When a credential without a Vault lease stops being valid, if it says so itself
         (an SSH certificate's ``valid_before``); None: the broker's grant says."""

@@ -146,7 +146,11 @@ def allowed_names(params: Mapping[str, str]) -> frozenset[tuple[str, str]]:
 
 
 def _folded(kind: str, value: str) -> tuple[str, str]:
-    return (kind, value.lower()) if kind in ("CN", "DNS", "email") else (kind, value)
+    # ASCII-only folding: str.lower() maps e.g. the Kelvin sign to "k", which would let a
+    # CSR name that is not the templated one pass as it.
+    if kind in ("CN", "DNS", "email") and value.isascii():
+        return (kind, value.lower())
+    return (kind, value)
 
 
 class PkiEngine(Engine):

@@ -73,7 +73,8 @@ def read_public_key(value: Any) -> str:
     try:
         base64.b64decode(parts[1], validate=True)
         key = load_ssh_public_key(f"{key_type} {parts[1]}".encode())
-    except (ValueError, binascii.Error, UnsupportedAlgorithm):
+    except (ValueError, binascii.Error, UnsupportedAlgorithm, NotImplementedError):
+        # NotImplementedError: a compressed EC point, which cryptography does not load
         raise ValueError(f"not a valid {key_type} public key") from None
     if isinstance(key, rsa.RSAPublicKey):
         if not _RSA_BITS[0] <= key.key_size <= _RSA_BITS[1]:

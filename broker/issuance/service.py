@@ -477,13 +477,16 @@ class CredentialService:
             return  # idempotent: already gone
         if lease.state == LeaseState.ISSUING:
             raise BadRequest("the lease is still being issued", code="lease_not_active")
-        if lease.external_ref is not None:
-            # Revoking one STS session is impossible, and denying its name would end every
-            # session of the instance on that role: only termination does that.
+        role = self._roles.get(lease.role)
+        if lease.external_ref is not None or (
+            role is not None and not ENGINES[role.engine].revocable(role)
+        ):
+            # Revoking one STS session is impossible (Vault's lease revocation does nothing
+            # at AWS), and denying its name would end every session of the instance on that
+            # role: only termination acts, and releasing must not free a lease-limit slot.
             raise BadRequest(
-                "an AWS STS session cannot be revoked on its own; it expires at "
-                f"{iso_z(lease.expires_at) if lease.expires_at else 'its expiry'}, and "
-                "terminating the instance denies its sessions",
+                "an AWS STS session cannot be revoked on its own; it stays valid until "
+                f"{iso_z(lease.expires_at) if lease.expires_at else 'its expiry'}",
                 code="lease_not_revocable",
             )
         if lease.vault_lease_id is None:

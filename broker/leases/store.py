@@ -66,8 +66,16 @@ _COUNTED_FOR_LIMIT = (
         _L.c.instance_id == bindparam("b_iid"),
         _L.c.role == bindparam("b_role"),
         _L.c.state.in_(sorted(s.value for s in COUNTED_LEASE_STATES)),
+        # A credential past its expiry is gone in Vault already: it holds no slot (its row
+        # stays active so that termination still settles it).
+        or_(_L.c.expires_at.is_(None), _L.c.expires_at > bindparam("b_now")),
     )
     .order_by(_L.c.created_at, _L.c.lease_id)
+)
+_REPLACED_PENDING = select(func.count()).where(
+    _L.c.instance_id == bindparam("b_iid"),
+    _L.c.role == bindparam("b_role"),
+    _L.c.state == LeaseState.REVOKING.value,
 )
 _COMPLETE_LEASE = (
     update(_L)
@@ -504,7 +512,9 @@ class Store:
         """Under the instance's exclusive lock: refuse, or pick the oldest active leases
         to replace, so that with the new one the role stays within its limit."""
         live = (
-            await conn.execute(_COUNTED_FOR_LIMIT, {"b_iid": instance_id, "b_role": role})
+            await conn.execute(
+                _COUNTED_FOR_LIMIT, {"b_iid": instance_id, "b_role": role, "b_now": now}
+            )
         ).all()
         excess = len(live) - limit.max_leases + 1
         if excess <= 0:
@@ -513,6 +523,16 @@ class Store:
             raise LeaseLimitReached(
                 f"this instance already holds {len(live)} live lease(s) of role {role!r}, its "
                 f"limit; release one (DELETE /v1/leases/{{lease_id}}) before asking again"
+            )
+        pending = (
+            await conn.execute(_REPLACED_PENDING, {"b_iid": instance_id, "b_role": role})
+        ).scalar_one()
+        if pending >= limit.max_leases:
+            # Replaced leases Vault has not confirmed gone are still live: replacing more
+            # would let the live count grow without bound while revocation fails.
+            raise LeaseLimitReached(
+                f"{pending} replaced lease(s) of role {role!r} are not confirmed revoked yet; "
+                "retry later"
             )
         victims = [(r[0], r[1]) for r in live if r[2] == LeaseState.ACTIVE.value][:excess]
         if len(victims) < excess:

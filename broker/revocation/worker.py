@@ -183,6 +183,19 @@ class RevocationWorker:
             return_exceptions=True,
         )
         gone = [lease.lease_id for lease, ok in zip(recorded, results, strict=True) if ok is True]
+        for lease, ok in zip(recorded, results, strict=True):
+            if ok is not True:
+                log.warning(
+                    "a replaced lease is still not revoked",
+                    extra={
+                        "lease_id": lease.lease_id,
+                        "error": ok.code
+                        if isinstance(ok, BrokerError)
+                        else type(ok).__name__
+                        if isinstance(ok, BaseException)
+                        else "still_in_vault",
+                    },
+                )
         return await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
 
     async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]

@@ -242,3 +242,49 @@ async def test_an_instance_id_belongs_to_one_issuer_and_one_workload(stores):
                             kind="k")
     assert other_workload.value.code == "instance_workload_mismatch"
     assert len(await s.list_leases(instance="i-own")) == 1
+
+
+async def test_an_expired_lease_holds_no_slot_under_the_limit(stores):
+    from broker.errors import LeaseLimitReached
+    from broker.leases.store import LeaseLimit
+
+    s = await stores()
+    limit = LeaseLimit(1, "refuse")
+    first = await s.begin_issue(instance_id="i-exp", issuer_name="dev", workload="w",
+                                role="r", kind="k", limit=limit)
+    await s.complete_issue(first.lease_id, vault_lease_id="v/exp-1", accessor="a",
+                           renewable=False, issued_at=T0, expires_at=T0 + timedelta(minutes=1))
+    with pytest.raises(LeaseLimitReached):
+        await s.begin_issue(instance_id="i-exp", issuer_name="dev", workload="w", role="r",
+                            kind="k", limit=limit)
+    stores.clock.advance(120)  # the credential expired: Vault holds nothing for it
+    second = await s.begin_issue(instance_id="i-exp", issuer_name="dev", workload="w",
+                                 role="r", kind="k", limit=limit)
+    assert second.superseded == ()
+    # The expired row stays active, for termination to settle.
+    assert (await s.get_lease(first.lease_id)).state == "active"
+
+
+async def test_replacing_stops_while_replaced_leases_are_unconfirmed(stores):
+    from broker.errors import LeaseLimitReached
+    from broker.leases.store import LeaseLimit
+
+    s = await stores()
+    limit = LeaseLimit(1, "revoke_oldest")
+    ids = []
+    for n in range(2):
+        ticket = await s.begin_issue(instance_id="i-stuck", issuer_name="dev", workload="w",
+                                     role="r", kind="k", limit=limit)
+        await s.complete_issue(ticket.lease_id, vault_lease_id=f"v/stuck-{n}", accessor="a",
+                               renewable=False, issued_at=T0,
+                               expires_at=T0 + timedelta(hours=1))
+        ids.append(ticket)
+    assert ids[1].superseded == ((ids[0].lease_id, "v/stuck-0"),)
+    # The first replaced lease is never confirmed revoked (Vault keeps failing): a third
+    # request would leave two live leases behind a limit of one, so it is refused.
+    with pytest.raises(LeaseLimitReached) as err:
+        await s.begin_issue(instance_id="i-stuck", issuer_name="dev", workload="w", role="r",
+                            kind="k", limit=limit)
+    assert "not confirmed revoked" in err.value.message
+    assert [lv.state for lv in await s.list_leases() if lv.instance_id == "i-stuck"].count(
+        "active") == 1

@@ -724,3 +724,13 @@ def test_a_policy_past_iams_size_quota_is_refused():
 def test_only_an_unconditional_deny_of_ours_counts_as_in_place(stmt):
     doc = {"Version": "2012-10-17", "Statement": [stmt]}
     assert not ip.denies(doc, "AROA1:i-1", NOW)
+
+
+@pytest.mark.parametrize(("mode", "revocable"), [
+    ("iam_user", True), ("assumed_role", False), ("federation_token", False),
+    ("web_identity", False),
+], ids=["iam_user", "assumed_role", "federation_token", "web_identity"])
+def test_only_an_iam_user_ends_when_its_vault_lease_is_revoked(mode, revocable):
+    # An STS session outlives Vault's lease revocation: releasing one must not free a slot
+    # under the lease limit (the service refuses it with lease_not_revocable).
+    assert ENGINES["aws"].revocable(role(mode)) is revocable

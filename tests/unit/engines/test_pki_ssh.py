@@ -485,3 +485,20 @@ def test_public_key_reaches_the_caller_as_a_bad_request(body, code, message):
     with pytest.raises(BadRequest) as err:
         read_caller_params(SSH, "r", ssh_role(), body)
     assert (err.value.status, err.value.code, err.value.message) == (400, code, message)
+
+
+def test_csr_name_that_only_unicode_folding_makes_templated_is_refused():
+    # "\u212a" (KELVIN SIGN) lower-cases to "k": "\u212aafka" is not the name "kafka".
+    rendered = {**RENDERED, "common_name": "kafka.workload.internal"}
+    csr = read_csr(build_csr(cn="\u212aafka.workload.internal"))
+    with pytest.raises(ValueError):
+        PKI.check_caller(pki_role("sign"), rendered, {"csr": csr})
+
+
+def test_public_key_with_a_compressed_ec_point_is_refused_not_a_crash():
+    # cryptography cannot load a compressed point (NotImplementedError): a 400, not a 500.
+    key = ("ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAAAhAst3Cr"
+           "Kz5C7ayTwbWpKQZk6r3oqtzZRrAlsPra5EzMC2")
+    with pytest.raises(ValueError) as err:
+        read_public_key(key)
+    assert str(err.value) == "not a valid ecdsa-sha2-nistp256 public key"
