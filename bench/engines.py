@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -33,22 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exchange import run_phase  # noqa: E402
+from bench import exchange  # noqa: E402
+from bench.exchange import bench_config, run_phase, start_broker, wait_ready  # noqa: E402
 from broker.config import load_settings  # noqa: E402
-from broker.dev.environment import dev_settings_dict  # noqa: E402
 from broker.dev.issuer import DevIssuer  # noqa: E402
 from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
 from broker.engines import ENGINES, read_caller_params  # noqa: E402
 from broker.identity.model import Identity  # noqa: E402
 from broker.leases.db import migrate  # noqa: E402
 from broker.policy import render_params  # noqa: E402
-from broker.vault.bootstrap import TOKEN_ROLE, bootstrap_dev  # noqa: E402
+from broker.vault.bootstrap import bootstrap_dev  # noqa: E402
 from tests.harness import databases, pki, rabbitmq  # noqa: E402
 from tests.harness.postgres import find_or_start_postgres  # noqa: E402
 from tests.harness.vault import VaultProbe  # noqa: E402
@@ -153,33 +151,8 @@ def setup_cases(
     return cases, missing
 
 
-class Direct:
+class Direct(exchange.Direct):
     """The same Vault call the engine builds, with a token per instance."""
-
-    def __init__(
-        self, http: aiohttp.ClientSession, addr: str, root: str, policies: list[str], tag: str
-    ) -> None:
-        self.http, self.addr, self.root, self.policies, self.tag = http, addr, root, policies, tag
-        self.tokens: dict[str, str] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
-
-    async def token(self, instance: str) -> str:
-        async with self.locks.setdefault(instance, asyncio.Lock()):
-            if instance not in self.tokens:
-                async with self.http.post(
-                    f"{self.addr}/v1/auth/token/create/{TOKEN_ROLE}",
-                    headers={"X-Vault-Token": self.root},
-                    json={
-                        "policies": self.policies,
-                        "no_default_policy": True,
-                        "ttl": "86400s",
-                        "renewable": False,
-                        "meta": {"instance_id": instance},
-                    },
-                ) as resp:
-                    assert resp.status == 200, await resp.text()
-                    self.tokens[instance] = (await resp.json())["auth"]["client_token"]
-            return self.tokens[instance]
 
     async def issue(self, settings_role: Any, caller: dict[str, Any], i: int) -> None:
         instance = f"d-{self.tag}-{i // PER_INSTANCE}"
@@ -201,26 +174,6 @@ class Direct:
             await resp.read()
 
 
-class ViaBroker:
-    def __init__(
-        self, http: aiohttp.ClientSession, url: str, issuer: DevIssuer, tag: str, n: int
-    ) -> None:
-        self.http, self.url = http, url
-        self.tokens = [
-            issuer.mint(instance=f"b-{tag}-{k}", workload=WORKLOAD, ttl=1800)
-            for k in range(n // PER_INSTANCE + 1)
-        ]
-
-    async def issue(self, role: str, caller: dict[str, Any], i: int) -> None:
-        async with self.http.post(
-            f"{self.url}/v1/credentials",
-            json={"role": role, "ttl": "10m", **caller},
-            headers={"Authorization": f"Bearer {self.tokens[i // PER_INSTANCE]}"},
-        ) as resp:
-            assert resp.status == 201, await resp.text()
-            await resp.read()
-
-
 async def measure(
     case: Case,
     args: argparse.Namespace,
@@ -237,14 +190,14 @@ async def measure(
     conc = args.concurrency
     caller = case.caller()
     tag = f"{role}-{secrets.token_hex(3)}"
-    direct = Direct(http, bao.addr, bao.root_token, policies, tag)
-    via = ViaBroker(http, url, issuer, tag, n)
-    warm_d = Direct(http, bao.addr, bao.root_token, policies, "w" + tag)
-    warm_b = ViaBroker(http, url, issuer, "w" + tag, 20)
+    direct = Direct(http, bao.addr, bao.root_token, tag, tuple(policies))
+    via = exchange.ViaBroker(http, url, issuer, tag, n)
+    warm_d = Direct(http, bao.addr, bao.root_token, "w" + tag, tuple(policies))
+    warm_b = exchange.ViaBroker(http, url, issuer, "w" + tag, 20)
     await run_phase(20, conc, lambda i: warm_d.issue(s_role, caller, i))
-    await run_phase(20, conc, lambda i: warm_b.issue(role, caller, i))
+    await run_phase(20, conc, lambda i: warm_b.issue(role, i, caller))
     d = await run_phase(n, conc, lambda i: direct.issue(s_role, caller, i))
-    b = await run_phase(n, conc, lambda i: via.issue(role, caller, i))
+    b = await run_phase(n, conc, lambda i: via.issue(role, i, caller))
     return {
         "engine": case.name,
         "n": n,
@@ -290,18 +243,7 @@ async def main() -> None:
                 store_url = pg.url(db_name)
                 migrate(store_url)
                 port = free_port()
-                admin = secrets.token_urlsafe(16)
-                cfg = dev_settings_dict(
-                    vault_addr=bao.addr,
-                    broker_token=setup.broker_token,
-                    issuer=issuer.issuer,
-                    jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
-                    store_url=store_url,
-                    admin_token_sha256=hashlib.sha256(admin.encode()).hexdigest(),
-                    with_database=setup.database_configured,
-                    port=port,
-                )
-                cfg["log_level"] = "warning"
+                cfg = bench_config(bao, setup, issuer, store_url, port)
                 for case in cases:
                     cfg["roles"][_role_name(case)] = {
                         "default_ttl": "10m",
@@ -313,31 +255,11 @@ async def main() -> None:
                 policies = ["broker-instance", *sorted({c.policy for c in cases})]
                 cfg["vault"]["instance_policies"] = policies
                 settings = load_settings(cfg, source="bench")
-                (work / "broker.yaml").write_text(yaml.safe_dump(cfg))
-                log = stack.enter_context(open(work / "broker.log", "wb"))  # noqa: SIM115
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "broker.cli.main",
-                        "serve",
-                        "--config",
-                        str(work / "broker.yaml"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
+                proc = start_broker(cfg, work)
                 url = f"http://127.0.0.1:{port}"
                 rows = []
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-                    for _ in range(200):
-                        with contextlib.suppress(aiohttp.ClientError):
-                            async with http.get(f"{url}/readyz") as r:
-                                if r.status == 200:
-                                    break
-                        await asyncio.sleep(0.1)
-                    else:
-                        raise SystemExit(f"broker did not start; see {work / 'broker.log'}")
+                    await wait_ready(http, url, work)
                     conc = args.concurrency
                     for case in cases:
                         rows.append(

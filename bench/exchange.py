@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -77,8 +78,16 @@ async def run_phase(n: int, concurrency: int, one) -> dict:  # type: ignore[no-u
 
 
 class Direct:
-    def __init__(self, http: aiohttp.ClientSession, addr: str, root: str, tag: str) -> None:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        addr: str,
+        root: str,
+        tag: str,
+        policies: tuple[str, ...] = ("broker-instance",),
+    ) -> None:
         self.http, self.addr, self.root, self.tag = http, addr, root, tag
+        self.policies = list(policies)
         self.tokens: dict[str, str] = {}
         self.locks: dict[str, asyncio.Lock] = {}
 
@@ -90,7 +99,7 @@ class Direct:
                     f"{self.addr}/v1/auth/token/create/{TOKEN_ROLE}",
                     headers={"X-Vault-Token": self.root},
                     json={
-                        "policies": ["broker-instance"],
+                        "policies": self.policies,
                         "no_default_policy": True,
                         "ttl": "86400s",
                         "renewable": False,
@@ -130,14 +139,63 @@ class ViaBroker:
             for k in range(n // PER_INSTANCE + 1)
         ]
 
-    async def issue(self, role: str, i: int) -> None:
+    async def issue(self, role: str, i: int, caller: dict | None = None) -> None:
         async with self.http.post(
             f"{self.url}/v1/credentials",
-            json={"role": role, "ttl": "10m"},
+            json={"role": role, "ttl": "10m", **(caller or {})},
             headers={"Authorization": f"Bearer {self.tokens[i // PER_INSTANCE]}"},
         ) as resp:
             assert resp.status == 201, await resp.text()
             await resp.read()
+
+
+def bench_config(
+    bao: OpenBaoDevServer, setup: Any, issuer: DevIssuer, store_url: str, port: int
+) -> dict[str, Any]:
+    """The dev settings for a bench broker: quiet, and every instance keeps all the
+    credentials it asks for (no lease-limit replacement inside a measurement)."""
+    cfg = dev_settings_dict(
+        vault_addr=bao.addr,
+        broker_token=setup.broker_token,
+        issuer=issuer.issuer,
+        jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
+        store_url=store_url,
+        admin_token_sha256=hashlib.sha256(secrets.token_bytes(16)).hexdigest(),
+        with_database=setup.database_configured,
+        port=port,
+    )
+    cfg["log_level"] = "warning"
+    for role in cfg["roles"].values():
+        role["max_leases_per_instance"] = PER_INSTANCE
+    return cfg
+
+
+def start_broker(cfg: dict[str, Any], work: Path) -> subprocess.Popen[bytes]:
+    """`broker serve` as its own process, so client and broker share no event loop."""
+    (work / "broker.yaml").write_text(yaml.safe_dump(cfg))
+    with open(work / "broker.log", "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "broker.cli.main",
+                "serve",
+                "--config",
+                str(work / "broker.yaml"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+async def wait_ready(http: aiohttp.ClientSession, url: str, work: Path) -> None:
+    for _ in range(200):
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(f"{url}/readyz") as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"broker did not start; see {work / 'broker.log'}")
 
 
 async def main() -> None:
@@ -170,46 +228,11 @@ async def main() -> None:
             store_url = f"sqlite:///{work / 'bench.db'}"
         migrate(store_url)
         port = free_port()
-        admin = secrets.token_urlsafe(16)
-        cfg = dev_settings_dict(
-            vault_addr=bao.addr,
-            broker_token=setup.broker_token,
-            issuer=issuer.issuer,
-            jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
-            store_url=store_url,
-            admin_token_sha256=hashlib.sha256(admin.encode()).hexdigest(),
-            with_database=setup.database_configured,
-            port=port,
-        )
-        cfg["log_level"] = "warning"
-        for role in cfg["roles"].values():
-            role["max_leases_per_instance"] = PER_INSTANCE  # each instance keeps all it asked for
-        (work / "broker.yaml").write_text(yaml.safe_dump(cfg))
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker.cli.main",
-                "serve",
-                "--config",
-                str(work / "broker.yaml"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "broker.log", "wb"),
-        )  # noqa: SIM115
+        proc = start_broker(bench_config(bao, setup, issuer, store_url, port), work)
         url = f"http://127.0.0.1:{port}"
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"{url}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise SystemExit("broker did not start; see " + str(work / "broker.log"))
+            await wait_ready(http, url, work)
 
             rows = []
             for role, n in (("dev-cert", args.n_cert), ("dev-db", args.n_db)):
@@ -267,9 +290,19 @@ async def main() -> None:
         for prefix in ("database/creds/dev-db", "pki/issue/dev-cert"):
             with contextlib.suppress(Exception):
                 subprocess.run(
-                    ["curl", "-s", "-o", "/dev/null", "-X", "PUT",
-                     "-H", f"X-Vault-Token: {bao.root_token}", "-d", '{"sync": true}',
-                     f"{bao.addr}/v1/sys/leases/revoke-prefix/{prefix}"],
+                    [
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-X",
+                        "PUT",
+                        "-H",
+                        f"X-Vault-Token: {bao.root_token}",
+                        "-d",
+                        '{"sync": true}',
+                        f"{bao.addr}/v1/sys/leases/revoke-prefix/{prefix}",
+                    ],
                     check=False,
                     timeout=300,
                 )

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # config imports the engine registry to validate roles
+    from broker.cloud import SessionRef, StsSession, WebIdentityRequest
     from broker.config import RoleSettings
 
 # A caller parameter's check: takes the JSON value, returns the value to use, or raises
@@ -77,6 +78,34 @@ class Engine:
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def shape_expiring(
+        self, role: RoleSettings, data: Mapping[str, Any], expires_at: datetime
+    ) -> dict[str, Any]:
+        """The credential, for an engine whose answer must state its own expiry (an AWS
+        key for ``credential_process``); by default ``shape``."""
+        return self.shape(role, data)
+
+    # -- credentials that come from a cloud, not from Vault ----------------------------
+
+    def session_ref(
+        self, role: RoleSettings, params: Mapping[str, str], instance_id: str
+    ) -> SessionRef | None:
+        """What termination must deny at a cloud for a lease of this role, known before
+        anything is issued; None (the default): termination has nothing to do there.
+        Raises ValueError if the instance cannot be named there."""
+        return None
+
+    def exchange(
+        self, role: RoleSettings, instance_id: str, data: Mapping[str, Any], ttl: int
+    ) -> WebIdentityRequest | None:
+        """What to ask the cloud for with Vault's answer; None (the default): Vault's
+        answer is the credential."""
+        return None
+
+    def shape_session(self, role: RoleSettings, session: StsSession) -> dict[str, Any]:
+        """The credential, from the session ``exchange`` led to."""
+        raise NotImplementedError
+
     def revocable(self, role: RoleSettings) -> bool:
         """Whether revoking the Vault lease ends the credential. False for an AWS STS
         session: Vault's lease revocation does nothing at AWS, so releasing one must not
@@ -96,15 +125,7 @@ def validate_role(engine: Engine, role: RoleSettings) -> None:
             f"mode: engine {engine.name} has modes {', '.join(engine.modes)}; got {role.mode!r}"
         )
     mode = engine.mode(role)
-    unknown = set(role.params) - mode.templates
-    if unknown:
-        raise ValueError(
-            f"params: engine {engine.name} takes no {', '.join(sorted(unknown))}"
-            f" (allowed: {', '.join(sorted(mode.templates)) or 'none'})"
-        )
-    missing = mode.required_templates - set(role.params)
-    if missing:
-        raise ValueError(f"params: engine {engine.name} needs {', '.join(sorted(missing))}")
+    _names_within("params", engine, set(role.params), mode.templates, mode.required_templates)
     if role.request_params is not None:
         unknown = set(role.request_params) - set(mode.caller)
         if unknown:
@@ -118,16 +139,22 @@ def validate_role(engine: Engine, role: RoleSettings) -> None:
                 f"request_params: engine {engine.name} needs {', '.join(sorted(missing))} "
                 "from the caller"
             )
-    unknown = set(role.options) - mode.options
+    _names_within("options", engine, set(role.options), mode.options, mode.required_options)
+    engine.check_role(role)
+
+
+def _names_within(
+    key: str, engine: Engine, given: set[str], allowed: frozenset[str], required: frozenset[str]
+) -> None:
+    unknown = given - allowed
     if unknown:
         raise ValueError(
-            f"options: engine {engine.name} takes no {', '.join(sorted(unknown))}"
-            f" (allowed: {', '.join(sorted(mode.options)) or 'none'})"
+            f"{key}: engine {engine.name} takes no {', '.join(sorted(unknown))}"
+            f" (allowed: {', '.join(sorted(allowed)) or 'none'})"
         )
-    missing = mode.required_options - set(role.options)
+    missing = required - given
     if missing:
-        raise ValueError(f"options: engine {engine.name} needs {', '.join(sorted(missing))}")
-    engine.check_role(role)
+        raise ValueError(f"{key}: engine {engine.name} needs {', '.join(sorted(missing))}")
 
 
 def caller_params_of(engine: Engine, role: RoleSettings) -> frozenset[str]:

@@ -25,10 +25,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from broker.clock import Clock, iso_z
-from broker.cloud import SessionRef, StsSession, WebIdentityRequest
+from broker.cloud import StsSession, WebIdentityRequest
 from broker.config import RoleSettings, Rule
 from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
 from broker.errors import (
@@ -49,32 +49,6 @@ from broker.policy import decide, render_params
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class ShapesWithExpiry(Protocol):
-    """An engine whose credential states its own expiry, which only the lease tells (an
-    AWS key for ``credential_process``)."""
-
-    def shape_expiring(
-        self, role: RoleSettings, data: Mapping[str, Any], expires_at: datetime
-    ) -> dict[str, Any]: ...
-
-
-@runtime_checkable
-class ExchangesAtCloud(Protocol):
-    """An engine some of whose modes exchange Vault's answer at a cloud (an OIDC token for
-    an STS session), or leave something termination must deny there."""
-
-    def session_ref(
-        self, role: RoleSettings, params: Mapping[str, str], instance_id: str
-    ) -> SessionRef | None: ...
-
-    def exchange(
-        self, role: RoleSettings, instance_id: str, data: Mapping[str, Any], ttl: int
-    ) -> WebIdentityRequest | None: ...
-
-    def shape_session(self, role: RoleSettings, session: StsSession) -> dict[str, Any]: ...
 
 
 class CloudExchange(Protocol):
@@ -173,15 +147,13 @@ class CredentialService:
         request = engine.request(role, params, caller, ttl_s)
         leased = engine.mode(role).leased
         limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if leased else None
-        external: SessionRef | None = None
-        if isinstance(engine, ExchangesAtCloud):
-            try:
-                external = engine.session_ref(role, params, identity.instance_id)
-            except ValueError as exc:
-                raise NotPermitted(
-                    f"role {role_name!r} cannot be issued to this instance: {exc}",
-                    code="session_name_refused",
-                ) from None
+        try:
+            external = engine.session_ref(role, params, identity.instance_id)
+        except ValueError as exc:
+            raise NotPermitted(
+                f"role {role_name!r} cannot be issued to this instance: {exc}",
+                code="session_name_refused",
+            ) from None
 
         try:
             ticket = await self._store.begin_issue(
@@ -247,8 +219,7 @@ class CredentialService:
                 issued = await self._vault.issue(
                     token.token, request.method, request.path, request.body
                 )
-                if isinstance(engine, ExchangesAtCloud):
-                    session = await self._exchange(engine, role, identity, issued.data, ttl_s)
+                session = await self._exchange(engine, role, identity, issued.data, ttl_s)
                 vault_issued = True
                 duration, renewable = issued.lease_duration, issued.renewable
                 if issued.lease_id and not request.ttl_applied and renewable and duration != ttl_s:
@@ -305,12 +276,9 @@ class CredentialService:
             # Shaped before it is recorded: an answer the broker cannot hand out
             # (vault_bad_response) is never recorded as issued.
             if session is not None:
-                assert isinstance(engine, ExchangesAtCloud)
                 data = engine.shape_session(role, session)
-            elif isinstance(engine, ShapesWithExpiry):
-                data = engine.shape_expiring(role, issued.data, expires_at)
             else:
-                data = engine.shape(role, issued.data)
+                data = engine.shape_expiring(role, issued.data, expires_at)
         except BrokerError as exc:
             # Taken back if it has a lease; if it may still be live (not taken back, or
             # known to the cloud) the row stays ``issuing`` for termination to settle.
@@ -357,7 +325,7 @@ class CredentialService:
 
     async def _exchange(
         self,
-        engine: ExchangesAtCloud,
+        engine: Engine,
         role: RoleSettings,
         identity: Identity,
         answer: Mapping[str, Any],

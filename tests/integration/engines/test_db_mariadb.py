@@ -11,14 +11,11 @@ import re
 import pymysql
 import pytest
 
+from tests.harness.api import eventually, issue, release, terminate
 from tests.harness.databases import (
     ORDERS,
     assert_nowhere_recorded,
-    eventually,
-    issue,
     mariadb_target,
-    release,
-    terminate,
 )
 
 ROLE = "orders-reader"

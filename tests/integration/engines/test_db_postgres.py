@@ -12,15 +12,12 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from tests.harness.api import eventually, issue, release, terminate
 from tests.harness.databases import (
     ORDERS,
     assert_nowhere_recorded,
-    eventually,
-    issue,
     lifetime_s,
     postgres_target,
-    release,
-    terminate,
 )
 
 ROLE = "orders-reader"

@@ -11,14 +11,11 @@ import re
 import pytest
 import redis
 
+from tests.harness.api import eventually, issue, release, terminate
 from tests.harness.databases import (
     ORDERS,
     assert_nowhere_recorded,
-    eventually,
-    issue,
     redis_target,
-    release,
-    terminate,
 )
 
 ROLE = "orders-cache"

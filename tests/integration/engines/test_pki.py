@@ -7,7 +7,6 @@ terminating the instance puts every certificate's serial on the mount's CRL."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.harness.api import issue, terminate
 from tests.harness.pki import (
     PKI_PARAMS,
     Mount,
@@ -65,28 +65,10 @@ async def b(make_broker, pki: Mount):
     return await make_broker(extra_roles=_roles(pki.path), instance_policies=(pki.policy,))
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
-async def _issue(http, b, instance: str, role: str, **body: Any) -> tuple[int, Any]:
-    async with http.post(f"{b.url}/v1/credentials", headers=_bearer(b.token(instance)),
-                         json={"role": role, **body}) as resp:
-        return resp.status, await resp.json()
 
 
-async def _terminate(http, b, instance: str, timeout: float = 20.0) -> dict[str, Any]:
-    async with http.post(f"{b.url}/v1/instances/{instance}/terminate",
-                         headers=b.admin()) as resp:
-        assert resp.status == 202, await resp.text()
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            shown = await resp.json()
-        if shown["job"] and shown["job"]["state"] in ("done", "failed"):
-            return shown
-        assert asyncio.get_running_loop().time() < deadline, shown
-        await asyncio.sleep(0.1)
 
 
 def _names(cert: x509.Certificate) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -109,7 +91,7 @@ def _lifetime(cert: x509.Certificate) -> timedelta:
 
 async def test_issue_mode_returns_a_generated_key_and_a_certificate_with_the_templated_names(
         b, pki, http, vault, tmp_path: Path):
-    status, cred = await _issue(http, b, "i-pki-issue", "pki-issue", ttl="5m")
+    status, cred = await issue(http, b, "i-pki-issue", "pki-issue", ttl="5m")
     assert status == 201, cred
     assert (cred["kind"], cred["role"], cred["leased"], cred["renewable"]) == (
         "x509_certificate", "pki-issue", True, False)
@@ -142,7 +124,7 @@ async def test_issue_mode_returns_a_generated_key_and_a_certificate_with_the_tem
 async def test_sign_mode_signs_the_workloads_csr_with_the_templated_names(
         b, pki, http, vault, tmp_path: Path, key, cn, sans):
     csr_pem, key_file = openssl_csr(tmp_path, key, cn=cn, sans=sans)
-    status, cred = await _issue(http, b, f"i-pki-sign-{key}", "pki-sign", ttl="5m", csr=csr_pem)
+    status, cred = await issue(http, b, f"i-pki-sign-{key}", "pki-sign", ttl="5m", csr=csr_pem)
     assert status == 201, cred
     assert (cred["kind"], cred["leased"], cred["renewable"]) == ("x509_certificate", True, False)
     data = cred["data"]
@@ -163,7 +145,7 @@ async def test_sign_mode_signs_the_workloads_csr_with_the_templated_names(
 
 async def test_sign_mode_ttl_is_capped_by_the_role(b, http, tmp_path: Path):
     csr_pem, _ = openssl_csr(tmp_path, cn=CN)
-    status, cred = await _issue(http, b, "i-pki-cap", "pki-sign", ttl="3h", csr=csr_pem)
+    status, cred = await issue(http, b, "i-pki-cap", "pki-sign", ttl="3h", csr=csr_pem)
     assert status == 201, cred
     cert = x509.load_pem_x509_certificate(cred["data"]["certificate"].encode())
     assert timedelta(minutes=59) < _lifetime(cert) <= timedelta(hours=1)
@@ -198,7 +180,7 @@ async def test_sign_mode_refuses_a_csr_the_role_does_not_cover_and_changes_nothi
     sent = make(tmp_path)
     store_before, vault_before = b.store_snapshot(), vault.snapshot()
     leases_before = vault.leases_under(f"{pki.path}/sign/sign/")
-    status, body = await _issue(http, b, "i-pki-bad-csr", "pki-sign", csr=sent)
+    status, body = await issue(http, b, "i-pki-bad-csr", "pki-sign", csr=sent)
     assert (status, body) == (400, {"error": {"code": "invalid_parameter", "message": message}})
     assert b.store_snapshot() == store_before
     assert vault.snapshot() == vault_before
@@ -213,7 +195,7 @@ async def test_sign_mode_refuses_a_csr_the_role_does_not_cover_and_changes_nothi
         "message": "role 'pki-issue' does not take csr from a request (it takes: role, ttl)"}),
 ], ids=["sign-without-csr", "issue-with-csr"])
 async def test_csr_is_required_by_sign_and_refused_by_issue(b, http, role, body, status, error):
-    got = await _issue(http, b, "i-pki-params", role, **body)
+    got = await issue(http, b, "i-pki-params", role, **body)
     assert got == (status, {"error": error})
 
 
@@ -225,14 +207,14 @@ async def test_vault_role_refuses_a_templated_name_outside_its_domains(
     body = {"csr": csr_pem} if role.endswith("sign-outside") else {}
     vault_role = "sign" if body else "issue"
     leases_before = vault.leases_under(f"{pki.path}/{vault_role}/{vault_role}/")
-    status, answer = await _issue(http, b, f"i-{role}", role, **body)
+    status, answer = await issue(http, b, f"i-{role}", role, **body)
     assert (status, answer) == (502, {"error": {"code": "vault_invalid_request",
                                                 "message": "Vault refused the request"}})
     [lease] = b.rows("leases")
     assert (lease["role"], lease["state"], lease["error_code"], lease["vault_lease_id"]) == (
         role, "failed", "vault_invalid_request", None)
     assert vault.leases_under(f"{pki.path}/{vault_role}/{vault_role}/") == leases_before
-    status_ok, _ = await _issue(http, b, f"i-{role}", role.removesuffix("-outside"), **body)
+    status_ok, _ = await issue(http, b, f"i-{role}", role.removesuffix("-outside"), **body)
     assert status_ok == 201  # the same instance still gets a certificate from a good role
 
 
@@ -242,7 +224,7 @@ async def test_terminating_the_instance_puts_its_certificates_on_the_crl(
     csr_pem, _ = openssl_csr(tmp_path, cn=CN)
     serials, pems = [], []
     for role, body in (("pki-issue", {}), ("pki-sign", {"csr": csr_pem})):
-        status, cred = await _issue(http, b, instance, role, **body)
+        status, cred = await issue(http, b, instance, role, **body)
         assert status == 201, cred
         serials.append(serial_of(cred["data"]["serial_number"]))
         pems.append(cred["data"]["certificate"])
@@ -253,7 +235,7 @@ async def test_terminating_the_instance_puts_its_certificates_on_the_crl(
         assert openssl_verify(pki.ca_pem, pem, tmp_path, fetch_crl(vault, pki.path)) == (
             0, "CERT: OK\n")
 
-    shown = await _terminate(http, b, instance)
+    shown = await terminate(http, b, instance)
     assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
     assert [x["state"] for x in shown["leases"]] == ["revoked", "revoked"]
     assert not any(vault.lease_exists(x["vault_lease_id"]) for x in b.rows("leases"))
@@ -267,5 +249,5 @@ async def test_terminating_the_instance_puts_its_certificates_on_the_crl(
         rc, out = openssl_verify(pki.ca_pem, pem, tmp_path, crl_pem)
         assert (rc, out.splitlines()[1:]) == (2, ["error 23 at 0 depth lookup: certificate revoked",
                                                   "error CERT: verification failed"])
-    status, body = await _issue(http, b, instance, "pki-sign", csr=csr_pem)
+    status, body = await issue(http, b, instance, "pki-sign", csr=csr_pem)
     assert (status, body["error"]["code"]) == (409, "instance_terminated")

@@ -14,6 +14,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from tests.harness.api import bearer, issue, wait_job
 from tests.harness.rabbitmq import (
     AMQP_PORT,
     HOST,
@@ -35,26 +36,10 @@ def rabbit(vault) -> Iterator[Rabbit]:
         yield mounted
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
-async def _issue(http, b, instance: str, **body):
-    async with http.post(
-        f"{b.url}/v1/credentials", headers=_bearer(b.token(instance)), json={"role": "mq", **body}
-    ) as resp:
-        return resp.status, await resp.json()
 
 
-async def _wait_job(http, b, instance: str, timeout: float = 20.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            body = await resp.json()
-        if body["job"] and body["job"]["state"] in ("done", "failed"):
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.1)
 
 
 def _connect(vhost: str, user: str, password: str) -> pika.BlockingConnection:
@@ -109,7 +94,7 @@ async def test_login_may_use_its_granted_vhost_and_nothing_else(make_broker, htt
     b = await make_broker(
         extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
     )
-    status, cred = await _issue(http, b, "i-mq-use", ttl="5m")
+    status, cred = await issue(http, b, "i-mq-use", "mq", ttl="5m")
     assert status == 201, cred
     assert (
         cred["instance_id"],
@@ -177,7 +162,7 @@ async def test_termination_deletes_the_user_and_cuts_its_open_connection(
     b = await make_broker(
         extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
     )
-    status, cred = await _issue(http, b, "i-mq-term")
+    status, cred = await issue(http, b, "i-mq-term", "mq")
     assert status == 201, cred
     assert 590 <= _lifetime(cred) <= 600  # the role's default_ttl
     user, password = cred["data"]["username"], cred["data"]["password"]
@@ -188,7 +173,7 @@ async def test_termination_deletes_the_user_and_cuts_its_open_connection(
             f"{b.url}/v1/instances/i-mq-term/terminate", headers=b.admin()
         ) as resp:
             assert resp.status == 202, await resp.text()
-        shown = await _wait_job(http, b, "i-mq-term")
+        shown = await wait_job(http, b, "i-mq-term")
         assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
         assert [x["state"] for x in shown["leases"]] == ["revoked"]
 
@@ -211,7 +196,7 @@ async def test_termination_deletes_the_user_and_cuts_its_open_connection(
     [lease] = b.rows("leases")
     assert not vault.lease_exists(lease["vault_lease_id"])
     assert not vault.accessor_alive(tok["accessor"])
-    status, body = await _issue(http, b, "i-mq-term")
+    status, body = await issue(http, b, "i-mq-term", "mq")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
 
@@ -221,10 +206,10 @@ async def test_renewal_sets_the_lease_as_asked_and_release_deletes_the_user(
     b = await make_broker(
         extra_roles={"mq": rabbit.broker_role()}, instance_policies=(rabbit.policy,)
     )
-    status, cred = await _issue(http, b, "i-mq-renew", ttl="2m")
+    status, cred = await issue(http, b, "i-mq-renew", "mq", ttl="2m")
     assert status == 201, cred
     user = cred["data"]["username"]
-    token = _bearer(b.token("i-mq-renew"))
+    token = bearer(b.token("i-mq-renew"))
     async with http.post(
         f"{b.url}/v1/leases/{cred['lease_id']}/renew", headers=token, json={"ttl": "20m"}
     ) as resp:

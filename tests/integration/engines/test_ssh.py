@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.api import issue
 from tests.harness.pki import Mount, mounted_ssh_ca, ssh_cert_info, ssh_fingerprint, ssh_keypair
 from tests.harness.vault import VaultProbe
 
@@ -53,14 +54,8 @@ async def b(make_broker, ssh: Mount):
     return await make_broker(extra_roles=_roles(ssh.path), instance_policies=(ssh.policy,))
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
-async def _issue(http, b, instance: str, role: str, **body: Any) -> tuple[int, Any]:
-    async with http.post(f"{b.url}/v1/credentials", headers=_bearer(b.token(instance)),
-                         json={"role": role, **body}) as resp:
-        return resp.status, await resp.json()
 
 
 def _public_key(tmp_path: Path, key: str = "ed25519") -> str:
@@ -73,7 +68,7 @@ async def test_signs_a_user_certificate_with_the_templated_principals_and_key_id
     private = ssh_keypair(tmp_path, key)
     public = private.with_suffix(".pub").read_text()
     instance = f"i-ssh-{key}"
-    status, cred = await _issue(http, b, instance, "ssh-user", ttl="5m", public_key=public)
+    status, cred = await issue(http, b, instance, "ssh-user", ttl="5m", public_key=public)
     assert status == 201, cred
     assert set(cred) == RESPONSE_FIELDS  # no lease_limit: nothing counted against it
     assert (cred["kind"], cred["role"], cred["leased"], cred["renewable"]) == (
@@ -108,7 +103,7 @@ async def test_signs_a_user_certificate_with_the_templated_principals_and_key_id
 
 async def test_ttl_is_capped_by_the_role(b, http, tmp_path: Path):
     private = ssh_keypair(tmp_path)
-    status, cred = await _issue(http, b, "i-ssh-cap", "ssh-user", ttl="3h",
+    status, cred = await issue(http, b, "i-ssh-cap", "ssh-user", ttl="3h",
                                 public_key=private.with_suffix(".pub").read_text())
     assert status == 201, cred
     cert_file = Path(f"{private}-cert.pub")
@@ -121,7 +116,7 @@ async def test_ttl_is_capped_by_the_role(b, http, tmp_path: Path):
                          ids=["principal-outside-allowed-users", "key-length-outside-the-role"])
 async def test_vault_role_refuses_what_it_does_not_allow(b, ssh, http, vault, tmp_path: Path,
                                                          role, key):
-    status, body = await _issue(http, b, "i-ssh-refused", role,
+    status, body = await issue(http, b, "i-ssh-refused", role,
                                 public_key=_public_key(tmp_path, key))
     assert (status, body) == (502, {"error": {"code": "vault_invalid_request",
                                               "message": "Vault refused the request"}})
@@ -135,7 +130,7 @@ async def test_delivered_certificates_are_not_limited_and_outlive_termination_in
     instance = "i-ssh-many"
     role = b.settings.roles["ssh-user"]
     for _ in range(role.max_leases_per_instance + 1):
-        status, cred = await _issue(http, b, instance, "ssh-user",
+        status, cred = await issue(http, b, instance, "ssh-user",
                                     public_key=_public_key(tmp_path))
         assert status == 201, cred
     async with http.post(f"{b.url}/v1/instances/{instance}/terminate",
@@ -152,7 +147,7 @@ async def test_delivered_certificates_are_not_limited_and_outlive_termination_in
     assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
     # Nothing in Vault can take a signed certificate back: the record says so.
     assert [x["state"] for x in shown["leases"]] == ["delivered"] * 4
-    status, body = await _issue(http, b, instance, "ssh-user", public_key=_public_key(tmp_path))
+    status, body = await issue(http, b, instance, "ssh-user", public_key=_public_key(tmp_path))
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
 
@@ -170,14 +165,14 @@ async def test_a_bad_public_key_is_refused_and_changes_nothing(
         b, http, vault, tmp_path: Path, make, message):
     sent = make(tmp_path)
     store_before, vault_before = b.store_snapshot(), vault.snapshot()
-    status, body = await _issue(http, b, "i-ssh-bad", "ssh-user", public_key=sent)
+    status, body = await issue(http, b, "i-ssh-bad", "ssh-user", public_key=sent)
     assert (status, body) == (400, {"error": {"code": "invalid_parameter", "message": message}})
     assert not [x for x in sent.split() if len(x) > 20 and x in body["error"]["message"]]
     assert (b.store_snapshot(), vault.snapshot()) == (store_before, vault_before)
 
 
 async def test_principals_cannot_be_sent_by_the_caller(b, http, tmp_path: Path):
-    status, body = await _issue(http, b, "i-ssh-ask", "ssh-user", valid_principals="root",
+    status, body = await issue(http, b, "i-ssh-ask", "ssh-user", valid_principals="root",
                                 public_key=_public_key(tmp_path))
     assert (status, body["error"]) == (400, {
         "code": "unknown_parameter",
