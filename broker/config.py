@@ -198,6 +198,7 @@ class AwsSettings(_Frozen):
     region: str = "us-east-1"
     sts_endpoint: str | None = None  # default https://sts.<region>.amazonaws.com
     iam_endpoint: str | None = None  # default the SDK's (https://iam.amazonaws.com)
+    ec2_endpoint: str | None = None  # the aws_ec2 liveness check; default the SDK's
     credentials: Annotated[AwsDefaultChain | AwsStaticKeys, Field(discriminator="method")] = (
         AwsDefaultChain()
     )
@@ -206,7 +207,7 @@ class AwsSettings(_Frozen):
     # The inline policy on each IAM role that holds the denies of revoked sessions.
     revoked_sessions_policy: str = "broker-revoked-sessions"
 
-    _endpoints = field_validator("sts_endpoint", "iam_endpoint")(_endpoint)
+    _endpoints = field_validator("sts_endpoint", "iam_endpoint", "ec2_endpoint")(_endpoint)
 
     @field_validator("region")
     @classmethod
@@ -225,6 +226,22 @@ class AwsSettings(_Frozen):
     @property
     def sts_url(self) -> str:
         return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
+
+
+class LivenessSettings(_Frozen):
+    """How the broker learns that an instance of an issuer is still alive.
+
+    ``check``: ``kubernetes`` asks the API server for the pod the token names (namespace and
+    pod name claims) and compares its uid; ``aws_ec2`` asks EC2 for the instance's state.
+    ``unseen_grace``: an active instance that neither exchanged nor renewed for this long is
+    treated as terminated (0: never)."""
+
+    check: Literal["none", "kubernetes", "aws_ec2"] = "none"
+    unseen_grace: Duration = 0
+    # How long a liveness answer is reused for the same instance.
+    cache_s: float = Field(10.0, ge=0, le=3600)
+
+    _grace = field_validator("unseen_grace", mode="before")(_seconds)
 
 
 ClaimPath = tuple[str, ...]
@@ -336,6 +353,10 @@ class IssuerSettings(_Frozen):
     # token without one is refused; off: no replay record (tokens stay bound to their
     # instance, their lifetime and the tombstone).
     replay: Literal["jti_once", "require_jti_once", "off"] = "jti_once"
+    # Liveness of this issuer's instances: checked before a renewal (an instance confirmed
+    # gone is terminated instead of renewed), and an instance unseen for a grace period is
+    # terminated by the reconciler.
+    liveness: LivenessSettings = LivenessSettings()
 
     _lifetime = field_validator("max_token_lifetime", mode="before")(_seconds)
     _specs = field_validator("instance_claim", "workload_claim", mode="before")(_claim_spec)
@@ -569,6 +590,113 @@ class RevocationSettings(_Frozen):
     issuing_timeout_s: int = Field(120, ge=5, le=3600)
 
 
+class ReconcileSettings(_Frozen):
+    """The periodic reconciliation of the store against Vault (``broker.revocation.reconcile``)."""
+
+    tick_s: float = Field(60.0, gt=0, le=86400)
+    # Leases past their expiry by this much are confirmed with Vault and marked expired.
+    expiry_margin_s: int = Field(30, ge=0, le=86400)
+    # Revoke the Vault leases under the broker's paths that the store does not know
+    # (otherwise they are reported only).
+    revoke_orphans: bool = False
+    # Allowed difference between the broker's clock and Vault's when matching a stuck
+    # request to the lease Vault issued for it.
+    clock_skew_s: int = Field(5, ge=0, le=600)
+    batch: int = Field(500, ge=1, le=10000)
+
+
+class WebhookSettings(_Frozen):
+    """``POST /v1/events/terminate``: an HMAC-SHA256 signature over ``<timestamp>.<body>``
+    with one of ``secrets`` (several, to rotate); a timestamp outside ``window_s`` of the
+    broker's clock is refused, and a signature is accepted once."""
+
+    secrets: tuple[SecretStr, ...] = Field(min_length=1, max_length=8)
+    window_s: int = Field(300, ge=10, le=3600)
+    max_instances: int = Field(100, ge=1, le=1000)
+
+    @field_validator("secrets")
+    @classmethod
+    def _long_enough(cls, v: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        if any(len(x.get_secret_value()) < 32 for x in v):
+            raise ValueError("each webhook secret must be at least 32 characters")
+        return v
+
+
+class SqsEventSettings(_Frozen):
+    """EventBridge "EC2 Instance State-change Notification" messages in an SQS queue."""
+
+    queue_url: str
+    region: str = "us-east-1"
+    endpoint: str | None = None  # default the SDK's
+    credentials: Annotated[AwsDefaultChain | AwsStaticKeys, Field(discriminator="method")] = (
+        AwsDefaultChain()
+    )
+    wait_time_s: int = Field(20, ge=0, le=20)  # SQS long polling
+    max_messages: int = Field(10, ge=1, le=10)
+    visibility_timeout_s: int = Field(60, ge=5, le=43200)
+    states: tuple[str, ...] = ("shutting-down", "terminated")
+    # The broker's instance id for an EC2 instance: fields instance_id, account, region.
+    instance_id_format: str = "{instance_id}"
+    # The issuer whose instances these are: an instance owned by another issuer is left alone.
+    issuer: str | None = None
+
+    _endpoints = field_validator("endpoint")(_endpoint)
+
+    @field_validator("queue_url")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+/\d{12}/[A-Za-z0-9_-]{1,80}(\.fifo)?\Z", v):
+            raise ValueError(
+                "expected an SQS queue URL like https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
+            )
+        return require_tls_off_loopback(v)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not _AWS_REGION.match(v):
+            raise ValueError("expected an AWS region such as us-east-1")
+        return v
+
+    @field_validator("instance_id_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        unknown = template_fields(v) - {"instance_id", "account", "region"}
+        if unknown or "instance_id" not in template_fields(v):
+            raise ValueError(
+                "expected a template with {instance_id}, and optionally {account} and {region}"
+            )
+        return v
+
+
+class KubernetesSettings(_Frozen):
+    """The Kubernetes API server: for the pod watch (termination on deletion) and for the
+    ``kubernetes`` liveness check. In a pod, the defaults are the in-cluster ones."""
+
+    api_url: str = "https://kubernetes.default.svc"
+    token_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    # The watch: off unless enabled; namespace None watches every namespace.
+    watch: bool = False
+    namespace: str | None = None
+    label_selector: str | None = None
+    # The issuer whose instances pods are (its instance id is the pod uid).
+    issuer: str | None = None
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+/?\Z", v):
+            raise ValueError("expected http(s)://host[:port] with no path")
+        return require_tls_off_loopback(v.rstrip("/"))
+
+
+class EventSettings(_Frozen):
+    webhook: WebhookSettings | None = None
+    sqs: SqsEventSettings | None = None
+
+
 class Settings(_Frozen):
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
@@ -579,6 +707,9 @@ class Settings(_Frozen):
     admin: AdminSettings
     revocation: RevocationSettings = RevocationSettings()
     aws: AwsSettings | None = None  # needed by aws roles that deal with STS themselves
+    reconcile: ReconcileSettings = ReconcileSettings()
+    events: EventSettings = EventSettings()
+    kubernetes: KubernetesSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -595,6 +726,22 @@ class Settings(_Frozen):
                 "the instance token it was read with"
             )
         self._engine_needs()
+        for idx, iss in enumerate(self.identity.issuers):
+            if iss.liveness.check == "kubernetes" and self.kubernetes is None:
+                raise ValueError(
+                    f"identity.issuers.{idx}.liveness.check: kubernetes needs the "
+                    "kubernetes section (the API server to ask)"
+                )
+            if iss.liveness.check == "aws_ec2" and self.aws is None:
+                raise ValueError(
+                    f"identity.issuers.{idx}.liveness.check: aws_ec2 needs the aws section"
+                )
+        for where, named in (
+            ("events.sqs.issuer", self.events.sqs.issuer if self.events.sqs else None),
+            ("kubernetes.issuer", self.kubernetes.issuer if self.kubernetes else None),
+        ):
+            if named is not None and named not in issuer_names:
+                raise ValueError(f"{where}: unknown issuer {named!r}")
         for idx, rule in enumerate(self.policy.rules):
             for role in rule.allow:
                 if role not in self.roles:

@@ -8,6 +8,7 @@ package that calls them; nothing above that boundary catches them.
     ├── BadRequest                 400  malformed body, unknown field, bad ttl
     ├── TokenInvalid               401  identity token refused (code says why)
     ├── AdminUnauthorized          401  admin token missing or wrong
+    ├── EventUnauthorized          401  event webhook: signature missing, wrong, stale or replayed
     ├── NotPermitted               403  policy refused the role for this identity
     ├── AdminForbidden             403  a token was sent, but not the admin token
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
@@ -51,6 +52,11 @@ class AdminUnauthorized(BrokerError):
     code = "admin_unauthorized"
 
 
+class EventUnauthorized(BrokerError):
+    status = 401
+    code = "event_unauthorized"
+
+
 class NotPermitted(BrokerError):
     status = 403
     code = "role_not_permitted"
@@ -85,6 +91,7 @@ class UpstreamRejected(BrokerError):
     status = 502
     code = "vault_rejected"
     vault_errors: tuple[str, ...] = ()  # Vault's own error strings: for decisions, not callers
+    http_status: int | None = None  # the upstream's status, where no code says more
 
 
 class UpstreamUnavailable(BrokerError):

@@ -24,11 +24,16 @@ from broker.api.app import ApiDeps, build_app
 from broker.api.metrics import Metrics
 from broker.clock import Clock, SystemClock
 from broker.config import MAX_LEEWAY_SECONDS, Settings
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
+from broker.events import TerminationSource
 from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
-from broker.leases.store import Store
+from broker.leases.states import JobState
+from broker.leases.store import JobView, Store
+from broker.liveness import LivenessCheck
+from broker.liveness.sightings import Sightings
+from broker.revocation.reconcile import Reconciler, ReconcileReport
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
 
@@ -40,6 +45,10 @@ log = logging.getLogger(__name__)
 # request may spend between verifying a token and recording it, plus clock skew between
 # replicas (each prunes by its own clock).
 REPLAY_PRUNE_GRACE = timedelta(seconds=MAX_LEEWAY_SECONDS + 600)
+# Sightings are written this often (``liveness.unseen_grace`` is a minute at least).
+SIGHTINGS_FLUSH_S = 10.0
+# A termination source gets this long to finish the event in hand when the broker stops.
+SOURCE_STOP_S = 5.0
 # Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB.
 MAX_HEADER_BYTES = 72 * 1024
 
@@ -52,7 +61,7 @@ class Broker:
         self.clock = clock or SystemClock()
         self.store = Store(settings.store, self.clock)
         self.vault = VaultClient(settings.vault, self.clock)
-        self.metrics = Metrics()
+        self.metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
         self.tokens = InstanceTokens(self.vault, self.store, self.clock)
         self.aws: AwsClient | None = None
         if settings.aws is not None:
@@ -68,6 +77,23 @@ class Broker:
             worker_id=worker_id,
             cloud=self.aws,
         )
+        self.sightings = Sightings()
+        self.reconciler = Reconciler(
+            settings.reconcile,
+            settings.revocation,
+            roles=settings.roles,
+            issuers=settings.identity.issuers,
+            store=self.store,
+            vault=self.vault,
+            clock=self.clock,
+            terminate=self.terminate,
+        )
+        self.liveness: dict[str, LivenessCheck] = {}
+        self.sources: list[TerminationSource] = []
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self._stop_sources = asyncio.Event()
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+        self.service: CredentialService | None = None
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -87,7 +113,8 @@ class Broker:
             await self.aws.start()
         self._http = aiohttp.ClientSession()
         self.verifier = IdentityVerifier(self.settings.identity, self._http, self.clock)
-        service = CredentialService(
+        await self._start_liveness_and_sources()
+        self.service = service = CredentialService(
             roles=self.settings.roles,
             rules=self.settings.policy.rules,
             store=self.store,
@@ -96,6 +123,9 @@ class Broker:
             clock=self.clock,
             deadline_s=self.settings.revocation.issuing_timeout_s / 2,
             cloud=self.aws,
+            liveness=self.liveness,
+            terminate=self.terminate,
+            sightings=self.sightings,
         )
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         rev = self.settings.revocation
@@ -107,6 +137,22 @@ class Broker:
             max_instances=1,
             coalesce=True,
             next_run_time=datetime.now(UTC),
+        )
+        self._scheduler.add_job(
+            self._tick_reconcile,
+            "interval",
+            seconds=self.settings.reconcile.tick_s,
+            id="reconcile",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._flush_sightings,
+            "interval",
+            seconds=SIGHTINGS_FLUSH_S,
+            id="sightings",
+            max_instances=1,
+            coalesce=True,
         )
         self._scheduler.add_job(
             self._tick_maintenance,
@@ -124,10 +170,16 @@ class Broker:
             metrics=self.metrics,
             admin_token_sha256=self.settings.admin.token_sha256,
             max_body_bytes=self.settings.server.max_body_bytes,
-            kick_revocation=self.kick_revocation,
-            forget_instance=self.tokens.forget,
+            terminate=self.terminate,
+            reconcile=self.reconcile,
             roles=self.settings.roles,
             rules=self.settings.policy.rules,
+            clock=self.clock,
+            issuer_names=frozenset(i.name for i in self.settings.identity.issuers),
+            webhook=self.settings.events.webhook,
+            sources=self.sources,
+            liveness_outcomes=service.liveness_outcomes,
+            worker=self.worker,
         )
         app = build_app(deps)
         self._runner = web.AppRunner(
@@ -149,11 +201,94 @@ class Broker:
         self._scheduler.start()
         log.info("broker started", extra={"url": self.url})
 
+    async def terminate(
+        self, instance_id: str, *, actor: str, issuer: str | None = None
+    ) -> JobView:
+        """Every termination source ends here (``broker.events.Terminate``): the durable
+        job first, then this replica forgets the instance's token and wakes its worker."""
+        job = await self.store.request_termination(instance_id, actor=actor, issuer=issuer)
+        self.tokens.forget(instance_id)
+        if job.state in (JobState.PENDING, JobState.RUNNING):
+            self.kick_revocation()
+        return job
+
     def kick_revocation(self) -> None:
         if self._scheduler is not None:
             job = self._scheduler.get_job("revocation")
             if job is not None:
                 job.modify(next_run_time=datetime.now(UTC))
+
+    async def _start_liveness_and_sources(self) -> None:
+        """Liveness checks (per issuer) and termination sources, from the settings. Their
+        modules load only when configured (boto3, the Kubernetes client)."""
+        settings = self.settings
+        kube_client = None
+        if settings.kubernetes is not None:
+            from broker.kubernetes.client import KubernetesClient
+
+            kube_client = KubernetesClient(settings.kubernetes)
+            await kube_client.start()
+            self._closers.append(kube_client.close)
+        for issuer in settings.identity.issuers:
+            check: LivenessCheck | None = None
+            if issuer.liveness.check == "kubernetes":
+                from broker.kubernetes.liveness import KubernetesLiveness
+
+                assert kube_client is not None  # configuration validation requires it
+                check = KubernetesLiveness(kube_client, cache_s=issuer.liveness.cache_s)
+            elif issuer.liveness.check == "aws_ec2":
+                from broker.liveness.aws_ec2 import Ec2Liveness
+
+                assert settings.aws is not None
+                check = Ec2Liveness(settings.aws, self.clock, cache_s=issuer.liveness.cache_s)
+            if check is not None:
+                await check.start()
+                self._closers.append(check.close)
+                self.liveness[issuer.name] = check
+        if settings.events.sqs is not None:
+            from broker.events.sqs import SqsTerminationSource
+
+            sqs = SqsTerminationSource(settings.events.sqs, self.terminate)
+            self._closers.append(sqs.close)
+            self.sources.append(sqs)
+        if settings.kubernetes is not None and settings.kubernetes.watch:
+            from broker.kubernetes.watch import PodWatch
+
+            issuer_name = settings.kubernetes.issuer
+            known = (
+                (lambda: self.store.active_instance_ids(issuer_name))
+                if issuer_name is not None
+                else None
+            )
+            self.sources.append(PodWatch(settings.kubernetes, kube_client, self.terminate, known))
+        self._stop_sources.clear()
+        for source in self.sources:
+            task = asyncio.create_task(self._run_source(source), name=f"source:{source.name}")
+            self._source_tasks.append(task)
+
+    async def _run_source(self, source: TerminationSource) -> None:
+        try:
+            await source.run(self._stop_sources)
+        except Exception:  # noqa: BLE001 — a source's own loop retries; this is a bug
+            log.exception("termination source stopped", extra={"source": source.name})
+
+    async def reconcile(self, revoke_orphans: bool | None = None) -> ReconcileReport:
+        await self._flush_sightings()
+        report = await self.reconciler.run_once(revoke_orphans=revoke_orphans)
+        self.metrics.observe_reconcile(report)
+        return report
+
+    async def _tick_reconcile(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception:  # noqa: BLE001 — a tick logs and carries on
+            log.exception("reconcile tick failed")
+
+    async def _flush_sightings(self) -> None:
+        try:
+            await self.sightings.flush(self.store, self.clock.now())
+        except BrokerError:
+            log.warning("could not record instance sightings; retrying at the next flush")
 
     async def _tick_revocation(self) -> None:
         try:
@@ -185,6 +320,23 @@ class Broker:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        self._stop_sources.set()
+        if self._source_tasks:
+            _, pending = await asyncio.wait(self._source_tasks, timeout=SOURCE_STOP_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._source_tasks.clear()
+        self.sources.clear()
+        if self.service is not None:
+            await self._flush_sightings()
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 — stopping goes on
+                log.warning("a component did not close cleanly", exc_info=True)
+        self._closers.clear()
+        self.liveness.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -8,8 +8,9 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -17,26 +18,36 @@ from aiohttp import web
 from broker.api.errors import error_response, make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
-from broker.config import RoleSettings, Rule
+from broker.clock import Clock
+from broker.config import RoleSettings, Rule, WebhookSettings
 from broker.durations import parse_duration
 from broker.errors import (
     AdminForbidden,
     AdminUnauthorized,
     BadRequest,
     BrokerError,
+    EventUnauthorized,
     NotFound,
+    NotPermitted,
     TokenInvalid,
 )
+from broker.events import Terminate, TerminationSource, webhook
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
 from broker.issuance import CredentialService
 from broker.leases.states import JobState, LeaseState
 from broker.leases.store import Store, StoreCounts
 from broker.policy.explain import explain
+from broker.revocation.reconcile import ReconcileReport
+from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
+JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
+# The webhook's accepted signatures share the replay record with token ids; '@' keeps the
+# namespace apart from every issuer name.
+WEBHOOK_REPLAY_NAMESPACE = "@event-webhook"
 MAX_AUTH_HEADER = 70 * 1024
 
 
@@ -49,10 +60,16 @@ class ApiDeps:
     metrics: Metrics
     admin_token_sha256: str
     max_body_bytes: int
-    kick_revocation: Callable[[], None]
-    forget_instance: Callable[[str], None]
+    terminate: Terminate
+    reconcile: Callable[[bool | None], Awaitable[ReconcileReport]]
     roles: Mapping[str, RoleSettings]
     rules: tuple[Rule, ...]
+    clock: Clock
+    issuer_names: frozenset[str]
+    webhook: WebhookSettings | None = None
+    sources: Sequence[TerminationSource] = ()
+    liveness_outcomes: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    worker: RevocationWorker | None = None
 
 
 DEPS: web.AppKey[ApiDeps] = web.AppKey("deps", ApiDeps)
@@ -187,11 +204,43 @@ async def terminate_instance(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
     instance_id = _instance_id(request)
-    job = await deps.store.request_termination(instance_id, actor="admin")
-    deps.forget_instance(instance_id)
-    if job.state in (JobState.PENDING, JobState.RUNNING):
-        deps.kick_revocation()
+    job = await deps.terminate(instance_id, actor="admin")
     return web.json_response({"instance_id": instance_id, "job": job.public()}, status=202)
+
+
+async def terminate_event(request: web.Request) -> web.Response:
+    """A signed termination event from a pipeline (``broker.events.webhook``). Each instance
+    gets its durable job before the answer; the signature is remembered only once every
+    job is recorded, so a sender that saw a 503 can send the same request again."""
+    deps = request.app[DEPS]
+    if deps.webhook is None:
+        raise NotFound("no such endpoint", code="not_found")
+    body = await request.read()
+    digest, ts = webhook.verify(
+        [s.get_secret_value().encode() for s in deps.webhook.secrets],
+        timestamp=request.headers.get(webhook.TIMESTAMP_HEADER),
+        signature=request.headers.get(webhook.SIGNATURE_HEADER),
+        body=body,
+        now=deps.clock.now().timestamp(),
+        window_s=deps.webhook.window_s,
+    )
+    event = webhook.parse(body, max_instances=deps.webhook.max_instances)
+    if event.issuer is not None and event.issuer not in deps.issuer_names:
+        raise BadRequest("'issuer' must be the name of a configured issuer", code="invalid_issuer")
+    if await deps.store.is_used(WEBHOOK_REPLAY_NAMESPACE, digest):
+        raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
+    results: list[dict[str, Any]] = []
+    for instance_id in event.instance_ids:
+        try:
+            job = await deps.terminate(instance_id, actor="events:webhook", issuer=event.issuer)
+        except NotPermitted as exc:
+            results.append({"instance_id": instance_id, "error": {"code": exc.code}})
+            continue
+        results.append({"instance_id": instance_id, "job": job.public()})
+    keep_until = datetime.fromtimestamp(ts + deps.webhook.window_s, UTC)
+    if not await deps.store.use_once(WEBHOOK_REPLAY_NAMESPACE, digest, keep_until=keep_until):
+        raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
+    return web.json_response({"results": results}, status=202)
 
 
 async def show_instance(request: web.Request) -> web.Response:
@@ -278,6 +327,29 @@ async def explain_policy(request: web.Request) -> web.Response:
     )
 
 
+async def retry_job(request: web.Request) -> web.Response:
+    require_admin(request)
+    deps = request.app[DEPS]
+    job_id = request.match_info["job_id"]
+    if not JOB_ID_PATTERN.match(job_id):
+        raise NotFound("no such revocation job", code="job_not_found")
+    job = await deps.store.retry_job(job_id, actor="admin")
+    await deps.terminate(job.instance_id, actor="admin")  # wakes this replica's worker
+    return web.json_response({"job": job.public()}, status=202)
+
+
+async def reconcile(request: web.Request) -> web.Response:
+    """Run a reconciliation pass now and answer with its report."""
+    require_admin(request)
+    deps = request.app[DEPS]
+    body = await _json_object(request, {"revoke_orphans"})
+    revoke = body.get("revoke_orphans")
+    if revoke is not None and not isinstance(revoke, bool):
+        raise BadRequest("'revoke_orphans' must be true or false", code="invalid_field")
+    report = await deps.reconcile(revoke)
+    return web.json_response(report.public())
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
@@ -354,6 +426,10 @@ async def metrics(request: web.Request) -> web.Response:
     counts = await request.app[COUNTS].get()
     if counts is not None:
         deps.metrics.observe_store(counts)
+    if deps.worker is not None:
+        deps.metrics.observe_runtime(
+            worker=deps.worker, sources=deps.sources, liveness=deps.liveness_outcomes
+        )
     for cache in deps.verifier.caches:
         for outcome, n in cache.stats.outcomes.items():
             deps.metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
@@ -386,6 +462,9 @@ def build_app(deps: ApiDeps) -> web.Application:
     r.add_get("/v1/instances/{instance_id}", show_instance)
     r.add_get("/v1/admin/leases", list_leases)
     r.add_get("/v1/admin/jobs", list_jobs)
+    r.add_post("/v1/admin/jobs/{job_id}/retry", retry_job)
+    r.add_post("/v1/admin/reconcile", reconcile)
+    r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

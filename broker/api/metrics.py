@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broker.leases.store import StoreCounts
 
+if TYPE_CHECKING:
+    from broker.events import TerminationSource
+    from broker.revocation.reconcile import ReconcileReport
+    from broker.revocation.worker import RevocationWorker
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, engine_of: Mapping[str, str] | None = None) -> None:
+        self._engine_of = dict(engine_of or {})  # role → engine, for the leases gauge
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -33,11 +42,17 @@ class Metrics:
             ["code", "issuer"],
             registry=r,
         )
-        self.revocations = Counter(
-            "broker_revocation_jobs_total", "Revocation jobs by outcome", ["outcome"], registry=r
+        self.revocations = Gauge(
+            "broker_revocation_jobs_processed",
+            "Revocation job passes of this replica since start, by outcome",
+            ["outcome"],
+            registry=r,
         )
         self.leases = Gauge(
-            "broker_leases", "Live leases by role and state", ["role", "state"], registry=r
+            "broker_leases",
+            "Live leases by role, engine and state",
+            ["role", "engine", "state"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "broker_revocation_queue_depth", "Revocation jobs pending or running", registry=r
@@ -57,13 +72,93 @@ class Metrics:
             registry=r,
         )
 
+        self.reconcile_runs = Counter(
+            "broker_reconcile_runs_total",
+            "Reconciliation passes, by outcome (ok, errors, skipped: another replica ran)",
+            ["outcome"],
+            registry=r,
+        )
+        self.reconcile_found = Counter(
+            "broker_reconcile_findings_total",
+            "What reconciliation found and did: expired, expiry_corrected, past_expiry_held, "
+            "stuck_settled, stuck_revoked_in_vault, stuck_waiting, orphans, orphans_revoked, "
+            "unseen_terminated",
+            ["finding"],
+            registry=r,
+        )
+        self.reconcile_orphans = Gauge(
+            "broker_reconcile_orphans",
+            "Leases in Vault under the broker's paths that the store does not hold (last pass)",
+            registry=r,
+        )
+        self.reconcile_stuck = Gauge(
+            "broker_reconcile_stuck_issuing",
+            "Lease rows stuck in issuing that the last pass could not settle",
+            registry=r,
+        )
+        self.events = Gauge(
+            "broker_termination_events",
+            "Termination events handled by this replica's sources since start, by outcome",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.liveness = Gauge(
+            "broker_liveness_checks",
+            "Liveness answers at renewal since start (alive, gone, unknown)",
+            ["issuer", "outcome"],
+            registry=r,
+        )
+
     def observe_store(self, counts: StoreCounts) -> None:
         self.leases.clear()
         for (role, state), n in counts.leases.items():
-            self.leases.labels(role=role, state=state).set(n)
+            engine = self._engine_of.get(role, "unknown")
+            self.leases.labels(role=role, engine=engine, state=state).set(n)
         self.queue_depth.set(counts.queue_depth)
         self.oldest_job.set(counts.oldest_job_age_s)
         self.failed_jobs.set(counts.failed_jobs)
+
+    def observe_reconcile(self, report: ReconcileReport) -> None:
+        if report.skipped:
+            self.reconcile_runs.labels(outcome="skipped").inc()
+            return
+        self.reconcile_runs.labels(outcome="errors" if report.errors else "ok").inc()
+        for finding, n in (
+            ("expired", report.expired),
+            ("expiry_corrected", report.expiry_corrected),
+            ("past_expiry_held", len(report.past_expiry_held)),
+            ("stuck_settled", report.stuck_settled),
+            ("stuck_revoked_in_vault", report.stuck_revoked_in_vault),
+            ("stuck_waiting", len(report.stuck_waiting)),
+            ("orphans", report.orphans),
+            ("orphans_revoked", report.orphans_revoked),
+            ("unseen_terminated", len(report.unseen_terminated)),
+        ):
+            if n:
+                self.reconcile_found.labels(finding=finding).inc(n)
+        if "orphans" not in report.errors:
+            self.reconcile_orphans.set(report.orphans - report.orphans_revoked)
+        if "stuck_issuing" not in report.errors:
+            self.reconcile_stuck.set(len(report.stuck_waiting))
+
+    def observe_runtime(
+        self,
+        *,
+        worker: RevocationWorker,
+        sources: Iterable[TerminationSource],
+        liveness: Mapping[tuple[str, str], int],
+    ) -> None:
+        for outcome, n in (
+            ("completed", worker.completed),
+            ("retried", worker.retried),
+            ("failed", worker.failed),
+        ):
+            self.revocations.labels(outcome=outcome).set(n)
+        for source in sources:
+            for outcome, n in getattr(source, "stats", {}).items():
+                self.events.labels(source=source.name, outcome=outcome).set(n)
+        for (issuer, outcome), n in liveness.items():
+            self.liveness.labels(issuer=issuer, outcome=outcome).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

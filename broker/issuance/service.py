@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -41,10 +42,13 @@ from broker.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.issuance.tokens import InstanceTokens
 from broker.leases.states import LeaseState
 from broker.leases.store import LeaseLimit, LeaseView, Store
+from broker.liveness import LivenessCheck
+from broker.liveness.sightings import Sightings
 from broker.policy import decide, render_params
 from broker.vault import VaultClient
 
@@ -102,6 +106,9 @@ class CredentialService:
         clock: Clock,
         deadline_s: float = 60.0,
         cloud: CloudExchange | None = None,
+        liveness: Mapping[str, LivenessCheck] | None = None,
+        terminate: Terminate | None = None,
+        sightings: Sightings | None = None,
     ) -> None:
         self._roles = roles
         self._rules = rules
@@ -110,6 +117,11 @@ class CredentialService:
         self._tokens = tokens
         self._clock = clock
         self._cloud = cloud
+        self._liveness = dict(liveness or {})  # by issuer name
+        self._terminate = terminate
+        self._sightings = sightings
+        # (issuer, alive | gone | unknown) → count, for metrics
+        self.liveness_outcomes: Counter[tuple[str, str]] = Counter()
         # Bounds token, issue and TTL adjustment together; shorter than the revocation
         # worker's issuing_timeout_s so a job never gives up on a request still running.
         self._deadline_s = deadline_s
@@ -167,6 +179,7 @@ class CredentialService:
                 else None,
                 limit=limit,
                 external_ref=external.to_record() if external is not None else None,
+                vault_path=request.path,
             )
         except TokenInvalid as exc:
             exc.issuer_name = identity.issuer_name  # count replays against their issuer
@@ -187,6 +200,8 @@ class CredentialService:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
             replaced = await self._revoke_superseded(ticket.superseded)
+        if self._sightings is not None:
+            self._sightings.note(identity.instance_id)
         if limit is not None:
             credential = replace(
                 credential,
@@ -409,6 +424,7 @@ class CredentialService:
             )
         # Policy is asked again: a role withdrawn since issue is not renewed.
         role, granted = self._permit(identity, lease.role, ttl)
+        await self._require_alive(identity)
         cap = self._cap(identity, lease.role, role)
         now = self._clock.now()
         max_expires = lease.issued_at + timedelta(seconds=cap)
@@ -422,6 +438,8 @@ class CredentialService:
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
         await self._store.set_lease_expiry(lease_id, expires_at, renewable)
+        if self._sightings is not None:
+            self._sightings.note(identity.instance_id)
         return {
             "lease_id": lease_id,
             "expires_at": iso_z(expires_at),
@@ -429,6 +447,32 @@ class CredentialService:
             "max_expires_at": iso_z(max_expires),
             "near_max_ttl": (max_expires - expires_at) < timedelta(seconds=min(cap / 10, 300)),
         }
+
+    async def _require_alive(self, identity: Identity) -> None:
+        """Where the issuer has a liveness check: an instance its source confirms gone is
+        terminated instead of renewed. An unknown answer renews (and is counted)."""
+        check = self._liveness.get(identity.issuer_name)
+        if check is None:
+            return
+        alive = await check.alive(identity)
+        outcome = "alive" if alive else "unknown" if alive is None else "gone"
+        self.liveness_outcomes[(identity.issuer_name, outcome)] += 1
+        if alive is not False:
+            return
+        log.info(
+            "instance confirmed gone at renewal; terminating it",
+            extra={"instance_id": identity.instance_id, "issuer": identity.issuer_name},
+        )
+        if self._terminate is not None:
+            await self._terminate(
+                identity.instance_id,
+                actor=f"liveness:{identity.issuer_name}",
+                issuer=identity.issuer_name,
+            )
+        raise InstanceTerminated(
+            f"instance {identity.instance_id} no longer exists at its source; "
+            "its credentials are being revoked"
+        )
 
     def _cap(self, identity: Identity, role_name: str, role: RoleSettings) -> int:
         decision = decide(identity, role_name, role.max_ttl, roles=self._roles, rules=self._rules)

@@ -46,6 +46,7 @@ class Base(DeclarativeBase):
 
 class Instance(Base):
     __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_state_seen", "state", "last_seen_at"),)
 
     instance_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     issuer_name: Mapped[str | None] = mapped_column(String(64))
@@ -54,6 +55,9 @@ class Instance(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     terminated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the instance last exchanged or renewed (to a minute or so: replicas record it
+    # in batches). An issuer's ``liveness.unseen_grace`` terminates instances unseen longer.
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class InstanceToken(Base):
@@ -75,6 +79,7 @@ class Lease(Base):
         Index("ix_leases_workload", "workload"),
         Index("ix_leases_role", "role"),
         Index("ix_leases_state_created", "state", "created_at"),
+        Index("ix_leases_state_expires", "state", "expires_at"),
     )
 
     lease_id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -96,6 +101,10 @@ class Lease(Base):
     # asked for: an STS session (``broker.cloud.SessionRef``), which AWS cannot revoke and
     # the broker denies in IAM instead. Names no secret.
     external_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The Vault path the credential was requested from (``database/creds/app``), written
+    # with the ``issuing`` row: Vault names the lease under it, which is how the reconciler
+    # finds the lease of a request that died before recording Vault's answer.
+    vault_path: Mapped[str | None] = mapped_column(String(512))
 
 
 class RevocationJob(Base):

@@ -17,6 +17,8 @@ class LeaseState(StrEnum):
     RELEASED = "released"  # the workload returned it early; Vault confirmed it gone
     REVOKED = "revoked"  # revoked by termination; Vault confirmed it gone
     ABANDONED = "abandoned"  # stuck in issuing past the bound; covered by the token revocation
+    # Past its expiry, and Vault confirmed it gone (the reconciler's expiry pass).
+    EXPIRED = "expired"
 
 
 class InstanceState(StrEnum):
@@ -36,13 +38,16 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.ISSUING: frozenset(
         {LeaseState.ACTIVE, LeaseState.DELIVERED, LeaseState.FAILED, LeaseState.ABANDONED}
     ),
-    LeaseState.ACTIVE: frozenset({LeaseState.RELEASED, LeaseState.REVOKED, LeaseState.REVOKING}),
-    LeaseState.REVOKING: frozenset({LeaseState.REVOKED}),
+    LeaseState.ACTIVE: frozenset(
+        {LeaseState.RELEASED, LeaseState.REVOKED, LeaseState.REVOKING, LeaseState.EXPIRED}
+    ),
+    LeaseState.REVOKING: frozenset({LeaseState.REVOKED, LeaseState.EXPIRED}),
     LeaseState.DELIVERED: frozenset(),
     LeaseState.FAILED: frozenset(),
     LeaseState.RELEASED: frozenset(),
     LeaseState.REVOKED: frozenset(),
     LeaseState.ABANDONED: frozenset(),
+    LeaseState.EXPIRED: frozenset(),
 }
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from broker.clock import Clock, iso_z
 from broker.config import StoreSettings
 from broker.errors import (
+    BadRequest,
     BrokerError,
     InstanceTerminated,
     LeaseLimitReached,
@@ -119,6 +120,10 @@ def _still_claimed(job: JobView, worker: str) -> Any:
     )
 
 
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -144,6 +149,7 @@ class LeaseView:
     token_accessor: str | None
     # What termination acts on outside Vault (an STS session it denies in IAM), or None.
     external_ref: dict[str, Any] | None = None
+    vault_path: str | None = None  # where the credential was asked for
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -154,6 +160,7 @@ class LeaseView:
         d.pop("vault_lease_id")
         d.pop("token_accessor")
         d.pop("external_ref")
+        d.pop("vault_path")
         return d
 
     def admin(self) -> dict[str, Any]:
@@ -236,6 +243,7 @@ def _lease_view(r: m.Lease) -> LeaseView:
         r.vault_lease_id,
         r.token_accessor,
         r.external_ref,
+        r.vault_path,
     )
 
 
@@ -326,11 +334,25 @@ class Store:
         if self.is_sqlite:
             yield
             return
-        lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         async with self._tx() as conn:
             await conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout_s)}s'"))
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(key)})
             yield
+
+    @asynccontextmanager
+    async def try_exclusive(self, key: str) -> AsyncIterator[bool]:
+        """Like ``exclusive``, but does not wait: yields False when another replica holds
+        the lock (a periodic pass that one replica at a time should run)."""
+        if self.is_sqlite:
+            yield True
+            return
+        async with self._tx() as conn:
+            got = (
+                await conn.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_id(key)}
+                )
+            ).scalar()
+            yield bool(got)
 
     async def ping(self) -> None:
         async with self._tx(readonly=True) as conn:
@@ -410,6 +432,7 @@ class Store:
                         "state": state.value,
                         "created_at": now,
                         "updated_at": now,
+                        "last_seen_at": now if state == InstanceState.ACTIVE else None,
                     },
                 )
         except IntegrityError:
@@ -429,6 +452,7 @@ class Store:
         token_id: tuple[str, datetime] | None = None,
         limit: LeaseLimit | None = None,
         external_ref: dict[str, Any] | None = None,
+        vault_path: str | None = None,
     ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
@@ -502,6 +526,7 @@ class Store:
                     "created_at": now,
                     "updated_at": now,
                     "external_ref": external_ref,
+                    "vault_path": vault_path,
                 },
             )
         return IssueTicket(lease_id, tuple(superseded))
@@ -711,14 +736,24 @@ class Store:
 
     # -- termination -----------------------------------------------------------------
 
-    async def request_termination(self, instance_id: str, *, actor: str) -> JobView:
+    async def request_termination(
+        self, instance_id: str, *, actor: str, issuer: str | None = None
+    ) -> JobView:
         """Tombstone the instance and create its revocation job, in one transaction.
-        Idempotent: a second call returns the existing job (re-queued if it had failed)."""
+        Idempotent: a second call returns the existing job (re-queued if it had failed).
+        With ``issuer`` (an event source speaking for one issuer's instances), an instance
+        that another issuer owns is refused and left untouched; one the broker never saw
+        is tombstoned for that issuer."""
         now = self._clock.now()
         async with self._tx() as conn:
-            state, _, _ = await self._ensure_instance(
-                conn, instance_id, None, None, InstanceState.TERMINATING
+            state, owner, _ = await self._ensure_instance(
+                conn, instance_id, issuer, None, InstanceState.TERMINATING
             )
+            if issuer is not None and owner is not None and owner != issuer:
+                raise NotPermitted(
+                    f"instance {instance_id} belongs to another issuer",
+                    code="instance_issuer_mismatch",
+                )
             if state == InstanceState.ACTIVE:
                 await conn.execute(
                     update(m.Instance)
@@ -950,6 +985,220 @@ class Store:
                     job_id=job.job_id,
                     error=error,
                 )
+
+    # -- reconciliation --------------------------------------------------------------
+
+    async def past_expiry(self, *, before: datetime, limit: int) -> list[LeaseView]:
+        """Leases still counted live (``active``, ``revoking``) whose expiry passed before
+        ``before``: the reconciler confirms with Vault that they are gone."""
+        async with self._tx(readonly=True) as conn:
+            rows = (
+                await conn.execute(
+                    select(m.Lease)
+                    .where(
+                        m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
+                        m.Lease.expires_at < before,
+                    )
+                    .order_by(m.Lease.expires_at)
+                    .limit(limit)
+                )
+            ).all()
+        return [_lease_view(m.Lease(**r._mapping)) for r in rows]
+
+    async def correct_expiry(self, lease_id: str, expires_at: datetime) -> None:
+        """Vault holds the lease longer than the store thought (renewed meanwhile)."""
+        async with self._tx() as conn:
+            await conn.execute(
+                update(m.Lease)
+                .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(_LIVE))
+                .values(expires_at=expires_at, updated_at=self._clock.now())
+            )
+
+    async def stuck_issuing(
+        self, *, created_before: datetime, limit: int
+    ) -> list[tuple[LeaseView, str]]:
+        """``issuing`` rows older than their request's deadline, with their instance's
+        state: their request died (or gave up) before recording Vault's answer."""
+        async with self._tx(readonly=True) as conn:
+            rows = (
+                await conn.execute(
+                    select(*_L.c, _I.c.state.label("instance_state"))
+                    .join(_I, _I.c.instance_id == _L.c.instance_id)
+                    .where(
+                        m.Lease.state == LeaseState.ISSUING.value,
+                        m.Lease.created_at < created_before,
+                    )
+                    .order_by(m.Lease.created_at)
+                    .limit(limit)
+                )
+            ).all()
+        cols = [c.name for c in _L.c]
+        return [
+            (_lease_view(m.Lease(**{c: r._mapping[c] for c in cols})), r.instance_state)
+            for r in rows
+        ]
+
+    async def settle_stuck(self, lease_id: str, *, revoked: Sequence[str], actor: str) -> bool:
+        """An ``issuing`` row whose request is dead: ``abandoned``, with what was revoked
+        for it in Vault (the leases issued for it that nobody recorded)."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            instance_id = (
+                await conn.execute(
+                    update(m.Lease)
+                    .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
+                    .values(
+                        state=LeaseState.ABANDONED.value,
+                        error_code="stuck_issuing",
+                        ended_at=now,
+                        updated_at=now,
+                    )
+                    .returning(m.Lease.instance_id)
+                )
+            ).scalar()
+            if instance_id is None:
+                return False
+            await self._audit(
+                conn,
+                actor,
+                "lease.stuck_settled",
+                instance_id=instance_id,
+                lease_id=lease_id,
+                revoked_in_vault=len(revoked),
+                vault_lease_ids=list(revoked)[:20],
+            )
+            return True
+
+    async def vault_lease_states(self, vault_lease_ids: Sequence[str]) -> dict[str, str]:
+        """For Vault lease ids, the state of the lease row that recorded each (absent: the
+        store never recorded it)."""
+        out: dict[str, str] = {}
+        async with self._tx(readonly=True) as conn:
+            for start in range(0, len(vault_lease_ids), 500):
+                chunk = list(vault_lease_ids[start : start + 500])
+                rows = await conn.execute(
+                    select(m.Lease.vault_lease_id, m.Lease.state).where(
+                        m.Lease.vault_lease_id.in_(chunk)
+                    )
+                )
+                out.update({r[0]: r[1] for r in rows})
+        return out
+
+    async def vault_paths(self) -> set[str]:
+        """Every Vault path the broker has asked for credentials (where its leases live)."""
+        async with self._tx(readonly=True) as conn:
+            rows = await conn.execute(
+                select(m.Lease.vault_path).where(m.Lease.vault_path.is_not(None)).distinct()
+            )
+            return {r[0] for r in rows}
+
+    async def is_used(self, namespace: str, key: str) -> bool:
+        async with self._tx(readonly=True) as conn:
+            row = (
+                await conn.execute(
+                    select(m.SeenToken.jti).where(
+                        m.SeenToken.issuer_name == namespace, m.SeenToken.jti == key
+                    )
+                )
+            ).first()
+        return row is not None
+
+    async def use_once(self, namespace: str, key: str, *, keep_until: datetime) -> bool:
+        """Remember ``key`` until ``keep_until``; False if it was already remembered (a
+        replay). Shares the replay record of token ids, under its own namespace."""
+        try:
+            async with self._tx() as conn:
+                await conn.execute(
+                    _INSERT_SEEN, {"issuer_name": namespace, "jti": key, "expires_at": keep_until}
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None:
+        async with self._tx() as conn:
+            await self._audit(conn, actor, action, **detail)
+
+    async def mark_seen(self, instance_ids: Sequence[str], at: datetime) -> None:
+        """Record that these instances exchanged or renewed (batched by each replica)."""
+        if not instance_ids:
+            return
+        async with self._tx() as conn:
+            for start in range(0, len(instance_ids), 500):
+                chunk = sorted(instance_ids[start : start + 500])
+                await conn.execute(
+                    update(m.Instance)
+                    .where(
+                        m.Instance.instance_id.in_(chunk),
+                        or_(m.Instance.last_seen_at.is_(None), m.Instance.last_seen_at < at),
+                    )
+                    .values(last_seen_at=at)
+                )
+
+    async def unseen_instances(
+        self, issuer_name: str, *, seen_before: datetime, limit: int
+    ) -> list[str]:
+        """Active instances of the issuer not seen since ``seen_before``."""
+        last = func.coalesce(m.Instance.last_seen_at, m.Instance.created_at)
+        async with self._tx(readonly=True) as conn:
+            rows = await conn.execute(
+                select(m.Instance.instance_id)
+                .where(
+                    m.Instance.issuer_name == issuer_name,
+                    m.Instance.state == InstanceState.ACTIVE.value,
+                    last < seen_before,
+                )
+                .order_by(last)
+                .limit(limit)
+            )
+            return [r[0] for r in rows]
+
+    async def retry_job(self, job_id: str, *, actor: str) -> JobView:
+        """Put a ``failed`` job back in the queue, with its attempts counted from zero."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
+            ).first()
+            if row is None:
+                raise NotFound("no such revocation job", code="job_not_found")
+            if row.state != JobState.FAILED.value:
+                raise BadRequest(
+                    f"the job is {row.state}; only a failed job can be retried",
+                    code="job_not_failed",
+                )
+            await conn.execute(
+                update(m.RevocationJob)
+                .where(
+                    m.RevocationJob.job_id == job_id,
+                    m.RevocationJob.state == JobState.FAILED.value,
+                )
+                .values(
+                    state=JobState.PENDING.value,
+                    next_attempt_at=now,
+                    attempts=0,
+                    updated_at=now,
+                )
+            )
+            await self._audit(
+                conn, actor, "revocation.requeued", instance_id=row.instance_id, job_id=job_id
+            )
+            row = (
+                await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
+            ).one()
+            return _job_view(m.RevocationJob(**row._mapping))
+
+    async def active_instance_ids(self, issuer_name: str) -> set[str]:
+        """Ids of the issuer's instances that are still active (for a source that relists
+        what exists and terminates what the broker knows but the source no longer has)."""
+        async with self._tx(readonly=True) as conn:
+            rows = await conn.execute(
+                select(m.Instance.instance_id).where(
+                    m.Instance.issuer_name == issuer_name,
+                    m.Instance.state == InstanceState.ACTIVE.value,
+                )
+            )
+            return {r[0] for r in rows}
 
     # -- admin queries ---------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import re
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -55,6 +55,16 @@ class IssuedSecret:
 
     def __repr__(self) -> str:  # data holds credential values: never printed
         return f"IssuedSecret(lease_id={self.lease_id!r}, lease_duration={self.lease_duration})"
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What ``sys/leases/lookup`` says of a lease (its id, times; never a credential)."""
+
+    lease_id: str
+    issue_time: datetime | None
+    expire_time: datetime | None
+    renewable: bool
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,37 @@ class VaultClient:
             raise
         return True
 
+    async def lookup_lease(self, lease_id: str) -> LeaseInfo | None:
+        """The lease's times, or None when Vault says it does not know it (gone)."""
+        try:
+            body = await self._call("PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id})
+        except UpstreamRejected as exc:
+            if exc.code == "vault_invalid_request" and exc.vault_errors == ("invalid lease",):
+                return None
+            raise
+        data = body.get("data") or {}
+        return LeaseInfo(
+            lease_id=str(data.get("id") or lease_id),
+            issue_time=_vault_time(data.get("issue_time")),
+            expire_time=_vault_time(data.get("expire_time")),
+            renewable=bool(data.get("renewable")),
+        )
+
+    async def list_lease_keys(self, prefix: str) -> list[str]:
+        """What Vault lists directly under ``prefix`` in its lease tree: lease ids relative
+        to the prefix, and deeper levels ending in ``/``; empty when there is nothing.
+        Needs ``list`` and ``sudo`` on ``sys/leases/lookup/*``."""
+        segments = [seg for seg in prefix.strip("/").split("/") if seg]
+        path = vault_path("sys", "leases", "lookup", *segments)
+        try:
+            body = await self._call("LIST", f"/v1/{path}/")
+        except UpstreamRejected as exc:
+            if exc.http_status == 404:  # nothing under the prefix
+                return []
+            raise
+        keys = (body.get("data") or {}).get("keys") or []
+        return [k for k in keys if isinstance(k, str) and k]
+
     async def revoke_confirmed(self, lease_id: str) -> bool:
         """Revoke a lease and ask Vault whether it is gone: True only on Vault's word."""
         await self.revoke_lease(lease_id)
@@ -278,7 +319,24 @@ class VaultClient:
             err = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
             err.vault_errors = tuple(str(e) for e in errors or ())
             raise err
-        raise UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
+        err = UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
+        err.http_status = status
+        raise err
+
+
+def _vault_time(value: Any) -> datetime | None:
+    """Vault's RFC 3339 times (nanoseconds, a zone offset or Z) as aware datetimes."""
+    if not isinstance(value, str) or not value:
+        return None
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)\Z", value)
+    if m is None:
+        return None
+    frac = (m.group(2) or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        return datetime.fromisoformat(f"{m.group(1)}.{frac}{zone}").astimezone(UTC)
+    except ValueError:
+        return None
 
 
 def _log_path(path: str) -> str:

@@ -225,7 +225,7 @@ async def test_operations_endpoints(broker, http):
         text = await resp.text()
     assert resp.status == 200
     assert 'broker_credentials_issued_total{kind="x509_certificate",role="dev-cert"} 1.0' in text
-    assert 'broker_leases{role="dev-cert",state="active"} 1.0' in text
+    assert 'broker_leases{engine="pki",role="dev-cert",state="active"} 1.0' in text
     assert "broker_revocation_queue_depth 0.0" in text
     async with http.get(f"{broker.url}/openapi.json") as resp:
         doc = await resp.json()

@@ -111,8 +111,8 @@ J = JobState
 EXPECTED_LEASE_MOVES = {
     (L.ISSUING, L.ACTIVE), (L.ISSUING, L.DELIVERED), (L.ISSUING, L.FAILED),
     (L.ISSUING, L.ABANDONED),
-    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING),
-    (L.REVOKING, L.REVOKED),
+    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING), (L.ACTIVE, L.EXPIRED),
+    (L.REVOKING, L.REVOKED), (L.REVOKING, L.EXPIRED),
 }
 EXPECTED_JOB_MOVES = {
     (J.PENDING, J.RUNNING),
@@ -125,7 +125,7 @@ JOB_PAIRS = list(itertools.product(JobState, JobState))
 
 def test_state_values() -> None:
     assert [s.value for s in LeaseState] == ["issuing", "active", "revoking", "delivered",
-                                             "failed", "released", "revoked", "abandoned"]
+                                             "failed", "released", "revoked", "abandoned", "expired"]
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
 
 
@@ -148,10 +148,12 @@ def test_every_state_has_a_transition_entry() -> None:
 
 def test_live_and_final_lease_states() -> None:
     assert LIVE_LEASE_STATES == {L.ISSUING, L.ACTIVE, L.REVOKING}
-    assert FINAL_LEASE_STATES == {L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED}
+    assert FINAL_LEASE_STATES == {L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
+                                  L.EXPIRED}
 
 
-@pytest.mark.parametrize("state", [L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED],
+@pytest.mark.parametrize("state", [L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
+                                   L.EXPIRED],
                          ids=lambda s: s.value)
 def test_final_lease_states_have_no_exits(state: LeaseState) -> None:
     assert LEASE_TRANSITIONS[state] == frozenset()

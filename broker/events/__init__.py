@@ -1,0 +1,40 @@
+"""Termination sources: everything that tells the broker an instance is gone.
+
+The admin API and CLI, the signed event webhook (``webhook``), EC2 state-change events from
+an SQS queue (``sqs``) and the Kubernetes pod watch (``broker.kubernetes.watch``) each turn
+what they hear into the same call, ``Terminate``: one durable, idempotent revocation job
+per instance, created in the transaction that tombstones it. A source acknowledges an event
+(deletes the SQS message, advances its watch position) only after that call returned.
+
+A long-running source has ``run(stop)`` and ``run_once()``; ``broker.runtime`` starts them
+with the broker and stops them with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from broker.leases.store import JobView
+
+
+class Terminate(Protocol):
+    """Tombstone an instance and queue its revocation job; returns the job (an existing one
+    if the instance was already terminating). ``issuer`` names the issuer whose instances
+    the source speaks for: an instance another issuer owns is refused with
+    ``NotPermitted`` (code ``instance_issuer_mismatch``) and left untouched. Raises
+    ``StoreUnavailable`` when the job could not be recorded: the event must not be
+    acknowledged then."""
+
+    async def __call__(
+        self, instance_id: str, *, actor: str, issuer: str | None = None
+    ) -> JobView: ...
+
+
+class TerminationSource(Protocol):
+    name: str
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+__all__ = ["Terminate", "TerminationSource"]

@@ -1,0 +1,383 @@
+"""The reconciler: makes the lease store and Vault agree, on a schedule and on demand.
+
+One pass, four steps, each on its own (one failing does not skip the others):
+
+1. **expiry**: leases the store still counts live past their expiry are looked up in Vault
+   (``sys/leases/lookup``); gone → ``expired``; renewed meanwhile → the store's expiry is
+   corrected; still there past expiry → revoked now, and reported if Vault keeps it.
+2. **stuck issuing**: an ``issuing`` row older than ``issuing_timeout_s`` belongs to a
+   request that died (or gave up) between asking Vault and recording the answer. The
+   lease Vault may have issued for it is under the row's Vault path, unknown to the store,
+   and was issued in the request's window: each such lease is revoked and confirmed gone,
+   and the row is settled ``abandoned``. The broker never hands out a credential it has not
+   recorded, so a lease no row knows was never handed out: revoking it takes nothing away
+   from a workload. (Termination covers the same lease through the instance token too.)
+3. **orphans**: the leases under the broker's Vault paths (those its roles issue from, and
+   every path a lease row names) that no live row holds, older than the issuing bound,
+   are reported, and revoked when ``revoke_orphans`` is set.
+4. **unseen**: for issuers with ``liveness.unseen_grace``, active instances that neither
+   exchanged nor renewed for that long are terminated.
+
+The decisions are pure functions below; ``Reconciler`` does the I/O. Replicas take a
+try-lock in the store, so one pass runs at a time across them (a second replica skips).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from broker.clock import Clock
+from broker.config import IssuerSettings, ReconcileSettings, RevocationSettings, RoleSettings
+from broker.engines import ENGINES
+from broker.errors import BrokerError
+from broker.events import Terminate
+from broker.leases.states import LIVE_LEASE_STATES, LeaseState
+from broker.leases.store import LeaseView, Store
+from broker.vault import VaultClient
+from broker.vault.client import LeaseInfo
+
+log = logging.getLogger(__name__)
+VAULT_CONCURRENCY = 16
+SAMPLE = 50  # ids listed in a report; the counts are complete
+_LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
+
+
+# -- pure decisions ------------------------------------------------------------------
+
+
+ExpiryAction = Literal["expired", "extend", "revoke"]
+
+
+def expiry_action(info: LeaseInfo | None, now: datetime) -> ExpiryAction:
+    """What to do with a lease past its expiry in the store, given Vault's lookup."""
+    if info is None:
+        return "expired"  # Vault does not know it: gone
+    if info.expire_time is not None and info.expire_time > now:
+        return "extend"  # renewed meanwhile: the store was behind
+    return "revoke"  # past expiry and still held: Vault's own expiry has not taken it
+
+
+def issue_window(
+    created_at: datetime, issuing_timeout_s: int, skew_s: int
+) -> tuple[datetime, datetime]:
+    """When Vault may have issued the lease of a request whose row was written at
+    ``created_at``: after the row (the request asks Vault only then), before the issuing
+    bound (a request gives up at half of it; Vault may still act a little later), give or
+    take the skew between the broker's clock and Vault's."""
+    skew = timedelta(seconds=skew_s)
+    return created_at - skew, created_at + timedelta(seconds=issuing_timeout_s) + skew
+
+
+def match_stuck(
+    rows: Sequence[LeaseView],
+    unknown: Sequence[LeaseInfo],
+    *,
+    issuing_timeout_s: int,
+    skew_s: int,
+) -> dict[str, list[str]]:
+    """For each stuck row (all under one Vault path), the unrecorded leases issued within
+    its window. A lease inside two rows' windows is listed for both: it is revoked once,
+    and either row may be the one it was issued for."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        start, end = issue_window(row.created_at, issuing_timeout_s, skew_s)
+        out[row.lease_id] = sorted(
+            info.lease_id
+            for info in unknown
+            if info.issue_time is not None and start <= info.issue_time <= end
+        )
+    return out
+
+
+def is_orphan(info: LeaseInfo, *, now: datetime, min_age_s: int) -> bool:
+    """An unrecorded lease old enough that no request in flight can still record it."""
+    if info.issue_time is None:
+        return True  # Vault gives no time: nothing in flight can claim it either
+    return info.issue_time < now - timedelta(seconds=min_age_s)
+
+
+def unheld(vault_lease_ids: Iterable[str], states: Mapping[str, str]) -> list[str]:
+    """Vault leases that no live lease row holds (never recorded, or recorded as ended)."""
+    return [v for v in vault_lease_ids if states.get(v) not in _LIVE]
+
+
+def role_lease_prefixes(
+    roles: Mapping[str, RoleSettings], verbs_by_mount: Mapping[str, Sequence[str]]
+) -> set[str]:
+    """The Vault paths the roles issue leases from: ``<mount>/<verb>/<vault_role>``, for
+    each verb (``creds``, ``issue``, ``sign``, …) Vault lists under the role's mount."""
+    out = set()
+    for role in roles.values():
+        if not _leased(role):
+            continue
+        for verb in verbs_by_mount.get(role.mount, ()):
+            out.add(f"{role.mount}/{verb}/{role.vault_role}")
+    return out
+
+
+def _leased(role: RoleSettings) -> bool:
+    engine = ENGINES.get(role.engine)
+    return engine is not None and engine.mode(role).leased
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+@dataclass
+class ReconcileReport:
+    started_at: datetime
+    skipped: bool = False  # another replica was reconciling
+    expired: int = 0
+    expiry_corrected: int = 0
+    past_expiry_held: list[str] = field(default_factory=list)  # lease ids Vault keeps
+    stuck_settled: int = 0
+    stuck_revoked_in_vault: int = 0
+    stuck_waiting: list[str] = field(default_factory=list)  # lease ids left as they are
+    orphans: int = 0
+    orphans_revoked: int = 0
+    orphan_sample: list[str] = field(default_factory=list)  # Vault lease ids
+    unseen_terminated: list[str] = field(default_factory=list)  # instance ids
+    errors: dict[str, str] = field(default_factory=dict)  # step → error code
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
+        for key in ("past_expiry_held", "stuck_waiting", "orphan_sample", "unseen_terminated"):
+            d[key] = d[key][:SAMPLE]
+        return d
+
+
+# -- the I/O shell -------------------------------------------------------------------
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: ReconcileSettings,
+        revocation: RevocationSettings,
+        *,
+        roles: Mapping[str, RoleSettings],
+        issuers: Sequence[IssuerSettings],
+        store: Store,
+        vault: VaultClient,
+        clock: Clock,
+        terminate: Terminate,
+    ) -> None:
+        self._settings = settings
+        self._issuing_timeout_s = revocation.issuing_timeout_s
+        self._roles = roles
+        self._issuers = issuers
+        self._store = store
+        self._vault = vault
+        self._clock = clock
+        self._terminate = terminate
+        self._sem = asyncio.Semaphore(VAULT_CONCURRENCY)
+        self._running = asyncio.Lock()
+        self.last: ReconcileReport | None = None
+
+    async def run_once(self, *, revoke_orphans: bool | None = None) -> ReconcileReport:
+        """One pass. ``revoke_orphans`` overrides the setting for this pass."""
+        revoke = self._settings.revoke_orphans if revoke_orphans is None else revoke_orphans
+        report = ReconcileReport(started_at=self._clock.now())
+        async with self._running, self._store.try_exclusive("reconcile") as mine:
+            if not mine:
+                report.skipped = True
+                return report
+            for name, step in (
+                ("expiry", self._expiry),
+                ("stuck_issuing", self._stuck),
+                ("orphans", lambda r: self._orphans(r, revoke)),
+                ("unseen", self._unseen),
+            ):
+                try:
+                    await step(report)
+                except BrokerError as exc:
+                    report.errors[name] = exc.code
+                    log.warning("reconcile step failed", extra={"step": name, "error": exc.code})
+                except Exception as exc:  # noqa: BLE001 — one step never stops the others
+                    report.errors[name] = type(exc).__name__
+                    log.exception("reconcile step crashed", extra={"step": name})
+        self.last = report
+        log.info(
+            "reconcile pass",
+            extra={
+                "expired": report.expired,
+                "stuck_settled": report.stuck_settled,
+                "orphans": report.orphans,
+                "orphans_revoked": report.orphans_revoked,
+                "unseen_terminated": len(report.unseen_terminated),
+                "errors": ",".join(sorted(report.errors)) or None,
+            },
+        )
+        return report
+
+    async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
+        async with self._sem:
+            return await coro_fn(*args)
+
+    async def _lookup_all(self, lease_ids: Sequence[str]) -> list[LeaseInfo | None]:
+        return list(
+            await asyncio.gather(*(self._bounded(self._vault.lookup_lease, i) for i in lease_ids))
+        )
+
+    # -- 1. expiry ---------------------------------------------------------------------
+
+    async def _expiry(self, report: ReconcileReport) -> None:
+        now = self._clock.now()
+        rows = await self._store.past_expiry(
+            before=now - timedelta(seconds=self._settings.expiry_margin_s),
+            limit=self._settings.batch,
+        )
+        # No Vault lease (an STS session): the cloud ends it at its expiry by itself.
+        expired = [r.lease_id for r in rows if r.vault_lease_id is None]
+        leased = [r for r in rows if r.vault_lease_id is not None]
+        infos = await self._lookup_all([r.vault_lease_id for r in leased])  # type: ignore[misc]
+        to_revoke = []
+        for row, info in zip(leased, infos, strict=True):
+            action = expiry_action(info, now)
+            if action == "expired":
+                expired.append(row.lease_id)
+            elif action == "extend":
+                assert info is not None and info.expire_time is not None
+                await self._store.correct_expiry(row.lease_id, info.expire_time)
+                report.expiry_corrected += 1
+            else:
+                to_revoke.append(row)
+        gone = await asyncio.gather(
+            *(self._bounded(self._vault.revoke_confirmed, r.vault_lease_id) for r in to_revoke),
+            return_exceptions=True,
+        )
+        for row, ok in zip(to_revoke, gone, strict=True):
+            if ok is True:
+                expired.append(row.lease_id)
+            else:
+                report.past_expiry_held.append(row.lease_id)
+                log.warning(
+                    "a lease past its expiry is still held by Vault",
+                    extra={"lease_id": row.lease_id, "role": row.role},
+                )
+        report.expired += await self._store.mark_leases_ended(
+            expired, LeaseState.EXPIRED, actor="reconciler"
+        )
+
+    # -- 2. stuck issuing --------------------------------------------------------------
+
+    async def _stuck(self, report: ReconcileReport) -> None:
+        now = self._clock.now()
+        stuck = await self._store.stuck_issuing(
+            created_before=now - timedelta(seconds=self._issuing_timeout_s),
+            limit=self._settings.batch,
+        )
+        by_path: dict[str, list[LeaseView]] = {}
+        for row, _instance_state in stuck:
+            if row.external_ref is not None:
+                # An STS session may exist with no Vault lease to revoke: only the deny
+                # on termination ends it, so the row stays visible until then.
+                report.stuck_waiting.append(row.lease_id)
+                continue
+            path = row.vault_path or self._role_path_hint(row.role)
+            if path is None:
+                report.stuck_waiting.append(row.lease_id)
+                continue
+            by_path.setdefault(path, []).append(row)
+        for path, rows in by_path.items():
+            unknown = await self._unrecorded_under(path)
+            matches = match_stuck(
+                rows,
+                unknown,
+                issuing_timeout_s=self._issuing_timeout_s,
+                skew_s=self._settings.clock_skew_s,
+            )
+            candidates = sorted({v for ids in matches.values() for v in ids})
+            results = await asyncio.gather(
+                *(self._bounded(self._vault.revoke_confirmed, v) for v in candidates),
+                return_exceptions=True,
+            )
+            confirmed = {v for v, ok in zip(candidates, results, strict=True) if ok is True}
+            report.stuck_revoked_in_vault += len(confirmed)
+            for row in rows:
+                mine = matches[row.lease_id]
+                if any(v not in confirmed for v in mine):
+                    report.stuck_waiting.append(row.lease_id)  # retried next pass
+                    continue
+                if await self._store.settle_stuck(row.lease_id, revoked=mine, actor="reconciler"):
+                    report.stuck_settled += 1
+
+    def _role_path_hint(self, role_name: str) -> str | None:
+        """For a row written before rows named their path: the role's, if unambiguous."""
+        role = self._roles.get(role_name)
+        if role is None:
+            return None
+        engine = ENGINES.get(role.engine)
+        if engine is None or role.params:
+            return None  # templated per identity: no single path
+        try:
+            return engine.request(role, {}, {}, role.default_ttl).path
+        except Exception:  # noqa: BLE001 — a hint only
+            return None
+
+    async def _unrecorded_under(self, prefix: str) -> list[LeaseInfo]:
+        """The leases under ``prefix`` that no live row holds, with their times."""
+        keys = await self._vault.list_lease_keys(prefix)
+        ids = [f"{prefix}/{k}" for k in keys if not k.endswith("/")]
+        states = await self._store.vault_lease_states(ids)
+        infos = await self._lookup_all(unheld(ids, states)[: self._settings.batch])
+        return [i for i in infos if i is not None]
+
+    # -- 3. orphans --------------------------------------------------------------------
+
+    async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
+        now = self._clock.now()
+        verbs: dict[str, list[str]] = {}
+        for mount in sorted({r.mount for r in self._roles.values() if _leased(r)}):
+            keys = await self._vault.list_lease_keys(mount)
+            verbs[mount] = [k.rstrip("/") for k in keys if k.endswith("/")]
+        prefixes = role_lease_prefixes(self._roles, verbs) | await self._store.vault_paths()
+        orphans: list[str] = []
+        for prefix in sorted(prefixes):
+            for info in await self._unrecorded_under(prefix):
+                if is_orphan(info, now=now, min_age_s=self._issuing_timeout_s):
+                    orphans.append(info.lease_id)
+        report.orphans = len(orphans)
+        report.orphan_sample = orphans[:SAMPLE]
+        if orphans:
+            log.warning(
+                "leases in Vault that the store does not hold",
+                extra={"count": len(orphans), "revoke": revoke},
+            )
+        if revoke and orphans:
+            results = await asyncio.gather(
+                *(self._bounded(self._vault.revoke_confirmed, v) for v in orphans),
+                return_exceptions=True,
+            )
+            report.orphans_revoked = sum(1 for ok in results if ok is True)
+        if orphans:
+            await self._store.record_audit(
+                "reconciler",
+                "reconcile.orphans",
+                count=len(orphans),
+                revoked=report.orphans_revoked,
+                vault_lease_ids=orphans[:SAMPLE],
+            )
+
+    # -- 4. unseen instances -----------------------------------------------------------
+
+    async def _unseen(self, report: ReconcileReport) -> None:
+        now = self._clock.now()
+        for issuer in self._issuers:
+            grace = issuer.liveness.unseen_grace
+            if not grace:
+                continue
+            ids = await self._store.unseen_instances(
+                issuer.name,
+                seen_before=now - timedelta(seconds=grace),
+                limit=self._settings.batch,
+            )
+            for instance_id in ids:
+                await self._terminate(instance_id, actor="liveness:unseen", issuer=issuer.name)
+                report.unseen_terminated.append(instance_id)
