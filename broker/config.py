@@ -47,6 +47,8 @@ _VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # The identity values a role-parameter template may use.
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+# The shortest liveness.unseen_grace: sightings reach the store every few seconds.
+MIN_UNSEEN_GRACE_S = 60
 # An instance token is reused only while it outlives a new lease by this much.
 TOKEN_REUSE_MARGIN_S = 60
 
@@ -242,6 +244,16 @@ class LivenessSettings(_Frozen):
     cache_s: float = Field(10.0, ge=0, le=3600)
 
     _grace = field_validator("unseen_grace", mode="before")(_seconds)
+
+    @field_validator("unseen_grace")
+    @classmethod
+    def _grace_floor(cls, v: int) -> int:
+        if 0 < v < MIN_UNSEEN_GRACE_S:
+            raise ValueError(
+                f"expected 0 (off) or at least {MIN_UNSEEN_GRACE_S}s: replicas record "
+                "sightings in batches, so a shorter grace would terminate live instances"
+            )
+        return v
 
 
 ClaimPath = tuple[str, ...]

@@ -131,7 +131,8 @@ def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
                     issuer: DevIssuer, vault_addr: str | None = None,
                     overrides: dict[str, Any] | None = None,
                     extra_roles: dict[str, dict[str, Any]] | None = None,
-                    instance_policies: tuple[str, ...] = ()) -> Settings:
+                    instance_policies: tuple[str, ...] = (),
+                    issuer_overrides: dict[str, Any] | None = None) -> Settings:
     """The dev settings on the test Vault. ``extra_roles`` are added to the dev roles and
     allowed to every dev workload; ``instance_policies`` (named ``broker-instance-*``) are
     given to instance tokens on top of ``broker-instance``."""
@@ -149,6 +150,7 @@ def broker_settings(*, store_url: str, bao: OpenBaoDevServer, setup: DevVault,
         data["vault"]["instance_policies"] = ["broker-instance", *instance_policies]
     data["revocation"] = {"tick_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
                           "claim_timeout_s": 5, "issuing_timeout_s": 5}
+    data["identity"]["issuers"][0].update(issuer_overrides or {})
     for key, value in (overrides or {}).items():
         data[key] = value
     return load_settings(data, source="test")

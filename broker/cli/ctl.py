@@ -3,7 +3,9 @@ scripts. Reads ``BROKER_URL`` and ``BROKER_ADMIN_TOKEN`` from the environment or
 
 Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
-6 ``--wait`` timed out.
+6 ``--wait`` timed out · 7 ``reconcile`` found something that needs a person (orphans left
+in Vault, leases past expiry that Vault keeps, stuck rows it could not settle, a failed
+step).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, E
     5,
     6,
 )
+EXIT_FINDINGS = 7
 
 
 class CtlError(Exception):
@@ -212,6 +215,53 @@ def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
     return c.call("GET", "/v1/admin/jobs", {"state": args.state})["jobs"]
 
 
+def cmd_job_retry(c: Client, args: argparse.Namespace) -> Any:
+    return c.call("POST", f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry")
+
+
+def show_job_retry(result: Any) -> str:
+    job = result["job"]
+    return f"job {job['job_id']} of instance {job['instance_id']} is {job['state']} again"
+
+
+def cmd_reconcile(c: Client, args: argparse.Namespace) -> Any:
+    body = {"revoke_orphans": True} if args.revoke_orphans else {}
+    return c.call("POST", "/v1/admin/reconcile", body=body)
+
+
+def reconcile_needs_attention(report: Any) -> bool:
+    return bool(
+        report.get("errors")
+        or report.get("orphans", 0) > report.get("orphans_revoked", 0)
+        or report.get("past_expiry_held")
+        or report.get("stuck_waiting")
+    )
+
+
+def show_reconcile(report: Any) -> str:
+    if report.get("skipped"):
+        return "another broker replica is reconciling right now; try again in a moment"
+    lines = [
+        f"expired            {report['expired']} lease(s) marked expired (Vault confirmed)",
+        f"expiry corrected   {report['expiry_corrected']}",
+        f"past expiry, held  {len(report['past_expiry_held'])}",
+        f"stuck issuing      {report['stuck_settled']} settled, "
+        f"{report['stuck_revoked_in_vault']} unrecorded lease(s) revoked, "
+        f"{len(report['stuck_waiting'])} waiting",
+        f"orphans            {report['orphans']} found, {report['orphans_revoked']} revoked",
+        f"unseen instances   {len(report['unseen_terminated'])} terminated",
+    ]
+    for lease in report["orphan_sample"]:
+        lines.append(f"  orphan  {lease}")
+    for lease in report["past_expiry_held"]:
+        lines.append(f"  held    {lease}")
+    for step, code in sorted(report["errors"].items()):
+        lines.append(f"error in {step}: {code}")
+    if report["orphans"] > report["orphans_revoked"]:
+        lines.append("revoke the orphans with: brokerctl reconcile --revoke-orphans")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
     p.add_argument("--url", default=os.environ.get("BROKER_URL"), help="default: $BROKER_URL")
@@ -261,6 +311,20 @@ def _parser() -> argparse.ArgumentParser:
             rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]
         ),
     )
+    jr = jsub.add_parser("retry", help="queue a failed job again")
+    jr.add_argument("job_id")
+    jr.set_defaults(run=cmd_job_retry, show=show_job_retry)
+
+    rec = sub.add_parser(
+        "reconcile",
+        help="compare the store with Vault now: expired leases, stuck requests, orphans",
+    )
+    rec.add_argument(
+        "--revoke-orphans",
+        action="store_true",
+        help="revoke the leases under the broker's Vault paths that the store does not hold",
+    )
+    rec.set_defaults(run=cmd_reconcile, show=show_reconcile, attention=reconcile_needs_attention)
     return p
 
 
@@ -280,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(args.show(result))
+    attention = getattr(args, "attention", None)
+    if attention is not None and attention(result):
+        return EXIT_FINDINGS
     return EXIT_OK
 
 
