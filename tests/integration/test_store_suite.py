@@ -288,3 +288,94 @@ async def test_replacing_stops_while_replaced_leases_are_unconfirmed(stores):
     assert "not confirmed revoked" in err.value.message
     assert [lv.state for lv in await s.list_leases() if lv.instance_id == "i-stuck"].count(
         "active") == 1
+
+
+# -- reconciliation, sources and liveness (issue 5) -------------------------------------
+
+
+async def test_a_source_for_one_issuer_cannot_end_another_issuers_instance(stores):
+    from broker.errors import NotPermitted
+
+    s = await stores()
+    await _issue(s, "i-owned")  # issuer "dev"
+    with pytest.raises(NotPermitted) as info:
+        await s.request_termination("i-owned", actor="events:sqs", issuer="aws")
+    assert info.value.code == "instance_issuer_mismatch"
+    assert (await s.instance_state("i-owned")) == ("active", "dev")
+    assert await s.list_jobs() == []
+    job = await s.request_termination("i-owned", actor="events:sqs", issuer="dev")
+    assert job.requested_by == "events:sqs"
+    # One the broker never saw is tombstoned for the source's issuer.
+    await s.request_termination("i-unknown", actor="events:sqs", issuer="aws")
+    assert (await s.instance_state("i-unknown")) == ("terminating", "aws")
+    assert await s.active_instance_ids("dev") == set()
+
+
+async def test_active_instance_ids_by_issuer(stores):
+    s = await stores()
+    for iid in ("i-a", "i-b", "i-c"):
+        await _issue(s, iid)
+    await s.request_termination("i-b", actor="admin")
+    assert await s.active_instance_ids("dev") == {"i-a", "i-c"}
+    assert await s.active_instance_ids("other") == set()
+
+
+async def test_past_expiry_stuck_and_settle(stores):
+    s = await stores()
+    clock = stores.clock
+    stuck = await _issue(s, "i-x")
+    live = await _issue(s, "i-x")
+    await s.complete_issue(live, vault_lease_id="db/creds/r/live", accessor="acc",
+                           renewable=True, issued_at=T0, expires_at=T0 + timedelta(minutes=5))
+    assert await s.past_expiry(before=T0 + timedelta(minutes=4), limit=10) == []
+    [past] = await s.past_expiry(before=T0 + timedelta(minutes=6), limit=10)
+    assert past.lease_id == live
+    await s.correct_expiry(live, T0 + timedelta(hours=1))
+    assert await s.past_expiry(before=T0 + timedelta(minutes=6), limit=10) == []
+
+    assert await s.stuck_issuing(created_before=T0, limit=10) == []
+    clock.advance(10)
+    [(row, instance_state)] = await s.stuck_issuing(created_before=clock.now(), limit=10)
+    assert (row.lease_id, instance_state) == (stuck, "active")
+    assert await s.settle_stuck(stuck, revoked=["db/creds/r/lost"], actor="reconciler")
+    assert not await s.settle_stuck(stuck, revoked=[], actor="reconciler")  # once
+    lease = await s.get_lease(stuck)
+    assert lease.state == "abandoned"
+    [event] = [e for e in await s.audit_events("i-x") if e["action"] == "lease.stuck_settled"]
+    assert event["detail"] == {"revoked_in_vault": 1, "vault_lease_ids": ["db/creds/r/lost"]}
+    assert await s.vault_lease_states(["db/creds/r/live", "db/creds/r/none"]) == {
+        "db/creds/r/live": "active"}
+
+
+async def test_sightings_and_unseen_instances(stores):
+    s = await stores()
+    clock = stores.clock
+    await _issue(s, "i-old")
+    await _issue(s, "i-new")
+    clock.advance(3600)
+    await s.mark_seen(["i-new"], clock.now())
+    await s.mark_seen(["i-new"], T0)  # an older sighting never moves it back
+    assert await s.unseen_instances("dev", seen_before=clock.now() - timedelta(minutes=30),
+                                    limit=10) == ["i-old"]
+    assert await s.unseen_instances("other", seen_before=clock.now(), limit=10) == []
+
+
+async def test_use_once_and_retry_job(stores):
+    from broker.errors import BadRequest
+
+    s = await stores()
+    assert await s.use_once("@event-webhook", "ab" * 32, keep_until=T0 + timedelta(minutes=5))
+    assert not await s.use_once("@event-webhook", "ab" * 32, keep_until=T0)
+    assert await s.is_used("@event-webhook", "ab" * 32)
+    assert not await s.is_used("dev", "ab" * 32)  # namespaces are apart
+
+    job = await s.request_termination("i-retry", actor="admin")
+    with pytest.raises(BadRequest):
+        await s.retry_job(job.job_id, actor="admin")
+    [claimed] = await s.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    await s.reschedule_job(claimed, worker="w", error="vault_unavailable",
+                           next_attempt_at=T0, give_up=True)
+    again = await s.retry_job(job.job_id, actor="admin")
+    assert (again.state, again.attempts) == ("pending", 0)
+    with pytest.raises(NotFound):
+        await s.retry_job("j-" + "0" * 32, actor="admin")
