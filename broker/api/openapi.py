@@ -269,6 +269,132 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _ok("jobs"), **_ADMIN_ERRS},
                 }
             },
+            "/v1/admin/jobs/{job_id}/retry": {
+                "post": {
+                    "summary": "Queue a failed revocation job again (attempts from zero)",
+                    "security": _ADMIN,
+                    "parameters": [
+                        {
+                            "name": "job_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^j-[0-9a-f]{32}$"},
+                        }
+                    ],
+                    "responses": {
+                        "202": _ok("queued"),
+                        "400": _err("the job has not failed (job_not_failed)"),
+                        "404": _err("no such job"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/reconcile": {
+                "post": {
+                    "summary": "Reconcile the store with Vault now: leases past expiry, "
+                    "requests stuck in issuing, orphans under the broker's paths, unseen "
+                    "instances",
+                    "security": _ADMIN,
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {"revoke_orphans": {"type": "boolean"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _ok(
+                            "the pass's report (skipped: another replica was reconciling)",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    k: {"type": "integer"}
+                                    for k in (
+                                        "expired",
+                                        "expiry_corrected",
+                                        "stuck_settled",
+                                        "stuck_revoked_in_vault",
+                                        "orphans",
+                                        "orphans_revoked",
+                                    )
+                                }
+                                | {
+                                    k: {"type": "array", "items": {"type": "string"}}
+                                    for k in (
+                                        "past_expiry_held",
+                                        "stuck_waiting",
+                                        "orphan_sample",
+                                        "unseen_terminated",
+                                    )
+                                }
+                                | {
+                                    "skipped": {"type": "boolean"},
+                                    "errors": {"type": "object"},
+                                    "started_at": {"type": "string", "format": "date-time"},
+                                },
+                            },
+                        ),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/events/terminate": {
+                "post": {
+                    "summary": "Terminate instances from an event pipeline, signed with "
+                    "X-Broker-Timestamp and X-Broker-Signature: sha256=HMAC(secret, "
+                    "'<timestamp>.' + body); each signed request is accepted once",
+                    "parameters": [
+                        {
+                            "name": "X-Broker-Timestamp",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                        },
+                        {
+                            "name": "X-Broker-Signature",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"},
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["instance_ids"],
+                                    "properties": {
+                                        "instance_ids": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "items": {"type": "string"},
+                                        },
+                                        "issuer": {"type": "string"},
+                                        "reason": {"type": "string", "maxLength": 200},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _ok("a revocation job (or a refusal) per instance"),
+                        "400": _err("malformed body"),
+                        "401": _err(
+                            "signature missing or wrong, timestamp outside the window, "
+                            "or the request was already accepted"
+                        ),
+                        "404": _err("the webhook is not configured"),
+                        "503": _err("the store is unavailable; send the same request again"),
+                    },
+                }
+            },
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _ok("up")}}},
             "/readyz": {
                 "get": {
