@@ -4,6 +4,7 @@ unreachable, the lease store unreachable. Bounded in time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -198,4 +199,92 @@ async def test_store_unreachable_fails_closed_and_nothing_is_minted(
             assert resp.status == 201
     finally:
         await proxy.stop()
+        await asyncio.to_thread(pg.drop_database, name)
+
+
+def _pg_logins(pg) -> set[str]:
+    with psycopg.connect(pg.admin_url) as conn:
+        return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'")}
+
+
+async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled(
+        workdir, pg, bao, vault_setup, issuer, vault, http):
+    """kill -9 while the store write that records Vault's answer is in flight: Vault issued
+    a PostgreSQL login nobody recorded. After a restart the reconciler finds the row stuck
+    in ``issuing``, matches it to the unrecorded lease under its path and revokes it."""
+    name = await asyncio.to_thread(pg.create_database)
+    store_url = pg.url(name)
+    store_proxy = FaultProxy(pg.host, pg.port)
+    await store_proxy.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        await asyncio.to_thread(migrate, store_url)
+        port = free_port()
+
+        def config(url: str, tag: str) -> Path:
+            data = dev_settings_dict(
+                vault_addr=bao.addr, broker_token="${TEST_BROKER_VAULT_TOKEN}",
+                issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
+                store_url=url, admin_token_sha256=ADMIN_SHA, with_database=True, port=port)
+            data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "issuing_timeout_s": 5}
+            data["reconcile"] = {"tick_s": 3600}
+            path = workdir / f"stuck-{tag}-{name}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            return path
+
+        url = f"http://127.0.0.1:{port}"
+        log = workdir / f"stuck-{name}.log"
+        procs.append(_serve(config(f"postgresql://postgres@127.0.0.1:{store_proxy.port}/{name}",
+                                   "proxied"), log, vault_setup.broker_token))
+        await _wait_ready(url, procs[-1])
+        leases_before = set(vault.leases_under("database/creds/dev-db/"))
+        logins_before = _pg_logins(pg)
+
+        store_proxy.hold_on = b"UPDATE leases SET state="
+        token = issuer.mint(instance="i-stuck-crash", workload="payments")
+        request = asyncio.create_task(http.post(
+            f"{url}/v1/credentials", json={"role": "dev-db"},
+            headers={"Authorization": f"Bearer {token}"}))
+        await asyncio.wait_for(store_proxy.held.wait(), timeout=15)
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(timeout=10)
+        with contextlib.suppress(aiohttp.ClientError):
+            (await request).release()
+
+        lost = set(vault.leases_under("database/creds/dev-db/")) - leases_before
+        logins = _pg_logins(pg) - logins_before
+        assert len(lost) == 1 and len(logins) == 1  # issued by Vault, unknown to the store
+        store_proxy.release()
+        with psycopg.connect(store_url) as conn:
+            [(lease_id, state)] = conn.execute("SELECT lease_id, state FROM leases").fetchall()
+        assert state == "issuing"
+
+        procs.append(_serve(config(store_url, "direct"), log, vault_setup.broker_token))
+        await _wait_ready(url, procs[-1])
+        await asyncio.sleep(5.5)  # past the issuing bound: the request is certainly dead
+        async with http.post(f"{url}/v1/admin/reconcile", headers=ADMIN) as resp:
+            report = await resp.json()
+        assert resp.status == 200, report
+        assert report["stuck_settled"] == 1 and report["stuck_revoked_in_vault"] >= 1
+        [lost_id] = lost
+        assert not vault.lease_exists(f"database/creds/dev-db/{lost_id}")
+        assert not any(pg.role_exists(login) for login in logins)
+        with psycopg.connect(store_url) as conn:
+            row = conn.execute("SELECT state, error_code FROM leases WHERE lease_id = %s",
+                               (lease_id,)).fetchone()
+            settled = conn.execute("SELECT detail FROM audit_events "
+                                   "WHERE action = 'lease.stuck_settled'").fetchall()
+        assert row == ("abandoned", "stuck_issuing")
+        assert f"database/creds/dev-db/{lost_id}" in settled[0][0]["vault_lease_ids"]
+        # The instance itself is untouched: it may ask again.
+        again = issuer.mint(instance="i-stuck-crash", workload="payments")
+        async with http.post(f"{url}/v1/credentials", json={"role": "dev-db"},
+                             headers={"Authorization": f"Bearer {again}"}) as resp:
+            assert resp.status == 201
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        await store_proxy.stop()
         await asyncio.to_thread(pg.drop_database, name)
