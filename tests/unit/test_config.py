@@ -616,3 +616,71 @@ def test_a_spiffe_issuer_must_say_which_claim_is_the_instance() -> None:
         "trust_domain": "example.org", "spiffe_bundle_uri": "https://spire.example/bundle"}
     # Only the real error: not also "issuers: should have at least 1 item" as a consequence.
     assert errors_of(data) == ["  identity.issuers.0.instance_claim: Field required"]
+
+
+# ---------------------------------------------------------------------------------------------
+# lifecycle sections: liveness, reconcile, events, kubernetes (issue 5)
+# ---------------------------------------------------------------------------------------------
+
+def _with(**sections: Any) -> dict[str, Any]:
+    data = base()
+    data.update(sections)
+    return data
+
+
+def _liveness(**fields: Any) -> dict[str, Any]:
+    data = base()
+    data["identity"]["issuers"][0]["liveness"] = fields
+    return data
+
+
+SQS = {"queue_url": "https://sqs.eu-west-1.amazonaws.com/123456789012/ec2-events",
+       "region": "eu-west-1"}
+LIFECYCLE_BAD = [
+    (_liveness(check="kubernetes"), "identity.issuers.0.liveness.check: kubernetes needs",
+     "k8s-check-without-section"),
+    (_liveness(check="aws_ec2"), "aws_ec2 needs the aws section", "ec2-check-without-aws"),
+    (_liveness(check="ping"), "identity.issuers.0.liveness.check", "unknown-check"),
+    (_liveness(unseen_grace="30s"), "identity.issuers.0.liveness.unseen_grace: expected 0",
+     "grace-too-short"),
+    (_with(events={"webhook": {"secrets": ["short"]}}),
+     "events.webhook.secrets: each webhook secret must be at least 32 characters",
+     "webhook-secret-short"),
+    (_with(events={"webhook": {"secrets": []}}), "events.webhook.secrets",
+     "webhook-no-secret"),
+    (_with(events={"sqs": {**SQS, "queue_url": "https://sqs.example/q"}}),
+     "events.sqs.queue_url: expected an SQS queue URL", "sqs-url"),
+    (_with(events={"sqs": {**SQS, "queue_url": SQS["queue_url"].replace("https", "http")}}),
+     "events.sqs.queue_url: expected https://", "sqs-plain-http-off-loopback"),
+    (_with(events={"sqs": {**SQS, "instance_id_format": "{instance}"}}),
+     "events.sqs.instance_id_format: expected a template with {instance_id}", "sqs-format"),
+    (_with(events={"sqs": {**SQS, "issuer": "nobody"}}),
+     "events.sqs.issuer: unknown issuer 'nobody'", "sqs-unknown-issuer"),
+    (_with(kubernetes={"issuer": "nobody"}), "kubernetes.issuer: unknown issuer 'nobody'",
+     "k8s-unknown-issuer"),
+    (_with(kubernetes={"api_url": "http://10.0.0.1:6443"}), "kubernetes.api_url: expected",
+     "k8s-plain-http"),
+    (_with(reconcile={"tick_s": 0}), "reconcile.tick_s", "reconcile-tick"),
+    (_with(reconcile={"revoke_orphans": "maybe"}), "reconcile.revoke_orphans",
+     "reconcile-bool"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [(d, e) for d, e, _ in LIFECYCLE_BAD],
+                         ids=[i for _, _, i in LIFECYCLE_BAD])
+def test_lifecycle_sections_name_the_bad_key(data: dict[str, Any], expected: str) -> None:
+    lines = errors_of(data)
+    assert any(expected in line for line in lines), lines
+
+
+def test_lifecycle_sections_load() -> None:
+    data = _with(events={"webhook": {"secrets": ["x" * 32]}, "sqs": {**SQS, "issuer": "dev"}},
+                 kubernetes={"issuer": "dev", "watch": True},
+                 reconcile={"revoke_orphans": True, "tick_s": 30})
+    data["identity"]["issuers"][0]["liveness"] = {"check": "kubernetes", "unseen_grace": "2h"}
+    s = load_settings(data)
+    assert s.identity.issuers[0].liveness.unseen_grace == 7200
+    assert s.events.sqs is not None and s.events.sqs.wait_time_s == 20
+    assert s.kubernetes is not None and s.kubernetes.api_url == "https://kubernetes.default.svc"
+    assert s.reconcile.revoke_orphans is True
+    assert "x" * 32 not in repr(s)
