@@ -120,6 +120,10 @@ def _still_claimed(job: JobView, worker: str) -> Any:
     )
 
 
+# Lease ids listed in one audit event (its count is always complete).
+AUDIT_MAX_IDS = 1000
+
+
 def _lock_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
@@ -889,25 +893,35 @@ class Store:
     ) -> int:
         """Move leases to a final state, only from a state that may lead to it: a lease
         that became ``active`` meanwhile is never marked ``abandoned``. Returns how many
-        rows moved; the caller compares with how many it asked for."""
+        rows moved; the caller compares with how many it asked for. The audit gets one
+        event per instance naming exactly the leases that moved, so a lease revoked twice
+        in effect would show up twice."""
         if not lease_ids:
             return 0
         sources = [old.value for old in LIVE_LEASE_STATES if lease_can_move(old, state)]
         now = self._clock.now()
         async with self._tx() as conn:
-            total = 0
+            moved: dict[str, list[str]] = {}
             for chunk_start in range(0, len(lease_ids), 500):
                 chunk = list(lease_ids[chunk_start : chunk_start + 500])
-                res = await conn.execute(
+                rows = await conn.execute(
                     update(m.Lease)
                     .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources))
                     .values(state=state.value, ended_at=now, updated_at=now)
+                    .returning(m.Lease.lease_id, m.Lease.instance_id)
                 )
-                total += res.rowcount
-            await self._audit(
-                conn, actor, f"leases.{state.value}", count=total, lease_ids=list(lease_ids)[:50]
-            )
-            return total
+                for lease_id, instance_id in rows:
+                    moved.setdefault(instance_id, []).append(lease_id)
+            for instance_id, ids in sorted(moved.items()):
+                await self._audit(
+                    conn,
+                    actor,
+                    f"leases.{state.value}",
+                    instance_id=instance_id,
+                    count=len(ids),
+                    lease_ids=sorted(ids)[:AUDIT_MAX_IDS],
+                )
+            return sum(len(ids) for ids in moved.values())
 
     async def finish_job(self, job: JobView, *, worker: str) -> bool:
         """Mark the job done and the instance terminated. Refuses (``LeasesStillLive``)
