@@ -670,6 +670,14 @@ class SqsEventSettings(_Frozen):
             raise ValueError("expected an AWS region such as us-east-1")
         return v
 
+    @field_validator("states")
+    @classmethod
+    def _states(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        known = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
+        if not v or set(v) - set(known):
+            raise ValueError(f"expected EC2 instance states among {', '.join(known)}")
+        return v
+
     @field_validator("instance_id_format")
     @classmethod
     def _format(cls, v: str) -> str:

@@ -50,5 +50,5 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "apscheduler", "hvac", "urllib3"):
+    for noisy in ("aiohttp.access", "apscheduler", "hvac", "urllib3", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

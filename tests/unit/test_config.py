@@ -684,3 +684,9 @@ def test_lifecycle_sections_load() -> None:
     assert s.kubernetes is not None and s.kubernetes.api_url == "https://kubernetes.default.svc"
     assert s.reconcile.revoke_orphans is True
     assert "x" * 32 not in repr(s)
+
+
+def test_sqs_states_must_be_ec2_states() -> None:
+    lines = errors_of(_with(events={"sqs": {**SQS, "states": ["terminated", "exploded"]}}))
+    assert any(line.startswith("  events.sqs.states: expected EC2 instance states")
+               for line in lines), lines

@@ -111,7 +111,8 @@ J = JobState
 EXPECTED_LEASE_MOVES = {
     (L.ISSUING, L.ACTIVE), (L.ISSUING, L.DELIVERED), (L.ISSUING, L.FAILED),
     (L.ISSUING, L.ABANDONED),
-    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING), (L.ACTIVE, L.EXPIRED),
+    (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING),
+    (L.ACTIVE, L.EXPIRED),
     (L.REVOKING, L.REVOKED), (L.REVOKING, L.EXPIRED),
 }
 EXPECTED_JOB_MOVES = {
@@ -125,7 +126,8 @@ JOB_PAIRS = list(itertools.product(JobState, JobState))
 
 def test_state_values() -> None:
     assert [s.value for s in LeaseState] == ["issuing", "active", "revoking", "delivered",
-                                             "failed", "released", "revoked", "abandoned", "expired"]
+                                             "failed", "released", "revoked", "abandoned",
+                                             "expired"]
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
 
 
