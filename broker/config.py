@@ -756,6 +756,11 @@ class Settings(_Frozen):
                 raise ValueError(
                     f"identity.issuers.{idx}.liveness.check: aws_ec2 needs the aws section"
                 )
+        if self.kubernetes is not None and self.kubernetes.watch and not self.kubernetes.issuer:
+            raise ValueError(
+                "kubernetes.issuer: required with watch: true (the issuer whose instances "
+                "pods are; only its instances are terminated)"
+            )
         for where, named in (
             ("events.sqs.issuer", self.events.sqs.issuer if self.events.sqs else None),
             ("kubernetes.issuer", self.kubernetes.issuer if self.kubernetes else None),

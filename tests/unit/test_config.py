@@ -660,6 +660,8 @@ LIFECYCLE_BAD = [
      "k8s-unknown-issuer"),
     (_with(kubernetes={"api_url": "http://10.0.0.1:6443"}), "kubernetes.api_url: expected",
      "k8s-plain-http"),
+    (_with(kubernetes={"watch": True}), "kubernetes.issuer: required with watch: true",
+     "k8s-watch-without-issuer"),
     (_with(reconcile={"tick_s": 0}), "reconcile.tick_s", "reconcile-tick"),
     (_with(reconcile={"revoke_orphans": "maybe"}), "reconcile.revoke_orphans",
      "reconcile-bool"),
