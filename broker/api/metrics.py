@@ -91,6 +91,11 @@ class Metrics:
             "Leases in Vault under the broker's paths that the store does not hold (last pass)",
             registry=r,
         )
+        self.reconcile_irrevocable = Gauge(
+            "broker_reconcile_irrevocable",
+            "Leases under the broker's paths that Vault marked irrevocable (last pass)",
+            registry=r,
+        )
         self.reconcile_stuck = Gauge(
             "broker_reconcile_stuck_issuing",
             "Lease rows stuck in issuing that the last pass could not settle",
@@ -138,6 +143,8 @@ class Metrics:
                 self.reconcile_found.labels(finding=finding).inc(n)
         if "orphans" not in report.errors:
             self.reconcile_orphans.set(report.orphans - report.orphans_revoked)
+        if "irrevocable" not in report.errors:
+            self.reconcile_irrevocable.set(len(report.irrevocable))
         if "stuck_issuing" not in report.errors:
             self.reconcile_stuck.set(len(report.stuck_waiting))
 

@@ -235,6 +235,7 @@ def reconcile_needs_attention(report: Any) -> bool:
         or report.get("orphans", 0) > report.get("orphans_revoked", 0)
         or report.get("past_expiry_held")
         or report.get("stuck_waiting")
+        or report.get("irrevocable")
     )
 
 
@@ -249,12 +250,15 @@ def show_reconcile(report: Any) -> str:
         f"{report['stuck_revoked_in_vault']} unrecorded lease(s) revoked, "
         f"{len(report['stuck_waiting'])} waiting",
         f"orphans            {report['orphans']} found, {report['orphans_revoked']} revoked",
+        f"irrevocable        {len(report.get('irrevocable', []))} (Vault gave up revoking)",
         f"unseen instances   {len(report['unseen_terminated'])} terminated",
     ]
     for lease in report["orphan_sample"]:
         lines.append(f"  orphan  {lease}")
     for lease in report["past_expiry_held"]:
         lines.append(f"  held    {lease}")
+    for lease in report.get("irrevocable", []):
+        lines.append(f"  irrevocable  {lease}")
     for step, code in sorted(report["errors"].items()):
         lines.append(f"error in {step}: {code}")
     if report["orphans"] > report["orphans_revoked"]:

@@ -14,7 +14,9 @@ One pass, four steps, each on its own (one failing does not skip the others):
    from a workload. (Termination covers the same lease through the instance token too.)
 3. **orphans**: the leases under the broker's Vault paths (those its roles issue from, and
    every path a lease row names) that no live row holds, older than the issuing bound,
-   are reported, and revoked when ``revoke_orphans`` is set.
+   are reported, and revoked when ``revoke_orphans`` is set. Leases under those paths
+   that Vault itself marked *irrevocable* (its own revocation retries ran out) are
+   reported too: only an operator can deal with them.
 4. **unseen**: for issuers with ``liveness.unseen_grace``, active instances that neither
    exchanged nor renewed for that long are terminated.
 
@@ -106,6 +108,13 @@ def unheld(vault_lease_ids: Iterable[str], states: Mapping[str, str]) -> list[st
     return [v for v in vault_lease_ids if states.get(v) not in _LIVE]
 
 
+def under_prefixes(lease_ids: Iterable[str], prefixes: Iterable[str]) -> list[str]:
+    """The lease ids that live under one of the prefixes (a whole path level, not a
+    string prefix: ``db/creds/app`` does not cover ``db/creds/app2/…``)."""
+    roots = tuple(p.rstrip("/") + "/" for p in prefixes)
+    return sorted(i for i in lease_ids if i.startswith(roots))
+
+
 def role_lease_prefixes(
     roles: Mapping[str, RoleSettings], verbs_by_mount: Mapping[str, Sequence[str]]
 ) -> set[str]:
@@ -141,13 +150,20 @@ class ReconcileReport:
     orphans: int = 0
     orphans_revoked: int = 0
     orphan_sample: list[str] = field(default_factory=list)  # Vault lease ids
+    irrevocable: list[str] = field(default_factory=list)  # Vault lease ids Vault gave up on
     unseen_terminated: list[str] = field(default_factory=list)  # instance ids
     errors: dict[str, str] = field(default_factory=dict)  # step → error code
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
-        for key in ("past_expiry_held", "stuck_waiting", "orphan_sample", "unseen_terminated"):
+        for key in (
+            "past_expiry_held",
+            "stuck_waiting",
+            "orphan_sample",
+            "unseen_terminated",
+            "irrevocable",
+        ):
             d[key] = d[key][:SAMPLE]
         return d
 
@@ -192,6 +208,7 @@ class Reconciler:
                 ("expiry", self._expiry),
                 ("stuck_issuing", self._stuck),
                 ("orphans", lambda r: self._orphans(r, revoke)),
+                ("irrevocable", self._irrevocable),
                 ("unseen", self._unseen),
             ):
                 try:
@@ -331,13 +348,17 @@ class Reconciler:
 
     # -- 3. orphans --------------------------------------------------------------------
 
-    async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
-        now = self._clock.now()
+    async def _prefixes(self) -> set[str]:
+        """The broker's Vault paths: its roles' and every path a lease row names."""
         verbs: dict[str, list[str]] = {}
         for mount in sorted({r.mount for r in self._roles.values() if _leased(r)}):
             keys = await self._vault.list_lease_keys(mount)
             verbs[mount] = [k.rstrip("/") for k in keys if k.endswith("/")]
-        prefixes = role_lease_prefixes(self._roles, verbs) | await self._store.vault_paths()
+        return role_lease_prefixes(self._roles, verbs) | await self._store.vault_paths()
+
+    async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
+        now = self._clock.now()
+        prefixes = await self._prefixes()
         orphans: list[str] = []
         for prefix in sorted(prefixes):
             for info in await self._unrecorded_under(prefix):
@@ -363,6 +384,15 @@ class Reconciler:
                 count=len(orphans),
                 revoked=report.orphans_revoked,
                 vault_lease_ids=orphans[:SAMPLE],
+            )
+
+    async def _irrevocable(self, report: ReconcileReport) -> None:
+        mine = under_prefixes(await self._vault.irrevocable_leases(), await self._prefixes())
+        report.irrevocable = mine
+        if mine:
+            log.error(
+                "Vault gave up revoking leases under the broker's paths",
+                extra={"count": len(mine)},
             )
 
     # -- 4. unseen instances -----------------------------------------------------------

@@ -34,6 +34,7 @@ path "sys/leases/renew" {{ capabilities = ["update"] }}
 path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "sys/leases/lookup" {{ capabilities = ["update"] }}
 path "sys/leases/lookup/*" {{ capabilities = ["list", "sudo"] }}
+path "sys/leases" {{ capabilities = ["read", "sudo"] }}
 """
 
 

@@ -252,6 +252,13 @@ class VaultClient:
         keys = (body.get("data") or {}).get("keys") or []
         return [k for k in keys if isinstance(k, str) and k]
 
+    async def irrevocable_leases(self) -> list[str]:
+        """Ids of the leases Vault gave up revoking (after its own retries): they stay
+        until an operator deals with them. Needs ``read`` and ``sudo`` on ``sys/leases``."""
+        body = await self._call("GET", "/v1/sys/leases", params={"type": "irrevocable"})
+        leases = (body.get("data") or {}).get("leases") or []
+        return [str(x["lease_id"]) for x in leases if isinstance(x, dict) and x.get("lease_id")]
+
     async def revoke_confirmed(self, lease_id: str) -> bool:
         """Revoke a lease and ask Vault whether it is gone: True only on Vault's word."""
         await self.revoke_lease(lease_id)

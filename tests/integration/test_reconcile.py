@@ -132,6 +132,7 @@ async def test_orphans_are_reported_then_revoked_on_request(b, http, vault, pki)
 
     report = await _reconcile(http, b, revoke_orphans=True)
     assert (report["orphans"], report["orphans_revoked"]) == (1, 1)
+    assert report["irrevocable"] == [] and report["errors"] == {}
     assert not vault.lease_exists(stray)
     [live] = b.rows("leases")
     assert live["state"] == "active" and vault.lease_exists(live["vault_lease_id"])
