@@ -188,7 +188,8 @@ async def test_unseen_instances_are_terminated(make_broker, http):
     report = await _reconcile(http, b)
     assert report["unseen_terminated"] == ["i-unseen"]
     shown = await wait_job(http, b, "i-unseen")
-    assert shown["state"] == "terminated" and shown["job"]["requested_by"] == "liveness:unseen"
+    assert shown["state"] == "terminated", shown
+    assert shown["job"]["requested_by"] == "liveness:unseen"
     assert [x["state"] for x in shown["leases"]] == ["revoked"]
     async with http.get(f"{b.url}/v1/instances/i-seen", headers=b.admin()) as resp:
         assert (await resp.json())["state"] == "active"
