@@ -1219,12 +1219,16 @@ class Store:
     async def get_instance(
         self, instance_id: str
     ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
+        """The instance, its leases and its job, read job first: each statement sees what
+        was committed when it ran, and a job marked done commits with its instance's
+        ``terminated`` and after its leases' final states, so a done job is never shown
+        beside a ``terminating`` instance or a live lease."""
         async with self._tx(readonly=True) as conn:
-            row = (
-                await conn.execute(select(m.Instance).where(m.Instance.instance_id == instance_id))
+            job = (
+                await conn.execute(
+                    select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+                )
             ).first()
-            if row is None:
-                raise NotFound("no such instance", code="instance_not_found")
             leases = (
                 await conn.execute(
                     select(m.Lease)
@@ -1232,11 +1236,11 @@ class Store:
                     .order_by(m.Lease.created_at)
                 )
             ).all()
-            job = (
-                await conn.execute(
-                    select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
-                )
+            row = (
+                await conn.execute(select(m.Instance).where(m.Instance.instance_id == instance_id))
             ).first()
+            if row is None:
+                raise NotFound("no such instance", code="instance_not_found")
         return (
             _instance_view(m.Instance(**row._mapping)),
             [_lease_view(m.Lease(**r._mapping)) for r in leases],

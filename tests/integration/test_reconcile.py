@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -160,6 +160,9 @@ async def test_expiry_is_confirmed_with_vault(b, http, vault, pki):
             break
         await asyncio.sleep(0.1)
 
+    # ... and the store's own expiry (stamped when the broker recorded it) has passed too.
+    wait = (rows[gone["lease_id"]]["expires_at"] - datetime.now(UTC)).total_seconds()
+    await asyncio.sleep(max(0.0, wait) + 0.2)
     report = await _reconcile(http, b)
     assert (report["expired"], report["expiry_corrected"]) == (1, 1)
     assert report["past_expiry_held"] == []
