@@ -860,6 +860,18 @@ class Store:
             ).all()
             return [_job_view(m.RevocationJob(**r._mapping)) for r in rows]
 
+    async def extend_claim(self, job: JobView, *, worker: str, claim_for: timedelta) -> bool:
+        """Keep a claim alive while its worker is still at the job. False if the claim is
+        no longer this worker's (it lapsed and another worker took it)."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            res = await conn.execute(
+                update(m.RevocationJob)
+                .where(_still_claimed(job, worker))
+                .values(claimed_until=now + claim_for, updated_at=now)
+            )
+            return res.rowcount == 1
+
     async def revocation_work(self, instance_id: str) -> RevocationWork:
         async with self._tx(readonly=True) as conn:
             toks = (

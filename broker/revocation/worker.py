@@ -22,6 +22,7 @@ after ``max_attempts`` the job is ``failed``: visible, counted, retried when ask
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -96,6 +97,31 @@ class RevocationWorker:
                 return
 
     async def _process(self, job: JobView) -> None:
+        holding = asyncio.create_task(self._hold_claim(job))
+        try:
+            await self._process_claimed(job)
+        finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+
+    async def _hold_claim(self, job: JobView) -> None:
+        """Extend the claim while the job runs (Vault may be slow or away for longer than
+        ``claim_timeout_s``), so no other replica takes over a job whose worker is alive.
+        A worker that dies stops extending, and its claim lapses as before."""
+        claim_for = timedelta(seconds=self._settings.claim_timeout_s)
+        while True:
+            await asyncio.sleep(self._settings.claim_timeout_s / 3)
+            try:
+                if not await self._store.extend_claim(
+                    job, worker=self.worker_id, claim_for=claim_for
+                ):
+                    log.warning("lost the claim on a revocation job", extra={"job_id": job.job_id})
+                    return
+            except BrokerError:
+                continue  # the store is away: the claim may lapse; the guards still hold
+
+    async def _process_claimed(self, job: JobView) -> None:
         try:
             await self._revoke_instance(job)
         except BrokerError as exc:
@@ -110,18 +136,23 @@ class RevocationWorker:
         except BrokerError as exc:
             await self._retry(job, exc)
             return
-        if finished:
-            self.completed += 1
-            if self._on_terminated is not None:
-                self._on_terminated(job.instance_id)
-            log.info(
-                "instance terminated",
-                extra={
-                    "instance_id": job.instance_id,
-                    "job_id": job.job_id,
-                    "attempts": job.attempts,
-                },
+        if not finished:
+            log.warning(
+                "a revocation job was taken over before this worker finished it",
+                extra={"job_id": job.job_id, "instance_id": job.instance_id},
             )
+            return
+        self.completed += 1
+        if self._on_terminated is not None:
+            self._on_terminated(job.instance_id)
+        log.info(
+            "instance terminated",
+            extra={
+                "instance_id": job.instance_id,
+                "job_id": job.job_id,
+                "attempts": job.attempts,
+            },
+        )
 
     async def _retry(self, job: JobView, exc: Exception) -> None:
         code = exc.code if isinstance(exc, BrokerError) else type(exc).__name__

@@ -7,7 +7,7 @@ operators; ``deploy/vault-setup.md`` shows the same steps as CLI commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
 import hvac
@@ -48,7 +48,7 @@ path "{db_mount}/creds/{DB_ROLE}" {{ capabilities = ["read"] }}
 
 @dataclass(frozen=True)
 class DevVault:
-    broker_token: str
+    broker_token: str = field(repr=False)  # never in a test's failure output
     database_configured: bool
     ca_pem: str
 

@@ -20,6 +20,7 @@ from broker.errors import UpstreamRejected, UpstreamUnavailable
 from broker.secret import Secret
 
 log = logging.getLogger(__name__)
+_GONE = ("invalid lease",)  # Vault's word, on a lease lookup, that the lease does not exist
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,255}\Z")
 
 
@@ -212,7 +213,9 @@ class VaultClient:
 
     async def lease_exists(self, lease_id: str) -> bool:
         try:
-            await self._call("PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id})
+            await self._call(
+                "PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id}, expected=_GONE
+            )
         except UpstreamRejected as exc:
             # Only Vault's own word that the lease is unknown proves it gone; any other
             # 400 (or a proxy's) is no evidence, and the caller retries.
@@ -224,7 +227,9 @@ class VaultClient:
     async def lookup_lease(self, lease_id: str) -> LeaseInfo | None:
         """The lease's times, or None when Vault says it does not know it (gone)."""
         try:
-            body = await self._call("PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id})
+            body = await self._call(
+                "PUT", "/v1/sys/leases/lookup", json={"lease_id": lease_id}, expected=_GONE
+            )
         except UpstreamRejected as exc:
             if exc.code == "vault_invalid_request" and exc.vault_errors == ("invalid lease",):
                 return None
@@ -278,7 +283,10 @@ class VaultClient:
         token: Secret | None | bool = True,
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
+        expected: tuple[str, ...] = (),
     ) -> dict[str, Any]:
+        """``expected``: Vault's error strings that answer the question (a lookup's
+        "invalid lease" means gone), logged at debug instead of as a refusal."""
         if self._session is None:
             raise UpstreamUnavailable("the Vault client is not started")
         headers = {}
@@ -307,7 +315,9 @@ class VaultClient:
             return payload or {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
         first = str(errors[0])[:200] if errors else ""
-        log.warning(
+        quiet = bool(expected) and tuple(str(e) for e in errors or ()) == expected
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
             "vault refused a call",
             extra={"path": _log_path(path), "status": status, "vault_error": first},
         )
