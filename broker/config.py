@@ -183,6 +183,12 @@ _AWS_REGION = re.compile(r"^[a-z]{2,4}(-[a-z]+)+-\d{1,2}\Z")
 _IAM_NAME = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,128}\Z")
 
 
+def _aws_region(v: str) -> str:
+    if not _AWS_REGION.match(v):
+        raise ValueError("expected an AWS region such as us-east-1")
+    return v
+
+
 def _endpoint(v: str | None) -> str | None:
     if v is None:
         return v
@@ -211,12 +217,7 @@ class AwsSettings(_Frozen):
 
     _endpoints = field_validator("sts_endpoint", "iam_endpoint", "ec2_endpoint")(_endpoint)
 
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        if not _AWS_REGION.match(v):
-            raise ValueError("expected an AWS region such as us-east-1")
-        return v
+    _region = field_validator("region")(_aws_region)
 
     @field_validator("revoked_sessions_policy")
     @classmethod
@@ -663,12 +664,7 @@ class SqsEventSettings(_Frozen):
             )
         return require_tls_off_loopback(v)
 
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        if not _AWS_REGION.match(v):
-            raise ValueError("expected an AWS region such as us-east-1")
-        return v
+    _region = field_validator("region")(_aws_region)
 
     @field_validator("states")
     @classmethod

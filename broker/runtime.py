@@ -128,40 +128,23 @@ class Broker:
             sightings=self.sightings,
         )
         self._scheduler = AsyncIOScheduler(timezone=UTC)
-        rev = self.settings.revocation
-        self._scheduler.add_job(
-            self._tick_revocation,
-            "interval",
-            seconds=rev.tick_s,
-            id="revocation",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now(UTC),
+        ticks: tuple[tuple[str, Callable[[], Awaitable[Any]], float, bool], ...] = (
+            # (id, tick, every seconds, run at once)
+            ("revocation", self._tick_revocation, self.settings.revocation.tick_s, True),
+            ("reconcile", self._tick_reconcile, self.settings.reconcile.tick_s, False),
+            ("sightings", self._flush_sightings, SIGHTINGS_FLUSH_S, False),
+            ("maintenance", self._tick_maintenance, 30, False),
         )
-        self._scheduler.add_job(
-            self._tick_reconcile,
-            "interval",
-            seconds=self.settings.reconcile.tick_s,
-            id="reconcile",
-            max_instances=1,
-            coalesce=True,
-        )
-        self._scheduler.add_job(
-            self._flush_sightings,
-            "interval",
-            seconds=SIGHTINGS_FLUSH_S,
-            id="sightings",
-            max_instances=1,
-            coalesce=True,
-        )
-        self._scheduler.add_job(
-            self._tick_maintenance,
-            "interval",
-            seconds=30,
-            id="maintenance",
-            max_instances=1,
-            coalesce=True,
-        )
+        for tick_id, tick, every, at_once in ticks:
+            self._scheduler.add_job(
+                tick,
+                "interval",
+                seconds=every,
+                id=tick_id,
+                max_instances=1,
+                coalesce=True,
+                **({"next_run_time": datetime.now(UTC)} if at_once else {}),
+            )
         deps = ApiDeps(
             verifier=self.verifier,
             service=service,

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import aiohttp
-import boto3
 import botocore.config
 import botocore.exceptions
 
 from broker.clock import Clock
 from broker.cloud import SessionRef, StsSession, WebIdentityRequest, iam_policy
+from broker.cloud.boto import aws_session, client_config
 from broker.cloud.sts import MAX_ANSWER_BYTES, parse_error, parse_session, web_identity_form
-from broker.config import AwsSettings, AwsStaticKeys
+from broker.config import AwsSettings
 from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -74,28 +74,11 @@ class AwsClient:
         )
 
     def _make_iam(self, workers: int) -> Any:
-        creds = self._settings.credentials
-        if isinstance(creds, AwsStaticKeys):
-            session = boto3.session.Session(
-                aws_access_key_id=creds.access_key_id,
-                aws_secret_access_key=creds.secret_access_key.get_secret_value(),
-                aws_session_token=creds.session_token.get_secret_value()
-                if creds.session_token
-                else None,
-                region_name=self._settings.region,
-            )
-        else:
-            session = boto3.session.Session(region_name=self._settings.region)
         timeout = self._settings.timeout_s
-        return session.client(
+        return aws_session(self._settings.credentials, self._settings.region).client(
             "iam",
             endpoint_url=self._settings.iam_endpoint,
-            config=botocore.config.Config(
-                connect_timeout=timeout,
-                read_timeout=timeout,
-                retries={"mode": "standard", "max_attempts": 2},
-                max_pool_connections=workers,
-            ),
+            config=client_config(connect_s=timeout, read_s=timeout, pool=workers),
         )
 
     async def close(self) -> None:

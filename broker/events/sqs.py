@@ -43,11 +43,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import boto3
 import botocore.config
 import botocore.exceptions
 
-from broker.config import AwsStaticKeys, SqsEventSettings
+from broker.cloud.boto import aws_session, client_config
+from broker.config import SqsEventSettings
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -430,28 +430,11 @@ class SqsTerminationSource:
     def _client(self) -> Any:
         if self._sqs is None:
             s = self._settings
-            creds = s.credentials
-            if isinstance(creds, AwsStaticKeys):
-                session = boto3.session.Session(
-                    aws_access_key_id=creds.access_key_id,
-                    aws_secret_access_key=creds.secret_access_key.get_secret_value(),
-                    aws_session_token=creds.session_token.get_secret_value()
-                    if creds.session_token
-                    else None,
-                    region_name=s.region,
-                )
-            else:
-                session = boto3.session.Session(region_name=s.region)
-            self._sqs = session.client(
+            self._sqs = aws_session(s.credentials, s.region).client(
                 "sqs",
                 endpoint_url=s.endpoint,
-                config=botocore.config.Config(
-                    connect_timeout=10,
-                    # A long poll holds the response for up to wait_time_s.
-                    read_timeout=s.wait_time_s + 10,
-                    retries={"mode": "standard", "max_attempts": 2},
-                    max_pool_connections=1,
-                ),
+                # A long poll holds the response for up to wait_time_s.
+                config=client_config(connect_s=10, read_s=s.wait_time_s + 10, pool=1),
             )
         return self._sqs
 

@@ -791,25 +791,29 @@ class Store:
                     job_id=job_id,
                 )
             elif job.state == JobState.FAILED.value:
-                await conn.execute(
-                    update(m.RevocationJob)
-                    .where(m.RevocationJob.job_id == job.job_id)
-                    .values(
-                        state=JobState.PENDING.value,
-                        next_attempt_at=now,
-                        attempts=0,
-                        updated_at=now,
-                    )
-                )
-                await self._audit(
-                    conn, actor, "revocation.requeued", instance_id=instance_id, job_id=job.job_id
-                )
+                await self._requeue(conn, job.job_id, instance_id, actor, now)
             row = (
                 await conn.execute(
                     select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
                 )
             ).one()
             return _job_view(m.RevocationJob(**row._mapping))
+
+    async def _requeue(
+        self, conn: AsyncConnection, job_id: str, instance_id: str, actor: str, now: datetime
+    ) -> None:
+        """A failed job back in the queue, its attempts counted from zero."""
+        await conn.execute(
+            update(m.RevocationJob)
+            .where(
+                m.RevocationJob.job_id == job_id,
+                m.RevocationJob.state == JobState.FAILED.value,
+            )
+            .values(state=JobState.PENDING.value, next_attempt_at=now, attempts=0, updated_at=now)
+        )
+        await self._audit(
+            conn, actor, "revocation.requeued", instance_id=instance_id, job_id=job_id
+        )
 
     async def claim_jobs(self, *, worker: str, limit: int, claim_for: timedelta) -> list[JobView]:
         """Claim due jobs (and running ones whose claim lapsed: their worker died).
@@ -1193,22 +1197,7 @@ class Store:
                     f"the job is {row.state}; only a failed job can be retried",
                     code="job_not_failed",
                 )
-            await conn.execute(
-                update(m.RevocationJob)
-                .where(
-                    m.RevocationJob.job_id == job_id,
-                    m.RevocationJob.state == JobState.FAILED.value,
-                )
-                .values(
-                    state=JobState.PENDING.value,
-                    next_attempt_at=now,
-                    attempts=0,
-                    updated_at=now,
-                )
-            )
-            await self._audit(
-                conn, actor, "revocation.requeued", instance_id=row.instance_id, job_id=job_id
-            )
+            await self._requeue(conn, job_id, row.instance_id, actor, now)
             row = (
                 await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
             ).one()

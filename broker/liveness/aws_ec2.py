@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 
 from broker.clock import Clock
-from broker.config import AwsSettings, AwsStaticKeys
+from broker.cloud.boto import aws_session, client_config
+from broker.config import AwsSettings
 from broker.identity.model import Identity
 
 log = logging.getLogger(__name__)
@@ -104,24 +104,8 @@ class Ec2Liveness:
 
     def _make(self) -> tuple[Any, Any]:
         s = self._settings
-        creds = s.credentials
-        if isinstance(creds, AwsStaticKeys):
-            session = boto3.session.Session(
-                aws_access_key_id=creds.access_key_id,
-                aws_secret_access_key=creds.secret_access_key.get_secret_value(),
-                aws_session_token=creds.session_token.get_secret_value()
-                if creds.session_token
-                else None,
-                region_name=s.region,
-            )
-        else:
-            session = boto3.session.Session(region_name=s.region)
-        config = botocore.config.Config(
-            connect_timeout=s.timeout_s,
-            read_timeout=s.timeout_s,
-            retries={"mode": "standard", "max_attempts": 2},
-            max_pool_connections=THREADS,
-        )
+        session = aws_session(s.credentials, s.region)
+        config = client_config(connect_s=s.timeout_s, read_s=s.timeout_s, pool=THREADS)
         return (
             session.client("ec2", endpoint_url=s.ec2_endpoint, config=config),
             session.client("sts", endpoint_url=s.sts_endpoint, config=config),
