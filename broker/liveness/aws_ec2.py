@@ -140,7 +140,13 @@ class Ec2Liveness:
                 ):
                     answer = None  # another account's instance (or ours is unknown yet)
                 else:
-                    answer = await loop.run_in_executor(self._pool, self._describe, instance)
+                    # EC2 answers "not found" for another account's instance, for one
+                    # launched a moment ago (eventual consistency) and for one terminated
+                    # long ago: it proves the instance gone only where the id names this
+                    # account. A plain id's "not found" is unknown; its "terminated" is not.
+                    answer = await loop.run_in_executor(
+                        self._pool, self._describe, instance, account is not None
+                    )
         except TimeoutError:
             log.warning("ec2 liveness check timed out", extra={"ec2_instance": instance})
             answer = None
@@ -164,13 +170,13 @@ class Ec2Liveness:
                 self._account = account
         return self._account
 
-    def _describe(self, instance: str) -> bool | None:
+    def _describe(self, instance: str, ours: bool) -> bool | None:
         try:
             reply = self._ec2.describe_instances(InstanceIds=[instance])
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code == "InvalidInstanceID.NotFound":
-                return answer_for(None, not_found=True)
+                return answer_for(None, not_found=True) if ours else None
             log.warning(
                 "ec2 refused a liveness check",
                 extra={
@@ -192,9 +198,9 @@ class Ec2Liveness:
     def _remember(self, key: str, answer: bool | None) -> None:
         now = self._clock.now()
         if len(self._cache) >= MAX_CACHED:
-            for key, (_, until) in list(self._cache.items()):
+            for cached_key, (_, until) in list(self._cache.items()):
                 if until is not None and until <= now:
-                    del self._cache[key]
+                    del self._cache[cached_key]
             while len(self._cache) >= MAX_CACHED:
                 del self._cache[next(iter(self._cache))]
         self._cache.pop(key, None)

@@ -450,7 +450,10 @@ async def test_ec2_liveness_follows_the_instance_and_caches(moto, liveness):
 async def test_ec2_liveness_answers(moto, liveness):
     check, _, asked = liveness
     unknown = "i-0123456789abcdef0"
-    assert await check.alive(identity(unknown)) is False  # InvalidInstanceID.NotFound
+    # InvalidInstanceID.NotFound for an id that names no account: it may be another
+    # account's, or launched a moment ago; only "terminated" (or our own account's "not
+    # found") proves an instance gone.
+    assert await check.alive(identity(unknown)) is None
     assert asked == [unknown]
     for not_ec2 in ("pod-3f2a9c", "i-123/../x", "i-ABCDEF12", "i-0123456789abcdef0:x",
                     f"aws:{ACCOUNT}:eu-west-1:i-0123456789abcdef1"):
@@ -484,3 +487,23 @@ async def test_ec2_liveness_cannot_tell_when_ec2_is_unreachable():
         await check.close()
     # Closed: still an answer, not an exception.
     assert await check.alive(identity("i-0123456789abcdef0")) is None
+
+
+async def test_ec2_liveness_eviction_keeps_each_answer_with_its_own_instance(
+        moto, liveness, monkeypatch):
+    from broker.liveness import aws_ec2
+
+    monkeypatch.setattr(aws_ec2, "MAX_CACHED", 3)
+    check, clock, _ = liveness
+    ec2 = moto.client("ec2")
+    running = [ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)[
+        "Instances"][0]["InstanceId"] for _ in range(3)]
+    gone = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)[
+        "Instances"][0]["InstanceId"]
+    ec2.terminate_instances(InstanceIds=[gone])
+    for instance in running:
+        assert await check.alive(identity(instance)) is True
+    clock.advance(11)  # the cached answers expire; the cache is full
+    assert await check.alive(identity(gone)) is False
+    for instance in running:  # a gone answer never lands on another instance
+        assert await check.alive(identity(instance)) is True, instance
