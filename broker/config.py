@@ -47,6 +47,8 @@ _VAULT_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # The identity values a role-parameter template may use.
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+# The claim that makes a pod's uid the instance id (the kubernetes kind's default).
+POD_UID_CLAIM = ("kubernetes.io", "pod", "uid")
 # The shortest liveness.unseen_grace: sightings reach the store every few seconds.
 MIN_UNSEEN_GRACE_S = 60
 # An instance token is reused only while it outlives a new lease by this much.
@@ -742,11 +744,20 @@ class Settings(_Frozen):
                 "the instance token it was read with"
             )
         self._engine_needs()
+        pod_uid_issuers = {
+            i.name for i in self.identity.issuers if i.instance_claim == POD_UID_CLAIM
+        }
         for idx, iss in enumerate(self.identity.issuers):
             if iss.liveness.check == "kubernetes" and self.kubernetes is None:
                 raise ValueError(
                     f"identity.issuers.{idx}.liveness.check: kubernetes needs the "
                     "kubernetes section (the API server to ask)"
+                )
+            if iss.liveness.check == "kubernetes" and iss.name not in pod_uid_issuers:
+                raise ValueError(
+                    f"identity.issuers.{idx}.liveness.check: kubernetes compares the pod's "
+                    "uid with the instance id, so instance_claim must be "
+                    "[kubernetes.io, pod, uid]"
                 )
             if iss.liveness.check == "aws_ec2" and self.aws is None:
                 raise ValueError(
@@ -756,6 +767,16 @@ class Settings(_Frozen):
             raise ValueError(
                 "kubernetes.issuer: required with watch: true (the issuer whose instances "
                 "pods are; only its instances are terminated)"
+            )
+        if (
+            self.kubernetes is not None
+            and self.kubernetes.watch
+            and self.kubernetes.issuer in issuer_names
+            and self.kubernetes.issuer not in pod_uid_issuers
+        ):
+            raise ValueError(
+                "kubernetes.issuer: the watch terminates instances by pod uid, so the "
+                "issuer's instance_claim must be [kubernetes.io, pod, uid]"
             )
         for where, named in (
             ("events.sqs.issuer", self.events.sqs.issuer if self.events.sqs else None),

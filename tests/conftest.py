@@ -164,7 +164,7 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
     databases: list[str] = []
 
     async def make(store: str = "postgresql", store_url: str | None = None,
-                   **kw: Any) -> RunningBroker:
+                   clock: Any = None, **kw: Any) -> RunningBroker:
         if store_url is not None:
             pass
         elif store == "sqlite":
@@ -176,7 +176,7 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
         await asyncio.to_thread(migrate, store_url)
         settings = broker_settings(store_url=store_url, bao=bao, setup=vault_setup,
                                    issuer=issuer, **kw)
-        broker = Broker(settings)
+        broker = Broker(settings, clock=clock)
         try:
             await broker.start()
         except BaseException:

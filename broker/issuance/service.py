@@ -125,6 +125,9 @@ class CredentialService:
         # Bounds token, issue and TTL adjustment together; shorter than the revocation
         # worker's issuing_timeout_s so a job never gives up on a request still running.
         self._deadline_s = deadline_s
+        # The issuing bound (twice the deadline): a credential not recorded by then is not
+        # recorded at all, because the reconciler may then take it for unrecorded and revoke it.
+        self._record_within = timedelta(seconds=deadline_s * 2)
 
     def _permit(self, identity: Identity, role: str, ttl: int | None) -> tuple[RoleSettings, int]:
         decision = decide(identity, role, ttl, roles=self._roles, rules=self._rules)
@@ -305,6 +308,7 @@ class CredentialService:
         try:
             still_active = await self._store.complete_issue(
                 lease_id,
+                created_after=self._clock.now() - self._record_within,
                 vault_lease_id=vault_lease_id,
                 accessor=token.accessor,
                 renewable=renewable and vault_lease_id is not None,

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, event, func, or_, select, text, update
@@ -80,7 +80,13 @@ _REPLACED_PENDING = select(func.count()).where(
 )
 _COMPLETE_LEASE = (
     update(_L)
-    .where(_L.c.lease_id == bindparam("b_lid"), _L.c.state == LeaseState.ISSUING.value)
+    .where(
+        _L.c.lease_id == bindparam("b_lid"),
+        _L.c.state == LeaseState.ISSUING.value,
+        # Past the issuing bound the reconciler may take the row's lease for unrecorded
+        # and revoke it: a request that slow records nothing and takes its lease back.
+        _L.c.created_at > bindparam("b_stale"),
+    )
     .values(
         state=bindparam("b_state"),
         vault_lease_id=bindparam("b_vlid"),
@@ -120,6 +126,7 @@ def _still_claimed(job: JobView, worker: str) -> Any:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Lease ids listed in one audit event (its count is always complete).
 AUDIT_MAX_IDS = 1000
 
@@ -631,10 +638,12 @@ class Store:
         issued_at: datetime,
         expires_at: datetime,
         state: LeaseState = LeaseState.ACTIVE,
+        created_after: datetime | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
-        its way and the credential must not be handed out.
+        its way and the credential must not be handed out. ``created_after``: a row written
+        before then (its request outlived the issuing bound) is not completed.
         (The lease row is the issuance record; no separate audit row is written.)"""
         async with self._tx() as conn:
             instance_id = (
@@ -649,12 +658,14 @@ class Store:
                         "b_iss": issued_at,
                         "b_exp": expires_at,
                         "b_now": self._clock.now(),
+                        "b_stale": created_after or _EPOCH,
                     },
                 )
             ).scalar()
             if instance_id is None:
                 raise StoreUnavailable(
-                    "the lease row changed while it was being issued",
+                    "the credential could not be recorded in time (or its row changed); "
+                    "it was taken back: retry",
                     code="lease_state_conflict",
                 )
             # Under the shared lock: termination (exclusive) either committed before, and we
@@ -1115,10 +1126,12 @@ class Store:
         return out
 
     async def vault_paths(self) -> set[str]:
-        """Every Vault path the broker has asked for credentials (where its leases live)."""
+        """Every Vault path under which Vault gave the broker a lease."""
         async with self._tx(readonly=True) as conn:
             rows = await conn.execute(
-                select(m.Lease.vault_path).where(m.Lease.vault_path.is_not(None)).distinct()
+                select(m.Lease.vault_path)
+                .where(m.Lease.vault_path.is_not(None), m.Lease.vault_lease_id.is_not(None))
+                .distinct()
             )
             return {r[0] for r in rows}
 
@@ -1338,8 +1351,6 @@ class Store:
             ).scalar_one()
         oldest = queue[1]
         if oldest is not None and oldest.tzinfo is None:
-            from datetime import UTC
-
             oldest = oldest.replace(tzinfo=UTC)
         return StoreCounts(
             leases={(r[0], r[1]): int(r[2]) for r in lease_rows},

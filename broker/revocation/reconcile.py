@@ -8,10 +8,14 @@ One pass, four steps, each on its own (one failing does not skip the others):
 2. **stuck issuing**: an ``issuing`` row older than ``issuing_timeout_s`` belongs to a
    request that died (or gave up) between asking Vault and recording the answer. The
    lease Vault may have issued for it is under the row's Vault path, unknown to the store,
-   and was issued in the request's window: each such lease is revoked and confirmed gone,
-   and the row is settled ``abandoned``. The broker never hands out a credential it has not
-   recorded, so a lease no row knows was never handed out: revoking it takes nothing away
-   from a workload. (Termination covers the same lease through the instance token too.)
+   was issued in the request's window, and is older than the issuing bound: each such lease
+   is revoked and confirmed gone, and the row is settled ``abandoned``. Why that takes
+   nothing from a workload: the broker hands out only what it recorded, and a request may
+   record its lease only while its row is younger than the issuing bound
+   (``Store.complete_issue``), so a lease older than the bound that no row holds can never
+   be handed out. The Vault roles the broker's roles name must be the broker's own: a lease
+   someone else read from them in that window is revoked too. (Termination covers the same
+   lease through the instance token as well.)
 3. **orphans**: the leases under the broker's Vault paths (those its roles issue from, and
    every path a lease row names) that no live row holds, older than the issuing bound,
    are reported, and revoked when ``revoke_orphans`` is set. Leases under those paths
@@ -32,11 +36,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from broker.clock import Clock
 from broker.config import IssuerSettings, ReconcileSettings, RevocationSettings, RoleSettings
 from broker.engines import ENGINES
-from broker.errors import BrokerError
+from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
 from broker.leases.states import LIVE_LEASE_STATES, LeaseState
 from broker.leases.store import LeaseView, Store
@@ -46,6 +51,9 @@ from broker.vault.client import LeaseInfo
 log = logging.getLogger(__name__)
 VAULT_CONCURRENCY = 16
 SAMPLE = 50  # ids listed in a report; the counts are complete
+# Unrecorded leases looked up under one path per pass at most; past it the path is
+# reported (``reconcile_too_many``) and nothing under it is settled from a partial view.
+MAX_LOOKUPS = 20_000
 _LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
 
 
@@ -303,27 +311,59 @@ class Reconciler:
                 continue
             by_path.setdefault(path, []).append(row)
         for path, rows in by_path.items():
-            unknown = await self._unrecorded_under(path)
-            matches = match_stuck(
-                rows,
-                unknown,
-                issuing_timeout_s=self._issuing_timeout_s,
-                skew_s=self._settings.clock_skew_s,
+            try:
+                await self._settle_path(report, path, rows, now)
+            except BrokerError as exc:  # one path's trouble does not hold up the others
+                report.errors["stuck_issuing"] = exc.code
+                report.stuck_waiting.extend(row.lease_id for row in rows)
+                log.warning(
+                    "could not settle stuck rows under a path",
+                    extra={"vault_path": path, "error": exc.code},
+                )
+
+    async def _settle_path(
+        self, report: ReconcileReport, path: str, rows: list[LeaseView], now: datetime
+    ) -> None:
+        # Judged only from leases older than the bound (a younger one may belong to a
+        # request still allowed to record it), so a row waits until its whole window is.
+        min_age = self._issuing_timeout_s + self._settings.clock_skew_s
+        judged_before = now - timedelta(seconds=min_age)
+        ready = []
+        for row in rows:
+            _, window_end = issue_window(
+                row.created_at, self._issuing_timeout_s, self._settings.clock_skew_s
             )
-            candidates = sorted({v for ids in matches.values() for v in ids})
-            results = await asyncio.gather(
-                *(self._bounded(self._vault.revoke_confirmed, v) for v in candidates),
-                return_exceptions=True,
-            )
-            confirmed = {v for v, ok in zip(candidates, results, strict=True) if ok is True}
-            report.stuck_revoked_in_vault += len(confirmed)
-            for row in rows:
-                mine = matches[row.lease_id]
-                if any(v not in confirmed for v in mine):
-                    report.stuck_waiting.append(row.lease_id)  # retried next pass
-                    continue
-                if await self._store.settle_stuck(row.lease_id, revoked=mine, actor="reconciler"):
-                    report.stuck_settled += 1
+            if window_end <= judged_before:
+                ready.append(row)
+            else:
+                report.stuck_waiting.append(row.lease_id)
+        if not ready:
+            return
+        unknown = [
+            info
+            for info in await self._unrecorded_under(path)
+            if is_orphan(info, now=now, min_age_s=min_age)
+        ]
+        matches = match_stuck(
+            ready,
+            unknown,
+            issuing_timeout_s=self._issuing_timeout_s,
+            skew_s=self._settings.clock_skew_s,
+        )
+        candidates = sorted({v for ids in matches.values() for v in ids})
+        results = await asyncio.gather(
+            *(self._bounded(self._vault.revoke_confirmed, v) for v in candidates),
+            return_exceptions=True,
+        )
+        confirmed = {v for v, ok in zip(candidates, results, strict=True) if ok is True}
+        report.stuck_revoked_in_vault += len(confirmed)
+        for row in ready:
+            mine = matches[row.lease_id]
+            if any(v not in confirmed for v in mine):
+                report.stuck_waiting.append(row.lease_id)  # a revocation failed: next pass
+                continue
+            if await self._store.settle_stuck(row.lease_id, revoked=mine, actor="reconciler"):
+                report.stuck_settled += 1
 
     def _role_path_hint(self, role_name: str) -> str | None:
         """For a row written before rows named their path: the role's, if unambiguous."""
@@ -339,11 +379,21 @@ class Reconciler:
             return None
 
     async def _unrecorded_under(self, prefix: str) -> list[LeaseInfo]:
-        """The leases under ``prefix`` that no live row holds, with their times."""
-        keys = await self._vault.list_lease_keys(prefix)
-        ids = [f"{prefix}/{k}" for k in keys if not k.endswith("/")]
+        """The leases under ``prefix`` (a Vault path as a row stores it, escaped) that no
+        live row holds, with their times. Raises ``UpstreamRejected`` (code
+        ``reconcile_too_many``) rather than judge from part of them."""
+        path = "/".join(unquote(seg) for seg in prefix.strip("/").split("/"))
+        keys = await self._vault.list_lease_keys(path)
+        ids = [f"{path}/{k}" for k in keys if not k.endswith("/")]
         states = await self._store.vault_lease_states(ids)
-        infos = await self._lookup_all(unheld(ids, states)[: self._settings.batch])
+        unrecorded = unheld(ids, states)
+        if len(unrecorded) > MAX_LOOKUPS:
+            raise UpstreamRejected(
+                f"{len(unrecorded)} unrecorded leases under {path}; revoke the orphans "
+                "(brokerctl reconcile --revoke-orphans) or check who else uses this path",
+                code="reconcile_too_many",
+            )
+        infos = await self._lookup_all(unrecorded)
         return [i for i in infos if i is not None]
 
     # -- 3. orphans --------------------------------------------------------------------
@@ -359,11 +409,21 @@ class Reconciler:
     async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
         now = self._clock.now()
         prefixes = await self._prefixes()
+        min_age = self._issuing_timeout_s + self._settings.clock_skew_s
         orphans: list[str] = []
         for prefix in sorted(prefixes):
-            for info in await self._unrecorded_under(prefix):
-                if is_orphan(info, now=now, min_age_s=self._issuing_timeout_s):
-                    orphans.append(info.lease_id)
+            try:
+                unrecorded = await self._unrecorded_under(prefix)
+            except BrokerError as exc:  # one path's trouble does not hide the others
+                report.errors["orphans"] = exc.code
+                log.warning(
+                    "could not look for orphans under a path",
+                    extra={"vault_path": prefix, "error": exc.code},
+                )
+                continue
+            orphans.extend(
+                info.lease_id for info in unrecorded if is_orphan(info, now=now, min_age_s=min_age)
+            )
         report.orphans = len(orphans)
         report.orphan_sample = orphans[:SAMPLE]
         if orphans:

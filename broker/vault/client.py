@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 
@@ -246,7 +246,7 @@ class VaultClient:
         """What Vault lists directly under ``prefix`` in its lease tree: lease ids relative
         to the prefix, and deeper levels ending in ``/``; empty when there is nothing.
         Needs ``list`` and ``sudo`` on ``sys/leases/lookup/*``."""
-        segments = [seg for seg in prefix.strip("/").split("/") if seg]
+        segments = [unquote(seg) for seg in prefix.strip("/").split("/") if seg]
         path = vault_path("sys", "leases", "lookup", *segments)
         try:
             body = await self._call("LIST", f"/v1/{path}/")

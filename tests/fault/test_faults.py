@@ -227,7 +227,7 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
                 issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
                 store_url=url, admin_token_sha256=ADMIN_SHA, with_database=True, port=port)
             data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "issuing_timeout_s": 5}
-            data["reconcile"] = {"tick_s": 3600}
+            data["reconcile"] = {"tick_s": 3600, "clock_skew_s": 0}
             path = workdir / f"stuck-{tag}-{name}.yaml"
             path.write_text(yaml.safe_dump(data))
             return path
@@ -261,7 +261,9 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
 
         procs.append(_serve(config(store_url, "direct"), log, vault_setup.broker_token))
         await _wait_ready(url, procs[-1])
-        await asyncio.sleep(5.5)  # past the issuing bound: the request is certainly dead
+        # Past twice the issuing bound from the row: the request is dead, and no request
+        # could record a lease issued in its window any more.
+        await asyncio.sleep(10.5)
         async with http.post(f"{url}/v1/admin/reconcile", headers=ADMIN) as resp:
             report = await resp.json()
         assert resp.status == 200, report

@@ -17,7 +17,8 @@ async def test_reconcile_reports_orphans_exits_7_and_revokes_them_when_asked(
         roles = {"probe-cert": {"engine": "pki", "mount": pki.path, "vault_role": "probe",
                                 "params": {"common_name": "{workload}.workload.internal"}}}
         b = await make_broker(instance_policies=(pki.policy,), overrides={
-            "roles": roles, "policy": {"rules": [{"name": "all", "allow": ["probe-cert"]}]}})
+            "roles": roles, "policy": {"rules": [{"name": "all", "allow": ["probe-cert"]}]},
+            "reconcile": {"clock_skew_s": 0}})
         env = ctl_env(b.url)
         code, out, err = await run("broker.cli.ctl", "reconcile", env=env)
         assert code == 0, (out, err)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.api import bearer, eventually, issue, wait_job
+from tests.harness.api import bearer, eventually, wait_job
 from tests.harness.kube import FakeKubeApi, load_pods
 
 POD = load_pods()["api-6f7c9d8b5-x2kqp"]
@@ -22,6 +22,11 @@ def _claims(pod: dict[str, Any]) -> dict[str, Any]:
     meta = pod["metadata"]
     return {"kubernetes.io": {"namespace": meta["namespace"],
                               "pod": {"name": meta["name"], "uid": meta["uid"]}}}
+
+
+# The dev issuer, made to read instance ids as a kubernetes issuer does (the pod's uid).
+POD_ISSUER = {"liveness": {"check": "kubernetes", "cache_s": 0},
+              "instance_claim": ["kubernetes.io", "pod", "uid"]}
 
 
 @pytest.fixture
@@ -43,7 +48,7 @@ async def test_renewal_asks_the_api_server_and_terminates_a_gone_pod(make_broker
     kube.set_pods([POD], rv="100")
     b = await make_broker(
         overrides={"kubernetes": {"api_url": kube.url, "token_file": None, "ca_file": None}},
-        issuer_overrides={"liveness": {"check": "kubernetes", "cache_s": 0}})
+        issuer_overrides=POD_ISSUER)
     token = b.issuer.mint(instance=UID, workload="payments", claims=_claims(POD))
     async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
                          headers=bearer(token)) as resp:
@@ -77,7 +82,7 @@ async def test_an_unreachable_api_server_does_not_stop_renewals(make_broker, kub
     kube.set_pods([POD], rv="100")
     b = await make_broker(
         overrides={"kubernetes": {"api_url": kube.url, "token_file": None, "ca_file": None}},
-        issuer_overrides={"liveness": {"check": "kubernetes", "cache_s": 0}})
+        issuer_overrides=POD_ISSUER)
     token = b.issuer.mint(instance=UID, workload="payments", claims=_claims(POD))
     async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
                          headers=bearer(token)) as resp:
@@ -93,9 +98,11 @@ async def test_the_watch_configured_in_settings_terminates_a_deleted_pod(make_br
     kube.set_pods([POD], rv="200")
     b = await make_broker(overrides={"kubernetes": {
         "api_url": kube.url, "token_file": None, "ca_file": None, "watch": True,
-        "issuer": "dev"}})
-    status, cred = await issue(http, b, UID, "dev-db")
-    assert status == 201
+        "issuer": "dev"}}, issuer_overrides={"instance_claim": ["kubernetes.io", "pod", "uid"]})
+    token = b.issuer.mint(instance=UID, workload="payments", claims=_claims(POD))
+    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
+                         headers=bearer(token)) as resp:
+        assert resp.status == 201, await resp.text()
     await eventually(lambda: bool(kube.watch_queries()), "the watch started", timeout=10)
     deleted = copy.deepcopy(POD)
     deleted["metadata"]["resourceVersion"] = "201"

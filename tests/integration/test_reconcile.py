@@ -42,13 +42,35 @@ def pki(vault: VaultProbe) -> Iterator[Mount]:
         yield mount
 
 
+class OffsetClock:
+    """The real time, plus an offset a test moves forward: the broker's clock runs ahead of
+    Vault's, which is how a test ages leases Vault stamped with its own time."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
 @pytest.fixture
-async def b(make_broker, pki: Mount):
+def clock() -> OffsetClock:
+    return OffsetClock()
+
+
+@pytest.fixture
+async def b(make_broker, pki: Mount, clock: OffsetClock):
     """A broker whose only role issues from the test's own PKI mount, so that what the
-    reconciler finds under its paths belongs to this test alone."""
+    reconciler finds under its paths belongs to this test alone. Its issuing bound is 5 s
+    and the allowed clock skew 5 s: a lease counts as unrecorded for good 10 s after Vault
+    issued it, and a stuck row is settled once its whole window is that old."""
     roles = {"probe-cert": {"engine": "pki", "mount": pki.path, "vault_role": "probe",
                             "default_ttl": "10m", "max_ttl": "1h", "params": PARAMS}}
     return await make_broker(
+        clock=clock,
         instance_policies=(pki.policy,),
         overrides={
             "roles": roles,
@@ -67,7 +89,7 @@ def _root_issue(vault: VaultProbe, pki: Mount) -> str:
 
 
 async def test_a_request_that_died_after_vault_answered_is_settled_and_its_lease_revoked(
-        b, http, vault, pki):
+        b, http, vault, pki, clock):
     status, cred = await issue(http, b, "i-stuck", "probe-cert")
     assert status == 201
     # The crash, as the store saw it: the row was written, Vault issued, nothing recorded.
@@ -83,8 +105,12 @@ async def test_a_request_that_died_after_vault_answered_is_settled_and_its_lease
     assert (report["stuck_settled"], report["orphans"]) == (0, 0)
     assert len(recorded) == 2
 
-    _sql(b, "UPDATE leases SET created_at = created_at - interval '6 seconds' "
-            "WHERE lease_id = :lid", lid=cred["lease_id"])
+    clock.advance(12)  # past the bound, but part of the row's window is still young
+    report = await _reconcile(http, b)
+    assert report["stuck_settled"] == 0 and report["stuck_waiting"] == [cred["lease_id"]]
+    assert len(vault.leases_under(f"{pki.path}/issue/probe/")) == 2
+
+    clock.advance(10)  # the whole window is older than the bound now
     report = await _reconcile(http, b)
     # The row's request window holds two unrecorded leases (the lost one and the one the
     # row had); both were issued for nobody the store knows, and both are revoked.
@@ -115,7 +141,7 @@ async def test_a_stuck_row_of_another_window_leaves_unrelated_leases_alone(b, ht
     assert len(vault.leases_under(f"{pki.path}/issue/probe/")) == 1
 
 
-async def test_orphans_are_reported_then_revoked_on_request(b, http, vault, pki):
+async def test_orphans_are_reported_then_revoked_on_request(b, http, vault, pki, clock):
     status, cred = await issue(http, b, "i-orphans", "probe-cert")
     assert status == 201
     stray = _root_issue(vault, pki)
@@ -124,7 +150,7 @@ async def test_orphans_are_reported_then_revoked_on_request(b, http, vault, pki)
     report = await _reconcile(http, b)
     assert report["orphans"] == 0
 
-    await asyncio.sleep(5.5)  # issuing_timeout_s is 5 in the tests
+    clock.advance(11)  # older than the issuing bound and the skew
     report = await _reconcile(http, b)
     assert report["orphans"] == 1 and report["orphans_revoked"] == 0
     assert report["orphan_sample"] == [stray]

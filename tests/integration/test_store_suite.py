@@ -379,3 +379,20 @@ async def test_use_once_and_retry_job(stores):
     assert (again.state, again.attempts) == ("pending", 0)
     with pytest.raises(NotFound):
         await s.retry_job("j-" + "0" * 32, actor="admin")
+
+
+async def test_a_request_past_the_issuing_bound_cannot_record_its_lease(stores):
+    from broker.errors import StoreUnavailable
+
+    s = await stores()
+    lease_id = await _issue(s, "i-late")
+    with pytest.raises(StoreUnavailable) as info:
+        await s.complete_issue(lease_id, vault_lease_id="db/creds/r/late", accessor="acc",
+                               renewable=False, issued_at=T0, expires_at=T0 + timedelta(minutes=5),
+                               created_after=T0 + timedelta(seconds=1))
+    assert info.value.code == "lease_state_conflict"
+    assert (await s.get_lease(lease_id)).state == "issuing"
+    assert await s.complete_issue(lease_id, vault_lease_id="db/creds/r/late", accessor="acc",
+                                  renewable=False, issued_at=T0,
+                                  expires_at=T0 + timedelta(minutes=5),
+                                  created_after=T0 - timedelta(seconds=1))

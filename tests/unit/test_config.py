@@ -640,6 +640,10 @@ LIFECYCLE_BAD = [
     (_liveness(check="kubernetes"), "identity.issuers.0.liveness.check: kubernetes needs",
      "k8s-check-without-section"),
     (_liveness(check="aws_ec2"), "aws_ec2 needs the aws section", "ec2-check-without-aws"),
+    (_with(**{**_liveness(check="kubernetes"), "kubernetes": {}}),
+     "so instance_claim must be [kubernetes.io, pod, uid]", "k8s-check-not-pod-uid"),
+    (_with(kubernetes={"watch": True, "issuer": "dev"}),
+     "kubernetes.issuer: the watch terminates instances by pod uid", "k8s-watch-not-pod-uid"),
     (_liveness(check="ping"), "identity.issuers.0.liveness.check", "unknown-check"),
     (_liveness(unseen_grace="30s"), "identity.issuers.0.liveness.unseen_grace: expected 0",
      "grace-too-short"),
@@ -680,6 +684,7 @@ def test_lifecycle_sections_load() -> None:
                  kubernetes={"issuer": "dev", "watch": True},
                  reconcile={"revoke_orphans": True, "tick_s": 30})
     data["identity"]["issuers"][0]["liveness"] = {"check": "kubernetes", "unseen_grace": "2h"}
+    data["identity"]["issuers"][0]["instance_claim"] = ["kubernetes.io", "pod", "uid"]
     s = load_settings(data)
     assert s.identity.issuers[0].liveness.unseen_grace == 7200
     assert s.events.sqs is not None and s.events.sqs.wait_time_s == 20
