@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/revocation.py
 
 clean:
 	rm -rf $(VENV) .broker-dev .pytest_cache

@@ -78,6 +78,8 @@ class Broker:
             cloud=self.aws,
         )
         self.sightings = Sightings()
+        self._revocation_running = False
+        self._revocation_kicked = False
         self.reconciler = Reconciler(
             settings.reconcile,
             settings.revocation,
@@ -196,6 +198,11 @@ class Broker:
         return job
 
     def kick_revocation(self) -> None:
+        """Look for due jobs now: at once if no tick is running, else once more when the
+        running tick has emptied its batch (no second tick is scheduled behind it)."""
+        if self._revocation_running:
+            self._revocation_kicked = True
+            return
         if self._scheduler is not None:
             job = self._scheduler.get_job("revocation")
             if job is not None:
@@ -274,11 +281,16 @@ class Broker:
             log.warning("could not record instance sightings; retrying at the next flush")
 
     async def _tick_revocation(self) -> None:
+        self._revocation_running = True
         try:
-            while await self.worker.run_once():
-                pass
+            while True:
+                self._revocation_kicked = False
+                if not await self.worker.run_once() and not self._revocation_kicked:
+                    break
         except Exception:  # noqa: BLE001 — a tick logs and carries on
             log.exception("revocation tick failed")
+        finally:
+            self._revocation_running = False
 
     async def _tick_maintenance(self) -> None:
         assert self.verifier is not None

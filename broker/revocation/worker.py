@@ -27,14 +27,14 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from broker.clock import Clock
 from broker.cloud import SessionRef
 from broker.config import RevocationSettings
-from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected
+from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases.states import LeaseState
 from broker.leases.store import JobView, LeaseView, Store
 from broker.revocation.backoff import retry_delay
@@ -233,6 +233,28 @@ class RevocationWorker:
         async with self._sem:
             return await coro_fn(*args)
 
+    async def _each(
+        self, call: Callable[[str], Awaitable[bool]], leases: list[LeaseView]
+    ) -> list[bool | BrokerError]:
+        """``call`` on the Vault id of every (recorded) lease, bounded. Vault refusing one
+        lease is that lease's outcome, and the others go on; Vault away ends the pass at
+        once, and the calls not yet answered are cancelled, not left running behind a retry."""
+
+        async def one(lease_id: str) -> bool | BrokerError:
+            try:
+                return await self._bounded(call, lease_id)
+            except UpstreamUnavailable:
+                raise
+            except BrokerError as exc:
+                return exc
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(str(lease.vault_lease_id))) for lease in leases]
+        except* UpstreamUnavailable as away:
+            raise away.exceptions[0] from None
+        return [task.result() for task in tasks]
+
     async def _revoke_instance(self, job: JobView) -> None:
         work = await self._store.revocation_work(job.instance_id)
         recorded = [lease for lease in work.leases if lease.vault_lease_id]
@@ -244,18 +266,25 @@ class RevocationWorker:
             if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
         ]
 
-        await asyncio.gather(
-            *(self._bounded(self._vault.revoke_lease, lease.vault_lease_id) for lease in recorded)
-        )
+        # Each lease is revoked and at once looked up, so the lookups overlap the revocations
+        # still in flight instead of all waiting for the slowest revoke.
+        first = await self._each(self._vault.revoke_confirmed, recorded)
         for token in work.tokens:
             if token.revoked_at is None:
                 await self._vault.revoke_accessor(token.accessor)
                 await self._store.mark_token_revoked(token.accessor)
-
-        still = await asyncio.gather(
-            *(self._bounded(self._vault.lease_exists, lease.vault_lease_id) for lease in recorded)
-        )
-        gone = [lease for lease, exists in zip(recorded, still, strict=True) if not exists]
+        # A lease Vault refused to revoke, or still listed, is looked up again: the token's
+        # revocation may have taken it meanwhile.
+        unsure = [lease for lease, ok in zip(recorded, first, strict=True) if ok is not True]
+        again = await self._each(self._vault.lease_exists, unsure)
+        late = {
+            lease.lease_id for lease, exists in zip(unsure, again, strict=True) if exists is False
+        }
+        gone = [
+            lease
+            for lease, ok in zip(recorded, first, strict=True)
+            if ok is True or lease.lease_id in late
+        ]
         # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
         # for its deny before it counts as revoked.
         await self._store.mark_leases_ended(
@@ -264,6 +293,12 @@ class RevocationWorker:
             actor=self.worker_id,
         )
         if len(gone) != len(recorded):
+            # Why, when Vault said: its refusal of a lease still live.
+            revoked = dict(zip((lease.lease_id for lease in recorded), first, strict=True))
+            for lease, exists in zip(unsure, again, strict=True):
+                for outcome in (exists, revoked[lease.lease_id]):
+                    if lease.lease_id not in late and isinstance(outcome, BrokerError):
+                        raise outcome
             raise UpstreamRejected(
                 f"{len(recorded) - len(gone)} lease(s) still exist in Vault after revocation",
                 code="revocation_unconfirmed",

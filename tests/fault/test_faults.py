@@ -86,7 +86,7 @@ async def test_worker_killed_between_vault_revoke_and_store_update_finishes_afte
         users = [c["data"]["username"] for c in creds if c["kind"] == "database_login"]
         assert all(pg.role_exists(u) for u in users)
 
-        vault_proxy.hold_on = b"/v1/sys/leases/lookup"
+        vault_proxy.hold_on = b"/v1/auth/token/revoke-accessor"
         async with http.post(f"{url}/v1/instances/i-crash/terminate", headers=ADMIN) as resp:
             assert resp.status == 202
         await asyncio.wait_for(vault_proxy.held.wait(), timeout=15)

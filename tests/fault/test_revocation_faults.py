@@ -602,8 +602,8 @@ async def test_store_cut_during_termination_fails_issuance_closed_then_the_job_f
             ours = [x for x in issued if x.instance_id == doomed]
 
             # Hold the job where Vault has revoked everything and the store not yet heard:
-            # at its confirming lookups.
-            vault_proxy.hold_on = b"/v1/sys/leases/lookup"
+            # at its token revocation, after every lease is revoked and confirmed gone.
+            vault_proxy.hold_on = b"/v1/auth/token/revoke-accessor"
             await terminate(http, b.url, doomed)
             await asyncio.wait_for(vault_proxy.held.wait(), timeout=15)
             store_proxy.cut()
@@ -621,7 +621,7 @@ async def test_store_cut_during_termination_fails_issuance_closed_then_the_job_f
                 assert resp.status == 503
                 assert (await resp.json())["checks"]["store"] == "unavailable"
 
-            # Let the held lookups fail: the worker can neither confirm nor reschedule.
+            # Let the held token revocation fail: the worker can neither finish nor reschedule.
             vault_proxy.release()
             await asyncio.sleep(1.5)
             [job] = await asyncio.to_thread(
