@@ -1,11 +1,12 @@
 """The revocation worker: claims jobs from the store and makes Vault forget an instance.
 
 For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
-1. revoke every recorded live lease explicitly, synchronously;
+1. revoke every recorded live lease explicitly, synchronously (16 at a time; Vault
+   refusing one does not stop the others);
 2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
    never managed to record;
-3. confirm with ``sys/leases/lookup`` that each lease is gone, and only then mark it
-   ``revoked``;
+3. confirm with Vault that each lease is gone (one LIST of a path that holds many of the
+   job's leases, else ``sys/leases/lookup`` per lease), and only then mark it ``revoked``;
 4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
    marked ``abandoned``: its token is revoked, so Vault holds nothing usable for it;
 5. leases that stand for STS sessions (``external_ref``), which no one can revoke, are
@@ -42,6 +43,8 @@ from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
 VAULT_CONCURRENCY = 16
+# From this many of a job's leases under one Vault path, one LIST confirms them all.
+LIST_CONFIRM_MIN = 16
 # A session that expired this long ago (by the broker's clock, against AWS's stamp) needs
 # no deny: AWS refuses it already.
 EXPIRED_MARGIN = timedelta(minutes=5)
@@ -234,9 +237,9 @@ class RevocationWorker:
             return await coro_fn(*args)
 
     async def _each(
-        self, call: Callable[[str], Awaitable[bool]], leases: list[LeaseView]
+        self, call: Callable[[str], Awaitable[bool]], vault_lease_ids: list[str]
     ) -> list[bool | BrokerError]:
-        """``call`` on the Vault id of every (recorded) lease, bounded. Vault refusing one
+        """``call`` on each Vault lease id, bounded. Vault refusing one
         lease is that lease's outcome, and the others go on; Vault away ends the pass at
         once, and the calls not yet answered are cancelled, not left running behind a retry."""
 
@@ -250,10 +253,38 @@ class RevocationWorker:
 
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(str(lease.vault_lease_id))) for lease in leases]
+                tasks = [group.create_task(one(lease_id)) for lease_id in vault_lease_ids]
         except* UpstreamUnavailable as away:
             raise away.exceptions[0] from None
         return [task.result() for task in tasks]
+
+    async def _revoke(self, vault_lease_id: str) -> bool:
+        await self._vault.revoke_lease(vault_lease_id)  # sync: done when it returns
+        return True
+
+    async def _still_held(self, vault_lease_ids: list[str]) -> set[str]:
+        """The leases Vault still holds, by its own word. Many leases under one path are
+        checked with one LIST of that path (an instance with 1,000 leases costs Vault one
+        listing, not 1,000 lookups); a few, or a path that cannot be listed, one lookup
+        each. A lease Vault will not answer for counts as held."""
+        by_path: dict[str, list[str]] = {}
+        for lease_id in vault_lease_ids:
+            by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)
+        held: set[str] = set()
+        lookups: list[str] = []
+        for path, ids in by_path.items():
+            if len(ids) < LIST_CONFIRM_MIN:
+                lookups.extend(ids)
+                continue
+            try:
+                listed = {f"{path}/{key}" for key in await self._vault.list_lease_keys(path)}
+            except UpstreamRejected:
+                lookups.extend(ids)  # not listable (policy, path): ask one by one
+                continue
+            held.update(i for i in ids if i in listed)
+        answers = await self._each(self._vault.lease_exists, lookups)
+        held.update(i for i, exists in zip(lookups, answers, strict=True) if exists is not False)
+        return held
 
     async def _revoke_instance(self, job: JobView) -> None:
         work = await self._store.revocation_work(job.instance_id)
@@ -266,25 +297,15 @@ class RevocationWorker:
             if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
         ]
 
-        # Each lease is revoked and at once looked up, so the lookups overlap the revocations
-        # still in flight instead of all waiting for the slowest revoke.
-        first = await self._each(self._vault.revoke_confirmed, recorded)
+        first = await self._each(self._revoke, [str(lease.vault_lease_id) for lease in recorded])
         for token in work.tokens:
             if token.revoked_at is None:
                 await self._vault.revoke_accessor(token.accessor)
                 await self._store.mark_token_revoked(token.accessor)
-        # A lease Vault refused to revoke, or still listed, is looked up again: the token's
-        # revocation may have taken it meanwhile.
-        unsure = [lease for lease, ok in zip(recorded, first, strict=True) if ok is not True]
-        again = await self._each(self._vault.lease_exists, unsure)
-        late = {
-            lease.lease_id for lease, exists in zip(unsure, again, strict=True) if exists is False
-        }
-        gone = [
-            lease
-            for lease, ok in zip(recorded, first, strict=True)
-            if ok is True or lease.lease_id in late
-        ]
+        # Then Vault's word on each: a lease it no longer holds is gone (the token's
+        # revocation may also have taken one whose own revocation was refused).
+        held = await self._still_held([str(lease.vault_lease_id) for lease in recorded])
+        gone = [lease for lease in recorded if lease.vault_lease_id not in held]
         # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
         # for its deny before it counts as revoked.
         await self._store.mark_leases_ended(
@@ -294,11 +315,9 @@ class RevocationWorker:
         )
         if len(gone) != len(recorded):
             # Why, when Vault said: its refusal of a lease still live.
-            revoked = dict(zip((lease.lease_id for lease in recorded), first, strict=True))
-            for lease, exists in zip(unsure, again, strict=True):
-                for outcome in (exists, revoked[lease.lease_id]):
-                    if lease.lease_id not in late and isinstance(outcome, BrokerError):
-                        raise outcome
+            for lease, outcome in zip(recorded, first, strict=True):
+                if lease.vault_lease_id in held and isinstance(outcome, BrokerError):
+                    raise outcome
             raise UpstreamRejected(
                 f"{len(recorded) - len(gone)} lease(s) still exist in Vault after revocation",
                 code="revocation_unconfirmed",

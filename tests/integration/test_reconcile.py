@@ -244,3 +244,21 @@ async def test_renewal_stays_within_max_ttl_and_says_when_it_nears_it(make_broke
                          headers=bearer(b.token("i-renew"))) as resp:
         body = await resp.json()
     assert (resp.status, body["error"]["code"]) == (400, "lease_at_max_ttl")
+
+
+async def test_an_instance_with_many_leases_is_confirmed_by_one_listing(make_broker, http,
+                                                                      vault):
+    b = await make_broker()
+    leases = []
+    for _ in range(20):  # past LIST_CONFIRM_MIN under one path
+        status, cred = await issue(http, b, "i-many", "dev-cert")
+        assert status == 201
+        leases.append(cred["lease_id"])
+    rows = {r["lease_id"]: r["vault_lease_id"] for r in b.rows("leases")}
+    async with http.post(f"{b.url}/v1/instances/i-many/terminate", headers=b.admin()) as resp:
+        assert resp.status == 202
+    shown = await wait_job(http, b, "i-many")
+    assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
+    assert sorted(x["lease_id"] for x in shown["leases"] if x["state"] == "revoked") == \
+        sorted(leases)
+    assert not any(vault.lease_exists(rows[lid]) for lid in leases)
