@@ -228,6 +228,7 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
           brokerctl leases list --instance i-123
           brokerctl revoke --instance i-123 --wait
           brokerctl instances show i-123
+          brokerctl reconcile          # the store against Vault: expiry, stuck, orphans
 
         Ctrl-C stops the broker, OpenBao and the issuer.
         """)
