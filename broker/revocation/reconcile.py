@@ -45,11 +45,11 @@ from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
 from broker.leases.states import LIVE_LEASE_STATES, LeaseState
 from broker.leases.store import LeaseView, Store
+from broker.revocation.bounded import Bounded
 from broker.vault import VaultClient
 from broker.vault.client import LeaseInfo
 
 log = logging.getLogger(__name__)
-VAULT_CONCURRENCY = 16
 SAMPLE = 50  # ids listed in a report; the counts are complete
 # Unrecorded leases looked up under one path per pass at most; past it the path is
 # reported (``reconcile_too_many``) and nothing under it is settled from a partial view.
@@ -200,8 +200,9 @@ class Reconciler:
         self._vault = vault
         self._clock = clock
         self._terminate = terminate
-        self._sem = asyncio.Semaphore(VAULT_CONCURRENCY)
+        self._bounded = Bounded()
         self._running = asyncio.Lock()
+        self._pass_prefixes: set[str] | None = None  # the broker's paths, once per pass
         self.last: ReconcileReport | None = None
 
     async def run_once(self, *, revoke_orphans: bool | None = None) -> ReconcileReport:
@@ -212,6 +213,7 @@ class Reconciler:
             if not mine:
                 report.skipped = True
                 return report
+            self._pass_prefixes = None
             for name, step in (
                 ("expiry", self._expiry),
                 ("stuck_issuing", self._stuck),
@@ -240,10 +242,6 @@ class Reconciler:
             },
         )
         return report
-
-    async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
-        async with self._sem:
-            return await coro_fn(*args)
 
     async def _lookup_all(self, lease_ids: Sequence[str]) -> list[LeaseInfo | None]:
         return list(
@@ -399,12 +397,18 @@ class Reconciler:
     # -- 3. orphans --------------------------------------------------------------------
 
     async def _prefixes(self) -> set[str]:
-        """The broker's Vault paths: its roles' and every path a lease row names."""
+        """The broker's Vault paths: its roles' and every path a lease row names. Listed
+        once per pass (the orphan and irrevocable steps both need them)."""
+        if self._pass_prefixes is not None:
+            return self._pass_prefixes
         verbs: dict[str, list[str]] = {}
         for mount in sorted({r.mount for r in self._roles.values() if _leased(r)}):
             keys = await self._vault.list_lease_keys(mount)
             verbs[mount] = [k.rstrip("/") for k in keys if k.endswith("/")]
-        return role_lease_prefixes(self._roles, verbs) | await self._store.vault_paths()
+        self._pass_prefixes = role_lease_prefixes(self._roles, verbs) | (
+            await self._store.vault_paths()
+        )
+        return self._pass_prefixes
 
     async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
         now = self._clock.now()

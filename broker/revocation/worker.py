@@ -39,10 +39,10 @@ from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, Upst
 from broker.leases.states import LeaseState
 from broker.leases.store import JobView, LeaseView, Store
 from broker.revocation.backoff import retry_delay
+from broker.revocation.bounded import Bounded
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
-VAULT_CONCURRENCY = 16
 # From this many of a job's leases under one Vault path, one LIST confirms them all.
 LIST_CONFIRM_MIN = 16
 # A session that expired this long ago (by the broker's clock, against AWS's stamp) needs
@@ -77,7 +77,7 @@ class RevocationWorker:
         self._on_terminated = on_terminated
         self._jitter = jitter
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._sem = asyncio.Semaphore(VAULT_CONCURRENCY)
+        self._bounded = Bounded()
         self.completed = 0
         self.retried = 0
         self.failed = 0
@@ -231,10 +231,6 @@ class RevocationWorker:
                     },
                 )
         return await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
-
-    async def _bounded(self, coro_fn, *args):  # type: ignore[no-untyped-def]
-        async with self._sem:
-            return await coro_fn(*args)
 
     async def _each(
         self, call: Callable[[str], Awaitable[bool]], vault_lease_ids: list[str]

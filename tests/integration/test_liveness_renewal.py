@@ -37,14 +37,9 @@ async def kube() -> AsyncIterator[FakeKubeApi]:
     await api.stop()
 
 
-async def _renew(http, b, lease_id: str, instance: str) -> tuple[int, Any]:
-    token = b.issuer.mint(instance=instance, workload="payments", claims=_claims(POD))
-    async with http.post(f"{b.url}/v1/leases/{lease_id}/renew", headers=bearer(token)) as resp:
-        return resp.status, await resp.json()
-
-
-async def test_renewal_asks_the_api_server_and_terminates_a_gone_pod(make_broker, kube, http,
-                                                                     vault):
+async def _pod_with_a_login(make_broker, kube, http) -> tuple[Any, dict[str, Any]]:
+    """A broker whose dev issuer asks the loopback API server about pods, and a database
+    login issued to the running pod POD."""
     kube.set_pods([POD], rv="100")
     b = await make_broker(
         overrides={"kubernetes": {"api_url": kube.url, "token_file": None, "ca_file": None}},
@@ -54,6 +49,18 @@ async def test_renewal_asks_the_api_server_and_terminates_a_gone_pod(make_broker
                          headers=bearer(token)) as resp:
         cred = await resp.json()
     assert resp.status == 201, cred
+    return b, cred
+
+
+async def _renew(http, b, lease_id: str, instance: str) -> tuple[int, Any]:
+    token = b.issuer.mint(instance=instance, workload="payments", claims=_claims(POD))
+    async with http.post(f"{b.url}/v1/leases/{lease_id}/renew", headers=bearer(token)) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_renewal_asks_the_api_server_and_terminates_a_gone_pod(make_broker, kube, http,
+                                                                     vault):
+    b, cred = await _pod_with_a_login(make_broker, kube, http)
 
     status, renewed = await _renew(http, b, cred["lease_id"], UID)
     assert status == 200, renewed
@@ -79,14 +86,7 @@ async def test_renewal_asks_the_api_server_and_terminates_a_gone_pod(make_broker
 
 
 async def test_an_unreachable_api_server_does_not_stop_renewals(make_broker, kube, http):
-    kube.set_pods([POD], rv="100")
-    b = await make_broker(
-        overrides={"kubernetes": {"api_url": kube.url, "token_file": None, "ca_file": None}},
-        issuer_overrides=POD_ISSUER)
-    token = b.issuer.mint(instance=UID, workload="payments", claims=_claims(POD))
-    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
-                         headers=bearer(token)) as resp:
-        cred = await resp.json()
+    b, cred = await _pod_with_a_login(make_broker, kube, http)
     await kube.stop()
     status, renewed = await _renew(http, b, cred["lease_id"], UID)
     assert status == 200, renewed
