@@ -4,6 +4,7 @@ values (ids, times, Vault-generated secrets, certificates) masked."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -89,6 +90,10 @@ async def test_walkthrough_answers_are_unchanged(broker, http):
     steps["16 list done jobs"] = await call(http, "GET", f"{url}/v1/admin/jobs?state=done",
                                             headers=admin)
 
+    job_id = steps["12 terminate"]["body"]["job"]["job_id"]
+    steps["16b retry a job that has not failed"] = await call(
+        http, "POST", f"{url}/v1/admin/jobs/{job_id}/retry", headers=admin)
+
     steps["17 issue after termination"] = await call(
         http, "POST", f"{url}/v1/credentials", headers=workload, json={"role": "dev-cert"})
     steps["18 renew after termination"] = await call(
@@ -101,4 +106,17 @@ async def test_walkthrough_answers_are_unchanged(broker, http):
     report["body"] = shape(report["body"])
     steps["20 reconcile (shape)"] = report
 
-    assert_golden("walkthrough.json", mask(steps))
+    steps["21 explain a granted role"] = await call(
+        http, "POST", f"{url}/v1/admin/policy/explain", headers=admin,
+        json={"token": broker.token("i-explain"), "role": "dev-cert", "ttl": "2h"})
+    steps["22 explain a role no rule allows"] = await call(
+        http, "POST", f"{url}/v1/admin/policy/explain", headers=admin,
+        json={"token": broker.token("i-explain"), "role": "no-such-role"})
+    steps["23 explain an invalid token"] = await call(
+        http, "POST", f"{url}/v1/admin/policy/explain", headers=admin,
+        json={"token": "garbage", "role": "dev-cert"})
+
+    # The dev issuer's URL carries a port chosen per session.
+    masked = mask(steps)
+    assert_golden("walkthrough.json",
+                  json.loads(json.dumps(masked).replace(broker.issuer.issuer, "<issuer-url>")))
