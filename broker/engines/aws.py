@@ -25,7 +25,7 @@ An STS session cannot be revoked (Vault's revoke of an STS lease is a no-op). So
 modes are pinned to STS's minimum of 15 minutes, a lease limit refuses rather than
 "revokes" the oldest, a release is refused, and termination denies the instance's
 sessions in IAM (``web_identity``, and ``assumed_role`` with ``deny_on_revoke``): see
-``broker.cloud.iam_policy`` and deploy/engines/aws.md.
+``broker.aws.iam_policy`` and deploy/engines/aws.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from broker.cloud import (
+from broker.aws import (
     ROLE_ARN,
     SESSION_NAME,
     STS_MIN_DURATION_S,

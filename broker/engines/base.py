@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # config imports the engine registry to validate roles
-    from broker.cloud import SessionRef, StsSession, WebIdentityRequest
+    from broker.aws import SessionRef, StsSession, WebIdentityRequest
     from broker.config import RoleSettings
 
 # A caller parameter's check: takes the JSON value, returns the value to use, or raises

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import botocore.config
 import botocore.exceptions
 
-from broker.cloud.boto import aws_session, client_config
+from broker.aws.boto import aws_session, client_config
 from broker.config import SqsEventSettings
 from broker.errors import (
     BrokerError,

@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from broker.aws import StsSession, WebIdentityRequest
 from broker.clock import Clock, iso_z
-from broker.cloud import StsSession, WebIdentityRequest
 from broker.config import RoleSettings, Rule
 from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
 from broker.errors import (

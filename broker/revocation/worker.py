@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from broker.aws import SessionRef
 from broker.clock import Clock
-from broker.cloud import SessionRef
 from broker.config import RevocationSettings
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases.states import LeaseState

@@ -20,10 +20,10 @@ import pytest
 
 from broker.clock import FixedClock
 from broker.config import KubernetesSettings
+from broker.events.pod_watch import PodWatch
 from broker.identity.model import Identity
 from broker.kubernetes.client import KubernetesClient
-from broker.kubernetes.liveness import KubernetesLiveness
-from broker.kubernetes.watch import PodWatch
+from broker.liveness.kubernetes import KubernetesLiveness
 from tests.harness.api import eventually, issue, wait_job
 from tests.harness.kube import FakeKubeApi, Injection, load_pods, load_stream
 from tests.harness.proxy import FaultProxy

@@ -22,7 +22,7 @@ from broker.dev.openbao import free_port
 from broker.errors import StoreUnavailable, UpstreamRejected, UpstreamUnavailable
 from broker.events.sqs import SqsTerminationSource
 from broker.identity.model import Identity
-from broker.liveness.aws_ec2 import Ec2Liveness, ec2_instance_id
+from broker.liveness.ec2 import Ec2Liveness, ec2_instance_id
 from broker.logs import JsonFormatter
 from tests.harness.api import eventually, issue, wait_job
 from tests.harness.moto import ACCESS_KEY_ID, ACCOUNT, REGION, SECRET_ACCESS_KEY, MotoServer

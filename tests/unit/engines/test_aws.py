@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.cloud import SessionRef, StsSession, WebIdentityRequest, session_name_for
-from broker.cloud import iam_policy as ip
-from broker.cloud.sts import parse_error, parse_session, web_identity_form
+from broker.aws import SessionRef, StsSession, WebIdentityRequest, session_name_for
+from broker.aws import iam_policy as ip
+from broker.aws.sts import parse_error, parse_session, web_identity_form
 from broker.config import RoleSettings, load_settings
 from broker.engines import ENGINES
 from broker.engines.aws import needs

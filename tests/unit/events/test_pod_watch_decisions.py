@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from broker.events.pod_watch import Action, Verb, decide, parse_event, plan_relist
 from broker.kubernetes import valid_namespace, valid_pod_name
-from broker.kubernetes.liveness import pod_alive, pod_ref
-from broker.kubernetes.watch import Action, Verb, decide, parse_event, plan_relist
+from broker.liveness.kubernetes import pod_alive, pod_ref
 from tests.harness.kube import load_pods, load_stream
 
 UID = "3c1f6e0a-8a3e-4d7b-9a51-6f0e2b7c4d11"

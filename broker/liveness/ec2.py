@@ -28,8 +28,8 @@ from typing import Any
 import botocore.config
 import botocore.exceptions
 
+from broker.aws.boto import aws_session, client_config
 from broker.clock import Clock
-from broker.cloud.boto import aws_session, client_config
 from broker.config import AwsSettings
 from broker.identity.model import Identity
 
