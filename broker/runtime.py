@@ -23,10 +23,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from broker.api.app import ApiDeps, build_app
 from broker.api.metrics import Metrics
 from broker.clock import Clock, SystemClock
-from broker.config import MAX_LEEWAY_SECONDS, Settings
+from broker.config import Settings
 from broker.errors import BrokerError, ConfigError
 from broker.events import TerminationSource
 from broker.identity import IdentityVerifier
+from broker.identity.settings import MAX_LEEWAY_SECONDS
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
 from broker.leases.states import JobState

@@ -47,7 +47,6 @@ import botocore.config
 import botocore.exceptions
 
 from broker.aws.boto import aws_session, client_config
-from broker.config import SqsEventSettings
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -56,6 +55,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.events import Terminate
+from broker.events.settings import SqsEventSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

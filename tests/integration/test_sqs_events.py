@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from broker.aws.settings import AwsSettings
 from broker.clock import FixedClock
-from broker.config import AwsSettings, SqsEventSettings
 from broker.dev.openbao import free_port
 from broker.errors import StoreUnavailable, UpstreamRejected, UpstreamUnavailable
+from broker.events.settings import SqsEventSettings
 from broker.events.sqs import SqsTerminationSource
 from broker.identity.model import Identity
 from broker.liveness.ec2 import Ec2Liveness, ec2_instance_id
