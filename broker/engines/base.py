@@ -110,8 +110,8 @@ class Engine:
 
     def requires(self, role: RoleSettings) -> frozenset[str]:
         """The settings a role needs besides Vault, checked at load: ``aws`` (the broker's
-        own AWS access) and ``entity`` (instance tokens with an identity entity). None by
-        default."""
+        own AWS access) and ``entity`` (instance tokens with an identity entity). Nothing
+        by default."""
         return frozenset()
 
     def revocable(self, role: RoleSettings) -> bool:
