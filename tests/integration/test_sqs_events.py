@@ -492,9 +492,9 @@ async def test_ec2_liveness_cannot_tell_when_ec2_is_unreachable():
 
 async def test_ec2_liveness_eviction_keeps_each_answer_with_its_own_instance(
         moto, liveness, monkeypatch):
-    from broker.liveness import aws_ec2
+    from broker.liveness import ec2
 
-    monkeypatch.setattr(aws_ec2, "MAX_CACHED", 3)
+    monkeypatch.setattr(ec2, "MAX_CACHED", 3)
     check, clock, _ = liveness
     ec2 = moto.client("ec2")
     running = [ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)[
