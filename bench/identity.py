@@ -51,10 +51,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from broker.config import ClaimMatch, IssuerSettings, RoleSettings, Rule  # noqa: E402
+from broker.engines.role import RoleSettings  # noqa: E402
 from broker.identity.model import Identity  # noqa: E402
+from broker.identity.settings import IssuerSettings  # noqa: E402
 from broker.identity.verify import inspect_token, verify_signed  # noqa: E402
 from broker.policy.rules import decide  # noqa: E402
+from broker.policy.settings import ClaimMatch, Rule  # noqa: E402
 
 TARGET_PER_S = 5000
 AUDIENCE = "credential-broker"

@@ -23,10 +23,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from broker.api.app import ApiDeps, build_app
 from broker.api.metrics import Metrics
 from broker.clock import Clock, SystemClock
-from broker.config import MAX_LEEWAY_SECONDS, Settings
+from broker.config import Settings
 from broker.errors import BrokerError, ConfigError
 from broker.events import TerminationSource
 from broker.identity import IdentityVerifier
+from broker.identity.settings import MAX_LEEWAY_SECONDS
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
 from broker.leases.states import JobState
@@ -38,7 +39,7 @@ from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
 
 if TYPE_CHECKING:
-    from broker.cloud.aws import AwsClient
+    from broker.aws.client import AwsClient
 
 log = logging.getLogger(__name__)
 # A used token id is kept this long past its token's expiry: the leeway, plus the time a
@@ -65,7 +66,7 @@ class Broker:
         self.tokens = InstanceTokens(self.vault, self.store, self.clock)
         self.aws: AwsClient | None = None
         if settings.aws is not None:
-            from broker.cloud.aws import AwsClient  # boto3 loads only where AWS is used
+            from broker.aws.client import AwsClient  # boto3 loads only where AWS is used
 
             self.aws = AwsClient(settings.aws, self.clock)
         self.worker = RevocationWorker(
@@ -222,12 +223,12 @@ class Broker:
         for issuer in settings.identity.issuers:
             check: LivenessCheck | None = None
             if issuer.liveness.check == "kubernetes":
-                from broker.kubernetes.liveness import KubernetesLiveness
+                from broker.liveness.kubernetes import KubernetesLiveness
 
                 assert kube_client is not None  # configuration validation requires it
                 check = KubernetesLiveness(kube_client, cache_s=issuer.liveness.cache_s)
             elif issuer.liveness.check == "aws_ec2":
-                from broker.liveness.aws_ec2 import Ec2Liveness
+                from broker.liveness.ec2 import Ec2Liveness
 
                 assert settings.aws is not None
                 check = Ec2Liveness(settings.aws, self.clock, cache_s=issuer.liveness.cache_s)
@@ -242,7 +243,7 @@ class Broker:
             self._closers.append(sqs.close)
             self.sources.append(sqs)
         if settings.kubernetes is not None and settings.kubernetes.watch:
-            from broker.kubernetes.watch import PodWatch
+            from broker.events.pod_watch import PodWatch
 
             issuer_name = settings.kubernetes.issuer
             known = (

@@ -19,8 +19,8 @@ from broker.api.errors import error_response, make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
 from broker.clock import Clock
-from broker.config import RoleSettings, Rule, WebhookSettings
 from broker.durations import parse_duration
+from broker.engines.role import RoleSettings
 from broker.errors import (
     AdminForbidden,
     AdminUnauthorized,
@@ -32,12 +32,14 @@ from broker.errors import (
     TokenInvalid,
 )
 from broker.events import Terminate, TerminationSource, webhook
+from broker.events.settings import WebhookSettings
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
 from broker.issuance import CredentialService
 from broker.leases.states import JobState, LeaseState
 from broker.leases.store import Store, StoreCounts
 from broker.policy.explain import explain
+from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient

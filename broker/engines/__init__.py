@@ -2,6 +2,7 @@
 
 Every module in this package that defines an ``Engine`` subclass with a ``name`` is an
 engine: adding one is adding its file (and a role in the configuration that uses it).
+A role's settings (``role.RoleSettings``) live here too, checked against the engine they name.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import pkgutil
 
 from broker.engines.base import Engine, Mode, VaultRequest, read_caller_params, validate_role
 
+# The interface, and the role settings (which check a role against this registry).
+_NOT_ENGINES = frozenset({"base", "role"})
+
 
 def _discover() -> dict[str, Engine]:
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
+        if info.name not in _NOT_ENGINES and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
     found: dict[str, Engine] = {}
     pending = list(Engine.__subclasses__())

@@ -25,7 +25,7 @@ An STS session cannot be revoked (Vault's revoke of an STS lease is a no-op). So
 modes are pinned to STS's minimum of 15 minutes, a lease limit refuses rather than
 "revokes" the oldest, a release is refused, and termination denies the instance's
 sessions in IAM (``web_identity``, and ``assumed_role`` with ``deny_on_revoke``): see
-``broker.cloud.iam_policy`` and deploy/engines/aws.md.
+``broker.aws.iam_policy`` and deploy/engines/aws.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from broker.cloud import (
+from broker.aws import (
     ROLE_ARN,
     SESSION_NAME,
     STS_MIN_DURATION_S,
@@ -50,28 +50,15 @@ from broker.cloud import (
 from broker.engines.base import Engine, Mode, VaultRequest
 from broker.errors import BadRequest, UpstreamRejected
 from broker.secret import Secret
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 STS_MODES = frozenset({"assumed_role", "federation_token", "web_identity"})
 SESSION_POLICY_MAX_CHARS = 2048  # STS's limit for an inline session policy
 _POLICY_ARN = re.compile(r"^arn:aws[a-z-]*:iam::(?:\d{12}|aws):policy/[\x21-\x7e]{1,1024}\Z")
 _STS_LITERAL = re.compile(r"^[A-Za-z0-9_+=,.@-]*\Z")
-
-
-def needs(role: RoleSettings) -> frozenset[str]:
-    """What a role needs besides Vault: ``aws`` (the broker's own AWS access) and
-    ``entity`` (instance tokens with an identity entity). Empty for other engines."""
-    if role.engine != AwsEngine.name:
-        return frozenset()
-    mode = role.mode or next(iter(AwsEngine.modes))
-    if mode == "web_identity":
-        return frozenset({"aws", "entity"})
-    if mode == "assumed_role" and role.options.get("deny_on_revoke"):
-        return frozenset({"aws"})
-    return frozenset()
 
 
 def credential_process(
@@ -139,6 +126,14 @@ class AwsEngine(Engine):
         return role.mode or next(iter(self.modes))
 
     # -- load time -------------------------------------------------------------------
+
+    def requires(self, role: RoleSettings) -> frozenset[str]:
+        mode = self._mode_name(role)
+        if mode == "web_identity":
+            return frozenset({"aws", "entity"})
+        if mode == "assumed_role" and role.options.get("deny_on_revoke"):
+            return frozenset({"aws"})
+        return frozenset()
 
     def revocable(self, role: RoleSettings) -> bool:
         # Revoking the Vault lease of an STS session does nothing at AWS.

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from broker.engines.base import Engine, Mode, VaultRequest
 from broker.errors import UpstreamRejected
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 # A tenant is named by its id or by one of its verified domains (contoso.onmicrosoft.com).

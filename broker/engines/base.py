@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:  # config imports the engine registry to validate roles
-    from broker.cloud import SessionRef, StsSession, WebIdentityRequest
-    from broker.config import RoleSettings
+from broker.aws import SessionRef, StsSession, WebIdentityRequest
+from broker.errors import BadRequest
+
+if TYPE_CHECKING:  # for annotations only: a role checks itself against this interface
+    from broker.engines.role import RoleSettings
 
 # A caller parameter's check: takes the JSON value, returns the value to use, or raises
 # ValueError with a message that says what to fix (never echoing the value).
@@ -106,6 +108,12 @@ class Engine:
         """The credential, from the session ``exchange`` led to."""
         raise NotImplementedError
 
+    def requires(self, role: RoleSettings) -> frozenset[str]:
+        """The settings a role needs besides Vault, checked at load: ``aws`` (the broker's
+        own AWS access) and ``entity`` (instance tokens with an identity entity). Nothing
+        by default."""
+        return frozenset()
+
     def revocable(self, role: RoleSettings) -> bool:
         """Whether revoking the Vault lease ends the credential. False for an AWS STS
         session: Vault's lease revocation does nothing at AWS, so releasing one must not
@@ -170,8 +178,6 @@ def read_caller_params(
 ) -> dict[str, Any]:
     """The caller's parameters from a request body (without ``role`` and ``ttl``), checked.
     Anything the role does not let the caller fill in is refused, never passed on."""
-    from broker.errors import BadRequest  # engines stay importable by config
-
     allowed = caller_params_of(engine, role)
     unknown = set(body) - allowed
     if unknown:

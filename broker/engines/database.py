@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from broker.engines.base import Engine, Mode, VaultRequest
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 
 class DatabaseEngine(Engine):

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from broker.clock import iso_z
 from broker.engines.base import Engine, Mode, VaultRequest
 from broker.errors import UpstreamRejected
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 # mode → (Vault path kind, what it issues)
 _PATHS: dict[str, tuple[str, str]] = {

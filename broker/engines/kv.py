@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from broker.config import template_fields
 from broker.engines.base import Engine, Mode, VaultRequest
 from broker.errors import UpstreamRejected
-from broker.vault import vault_path
+from broker.settings import template_fields
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 _PATH = frozenset({"path"})
 _LONGEST_VALUE = "x" * 63  # what policy.templates lets an identity value be, at most

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from broker.engines.base import Engine, Mode, VaultRequest
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 _KEEP = (
     "certificate",

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from broker.engines.base import Engine, Mode, VaultRequest
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
-    from broker.config import RoleSettings
+    from broker.engines.role import RoleSettings
 
 # An RSA 8192 public key line is ~1.4 KiB; the bound leaves room for a comment.
 MAX_PUBLIC_KEY_BYTES = 4096

@@ -1,7 +1,7 @@
 """Termination sources: everything that tells the broker an instance is gone.
 
 The admin API and CLI, the signed event webhook (``webhook``), EC2 state-change events from
-an SQS queue (``sqs``) and the Kubernetes pod watch (``broker.kubernetes.watch``) each turn
+an SQS queue (``sqs``) and the Kubernetes pod watch (``pod_watch``) each turn
 what they hear into the same call, ``Terminate``: one durable, idempotent revocation job
 per instance, created in the transaction that tombstones it. A source acknowledges an event
 (deletes the SQS message, advances its watch position) only after that call returned.

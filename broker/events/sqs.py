@@ -46,8 +46,7 @@ from typing import Any, TypeVar
 import botocore.config
 import botocore.exceptions
 
-from broker.cloud.boto import aws_session, client_config
-from broker.config import SqsEventSettings
+from broker.aws.boto import aws_session, client_config
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -56,6 +55,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.events import Terminate
+from broker.events.settings import SqsEventSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 import jwt
 
-from broker.config import IssuerSettings, require_tls_off_loopback
 from broker.errors import TokenInvalid, UpstreamUnavailable
+from broker.identity.settings import IssuerSettings
+from broker.settings import require_tls_off_loopback
 
 log = logging.getLogger(__name__)
 MIN_CACHE_SECONDS = 10

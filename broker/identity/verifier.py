@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import aiohttp
 
 from broker.clock import Clock
-from broker.config import IdentitySettings
 from broker.errors import BrokerError
 from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
+from broker.identity.settings import IdentitySettings
 from broker.identity.verify import inspect_token, refuse, verify_signed
 
 # The fixed `iss` of legacy (secret-based) service-account tokens.

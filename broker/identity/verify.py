@@ -25,9 +25,9 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from broker.config import ALLOWED_ALGORITHMS, ClaimJoin, ClaimSpec, IssuerSettings
 from broker.errors import TokenInvalid
 from broker.identity.model import Identity
+from broker.identity.settings import ALLOWED_ALGORITHMS, ClaimJoin, ClaimSpec, IssuerSettings
 
 # Header parameters that may appear. Everything else (jwk, jku, x5u, x5c, crit, b64,
 # cty, enc, zip, …) is refused: either it would let the token choose its own key or it

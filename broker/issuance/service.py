@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from broker.aws import StsSession, WebIdentityRequest
 from broker.clock import Clock, iso_z
-from broker.cloud import StsSession, WebIdentityRequest
-from broker.config import RoleSettings, Rule
 from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
+from broker.engines.role import RoleSettings
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -50,6 +50,7 @@ from broker.leases.store import LeaseLimit, LeaseView, Store
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.policy import decide, render_params
+from broker.policy.settings import Rule
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)

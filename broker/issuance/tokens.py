@@ -14,10 +14,10 @@ from datetime import timedelta
 from typing import Protocol
 
 from broker.clock import Clock
-from broker.config import TOKEN_REUSE_MARGIN_S
 from broker.errors import InstanceTerminated
 from broker.identity.model import Identity
 from broker.vault import InstanceToken
+from broker.vault.settings import TOKEN_REUSE_MARGIN_S
 
 
 class TokenMinter(Protocol):

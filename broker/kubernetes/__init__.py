@@ -1,6 +1,7 @@
-"""The broker's view of Kubernetes pods: the pod watch (``watch``) that terminates the
-instance of a pod that is deleted or has finished, and the ``kubernetes`` liveness check
-(``liveness``), both over one small API-server client (``client``).
+"""The Kubernetes provider: one small API-server client (``client``) and what a pod object
+says. Its users live with their capability: the pod watch that terminates the instance of
+a pod that is deleted or has finished (``broker.events.pod_watch``) and the ``kubernetes``
+liveness check (``broker.liveness.kubernetes``).
 
 For a ``kubernetes`` issuer the instance id is the pod uid (claim
 ``kubernetes.io.pod.uid``). A uid is never reused: once a pod with that uid is gone, the

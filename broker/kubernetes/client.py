@@ -5,8 +5,9 @@ tokens rotate (the kubelet swaps the file, by default well before the hour is up
 file is looked at again on every request and re-read when it changed, at least every
 ``token_recheck_s``, and after a 401. The token lives in a ``Secret``: it is never logged.
 
-TLS is verified against ``ca_file`` (the in-cluster CA); plain http is accepted by
-``broker.config`` only towards a loopback address (``kubectl proxy``, tests).
+TLS is verified against ``ca_file`` (the in-cluster CA); plain http is accepted by its
+settings (``broker.kubernetes.settings``) only towards a loopback address (``kubectl
+proxy``, tests).
 
 aiohttp errors and unusable answers become ``UpstreamUnavailable`` (retry: unreachable,
 timing out, 429, 5xx) or ``UpstreamRejected`` (401, 403, 410, other refusals, garbled
@@ -27,8 +28,8 @@ from urllib.parse import quote
 import aiohttp
 
 from broker import kubernetes as k8s
-from broker.config import KubernetesSettings
 from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
+from broker.kubernetes.settings import KubernetesSettings
 from broker.secret import Secret
 
 log = logging.getLogger(__name__)

@@ -98,7 +98,7 @@ class Lease(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error_code: Mapped[str | None] = mapped_column(String(64))
     # What termination must act on outside Vault, recorded before the credential is
-    # asked for: an STS session (``broker.cloud.SessionRef``), which AWS cannot revoke and
+    # asked for: an STS session (``broker.aws.SessionRef``), which AWS cannot revoke and
     # the broker denies in IAM instead. Names no secret.
     external_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The Vault path the credential was requested from (``database/creds/app``), written

@@ -25,7 +25,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.clock import Clock, iso_z
-from broker.config import StoreSettings
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -39,6 +38,7 @@ from broker.errors import (
 )
 from broker.leases import models as m
 from broker.leases.db import async_url, head_revision
+from broker.leases.settings import StoreSettings
 from broker.leases.states import (
     COUNTED_LEASE_STATES,
     LIVE_LEASE_STATES,

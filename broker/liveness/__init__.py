@@ -5,6 +5,9 @@ has another uid, the EC2 instance is shutting down or terminated) or ``None`` (c
 tell: the source is unreachable or refused). Only ``False`` terminates the instance; a
 ``None`` renews as if no check were configured, and is counted, so that an outage of the
 Kubernetes API does not stop every workload's renewals.
+
+One module per check (``kubernetes``, ``ec2``) over its provider's client
+(``broker.kubernetes``, ``broker.aws``); ``sightings`` records that an instance was seen.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from broker.config import RoleSettings, Rule
+from broker.engines.role import RoleSettings
 from broker.errors import NotPermitted
 from broker.identity.model import Identity
 from broker.policy.rules import decide, rules_applying
+from broker.policy.settings import Rule
 from broker.policy.templates import render_params
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from broker.config import ClaimMatch, RoleSettings, Rule
+from broker.engines.role import RoleSettings
 from broker.identity.model import Identity
 from broker.identity.verify import claim_at
+from broker.policy.settings import ClaimMatch, Rule
 
 
 @dataclass(frozen=True)

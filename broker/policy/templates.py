@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from broker.config import template_fields
 from broker.errors import NotPermitted
 from broker.identity.model import Identity
+from broker.settings import template_fields
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z")
 

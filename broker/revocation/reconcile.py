@@ -39,13 +39,15 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 from broker.clock import Clock
-from broker.config import IssuerSettings, ReconcileSettings, RevocationSettings, RoleSettings
 from broker.engines import ENGINES
+from broker.engines.role import RoleSettings
 from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
+from broker.identity.settings import IssuerSettings
 from broker.leases.states import LIVE_LEASE_STATES, LeaseState
 from broker.leases.store import LeaseView, Store
 from broker.revocation.bounded import Bounded
+from broker.revocation.settings import ReconcileSettings, RevocationSettings
 from broker.vault import VaultClient
 from broker.vault.client import LeaseInfo
 

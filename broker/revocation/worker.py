@@ -32,14 +32,14 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from broker.aws import SessionRef
+from broker.backoff import retry_delay
 from broker.clock import Clock
-from broker.cloud import SessionRef
-from broker.config import RevocationSettings
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases.states import LeaseState
 from broker.leases.store import JobView, LeaseView, Store
-from broker.revocation.backoff import retry_delay
 from broker.revocation.bounded import Bounded
+from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ configuration such as the dev server's mounts and roles. Errors leave this packa
 ``UpstreamUnavailable`` / ``UpstreamRejected``; nothing above it sees aiohttp or hvac.
 """
 
-from broker.vault.client import InstanceToken, IssuedSecret, VaultClient, VaultHealth, vault_path
+from broker.vault.client import InstanceToken, IssuedSecret, VaultClient, VaultHealth
+from broker.vault.paths import vault_path
 
 __all__ = ["InstanceToken", "IssuedSecret", "VaultClient", "VaultHealth", "vault_path"]

@@ -10,26 +10,18 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import aiohttp
 
 from broker.clock import Clock
-from broker.config import AppRoleAuth, VaultSettings
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 from broker.secret import Secret
+from broker.vault.paths import vault_path
+from broker.vault.settings import AppRoleAuth, VaultSettings
 
 log = logging.getLogger(__name__)
 _GONE = ("invalid lease",)  # Vault's word, on a lease lookup, that the lease does not exist
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,255}\Z")
-
-
-def vault_path(*segments: str) -> str:
-    """Join validated, escaped path segments. A segment can never climb or add a level."""
-    for seg in segments:
-        if not _SEGMENT.match(seg) or ".." in seg:
-            raise UpstreamRejected("a Vault path segment is not allowed", code="vault_path_refused")
-    return "/".join(quote(s, safe="") for s in segments)
 
 
 def entity_alias_name(issuer: str, workload: str) -> str:

@@ -33,6 +33,24 @@ from aiohttp import web
 DATA = Path(__file__).resolve().parent.parent / "data" / "kubernetes"
 
 
+# The uid of the pod the unit tests build.
+UID = "3c1f6e0a-8a3e-4d7b-9a51-6f0e2b7c4d11"
+
+
+def pod(uid: str | None = UID, rv: str | None = "41230", phase: str | None = "Running",
+        deleting: bool = False) -> dict[str, Any]:
+    """A Pod object as the API server sends it."""
+    meta: dict[str, Any] = {"name": "api-6f7c9d8b5-x2kqp", "namespace": "payments"}
+    if uid is not None:
+        meta["uid"] = uid
+    if rv is not None:
+        meta["resourceVersion"] = rv
+    if deleting:
+        meta["deletionTimestamp"] = "2026-05-11T10:14:07Z"
+    status = {"phase": phase} if phase is not None else {}
+    return {"kind": "Pod", "apiVersion": "v1", "metadata": meta, "spec": {}, "status": status}
+
+
 def load_pods() -> dict[str, dict[str, Any]]:
     """The recorded pods by name (``pods.json``)."""
     podlist = json.loads((DATA / "pods.json").read_text())

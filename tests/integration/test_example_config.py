@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.config import AppRoleAuth, load_settings_file
+from broker.config import load_settings_file
+from broker.vault.settings import AppRoleAuth
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "broker.example.yaml"
 

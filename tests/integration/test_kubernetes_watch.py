@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from broker.clock import FixedClock
-from broker.config import KubernetesSettings
+from broker.events.pod_watch import PodWatch
 from broker.identity.model import Identity
 from broker.kubernetes.client import KubernetesClient
-from broker.kubernetes.liveness import KubernetesLiveness
-from broker.kubernetes.watch import PodWatch
+from broker.kubernetes.settings import KubernetesSettings
+from broker.liveness.kubernetes import KubernetesLiveness
 from tests.harness.api import eventually, issue, wait_job
 from tests.harness.kube import FakeKubeApi, Injection, load_pods, load_stream
 from tests.harness.proxy import FaultProxy

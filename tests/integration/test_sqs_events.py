@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
+from broker.aws.settings import AwsSettings
 from broker.clock import FixedClock
-from broker.config import AwsSettings, SqsEventSettings
 from broker.dev.openbao import free_port
 from broker.errors import StoreUnavailable, UpstreamRejected, UpstreamUnavailable
+from broker.events.settings import SqsEventSettings
 from broker.events.sqs import SqsTerminationSource
 from broker.identity.model import Identity
-from broker.liveness.aws_ec2 import Ec2Liveness, ec2_instance_id
+from broker.liveness.ec2 import Ec2Liveness, ec2_instance_id
 from broker.logs import JsonFormatter
 from tests.harness.api import eventually, issue, wait_job
 from tests.harness.moto import ACCESS_KEY_ID, ACCOUNT, REGION, SECRET_ACCESS_KEY, MotoServer
@@ -491,9 +492,9 @@ async def test_ec2_liveness_cannot_tell_when_ec2_is_unreachable():
 
 async def test_ec2_liveness_eviction_keeps_each_answer_with_its_own_instance(
         moto, liveness, monkeypatch):
-    from broker.liveness import aws_ec2
+    from broker.liveness import ec2
 
-    monkeypatch.setattr(aws_ec2, "MAX_CACHED", 3)
+    monkeypatch.setattr(ec2, "MAX_CACHED", 3)
     check, clock, _ = liveness
     ec2 = moto.client("ec2")
     running = [ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)[

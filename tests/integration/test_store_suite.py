@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker.clock import FixedClock
-from broker.config import StoreSettings
 from broker.errors import InstanceTerminated, NotFound
 from broker.leases.db import migrate
+from broker.leases.settings import StoreSettings
 from broker.leases.states import LeaseState
 from broker.leases.store import LeasesStillLive, Store
 

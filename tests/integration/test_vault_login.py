@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from broker.config import AppRoleAuth
 from broker.dev.openbao import OpenBaoDevServer
 from broker.errors import UpstreamRejected
 from broker.vault.bootstrap import bootstrap_dev
+from broker.vault.settings import AppRoleAuth
 from tests.harness.vault import VaultProbe
 
 

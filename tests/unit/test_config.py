@@ -13,11 +13,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from broker.config import ALLOWED_ALGORITHMS, Settings, load_settings, load_settings_file
+from broker.config import Settings, load_settings, load_settings_file
 from broker.dev.environment import dev_settings_dict
 from broker.engines import ENGINES
 from broker.errors import ConfigError
 from broker.identity.model import Identity
+from broker.identity.settings import ALLOWED_ALGORITHMS
 from broker.policy.templates import render_params
 
 ADMIN_SHA = "ab" * 32

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from broker.api.app import LEASE_ID_PATTERN, ROLE_PATTERN
+from broker.backoff import retry_delay
 from broker.durations import MAX_SECONDS, format_duration, parse_duration
 from broker.errors import UpstreamRejected
 from broker.leases.states import (
@@ -27,9 +28,8 @@ from broker.leases.states import (
     lease_can_move,
 )
 from broker.logs import JsonFormatter
-from broker.revocation.backoff import retry_delay
 from broker.secret import Secret
-from broker.vault.client import vault_path
+from broker.vault.paths import vault_path
 
 # ---------------------------------------------------------------------------------------------
 # durations

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.cloud import SessionRef, StsSession, WebIdentityRequest, session_name_for
-from broker.cloud import iam_policy as ip
-from broker.cloud.sts import parse_error, parse_session, web_identity_form
-from broker.config import RoleSettings, load_settings
+from broker.aws import SessionRef, StsSession, WebIdentityRequest, session_name_for
+from broker.aws import iam_policy as ip
+from broker.aws.sts import parse_error, parse_session, web_identity_form
+from broker.config import load_settings
 from broker.engines import ENGINES
-from broker.engines.aws import needs
+from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, ConfigError, UpstreamRejected
 from broker.secret import Secret
 
@@ -458,8 +458,8 @@ WEB = {
 
 
 def test_web_identity_roles_need_the_aws_section_and_entity_aliases():
-    assert needs(RoleSettings.model_validate(WEB)) == {"aws", "entity"}
-    assert needs(role("iam_user")) == frozenset()
+    assert AWS.requires(RoleSettings.model_validate(WEB)) == {"aws", "entity"}
+    assert AWS.requires(role("iam_user")) == frozenset()
     with pytest.raises(ConfigError) as err:
         load_settings(settings_with({"web": WEB}, vault={"entity_alias": "workload"}))
     assert "  (top level): aws: role 'web' exchanges tokens at AWS STS" in str(err.value)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from broker.config import RoleSettings
 from broker.engines import ENGINES
 from broker.engines.base import Engine, Mode, read_caller_params, text_param, validate_role
+from broker.engines.role import RoleSettings
 from broker.errors import BadRequest
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.config import RoleSettings
 from broker.engines import ENGINES
+from broker.engines.role import RoleSettings
 from broker.errors import UpstreamRejected
 
 GCP = ENGINES["gcp"]

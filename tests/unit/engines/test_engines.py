@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.config import RoleSettings
 from broker.engines import ENGINES
+from broker.engines.role import RoleSettings
 from broker.errors import UpstreamRejected
-from broker.vault import vault_path
+from broker.vault.paths import vault_path
 
 PKI = RoleSettings(engine="pki", mount="pki", vault_role="dev-cert",
                    params={"common_name": "{workload}.workload.internal"})

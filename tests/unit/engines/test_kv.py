@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.config import RoleSettings
 from broker.engines import ENGINES, read_caller_params
+from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, NotPermitted, UpstreamRejected
 from broker.identity.model import Identity
 from broker.policy import render_params

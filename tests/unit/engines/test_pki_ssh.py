@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from broker.config import RoleSettings
 from broker.engines import ENGINES, read_caller_params
 from broker.engines.pki import MAX_CSR_BYTES, Csr, allowed_names, read_csr
+from broker.engines.role import RoleSettings
 from broker.engines.ssh import MAX_PUBLIC_KEY_BYTES, read_public_key
 from broker.errors import BadRequest
 from broker.identity.model import Identity

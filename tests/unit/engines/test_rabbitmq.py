@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from broker.config import RoleSettings, load_settings
+from broker.config import load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.engines import ENGINES, read_caller_params
 from broker.engines.rabbitmq import RabbitMqEngine
+from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, ConfigError
 
 ENGINE = ENGINES["rabbitmq"]

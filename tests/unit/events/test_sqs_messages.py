@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.config import SqsEventSettings
+from broker.events.settings import SqsEventSettings
 from broker.events.sqs import (
     MAX_BODY_BYTES,
     StateChange,

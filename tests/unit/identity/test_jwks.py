@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from broker.clock import FixedClock
-from broker.config import IdentitySettings, IssuerSettings
 from broker.errors import TokenInvalid, UpstreamUnavailable
 from broker.identity.jwks import MIN_CACHE_SECONDS, JwksCache, parse_jwks
+from broker.identity.settings import IdentitySettings, IssuerSettings
 from broker.identity.verifier import IdentityVerifier
 from tests.unit.identity.tokenkit import (
     AUDIENCE,

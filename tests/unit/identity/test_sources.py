@@ -30,10 +30,10 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 import broker.identity.verifier as verifier_module
 from broker.clock import FixedClock
-from broker.config import IdentitySettings, IssuerSettings
 from broker.errors import TokenInvalid, UpstreamUnavailable
 from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
+from broker.identity.settings import IdentitySettings, IssuerSettings
 from broker.identity.verifier import IdentityVerifier
 from tests.unit.identity.tokenkit import AUDIENCE, NOW, NOW_TS, RSA2048, Monotonic
 

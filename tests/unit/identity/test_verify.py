@@ -579,7 +579,7 @@ def test_other_token_types_are_refused(typ):
 @pytest.mark.parametrize("run_id,attempt", [("1-2", "3"), ("1", "2-3")],
                          ids=["separator-in-first", "separator-in-second"])
 def test_a_composite_part_holding_the_separator_is_refused(run_id, attempt):
-    from broker.config import ClaimJoin
+    from broker.identity.settings import ClaimJoin
     from broker.identity.verify import INSTANCE_ID_PATTERN, _mapped
 
     spec = ClaimJoin(join=(("run_id",), ("run_attempt",)), separator="-")

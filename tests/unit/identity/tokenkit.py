@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
-from broker.config import IssuerSettings
 from broker.errors import TokenInvalid
 from broker.identity.model import Identity
+from broker.identity.settings import IssuerSettings
 from broker.identity.verify import inspect_token, verify_signed
 
 # A fixed point in time; every token is built relative to it.

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from broker.config import ClaimMatch, RoleSettings, Rule
+from broker.engines.role import RoleSettings
 from broker.identity.model import Identity
 from broker.policy.rules import Decision, condition_holds, decide, rule_applies
+from broker.policy.settings import ClaimMatch, Rule
 
 CLAIMS: dict[str, Any] = {
     "sub": "system:serviceaccount:payments:api",

@@ -20,11 +20,11 @@ import aiohttp
 import botocore.config
 import botocore.exceptions
 
+from broker.aws import SessionRef, StsSession, WebIdentityRequest, iam_policy
+from broker.aws.boto import aws_session, client_config
+from broker.aws.settings import AwsSettings
+from broker.aws.sts import MAX_ANSWER_BYTES, parse_error, parse_session, web_identity_form
 from broker.clock import Clock
-from broker.cloud import SessionRef, StsSession, WebIdentityRequest, iam_policy
-from broker.cloud.boto import aws_session, client_config
-from broker.cloud.sts import MAX_ANSWER_BYTES, parse_error, parse_session, web_identity_form
-from broker.config import AwsSettings
 from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger(__name__)

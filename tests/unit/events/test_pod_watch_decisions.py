@@ -1,5 +1,5 @@
-"""The pod watch's and the liveness check's decisions, over plain data: every event type,
-every pod phase, malformed input, and the comparison a relist makes."""
+"""The pod watch's decisions, over plain data: every event type, every pod phase, malformed
+input, and the comparison a relist makes; and which names may reach an API-server URL."""
 
 from __future__ import annotations
 
@@ -8,25 +8,9 @@ from typing import Any
 
 import pytest
 
+from broker.events.pod_watch import Action, Verb, decide, parse_event, plan_relist
 from broker.kubernetes import valid_namespace, valid_pod_name
-from broker.kubernetes.liveness import pod_alive, pod_ref
-from broker.kubernetes.watch import Action, Verb, decide, parse_event, plan_relist
-from tests.harness.kube import load_pods, load_stream
-
-UID = "3c1f6e0a-8a3e-4d7b-9a51-6f0e2b7c4d11"
-
-
-def pod(uid: str | None = UID, rv: str | None = "41230", phase: str | None = "Running",
-        deleting: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": "api-6f7c9d8b5-x2kqp", "namespace": "payments"}
-    if uid is not None:
-        meta["uid"] = uid
-    if rv is not None:
-        meta["resourceVersion"] = rv
-    if deleting:
-        meta["deletionTimestamp"] = "2026-05-11T10:14:07Z"
-    status = {"phase": phase} if phase is not None else {}
-    return {"kind": "Pod", "apiVersion": "v1", "metadata": meta, "spec": {}, "status": status}
+from tests.harness.kube import UID, load_pods, load_stream, pod
 
 
 def ev(kind: Any, obj: Any) -> dict[str, Any]:
@@ -171,61 +155,6 @@ def test_plan_relist_of_the_recorded_list() -> None:
     plan = plan_relist(pods.values(), previous=None, known=None)
     assert plan.live == frozenset(p["metadata"]["uid"] for p in pods.values())
     assert plan.terminate == ()
-
-
-# -- the liveness check's pure half -------------------------------------------------
-
-def claims(ns: Any = "payments", name: Any = "api-6f7c9d8b5-x2kqp") -> dict[str, Any]:
-    return {"kubernetes.io": {"namespace": ns, "pod": {"name": name, "uid": UID},
-                              "serviceaccount": {"name": "payments-api", "uid": "x"}}}
-
-
-REFS = [
-    ("valid", claims(), ("payments", "api-6f7c9d8b5-x2kqp")),
-    ("dotted-name", claims(name="web.v2-0"), ("payments", "web.v2-0")),
-    ("no-kubernetes-claim", {"sub": "system:serviceaccount:payments:api"}, None),
-    ("claim-not-a-mapping", {"kubernetes.io": "payments"}, None),
-    ("no-pod", {"kubernetes.io": {"namespace": "payments"}}, None),
-    ("pod-not-a-mapping", {"kubernetes.io": {"namespace": "payments", "pod": "x"}}, None),
-    ("namespace-missing", claims(ns=None), None),
-    ("namespace-upper-case", claims(ns="Payments"), None),
-    ("namespace-with-slash", claims(ns="payments/../kube-system"), None),
-    ("namespace-too-long", claims(ns="a" * 64), None),
-    ("name-with-slash", claims(name="api/../../secrets"), None),
-    ("name-encoded", claims(name="api%2F..%2Fx"), None),
-    ("name-too-long", claims(name="a" * 254), None),
-    ("name-not-a-string", claims(name=42), None),
-    ("name-trailing-dash", claims(name="api-"), None),
-]
-
-
-@pytest.mark.parametrize(("given", "expected"), [(c, e) for _, c, e in REFS],
-                         ids=[i for i, _, _ in REFS])
-def test_pod_ref(given: dict[str, Any], expected: Any) -> None:
-    assert pod_ref(given) == expected
-
-
-ALIVE = [
-    ("running", pod(), True),
-    ("pending", pod(phase="Pending"), True),
-    ("in-grace-period", pod(deleting=True), True),
-    ("not-found", None, False),
-    ("recreated-other-uid", pod(uid="8e2d4b17-2c6f-4f0a-b3d9-71a5c0e9f822"), False),
-    ("succeeded", pod(phase="Succeeded"), False),
-    ("failed", pod(phase="Failed"), False),
-    ("failed-in-grace-period", pod(phase="Failed", deleting=True), False),
-]
-
-
-@pytest.mark.parametrize(("found", "expected"), [(p, e) for _, p, e in ALIVE],
-                         ids=[i for i, _, _ in ALIVE])
-def test_pod_alive(found: Any, expected: bool) -> None:
-    assert pod_alive(found, UID) is expected
-
-
-def test_pod_alive_refuses_to_say_false_for_a_pod_without_uid() -> None:
-    with pytest.raises(ValueError):
-        pod_alive(pod(uid=None), UID)
 
 
 @pytest.mark.parametrize(("value", "ns", "name"), [

@@ -40,10 +40,10 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from broker import kubernetes as k8s
-from broker.config import KubernetesSettings
+from broker.backoff import retry_delay
 from broker.errors import BrokerError, NotPermitted, UpstreamRejected, UpstreamUnavailable
 from broker.events import Terminate
-from broker.revocation.backoff import retry_delay
+from broker.kubernetes.settings import KubernetesSettings
 
 log = logging.getLogger(__name__)
 

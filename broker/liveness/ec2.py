@@ -28,9 +28,9 @@ from typing import Any
 import botocore.config
 import botocore.exceptions
 
+from broker.aws.boto import aws_session, client_config
+from broker.aws.settings import AwsSettings
 from broker.clock import Clock
-from broker.cloud.boto import aws_session, client_config
-from broker.config import AwsSettings
 from broker.identity.model import Identity
 
 log = logging.getLogger(__name__)

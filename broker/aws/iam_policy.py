@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker.cloud import iso_seconds
+from broker.aws import iso_seconds
 
 VERSION = "2012-10-17"
 SID_PREFIX = "BrokerRevoked"

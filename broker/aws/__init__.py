@@ -1,4 +1,5 @@
-"""Calls to cloud providers' own APIs, never to Vault: AWS STS and IAM.
+"""The AWS provider: calls to AWS's own APIs, never to Vault (STS and IAM here; EC2 for
+the ``ec2`` liveness check and SQS for EC2 events use its credentials and client set-up).
 
 Two things the broker does at AWS itself, because Vault cannot do them for it:
 
@@ -8,7 +9,7 @@ Two things the broker does at AWS itself, because Vault cannot do them for it:
   deny policy on the IAM role refuses every request of the instance's sessions issued
   before then (signed IAM calls, with the broker's own AWS credentials).
 
-The value types here are pure and shared with the engines; ``broker.cloud.aws`` does the
+The value types here are pure and shared with the engines; ``broker.aws.client`` does the
 I/O. Errors leave this package as ``UpstreamUnavailable`` / ``UpstreamRejected`` with
 ``aws_*`` codes; nothing above it sees aiohttp or botocore.
 """

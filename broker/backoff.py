@@ -1,4 +1,5 @@
-"""Retry delays: exponential with jitter. Pure."""
+"""Retry delays: exponential with jitter, for everything that retries a remote (the
+revocation worker, the termination sources). Pure."""
 
 from __future__ import annotations
 

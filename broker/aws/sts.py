@@ -1,5 +1,5 @@
 """AWS STS's query API for ``AssumeRoleWithWebIdentity``: the form the broker sends and
-the XML it gets back. Pure; ``broker.cloud.aws`` does the HTTP.
+the XML it gets back. Pure; ``broker.aws.client`` does the HTTP.
 
 The call is unsigned (the OIDC token is the proof), so no SDK is needed for it. The
 answer is parsed defensively: bounded in size, no DTD (so no entity expansion, external or
@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET  # noqa: S405 — bounded input, DTDs refused
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from broker.cloud import StsSession, WebIdentityRequest
+from broker.aws import StsSession, WebIdentityRequest
 from broker.errors import UpstreamRejected
 from broker.secret import Secret
 

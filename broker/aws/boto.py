@@ -7,7 +7,7 @@ from __future__ import annotations
 import boto3
 import botocore.config
 
-from broker.config import AwsDefaultChain, AwsStaticKeys
+from broker.aws.settings import AwsDefaultChain, AwsStaticKeys
 
 
 def aws_session(credentials: AwsDefaultChain | AwsStaticKeys, region: str) -> boto3.Session:

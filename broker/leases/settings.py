@@ -1,0 +1,20 @@
+"""The ``store`` section: the database the leases are recorded in."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from broker.settings import Frozen
+
+
+class StoreSettings(Frozen):
+    url: str = "sqlite:///broker.db"
+    pool_size: int = Field(20, ge=1, le=200)
+    connect_timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite://") or v.startswith("postgresql")):
+            raise ValueError("expected a sqlite:///PATH or postgresql://… URL")
+        return v
