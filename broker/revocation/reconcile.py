@@ -33,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote
 
 from broker.clock import Clock
@@ -43,8 +44,8 @@ from broker.config import IssuerSettings, ReconcileSettings, RevocationSettings,
 from broker.engines import ENGINES
 from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
-from broker.leases.states import LIVE_LEASE_STATES, LeaseState
-from broker.leases.store import LeaseView, Store
+from broker.leases import LeaseState, LeaseView
+from broker.leases.states import LIVE_LEASE_STATES
 from broker.revocation.bounded import Bounded
 from broker.vault import VaultClient
 from broker.vault.client import LeaseInfo
@@ -179,6 +180,36 @@ class ReconcileReport:
 # -- the I/O shell -------------------------------------------------------------------
 
 
+class ReconcileLedger(Protocol):
+    """What a reconcile pass reads and writes of the lease ledgers (``ReconcileRecords``)."""
+
+    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]: ...
+
+    async def past_expiry(self, *, before: datetime, limit: int) -> list[LeaseView]: ...
+
+    async def correct_expiry(self, lease_id: str, expires_at: datetime) -> None: ...
+
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int: ...
+
+    async def stuck_issuing(
+        self, *, created_before: datetime, limit: int
+    ) -> list[tuple[LeaseView, str]]: ...
+
+    async def settle_stuck(self, lease_id: str, *, revoked: Sequence[str], actor: str) -> bool: ...
+
+    async def vault_lease_states(self, vault_lease_ids: Sequence[str]) -> dict[str, str]: ...
+
+    async def vault_paths(self) -> set[str]: ...
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
+
+    async def unseen_instances(
+        self, issuer_name: str, *, seen_before: datetime, limit: int
+    ) -> list[str]: ...
+
+
 class Reconciler:
     def __init__(
         self,
@@ -187,7 +218,7 @@ class Reconciler:
         *,
         roles: Mapping[str, RoleSettings],
         issuers: Sequence[IssuerSettings],
-        store: Store,
+        store: ReconcileLedger,
         vault: VaultClient,
         clock: Clock,
         terminate: Terminate,
