@@ -131,8 +131,6 @@ async def begin_issue(
             async with conn.begin_nested():
                 await conn.execute(
                     INSERT_SEEN,
-                    LEASES,
-                    TOKENS,
                     {
                         "issuer_name": issuer_name,
                         "jti": token_id[0],
