@@ -12,10 +12,10 @@ One pass, four steps, each on its own (one failing does not skip the others):
    is revoked and confirmed gone, and the row is settled ``abandoned``. Why that takes
    nothing from a workload: the broker hands out only what it recorded, and a request may
    record its lease only while its row is younger than the issuing bound
-   (``Store.complete_issue``), so a lease older than the bound that no row holds can never
-   be handed out. The Vault roles the broker's roles name must be the broker's own: a lease
-   someone else read from them in that window is revoked too. (Termination covers the same
-   lease through the instance token as well.)
+   (``IssuanceRecords.complete_issue``), so a lease older than the bound that no row holds
+   can never be handed out. The Vault roles the broker's roles name must be the broker's
+   own: a lease someone else read from them in that window is revoked too. (Termination
+   covers the same lease through the instance token as well.)
 3. **orphans**: the leases under the broker's Vault paths (those its roles issue from, and
    every path a lease row names) that no live row holds, older than the issuing bound,
    are reported, and revoked when ``revoke_orphans`` is set. Leases under those paths
