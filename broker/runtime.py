@@ -30,8 +30,18 @@ from broker.identity import IdentityVerifier
 from broker.identity.settings import MAX_LEEWAY_SECONDS
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
-from broker.leases.states import JobState
-from broker.leases.store import JobView, Store
+from broker.leases import (
+    AdminRecords,
+    Database,
+    IssuanceRecords,
+    JobState,
+    JobView,
+    ReconcileRecords,
+    ReplayRecords,
+    RevocationJobRecords,
+    SightingRecords,
+    TerminationRecords,
+)
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.revocation.reconcile import Reconciler, ReconcileReport
@@ -60,10 +70,18 @@ class Broker:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.store = Store(settings.store, self.clock)
+        # One database; each part gets only its own ledger on it.
+        self.database = Database(settings.store)
+        self.issuance_records = IssuanceRecords(self.database, self.clock)
+        self.termination_records = TerminationRecords(self.database, self.clock)
+        self.job_records = RevocationJobRecords(self.database, self.clock)
+        self.reconcile_records = ReconcileRecords(self.database, self.clock)
+        self.replay_records = ReplayRecords(self.database, self.clock)
+        self.sighting_records = SightingRecords(self.database)
+        self.admin_records = AdminRecords(self.database, self.clock)
         self.vault = VaultClient(settings.vault, self.clock)
         self.metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
-        self.tokens = InstanceTokens(self.vault, self.store, self.clock)
+        self.tokens = InstanceTokens(self.vault, self.issuance_records, self.clock)
         self.aws: AwsClient | None = None
         if settings.aws is not None:
             from broker.aws.client import AwsClient  # boto3 loads only where AWS is used
@@ -71,7 +89,7 @@ class Broker:
             self.aws = AwsClient(settings.aws, self.clock)
         self.worker = RevocationWorker(
             settings.revocation,
-            self.store,
+            self.job_records,
             self.vault,
             self.clock,
             on_terminated=self.tokens.forget,
@@ -86,7 +104,7 @@ class Broker:
             settings.revocation,
             roles=settings.roles,
             issuers=settings.identity.issuers,
-            store=self.store,
+            store=self.reconcile_records,
             vault=self.vault,
             clock=self.clock,
             terminate=self.terminate,
@@ -104,9 +122,9 @@ class Broker:
         self.verifier: IdentityVerifier | None = None
 
     async def start(self, *, require_migrated: bool = True) -> None:
-        await self.store.start()
-        if require_migrated and not await self.store.is_migrated():
-            await self.store.close()
+        await self.database.start()
+        if require_migrated and not await self.database.is_migrated():
+            await self.database.close()
             raise ConfigError(
                 "the lease store is not migrated to this version: "
                 "run `broker migrate --config FILE` first"
@@ -120,7 +138,7 @@ class Broker:
         self.service = service = CredentialService(
             roles=self.settings.roles,
             rules=self.settings.policy.rules,
-            store=self.store,
+            store=self.issuance_records,
             vault=self.vault,
             tokens=self.tokens,
             clock=self.clock,
@@ -151,7 +169,10 @@ class Broker:
         deps = ApiDeps(
             verifier=self.verifier,
             service=service,
-            store=self.store,
+            admin=self.admin_records,
+            replay=self.replay_records,
+            counts=self.admin_records,
+            database=self.database,
             vault=self.vault,
             metrics=self.metrics,
             admin_token_sha256=self.settings.admin.token_sha256,
@@ -192,7 +213,9 @@ class Broker:
     ) -> JobView:
         """Every termination source ends here (``broker.events.Terminate``): the durable
         job first, then this replica forgets the instance's token and wakes its worker."""
-        job = await self.store.request_termination(instance_id, actor=actor, issuer=issuer)
+        job = await self.termination_records.request_termination(
+            instance_id, actor=actor, issuer=issuer
+        )
         self.tokens.forget(instance_id)
         if job.state in (JobState.PENDING, JobState.RUNNING):
             self.kick_revocation()
@@ -247,7 +270,7 @@ class Broker:
 
             issuer_name = settings.kubernetes.issuer
             known = (
-                (lambda: self.store.active_instance_ids(issuer_name))
+                (lambda: self.termination_records.active_instance_ids(issuer_name))
                 if issuer_name is not None
                 else None
             )
@@ -277,7 +300,7 @@ class Broker:
 
     async def _flush_sightings(self) -> None:
         try:
-            await self.sightings.flush(self.store, self.clock.now())
+            await self.sightings.flush(self.sighting_records, self.clock.now())
         except BrokerError:
             log.warning("could not record instance sightings; retrying at the next flush")
 
@@ -299,7 +322,10 @@ class Broker:
         steps: tuple[tuple[str, Callable[[], Awaitable[Any]]], ...] = (
             ("vault login", self.vault.maintain_login),
             ("instance tokens", self._prune_tokens),
-            ("replay records", lambda: self.store.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE)),
+            (
+                "replay records",
+                lambda: self.replay_records.prune_seen_tokens(grace=REPLAY_PRUNE_GRACE),
+            ),
             ("replaced leases", self.worker.sweep_superseded),
             ("jwks", lambda: asyncio.gather(*(c.refresh_if_stale() for c in verifier.caches))),
         )
@@ -342,7 +368,7 @@ class Broker:
         await self.vault.close()
         if self.aws is not None:
             await self.aws.close()
-        await self.store.close()
+        await self.database.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         try:

@@ -11,13 +11,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from broker.api.errors import error_response, make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
+from broker.api.views import instance_public, job_public, lease_admin
 from broker.clock import Clock
 from broker.durations import parse_duration
 from broker.engines.role import RoleSettings
@@ -36,8 +37,7 @@ from broker.events.settings import WebhookSettings
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
 from broker.issuance import CredentialService
-from broker.leases.states import JobState, LeaseState
-from broker.leases.store import Store, StoreCounts
+from broker.leases import InstanceView, JobState, JobView, LeaseState, LeaseView, StoreCounts
 from broker.policy.explain import explain
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
@@ -53,11 +53,57 @@ WEBHOOK_REPLAY_NAMESPACE = "@event-webhook"
 MAX_AUTH_HEADER = 70 * 1024
 
 
+class AdminQueries(Protocol):
+    """The admin endpoints' reads of the lease ledgers, and their retry of a failed job."""
+
+    async def get_instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
+
+    async def list_leases(
+        self,
+        *,
+        instance: str | None = None,
+        workload: str | None = None,
+        role: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[LeaseView]: ...
+
+    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]: ...
+
+    async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
+
+
+class ReplayGuard(Protocol):
+    """The shared replay record, where the webhook remembers the signatures it accepted."""
+
+    async def is_used(self, namespace: str, key: str) -> bool: ...
+
+    async def use_once(self, namespace: str, key: str, *, keep_until: datetime) -> bool: ...
+
+
+class LedgerCounts(Protocol):
+    """Live leases by role and state, and the revocation queue, for the metrics."""
+
+    async def counts(self) -> StoreCounts: ...
+
+
+class Reachable(Protocol):
+    """The lease database, as readiness sees it."""
+
+    async def ping(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ApiDeps:
     verifier: IdentityVerifier
     service: CredentialService
-    store: Store
+    admin: AdminQueries
+    replay: ReplayGuard
+    counts: LedgerCounts
+    database: Reachable
     vault: VaultClient
     metrics: Metrics
     admin_token_sha256: str
@@ -207,7 +253,7 @@ async def terminate_instance(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     instance_id = _instance_id(request)
     job = await deps.terminate(instance_id, actor="admin")
-    return web.json_response({"instance_id": instance_id, "job": job.public()}, status=202)
+    return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
 
 
 async def terminate_event(request: web.Request) -> web.Response:
@@ -229,7 +275,7 @@ async def terminate_event(request: web.Request) -> web.Response:
     event = webhook.parse(body, max_instances=deps.webhook.max_instances)
     if event.issuer is not None and event.issuer not in deps.issuer_names:
         raise BadRequest("'issuer' must be the name of a configured issuer", code="invalid_issuer")
-    if await deps.store.is_used(WEBHOOK_REPLAY_NAMESPACE, digest):
+    if await deps.replay.is_used(WEBHOOK_REPLAY_NAMESPACE, digest):
         raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
     results: list[dict[str, Any]] = []
     for instance_id in event.instance_ids:
@@ -238,9 +284,9 @@ async def terminate_event(request: web.Request) -> web.Response:
         except NotPermitted as exc:
             results.append({"instance_id": instance_id, "error": {"code": exc.code}})
             continue
-        results.append({"instance_id": instance_id, "job": job.public()})
+        results.append({"instance_id": instance_id, "job": job_public(job)})
     keep_until = datetime.fromtimestamp(ts + deps.webhook.window_s, UTC)
-    if not await deps.store.use_once(WEBHOOK_REPLAY_NAMESPACE, digest, keep_until=keep_until):
+    if not await deps.replay.use_once(WEBHOOK_REPLAY_NAMESPACE, digest, keep_until=keep_until):
         raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
     return web.json_response({"results": results}, status=202)
 
@@ -248,12 +294,12 @@ async def terminate_event(request: web.Request) -> web.Response:
 async def show_instance(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
-    instance, leases, job = await deps.store.get_instance(_instance_id(request))
+    instance, leases, job = await deps.admin.get_instance(_instance_id(request))
     return web.json_response(
         {
-            **instance.public(),
-            "leases": [x.admin() for x in leases],
-            "job": job.public() if job else None,
+            **instance_public(instance),
+            "leases": [lease_admin(x) for x in leases],
+            "job": job_public(job) if job else None,
         }
     )
 
@@ -278,7 +324,7 @@ async def list_leases(request: web.Request) -> web.Response:
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be between 1 and 1000", code="invalid_query")
     after = _query(request, "after")
-    leases = await deps.store.list_leases(
+    leases = await deps.admin.list_leases(
         instance=_query(request, "instance"),
         workload=_query(request, "workload"),
         role=_query(request, "role"),
@@ -287,7 +333,7 @@ async def list_leases(request: web.Request) -> web.Response:
         after=after,
     )
     nxt = leases[-1].lease_id if len(leases) == limit else None
-    return web.json_response({"leases": [x.admin() for x in leases], "next": nxt})
+    return web.json_response({"leases": [lease_admin(x) for x in leases], "next": nxt})
 
 
 async def explain_policy(request: web.Request) -> web.Response:
@@ -335,9 +381,9 @@ async def retry_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     if not JOB_ID_PATTERN.match(job_id):
         raise NotFound("no such revocation job", code="job_not_found")
-    job = await deps.store.retry_job(job_id, actor="admin")
+    job = await deps.admin.retry_job(job_id, actor="admin")
     await deps.terminate(job.instance_id, actor="admin")  # wakes this replica's worker
-    return web.json_response({"job": job.public()}, status=202)
+    return web.json_response({"job": job_public(job)}, status=202)
 
 
 async def reconcile(request: web.Request) -> web.Response:
@@ -355,8 +401,8 @@ async def reconcile(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     require_admin(request)
     deps = request.app[DEPS]
-    jobs = await deps.store.list_jobs(state=_query(request, "state", {s.value for s in JobState}))
-    return web.json_response({"jobs": [j.public() for j in jobs]})
+    jobs = await deps.admin.list_jobs(state=_query(request, "state", {s.value for s in JobState}))
+    return web.json_response({"jobs": [job_public(j) for j in jobs]})
 
 
 # -- operations --------------------------------------------------------------------------
@@ -391,7 +437,7 @@ class Cached:
 async def _readiness(deps: ApiDeps) -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
-        await deps.store.ping()
+        await deps.database.ping()
         checks["store"] = "ok"
     except BrokerError:
         checks["store"] = "unavailable"
@@ -402,9 +448,9 @@ async def _readiness(deps: ApiDeps) -> dict[str, str]:
     return checks
 
 
-async def _store_counts(deps: ApiDeps) -> StoreCounts | None:
+async def _ledger_counts(deps: ApiDeps) -> StoreCounts | None:
     try:
-        return await deps.store.counts()
+        return await deps.counts.counts()
     except BrokerError:
         return None  # serve the last values; readiness reports the store
 
@@ -455,7 +501,7 @@ def build_app(deps: ApiDeps) -> web.Application:
     )
     app[DEPS] = deps
     app[READINESS] = Cached(lambda: _readiness(deps), ttl=1.0)
-    app[COUNTS] = Cached(lambda: _store_counts(deps), ttl=5.0)
+    app[COUNTS] = Cached(lambda: _ledger_counts(deps), ttl=5.0)
     r = app.router
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)

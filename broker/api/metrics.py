@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from broker.leases.store import StoreCounts
+from broker.leases import StoreCounts
 
 if TYPE_CHECKING:
     from broker.events import TerminationSource

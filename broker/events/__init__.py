@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from broker.leases.store import JobView
+from broker.leases import JobView
 
 
 class Terminate(Protocol):

@@ -44,9 +44,10 @@ from broker.errors import (
 )
 from broker.events import Terminate
 from broker.identity.model import Identity
+from broker.issuance.ledger import IssuanceLedger
 from broker.issuance.tokens import InstanceTokens
+from broker.leases import LeaseLimit, LeaseView
 from broker.leases.states import LeaseState
-from broker.leases.store import LeaseLimit, LeaseView, Store
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.policy import decide, render_params
@@ -101,7 +102,7 @@ class CredentialService:
         *,
         roles: Mapping[str, RoleSettings],
         rules: tuple[Rule, ...],
-        store: Store,
+        store: IssuanceLedger,
         vault: VaultClient,
         tokens: InstanceTokens,
         clock: Clock,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from broker.clock import Clock
@@ -29,7 +29,11 @@ class TokenMinter(Protocol):
 
 
 class TokenRecorder(Protocol):
-    async def record_token(self, *, instance_id: str, accessor: str, expires_at) -> None: ...
+    """Where accessors are recorded before their token is used (``IssuanceRecords``)."""
+
+    async def record_token(
+        self, *, instance_id: str, accessor: str, expires_at: datetime
+    ) -> None: ...
 
 
 # A token is reused only if it outlives the new lease by this much.

@@ -1,2 +1,54 @@
 """What the broker remembers: instances, instance-token accessors, leases, revocation
-jobs and the audit log. Never a token or a credential value."""
+jobs and the audit log. Never a token or a credential value.
+
+``Database`` owns the connection pool and transactions; each consumer gets its own ledger
+(``IssuanceRecords``, ``RevocationJobRecords``...) and the value types below. Consumers
+import from here, not from the modules inside."""
+
+from broker.leases.database import Database
+from broker.leases.records import (
+    AdminRecords,
+    IssuanceRecords,
+    ReconcileRecords,
+    ReplayRecords,
+    RevocationJobRecords,
+    SightingRecords,
+    TerminationRecords,
+)
+from broker.leases.states import InstanceState, JobState, LeaseState
+from broker.leases.views import (
+    InstanceView,
+    IssueTicket,
+    JobView,
+    LeaseLimit,
+    LeasesStillLive,
+    LeaseView,
+    RevocationWork,
+    StoreCounts,
+    TokenView,
+    new_id,
+)
+
+__all__ = [
+    "AdminRecords",
+    "Database",
+    "InstanceState",
+    "InstanceView",
+    "IssuanceRecords",
+    "IssueTicket",
+    "JobState",
+    "JobView",
+    "LeaseLimit",
+    "LeaseState",
+    "LeaseView",
+    "LeasesStillLive",
+    "ReconcileRecords",
+    "ReplayRecords",
+    "RevocationJobRecords",
+    "RevocationWork",
+    "SightingRecords",
+    "StoreCounts",
+    "TerminationRecords",
+    "TokenView",
+    "new_id",
+]

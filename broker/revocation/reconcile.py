@@ -12,10 +12,10 @@ One pass, four steps, each on its own (one failing does not skip the others):
    is revoked and confirmed gone, and the row is settled ``abandoned``. Why that takes
    nothing from a workload: the broker hands out only what it recorded, and a request may
    record its lease only while its row is younger than the issuing bound
-   (``Store.complete_issue``), so a lease older than the bound that no row holds can never
-   be handed out. The Vault roles the broker's roles name must be the broker's own: a lease
-   someone else read from them in that window is revoked too. (Termination covers the same
-   lease through the instance token as well.)
+   (``IssuanceRecords.complete_issue``), so a lease older than the bound that no row holds
+   can never be handed out. The Vault roles the broker's roles name must be the broker's
+   own: a lease someone else read from them in that window is revoked too. (Termination
+   covers the same lease through the instance token as well.)
 3. **orphans**: the leases under the broker's Vault paths (those its roles issue from, and
    every path a lease row names) that no live row holds, older than the issuing bound,
    are reported, and revoked when ``revoke_orphans`` is set. Leases under those paths
@@ -33,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote
 
 from broker.clock import Clock
@@ -44,8 +45,8 @@ from broker.engines.role import RoleSettings
 from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
 from broker.identity.settings import IssuerSettings
-from broker.leases.states import LIVE_LEASE_STATES, LeaseState
-from broker.leases.store import LeaseView, Store
+from broker.leases import LeaseState, LeaseView
+from broker.leases.states import LIVE_LEASE_STATES
 from broker.revocation.bounded import Bounded
 from broker.revocation.settings import ReconcileSettings, RevocationSettings
 from broker.vault import VaultClient
@@ -181,6 +182,36 @@ class ReconcileReport:
 # -- the I/O shell -------------------------------------------------------------------
 
 
+class ReconcileLedger(Protocol):
+    """What a reconcile pass reads and writes of the lease ledgers (``ReconcileRecords``)."""
+
+    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]: ...
+
+    async def past_expiry(self, *, before: datetime, limit: int) -> list[LeaseView]: ...
+
+    async def correct_expiry(self, lease_id: str, expires_at: datetime) -> None: ...
+
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int: ...
+
+    async def stuck_issuing(
+        self, *, created_before: datetime, limit: int
+    ) -> list[tuple[LeaseView, str]]: ...
+
+    async def settle_stuck(self, lease_id: str, *, revoked: Sequence[str], actor: str) -> bool: ...
+
+    async def vault_lease_states(self, vault_lease_ids: Sequence[str]) -> dict[str, str]: ...
+
+    async def vault_paths(self) -> set[str]: ...
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
+
+    async def unseen_instances(
+        self, issuer_name: str, *, seen_before: datetime, limit: int
+    ) -> list[str]: ...
+
+
 class Reconciler:
     def __init__(
         self,
@@ -189,7 +220,7 @@ class Reconciler:
         *,
         roles: Mapping[str, RoleSettings],
         issuers: Sequence[IssuerSettings],
-        store: Store,
+        store: ReconcileLedger,
         vault: VaultClient,
         clock: Clock,
         terminate: Terminate,

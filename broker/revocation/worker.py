@@ -28,7 +28,8 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -36,8 +37,7 @@ from broker.aws import SessionRef
 from broker.backoff import retry_delay
 from broker.clock import Clock
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
-from broker.leases.states import LeaseState
-from broker.leases.store import JobView, LeaseView, Store
+from broker.leases import JobView, LeaseState, LeaseView, RevocationWork
 from broker.revocation.bounded import Bounded
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
@@ -56,11 +56,48 @@ class SessionRevoker(Protocol):
     async def deny_sessions(self, ref: SessionRef, *, issued_before: datetime) -> None: ...
 
 
+class RevocationJobs(Protocol):
+    """What the worker reads and writes of the lease ledgers (``RevocationJobRecords``)."""
+
+    async def claim_jobs(
+        self, *, worker: str, limit: int, claim_for: timedelta
+    ) -> list[JobView]: ...
+
+    async def extend_claim(self, job: JobView, *, worker: str, claim_for: timedelta) -> bool: ...
+
+    async def finish_job(self, job: JobView, *, worker: str) -> bool: ...
+
+    async def reschedule_job(
+        self,
+        job: JobView,
+        *,
+        worker: str,
+        error: str,
+        next_attempt_at: datetime,
+        give_up: bool,
+        count_attempt: bool = True,
+    ) -> None: ...
+
+    async def revocation_work(self, instance_id: str) -> RevocationWork: ...
+
+    async def mark_token_revoked(self, accessor: str) -> None: ...
+
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int: ...
+
+    async def superseded_leases(
+        self, *, older_than: timedelta, limit: int = 200
+    ) -> list[LeaseView]: ...
+
+    def exclusive(self, key: str, *, timeout_s: int = 30) -> AbstractAsyncContextManager[None]: ...
+
+
 class RevocationWorker:
     def __init__(
         self,
         settings: RevocationSettings,
-        store: Store,
+        store: RevocationJobs,
         vault: VaultClient,
         clock: Clock,
         *,

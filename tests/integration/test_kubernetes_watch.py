@@ -73,7 +73,7 @@ def pod_watch(b: Any, settings: KubernetesSettings, *, known: bool = True,
     issuer = settings.issuer or "dev"
     return PodWatch(
         settings, KubernetesClient(settings), b.broker.terminate,
-        (lambda: b.broker.store.active_instance_ids(issuer)) if known else None,
+        (lambda: b.broker.termination_records.active_instance_ids(issuer)) if known else None,
         watch_timeout_s=10, backoff_base_s=0.05, backoff_max_s=0.3, **kw)
 
 

@@ -148,8 +148,8 @@ async def test_a_lease_left_revoking_by_a_dead_request_is_swept(make_broker, htt
     assert status == 201
     old = next(r for r in b.rows("leases") if r["lease_id"] == body["lease_id"])
     # A request marks the old lease for replacement, then dies before revoking it.
-    store = b.broker.store
-    from broker.leases.store import LeaseLimit
+    store = b.broker.issuance_records
+    from broker.leases import LeaseLimit
 
     ticket = await store.begin_issue(instance_id="i-sweep", issuer_name="dev",
                                      workload="payments", role="looping", kind="x509_certificate",

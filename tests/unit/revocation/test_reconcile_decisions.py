@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker.engines.role import RoleSettings
-from broker.leases.store import LeaseView
+from broker.leases import LeaseView
 from broker.liveness.sightings import Sightings
 from broker.revocation.reconcile import (
     ReconcileReport,

@@ -1,0 +1,153 @@
+"""The lease database on SQLAlchemy (SQLite by default, PostgreSQL in production): the
+engine, its SQLite pragmas, the one transaction helper, locks across replicas, and the
+schema revision check.
+
+SQLAlchemy and driver errors are translated to ``StoreUnavailable`` here; nothing above
+this module sees them (``IntegrityError`` passes through: the SQL that provokes it on
+purpose turns it into the broker's answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from broker.errors import BrokerError, StoreUnavailable
+from broker.leases.db import async_url, head_revision
+from broker.leases.settings import StoreSettings
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+
+
+class Database:
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._engine: AsyncEngine | None = None
+        self.is_sqlite = settings.url.startswith("sqlite")
+
+    async def start(self) -> None:
+        url = async_url(self._settings.url)
+        if self.is_sqlite:
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            _sqlite_pragmas(engine)
+        else:
+            # No pre-ping: it costs a round trip per transaction. A connection that died
+            # with the server fails one request (503), and SQLAlchemy then discards the pool.
+            engine = create_async_engine(
+                url,
+                pool_size=self._settings.pool_size,
+                max_overflow=self._settings.pool_size,
+                pool_timeout=self._settings.connect_timeout_s,
+                pool_recycle=1800,
+                connect_args={
+                    "timeout": self._settings.connect_timeout_s,
+                    "command_timeout": 30,
+                    "server_settings": {"application_name": "credential-broker"},
+                },
+            )
+        self._engine = engine
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    @asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction. ``readonly`` ones on SQLite start with a plain ``BEGIN``, so
+        queries (admin listings, metrics) never hold the write lock issuance needs."""
+        if self._engine is None:
+            raise StoreUnavailable("the lease store is not started")
+        try:
+            async with self._engine.connect() as conn:
+                if readonly:
+                    await conn.execution_options(broker_readonly=True)
+                async with conn.begin():
+                    yield conn
+        except BrokerError:
+            raise
+        except IntegrityError:
+            raise
+        except (DBAPIError, SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(
+                f"the lease store is unavailable ({type(exc).__name__}); retry shortly",
+                code="store_unavailable",
+            ) from None
+
+    @asynccontextmanager
+    async def exclusive(self, key: str, *, timeout_s: int = 30) -> AsyncIterator[None]:
+        """Hold a lock named ``key`` across replicas (a PostgreSQL advisory lock, released
+        with its transaction) around a read-modify-write outside the database, such as an
+        IAM policy several revocation workers edit. On SQLite, which serves one replica, the
+        caller's in-process lock suffices, and the write lock is not held for it."""
+        if self.is_sqlite:
+            yield
+            return
+        async with self.transaction() as conn:
+            await conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout_s)}s'"))
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(key)})
+            yield
+
+    @asynccontextmanager
+    async def try_exclusive(self, key: str) -> AsyncIterator[bool]:
+        """Like ``exclusive``, but does not wait: yields False when another replica holds
+        the lock (a periodic pass that one replica at a time should run)."""
+        if self.is_sqlite:
+            yield True
+            return
+        async with self.transaction() as conn:
+            got = (
+                await conn.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_id(key)}
+                )
+            ).scalar()
+            yield bool(got)
+
+    async def ping(self) -> None:
+        async with self.transaction(readonly=True) as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def current_revision(self) -> str | None:
+        async with self.transaction(readonly=True) as conn:
+            try:
+                row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+            except SQLAlchemyError:
+                return None
+        return row[0] if row else None
+
+    async def is_migrated(self) -> bool:
+        try:
+            return await self.current_revision() == head_revision()
+        except StoreUnavailable:
+            raise
+        except SQLAlchemyError:
+            return False
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    """WAL for concurrent readers, FULL sync so a recorded lease survives a crash, and
+    ``BEGIN IMMEDIATE`` so a transaction takes the write lock up front instead of failing
+    on upgrade."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        readonly = conn.get_execution_options().get("broker_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

@@ -1,0 +1,456 @@
+"""The ledgers: one small class per consumer, each method one transaction on the
+``Database`` running that consumer's SQL (``broker.leases.sql``). A consumer is handed
+only its own ledger and declares what it uses as a ``Protocol`` next to its code.
+
+Operations that span tables (``begin_issue``, ``request_termination``, ``finish_job``...)
+stay one transaction, so their locking and ordering invariants are those of the SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from broker.clock import Clock
+from broker.leases.database import Database
+from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay
+from broker.leases.states import LeaseState
+from broker.leases.views import (
+    InstanceView,
+    IssueTicket,
+    JobView,
+    LeaseLimit,
+    LeaseView,
+    RevocationWork,
+    StoreCounts,
+    new_id,
+)
+
+
+async def _mark_leases_ended(
+    db: Database, clock: Clock, lease_ids: Sequence[str], state: LeaseState, actor: str
+) -> int:
+    if not lease_ids:
+        return 0
+    now = clock.now()
+    async with db.transaction() as conn:
+        return await jobs.mark_leases_ended(conn, clock, lease_ids, state, actor=actor, now=now)
+
+
+class IssuanceRecords:
+    """Issuance: the ``issuing`` row before Vault is asked and its outcome, instance-token
+    accessors, and a lease's renewal and release by its workload."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def begin_issue(
+        self,
+        *,
+        instance_id: str,
+        issuer_name: str,
+        workload: str,
+        role: str,
+        kind: str,
+        token_id: tuple[str, datetime] | None = None,
+        limit: LeaseLimit | None = None,
+        external_ref: dict[str, Any] | None = None,
+        vault_path: str | None = None,
+    ) -> IssueTicket:
+        """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
+        and a token id (``jti``, with the token's expiry) already used for an exchange: the
+        id is recorded in this same transaction, so a refused request records nothing.
+
+        With a ``limit``, the instance's live leases of the role are counted under an
+        exclusive lock on the instance (two requests of one instance cannot both see room):
+        at the limit the request is refused, or the oldest active leases are moved to
+        ``revoking`` for the caller to revoke once the new one is issued.
+
+        ``external_ref`` names what termination must act on outside Vault (an STS
+        session), recorded with the row so that even a crash mid-issue leaves it known."""
+        lease_id = new_id("l")
+        async with self._db.transaction() as conn:
+            superseded = await issuance.begin_issue(
+                conn,
+                self._clock,
+                lease_id,
+                instance_id=instance_id,
+                issuer_name=issuer_name,
+                workload=workload,
+                role=role,
+                kind=kind,
+                token_id=token_id,
+                limit=limit,
+                external_ref=external_ref,
+                vault_path=vault_path,
+            )
+        return IssueTicket(lease_id, tuple(superseded))
+
+    async def record_token(self, *, instance_id: str, accessor: str, expires_at: datetime) -> None:
+        """Record an instance token's accessor before the token is used.
+        Raises ``InstanceTerminated`` if the instance was tombstoned meanwhile."""
+        async with self._db.transaction() as conn:
+            await issuance.record_token(
+                conn, self._clock, instance_id=instance_id, accessor=accessor, expires_at=expires_at
+            )
+
+    async def complete_issue(
+        self,
+        lease_id: str,
+        *,
+        vault_lease_id: str | None,
+        accessor: str,
+        renewable: bool,
+        issued_at: datetime,
+        expires_at: datetime,
+        state: LeaseState = LeaseState.ACTIVE,
+        created_after: datetime | None = None,
+    ) -> bool:
+        """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
+        Returns whether its instance is still active: if not, a revocation job is already on
+        its way and the credential must not be handed out. ``created_after``: a row written
+        before then (its request outlived the issuing bound) is not completed.
+        (The lease row is the issuance record; no separate audit row is written.)"""
+        async with self._db.transaction() as conn:
+            return await issuance.complete_issue(
+                conn,
+                self._clock,
+                lease_id,
+                vault_lease_id=vault_lease_id,
+                accessor=accessor,
+                renewable=renewable,
+                issued_at=issued_at,
+                expires_at=expires_at,
+                state=state,
+                created_after=created_after,
+            )
+
+    async def fail_issue(
+        self, lease_id: str, code: str, *, release_token_id: tuple[str, str] | None = None
+    ) -> None:
+        """Nothing was issued. ``release_token_id`` (issuer, jti) gives the token back, so a
+        workload can retry a refused exchange with the token it has."""
+        async with self._db.transaction() as conn:
+            await issuance.fail_issue(
+                conn, self._clock, lease_id, code, release_token_id=release_token_id
+            )
+
+    async def get_lease(self, lease_id: str) -> LeaseView:
+        async with self._db.transaction(readonly=True) as conn:
+            return await issuance.get_lease(conn, lease_id)
+
+    async def instance_state(self, instance_id: str) -> tuple[str, str | None] | None:
+        """(state, issuer) of an instance, or None if the broker never saw it."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await issuance.instance_state(conn, instance_id)
+
+    async def set_lease_expiry(self, lease_id: str, expires_at: datetime, renewable: bool) -> None:
+        async with self._db.transaction() as conn:
+            await issuance.set_lease_expiry(conn, self._clock, lease_id, expires_at, renewable)
+
+    async def end_lease(self, lease_id: str, state: LeaseState, actor: str) -> bool:
+        """Move a live lease to a final state. False if it was no longer live."""
+        async with self._db.transaction() as conn:
+            return await issuance.end_lease(conn, self._clock, lease_id, state, actor)
+
+
+class TerminationRecords:
+    """Termination sources: the tombstone with its revocation job, and which instances of
+    an issuer are still active (for a source that relists what exists)."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def request_termination(
+        self, instance_id: str, *, actor: str, issuer: str | None = None
+    ) -> JobView:
+        """Tombstone the instance and create its revocation job, in one transaction.
+        Idempotent: a second call returns the existing job (re-queued if it had failed).
+        With ``issuer`` (an event source speaking for one issuer's instances), an instance
+        that another issuer owns is refused and left untouched; one the broker never saw
+        is tombstoned for that issuer."""
+        async with self._db.transaction() as conn:
+            return await jobs.request_termination(
+                conn, self._clock, instance_id, actor=actor, issuer=issuer
+            )
+
+    async def active_instance_ids(self, issuer_name: str) -> set[str]:
+        """Ids of the issuer's instances that are still active (for a source that relists
+        what exists and terminates what the broker knows but the source no longer has)."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.active_instance_ids(conn, issuer_name)
+
+
+class RevocationJobRecords:
+    """The revocation worker: claims on jobs, what a job revokes, and its outcome."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    def exclusive(self, key: str, *, timeout_s: int = 30) -> AbstractAsyncContextManager[None]:
+        """A lock across replicas around a read-modify-write outside the database
+        (``Database.exclusive``)."""
+        return self._db.exclusive(key, timeout_s=timeout_s)
+
+    async def claim_jobs(self, *, worker: str, limit: int, claim_for: timedelta) -> list[JobView]:
+        """Claim due jobs (and running ones whose claim lapsed: their worker died).
+        ``SKIP LOCKED`` lets replicas claim disjoint sets; the conditional update makes a
+        claim exclusive on SQLite too."""
+        async with self._db.transaction() as conn:
+            return await jobs.claim_jobs(
+                conn, self._clock, worker=worker, limit=limit, claim_for=claim_for
+            )
+
+    async def extend_claim(self, job: JobView, *, worker: str, claim_for: timedelta) -> bool:
+        """Keep a claim alive while its worker is still at the job. False if the claim is
+        no longer this worker's (it lapsed and another worker took it)."""
+        async with self._db.transaction() as conn:
+            return await jobs.extend_claim(
+                conn, self._clock, job, worker=worker, claim_for=claim_for
+            )
+
+    async def revocation_work(self, instance_id: str) -> RevocationWork:
+        async with self._db.transaction(readonly=True) as conn:
+            return await jobs.revocation_work(conn, instance_id)
+
+    async def mark_token_revoked(self, accessor: str) -> None:
+        async with self._db.transaction() as conn:
+            await jobs.mark_token_revoked(conn, self._clock, accessor)
+
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int:
+        """Move leases to a final state, only from a state that may lead to it: a lease
+        that became ``active`` meanwhile is never marked ``abandoned``. Returns how many
+        rows moved; the caller compares with how many it asked for. The audit gets one
+        event per instance naming exactly the leases that moved, so a lease revoked twice
+        in effect would show up twice."""
+        return await _mark_leases_ended(self._db, self._clock, lease_ids, state, actor)
+
+    async def finish_job(self, job: JobView, *, worker: str) -> bool:
+        """Mark the job done and the instance terminated. Refuses (``LeasesStillLive``)
+        while any lease of the instance is still ``issuing`` or ``active``: the instance
+        row is locked first, so no request can complete a lease between check and finish."""
+        async with self._db.transaction() as conn:
+            return await jobs.finish_job(conn, self._clock, job, worker=worker)
+
+    async def reschedule_job(
+        self,
+        job: JobView,
+        *,
+        worker: str,
+        error: str,
+        next_attempt_at: datetime,
+        give_up: bool,
+        count_attempt: bool = True,
+    ) -> None:
+        """Put a claimed job back. ``count_attempt=False`` for a pass that only waited (for
+        in-flight issuance): it takes back the attempt its claim counted."""
+        async with self._db.transaction() as conn:
+            await jobs.reschedule_job(
+                conn,
+                self._clock,
+                job,
+                worker=worker,
+                error=error,
+                next_attempt_at=next_attempt_at,
+                give_up=give_up,
+                count_attempt=count_attempt,
+            )
+
+    async def superseded_leases(
+        self, *, older_than: timedelta, limit: int = 200
+    ) -> list[LeaseView]:
+        """Leases left in ``revoking`` longer than ``older_than``: their request died
+        before it revoked them. The sweep finishes the job."""
+        cutoff = self._clock.now() - older_than
+        async with self._db.transaction(readonly=True) as conn:
+            return await jobs.superseded_leases(conn, cutoff, limit)
+
+
+class ReconcileRecords:
+    """The reconciler: leases past expiry, stuck ``issuing`` rows, the store's view of
+    Vault's leases, and instances gone unseen."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
+        """A lock across replicas, not waited for (``Database.try_exclusive``)."""
+        return self._db.try_exclusive(key)
+
+    async def past_expiry(self, *, before: datetime, limit: int) -> list[LeaseView]:
+        """Leases still counted live (``active``, ``revoking``) whose expiry passed before
+        ``before``: the reconciler confirms with Vault that they are gone."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.past_expiry(conn, before=before, limit=limit)
+
+    async def correct_expiry(self, lease_id: str, expires_at: datetime) -> None:
+        """Vault holds the lease longer than the store thought (renewed meanwhile)."""
+        async with self._db.transaction() as conn:
+            await reconcile.correct_expiry(conn, self._clock, lease_id, expires_at)
+
+    async def mark_leases_ended(
+        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
+    ) -> int:
+        """As ``RevocationJobRecords.mark_leases_ended``."""
+        return await _mark_leases_ended(self._db, self._clock, lease_ids, state, actor)
+
+    async def stuck_issuing(
+        self, *, created_before: datetime, limit: int
+    ) -> list[tuple[LeaseView, str]]:
+        """``issuing`` rows older than their request's deadline, with their instance's
+        state: their request died (or gave up) before recording Vault's answer."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.stuck_issuing(conn, created_before=created_before, limit=limit)
+
+    async def settle_stuck(self, lease_id: str, *, revoked: Sequence[str], actor: str) -> bool:
+        """An ``issuing`` row whose request is dead: ``abandoned``, with what was revoked
+        for it in Vault (the leases issued for it that nobody recorded)."""
+        async with self._db.transaction() as conn:
+            return await reconcile.settle_stuck(
+                conn, self._clock, lease_id, revoked=revoked, actor=actor
+            )
+
+    async def vault_lease_states(self, vault_lease_ids: Sequence[str]) -> dict[str, str]:
+        """For Vault lease ids, the state of the lease row that recorded each (absent: the
+        store never recorded it)."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.vault_lease_states(conn, vault_lease_ids)
+
+    async def vault_paths(self) -> set[str]:
+        """Every Vault path under which Vault gave the broker a lease."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.vault_paths(conn)
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None:
+        async with self._db.transaction() as conn:
+            await common.audit(conn, self._clock, actor, action, **detail)
+
+    async def unseen_instances(
+        self, issuer_name: str, *, seen_before: datetime, limit: int
+    ) -> list[str]:
+        """Active instances of the issuer not seen since ``seen_before``."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.unseen_instances(
+                conn, issuer_name, seen_before=seen_before, limit=limit
+            )
+
+
+class SightingRecords:
+    """When instances were last seen (``broker.liveness.sightings`` flushes into it)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def mark_seen(self, instance_ids: Sequence[str], at: datetime) -> None:
+        """Record that these instances exchanged or renewed (batched by each replica)."""
+        if not instance_ids:
+            return
+        async with self._db.transaction() as conn:
+            await reconcile.mark_seen(conn, instance_ids, at)
+
+
+class ReplayRecords:
+    """Keys used once, shared by every replica: token ids (written by ``begin_issue``)
+    and the event webhook's signatures, each under its own namespace."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def is_used(self, namespace: str, key: str) -> bool:
+        async with self._db.transaction(readonly=True) as conn:
+            return await replay.is_used(conn, namespace, key)
+
+    async def use_once(self, namespace: str, key: str, *, keep_until: datetime) -> bool:
+        """Remember ``key`` until ``keep_until``; False if it was already remembered (a
+        replay). Shares the replay record of token ids, under its own namespace."""
+        try:
+            async with self._db.transaction() as conn:
+                await replay.remember(conn, namespace, key, keep_until)
+        except IntegrityError:
+            return False
+        return True
+
+    async def prune_seen_tokens(self, *, grace: timedelta) -> int:
+        """Forget token ids whose tokens expired (plus the leeway): they can no longer be
+        presented, so their replay record has done its work."""
+        async with self._db.transaction() as conn:
+            return await replay.forget_expired(conn, self._clock.now() - grace)
+
+
+class AdminRecords:
+    """The admin API's reads, its retry of a failed job, and the metrics' counts."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def get_instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
+        """The instance, its leases and its job, read job first: each statement sees what
+        was committed when it ran, and a job marked done commits with its instance's
+        ``terminated`` and after its leases' final states, so a done job is never shown
+        beside a ``terminating`` instance or a live lease."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.get_instance(conn, instance_id)
+
+    async def list_leases(
+        self,
+        *,
+        instance: str | None = None,
+        workload: str | None = None,
+        role: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[LeaseView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.list_leases(
+                conn,
+                instance=instance,
+                workload=workload,
+                role=role,
+                state=state,
+                limit=limit,
+                after=after,
+            )
+
+    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.list_jobs(conn, state=state, limit=limit)
+
+    async def retry_job(self, job_id: str, *, actor: str) -> JobView:
+        """Put a ``failed`` job back in the queue, with its attempts counted from zero."""
+        async with self._db.transaction() as conn:
+            return await jobs.retry_job(conn, self._clock, job_id, actor=actor)
+
+    async def audit_events(self, instance_id: str) -> list[dict[str, Any]]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.audit_events(conn, instance_id)
+
+    async def counts(self) -> StoreCounts:
+        now = self._clock.now()
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.counts(conn, now)
+
+
+__all__ = [
+    "AdminRecords",
+    "IssuanceRecords",
+    "ReconcileRecords",
+    "ReplayRecords",
+    "RevocationJobRecords",
+    "SightingRecords",
+    "TerminationRecords",
+]

@@ -1,0 +1,141 @@
+"""SQL several ledgers share: the instance row lock, the audit insert, row → view."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.clock import Clock, iso_z
+from broker.leases import models as m
+from broker.leases.states import LIVE_LEASE_STATES, InstanceState
+from broker.leases.views import InstanceView, JobView, LeaseView
+
+# The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
+# which per-call construction would recompute on every request.
+INSTANCES, LEASES, TOKENS = m.Instance.__table__, m.Lease.__table__, m.InstanceToken.__table__
+WHICH_INSTANCE = select(INSTANCES.c.state, INSTANCES.c.issuer_name, INSTANCES.c.workload).where(
+    INSTANCES.c.instance_id == bindparam("b_iid")
+)
+_LOCK_SHARED = WHICH_INSTANCE.with_for_update(read=True)
+_LOCK_EXCLUSIVE = WHICH_INSTANCE.with_for_update()
+_INSERT_INSTANCE = INSTANCES.insert()
+INSERT_SEEN = m.SeenToken.__table__.insert()
+LIVE = sorted(s.value for s in LIVE_LEASE_STATES)
+# Lease ids listed in one audit event (its count is always complete).
+AUDIT_MAX_IDS = 1000
+
+
+def iso(dt: datetime | None) -> str | None:
+    return iso_z(dt) if dt else None
+
+
+async def audit(
+    conn: AsyncConnection,
+    clock: Clock,
+    actor: str,
+    action: str,
+    *,
+    instance_id: str | None = None,
+    lease_id: str | None = None,
+    **detail: Any,
+) -> None:
+    await conn.execute(
+        m.AuditEvent.__table__.insert().values(
+            at=clock.now(),
+            actor=actor[:128],
+            action=action,
+            instance_id=instance_id,
+            lease_id=lease_id,
+            detail=detail,
+        )
+    )
+
+
+async def lock_instance(
+    conn: AsyncConnection, instance_id: str, *, shared: bool = False
+) -> tuple[str, str | None, str | None] | None:
+    """Lock the instance row; its (state, issuer, workload). Issuance takes a shared lock (many
+    requests of one instance proceed together); termination an exclusive one, so it
+    waits for every in-flight ``issuing`` row to commit and its job then sees them all."""
+    stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
+    row = (await conn.execute(stmt, {"b_iid": instance_id})).first()
+    return (row[0], row[1], row[2]) if row else None
+
+
+async def ensure_instance(
+    conn: AsyncConnection,
+    clock: Clock,
+    instance_id: str,
+    issuer_name: str | None,
+    workload: str | None,
+    state: InstanceState,
+    *,
+    shared: bool = False,
+) -> tuple[str, str | None, str | None]:
+    current = await lock_instance(conn, instance_id, shared=shared)
+    if current is not None:
+        return current
+    now = clock.now()
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                _INSERT_INSTANCE,
+                {
+                    "instance_id": instance_id,
+                    "issuer_name": issuer_name,
+                    "workload": workload,
+                    "state": state.value,
+                    "created_at": now,
+                    "updated_at": now,
+                    "last_seen_at": now if state == InstanceState.ACTIVE else None,
+                },
+            )
+    except IntegrityError:
+        pass  # created concurrently: lock the winner's row below
+    current = await lock_instance(conn, instance_id, shared=shared)
+    assert current is not None
+    return current
+
+
+def lease_view(r: m.Lease) -> LeaseView:
+    return LeaseView(
+        r.lease_id,
+        r.instance_id,
+        r.workload,
+        r.role,
+        r.kind,
+        r.state,
+        r.renewable,
+        r.created_at,
+        r.issued_at,
+        r.expires_at,
+        r.ended_at,
+        r.vault_lease_id,
+        r.token_accessor,
+        r.external_ref,
+        r.vault_path,
+    )
+
+
+def job_view(r: m.RevocationJob) -> JobView:
+    return JobView(
+        r.job_id,
+        r.instance_id,
+        r.state,
+        r.attempts,
+        r.next_attempt_at,
+        r.last_error,
+        r.requested_by,
+        r.created_at,
+        r.completed_at,
+    )
+
+
+def instance_view(r: m.Instance) -> InstanceView:
+    return InstanceView(
+        r.instance_id, r.state, r.issuer_name, r.workload, r.created_at, r.terminated_at
+    )

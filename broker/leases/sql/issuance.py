@@ -1,0 +1,357 @@
+"""Issuance's SQL: the ``issuing`` row before Vault is asked, its completion or failure,
+the instance-token accessors, and the lease operations of the lease's own workload."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.clock import Clock
+from broker.errors import (
+    InstanceTerminated,
+    LeaseLimitReached,
+    NotFound,
+    NotPermitted,
+    StoreUnavailable,
+    TokenInvalid,
+)
+from broker.leases import models as m
+from broker.leases.sql.common import (
+    INSERT_SEEN,
+    LEASES,
+    TOKENS,
+    WHICH_INSTANCE,
+    audit,
+    ensure_instance,
+    iso,
+    lease_view,
+    lock_instance,
+)
+from broker.leases.states import (
+    COUNTED_LEASE_STATES,
+    LIVE_LEASE_STATES,
+    InstanceState,
+    LeaseState,
+    lease_can_move,
+)
+from broker.leases.views import LeaseLimit, LeaseView
+
+_INSERT_LEASE = LEASES.insert()
+_INSERT_TOKEN = TOKENS.insert()
+_COUNTED_FOR_LIMIT = (
+    select(LEASES.c.lease_id, LEASES.c.vault_lease_id, LEASES.c.state)
+    .where(
+        LEASES.c.instance_id == bindparam("b_iid"),
+        LEASES.c.role == bindparam("b_role"),
+        LEASES.c.state.in_(sorted(s.value for s in COUNTED_LEASE_STATES)),
+        # A credential past its expiry is gone in Vault already: it holds no slot (its row
+        # stays active so that termination still settles it).
+        or_(LEASES.c.expires_at.is_(None), LEASES.c.expires_at > bindparam("b_now")),
+    )
+    .order_by(LEASES.c.created_at, LEASES.c.lease_id)
+)
+_REPLACED_PENDING = select(func.count()).where(
+    LEASES.c.instance_id == bindparam("b_iid"),
+    LEASES.c.role == bindparam("b_role"),
+    LEASES.c.state == LeaseState.REVOKING.value,
+)
+_COMPLETE_LEASE = (
+    update(LEASES)
+    .where(
+        LEASES.c.lease_id == bindparam("b_lid"),
+        LEASES.c.state == LeaseState.ISSUING.value,
+        # Past the issuing bound the reconciler may take the row's lease for unrecorded
+        # and revoke it: a request that slow records nothing and takes its lease back.
+        LEASES.c.created_at > bindparam("b_stale"),
+    )
+    .values(
+        state=bindparam("b_state"),
+        vault_lease_id=bindparam("b_vlid"),
+        token_accessor=bindparam("b_acc"),
+        renewable=bindparam("b_ren"),
+        issued_at=bindparam("b_iss"),
+        expires_at=bindparam("b_exp"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(LEASES.c.instance_id)
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def begin_issue(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_id: str,
+    *,
+    instance_id: str,
+    issuer_name: str,
+    workload: str,
+    role: str,
+    kind: str,
+    token_id: tuple[str, datetime] | None,
+    limit: LeaseLimit | None,
+    external_ref: dict[str, Any] | None,
+    vault_path: str | None,
+) -> list[tuple[str, str]]:
+    """Write the ``issuing`` row; the leases it supersedes under ``limit``."""
+    superseded: list[tuple[str, str]] = []
+    state, owner, owner_workload = await ensure_instance(
+        conn,
+        clock,
+        instance_id,
+        issuer_name,
+        workload,
+        InstanceState.ACTIVE,
+        shared=limit is None,
+    )
+    if owner is not None and owner != issuer_name:
+        # Instance ids are unique only per issuer: the first issuer to present one
+        # owns it, and no other issuer's token can draw on or end its leases.
+        raise NotPermitted(
+            f"instance {instance_id} belongs to another issuer",
+            code="instance_issuer_mismatch",
+        )
+    if owner_workload is not None and owner_workload != workload:
+        # An instance runs one workload; another workload presenting the same
+        # instance id is a collision or an impostor, not the same instance.
+        raise NotPermitted(
+            f"instance {instance_id} belongs to another workload",
+            code="instance_workload_mismatch",
+        )
+    if state != InstanceState.ACTIVE:
+        raise InstanceTerminated(
+            f"instance {instance_id} is terminated; no new credential is issued for it"
+        )
+    if token_id is not None:
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    INSERT_SEEN,
+                    {
+                        "issuer_name": issuer_name,
+                        "jti": token_id[0],
+                        "expires_at": token_id[1],
+                    },
+                )
+        except IntegrityError:
+            raise TokenInvalid(
+                "this token was already used for an exchange; get a fresh token",
+                code="token_replayed",
+            ) from None
+    now = clock.now()
+    if limit is not None:
+        superseded = await _make_room(conn, clock, instance_id, role, limit, now)
+    await conn.execute(
+        _INSERT_LEASE,
+        {
+            "lease_id": lease_id,
+            "instance_id": instance_id,
+            "workload": workload,
+            "role": role,
+            "kind": kind,
+            "state": LeaseState.ISSUING.value,
+            "renewable": False,
+            "created_at": now,
+            "updated_at": now,
+            "external_ref": external_ref,
+            "vault_path": vault_path,
+        },
+    )
+    return superseded
+
+
+async def _make_room(
+    conn: AsyncConnection,
+    clock: Clock,
+    instance_id: str,
+    role: str,
+    limit: LeaseLimit,
+    now: datetime,
+) -> list[tuple[str, str]]:
+    """Under the instance's exclusive lock: refuse, or pick the oldest active leases
+    to replace, so that with the new one the role stays within its limit."""
+    live = (
+        await conn.execute(_COUNTED_FOR_LIMIT, {"b_iid": instance_id, "b_role": role, "b_now": now})
+    ).all()
+    excess = len(live) - limit.max_leases + 1
+    if excess <= 0:
+        return []
+    if limit.on_limit == "refuse":
+        raise LeaseLimitReached(
+            f"this instance already holds {len(live)} live lease(s) of role {role!r}, its "
+            f"limit; release one (DELETE /v1/leases/{{lease_id}}) before asking again"
+        )
+    pending = (
+        await conn.execute(_REPLACED_PENDING, {"b_iid": instance_id, "b_role": role})
+    ).scalar_one()
+    if pending >= limit.max_leases:
+        # Replaced leases Vault has not confirmed gone are still live: replacing more
+        # would let the live count grow without bound while revocation fails.
+        raise LeaseLimitReached(
+            f"{pending} replaced lease(s) of role {role!r} are not confirmed revoked yet; "
+            "retry later"
+        )
+    victims = [(r[0], r[1]) for r in live if r[2] == LeaseState.ACTIVE.value][:excess]
+    if len(victims) < excess:
+        raise LeaseLimitReached(
+            f"this instance's requests for role {role!r} in flight already reach its limit "
+            f"of {limit.max_leases}; retry once they complete"
+        )
+    await conn.execute(
+        update(m.Lease)
+        .where(
+            m.Lease.lease_id.in_([v[0] for v in victims]),
+            m.Lease.state == LeaseState.ACTIVE.value,
+        )
+        .values(state=LeaseState.REVOKING.value, error_code="superseded", updated_at=now)
+    )
+    await audit(
+        conn,
+        clock,
+        "lease_limit",
+        "leases.superseded",
+        instance_id=instance_id,
+        role=role,
+        lease_ids=[v[0] for v in victims],
+    )
+    return victims
+
+
+async def record_token(
+    conn: AsyncConnection, clock: Clock, *, instance_id: str, accessor: str, expires_at: datetime
+) -> None:
+    current = await lock_instance(conn, instance_id, shared=True)
+    if current is None or current[0] != InstanceState.ACTIVE:
+        raise InstanceTerminated(f"instance {instance_id} is terminated")
+    await conn.execute(
+        _INSERT_TOKEN,
+        {
+            "accessor": accessor,
+            "instance_id": instance_id,
+            "created_at": clock.now(),
+            "expires_at": expires_at,
+        },
+    )
+
+
+async def complete_issue(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_id: str,
+    *,
+    vault_lease_id: str | None,
+    accessor: str,
+    renewable: bool,
+    issued_at: datetime,
+    expires_at: datetime,
+    state: LeaseState,
+    created_after: datetime | None,
+) -> bool:
+    instance_id = (
+        await conn.execute(
+            _COMPLETE_LEASE,
+            {
+                "b_lid": lease_id,
+                "b_state": state.value,
+                "b_vlid": vault_lease_id,
+                "b_acc": accessor,
+                "b_ren": renewable,
+                "b_iss": issued_at,
+                "b_exp": expires_at,
+                "b_now": clock.now(),
+                "b_stale": created_after or _EPOCH,
+            },
+        )
+    ).scalar()
+    if instance_id is None:
+        raise StoreUnavailable(
+            "the credential could not be recorded in time (or its row changed); "
+            "it was taken back: retry",
+            code="lease_state_conflict",
+        )
+    # Under the shared lock: termination (exclusive) either committed before, and we
+    # see it, or waits for this transaction, and its job then sees the active row.
+    current = await lock_instance(conn, instance_id, shared=True)
+    return current is not None and current[0] == InstanceState.ACTIVE.value
+
+
+async def fail_issue(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_id: str,
+    code: str,
+    *,
+    release_token_id: tuple[str, str] | None,
+) -> None:
+    if release_token_id is not None:
+        await conn.execute(
+            m.SeenToken.__table__.delete().where(
+                m.SeenToken.issuer_name == release_token_id[0],
+                m.SeenToken.jti == release_token_id[1],
+            )
+        )
+    await conn.execute(
+        update(m.Lease)
+        .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
+        .values(
+            state=LeaseState.FAILED.value,
+            error_code=code[:64],
+            updated_at=clock.now(),
+            ended_at=clock.now(),
+        )
+    )
+
+
+async def get_lease(conn: AsyncConnection, lease_id: str) -> LeaseView:
+    row = (await conn.execute(select(m.Lease).where(m.Lease.lease_id == lease_id))).first()
+    if row is None:
+        raise NotFound("no such lease", code="lease_not_found")
+    return lease_view(m.Lease(**row._mapping))
+
+
+async def instance_state(conn: AsyncConnection, instance_id: str) -> tuple[str, str | None] | None:
+    row = (await conn.execute(WHICH_INSTANCE, {"b_iid": instance_id})).first()
+    return (row[0], row[1]) if row else None
+
+
+async def set_lease_expiry(
+    conn: AsyncConnection, clock: Clock, lease_id: str, expires_at: datetime, renewable: bool
+) -> None:
+    row = (
+        await conn.execute(select(m.Lease.instance_id).where(m.Lease.lease_id == lease_id))
+    ).scalar_one()
+    await conn.execute(
+        update(m.Lease)
+        .where(m.Lease.lease_id == lease_id)
+        .values(expires_at=expires_at, renewable=renewable, updated_at=clock.now())
+    )
+    await audit(
+        conn,
+        clock,
+        "workload",
+        "lease.renewed",
+        instance_id=row,
+        lease_id=lease_id,
+        expires_at=iso(expires_at),
+    )
+
+
+async def end_lease(
+    conn: AsyncConnection, clock: Clock, lease_id: str, state: LeaseState, actor: str
+) -> bool:
+    now = clock.now()
+    res = await conn.execute(
+        update(m.Lease)
+        .where(
+            m.Lease.lease_id == lease_id,
+            m.Lease.state.in_([o.value for o in LIVE_LEASE_STATES if lease_can_move(o, state)]),
+        )
+        .values(state=state.value, ended_at=now, updated_at=now)
+    )
+    if res.rowcount:
+        await audit(conn, clock, actor, f"lease.{state.value}", lease_id=lease_id)
+    return bool(res.rowcount)

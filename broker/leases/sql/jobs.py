@@ -1,0 +1,353 @@
+"""Termination's SQL: the tombstone and its revocation job, the job's claims, and what a
+job revokes (tokens and live leases) and records as ended.
+
+Every update of a job's state selects its row through ``_job_in``, which consults the
+job state table (``states.JOB_TRANSITIONS``): no statement here can move a job along a
+transition the table forbids, and a row found in another state is left as it is."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.clock import Clock
+from broker.errors import BadRequest, NotFound, NotPermitted
+from broker.leases import models as m
+from broker.leases.sql.common import (
+    AUDIT_MAX_IDS,
+    LIVE,
+    audit,
+    ensure_instance,
+    job_view,
+    lease_view,
+    lock_instance,
+)
+from broker.leases.states import (
+    LIVE_LEASE_STATES,
+    InstanceState,
+    JobState,
+    LeaseState,
+    job_can_move,
+    lease_can_move,
+)
+from broker.leases.views import (
+    JobView,
+    LeasesStillLive,
+    LeaseView,
+    RevocationWork,
+    TokenView,
+    new_id,
+)
+
+
+def _job_in(old: JobState, new: JobState) -> Any:
+    """The job row is in ``old``, which the job state table lets move to ``new``. Raises
+    ``ValueError`` for a move the table forbids: that is a bug in the caller."""
+    if not job_can_move(old, new):
+        raise ValueError(f"a revocation job cannot move from {old.value} to {new.value}")
+    return m.RevocationJob.state == old.value
+
+
+def _still_claimed(job: JobView, worker: str, new: JobState) -> Any:
+    """The job is still running under this worker's claim: a worker whose claim lapsed
+    (and was taken over) can neither finish nor reschedule it."""
+    return (
+        (m.RevocationJob.job_id == job.job_id)
+        & _job_in(JobState.RUNNING, new)
+        & (m.RevocationJob.claimed_by == worker[:64])
+    )
+
+
+async def _the_job(conn: AsyncConnection, instance_id: str) -> JobView:
+    row = (
+        await conn.execute(
+            select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+        )
+    ).one()
+    return job_view(m.RevocationJob(**row._mapping))
+
+
+async def request_termination(
+    conn: AsyncConnection, clock: Clock, instance_id: str, *, actor: str, issuer: str | None
+) -> JobView:
+    now = clock.now()
+    state, owner, _ = await ensure_instance(
+        conn, clock, instance_id, issuer, None, InstanceState.TERMINATING
+    )
+    if issuer is not None and owner is not None and owner != issuer:
+        raise NotPermitted(
+            f"instance {instance_id} belongs to another issuer",
+            code="instance_issuer_mismatch",
+        )
+    if state == InstanceState.ACTIVE:
+        await conn.execute(
+            update(m.Instance)
+            .where(m.Instance.instance_id == instance_id)
+            .values(state=InstanceState.TERMINATING.value, updated_at=now)
+        )
+    job = (
+        await conn.execute(
+            select(m.RevocationJob).where(m.RevocationJob.instance_id == instance_id)
+        )
+    ).first()
+    if job is None:
+        job_id = new_id("j")
+        await conn.execute(
+            m.RevocationJob.__table__.insert().values(
+                job_id=job_id,
+                instance_id=instance_id,
+                state=JobState.PENDING.value,
+                attempts=0,
+                next_attempt_at=now,
+                requested_by=actor[:64],
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await audit(
+            conn,
+            clock,
+            actor,
+            "instance.terminate_requested",
+            instance_id=instance_id,
+            job_id=job_id,
+        )
+    elif job.state == JobState.FAILED.value:
+        await _requeue(conn, clock, job.job_id, instance_id, actor, now)
+    return await _the_job(conn, instance_id)
+
+
+async def _requeue(
+    conn: AsyncConnection, clock: Clock, job_id: str, instance_id: str, actor: str, now: datetime
+) -> None:
+    """A failed job back in the queue, its attempts counted from zero."""
+    await conn.execute(
+        update(m.RevocationJob)
+        .where(m.RevocationJob.job_id == job_id, _job_in(JobState.FAILED, JobState.PENDING))
+        .values(state=JobState.PENDING.value, next_attempt_at=now, attempts=0, updated_at=now)
+    )
+    await audit(conn, clock, actor, "revocation.requeued", instance_id=instance_id, job_id=job_id)
+
+
+async def retry_job(conn: AsyncConnection, clock: Clock, job_id: str, *, actor: str) -> JobView:
+    now = clock.now()
+    row = (
+        await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
+    ).first()
+    if row is None:
+        raise NotFound("no such revocation job", code="job_not_found")
+    if row.state != JobState.FAILED.value:
+        raise BadRequest(
+            f"the job is {row.state}; only a failed job can be retried",
+            code="job_not_failed",
+        )
+    await _requeue(conn, clock, job_id, row.instance_id, actor, now)
+    row = (
+        await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
+    ).one()
+    return job_view(m.RevocationJob(**row._mapping))
+
+
+async def claim_jobs(
+    conn: AsyncConnection, clock: Clock, *, worker: str, limit: int, claim_for: timedelta
+) -> list[JobView]:
+    now = clock.now()
+    due = or_(
+        _job_in(JobState.PENDING, JobState.RUNNING) & (m.RevocationJob.next_attempt_at <= now),
+        # A running job whose claim lapsed: its worker died, another takes it over.
+        _job_in(JobState.RUNNING, JobState.RUNNING) & (m.RevocationJob.claimed_until < now),
+    )
+    ids = (
+        (
+            await conn.execute(
+                select(m.RevocationJob.job_id)
+                .where(due)
+                .order_by(m.RevocationJob.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    claimed = []
+    for job_id in ids:
+        res = await conn.execute(
+            update(m.RevocationJob)
+            .where(m.RevocationJob.job_id == job_id, due)
+            .values(
+                state=JobState.RUNNING.value,
+                claimed_by=worker[:64],
+                claimed_until=now + claim_for,
+                attempts=m.RevocationJob.attempts + 1,
+                updated_at=now,
+            )
+        )
+        if res.rowcount == 1:
+            claimed.append(job_id)
+    if not claimed:
+        return []
+    rows = (
+        await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id.in_(claimed)))
+    ).all()
+    return [job_view(m.RevocationJob(**r._mapping)) for r in rows]
+
+
+async def extend_claim(
+    conn: AsyncConnection, clock: Clock, job: JobView, *, worker: str, claim_for: timedelta
+) -> bool:
+    now = clock.now()
+    res = await conn.execute(
+        update(m.RevocationJob)
+        .where(_still_claimed(job, worker, JobState.RUNNING))
+        .values(claimed_until=now + claim_for, updated_at=now)
+    )
+    return res.rowcount == 1
+
+
+async def revocation_work(conn: AsyncConnection, instance_id: str) -> RevocationWork:
+    toks = (
+        await conn.execute(
+            select(m.InstanceToken).where(m.InstanceToken.instance_id == instance_id)
+        )
+    ).all()
+    leases = (
+        await conn.execute(
+            select(m.Lease).where(m.Lease.instance_id == instance_id, m.Lease.state.in_(LIVE))
+        )
+    ).all()
+    return RevocationWork(
+        tokens=tuple(TokenView(t.accessor, t.expires_at, t.revoked_at) for t in toks),
+        leases=tuple(lease_view(m.Lease(**r._mapping)) for r in leases),
+    )
+
+
+async def mark_token_revoked(conn: AsyncConnection, clock: Clock, accessor: str) -> None:
+    await conn.execute(
+        update(m.InstanceToken)
+        .where(m.InstanceToken.accessor == accessor, m.InstanceToken.revoked_at.is_(None))
+        .values(revoked_at=clock.now())
+    )
+
+
+async def mark_leases_ended(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_ids: Sequence[str],
+    state: LeaseState,
+    *,
+    actor: str,
+    now: datetime,
+) -> int:
+    sources = [old.value for old in LIVE_LEASE_STATES if lease_can_move(old, state)]
+    moved: dict[str, list[str]] = {}
+    for chunk_start in range(0, len(lease_ids), 500):
+        chunk = list(lease_ids[chunk_start : chunk_start + 500])
+        rows = await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources))
+            .values(state=state.value, ended_at=now, updated_at=now)
+            .returning(m.Lease.lease_id, m.Lease.instance_id)
+        )
+        for lease_id, instance_id in rows:
+            moved.setdefault(instance_id, []).append(lease_id)
+    for instance_id, ids in sorted(moved.items()):
+        await audit(
+            conn,
+            clock,
+            actor,
+            f"leases.{state.value}",
+            instance_id=instance_id,
+            count=len(ids),
+            lease_ids=sorted(ids)[:AUDIT_MAX_IDS],
+        )
+    return sum(len(ids) for ids in moved.values())
+
+
+async def finish_job(conn: AsyncConnection, clock: Clock, job: JobView, *, worker: str) -> bool:
+    now = clock.now()
+    await lock_instance(conn, job.instance_id)
+    live = (
+        await conn.execute(
+            select(func.count()).where(
+                m.Lease.instance_id == job.instance_id, m.Lease.state.in_(LIVE)
+            )
+        )
+    ).scalar_one()
+    if live:
+        raise LeasesStillLive(f"{live} lease(s) of the instance are still live")
+    res = await conn.execute(
+        update(m.RevocationJob)
+        .where(_still_claimed(job, worker, JobState.DONE))
+        .values(
+            state=JobState.DONE.value,
+            completed_at=now,
+            updated_at=now,
+            claimed_until=None,
+            last_error=None,
+        )
+    )
+    if res.rowcount != 1:
+        return False  # our claim lapsed and someone else holds the job now
+    await conn.execute(
+        update(m.Instance)
+        .where(m.Instance.instance_id == job.instance_id)
+        .values(state=InstanceState.TERMINATED.value, terminated_at=now, updated_at=now)
+    )
+    await audit(
+        conn, clock, worker, "instance.terminated", instance_id=job.instance_id, job_id=job.job_id
+    )
+    return True
+
+
+async def reschedule_job(
+    conn: AsyncConnection,
+    clock: Clock,
+    job: JobView,
+    *,
+    worker: str,
+    error: str,
+    next_attempt_at: datetime,
+    give_up: bool,
+    count_attempt: bool,
+) -> None:
+    now = clock.now()
+    state = JobState.FAILED if give_up else JobState.PENDING
+    res = await conn.execute(
+        update(m.RevocationJob)
+        .where(_still_claimed(job, worker, state))
+        .values(
+            state=state.value,
+            attempts=m.RevocationJob.attempts - (0 if count_attempt else 1),
+            next_attempt_at=next_attempt_at,
+            last_error=error[:255],
+            claimed_until=None,
+            updated_at=now,
+        )
+    )
+    if res.rowcount and give_up:
+        await audit(
+            conn,
+            clock,
+            worker,
+            "revocation.failed",
+            instance_id=job.instance_id,
+            job_id=job.job_id,
+            error=error,
+        )
+
+
+async def superseded_leases(conn: AsyncConnection, cutoff: datetime, limit: int) -> list[LeaseView]:
+    rows = (
+        await conn.execute(
+            select(m.Lease)
+            .where(m.Lease.state == LeaseState.REVOKING.value, m.Lease.updated_at < cutoff)
+            .order_by(m.Lease.updated_at)
+            .limit(limit)
+        )
+    ).all()
+    return [lease_view(m.Lease(**r._mapping)) for r in rows]

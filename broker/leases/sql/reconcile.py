@@ -1,0 +1,157 @@
+"""The reconciler's SQL: leases past their expiry, ``issuing`` rows whose request died,
+what the store knows of Vault's leases; and instance sightings, which instances went unseen
+and which are active."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.clock import Clock
+from broker.leases import models as m
+from broker.leases.sql.common import INSTANCES, LEASES, LIVE, audit, lease_view
+from broker.leases.states import InstanceState, LeaseState
+from broker.leases.views import LeaseView
+
+
+async def past_expiry(conn: AsyncConnection, *, before: datetime, limit: int) -> list[LeaseView]:
+    rows = (
+        await conn.execute(
+            select(m.Lease)
+            .where(
+                m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
+                m.Lease.expires_at < before,
+            )
+            .order_by(m.Lease.expires_at)
+            .limit(limit)
+        )
+    ).all()
+    return [lease_view(m.Lease(**r._mapping)) for r in rows]
+
+
+async def correct_expiry(
+    conn: AsyncConnection, clock: Clock, lease_id: str, expires_at: datetime
+) -> None:
+    await conn.execute(
+        update(m.Lease)
+        .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(LIVE))
+        .values(expires_at=expires_at, updated_at=clock.now())
+    )
+
+
+async def stuck_issuing(
+    conn: AsyncConnection, *, created_before: datetime, limit: int
+) -> list[tuple[LeaseView, str]]:
+    rows = (
+        await conn.execute(
+            select(*LEASES.c, INSTANCES.c.state.label("instance_state"))
+            .join(INSTANCES, INSTANCES.c.instance_id == LEASES.c.instance_id)
+            .where(
+                m.Lease.state == LeaseState.ISSUING.value,
+                m.Lease.created_at < created_before,
+            )
+            .order_by(m.Lease.created_at)
+            .limit(limit)
+        )
+    ).all()
+    cols = [c.name for c in LEASES.c]
+    return [
+        (lease_view(m.Lease(**{c: r._mapping[c] for c in cols})), r.instance_state) for r in rows
+    ]
+
+
+async def settle_stuck(
+    conn: AsyncConnection, clock: Clock, lease_id: str, *, revoked: Sequence[str], actor: str
+) -> bool:
+    now = clock.now()
+    instance_id = (
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
+            .values(
+                state=LeaseState.ABANDONED.value,
+                error_code="stuck_issuing",
+                ended_at=now,
+                updated_at=now,
+            )
+            .returning(m.Lease.instance_id)
+        )
+    ).scalar()
+    if instance_id is None:
+        return False
+    await audit(
+        conn,
+        clock,
+        actor,
+        "lease.stuck_settled",
+        instance_id=instance_id,
+        lease_id=lease_id,
+        revoked_in_vault=len(revoked),
+        vault_lease_ids=list(revoked)[:20],
+    )
+    return True
+
+
+async def vault_lease_states(
+    conn: AsyncConnection, vault_lease_ids: Sequence[str]
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for start in range(0, len(vault_lease_ids), 500):
+        chunk = list(vault_lease_ids[start : start + 500])
+        rows = await conn.execute(
+            select(m.Lease.vault_lease_id, m.Lease.state).where(m.Lease.vault_lease_id.in_(chunk))
+        )
+        out.update({r[0]: r[1] for r in rows})
+    return out
+
+
+async def vault_paths(conn: AsyncConnection) -> set[str]:
+    rows = await conn.execute(
+        select(m.Lease.vault_path)
+        .where(m.Lease.vault_path.is_not(None), m.Lease.vault_lease_id.is_not(None))
+        .distinct()
+    )
+    return {r[0] for r in rows}
+
+
+async def unseen_instances(
+    conn: AsyncConnection, issuer_name: str, *, seen_before: datetime, limit: int
+) -> list[str]:
+    last = func.coalesce(m.Instance.last_seen_at, m.Instance.created_at)
+    rows = await conn.execute(
+        select(m.Instance.instance_id)
+        .where(
+            m.Instance.issuer_name == issuer_name,
+            m.Instance.state == InstanceState.ACTIVE.value,
+            last < seen_before,
+        )
+        .order_by(last)
+        .limit(limit)
+    )
+    return [r[0] for r in rows]
+
+
+async def active_instance_ids(conn: AsyncConnection, issuer_name: str) -> set[str]:
+    rows = await conn.execute(
+        select(m.Instance.instance_id).where(
+            m.Instance.issuer_name == issuer_name,
+            m.Instance.state == InstanceState.ACTIVE.value,
+        )
+    )
+    return {r[0] for r in rows}
+
+
+async def mark_seen(conn: AsyncConnection, instance_ids: Sequence[str], at: datetime) -> None:
+    for start in range(0, len(instance_ids), 500):
+        chunk = sorted(instance_ids[start : start + 500])
+        await conn.execute(
+            update(m.Instance)
+            .where(
+                m.Instance.instance_id.in_(chunk),
+                or_(m.Instance.last_seen_at.is_(None), m.Instance.last_seen_at < at),
+            )
+            .values(last_seen_at=at)
+        )

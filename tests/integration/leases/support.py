@@ -1,0 +1,50 @@
+"""What the ledger suites share: the start of their clock, every ledger on one database,
+and short ways to write a lease."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from broker.leases import (
+    AdminRecords,
+    Database,
+    IssuanceRecords,
+    ReconcileRecords,
+    ReplayRecords,
+    RevocationJobRecords,
+    SightingRecords,
+    TerminationRecords,
+)
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Ledgers:
+    database: Database
+    issuance: IssuanceRecords
+    termination: TerminationRecords
+    jobs: RevocationJobRecords
+    reconcile: ReconcileRecords
+    replay: ReplayRecords
+    sightings: SightingRecords
+    admin: AdminRecords
+
+
+async def issue(s: Ledgers, instance: str, role: str = "r") -> str:
+    ticket = await s.issuance.begin_issue(
+        instance_id=instance, issuer_name="dev", workload="w", role=role, kind="k"
+    )
+    return ticket.lease_id
+
+
+async def complete(s: Ledgers, lease_id: str) -> None:
+    await s.issuance.complete_issue(
+        lease_id,
+        vault_lease_id=f"v/{lease_id}",
+        accessor="acc",
+        renewable=True,
+        issued_at=T0,
+        expires_at=T0,
+    )

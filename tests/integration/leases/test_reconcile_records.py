@@ -1,0 +1,56 @@
+"""ReconcileRecords (and SightingRecords): leases past expiry, stuck issuing rows, unseen
+instances."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tests.integration.leases.support import T0, issue
+
+
+async def test_past_expiry_stuck_and_settle(ledgers):
+    s = await ledgers()
+    clock = ledgers.clock
+    stuck = await issue(s, "i-x")
+    live = await issue(s, "i-x")
+    await s.issuance.complete_issue(
+        live,
+        vault_lease_id="db/creds/r/live",
+        accessor="acc",
+        renewable=True,
+        issued_at=T0,
+        expires_at=T0 + timedelta(minutes=5),
+    )
+    assert await s.reconcile.past_expiry(before=T0 + timedelta(minutes=4), limit=10) == []
+    [past] = await s.reconcile.past_expiry(before=T0 + timedelta(minutes=6), limit=10)
+    assert past.lease_id == live
+    await s.reconcile.correct_expiry(live, T0 + timedelta(hours=1))
+    assert await s.reconcile.past_expiry(before=T0 + timedelta(minutes=6), limit=10) == []
+
+    assert await s.reconcile.stuck_issuing(created_before=T0, limit=10) == []
+    clock.advance(10)
+    [(row, instance_state)] = await s.reconcile.stuck_issuing(created_before=clock.now(), limit=10)
+    assert (row.lease_id, instance_state) == (stuck, "active")
+    assert await s.reconcile.settle_stuck(stuck, revoked=["db/creds/r/lost"], actor="reconciler")
+    assert not await s.reconcile.settle_stuck(stuck, revoked=[], actor="reconciler")  # once
+    lease = await s.issuance.get_lease(stuck)
+    assert lease.state == "abandoned"
+    [event] = [e for e in await s.admin.audit_events("i-x") if e["action"] == "lease.stuck_settled"]
+    assert event["detail"] == {"revoked_in_vault": 1, "vault_lease_ids": ["db/creds/r/lost"]}
+    assert await s.reconcile.vault_lease_states(["db/creds/r/live", "db/creds/r/none"]) == {
+        "db/creds/r/live": "active"
+    }
+
+
+async def test_sightings_and_unseen_instances(ledgers):
+    s = await ledgers()
+    clock = ledgers.clock
+    await issue(s, "i-old")
+    await issue(s, "i-new")
+    clock.advance(3600)
+    await s.sightings.mark_seen(["i-new"], clock.now())
+    await s.sightings.mark_seen(["i-new"], T0)  # an older sighting never moves it back
+    assert await s.reconcile.unseen_instances(
+        "dev", seen_before=clock.now() - timedelta(minutes=30), limit=10
+    ) == ["i-old"]
+    assert await s.reconcile.unseen_instances("other", seen_before=clock.now(), limit=10) == []
