@@ -119,7 +119,7 @@ class Broker:
         self.service = service = CredentialService(
             roles=self.settings.roles,
             rules=self.settings.policy.rules,
-            store=self.store,
+            ledger=self.store,
             vault=self.vault,
             tokens=self.tokens,
             clock=self.clock,

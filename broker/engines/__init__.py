@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from broker.engines.base import Engine, Mode, VaultRequest, read_caller_params, validate_role
+from broker.engines.base import (
+    Engine,
+    Mode,
+    Plan,
+    VaultRequest,
+    read_caller_params,
+    validate_role,
+)
 
 
 def _discover() -> dict[str, Engine]:
@@ -32,4 +39,12 @@ def _discover() -> dict[str, Engine]:
 
 ENGINES: dict[str, Engine] = _discover()
 
-__all__ = ["ENGINES", "Engine", "Mode", "VaultRequest", "read_caller_params", "validate_role"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Mode",
+    "Plan",
+    "VaultRequest",
+    "read_caller_params",
+    "validate_role",
+]
