@@ -108,10 +108,15 @@ def settle(outcome: Outcome, *, lease_expected: bool, external: bool) -> Settlem
         return Settlement(Record.FAILED, code=outcome.error.code, release_jti=True)
     if isinstance(outcome, Unknown):
         return Settlement(Record.KEEP)
+    # Withheld: whatever it has of a Vault lease is taken back, and the jti is kept (the
+    # token was used). The row fails only when nothing can be live; after RECORD the
+    # ledger did not answer, after TERMINATED the row is recorded.
     take_back = outcome.vault_lease_id is not None
-    if outcome.step is Step.FIT and not outcome.outcome_unknown:
-        return Settlement(Record.FAILED, code=outcome.error.code, take_back=take_back)
-    if outcome.step is Step.SHAPE and not external:
+    fails = not outcome.outcome_unknown and (
+        outcome.step is Step.FIT
         # A cloud session cannot be taken back: its row waits for termination's deny.
+        or (outcome.step is Step.SHAPE and not external)
+    )
+    if fails:
         return Settlement(Record.FAILED, code=outcome.error.code, take_back=take_back)
     return Settlement(Record.KEEP, take_back=take_back)
