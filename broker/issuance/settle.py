@@ -67,13 +67,16 @@ Outcome = Obtained | Refused | Unknown | Withheld
 class Record(Enum):
     """What becomes of the ``issuing`` row."""
 
-    ACTIVE = LeaseState.ACTIVE.value  # completed, tracked until termination (by its Vault
-    # lease, or by what termination denies at a cloud)
-    DELIVERED = LeaseState.DELIVERED.value  # completed, nothing to revoke (a kv read, an
-    # SSH certificate)
-    FAILED = "failed"  # nothing issued is live: the row is closed with the error's code
-    KEEP = "keep"  # written as it is: issuing and possibly live (termination and the
-    # reconciler settle it), or already completed (its instance's revocation job takes it)
+    # Completed, and tracked until termination by its Vault lease or by what termination
+    # denies at a cloud.
+    ACTIVE = LeaseState.ACTIVE.value
+    # Completed, with nothing to revoke (a kv read, an SSH certificate).
+    DELIVERED = LeaseState.DELIVERED.value
+    # Nothing issued is live: the row is closed with the error's code.
+    FAILED = "failed"
+    # Nothing is written: the row stays ``issuing``, possibly live, for termination and the
+    # reconciler to settle; or it is already completed, for its instance's revocation job.
+    KEEP = "keep"
 
 
 @dataclass(frozen=True)
