@@ -29,12 +29,18 @@ class BrokerError(Exception):
     status: int = 500
     code: str = "internal_error"
     issuer_name: str | None = None  # set on identity refusals once the issuer is known
+    # Set where a call to Vault or a cloud fails: True when the request may have reached
+    # it and taken effect (a timeout, a dropped connection), so its outcome is unknown.
+    outcome_unknown: bool
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, outcome_unknown: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.outcome_unknown = outcome_unknown
 
 
 class BadRequest(BrokerError):
@@ -97,7 +103,6 @@ class UpstreamRejected(BrokerError):
 class UpstreamUnavailable(BrokerError):
     status = 503
     code = "vault_unavailable"
-    outcome_unknown = False  # True when the request may have reached Vault and taken effect
 
 
 class StoreUnavailable(BrokerError):

@@ -138,7 +138,7 @@ class Broker:
         self.service = service = CredentialService(
             roles=self.settings.roles,
             rules=self.settings.policy.rules,
-            store=self.issuance_records,
+            ledger=self.issuance_records,
             vault=self.vault,
             tokens=self.tokens,
             clock=self.clock,

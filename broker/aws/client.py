@@ -48,9 +48,11 @@ _IAM_RETRYABLE = frozenset(
 
 
 def _unavailable(what: str, *, outcome_unknown: bool = False) -> UpstreamUnavailable:
-    err = UpstreamUnavailable(f"{what} is unavailable; retry shortly", code="aws_unavailable")
-    err.outcome_unknown = outcome_unknown
-    return err
+    return UpstreamUnavailable(
+        f"{what} is unavailable; retry shortly",
+        code="aws_unavailable",
+        outcome_unknown=outcome_unknown,
+    )
 
 
 class AwsClient:
@@ -117,9 +119,8 @@ class AwsClient:
                     raise UpstreamRejected(
                         "AWS STS answered for another session name", code="aws_sts_bad_response"
                     )
-            except UpstreamRejected as exc:
-                exc.outcome_unknown = True  # type: ignore[attr-defined] — STS may have issued
-                raise
+            except UpstreamRejected as exc:  # STS may have issued a session all the same
+                raise UpstreamRejected(exc.message, code=exc.code, outcome_unknown=True) from None
             return session
         error = parse_error(body)
         log.warning("aws sts refused a call", extra={"status": status, "aws_error": error.code})

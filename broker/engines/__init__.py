@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from broker.engines.base import Engine, Mode, VaultRequest, read_caller_params, validate_role
+from broker.engines.base import (
+    Engine,
+    Mode,
+    Plan,
+    VaultRequest,
+    read_caller_params,
+    validate_role,
+)
 
 # The interface, and the role settings (which check a role against this registry).
 _NOT_ENGINES = frozenset({"base", "role"})
@@ -36,4 +43,12 @@ def _discover() -> dict[str, Engine]:
 
 ENGINES: dict[str, Engine] = _discover()
 
-__all__ = ["ENGINES", "Engine", "Mode", "VaultRequest", "read_caller_params", "validate_role"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Mode",
+    "Plan",
+    "VaultRequest",
+    "read_caller_params",
+    "validate_role",
+]

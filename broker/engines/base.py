@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from broker.aws import SessionRef, StsSession, WebIdentityRequest
-from broker.errors import BadRequest
+from broker.errors import BadRequest, NotPermitted
 
 if TYPE_CHECKING:  # for annotations only: a role checks itself against this interface
     from broker.engines.role import RoleSettings
@@ -33,6 +33,40 @@ class VaultRequest:
     path: str  # already escaped, relative to /v1/
     body: dict[str, Any] | None
     ttl_applied: bool  # False when the engine cannot set a TTL per request
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an engine decides about one request before anything is written or
+    asked: made once, purely, from the role, the rendered templates and the caller's
+    checked parameters. What can only follow Vault's answer (the cloud exchange, the
+    credential's shape and expiry) stays with the engine, asked through the plan."""
+
+    engine: Engine
+    role: RoleSettings
+    role_name: str
+    instance_id: str
+    request: VaultRequest  # carries the caller's checked parameters, where the mode takes any
+    ttl: int  # the granted TTL, in seconds
+    leased: bool  # Vault's answer must carry a lease the broker tracks, renews and revokes
+    session_ref: SessionRef | None  # what termination denies at a cloud; None: nothing
+
+    @property
+    def kind(self) -> str:
+        return self.engine.kind
+
+    def exchange(self, answer: Mapping[str, Any]) -> WebIdentityRequest | None:
+        return self.engine.exchange(self.role, self.instance_id, answer, self.ttl)
+
+    def expires_at(self, answer: Mapping[str, Any]) -> datetime | None:
+        return self.engine.expires_at(self.role, answer)
+
+    def shape(
+        self, answer: Mapping[str, Any], session: StsSession | None, expires_at: datetime
+    ) -> dict[str, Any]:
+        if session is not None:
+            return self.engine.shape_session(self.role, session)
+        return self.engine.shape_expiring(self.role, answer, expires_at)
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,33 @@ class Engine:
 
     def check_role(self, role: RoleSettings) -> None:
         """Engine-specific checks of a role's options at load time; raise ValueError."""
+
+    def plan(
+        self,
+        role_name: str,
+        role: RoleSettings,
+        params: Mapping[str, str],
+        caller: Mapping[str, Any],
+        ttl: int,
+        instance_id: str,
+    ) -> Plan:
+        """One request, decided before the ledger or Vault hears of it: ``params`` are the
+        role's rendered templates, ``caller`` the caller's checked parameters. A refusal
+        here (BadRequest, NotPermitted, UpstreamRejected for a path) writes nothing."""
+        try:
+            self.check_caller(role, params, caller)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_parameter") from None
+        request = self.request(role, params, caller, ttl)
+        leased = self.mode(role).leased
+        try:
+            ref = self.session_ref(role, params, instance_id)
+        except ValueError as exc:
+            raise NotPermitted(
+                f"role {role_name!r} cannot be issued to this instance: {exc}",
+                code="session_name_refused",
+            ) from None
+        return Plan(self, role, role_name, instance_id, request, ttl, leased, ref)
 
     def request(
         self,

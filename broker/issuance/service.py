@@ -8,6 +8,11 @@ The order of ``issue`` is the safety argument:
 4. Vault is asked, with the instance token, so Vault ties the lease to the instance;
 5. the lease row is completed; only then is the credential returned.
 
+The engine plans the request once, before 2 (``Engine.plan``); 3 and 4 end in a value
+(obtained, refused, unknown), and what a request that hands nothing out leaves behind
+(the row failed or left ``issuing``, the lease taken back, the ``jti`` given back) is the
+table in ``broker.issuance.settle``.
+
 A crash after 4 and before 5 leaves an ``issuing`` row and a lease under a recorded token:
 the revocation job (and, later, the reconciler) revoke it through that token.
 
@@ -26,11 +31,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from broker.aws import StsSession, WebIdentityRequest
 from broker.clock import Clock, iso_z
-from broker.engines import ENGINES, Engine, VaultRequest, read_caller_params
+from broker.engines import ENGINES, Plan, read_caller_params
 from broker.engines.role import RoleSettings
 from broker.errors import (
     BadRequest,
@@ -45,6 +50,17 @@ from broker.errors import (
 from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.issuance.ledger import IssuanceLedger
+from broker.issuance.settle import (
+    Obtained,
+    Outcome,
+    Record,
+    Refused,
+    Settlement,
+    Step,
+    Unknown,
+    Withheld,
+    settle,
+)
 from broker.issuance.tokens import InstanceTokens
 from broker.leases import LeaseLimit, LeaseView
 from broker.leases.states import LeaseState
@@ -102,7 +118,7 @@ class CredentialService:
         *,
         roles: Mapping[str, RoleSettings],
         rules: tuple[Rule, ...],
-        store: IssuanceLedger,
+        ledger: IssuanceLedger,
         vault: VaultClient,
         tokens: InstanceTokens,
         clock: Clock,
@@ -114,7 +130,7 @@ class CredentialService:
     ) -> None:
         self._roles = roles
         self._rules = rules
-        self._store = store
+        self._ledger = ledger
         self._vault = vault
         self._tokens = tokens
         self._clock = clock
@@ -157,50 +173,27 @@ class CredentialService:
         engine = ENGINES[role.engine]
         caller = read_caller_params(engine, role_name, role, caller_params or {})
         params = render_params(role.params, identity)
+        plan = engine.plan(role_name, role, params, caller, ttl_s, identity.instance_id)
+        limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if plan.leased else None
         try:
-            engine.check_caller(role, params, caller)
-        except ValueError as exc:
-            raise BadRequest(str(exc), code="invalid_parameter") from None
-        request = engine.request(role, params, caller, ttl_s)
-        leased = engine.mode(role).leased
-        limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if leased else None
-        try:
-            external = engine.session_ref(role, params, identity.instance_id)
-        except ValueError as exc:
-            raise NotPermitted(
-                f"role {role_name!r} cannot be issued to this instance: {exc}",
-                code="session_name_refused",
-            ) from None
-
-        try:
-            ticket = await self._store.begin_issue(
+            ticket = await self._ledger.begin_issue(
                 instance_id=identity.instance_id,
                 issuer_name=identity.issuer_name,
                 workload=identity.workload,
                 role=role_name,
-                kind=engine.kind,
+                kind=plan.kind,
                 token_id=(identity.replay_key, identity.expires_at)
                 if identity.replay_key is not None
                 else None,
                 limit=limit,
-                external_ref=external.to_record() if external is not None else None,
-                vault_path=request.path,
+                external_ref=plan.session_ref.to_record() if plan.session_ref else None,
+                vault_path=plan.request.path,
             )
         except TokenInvalid as exc:
             exc.issuer_name = identity.issuer_name  # count replays against their issuer
             raise
         try:
-            credential = await self._issue_recorded(
-                identity,
-                role_name,
-                role,
-                engine,
-                request,
-                ttl_s,
-                ticket.lease_id,
-                leased,
-                external is not None,
-            )
+            credential = await self._issue_recorded(identity, plan, ticket.lease_id)
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
@@ -220,140 +213,103 @@ class CredentialService:
         return credential
 
     async def _issue_recorded(
-        self,
-        identity: Identity,
-        role_name: str,
-        role: RoleSettings,
-        engine: Engine,
-        request: VaultRequest,
-        ttl_s: int,
-        lease_id: str,
-        leased: bool,
-        external: bool = False,
+        self, identity: Identity, plan: Plan, lease_id: str
     ) -> IssuedCredential:
-        vault_issued = False
-        session: StsSession | None = None
+        """Steps 3 to 5 for the ``issuing`` row ``lease_id``: obtain, settle, complete."""
         try:
             async with asyncio.timeout(self._deadline_s):
-                token = await self._tokens.for_lease(identity, ttl_s)
-                issued = await self._vault.issue(
-                    token.token, request.method, request.path, request.body
-                )
-                session = await self._exchange(engine, role, identity, issued.data, ttl_s)
-                vault_issued = True
-                duration, renewable = issued.lease_duration, issued.renewable
-                if issued.lease_id and not request.ttl_applied and renewable and duration != ttl_s:
-                    # The engine takes no TTL per request: set the lease to exactly what was
-                    # granted, or hand nothing out (fail closed).
-                    try:
-                        duration, renewable = await self._vault.renew_lease(issued.lease_id, ttl_s)
-                    except BrokerError as exc:
-                        if not await self._take_back(issued.lease_id):
-                            exc.outcome_unknown = True  # still live: keep the row issuing
-                        raise
+                outcome = await self._obtain(identity, plan)
+                settlement = self._settle(plan, outcome)
+                # Within the deadline, as the request that obtained the lease.
+                taken_back = await self._take_back_for(settlement, outcome)
         except TimeoutError:
             log.warning(
                 "issuance passed its deadline; outcome in Vault unknown",
-                extra={"lease_id": lease_id, "role": role_name},
+                extra={"lease_id": lease_id, "role": plan.role_name},
             )
-            raise UpstreamUnavailable("Vault did not answer in time; retry shortly") from None
-        except BrokerError as exc:
-            if not getattr(exc, "outcome_unknown", False):
-                # The token id is given back only if Vault issued nothing: then the
-                # workload may retry with the token it has.
-                with contextlib.suppress(BrokerError):
-                    await self._store.fail_issue(
-                        lease_id,
-                        exc.code,
-                        release_token_id=None if vault_issued else self._token_id(identity),
-                    )
-            # Otherwise Vault may have issued under the (recorded) instance token: the row
-            # stays ``issuing`` so termination and reconciliation treat it as possibly live.
-            raise
-        if not issued.lease_id and leased and session is None:
-            with contextlib.suppress(BrokerError):
-                await self._store.fail_issue(lease_id, "vault_no_lease")
-            raise UpstreamRejected(
-                f"Vault issued role {role_name!r} without a lease, so it could not be revoked; "
-                "configure the Vault role to generate leases",
-                code="vault_no_lease",
-            )
+            outcome = Unknown(UpstreamUnavailable("Vault did not answer in time; retry shortly"))
+            settlement, taken_back = self._settle(plan, outcome), False
+        if not isinstance(outcome, Obtained) or not settlement.hands_out:
+            await self._give_up(identity, plan, lease_id, outcome, settlement, taken_back)
 
         issued_at = self._clock.now()
-        expires_at = issued_at + timedelta(seconds=duration)
-        vault_lease_id = issued.lease_id or None
-        if session is not None:
-            expires_at, renewable = session.expiration, False
-        elif vault_lease_id is None:
-            # No lease to say when it ends (Vault answers 0, or kv v1's refresh hint): the
-            # credential itself may (an SSH certificate), else the broker's grant does.
-            expires_at = engine.expires_at(role, issued.data) or issued_at + timedelta(
-                seconds=ttl_s
-            )
-        # Tracked until termination: by Vault's lease, or by what termination denies at AWS.
-        tracked = vault_lease_id is not None or external
+        expires_at, renewable = self._expiry(plan, outcome, issued_at)
+        vault_lease_id = outcome.vault_lease_id
         try:
             # Shaped before it is recorded: an answer the broker cannot hand out
             # (vault_bad_response) is never recorded as issued.
-            if session is not None:
-                data = engine.shape_session(role, session)
-            else:
-                data = engine.shape_expiring(role, issued.data, expires_at)
+            data = plan.shape(outcome.answer, outcome.session, expires_at)
         except BrokerError as exc:
-            # Taken back if it has a lease; if it may still be live (not taken back, or
-            # known to the cloud) the row stays ``issuing`` for termination to settle.
-            if (vault_lease_id and not await self._take_back(vault_lease_id)) or external:
-                raise
-            with contextlib.suppress(BrokerError):
-                await self._store.fail_issue(lease_id, exc.code)
-            raise
+            await self._withhold(identity, plan, lease_id, exc, Step.SHAPE, vault_lease_id)
         try:
-            still_active = await self._store.complete_issue(
+            still_active = await self._ledger.complete_issue(
                 lease_id,
                 created_after=self._clock.now() - self._record_within,
                 vault_lease_id=vault_lease_id,
-                accessor=token.accessor,
-                renewable=renewable and vault_lease_id is not None,
+                accessor=outcome.accessor,
+                renewable=renewable,
                 issued_at=issued_at,
                 expires_at=expires_at,
-                state=LeaseState.ACTIVE if tracked else LeaseState.DELIVERED,
+                state=LeaseState(settlement.record.value),
             )
-        except BrokerError:
-            # Not recorded, so not handed out: take it back from Vault now. If that fails
+        except BrokerError as exc:
+            # Not recorded, so not handed out: taken back from Vault now. If that fails
             # too, the ``issuing`` row and the recorded token let the reconciler find it.
-            if vault_lease_id:
-                await self._take_back(vault_lease_id)
-            raise
+            await self._withhold(identity, plan, lease_id, exc, Step.RECORD, vault_lease_id)
         if not still_active:
-            # Recorded, so the revocation job confirms it; revoking now just saves time.
-            if vault_lease_id:
-                await self._take_back(vault_lease_id)
-            raise InstanceTerminated(
+            # Recorded, so the revocation job confirms it; taking it back just saves time.
+            terminated = InstanceTerminated(
                 f"instance {identity.instance_id} was terminated while the credential was issued"
+            )
+            await self._withhold(
+                identity, plan, lease_id, terminated, Step.TERMINATED, vault_lease_id
             )
         return IssuedCredential(
             lease_id=lease_id,
             instance_id=identity.instance_id,
             workload=identity.workload,
-            role=role_name,
-            kind=engine.kind,
+            role=plan.role_name,
+            kind=plan.kind,
             data=data,
             issued_at=issued_at,
             expires_at=expires_at,
-            renewable=renewable and vault_lease_id is not None,
-            leased=tracked,
+            renewable=renewable,
+            leased=settlement.record is Record.ACTIVE,
         )
 
-    async def _exchange(
-        self,
-        engine: Engine,
-        role: RoleSettings,
-        identity: Identity,
-        answer: Mapping[str, Any],
-        ttl_s: int,
-    ) -> StsSession | None:
+    async def _obtain(self, identity: Identity, plan: Plan) -> Outcome:
+        """Steps 3 and 4: the instance token, Vault, the cloud exchange, and the lease
+        fitted to the grant. Says what came of them; raises only TimeoutError (the
+        caller's deadline)."""
+        try:
+            token = await self._tokens.for_lease(identity, plan.ttl)
+            request = plan.request
+            issued = await self._vault.issue(
+                token.token, request.method, request.path, request.body
+            )
+            session = await self._exchange(plan, issued.data)
+        except BrokerError as exc:
+            return Unknown(exc) if exc.outcome_unknown else Refused(exc)
+        duration, renewable = issued.lease_duration, issued.renewable
+        if issued.lease_id and not request.ttl_applied and renewable and duration != plan.ttl:
+            # The engine takes no TTL per request: set the lease to exactly what was
+            # granted, or hand nothing out (fail closed).
+            try:
+                duration, renewable = await self._vault.renew_lease(issued.lease_id, plan.ttl)
+            except BrokerError as exc:
+                return Withheld(exc, Step.FIT, issued.lease_id, exc.outcome_unknown)
+        return Obtained(
+            accessor=token.accessor,
+            answer=issued.data,
+            vault_lease_id=issued.lease_id or None,
+            duration=duration,
+            renewable=renewable,
+            session=session,
+        )
+
+    async def _exchange(self, plan: Plan, answer: Mapping[str, Any]) -> StsSession | None:
         """Exchange Vault's answer at the cloud when the role's mode says so."""
-        request = engine.exchange(role, identity.instance_id, answer, ttl_s)
+        request = plan.exchange(answer)
         if request is None:
             return None
         if self._cloud is None:  # configuration validation requires it; fail closed
@@ -361,6 +317,69 @@ class CredentialService:
                 "this role needs the broker's aws section", code="cloud_not_configured"
             )
         return await self._cloud.assume_role_with_web_identity(request)
+
+    @staticmethod
+    def _settle(plan: Plan, outcome: Outcome) -> Settlement:
+        return settle(outcome, lease_expected=plan.leased, external=plan.session_ref is not None)
+
+    @staticmethod
+    def _expiry(plan: Plan, obtained: Obtained, issued_at: datetime) -> tuple[datetime, bool]:
+        """When the credential ends, and whether its Vault lease renews."""
+        if obtained.session is not None:
+            return obtained.session.expiration, False
+        if obtained.vault_lease_id is None:
+            # No lease to say when it ends (Vault answers 0, or kv v1's refresh hint): the
+            # credential itself may (an SSH certificate), else the broker's grant does.
+            ends = plan.expires_at(obtained.answer) or issued_at + timedelta(seconds=plan.ttl)
+            return ends, False
+        return issued_at + timedelta(seconds=obtained.duration), obtained.renewable
+
+    async def _withhold(
+        self,
+        identity: Identity,
+        plan: Plan,
+        lease_id: str,
+        error: BrokerError,
+        step: Step,
+        vault_lease_id: str | None,
+    ) -> NoReturn:
+        """A credential obtained that is not handed out: settled, and its error raised."""
+        outcome = Withheld(error, step, vault_lease_id)
+        settlement = self._settle(plan, outcome)
+        taken_back = await self._take_back_for(settlement, outcome)
+        await self._give_up(identity, plan, lease_id, outcome, settlement, taken_back)
+
+    async def _give_up(
+        self,
+        identity: Identity,
+        plan: Plan,
+        lease_id: str,
+        outcome: Outcome,
+        settlement: Settlement,
+        taken_back: bool,
+    ) -> NoReturn:
+        """Record a settlement that hands nothing out, and raise the caller's error."""
+        if settlement.after_take_back(taken_back) is Record.FAILED:
+            with contextlib.suppress(BrokerError):
+                await self._ledger.fail_issue(
+                    lease_id,
+                    settlement.code,
+                    release_token_id=self._token_id(identity) if settlement.release_jti else None,
+                )
+        # Otherwise Vault may have issued under the (recorded) instance token: the row
+        # stays ``issuing`` so termination and reconciliation treat it as possibly live.
+        if isinstance(outcome, Obtained):  # Vault answered without the lease it must carry
+            raise UpstreamRejected(
+                f"Vault issued role {plan.role_name!r} without a lease, so it could not be "
+                "revoked; configure the Vault role to generate leases",
+                code="vault_no_lease",
+            )
+        raise outcome.error
+
+    async def _take_back_for(self, settlement: Settlement, outcome: Outcome) -> bool:
+        if settlement.take_back and isinstance(outcome, Withheld) and outcome.vault_lease_id:
+            return await self._take_back(outcome.vault_lease_id)
+        return False
 
     async def _revoke_superseded(
         self, superseded: tuple[tuple[str, str], ...]
@@ -372,7 +391,7 @@ class CredentialService:
             try:
                 gone = await self._vault.revoke_confirmed(vault_lease_id)
                 if gone:
-                    await self._store.end_lease(lease_id, LeaseState.REVOKED, actor="lease_limit")
+                    await self._ledger.end_lease(lease_id, LeaseState.REVOKED, actor="lease_limit")
             except BrokerError as exc:
                 log.warning(
                     "a replaced lease is not revoked yet; the sweep retries",
@@ -405,8 +424,8 @@ class CredentialService:
         """The caller's own lease and its instance's state. Another instance's lease, or
         one under the same instance id from another issuer, is indistinguishable from one
         that does not exist."""
-        lease = await self._store.get_lease(lease_id)
-        instance = await self._store.instance_state(lease.instance_id)
+        lease = await self._ledger.get_lease(lease_id)
+        instance = await self._ledger.instance_state(lease.instance_id)
         if (
             lease.instance_id != identity.instance_id
             or instance is None
@@ -443,7 +462,7 @@ class CredentialService:
         increment = min(granted, room)
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
-        await self._store.set_lease_expiry(lease_id, expires_at, renewable)
+        await self._ledger.set_lease_expiry(lease_id, expires_at, renewable)
         if self._sightings is not None:
             self._sightings.note(identity.instance_id)
         return {
@@ -518,4 +537,4 @@ class CredentialService:
                 "Vault still holds the lease after revoking it; retry",
                 code="revocation_unconfirmed",
             )
-        await self._store.end_lease(lease_id, LeaseState.RELEASED, actor="workload")
+        await self._ledger.end_lease(lease_id, LeaseState.RELEASED, actor="workload")

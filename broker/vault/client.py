@@ -298,11 +298,12 @@ class VaultClient:
             log.warning(
                 "vault call failed", extra={"path": _log_path(path), "error": type(exc).__name__}
             )
-            err = UpstreamUnavailable("Vault is unreachable; retry shortly")
             # A refused connection sent nothing; a timeout or a dropped connection may
             # have reached Vault, which may have acted on it.
-            err.outcome_unknown = not isinstance(exc, aiohttp.ClientConnectorError)
-            raise err from None
+            raise UpstreamUnavailable(
+                "Vault is unreachable; retry shortly",
+                outcome_unknown=not isinstance(exc, aiohttp.ClientConnectorError),
+            ) from None
         if status in (200, 204):
             return payload or {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
@@ -314,10 +315,11 @@ class VaultClient:
             extra={"path": _log_path(path), "status": status, "vault_error": first},
         )
         if status in (429, 500, 502, 503, 504):
-            err = UpstreamUnavailable("Vault is unavailable or sealed; retry shortly")
             # 502/504 come from something in front of Vault, after Vault may have acted.
-            err.outcome_unknown = status in (502, 504)
-            raise err
+            raise UpstreamUnavailable(
+                "Vault is unavailable or sealed; retry shortly",
+                outcome_unknown=status in (502, 504),
+            )
         if status == 403:
             raise UpstreamRejected(
                 "Vault refused the broker's request (permission denied); "
