@@ -24,7 +24,7 @@ import pytest
 import redis
 from psycopg import errors
 
-from tests.harness.api import eventually, issue, release, terminate
+from tests.harness.api import issue, release, terminate
 from tests.harness.databases import (
     ORDERS,
     MariaDbTarget,
@@ -36,6 +36,7 @@ from tests.harness.databases import (
     postgres_target,
     redis_target,
 )
+from tests.harness.wait import eventually
 
 # --------------------------------------------------------------------------- PostgreSQL
 
