@@ -14,7 +14,6 @@ package that calls them; nothing above that boundary catches them.
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
     ├── LeaseLimitReached          409  the role's per-instance lease limit is reached
-    ├── PayloadTooLarge            413
     ├── UpstreamRejected           502  Vault refused a request the broker made
     ├── UpstreamUnavailable        503  Vault unreachable, sealed or timing out
     └── StoreUnavailable           503  the lease store cannot be reached
@@ -86,11 +85,6 @@ class InstanceTerminated(BrokerError):
 class LeaseLimitReached(BrokerError):
     status = 409
     code = "lease_limit_reached"
-
-
-class PayloadTooLarge(BrokerError):
-    status = 413
-    code = "payload_too_large"
 
 
 class UpstreamRejected(BrokerError):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from broker.api.errors import error_response, make_middleware
+from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
 from broker.api.views import instance_public, job_public, lease_admin
@@ -489,10 +489,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
-
-
-async def not_found(request: web.Request) -> web.Response:
-    return error_response(404, "not_found", "no such endpoint")
 
 
 def build_app(deps: ApiDeps) -> web.Application:

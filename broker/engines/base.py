@@ -260,16 +260,3 @@ def read_caller_params(
         except ValueError as exc:
             raise BadRequest(f"{name}: {exc}", code="invalid_parameter") from None
     return out
-
-
-def text_param(max_bytes: int, what: str) -> CallerCheck:
-    """A caller parameter that is a non-empty string of at most ``max_bytes``."""
-
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"expected {what} as a non-empty string")
-        if len(value.encode()) > max_bytes:
-            raise ValueError(f"too long (at most {max_bytes} bytes)")
-        return value
-
-    return check

@@ -130,12 +130,6 @@ class RevocationWorker:
             await asyncio.gather(*(self._process(job) for job in jobs))
         return len(jobs)
 
-    async def drain(self, *, max_rounds: int = 1000) -> None:
-        """Run until no job is due (bounded); for tests and the CLI's ``--wait``."""
-        for _ in range(max_rounds):
-            if not await self.run_once():
-                return
-
     async def _process(self, job: JobView) -> None:
         holding = asyncio.create_task(self._hold_claim(job))
         try:

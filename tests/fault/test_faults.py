@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -19,32 +17,13 @@ import yaml
 from broker.dev.environment import dev_settings_dict
 from broker.dev.openbao import free_port
 from broker.leases.db import migrate
+from broker.secret import Secret
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
+from tests.harness.brokers import TOKEN_REF, serve, wait_ready
 from tests.harness.proxy import FaultProxy
+from tests.harness.wait import eventually
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as s:
-        while asyncio.get_running_loop().time() < deadline:
-            assert proc.poll() is None, "broker exited during start-up"
-            try:
-                async with s.get(f"{url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("broker did not become ready")
-
-
-def _serve(config: Path, log: Path, vault_token: str) -> subprocess.Popen:
-    env = {**os.environ, "TEST_BROKER_VAULT_TOKEN": vault_token}
-    return subprocess.Popen([sys.executable, "-m", "broker.cli.main", "serve", "--config",
-                             str(config)], env=env, stdout=open(log, "ab"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -64,7 +43,7 @@ async def test_worker_killed_between_vault_revoke_and_store_update_finishes_afte
         await asyncio.to_thread(migrate, store_url)
         port = free_port()
         data = dev_settings_dict(
-            vault_addr=vault_proxy.url, broker_token="${TEST_BROKER_VAULT_TOKEN}",
+            vault_addr=vault_proxy.url, broker_token=TOKEN_REF,
             issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
             store_url=store_url, admin_token_sha256=ADMIN_SHA,
             with_database=True, port=port)
@@ -74,8 +53,8 @@ async def test_worker_killed_between_vault_revoke_and_store_update_finishes_afte
         url = f"http://127.0.0.1:{port}"
         log = workdir / f"crash-{name}.log"
 
-        procs.append(_serve(config, log, vault_setup.broker_token))
-        await _wait_ready(url, procs[-1])
+        procs.append(serve(config, log, Secret(vault_setup.broker_token)))
+        await wait_ready(url, procs[-1], log=log)
         token = issuer.mint(instance="i-crash", workload="payments")
         creds = []
         for role in ("dev-db", "dev-cert", "dev-db"):
@@ -102,14 +81,16 @@ async def test_worker_killed_between_vault_revoke_and_store_update_finishes_afte
         assert job == ("running", 1)
 
         vault_proxy.release()
-        procs.append(_serve(config, log, vault_setup.broker_token))
-        await _wait_ready(url, procs[-1])
-        for _ in range(300):  # the dead worker's claim lapses after 5 s
+        procs.append(serve(config, log, Secret(vault_setup.broker_token)))
+        await wait_ready(url, procs[-1], log=log)
+
+        async def job_done() -> dict | None:
             async with http.get(f"{url}/v1/instances/i-crash", headers=ADMIN) as resp:
                 shown = await resp.json()
-            if shown["job"]["state"] == "done":
-                break
-            await asyncio.sleep(0.1)
+            return shown if shown["job"]["state"] == "done" else None
+
+        # The dead worker's claim lapses after 5 s.
+        shown = await eventually(job_done, "the job finished after the restart", timeout=60)
         assert shown["state"] == "terminated"
         assert shown["job"]["state"] == "done" and shown["job"]["attempts"] == 2
         assert [x["state"] for x in shown["leases"]] == ["revoked"] * 3
@@ -150,21 +131,20 @@ async def test_vault_unreachable_fails_closed_and_revocation_waits_for_it(
 
     async with http.post(f"{b.url}/v1/instances/i-outage/terminate", headers=b.admin()) as resp:
         assert resp.status == 202
-    for _ in range(100):
+
+    def retried() -> dict | None:
         job = b.rows("revocation_jobs")[0]
-        if job["attempts"] >= 2:
-            break
-        await asyncio.sleep(0.05)
+        return job if job["attempts"] >= 2 else None
+
+    job = await eventually(retried, "the job retried while Vault was away")
     assert job["state"] in ("pending", "running") and job["attempts"] >= 2
     assert job["last_error"] == "vault_unavailable"
     [live] = [r for r in b.rows("leases") if r["state"] == "active"]
     assert vault.lease_exists(live["vault_lease_id"])  # not revoked while Vault was away
 
     vault_proxy.restore()
-    for _ in range(200):
-        if b.rows("revocation_jobs")[0]["state"] == "done":
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: b.rows("revocation_jobs")[0]["state"] == "done",
+                     "the job done once Vault was back")
     assert b.rows("revocation_jobs")[0]["state"] == "done"
     # The unknown one waited out issuing_timeout_s behind a revoked token, then abandoned.
     assert sorted(r["state"] for r in b.rows("leases")) == ["abandoned", "revoked"]
@@ -223,7 +203,7 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
 
         def config(url: str, tag: str) -> Path:
             data = dev_settings_dict(
-                vault_addr=bao.addr, broker_token="${TEST_BROKER_VAULT_TOKEN}",
+                vault_addr=bao.addr, broker_token=TOKEN_REF,
                 issuer=issuer.issuer, jwks_uri=f"{issuer.issuer}/.well-known/jwks.json",
                 store_url=url, admin_token_sha256=ADMIN_SHA, with_database=True, port=port)
             data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "issuing_timeout_s": 5}
@@ -234,9 +214,9 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
 
         url = f"http://127.0.0.1:{port}"
         log = workdir / f"stuck-{name}.log"
-        procs.append(_serve(config(f"postgresql://postgres@127.0.0.1:{store_proxy.port}/{name}",
-                                   "proxied"), log, vault_setup.broker_token))
-        await _wait_ready(url, procs[-1])
+        procs.append(serve(config(f"postgresql://postgres@127.0.0.1:{store_proxy.port}/{name}",
+                                   "proxied"), log, Secret(vault_setup.broker_token)))
+        await wait_ready(url, procs[-1], log=log)
         leases_before = set(vault.leases_under("database/creds/dev-db/"))
         logins_before = _pg_logins(pg)
 
@@ -259,8 +239,8 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
             [(lease_id, state)] = conn.execute("SELECT lease_id, state FROM leases").fetchall()
         assert state == "issuing"
 
-        procs.append(_serve(config(store_url, "direct"), log, vault_setup.broker_token))
-        await _wait_ready(url, procs[-1])
+        procs.append(serve(config(store_url, "direct"), log, Secret(vault_setup.broker_token)))
+        await wait_ready(url, procs[-1], log=log)
         # Past twice the issuing bound from the row: the request is dead, and no request
         # could record a lease issued in its window any more.
         await asyncio.sleep(10.5)

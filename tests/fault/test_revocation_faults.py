@@ -44,6 +44,7 @@ from tests.harness.brokers import BrokerProcess
 from tests.harness.postgres import PgServer
 from tests.harness.proxy import FaultProxy
 from tests.harness.vault import VaultProbe
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -150,13 +151,15 @@ async def wait_jobs_done(store_url: str, expected: int, timeout: float) -> float
     """Until ``expected`` jobs are ``done`` (none ``failed``); the seconds it took."""
     start = time.monotonic()
     states: Counter[str] = Counter()
-    while time.monotonic() - start < timeout:
+
+    async def all_done() -> bool:
+        nonlocal states
         states = await asyncio.to_thread(job_states, store_url)
         assert not states["failed"], f"jobs failed: {dict(states)}"
-        if states["done"] == expected:
-            return time.monotonic() - start
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"jobs not done after {timeout}s: {dict(states)}")
+        return states["done"] == expected
+
+    await eventually(all_done, lambda: f"jobs done: {dict(states)}", timeout, 0.2)
+    return time.monotonic() - start
 
 
 def existing_roles(pg: PgServer, names: Iterable[str]) -> int:
@@ -492,12 +495,13 @@ async def test_openbao_stopped_30s_mid_revocation_jobs_wait_and_issuance_fails_c
         # a revoked token go lazily, hence the wait.
         expected = {"database/creds/dev-db/": 18, "pki/issue/dev-cert/": 9}
         held: dict[str, int] = {}
-        for _ in range(100):
+
+        async def only_the_others_held() -> bool:
+            nonlocal held
             held = {p: len(await asyncio.to_thread(probe.leases_under, p)) for p in expected}
-            if held == expected:
-                break
-            await asyncio.sleep(0.1)
-        assert held == expected
+            return held == expected
+
+        await eventually(only_the_others_held, lambda: f"Vault holds {held}, not {expected}")
     finally:
         server.resume()
         if broker is not None:
@@ -679,15 +683,14 @@ async def test_a_job_that_outlasts_its_claim_is_not_taken_over_while_its_worker_
             server.pause()
             try:
                 await terminate(http, url, instance)
-                job: tuple[Any, ...] = ()
-                for _ in range(50):
+
+                async def running() -> tuple[Any, ...] | None:
                     [job] = await asyncio.to_thread(
                         query, store_url, "SELECT state, attempts, claimed_by "
                                           "FROM revocation_jobs")
-                    if job[0] == "running":
-                        break
-                    await asyncio.sleep(0.1)
-                first = job[2]
+                    return job if job[0] == "running" else None
+
+                first = (await eventually(running, "the job claimed"))[2]
                 # Its worker waits on Vault; the claim (5 s) would have lapsed by now.
                 await asyncio.sleep(REVOCATION["claim_timeout_s"] + 3)
                 [job] = await asyncio.to_thread(

@@ -8,7 +8,6 @@ so it is never written to the configuration file or a log.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
 import signal
@@ -22,6 +21,7 @@ import yaml
 
 from broker.dev.openbao import free_port
 from broker.secret import Secret
+from tests.harness.wait import eventually
 
 PR_SET_PDEATHSIG = 1
 TOKEN_ENV = "TEST_BROKER_VAULT_TOKEN"
@@ -54,25 +54,23 @@ def log_tail(log: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0,
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0,
                      log: Path | None = None) -> None:
     """Until ``/readyz`` answers 200 (store and Vault reachable); fails if the process
     exits first or the bound passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        while loop.time() < deadline:
+
+        async def ready() -> bool:
             if proc.poll() is not None:
                 tail = log_tail(log) if log else ""
                 raise AssertionError(f"broker exited during start-up ({proc.returncode})\n{tail}")
             try:
                 async with s.get(f"{url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"broker at {url} did not become ready in {timeout}s")
+                return False
+
+        await eventually(ready, f"broker at {url} ready", timeout, 0.1)
 
 
 class BrokerProcess:

@@ -7,7 +7,6 @@ import glob
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import psycopg
 
 from broker.dev.openbao import free_port
+from tests.harness.wait import eventually_sync
 
 
 @dataclass
@@ -116,9 +116,5 @@ def start_throwaway(workdir: Path) -> PgServer:
           "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
          run_as)
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    deadline = time.monotonic() + 30
-    while not _answers(url):
-        if time.monotonic() > deadline:
-            raise RuntimeError("throwaway PostgreSQL did not start")
-        time.sleep(0.2)
+    eventually_sync(lambda: _answers(url), "throwaway PostgreSQL started")
     return PgServer(url, "127.0.0.1", port, datadir=datadir, run_as=run_as)

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from urllib.parse import quote
 
 from tests.harness.services import listening, require_service, service_missing
 from tests.harness.vault import VaultProbe
+from tests.harness.wait import eventually_sync
 
 HOST = "127.0.0.1"
 AMQP_PORT = 5672
@@ -115,14 +115,13 @@ def ensure_management(timeout: float = 60.0) -> str:
             "rabbitmq management API",
             f"`rabbitmq-plugins enable rabbitmq_management` failed: {why}",
         )
-    deadline = time.monotonic() + timeout
-    while not _api_answers(base_url):
-        if time.monotonic() > deadline:
-            service_missing(
-                "rabbitmq management API",
-                f"the plugin is enabled but {base_url} did not answer within {timeout:.0f} s",
-            )
-        time.sleep(0.5)
+    try:
+        eventually_sync(lambda: _api_answers(base_url), f"{base_url} answers", timeout, 0.5)
+    except AssertionError:
+        service_missing(
+            "rabbitmq management API",
+            f"the plugin is enabled but {base_url} did not answer within {timeout:.0f} s",
+        )
     return base_url
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from broker.dev.environment import dev_settings_dict
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
+from tests.harness.wait import eventually
 
 
 async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None,
@@ -146,11 +147,12 @@ async def test_broker_dev_runs_everything_and_ctrl_c_leaves_nothing(tmp_path: Pa
         "--postgres-url", pg.admin_url, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     try:
-        for _ in range(300):
-            if (d / "dev.env").exists():
-                break
-            assert proc.returncode is None
-            await asyncio.sleep(0.1)
+
+        def env_written() -> bool:
+            assert proc.returncode is None, "broker dev exited"
+            return (d / "dev.env").exists()
+
+        await eventually(env_written, "broker dev wrote dev.env", timeout=60)
         env = dict(line.split("=", 1) for line in (d / "dev.env").read_text().split())
         assert set(env) == {"BROKER_URL", "BROKER_ADMIN_TOKEN", "VAULT_ADDR", "VAULT_TOKEN"}
         assert oct((d / "dev.env").stat().st_mode & 0o777) == "0o600"
@@ -175,8 +177,8 @@ async def test_broker_dev_runs_everything_and_ctrl_c_leaves_nothing(tmp_path: Pa
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
-    await asyncio.sleep(0.2)
-    assert _bao_pids(env["VAULT_ADDR"]) == []
+    # OpenBao goes with it: a short grace for the process table, not a long wait.
+    await eventually(lambda: _bao_pids(env["VAULT_ADDR"]) == [], "OpenBao stopped", timeout=5)
     assert not (d / "dev.env").exists()
 
 

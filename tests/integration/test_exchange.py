@@ -3,7 +3,6 @@ and as the database whose logins Vault mints), the dev issuer's JWKS over HTTP."
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -11,28 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.harness.api import bearer, issue, wait_job
 from tests.harness.pgauth import scram_password_matches
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def _issue(http, b, instance: str, role: str, **body):
-    async with http.post(f"{b.url}/v1/credentials", headers=_bearer(b.token(instance)),
-                         json={"role": role, **body}) as resp:
-        return resp.status, await resp.json()
-
-
-async def _wait_job(http, b, instance: str, timeout: float = 20.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            body = await resp.json()
-        if body["job"] and body["job"]["state"] in ("done", "failed"):
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.1)
 
 
 def _login(pg, user: str, password: str) -> str:
@@ -45,7 +24,7 @@ def _login(pg, user: str, password: str) -> str:
 async def test_database_login_lives_until_the_instance_is_terminated(
         make_broker, http, pg, vault, store):
     b = await make_broker(store)
-    status, cred = await _issue(http, b, "i-db-1", "dev-db", ttl="5m")
+    status, cred = await issue(http, b, "i-db-1", "dev-db", ttl="5m")
     assert status == 201, cred
     assert set(cred) == {"lease_id", "instance_id", "workload", "role", "kind", "data",
                          "issued_at", "expires_at", "renewable", "leased", "lease_limit"}
@@ -78,7 +57,7 @@ async def test_database_login_lives_until_the_instance_is_terminated(
         accepted = await resp.json()
     assert accepted["instance_id"] == "i-db-1"
     assert accepted["job"]["state"] in ("pending", "running", "done")
-    shown = await _wait_job(http, b, "i-db-1")
+    shown = await wait_job(http, b, "i-db-1")
     assert shown["state"] == "terminated" and shown["job"]["state"] == "done"
     assert [x["state"] for x in shown["leases"]] == ["revoked"]
 
@@ -88,7 +67,7 @@ async def test_database_login_lives_until_the_instance_is_terminated(
     with pytest.raises(psycopg.OperationalError):
         _login(pg, user, password)
 
-    status, body = await _issue(http, b, "i-db-1", "dev-db")
+    status, body = await issue(http, b, "i-db-1", "dev-db")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
     # Idempotent: terminating again returns the same finished job.
@@ -100,7 +79,7 @@ async def test_database_login_lives_until_the_instance_is_terminated(
 
 async def test_certificate_chains_to_the_pki_ca_and_expires_within_the_role_ttl(
         broker, http, vault_setup, vault):
-    status, cred = await _issue(http, broker, "i-cert-1", "dev-cert", ttl="2h")
+    status, cred = await issue(http, broker, "i-cert-1", "dev-cert", ttl="2h")
     assert status == 201, cred
     assert cred["kind"] == "x509_certificate" and cred["renewable"] is False
     cert = x509.load_pem_x509_certificate(cred["data"]["certificate"].encode())
@@ -122,11 +101,11 @@ async def test_certificate_chains_to_the_pki_ca_and_expires_within_the_role_ttl(
 
 
 async def test_renew_extends_within_the_max_ttl_and_release_revokes(broker, http, pg, vault):
-    status, cred = await _issue(http, broker, "i-renew", "dev-db", ttl="2m")
+    status, cred = await issue(http, broker, "i-renew", "dev-db", ttl="2m")
     assert status == 201
     lease_id = cred["lease_id"]
     token = broker.token("i-renew")
-    async with http.post(f"{broker.url}/v1/leases/{lease_id}/renew", headers=_bearer(token),
+    async with http.post(f"{broker.url}/v1/leases/{lease_id}/renew", headers=bearer(token),
                          json={"ttl": "20m"}) as resp:
         assert resp.status == 200, await resp.text()
         renewed = await resp.json()
@@ -141,40 +120,40 @@ async def test_renew_extends_within_the_max_ttl_and_release_revokes(broker, http
     assert datetime.fromisoformat(listed["expires_at"]) == new_expiry
 
     # Another instance cannot renew or release it, and learns nothing about it.
-    other = _bearer(broker.token("i-other"))
+    other = bearer(broker.token("i-other"))
     async with http.post(f"{broker.url}/v1/leases/{lease_id}/renew", headers=other) as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "lease_not_found"
     async with http.delete(f"{broker.url}/v1/leases/{lease_id}", headers=other) as resp:
         assert resp.status == 404
 
-    async with http.delete(f"{broker.url}/v1/leases/{lease_id}", headers=_bearer(token)) as resp:
+    async with http.delete(f"{broker.url}/v1/leases/{lease_id}", headers=bearer(token)) as resp:
         assert resp.status == 204
     assert not pg.role_exists(cred["data"]["username"])
     [lease] = broker.rows("leases")
     assert lease["state"] == "released" and not vault.lease_exists(lease["vault_lease_id"])
-    async with http.delete(f"{broker.url}/v1/leases/{lease_id}", headers=_bearer(token)) as resp:
+    async with http.delete(f"{broker.url}/v1/leases/{lease_id}", headers=bearer(token)) as resp:
         assert resp.status == 204  # idempotent
     async with http.post(f"{broker.url}/v1/leases/{lease_id}/renew",
-                         headers=_bearer(token)) as resp:
+                         headers=bearer(token)) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["code"] == "lease_not_active"
 
     # Longer than the Vault role's 10m default, within the broker role's 1h: granted as asked.
-    status, longer = await _issue(http, broker, "i-renew", "dev-db", ttl="25m")
+    status, longer = await issue(http, broker, "i-renew", "dev-db", ttl="25m")
     assert status == 201
     granted = (datetime.fromisoformat(longer["expires_at"])
                - datetime.fromisoformat(longer["issued_at"])).total_seconds()
     assert 1490 <= granted <= 1500
-    status, pki = await _issue(http, broker, "i-renew", "dev-cert")
+    status, pki = await issue(http, broker, "i-renew", "dev-cert")
     async with http.post(f"{broker.url}/v1/leases/{pki['lease_id']}/renew",
-                         headers=_bearer(token)) as resp:
+                         headers=bearer(token)) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "lease_not_renewable"
 
 
 async def test_one_instance_token_serves_every_credential_of_the_instance(broker, http, vault):
     for role in ("dev-cert", "dev-db", "dev-cert"):
-        status, _ = await _issue(http, broker, "i-shared", role)
+        status, _ = await issue(http, broker, "i-shared", role)
         assert status == 201
     tokens = broker.rows("instance_tokens")
     assert len(tokens) == 1
@@ -184,7 +163,7 @@ async def test_one_instance_token_serves_every_credential_of_the_instance(broker
 
 async def test_admin_queries_filter_and_paginate(broker, http):
     for instance, role in (("i-a", "dev-cert"), ("i-a", "dev-db"), ("i-b", "dev-cert")):
-        status, _ = await _issue(http, broker, instance, role)
+        status, _ = await issue(http, broker, instance, role)
         assert status == 201
     async with http.get(f"{broker.url}/v1/admin/leases?instance=i-a",
                         headers=broker.admin()) as resp:
@@ -220,7 +199,7 @@ async def test_operations_endpoints(broker, http):
         assert resp.status == 200
         assert (await resp.json()) == {"status": "ready", "checks": {"store": "ok",
                                                                      "vault": "ok"}}
-    await _issue(http, broker, "i-metrics", "dev-cert")
+    await issue(http, broker, "i-metrics", "dev-cert")
     async with http.get(f"{broker.url}/metrics") as resp:
         text = await resp.text()
     assert resp.status == 200
@@ -236,9 +215,9 @@ async def test_terminating_an_unknown_instance_tombstones_it(broker, http):
     async with http.post(f"{broker.url}/v1/instances/i-never-seen/terminate",
                          headers=broker.admin()) as resp:
         assert resp.status == 202
-    shown = await _wait_job(http, broker, "i-never-seen")
+    shown = await wait_job(http, broker, "i-never-seen")
     assert shown["state"] == "terminated" and shown["leases"] == []
-    status, body = await _issue(http, broker, "i-never-seen", "dev-cert")
+    status, body = await issue(http, broker, "i-never-seen", "dev-cert")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
 

@@ -24,9 +24,10 @@ from broker.identity.model import Identity
 from broker.kubernetes.client import KubernetesClient
 from broker.kubernetes.settings import KubernetesSettings
 from broker.liveness.kubernetes import KubernetesLiveness
-from tests.harness.api import eventually, issue, wait_job
+from tests.harness.api import issue, wait_job
 from tests.harness.kube import FakeKubeApi, Injection, load_pods, load_stream
 from tests.harness.proxy import FaultProxy
+from tests.harness.wait import eventually
 
 TOKEN = "kube-token-1"
 PODS = load_pods()

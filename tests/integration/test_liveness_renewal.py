@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness.api import bearer, eventually, wait_job
+from tests.harness.api import bearer, wait_job
 from tests.harness.kube import FakeKubeApi, load_pods
+from tests.harness.wait import eventually
 
 POD = load_pods()["api-6f7c9d8b5-x2kqp"]
 UID = POD["metadata"]["uid"]

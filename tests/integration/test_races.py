@@ -8,6 +8,8 @@ import random
 
 import pytest
 
+from tests.harness.wait import eventually
+
 
 @pytest.mark.parametrize("store", ["postgresql", "sqlite"])
 async def test_terminate_in_the_middle_of_concurrent_issuance(make_broker, http, pg, vault,
@@ -46,12 +48,11 @@ async def test_terminate_in_the_middle_of_concurrent_issuance(make_broker, http,
     assert all(x["error"]["code"] == "instance_terminated" for x in refused)
     assert issued and refused, ("the terminate should land in the middle", answers)
 
-    for _ in range(200):
+    def job_done() -> bool:
         jobs = b.rows("revocation_jobs")
-        if jobs and jobs[0]["state"] == "done":
-            break
-        await asyncio.sleep(0.1)
-    assert jobs[0]["state"] == "done"
+        return bool(jobs) and jobs[0]["state"] == "done"
+
+    await eventually(job_done, "the revocation job done")
 
     leases = b.rows("leases")
     assert {x["state"] for x in leases} <= {"revoked", "failed", "abandoned"}

@@ -17,6 +17,7 @@ from broker.leases.db import sync_url
 from tests.harness.api import bearer, issue, wait_job
 from tests.harness.pki import Mount, mounted_pki, pki_role
 from tests.harness.vault import VaultProbe
+from tests.harness.wait import eventually
 
 PARAMS = {"common_name": "{workload}.workload.internal"}
 
@@ -181,10 +182,9 @@ async def test_expiry_is_confirmed_with_vault(b, http, vault, pki):
     _sql(b, "UPDATE leases SET expires_at = expires_at - interval '1 hour' "
             "WHERE lease_id = :lid", lid=held["lease_id"])
     rows = {r["lease_id"]: r for r in b.rows("leases")}
-    for _ in range(100):  # Vault's own expiry takes the first one at its TTL
-        if not vault.lease_exists(rows[gone["lease_id"]]["vault_lease_id"]):
-            break
-        await asyncio.sleep(0.1)
+    # Vault's own expiry takes the first one at its TTL.
+    await eventually(lambda: not vault.lease_exists(rows[gone["lease_id"]]["vault_lease_id"]),
+                     "Vault expired the 2s lease")
 
     # ... and the store's own expiry (stamped when the broker recorded it) has passed too.
     wait = (rows[gone["lease_id"]]["expires_at"] - datetime.now(UTC)).total_seconds()

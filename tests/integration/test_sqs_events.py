@@ -25,9 +25,10 @@ from broker.events.sqs import SqsTerminationSource
 from broker.identity.model import Identity
 from broker.liveness.ec2 import Ec2Liveness, ec2_instance_id
 from broker.logs import JsonFormatter
-from tests.harness.api import eventually, issue, wait_job
+from tests.harness.api import issue, wait_job
 from tests.harness.moto import ACCESS_KEY_ID, ACCOUNT, REGION, SECRET_ACCESS_KEY, MotoServer
 from tests.harness.proxy import FaultProxy
+from tests.harness.wait import eventually
 
 VISIBILITY_S = 5  # the smallest the settings allow
 STATIC_KEYS = {"method": "static", "access_key_id": ACCESS_KEY_ID,
@@ -121,6 +122,19 @@ def instance_state(b: Any, instance: str) -> str:
     return row["state"]
 
 
+async def handle_all(source: Any, count: int) -> None:
+    """Receive until ``count`` messages are handled: SQS may hand out a batch in parts."""
+    handled = 0
+
+    async def all_handled() -> bool:
+        nonlocal handled
+        handled += await source.run_once()
+        return handled >= count
+
+    await eventually(all_handled, lambda: f"{handled} of {count} messages handled")
+    assert handled == count
+
+
 # -- termination --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("state", ["terminated", "shutting-down"])
@@ -168,12 +182,7 @@ async def test_running_is_ignored_malformed_is_dropped_and_neither_is_logged(
         queue.send(raw)
     caplog.set_level(logging.DEBUG, logger="broker.events")
 
-    handled = 0
-    for _ in range(5):  # SQS may hand out a batch in parts
-        handled += await source.run_once()
-        if handled == len(bodies):
-            break
-    assert handled == len(bodies)
+    await handle_all(source, len(bodies))
     assert source.stats == {"ignored": 2, "malformed": 3}
     assert queue.counts() == (0, 0)
     assert jobs_of(b, instance) == []
@@ -197,11 +206,7 @@ async def test_duplicate_events_make_one_job(make_broker, http, vault, moto, que
     for state in ("shutting-down", "terminated", "terminated", "terminated"):
         queue.send(state_change(instance, state))
 
-    handled = 0
-    for _ in range(5):
-        handled += await source.run_once()
-        if handled == 4:
-            break
+    await handle_all(source, 4)
     assert source.stats == {"terminated": 4}
     assert len(jobs_of(b, instance)) == 1
     assert queue.counts() == (0, 0)
@@ -237,11 +242,14 @@ async def test_an_unreachable_store_keeps_the_message_until_the_job_is_recorded(
 
         proxy.restore()
         loop = asyncio.get_running_loop()
-        cut_at, deadline = loop.time(), loop.time() + VISIBILITY_S + 10
-        while source.stats["terminated"] == 0:
-            assert loop.time() < deadline, "the message was not delivered again"
+        cut_at = loop.time()
+
+        async def delivered_again() -> bool:
             await source.run_once()
-            await asyncio.sleep(0.2)
+            return source.stats["terminated"] > 0
+
+        await eventually(delivered_again, "the message delivered again",
+                         timeout=VISIBILITY_S + 10, interval=0.2)
         assert loop.time() - cut_at >= VISIBILITY_S - 1  # it came back by the timeout
         assert source.stats == {"failed": 1, "terminated": 1}
         assert len(jobs_of(direct, instance)) == 1

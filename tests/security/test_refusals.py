@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.logs import JsonFormatter
+from tests.harness.api import terminate
 
 
 def _b64(data: bytes) -> str:
@@ -154,14 +155,7 @@ async def test_role_not_permitted_for_this_identity(sec, http, vault):
 
 
 async def test_terminated_instance_is_refused_and_nothing_is_minted(sec, http, vault):
-    async with http.post(f"{sec.url}/v1/instances/i-dead/terminate",
-                         headers=sec.admin()) as resp:
-        assert resp.status == 202
-    for _ in range(100):
-        if sec.rows("revocation_jobs")[0]["state"] == "done":
-            break
-        import asyncio
-        await asyncio.sleep(0.05)
+    await terminate(http, sec, "i-dead")
     await _assert_refused(http, sec, vault, "POST", "/v1/credentials", status=409,
                           code="instance_terminated",
                           headers={"Authorization": f"Bearer {sec.token('i-dead')}"},
@@ -213,13 +207,7 @@ async def test_no_token_or_credential_reaches_a_log_line(sec, http, caplog):
                          headers={"Authorization": f"Bearer {token}x"},
                          json={"role": "dev-db"}) as resp:
         assert resp.status == 401
-    async with http.post(f"{sec.url}/v1/instances/i-logs/terminate", headers=sec.admin()):
-        pass
-    import asyncio
-    for _ in range(100):
-        if sec.rows("revocation_jobs")[0]["state"] == "done":
-            break
-        await asyncio.sleep(0.05)
+    await terminate(http, sec, "i-logs")
     fmt = JsonFormatter()
     text = "\n".join(fmt.format(r) for r in caplog.records)
     assert caplog.records, "expected the broker to log something"

@@ -5,7 +5,6 @@ uses, and termination denies that session in the IAM role's inline policy (moto'
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -24,6 +23,7 @@ from broker.vault.bootstrap import (
     token_auth_accessor,
 )
 from broker.vault.client import entity_alias_name
+from tests.harness.api import bearer, issue, terminate, wait_job
 from tests.harness.moto import ACCESS_KEY_ID, ACCOUNT, SECRET_ACCESS_KEY, MotoServer, StsDoor
 from tests.harness.proxy import FaultProxy
 
@@ -150,39 +150,6 @@ async def aws_broker(
     )
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def _issue(http, b, instance: str, **body: Any):
-    async with http.post(
-        f"{b.url}/v1/credentials",
-        headers=_bearer(b.token(instance)),
-        json={"role": "web-aws", **body},
-    ) as resp:
-        return resp.status, await resp.json()
-
-
-async def _terminate(http, b, instance: str) -> None:
-    async with http.post(f"{b.url}/v1/instances/{instance}/terminate", headers=b.admin()) as resp:
-        assert resp.status == 202
-
-
-async def _job(
-    http, b, instance: str, until: tuple[str, ...] = ("done", "failed"), timeout: float = 30.0
-) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            body = await resp.json()
-        if body["job"] and (
-            body["job"]["state"] in until or (body["job"]["last_error"] or "") in until
-        ):
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.1)
-
-
 def _deny_policy(moto, role_name: str) -> dict[str, Any] | None:
     iam = moto.client("iam")
     try:
@@ -207,7 +174,7 @@ async def test_a_web_identity_session_is_usable_and_denied_on_termination(
     instance, session_name = "gke-proj:4242", "gke-proj=4242"  # ':' maps one-to-one to '='
     sts_door.forms.clear()
 
-    status, cred = await _issue(http, b, instance)
+    status, cred = await issue(http, b, instance, "web-aws")
     assert status == 201, cred
     data = cred["data"]
     assert (cred["kind"], cred["renewable"], cred["leased"], cred["instance_id"]) == (
@@ -289,15 +256,14 @@ async def test_a_web_identity_session_is_usable_and_denied_on_termination(
 
     # One session cannot be revoked alone; a lease limit refuses rather than pretends.
     async with http.delete(
-        f"{b.url}/v1/leases/{cred['lease_id']}", headers=_bearer(b.token(instance))
+        f"{b.url}/v1/leases/{cred['lease_id']}", headers=bearer(b.token(instance))
     ) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "lease_not_revocable"
     assert _deny_policy(moto, role["RoleName"]) is None
 
     before = datetime.now(UTC).replace(microsecond=0)
-    await _terminate(http, b, instance)
-    shown = await _job(http, b, instance)
+    shown = await terminate(http, b, instance)
     after = datetime.now(UTC)
     assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
     assert [x["state"] for x in shown["leases"]] == ["revoked"]
@@ -330,7 +296,7 @@ async def test_a_web_identity_session_is_usable_and_denied_on_termination(
     }
     assert datetime.fromisoformat(cred["issued_at"]) < at  # the session was issued before it
 
-    status, body = await _issue(http, b, instance)
+    status, body = await issue(http, b, instance, "web-aws")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
     fmt = JsonFormatter()
@@ -351,13 +317,12 @@ async def test_denies_of_several_instances_share_the_roles_policy(
     role = iam_role(moto, oidc)
     b = await aws_broker(make_broker, bao, vault_setup, moto, role["Arn"], sts_url=sts_door.url)
     for instance in ("i-share-1", "i-share-2"):
-        status, cred = await _issue(http, b, instance)
+        status, cred = await issue(http, b, instance, "web-aws")
         assert status == 201, cred
-    status, body = await _issue(http, b, "i-share-1")
+    status, body = await issue(http, b, "i-share-1", "web-aws")
     assert status == 201, body
     for instance in ("i-share-1", "i-share-2"):
-        await _terminate(http, b, instance)
-        shown = await _job(http, b, instance)
+        shown = await terminate(http, b, instance)
         assert shown["job"]["state"] == "done"
         assert {x["state"] for x in shown["leases"]} == {"revoked"}
     [stmt] = _deny_policy(moto, role["RoleName"])["Statement"]
@@ -383,7 +348,7 @@ async def test_sts_refusals_issue_nothing_and_say_why(
     b = await aws_broker(make_broker, bao, vault_setup, moto, role["Arn"], sts_url=sts_door.url)
     sts_door.fail_with = failure
     try:
-        got, body = await _issue(http, b, "i-sts-" + code.replace("_", "-"))
+        got, body = await issue(http, b, "i-sts-" + code.replace("_", "-"), "web-aws")
     finally:
         sts_door.fail_with = None
     assert (got, body["error"]["code"]) == (status, code)
@@ -396,7 +361,7 @@ async def test_instance_ids_without_a_session_name_are_refused_before_anything(
 ):
     role = iam_role(moto, oidc)
     b = await aws_broker(make_broker, bao, vault_setup, moto, role["Arn"], sts_url=sts_door.url)
-    status, body = await _issue(http, b, "i-" + "0" * 70)  # STS takes at most 64
+    status, body = await issue(http, b, "i-" + "0" * 70, "web-aws")  # STS takes at most 64
     assert (status, body["error"]["code"]) == (403, "session_name_refused")
     assert b.rows("leases") == [] and b.rows("instance_tokens") == []
 
@@ -414,8 +379,8 @@ async def test_the_lease_limit_refuses_a_session_it_could_not_revoke(
         sts_url=sts_door.url,
         max_leases_per_instance=1,
     )
-    assert (await _issue(http, b, "i-limit"))[0] == 201
-    status, body = await _issue(http, b, "i-limit")
+    assert (await issue(http, b, "i-limit", "web-aws"))[0] == 201
+    status, body = await issue(http, b, "i-limit", "web-aws")
     assert (status, body["error"]["code"]) == (409, "lease_limit_reached")
 
 
@@ -435,16 +400,15 @@ async def test_termination_waits_for_iam_and_marks_revoked_only_once_denied(
             sts_url=sts_door.url,
             iam_url=proxy.url,
         )
-        status, _ = await _issue(http, b, "i-iam-down")
+        status, _ = await issue(http, b, "i-iam-down", "web-aws")
         assert status == 201
         proxy.cut()
-        await _terminate(http, b, "i-iam-down")
-        shown = await _job(http, b, "i-iam-down", until=("aws_unavailable",))
+        shown = await terminate(http, b, "i-iam-down", until=("aws_unavailable",))
         assert (shown["state"], shown["job"]["state"]) == ("terminating", "pending")
         assert [x["state"] for x in shown["leases"]] == ["active"]
         assert _deny_policy(moto, role["RoleName"]) is None
         proxy.restore()
-        shown = await _job(http, b, "i-iam-down")
+        shown = await wait_job(http, b, "i-iam-down")
         assert (shown["job"]["state"], [x["state"] for x in shown["leases"]]) == (
             "done",
             ["revoked"],
@@ -471,8 +435,7 @@ async def test_a_session_whose_outcome_is_unknown_is_denied_before_it_is_abandon
         kind="aws_credentials",
         external_ref=ref,
     )
-    await _terminate(http, b, "i-crashed")
-    shown = await _job(http, b, "i-crashed")
+    shown = await terminate(http, b, "i-crashed")
     assert shown["job"]["state"] == "done"
     assert [(x["lease_id"], x["state"]) for x in shown["leases"]] == [
         (ticket.lease_id, "abandoned")
@@ -505,7 +468,6 @@ async def test_a_session_expired_before_termination_needs_no_deny(
         issued_at=issued,
         expires_at=issued + timedelta(minutes=15),
     )
-    await _terminate(http, b, "i-old")
-    shown = await _job(http, b, "i-old")
+    shown = await terminate(http, b, "i-old")
     assert (shown["job"]["state"], [x["state"] for x in shown["leases"]]) == ("done", ["revoked"])
     assert _deny_policy(moto, role["RoleName"]) is None

@@ -4,9 +4,7 @@ a delivery with no Vault lease and no value; termination revokes nothing of it."
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from tests.harness.api import bearer, issue, terminate
 from tests.harness.vault import VaultProbe
+from tests.harness.wait import eventually_sync
 
 TABLES = ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
 
@@ -49,12 +49,14 @@ def _ok(probe: VaultProbe, method: str, path: str, body: dict[str, Any] | None =
 
 def _write_when_ready(vault: VaultProbe, path: str, body: dict[str, Any]) -> None:
     """A new kv-v2 mount takes a moment to set itself up before it takes writes."""
-    for _ in range(100):
-        status, answer = vault.call("POST", path, body)
-        if status in (200, 204):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"kv mount never took a write: {status} {answer}")
+    answer: tuple[int, Any] = (0, None)
+
+    def written() -> bool:
+        nonlocal answer
+        answer = vault.call("POST", path, body)
+        return answer[0] in (200, 204)
+
+    eventually_sync(written, lambda: f"kv mount took a write: {answer}", interval=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -102,32 +104,6 @@ path "{setup.v1}/apps/+/config" {{ capabilities = ["read"] }}
         vault.call("DELETE", f"sys/policies/acl/{setup.policy}")
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def _issue(http, b, instance: str, workload: str, role: str, **body):
-    async with http.post(
-        f"{b.url}/v1/credentials",
-        headers=_bearer(b.token(instance, workload)),
-        json={"role": role, **body},
-    ) as resp:
-        return resp.status, await resp.json()
-
-
-async def _terminate(http, b, instance: str, timeout: float = 20.0) -> dict:
-    async with http.post(f"{b.url}/v1/instances/{instance}/terminate", headers=b.admin()) as resp:
-        assert resp.status == 202, await resp.text()
-    deadline = time.monotonic() + timeout
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            shown = await resp.json()
-        if shown["job"] and shown["job"]["state"] in ("done", "failed"):
-            return shown
-        assert time.monotonic() < deadline, shown
-        await asyncio.sleep(0.1)
-
-
 def _created_time(vault: VaultProbe, mount: str, workload: str) -> str:
     answer = _ok(vault, "GET", f"{mount}/metadata/apps/{workload}/config")
     return answer["data"]["versions"]["1"]["created_time"]
@@ -142,7 +118,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
         instance_policies=(kv.policy,),
     )
 
-    status, a = await _issue(http, b, "i-kv-a", "payments", "kv-config")
+    status, a = await issue(http, b, "i-kv-a", "kv-config")
     assert status == 201, a
     assert set(a) == {
         "lease_id",
@@ -170,7 +146,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
         "created_time": _created_time(vault, kv.v2, "payments"),
     }
 
-    status, bb = await _issue(http, b, "i-kv-b", "billing", "kv-config")
+    status, bb = await issue(http, b, "i-kv-b", "kv-config", workload="billing")
     assert status == 201, bb
     assert bb["data"] == {
         "values": {"api_key": kv.values[kv.v2, "billing"]},
@@ -178,7 +154,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
         "created_time": _created_time(vault, kv.v2, "billing"),
     }
 
-    status, a1 = await _issue(http, b, "i-kv-a", "payments", "kv1-config")
+    status, a1 = await issue(http, b, "i-kv-a", "kv1-config")
     assert status == 201, a1
     for answer in (a, a1):
         life = datetime.fromisoformat(answer["expires_at"]) - datetime.fromisoformat(
@@ -194,9 +170,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
     # refused before anything is recorded or Vault is asked.
     before = b.store_snapshot()
     for role in ("kv-config", "kv1-config"):
-        status, refused = await _issue(
-            http, b, "i-kv-a", "payments", role, path="apps/billing/config"
-        )
+        status, refused = await issue(http, b, "i-kv-a", role, path="apps/billing/config")
         assert (status, refused) == (
             400,
             {
@@ -210,7 +184,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
     assert b.store_snapshot() == before
 
     # Past the role's limit of one, still granted: nothing here holds a Vault lease.
-    status, again = await _issue(http, b, "i-kv-a", "payments", "kv-config")
+    status, again = await issue(http, b, "i-kv-a", "kv-config")
     assert status == 201, again
     assert again["data"]["values"] == {"api_key": kv.values[kv.v2, "payments"]}
 
@@ -244,7 +218,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
 
     # Nothing to renew.
     async with http.post(
-        f"{b.url}/v1/leases/{a['lease_id']}/renew", headers=_bearer(b.token("i-kv-a", "payments"))
+        f"{b.url}/v1/leases/{a['lease_id']}/renew", headers=bearer(b.token("i-kv-a", "payments"))
     ) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == {
@@ -254,12 +228,12 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
 
     # Termination revokes nothing of it: the rows stay delivered, and the value lives on
     # in Vault. The broker only stops handing it out.
-    shown = await _terminate(http, b, "i-kv-a")
+    shown = await terminate(http, b, "i-kv-a")
     assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
     assert sorted(x["state"] for x in shown["leases"]) == ["delivered"] * 3
     still = _ok(vault, "GET", f"{kv.v2}/data/apps/payments/config")
     assert still["data"]["data"] == {"api_key": kv.values[kv.v2, "payments"]}
-    status, body = await _issue(http, b, "i-kv-a", "payments", "kv-config")
+    status, body = await issue(http, b, "i-kv-a", "kv-config")
     assert (status, body["error"]["code"]) == (409, "instance_terminated")
 
 
@@ -270,7 +244,7 @@ async def test_each_workload_reads_its_own_secret_and_nothing_is_leased(
 )
 async def test_a_workload_without_a_secret_gets_nothing(make_broker, http, kv, workload, role):
     b = await make_broker(extra_roles=kv.roles(), instance_policies=(kv.policy,))
-    status, body = await _issue(http, b, "i-kv-none", workload, role)
+    status, body = await issue(http, b, "i-kv-none", role, workload=workload)
     assert (status, body) == (
         502,
         {"error": {"code": "vault_rejected", "message": "Vault answered 404"}},

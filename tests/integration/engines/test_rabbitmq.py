@@ -22,6 +22,7 @@ from tests.harness.rabbitmq import (
     Rabbit,
     mounted_rabbitmq,
 )
+from tests.harness.wait import eventually_sync
 
 # What pika reports for a user RabbitMQ does not know (or a wrong password).
 LOGIN_REFUSED = (
@@ -57,19 +58,15 @@ def _connect(vhost: str, user: str, password: str) -> pika.BlockingConnection:
     )
 
 
-def _round_trip(vhost: str, user: str, password: str, body: bytes) -> bytes | None:
+def _round_trip(vhost: str, user: str, password: str, body: bytes) -> bytes:
     """Declare an allowed queue, publish to it through the default exchange, read it back."""
     conn = _connect(vhost, user, password)
     try:
         channel = conn.channel()
         channel.queue_declare("app.jobs", auto_delete=True)
         channel.basic_publish("", "app.jobs", body)
-        for _ in range(50):  # bounded: 50 x 0.1 s
-            _, _, got = channel.basic_get("app.jobs", auto_ack=True)
-            if got is not None:
-                return got
-            conn.sleep(0.1)
-        return None
+        return eventually_sync(lambda: channel.basic_get("app.jobs", auto_ack=True)[2],
+                               "the message read back", interval=0.1)
     finally:
         if conn.is_open:
             conn.close()

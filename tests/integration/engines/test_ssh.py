@@ -7,7 +7,6 @@ the Vault role's ``allowed_users`` is refused by Vault (a clear 502, recorded fa
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.api import issue
+from tests.harness.api import issue, terminate
 from tests.harness.pki import Mount, mounted_ssh_ca, ssh_cert_info, ssh_fingerprint, ssh_keypair
 from tests.harness.vault import VaultProbe
 
@@ -133,17 +132,7 @@ async def test_delivered_certificates_are_not_limited_and_outlive_termination_in
         status, cred = await issue(http, b, instance, "ssh-user",
                                     public_key=_public_key(tmp_path))
         assert status == 201, cred
-    async with http.post(f"{b.url}/v1/instances/{instance}/terminate",
-                         headers=b.admin()) as resp:
-        assert resp.status == 202
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:
-        async with http.get(f"{b.url}/v1/instances/{instance}", headers=b.admin()) as resp:
-            shown = await resp.json()
-        if shown["job"] and shown["job"]["state"] in ("done", "failed"):
-            break
-        assert asyncio.get_running_loop().time() < deadline, shown
-        await asyncio.sleep(0.1)
+    shown = await terminate(http, b, instance)
     assert (shown["state"], shown["job"]["state"]) == ("terminated", "done")
     # Nothing in Vault can take a signed certificate back: the record says so.
     assert [x["state"] for x in shown["leases"]] == ["delivered"] * 4

@@ -8,9 +8,23 @@ from typing import Any
 import pytest
 
 from broker.engines import ENGINES
-from broker.engines.base import Engine, Mode, read_caller_params, text_param, validate_role
+from broker.engines.base import CallerCheck, Engine, Mode, read_caller_params, validate_role
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest
+
+
+def text_param(max_bytes: int, what: str) -> CallerCheck:
+    """A caller parameter that is a non-empty string of at most ``max_bytes`` (the real
+    engines check CSRs and public keys; this stands for any such check)."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected {what} as a non-empty string")
+        if len(value.encode()) > max_bytes:
+            raise ValueError(f"too long (at most {max_bytes} bytes)")
+        return value
+
+    return check
 
 
 class _Sample(Engine):
