@@ -4,29 +4,46 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# Two stamps: `make run` installs the service alone; `make test` adds the test-only
+# packages (real clients for the engines' stories, moto, the linters).
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEV_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install install-test run test lint bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
 
-install: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $(RUN_STAMP) $(TEST_STAMP)
+
+install: $(RUN_STAMP)
+
+install-test: $(TEST_STAMP)
 
 run: install
 	$(BIN)/broker dev $(DEV_ARGS)
 
-lint: install
-	$(BIN)/ruff check broker tests bench migrations
+# ruff; the architecture contracts (import-linter); mypy --strict over broker/; the size
+# and environment rules that import-linter cannot express.
+lint: install-test
+	$(BIN)/ruff check broker tests bench migrations scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy broker
+	$(BIN)/python scripts/check_shape.py broker
 
-test: install lint
+test: install-test lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: install
+bench: install-test
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/engines.py

@@ -9,5 +9,5 @@ def retry_delay(attempt: int, *, base: float, cap: float, jitter: float) -> floa
     second half of the delay ("equal jitter") so replicas retrying together drift apart."""
     if attempt < 1:
         attempt = 1
-    exp = min(cap, base * (2 ** min(attempt - 1, 30)))
+    exp: float = min(cap, base * (2 ** min(attempt - 1, 30)))
     return exp / 2 + (exp / 2) * max(0.0, min(jitter, 1.0))

@@ -20,8 +20,8 @@ def _ok(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
-_WORKLOAD = [{"identityToken": []}]
-_ADMIN = [{"adminToken": []}]
+_WORKLOAD: list[dict[str, list[str]]] = [{"identityToken": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 _LEASE_PARAM = {
     "name": "lease_id",
     "in": "path",

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.admin_token:
         parser.error("no admin token: set BROKER_ADMIN_TOKEN or pass --admin-token")
     try:
-        result = args.run(Client(args.url, args.admin_token), args)  # type: ignore[misc]
+        result = args.run(Client(args.url, args.admin_token), args)
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code

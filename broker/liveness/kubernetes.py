@@ -21,6 +21,7 @@ share one request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -58,7 +59,7 @@ def pod_ref(claims: Mapping[str, Any]) -> tuple[str, str] | None:
     name = pod.get("name") if isinstance(pod, Mapping) else None
     if not k8s.valid_namespace(namespace) or not k8s.valid_pod_name(name):
         return None
-    return namespace, name
+    return str(namespace), str(name)
 
 
 def pod_alive(pod: Mapping[str, Any] | None, instance_id: str) -> bool:
@@ -111,8 +112,11 @@ class KubernetesLiveness:
         if task is None:
             task = asyncio.ensure_future(self._ask(key, *ref))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(functools.partial(self._forget, key))
         return await asyncio.shield(task)
+
+    def _forget(self, key: str, _task: asyncio.Task[bool | None]) -> None:
+        self._inflight.pop(key, None)
 
     async def _ask(self, instance_id: str, namespace: str, name: str) -> bool | None:
         try:

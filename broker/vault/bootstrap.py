@@ -208,7 +208,7 @@ def configure_oidc_role(
 def token_auth_accessor(addr: str, token: str) -> str:
     """The token auth mount's accessor: entity aliases of instance tokens live on it."""
     client = hvac.Client(url=addr, token=token, timeout=30)
-    return client.sys.list_auth_methods()["data"]["token/"]["accessor"]
+    return str(client.sys.list_auth_methods()["data"]["token/"]["accessor"])
 
 
 def ensure_workload_entity(addr: str, token: str, alias: str) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -16,14 +16,21 @@ from broker.leases.views import InstanceView, JobView, LeaseView
 
 # The issuance hot path runs these prebuilt statements: SQLAlchemy memoizes their cache keys,
 # which per-call construction would recompute on every request.
-INSTANCES, LEASES, TOKENS = m.Instance.__table__, m.Lease.__table__, m.InstanceToken.__table__
+# The tables themselves, for Core statements (an ORM class's ``__table__`` is typed as any
+# FromClause, which has no insert/update/delete).
+INSTANCES = cast(Table, m.Instance.__table__)
+LEASES = cast(Table, m.Lease.__table__)
+TOKENS = cast(Table, m.InstanceToken.__table__)
+JOBS = cast(Table, m.RevocationJob.__table__)
+SEEN_TOKENS = cast(Table, m.SeenToken.__table__)
+AUDIT_EVENTS = cast(Table, m.AuditEvent.__table__)
 WHICH_INSTANCE = select(INSTANCES.c.state, INSTANCES.c.issuer_name, INSTANCES.c.workload).where(
     INSTANCES.c.instance_id == bindparam("b_iid")
 )
 _LOCK_SHARED = WHICH_INSTANCE.with_for_update(read=True)
 _LOCK_EXCLUSIVE = WHICH_INSTANCE.with_for_update()
 _INSERT_INSTANCE = INSTANCES.insert()
-INSERT_SEEN = m.SeenToken.__table__.insert()
+INSERT_SEEN = SEEN_TOKENS.insert()
 LIVE = sorted(s.value for s in LIVE_LEASE_STATES)
 # Lease ids listed in one audit event (its count is always complete).
 AUDIT_MAX_IDS = 1000
@@ -44,7 +51,7 @@ async def audit(
     **detail: Any,
 ) -> None:
     await conn.execute(
-        m.AuditEvent.__table__.insert().values(
+        AUDIT_EVENTS.insert().values(
             at=clock.now(),
             actor=actor[:128],
             action=action,

@@ -23,6 +23,7 @@ from broker.leases import models as m
 from broker.leases.sql.common import (
     INSERT_SEEN,
     LEASES,
+    SEEN_TOKENS,
     TOKENS,
     WHICH_INSTANCE,
     audit,
@@ -289,7 +290,7 @@ async def fail_issue(
 ) -> None:
     if release_token_id is not None:
         await conn.execute(
-            m.SeenToken.__table__.delete().where(
+            SEEN_TOKENS.delete().where(
                 m.SeenToken.issuer_name == release_token_id[0],
                 m.SeenToken.jti == release_token_id[1],
             )

@@ -19,6 +19,7 @@ from broker.errors import BadRequest, NotFound, NotPermitted
 from broker.leases import models as m
 from broker.leases.sql.common import (
     AUDIT_MAX_IDS,
+    JOBS,
     LIVE,
     audit,
     ensure_instance,
@@ -97,7 +98,7 @@ async def request_termination(
     if job is None:
         job_id = new_id("j")
         await conn.execute(
-            m.RevocationJob.__table__.insert().values(
+            JOBS.insert().values(
                 job_id=job_id,
                 instance_id=instance_id,
                 state=JobState.PENDING.value,

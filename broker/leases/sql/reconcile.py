@@ -104,7 +104,7 @@ async def vault_lease_states(
         rows = await conn.execute(
             select(m.Lease.vault_lease_id, m.Lease.state).where(m.Lease.vault_lease_id.in_(chunk))
         )
-        out.update({r[0]: r[1] for r in rows})
+        out.update({r[0]: r[1] for r in rows if r[0] is not None})
     return out
 
 
@@ -114,7 +114,7 @@ async def vault_paths(conn: AsyncConnection) -> set[str]:
         .where(m.Lease.vault_path.is_not(None), m.Lease.vault_lease_id.is_not(None))
         .distinct()
     )
-    return {r[0] for r in rows}
+    return {r[0] for r in rows if r[0] is not None}
 
 
 async def unseen_instances(

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.leases import models as m
-from broker.leases.sql.common import INSERT_SEEN
+from broker.leases.sql.common import INSERT_SEEN, SEEN_TOKENS
 
 
 async def is_used(conn: AsyncConnection, namespace: str, key: str) -> bool:
@@ -31,5 +31,5 @@ async def remember(conn: AsyncConnection, namespace: str, key: str, keep_until: 
 
 
 async def forget_expired(conn: AsyncConnection, before: datetime) -> int:
-    res = await conn.execute(m.SeenToken.__table__.delete().where(m.SeenToken.expires_at < before))
+    res = await conn.execute(SEEN_TOKENS.delete().where(m.SeenToken.expires_at < before))
     return int(res.rowcount or 0)
