@@ -167,7 +167,7 @@ class SqsTerminationSource:
 
     ``stats`` counts messages by outcome (``OUTCOMES``); ``errors`` counts failed SQS
     calls by operation (``receive``, ``delete``). A message delivered again is counted
-    again. ``queue`` replaces the SQS client the settings describe (for tests)."""
+    again. ``queue`` stands in for the SQS client built from ``settings`` (for tests)."""
 
     def __init__(
         self,

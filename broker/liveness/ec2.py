@@ -71,7 +71,7 @@ def answer_for(state: str | None, *, not_found: bool = False) -> bool | None:
 
 
 class Ec2Liveness:
-    """``instances`` replaces the EC2 client ``settings`` describe (for tests)."""
+    """``instances`` stands in for the EC2 client built from ``settings`` (for tests)."""
 
     def __init__(
         self,
