@@ -1,7 +1,8 @@
-"""The AWS provider: calls to AWS's own APIs, never to Vault (STS and IAM here; EC2 for
-the ``ec2`` liveness check and SQS for EC2 events use its credentials and client set-up).
+"""The AWS provider: every call the broker makes to AWS's own APIs, never to Vault. No
+module outside this package imports boto3 or botocore.
 
-Two things the broker does at AWS itself, because Vault cannot do them for it:
+Two things the broker does at AWS itself, because Vault cannot do them for it
+(``broker.aws.client``):
 
 - exchange an OIDC token that OpenBao's identity engine signed for an instance for an
   STS session (``AssumeRoleWithWebIdentity``, an unsigned call);
@@ -9,9 +10,16 @@ Two things the broker does at AWS itself, because Vault cannot do them for it:
   deny policy on the IAM role refuses every request of the instance's sessions issued
   before then (signed IAM calls, with the broker's own AWS credentials).
 
-The value types here are pure and shared with the engines; ``broker.aws.client`` does the
-I/O. Errors leave this package as ``UpstreamUnavailable`` / ``UpstreamRejected`` with
-``aws_*`` codes; nothing above it sees aiohttp or botocore.
+And the clients two capabilities use, which keep the decisions themselves:
+``broker.aws.sqs.SqsQueue`` (receive and delete, for the SQS termination source in
+``broker.events.sqs``) and ``broker.aws.ec2.Ec2Instances`` (an instance's state and the
+broker's own account, for the ``aws_ec2`` liveness check in ``broker.liveness.ec2``).
+
+The value types here are pure and shared with the engines; the modules named above do the
+I/O (boto3 in bounded thread pools, set up one way by ``broker.aws.boto``). Errors leave
+this package as ``UpstreamUnavailable`` / ``UpstreamRejected`` with ``aws_*`` (or
+``sqs_*``) codes, or as plain answers (EC2's "not found"); nothing above it sees aiohttp
+or botocore.
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@ callers run these clients in their own bounded thread pools, never on the event 
 
 from __future__ import annotations
 
+import re
+
 import boto3
 import botocore.config
 
 from broker.aws.settings import AwsDefaultChain, AwsStaticKeys
+
+_AWS_CODE = re.compile(r"[A-Za-z0-9_.]{1,64}", re.ASCII)
 
 
 def aws_session(credentials: AwsDefaultChain | AwsStaticKeys, region: str) -> boto3.Session:
@@ -33,3 +37,10 @@ def client_config(*, connect_s: float, read_s: float, pool: int) -> botocore.con
         retries={"mode": "standard", "max_attempts": 2},
         max_pool_connections=pool,
     )
+
+
+def aws_code(value: object) -> str:
+    """AWS's error code, fit for a log line: ``"unknown"`` unless it is code-shaped (an
+    answer's code field is AWS's text, and could be anything)."""
+    code = str(value)
+    return code if _AWS_CODE.fullmatch(code) else "unknown"

@@ -38,22 +38,12 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import botocore.config
-import botocore.exceptions
-
-from broker.aws.boto import aws_session, client_config
-from broker.errors import (
-    BrokerError,
-    ConfigError,
-    NotPermitted,
-    UpstreamRejected,
-    UpstreamUnavailable,
-)
+from broker.aws.sqs import SqsQueue
+from broker.errors import BrokerError, ConfigError, NotPermitted, UpstreamUnavailable
 from broker.events import Terminate
 from broker.events.settings import SqsEventSettings
 
@@ -74,24 +64,11 @@ _ACCOUNT = re.compile(r"[0-9]{12}", re.ASCII)
 _REGION = re.compile(r"[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}", re.ASCII)
 _EVENT_ID = re.compile(r"[0-9a-fA-F-]{1,64}", re.ASCII)
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9-]{1,100}", re.ASCII)
-_AWS_CODE = re.compile(r"[A-Za-z0-9_.]{1,64}", re.ASCII)
 
 # A terminate call that takes longer than this counts as failed; the message comes back.
 TERMINATE_TIMEOUT_S = 30.0
 # An empty poll is repeated no sooner than this (short polling, wait_time_s 0, would spin).
 MIN_POLL_INTERVAL_S = 1.0
-_SQS_RETRYABLE = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "ServiceUnavailable",
-        "InternalFailure",
-        "InternalError",
-        "KmsThrottled",
-        "KMS.ThrottlingException",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -185,37 +162,12 @@ def poll_backoff(failures: int, *, base_s: float, max_s: float, rand: float) -> 
     return step * (0.5 + rand / 2)
 
 
-def _aws_code(exc: botocore.exceptions.ClientError) -> str:
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return code if _AWS_CODE.fullmatch(code) else "unknown"
-
-
-def _sqs_error(exc: botocore.exceptions.ClientError) -> BrokerError:
-    code = _aws_code(exc)
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    if status >= 500 or code in _SQS_RETRYABLE:
-        return UpstreamUnavailable("AWS SQS is unavailable; retry shortly", code="aws_unavailable")
-    if code in ("AccessDenied", "AccessDeniedException") or code.startswith("KMS."):
-        return UpstreamRejected(
-            f"AWS SQS refused the broker ({code}); it needs sqs:ReceiveMessage and "
-            "sqs:DeleteMessage on the queue (and kms:Decrypt if the queue is encrypted "
-            "with a customer key)",
-            code="aws_permission_denied",
-        )
-    if code in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-        return UpstreamRejected(
-            "the SQS queue does not exist; check events.sqs.queue_url and region",
-            code="sqs_queue_missing",
-        )
-    return UpstreamRejected(f"AWS SQS refused the call ({code})", code="sqs_rejected")
-
-
 class SqsTerminationSource:
     """Long-polls one SQS queue for EC2 state-change events and terminates instances.
 
     ``stats`` counts messages by outcome (``OUTCOMES``); ``errors`` counts failed SQS
     calls by operation (``receive``, ``delete``). A message delivered again is counted
-    again."""
+    again. ``queue`` stands in for the SQS client built from ``settings`` (for tests)."""
 
     def __init__(
         self,
@@ -225,6 +177,7 @@ class SqsTerminationSource:
         name: str = "sqs",
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        queue: SqsQueue | None = None,
     ) -> None:
         unknown = set(settings.states) - EC2_STATES
         if unknown or not settings.states:
@@ -235,10 +188,16 @@ class SqsTerminationSource:
         self._settings = settings
         self._terminate = terminate
         self._backoff = (backoff_base_s, backoff_max_s)
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"broker-{name}"
-        )
-        self._sqs: Any = None
+        if queue is None:
+            queue = SqsQueue(
+                settings.queue_url,
+                region=settings.region,
+                credentials=settings.credentials,
+                endpoint=settings.endpoint,
+                longest_wait_s=settings.wait_time_s,
+                name=name,
+            )
+        self._queue = queue
         self.stats: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
 
@@ -286,18 +245,23 @@ class SqsTerminationSource:
         return handled
 
     async def close(self) -> None:
-        if self._pool is not None:
-            # A long poll in flight finishes on its own (at most wait_time_s).
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        self._sqs = None
+        await self._queue.close()
 
     # -- one poll ----------------------------------------------------------------------
 
     async def _poll(self, stop: asyncio.Event | None) -> tuple[int, bool]:
         """(messages handled, whether any failed). With ``stop``, the receive is raced
         against it and ``(0, False)`` comes back as soon as it is set."""
-        receive = asyncio.ensure_future(self._call("receive", self._receive_sync))
+        s = self._settings
+        receive = asyncio.ensure_future(
+            self._call(
+                "receive",
+                self._queue.receive,
+                s.max_messages,
+                s.wait_time_s,
+                s.visibility_timeout_s,
+            )
+        )
         if stop is not None:
             stopped = asyncio.ensure_future(stop.wait())
             try:
@@ -377,7 +341,7 @@ class SqsTerminationSource:
 
     async def _delete(self, entries: list[tuple[str, str]]) -> None:
         try:
-            failed = await self._call("delete", self._delete_sync, [h for _, h in entries])
+            failed = await self._call("delete", self._queue.delete, [h for _, h in entries])
         except BrokerError as exc:
             # Handled messages come back after the visibility timeout and are handled
             # again, idempotently.
@@ -393,82 +357,14 @@ class SqsTerminationSource:
                 extra={"source": self.name, "message_id": entries[index][0], "aws_error": code},
             )
 
-    # -- boto3, in the source's one thread ---------------------------------------------
-
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None:
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._queue.closed:
             raise UpstreamUnavailable("the SQS source is closed", code="aws_unavailable")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        except botocore.exceptions.ClientError as exc:
+            return await fn(*args)
+        except BrokerError:
             self.errors[what] += 1
-            log.warning(
-                "aws sqs refused a call",
-                extra={"source": self.name, "operation": what, "aws_error": _aws_code(exc)},
-            )
-            raise _sqs_error(exc) from None
-        except (
-            botocore.exceptions.NoCredentialsError,
-            botocore.exceptions.PartialCredentialsError,
-            botocore.exceptions.CredentialRetrievalError,
-        ):
-            self.errors[what] += 1
-            raise UpstreamRejected(
-                "the broker has no usable AWS credentials for SQS; check events.sqs.credentials",
-                code="aws_no_credentials",
-            ) from None
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            self.errors[what] += 1
-            log.warning(
-                "aws sqs call failed",
-                extra={"source": self.name, "operation": what, "error": type(exc).__name__},
-            )
-            raise UpstreamUnavailable(
-                "AWS SQS is unavailable; retry shortly", code="aws_unavailable"
-            ) from None
-
-    def _client(self) -> Any:
-        if self._sqs is None:
-            s = self._settings
-            self._sqs = aws_session(s.credentials, s.region).client(
-                "sqs",
-                endpoint_url=s.endpoint,
-                # A long poll holds the response for up to wait_time_s.
-                config=client_config(connect_s=10, read_s=s.wait_time_s + 10, pool=1),
-            )
-        return self._sqs
-
-    def _receive_sync(self) -> list[dict[str, Any]]:
-        s = self._settings
-        answer = self._client().receive_message(
-            QueueUrl=s.queue_url,
-            MaxNumberOfMessages=s.max_messages,
-            WaitTimeSeconds=s.wait_time_s,
-            VisibilityTimeout=s.visibility_timeout_s,
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
-        )
-        messages = answer.get("Messages") or []
-        if not isinstance(messages, list):
-            return []
-        return [m for m in messages[: s.max_messages] if isinstance(m, dict)]
-
-    def _delete_sync(self, handles: list[str]) -> list[tuple[int, str]]:
-        """Delete in one batch; the (index, AWS error code) of each entry that failed.
-        AWS's message for a failed entry quotes the receipt handle: it is dropped here."""
-        answer = self._client().delete_message_batch(
-            QueueUrl=self._settings.queue_url,
-            Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles)],
-        )
-        failed: list[tuple[int, str]] = []
-        for entry in answer.get("Failed") or []:
-            try:
-                index = int(entry.get("Id", ""))
-            except ValueError:
-                continue
-            code = str(entry.get("Code", ""))
-            if 0 <= index < len(handles):
-                failed.append((index, code if _AWS_CODE.fullmatch(code) else "unknown"))
-        return failed
+            raise
 
 
 def _message_id(message: dict[str, Any]) -> str:

@@ -167,7 +167,7 @@ async def test_running_is_ignored_malformed_is_dropped_and_neither_is_logged(
     instance, vault_lease = await leased_instance(http, b)
     source = new_source(sources, sqs_settings(moto, queue, max_messages=10), b.broker.terminate)
     handles: list[str] = []
-    source._client().meta.events.register(  # see the receipt handles, to look for them in logs
+    source._queue._client().meta.events.register(  # the receipt handles, to look for in logs
         "after-call.sqs.ReceiveMessage",
         lambda parsed, **_: handles.extend(m["ReceiptHandle"] for m in parsed.get("Messages", [])))
     marker = "secret-marker-" + secrets.token_hex(8)
@@ -424,7 +424,7 @@ async def liveness(moto) -> AsyncIterator[tuple[Ec2Liveness, FixedClock, list[st
     check = Ec2Liveness(settings, clock, cache_s=10)
     await check.start()
     asked: list[str] = []
-    check._ec2.meta.events.register(  # count the calls EC2 sees, to prove the cache
+    check._instances._ec2.meta.events.register(  # count the calls EC2 sees, to prove the cache
         "provide-client-params.ec2.DescribeInstances",
         lambda params, **_: asked.extend(params["InstanceIds"]))
     yield check, clock, asked
