@@ -158,7 +158,7 @@ def parse_state_change(
 def poll_backoff(failures: int, *, base_s: float, max_s: float, rand: float) -> float:
     """Seconds to wait after ``failures`` failed polls in a row: exponential, capped,
     with jitter (``rand`` in [0, 1) keeps it between half and all of the step)."""
-    step = min(max_s, base_s * 2 ** min(max(failures - 1, 0), 30))
+    step: float = min(max_s, base_s * 2 ** min(max(failures - 1, 0), 30))
     return step * (0.5 + rand / 2)
 
 
