@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from broker.api.app import ApiDeps, build_app
+from broker.api.app import build_app
 from broker.api.metrics import Metrics
 from broker.app.http import HttpServer
+from broker.app.services import AdminService, Readiness
 from broker.app.supervisor import Tick
 from broker.app.ticks import (
     MAINTENANCE_S,
@@ -32,6 +33,7 @@ from broker.app.ticks import (
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.events import TerminationSource
+from broker.events.receiver import WebhookReceiver
 from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
@@ -182,29 +184,42 @@ def assemble(
         terminate=terminate,
         sightings=sightings,
     )
-    app = build_app(
-        ApiDeps(
-            verifier=verifier,
-            service=service,
-            admin=ledgers.admin,
+    events = None
+    if settings.events.webhook is not None:
+        events = WebhookReceiver(
+            settings.events.webhook,
             replay=ledgers.replay,
-            counts=ledgers.admin,
-            database=database,
-            vault=vault,
-            metrics=metrics,
-            admin_token_sha256=settings.admin.token_sha256,
-            max_body_bytes=settings.server.max_body_bytes,
             terminate=terminate,
-            reconcile=reconcile,
-            roles=settings.roles,
-            rules=settings.policy.rules,
             clock=clock,
             issuer_names=frozenset(i.name for i in settings.identity.issuers),
-            webhook=settings.events.webhook,
-            sources=sources,
-            liveness_outcomes=service.liveness_outcomes,
-            worker=worker,
         )
+    admin = AdminService(
+        ledgers.admin,
+        terminate=terminate,
+        reconcile=reconcile,
+        verifier=verifier,
+        roles=settings.roles,
+        rules=settings.policy.rules,
+    )
+    readiness = Readiness(
+        database=database,
+        vault=vault,
+        counts=ledgers.admin,
+        metrics=metrics,
+        verifier=verifier,
+        worker=worker,
+        sources=sources,
+        liveness_outcomes=service.liveness_outcomes,
+    )
+    app = build_app(
+        service,
+        admin,
+        events,
+        readiness,
+        verifier=verifier,
+        metrics=metrics,
+        admin_token_sha256=settings.admin.token_sha256,
+        max_body_bytes=settings.server.max_body_bytes,
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
     ticks = Ticks(
