@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 from sqlalchemy import create_engine, text
 
+from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.db import migrate, sync_url
-from broker.runtime import Broker
 from broker.vault.bootstrap import DevVault, bootstrap_dev
 from tests.harness.postgres import PgServer, find_or_start_postgres
 from tests.harness.services import STRICT_ENV, strict
@@ -176,7 +176,7 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
         await asyncio.to_thread(migrate, store_url)
         settings = broker_settings(store_url=store_url, bao=bao, setup=vault_setup,
                                    issuer=issuer, **kw)
-        broker = Broker(settings, clock=clock)
+        broker = Broker(assemble(settings, clock=clock))
         try:
             await broker.start()
         except BaseException:

@@ -8,119 +8,50 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics
 from broker.api.openapi import openapi_document
+from broker.api.services import Admin, Credentials, EventReceiver, Readiness
 from broker.api.views import instance_public, job_public, lease_admin
-from broker.clock import Clock
 from broker.durations import parse_duration
-from broker.engines.role import RoleSettings
 from broker.errors import (
     AdminForbidden,
     AdminUnauthorized,
     BadRequest,
-    BrokerError,
-    EventUnauthorized,
     NotFound,
-    NotPermitted,
     TokenInvalid,
 )
-from broker.events import Terminate, TerminationSource, webhook
-from broker.events.settings import WebhookSettings
+from broker.events import webhook
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
-from broker.issuance import CredentialService
-from broker.leases import InstanceView, JobState, JobView, LeaseState, LeaseView, StoreCounts
-from broker.policy.explain import explain
-from broker.policy.settings import Rule
-from broker.revocation.reconcile import ReconcileReport
-from broker.revocation.worker import RevocationWorker
-from broker.vault import VaultClient
+from broker.leases import JobState, JobView, LeaseState
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
-# The webhook's accepted signatures share the replay record with token ids; '@' keeps the
-# namespace apart from every issuer name.
-WEBHOOK_REPLAY_NAMESPACE = "@event-webhook"
 MAX_AUTH_HEADER = 70 * 1024
 
 
-class AdminQueries(Protocol):
-    """The admin endpoints' reads of the lease ledgers, and their retry of a failed job."""
-
-    async def get_instance(
-        self, instance_id: str
-    ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
-
-    async def list_leases(
-        self,
-        *,
-        instance: str | None = None,
-        workload: str | None = None,
-        role: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[LeaseView]: ...
-
-    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]: ...
-
-    async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
-
-
-class ReplayGuard(Protocol):
-    """The shared replay record, where the webhook remembers the signatures it accepted."""
-
-    async def is_used(self, namespace: str, key: str) -> bool: ...
-
-    async def use_once(self, namespace: str, key: str, *, keep_until: datetime) -> bool: ...
-
-
-class LedgerCounts(Protocol):
-    """Live leases by role and state, and the revocation queue, for the metrics."""
-
-    async def counts(self) -> StoreCounts: ...
-
-
-class Reachable(Protocol):
-    """The lease database, as readiness sees it."""
-
-    async def ping(self) -> None: ...
-
-
 @dataclass(frozen=True)
-class ApiDeps:
+class Api:
+    """What the handlers reach: the services, and what HTTP itself needs."""
+
+    credentials: Credentials
+    admin: Admin
+    events: EventReceiver | None
+    readiness: Readiness
     verifier: IdentityVerifier
-    service: CredentialService
-    admin: AdminQueries
-    replay: ReplayGuard
-    counts: LedgerCounts
-    database: Reachable
-    vault: VaultClient
     metrics: Metrics
     admin_token_sha256: str
-    max_body_bytes: int
-    terminate: Terminate
-    reconcile: Callable[[bool | None], Awaitable[ReconcileReport]]
-    roles: Mapping[str, RoleSettings]
-    rules: tuple[Rule, ...]
-    clock: Clock
-    issuer_names: frozenset[str]
-    webhook: WebhookSettings | None = None
-    sources: Sequence[TerminationSource] = ()
-    liveness_outcomes: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    worker: RevocationWorker | None = None
 
 
-DEPS: web.AppKey[ApiDeps] = web.AppKey("deps", ApiDeps)
+API: web.AppKey[Api] = web.AppKey("api", Api)
 READINESS: web.AppKey[Cached] = web.AppKey("readiness")
 COUNTS: web.AppKey[Cached] = web.AppKey("counts")
 
@@ -141,13 +72,13 @@ def _bearer(request: web.Request, *, admin: bool) -> str:
 
 
 async def identity_of(request: web.Request) -> Identity:
-    return await request.app[DEPS].verifier.verify(_bearer(request, admin=False))
+    return await request.app[API].verifier.verify(_bearer(request, admin=False))
 
 
 def require_admin(request: web.Request) -> None:
     presented = _bearer(request, admin=True)
     digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
-    if not hmac.compare_digest(digest, request.app[DEPS].admin_token_sha256):
+    if not hmac.compare_digest(digest, request.app[API].admin_token_sha256):
         raise AdminForbidden("this call needs the broker's admin token")
 
 
@@ -213,7 +144,7 @@ def _instance_id(request: web.Request) -> str:
 
 
 async def create_credential(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
+    api = request.app[API]
     identity = await identity_of(request)
     # Other fields are the role's request parameters (a CSR, a public key): the service
     # refuses any the role does not take, once it knows the role is permitted.
@@ -223,25 +154,25 @@ async def create_credential(request: web.Request) -> web.Response:
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
     ttl = _ttl(body)
     body.pop("ttl", None)
-    credential = await deps.service.issue(identity, role, ttl, body)
-    deps.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
+    credential = await api.credentials.issue(identity, role, ttl, body)
+    api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
     return web.json_response(
         credential.response(), status=201, headers={"Cache-Control": "no-store"}
     )
 
 
 async def renew_lease(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
+    credentials = request.app[API].credentials
     identity = await identity_of(request)
     lease_id = _lease_id(request)
     body = await _json_object(request, {"ttl"})
-    return web.json_response(await deps.service.renew(identity, lease_id, _ttl(body)))
+    return web.json_response(await credentials.renew(identity, lease_id, _ttl(body)))
 
 
 async def release_lease(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
+    credentials = request.app[API].credentials
     identity = await identity_of(request)
-    await deps.service.release(identity, _lease_id(request))
+    await credentials.release(identity, _lease_id(request))
     return web.Response(status=204)
 
 
@@ -250,51 +181,33 @@ async def release_lease(request: web.Request) -> web.Response:
 
 async def terminate_instance(request: web.Request) -> web.Response:
     require_admin(request)
-    deps = request.app[DEPS]
     instance_id = _instance_id(request)
-    job = await deps.terminate(instance_id, actor="admin")
+    job = await request.app[API].admin.terminate(instance_id)
     return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
 
 
 async def terminate_event(request: web.Request) -> web.Response:
-    """A signed termination event from a pipeline (``broker.events.webhook``). Each instance
-    gets its durable job before the answer; the signature is remembered only once every
-    job is recorded, so a sender that saw a 503 can send the same request again."""
-    deps = request.app[DEPS]
-    if deps.webhook is None:
+    """A signed termination event from a pipeline (``broker.events.receiver``)."""
+    events = request.app[API].events
+    if events is None:
         raise NotFound("no such endpoint", code="not_found")
-    body = await request.read()
-    digest, ts = webhook.verify(
-        [s.get_secret_value().encode() for s in deps.webhook.secrets],
+    answers = await events.receive(
+        await request.read(),
         timestamp=request.headers.get(webhook.TIMESTAMP_HEADER),
         signature=request.headers.get(webhook.SIGNATURE_HEADER),
-        body=body,
-        now=deps.clock.now().timestamp(),
-        window_s=deps.webhook.window_s,
     )
-    event = webhook.parse(body, max_instances=deps.webhook.max_instances)
-    if event.issuer is not None and event.issuer not in deps.issuer_names:
-        raise BadRequest("'issuer' must be the name of a configured issuer", code="invalid_issuer")
-    if await deps.replay.is_used(WEBHOOK_REPLAY_NAMESPACE, digest):
-        raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
-    results: list[dict[str, Any]] = []
-    for instance_id in event.instance_ids:
-        try:
-            job = await deps.terminate(instance_id, actor="events:webhook", issuer=event.issuer)
-        except NotPermitted as exc:
-            results.append({"instance_id": instance_id, "error": {"code": exc.code}})
-            continue
-        results.append({"instance_id": instance_id, "job": job_public(job)})
-    keep_until = datetime.fromtimestamp(ts + deps.webhook.window_s, UTC)
-    if not await deps.replay.use_once(WEBHOOK_REPLAY_NAMESPACE, digest, keep_until=keep_until):
-        raise EventUnauthorized("this signed request was already accepted", code="event_replayed")
+    results = [
+        {"instance_id": instance_id, "job": job_public(answer)}
+        if isinstance(answer, JobView)
+        else {"instance_id": instance_id, "error": {"code": answer}}
+        for instance_id, answer in answers
+    ]
     return web.json_response({"results": results}, status=202)
 
 
 async def show_instance(request: web.Request) -> web.Response:
     require_admin(request)
-    deps = request.app[DEPS]
-    instance, leases, job = await deps.admin.get_instance(_instance_id(request))
+    instance, leases, job = await request.app[API].admin.instance(_instance_id(request))
     return web.json_response(
         {
             **instance_public(instance),
@@ -316,7 +229,6 @@ def _query(request: web.Request, name: str, allowed: set[str] | None = None) -> 
 
 async def list_leases(request: web.Request) -> web.Response:
     require_admin(request)
-    deps = request.app[DEPS]
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
@@ -324,7 +236,7 @@ async def list_leases(request: web.Request) -> web.Response:
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be between 1 and 1000", code="invalid_query")
     after = _query(request, "after")
-    leases = await deps.admin.list_leases(
+    leases = await request.app[API].admin.leases(
         instance=_query(request, "instance"),
         workload=_query(request, "workload"),
         role=_query(request, "role"),
@@ -337,11 +249,8 @@ async def list_leases(request: web.Request) -> web.Response:
 
 
 async def explain_policy(request: web.Request) -> web.Response:
-    """Which issuer verified the token, the identity it produced, which rule matched and
-    why the role would be granted or refused. Issues nothing, records nothing, and does
-    not use up the token's jti."""
+    """Why a token would be granted a role or refused it (``Admin.explain``)."""
     require_admin(request)
-    deps = request.app[DEPS]
     body = await _json_object(request, {"token", "role", "ttl"})
     token, role = body.get("token"), body.get("role")
     if not isinstance(token, str) or not token:
@@ -351,57 +260,33 @@ async def explain_policy(request: web.Request) -> web.Response:
     if not isinstance(role, str) or not ROLE_PATTERN.match(role):
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
     ttl = _ttl(body)
-    try:
-        identity = await deps.verifier.verify(token)
-    except TokenInvalid as exc:
-        return web.json_response(
-            {
-                "token": {
-                    "valid": False,
-                    "issuer": exc.issuer_name,
-                    "error": {"code": exc.code, "message": exc.message},
-                },
-                "identity": None,
-                "decision": None,
-            }
-        )
-    decision = explain(identity, role, ttl, roles=deps.roles, rules=deps.rules)
-    return web.json_response(
-        {
-            "token": {"valid": True, "issuer": identity.issuer_name, "error": None},
-            "identity": identity.public(),
-            "decision": decision,
-        }
-    )
+    return web.json_response(await request.app[API].admin.explain(token, role, ttl))
 
 
 async def retry_job(request: web.Request) -> web.Response:
     require_admin(request)
-    deps = request.app[DEPS]
     job_id = request.match_info["job_id"]
     if not JOB_ID_PATTERN.match(job_id):
         raise NotFound("no such revocation job", code="job_not_found")
-    job = await deps.admin.retry_job(job_id, actor="admin")
-    await deps.terminate(job.instance_id, actor="admin")  # wakes this replica's worker
+    job = await request.app[API].admin.retry(job_id)
     return web.json_response({"job": job_public(job)}, status=202)
 
 
 async def reconcile(request: web.Request) -> web.Response:
     """Run a reconciliation pass now and answer with its report."""
     require_admin(request)
-    deps = request.app[DEPS]
     body = await _json_object(request, {"revoke_orphans"})
     revoke = body.get("revoke_orphans")
     if revoke is not None and not isinstance(revoke, bool):
         raise BadRequest("'revoke_orphans' must be true or false", code="invalid_field")
-    report = await deps.reconcile(revoke)
+    report = await request.app[API].admin.reconcile(revoke)
     return web.json_response(report.public())
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     require_admin(request)
-    deps = request.app[DEPS]
-    jobs = await deps.admin.list_jobs(state=_query(request, "state", {s.value for s in JobState}))
+    state = _query(request, "state", {s.value for s in JobState})
+    jobs = await request.app[API].admin.jobs(state=state)
     return web.json_response({"jobs": [job_public(j) for j in jobs]})
 
 
@@ -434,27 +319,6 @@ class Cached:
         return self._value
 
 
-async def _readiness(deps: ApiDeps) -> dict[str, str]:
-    checks: dict[str, str] = {}
-    try:
-        await deps.database.ping()
-        checks["store"] = "ok"
-    except BrokerError:
-        checks["store"] = "unavailable"
-    health = await deps.vault.health()
-    checks["vault"] = (
-        "ok" if health.ready else "sealed" if health.reachable and health.sealed else "unavailable"
-    )
-    return checks
-
-
-async def _ledger_counts(deps: ApiDeps) -> StoreCounts | None:
-    try:
-        return await deps.counts.counts()
-    except BrokerError:
-        return None  # serve the last values; readiness reports the store
-
-
 async def readyz(request: web.Request) -> web.Response:
     checks = await request.app[READINESS].get()
     if all(v == "ok" for v in checks.values()):
@@ -469,20 +333,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
+async def scrape(request: web.Request) -> web.Response:
     counts = await request.app[COUNTS].get()
-    if counts is not None:
-        deps.metrics.observe_store(counts)
-    if deps.worker is not None:
-        deps.metrics.observe_runtime(
-            worker=deps.worker, sources=deps.sources, liveness=deps.liveness_outcomes
-        )
-    for cache in deps.verifier.caches:
-        for outcome, n in cache.stats.outcomes.items():
-            deps.metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
     return web.Response(
-        body=deps.metrics.render(),
+        body=request.app[API].readiness.metrics(counts),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
 
@@ -491,13 +345,23 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def build_app(deps: ApiDeps) -> web.Application:
-    app = web.Application(
-        middlewares=[make_middleware(deps.metrics)], client_max_size=deps.max_body_bytes
-    )
-    app[DEPS] = deps
-    app[READINESS] = Cached(lambda: _readiness(deps), ttl=1.0)
-    app[COUNTS] = Cached(lambda: _ledger_counts(deps), ttl=5.0)
+def build_app(
+    credentials: Credentials,
+    admin: Admin,
+    events: EventReceiver | None,
+    readiness: Readiness,
+    *,
+    verifier: IdentityVerifier,
+    metrics: Metrics,
+    admin_token_sha256: str,
+    max_body_bytes: int,
+) -> web.Application:
+    """The application over its services; ``events`` is None without a webhook section
+    (the endpoint then answers 404)."""
+    app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=max_body_bytes)
+    app[API] = Api(credentials, admin, events, readiness, verifier, metrics, admin_token_sha256)
+    app[READINESS] = Cached(readiness.checks, ttl=1.0)
+    app[COUNTS] = Cached(readiness.counts, ttl=5.0)
     r = app.router
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
@@ -512,9 +376,9 @@ def build_app(deps: ApiDeps) -> web.Application:
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
+    r.add_get("/metrics", scrape)
     r.add_get("/openapi.json", openapi)
     return app
 
 
-__all__ = ["ApiDeps", "build_app"]
+__all__ = ["build_app"]

@@ -74,13 +74,16 @@ def _run_until_signal(coro_fn) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.app import Broker, assemble
     from broker.logs import configure_logging
-    from broker.runtime import Broker
 
     settings = load_settings_file(args.config)
     configure_logging(settings.log_level)
-    broker = Broker(settings)
-    _run_until_signal(broker.run)
+
+    async def serve(stop: asyncio.Event) -> None:
+        await Broker(assemble(settings)).run(stop)  # assembled on the running loop
+
+    _run_until_signal(serve)
     return 0
 
 

@@ -15,12 +15,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev import write_private
 from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.db import migrate
-from broker.runtime import Broker
 from broker.vault.bootstrap import bootstrap_dev
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -173,7 +173,7 @@ class DevEnvironment:
                 source="dev",
             )
             await asyncio.to_thread(migrate, store_url)
-            broker = Broker(settings)
+            broker = Broker(assemble(settings))
             await broker.start()
             write_private(
                 d / "dev.env",

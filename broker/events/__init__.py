@@ -6,8 +6,8 @@ what they hear into the same call, ``Terminate``: one durable, idempotent revoca
 per instance, created in the transaction that tombstones it. A source acknowledges an event
 (deletes the SQS message, advances its watch position) only after that call returned.
 
-A long-running source has ``run(stop)`` and ``run_once()``; ``broker.runtime`` starts them
-with the broker and stops them with it.
+A long-running source has ``run(stop)`` and ``run_once()``; ``broker.app`` runs them
+under its supervisor, restarted with backoff if they die.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ import aiohttp
 import psycopg
 import pytest
 
+from broker.app import Broker, assemble
 from broker.config import load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import OpenBaoDevServer
 from broker.leases.db import migrate
-from broker.runtime import Broker
 from broker.secret import Secret
 from broker.vault.bootstrap import bootstrap_dev
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
@@ -397,7 +397,7 @@ async def test_openbao_stopped_30s_mid_revocation_jobs_wait_and_issuance_fails_c
         data = settings_dict(issuer, vault_addr=server.addr, broker_token=token.reveal(),
                              store_url=store_url, revocation={"max_attempts": 1000})
         data["vault"]["timeout_s"] = 2  # calls into the stopped Vault time out, then retry
-        broker = Broker(load_settings(data, source="test"))
+        broker = Broker(assemble(load_settings(data, source="test")))
         await broker.start()
         url = broker.url
         assert url is not None
@@ -679,7 +679,8 @@ async def test_a_job_that_outlasts_its_claim_is_not_taken_over_while_its_worker_
                              store_url=store_url)
         data["vault"]["timeout_s"] = 20  # calls wait for the stopped Vault, past the claim
         for k in range(2):
-            replica = Broker(load_settings(data, source="test"), worker_id=f"replica-{k}")
+            replica = Broker(assemble(load_settings(data, source="test"),
+                                      worker_id=f"replica-{k}"))
             await replica.start()
             replicas.append(replica)
         url = replicas[0].url

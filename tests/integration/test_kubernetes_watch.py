@@ -73,8 +73,9 @@ def pod_watch(b: Any, settings: KubernetesSettings, *, known: bool = True,
               **kw: Any) -> PodWatch:
     issuer = settings.issuer or "dev"
     return PodWatch(
-        settings, KubernetesClient(settings), b.broker.terminate,
-        (lambda: b.broker.termination_records.active_instance_ids(issuer)) if known else None,
+        settings, KubernetesClient(settings), b.broker.components.terminate,
+        ((lambda: b.broker.components.ledgers.termination.active_instance_ids(issuer))
+         if known else None),
         watch_timeout_s=10, backoff_base_s=0.05, backoff_max_s=0.3, **kw)
 
 

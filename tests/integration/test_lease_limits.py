@@ -148,7 +148,7 @@ async def test_a_lease_left_revoking_by_a_dead_request_is_swept(make_broker, htt
     assert status == 201
     old = next(r for r in b.rows("leases") if r["lease_id"] == body["lease_id"])
     # A request marks the old lease for replacement, then dies before revoking it.
-    store = b.broker.issuance_records
+    store = b.broker.components.ledgers.issuance
     from broker.leases import LeaseLimit
 
     ticket = await store.begin_issue(instance_id="i-sweep", issuer_name="dev",
@@ -157,9 +157,10 @@ async def test_a_lease_left_revoking_by_a_dead_request_is_swept(make_broker, htt
     assert ticket.superseded == ((old["lease_id"], old["vault_lease_id"]),)
     await store.fail_issue(ticket.lease_id, "test_crash")
     assert vault.lease_exists(old["vault_lease_id"])
-    assert await b.broker.worker.sweep_superseded() == 0  # too young: its request may live
+    worker = b.broker.components.worker
+    assert await worker.sweep_superseded() == 0  # too young: its request may live
     await asyncio.sleep(b.settings.revocation.issuing_timeout_s + 0.3)
-    assert await b.broker.worker.sweep_superseded() == 1
+    assert await worker.sweep_superseded() == 1
     assert not vault.lease_exists(old["vault_lease_id"])
     row = next(r for r in b.rows("leases") if r["lease_id"] == old["lease_id"])
     assert row["state"] == "revoked"

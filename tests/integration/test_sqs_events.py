@@ -143,7 +143,7 @@ async def test_a_termination_event_revokes_the_instances_leases(
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)
     assert vault.lease_exists(vault_lease)
-    source = new_source(sources, sqs_settings(moto, queue), b.broker.terminate)
+    source = new_source(sources, sqs_settings(moto, queue), b.broker.components.terminate)
 
     queue.send(state_change(instance, state))
     assert await source.run_once() == 1
@@ -165,7 +165,8 @@ async def test_running_is_ignored_malformed_is_dropped_and_neither_is_logged(
         make_broker, http, vault, moto, queue, sources, caplog):
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)
-    source = new_source(sources, sqs_settings(moto, queue, max_messages=10), b.broker.terminate)
+    source = new_source(sources, sqs_settings(moto, queue, max_messages=10),
+                        b.broker.components.terminate)
     handles: list[str] = []
     source._queue._client().meta.events.register(  # the receipt handles, to look for in logs
         "after-call.sqs.ReceiveMessage",
@@ -202,7 +203,7 @@ async def test_running_is_ignored_malformed_is_dropped_and_neither_is_logged(
 async def test_duplicate_events_make_one_job(make_broker, http, vault, moto, queue, sources):
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)
-    source = new_source(sources, sqs_settings(moto, queue), b.broker.terminate)
+    source = new_source(sources, sqs_settings(moto, queue), b.broker.components.terminate)
     for state in ("shutting-down", "terminated", "terminated", "terminated"):
         queue.send(state_change(instance, state))
 
@@ -231,7 +232,7 @@ async def test_an_unreachable_store_keeps_the_message_until_the_job_is_recorded(
         # the event loop the proxy runs on.
         direct = dataclasses.replace(b, store_url=pg.url(name))
         instance, vault_lease = await leased_instance(http, direct)
-        source = new_source(sources, sqs_settings(moto, queue), b.broker.terminate)
+        source = new_source(sources, sqs_settings(moto, queue), b.broker.components.terminate)
         queue.send(state_change(instance, "terminated"))
 
         proxy.cut()
@@ -289,7 +290,7 @@ async def test_an_instance_of_another_issuer_is_refused_and_left_alone(
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)  # the dev issuer's
     source = new_source(sources, sqs_settings(moto, queue, issuer="other-cloud"),
-                        b.broker.terminate)
+                        b.broker.components.terminate)
     queue.send(state_change(instance, "terminated"))
 
     assert await source.run_once() == 1
@@ -308,7 +309,8 @@ async def test_run_handles_events_and_stops_promptly_during_a_long_poll(
         make_broker, http, vault, moto, queue, sources):
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)
-    source = new_source(sources, sqs_settings(moto, queue, wait_time_s=20), b.broker.terminate)
+    source = new_source(sources, sqs_settings(moto, queue, wait_time_s=20),
+                        b.broker.components.terminate)
     stop = asyncio.Event()
     task = asyncio.create_task(source.run(stop))
     try:
@@ -373,7 +375,7 @@ async def test_the_broker_runs_the_source_from_its_settings(make_broker, http, v
         "queue_url": queue.url, "region": REGION, "endpoint": moto.url,
         "credentials": STATIC_KEYS, "wait_time_s": 1, "visibility_timeout_s": VISIBILITY_S,
         "issuer": "dev"}}})
-    [source] = [s for s in b.broker.sources if isinstance(s, SqsTerminationSource)]
+    [source] = [s for s in b.broker.components.sources if isinstance(s, SqsTerminationSource)]
     instance, vault_lease = await leased_instance(http, b)
     queue.send(state_change(instance, "terminated"))
 

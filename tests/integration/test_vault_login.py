@@ -53,11 +53,11 @@ async def test_sealed_vault_is_not_ready_and_issuance_fails_closed(make_broker, 
     try:
         setup = await asyncio.to_thread(bootstrap_dev, own.addr, own.root_token,
                                         postgres_url=None)
-        from broker.runtime import Broker
+        from broker.app import Broker, assemble
         from tests.conftest import broker_settings
         b = await make_broker()
         settings = broker_settings(store_url=b.store_url, bao=own, setup=setup, issuer=issuer)
-        broker = Broker(settings)
+        broker = Broker(assemble(settings))
         await broker.start()
         try:
             probe = VaultProbe(own.addr, own.root_token)

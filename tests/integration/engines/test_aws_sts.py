@@ -427,7 +427,7 @@ async def test_a_session_whose_outcome_is_unknown_is_denied_before_it_is_abandon
     role = iam_role(moto, oidc)
     b = await aws_broker(make_broker, bao, vault_setup, moto, role["Arn"], sts_url=sts_door.url)
     ref = {"kind": "aws_sts_session", "role_arn": role["Arn"], "session_name": "i-crashed"}
-    ticket = await b.broker.issuance_records.begin_issue(
+    ticket = await b.broker.components.ledgers.issuance.begin_issue(
         instance_id="i-crashed",
         issuer_name="dev",
         workload="payments",
@@ -450,7 +450,7 @@ async def test_a_session_expired_before_termination_needs_no_deny(
     role = iam_role(moto, oidc)
     b = await aws_broker(make_broker, bao, vault_setup, moto, role["Arn"], sts_url=sts_door.url)
     ref = {"kind": "aws_sts_session", "role_arn": role["Arn"], "session_name": "i-old"}
-    store = b.broker.issuance_records
+    store = b.broker.components.ledgers.issuance
     ticket = await store.begin_issue(
         instance_id="i-old",
         issuer_name="dev",

@@ -1,0 +1,72 @@
+"""The services the HTTP API calls: what each handler needs, declared here where it is used.
+The broker's assembly provides them (``broker.app``); a handler decodes, calls one of
+them, encodes."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from broker.identity import Identity
+from broker.issuance.service import IssuedCredential
+from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.revocation.reconcile import ReconcileReport
+
+
+class Credentials(Protocol):
+    """Workload endpoints: issue, renew and release, for a verified identity."""
+
+    async def issue(
+        self, identity: Identity, role: str, ttl: int | None, params: dict[str, Any]
+    ) -> IssuedCredential: ...
+
+    async def renew(self, identity: Identity, lease_id: str, ttl: int | None) -> dict[str, Any]: ...
+
+    async def release(self, identity: Identity, lease_id: str) -> None: ...
+
+
+class Admin(Protocol):
+    """Admin endpoints: what the broker holds, and the operator's actions on it."""
+
+    async def instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
+
+    async def leases(
+        self,
+        *,
+        instance: str | None,
+        workload: str | None,
+        role: str | None,
+        state: str | None,
+        limit: int,
+        after: str | None,
+    ) -> list[LeaseView]: ...
+
+    async def jobs(self, *, state: str | None) -> list[JobView]: ...
+
+    async def terminate(self, instance_id: str) -> JobView: ...
+
+    async def retry(self, job_id: str) -> JobView: ...
+
+    async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport: ...
+
+    async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]: ...
+
+
+class EventReceiver(Protocol):
+    """The signed event webhook: checks the signature and the replay record, terminates
+    each instance; answers per instance with its job or the code of its refusal."""
+
+    async def receive(
+        self, body: bytes, *, timestamp: str | None, signature: str | None
+    ) -> list[tuple[str, JobView | str]]: ...
+
+
+class Readiness(Protocol):
+    """/readyz and /metrics."""
+
+    async def checks(self) -> dict[str, str]: ...
+
+    async def counts(self) -> StoreCounts | None: ...
+
+    def metrics(self, counts: StoreCounts | None) -> bytes: ...

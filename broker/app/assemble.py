@@ -1,0 +1,309 @@
+"""Builds every component of the broker from its settings, and does no I/O doing it.
+
+Nothing here connects, binds or reads a file: the objects are constructed and wired, and
+``broker.app.Broker.start`` does the I/O in order. So every collaborator exists from the
+start (none is filled in later), and a test can build the whole broker without a server.
+
+Provider modules (boto3, the Kubernetes client) are imported only when their section is
+configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from broker.api.app import build_app
+from broker.api.metrics import Metrics
+from broker.app.http import HttpServer
+from broker.app.services import AdminService, Readiness
+from broker.app.supervisor import Tick
+from broker.app.ticks import (
+    MAINTENANCE_S,
+    SIGHTINGS_FLUSH_S,
+    Maintenance,
+    Reconciliation,
+    Revocation,
+    SightingsFlush,
+)
+from broker.clock import Clock, SystemClock
+from broker.config import Settings
+from broker.events import TerminationSource
+from broker.events.receiver import WebhookReceiver
+from broker.identity import IdentityVerifier
+from broker.issuance import CredentialService
+from broker.issuance.tokens import InstanceTokens
+from broker.leases import (
+    AdminRecords,
+    Database,
+    IssuanceRecords,
+    ReconcileRecords,
+    ReplayRecords,
+    RevocationJobRecords,
+    SightingRecords,
+    TerminationRecords,
+)
+from broker.liveness import LivenessCheck
+from broker.liveness.sightings import Sightings
+from broker.revocation.reconcile import Reconciler
+from broker.revocation.terminator import Terminator
+from broker.revocation.worker import RevocationWorker
+from broker.vault import VaultClient
+
+if TYPE_CHECKING:
+    from broker.aws.client import AwsClient
+    from broker.events.sqs import SqsTerminationSource
+    from broker.kubernetes.client import KubernetesClient
+
+
+@dataclass(frozen=True)
+class Ledgers:
+    """One database; each consumer gets only its own ledger on it."""
+
+    database: Database
+    issuance: IssuanceRecords
+    termination: TerminationRecords
+    jobs: RevocationJobRecords
+    reconcile: ReconcileRecords
+    replay: ReplayRecords
+    sightings: SightingRecords
+    admin: AdminRecords
+
+
+@dataclass(frozen=True)
+class Ticks:
+    revocation: Tick
+    reconcile: Tick
+    sightings: Tick
+    maintenance: Tick
+
+    def all(self) -> tuple[Tick, ...]:
+        return (self.revocation, self.reconcile, self.sightings, self.maintenance)
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """Every component of one broker, wired, none started."""
+
+    settings: Settings
+    clock: Clock
+    ledgers: Ledgers
+    vault: VaultClient
+    aws: AwsClient | None
+    kubernetes: KubernetesClient | None
+    http: aiohttp.ClientSession
+    metrics: Metrics
+    tokens: InstanceTokens
+    verifier: IdentityVerifier
+    sightings: Sightings
+    worker: RevocationWorker
+    terminate: Terminator
+    reconciler: Reconciler
+    reconcile: Reconciliation
+    flush_sightings: SightingsFlush
+    liveness: Mapping[str, LivenessCheck]
+    sources: tuple[TerminationSource, ...]
+    sqs: SqsTerminationSource | None
+    service: CredentialService
+    app: web.Application
+    server: HttpServer
+    ticks: Ticks
+
+
+def assemble(
+    settings: Settings, *, clock: Clock | None = None, worker_id: str | None = None
+) -> Assembly:
+    """The broker's components from ``settings``. Call it from a coroutine: the identity
+    verifier's ``aiohttp.ClientSession`` belongs to the running loop (constructing one
+    opens nothing; its connections open on the first JWKS fetch)."""
+    clock = clock or SystemClock()
+    database = Database(settings.store)
+    ledgers = Ledgers(
+        database=database,
+        issuance=IssuanceRecords(database, clock),
+        termination=TerminationRecords(database, clock),
+        jobs=RevocationJobRecords(database, clock),
+        reconcile=ReconcileRecords(database, clock),
+        replay=ReplayRecords(database, clock),
+        sightings=SightingRecords(database),
+        admin=AdminRecords(database, clock),
+    )
+    vault = VaultClient(settings.vault, clock)
+    metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
+    tokens = InstanceTokens(vault, ledgers.issuance, clock)
+    aws = None
+    if settings.aws is not None:
+        from broker.aws.client import AwsClient  # boto3 loads only where AWS is used
+
+        aws = AwsClient(settings.aws, clock)
+    worker = RevocationWorker(
+        settings.revocation,
+        ledgers.jobs,
+        vault,
+        clock,
+        on_terminated=tokens.forget,
+        worker_id=worker_id,
+        cloud=aws,
+    )
+    revocation = Tick(
+        "revocation", settings.revocation.tick_s, Revocation(worker).run_once, at_start=True
+    )
+    terminate = Terminator(ledgers.termination, tokens, revocation.kick)
+    sightings = Sightings()
+    flush = SightingsFlush(sightings, ledgers.sightings, clock)
+    reconciler = Reconciler(
+        settings.reconcile,
+        settings.revocation,
+        roles=settings.roles,
+        issuers=settings.identity.issuers,
+        store=ledgers.reconcile,
+        vault=vault,
+        clock=clock,
+        terminate=terminate,
+    )
+    reconcile = Reconciliation(reconciler, flush, metrics)
+    http = aiohttp.ClientSession()
+    verifier = IdentityVerifier(settings.identity, http, clock)
+    kubernetes = _kubernetes_client(settings)
+    liveness = _liveness_checks(settings, clock, kubernetes)
+    sqs, sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
+    service = CredentialService(
+        roles=settings.roles,
+        rules=settings.policy.rules,
+        ledger=ledgers.issuance,
+        vault=vault,
+        tokens=tokens,
+        clock=clock,
+        deadline_s=settings.revocation.issuing_timeout_s / 2,
+        cloud=aws,
+        liveness=liveness,
+        terminate=terminate,
+        sightings=sightings,
+    )
+    events = None
+    if settings.events.webhook is not None:
+        events = WebhookReceiver(
+            settings.events.webhook,
+            replay=ledgers.replay,
+            terminate=terminate,
+            clock=clock,
+            issuer_names=frozenset(i.name for i in settings.identity.issuers),
+        )
+    admin = AdminService(
+        ledgers.admin,
+        terminate=terminate,
+        reconcile=reconcile,
+        verifier=verifier,
+        roles=settings.roles,
+        rules=settings.policy.rules,
+    )
+    readiness = Readiness(
+        database=database,
+        vault=vault,
+        counts=ledgers.admin,
+        metrics=metrics,
+        verifier=verifier,
+        worker=worker,
+        sources=sources,
+        liveness_outcomes=service.liveness_outcomes,
+    )
+    app = build_app(
+        service,
+        admin,
+        events,
+        readiness,
+        verifier=verifier,
+        metrics=metrics,
+        admin_token_sha256=settings.admin.token_sha256,
+        max_body_bytes=settings.server.max_body_bytes,
+    )
+    maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
+    ticks = Ticks(
+        revocation=revocation,
+        reconcile=Tick("reconcile", settings.reconcile.tick_s, reconcile.run_once),
+        sightings=Tick("sightings", SIGHTINGS_FLUSH_S, flush.run_once),
+        maintenance=Tick("maintenance", MAINTENANCE_S, maintenance.run_once),
+    )
+    return Assembly(
+        settings=settings,
+        clock=clock,
+        ledgers=ledgers,
+        vault=vault,
+        aws=aws,
+        kubernetes=kubernetes,
+        http=http,
+        metrics=metrics,
+        tokens=tokens,
+        verifier=verifier,
+        sightings=sightings,
+        worker=worker,
+        terminate=terminate,
+        reconciler=reconciler,
+        reconcile=reconcile,
+        flush_sightings=flush,
+        liveness=liveness,
+        sources=sources,
+        sqs=sqs,
+        service=service,
+        app=app,
+        server=HttpServer(app, settings.server.host, settings.server.port),
+        ticks=ticks,
+    )
+
+
+def _kubernetes_client(settings: Settings) -> KubernetesClient | None:
+    if settings.kubernetes is None:
+        return None
+    from broker.kubernetes.client import KubernetesClient
+
+    return KubernetesClient(settings.kubernetes)
+
+
+def _liveness_checks(
+    settings: Settings, clock: Clock, kubernetes: KubernetesClient | None
+) -> dict[str, LivenessCheck]:
+    """One check per issuer that asks for one."""
+    checks: dict[str, LivenessCheck] = {}
+    for issuer in settings.identity.issuers:
+        if issuer.liveness.check == "kubernetes":
+            from broker.liveness.kubernetes import KubernetesLiveness
+
+            assert kubernetes is not None  # configuration validation requires it
+            checks[issuer.name] = KubernetesLiveness(kubernetes, cache_s=issuer.liveness.cache_s)
+        elif issuer.liveness.check == "aws_ec2":
+            from broker.liveness.ec2 import Ec2Liveness
+
+            assert settings.aws is not None  # configuration validation requires it
+            checks[issuer.name] = Ec2Liveness(settings.aws, clock, cache_s=issuer.liveness.cache_s)
+    return checks
+
+
+def _termination_sources(
+    settings: Settings,
+    terminate: Terminator,
+    ledger: TerminationRecords,
+    kubernetes: KubernetesClient | None,
+) -> tuple[SqsTerminationSource | None, tuple[TerminationSource, ...]]:
+    """The long-running termination sources configured (the SQS one also returned alone:
+    it has a client to close)."""
+    sources: list[TerminationSource] = []
+    sqs = None
+    if settings.events.sqs is not None:
+        from broker.events.sqs import SqsTerminationSource
+
+        sqs = SqsTerminationSource(settings.events.sqs, terminate)
+        sources.append(sqs)
+    if settings.kubernetes is not None and settings.kubernetes.watch:
+        from broker.events.pod_watch import PodWatch
+
+        issuer_name = settings.kubernetes.issuer
+        known: Callable[[], Awaitable[set[str]]] | None = (
+            (lambda: ledger.active_instance_ids(issuer_name)) if issuer_name is not None else None
+        )
+        assert kubernetes is not None  # built whenever the kubernetes section is present
+        sources.append(PodWatch(settings.kubernetes, kubernetes, terminate, known))
+    return sqs, tuple(sources)

@@ -1,0 +1,191 @@
+"""The admin and readiness services the HTTP API calls (``broker.api.services``), over the
+ledgers, the terminator, the reconciler and the probes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from broker.api.metrics import Metrics
+from broker.engines.role import RoleSettings
+from broker.errors import BrokerError, TokenInvalid
+from broker.events import Terminate, TerminationSource
+from broker.identity import IdentityVerifier
+from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.policy.explain import explain
+from broker.policy.settings import Rule
+from broker.revocation.reconcile import ReconcileReport
+from broker.revocation.worker import RevocationWorker
+from broker.vault import VaultClient
+
+
+class AdminQueries(Protocol):
+    """The admin endpoints' reads of the lease ledgers, and their retry of a failed job."""
+
+    async def get_instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
+
+    async def list_leases(
+        self,
+        *,
+        instance: str | None = None,
+        workload: str | None = None,
+        role: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[LeaseView]: ...
+
+    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]: ...
+
+    async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
+
+
+class AdminService:
+    """What an operator asks of the broker; every action is recorded as the ``admin``."""
+
+    def __init__(
+        self,
+        queries: AdminQueries,
+        *,
+        terminate: Terminate,
+        reconcile: Callable[[bool | None], Awaitable[ReconcileReport]],
+        verifier: IdentityVerifier,
+        roles: Mapping[str, RoleSettings],
+        rules: tuple[Rule, ...],
+    ) -> None:
+        self._queries = queries
+        self._terminate = terminate
+        self._reconcile = reconcile
+        self._verifier = verifier
+        self._roles = roles
+        self._rules = rules
+
+    async def instance(
+        self, instance_id: str
+    ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
+        return await self._queries.get_instance(instance_id)
+
+    async def leases(
+        self,
+        *,
+        instance: str | None,
+        workload: str | None,
+        role: str | None,
+        state: str | None,
+        limit: int,
+        after: str | None,
+    ) -> list[LeaseView]:
+        return await self._queries.list_leases(
+            instance=instance, workload=workload, role=role, state=state, limit=limit, after=after
+        )
+
+    async def jobs(self, *, state: str | None) -> list[JobView]:
+        return await self._queries.list_jobs(state=state)
+
+    async def terminate(self, instance_id: str) -> JobView:
+        return await self._terminate(instance_id, actor="admin")
+
+    async def retry(self, job_id: str) -> JobView:
+        job = await self._queries.retry_job(job_id, actor="admin")
+        await self._terminate(job.instance_id, actor="admin")  # wakes this replica's worker
+        return job
+
+    async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport:
+        return await self._reconcile(revoke_orphans)
+
+    async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]:
+        """Which issuer verified the token, the identity it produced, which rule matched
+        and why the role would be granted or refused. Issues nothing, records nothing,
+        and does not use up the token's jti."""
+        try:
+            identity = await self._verifier.verify(token)
+        except TokenInvalid as exc:
+            return {
+                "token": {
+                    "valid": False,
+                    "issuer": exc.issuer_name,
+                    "error": {"code": exc.code, "message": exc.message},
+                },
+                "identity": None,
+                "decision": None,
+            }
+        decision = explain(identity, role, ttl, roles=self._roles, rules=self._rules)
+        return {
+            "token": {"valid": True, "issuer": identity.issuer_name, "error": None},
+            "identity": identity.public(),
+            "decision": decision,
+        }
+
+
+class LedgerCounts(Protocol):
+    """Live leases by role and state, and the revocation queue, for the metrics."""
+
+    async def counts(self) -> StoreCounts: ...
+
+
+class Reachable(Protocol):
+    """The lease database, as readiness sees it."""
+
+    async def ping(self) -> None: ...
+
+
+class Readiness:
+    """Whether the broker can serve (the lease database and Vault), and its metrics."""
+
+    def __init__(
+        self,
+        *,
+        database: Reachable,
+        vault: VaultClient,
+        counts: LedgerCounts,
+        metrics: Metrics,
+        verifier: IdentityVerifier,
+        worker: RevocationWorker,
+        sources: Sequence[TerminationSource],
+        liveness_outcomes: Mapping[tuple[str, str], int],
+    ) -> None:
+        self._database = database
+        self._vault = vault
+        self._counts = counts
+        self._metrics = metrics
+        self._verifier = verifier
+        self._worker = worker
+        self._sources = sources
+        self._liveness_outcomes = liveness_outcomes
+
+    async def checks(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await self._database.ping()
+            checks["store"] = "ok"
+        except BrokerError:
+            checks["store"] = "unavailable"
+        health = await self._vault.health()
+        checks["vault"] = (
+            "ok"
+            if health.ready
+            else "sealed"
+            if health.reachable and health.sealed
+            else "unavailable"
+        )
+        return checks
+
+    async def counts(self) -> StoreCounts | None:
+        try:
+            return await self._counts.counts()
+        except BrokerError:
+            return None  # serve the last values; readiness reports the store
+
+    def metrics(self, counts: StoreCounts | None) -> bytes:
+        metrics = self._metrics
+        if counts is not None:
+            metrics.observe_store(counts)
+        metrics.observe_runtime(
+            worker=self._worker, sources=self._sources, liveness=self._liveness_outcomes
+        )
+        for cache in self._verifier.caches:
+            for outcome, n in cache.stats.outcomes.items():
+                metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
+        return metrics.render()

@@ -1,0 +1,44 @@
+"""The one way an instance is terminated: every termination source (the admin API and
+CLI, the signed webhook, SQS, the pod watch, the reconciler, issuance's liveness check)
+calls ``Terminator``, which satisfies ``broker.events.Terminate``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from broker.leases import JobState, JobView
+
+
+class TerminationLedger(Protocol):
+    """The tombstone with its revocation job, in one transaction."""
+
+    async def request_termination(
+        self, instance_id: str, *, actor: str, issuer: str | None = None
+    ) -> JobView: ...
+
+
+class Forgets(Protocol):
+    """This replica's cache of instance tokens."""
+
+    def forget(self, instance_id: str) -> None: ...
+
+
+class Terminator:
+    """The durable job first, so that a crash after it loses nothing; then this replica
+    forgets the instance's token (no more issuing under it here) and, if the job is still
+    to do, wakes the revocation tick instead of waiting for its next interval."""
+
+    def __init__(
+        self, ledger: TerminationLedger, tokens: Forgets, wake_revocation: Callable[[], None]
+    ) -> None:
+        self._ledger = ledger
+        self._tokens = tokens
+        self._wake_revocation = wake_revocation
+
+    async def __call__(self, instance_id: str, *, actor: str, issuer: str | None = None) -> JobView:
+        job = await self._ledger.request_termination(instance_id, actor=actor, issuer=issuer)
+        self._tokens.forget(instance_id)
+        if job.state in (JobState.PENDING, JobState.RUNNING):
+            self._wake_revocation()
+        return job
