@@ -11,10 +11,16 @@ from aiohttp import web
 # Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB.
 MAX_HEADER_BYTES = 72 * 1024
 MAX_LINE_BYTES = 16 * 1024
+# A request in flight when the broker stops may be between Vault and the ledger: it gets
+# this long to record what Vault issued (or take it back) before the database and the
+# Vault client close under it. aiohttp's own default; the issuance deadline
+# (``revocation.issuing_timeout_s / 2``) is normally shorter.
+DRAIN_S = 60.0
 
 
 class HttpServer:
     name = "http"
+    stop_s = DRAIN_S + 5.0  # the drain, and a margin to close the listening socket
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
         self._host = host
@@ -25,6 +31,7 @@ class HttpServer:
             handler_cancellation=False,
             max_field_size=MAX_HEADER_BYTES,
             max_line_size=MAX_LINE_BYTES,
+            shutdown_timeout=DRAIN_S,
         )
         self.url: str | None = None
         self._bound = False

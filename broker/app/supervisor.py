@@ -8,9 +8,11 @@ may die transiently (a termination source) is wrapped in ``Restarting``.
 Order: ``Supervisor.run`` starts the parts in list order, then the ticks. When ``stop`` is
 set from outside (SIGTERM) or a part fails, everything stops in reverse: the ticks first
 (a running tick is waited for, bounded), then the parts from last to first, each asked in
-turn and given ``PART_STOP_S`` before it is cancelled, then the closers, last registered
-first. So a part may use every part listed before it until it has stopped itself, a tick
-may use every part, and every part and tick may use every resource a closer closes.
+turn and given its own ``stop_s`` before it is cancelled (the HTTP server drains the
+requests in flight, which may be between Vault and the ledger, so it gets far longer than
+a termination source finishing one event), then the closers, last registered first. So a
+part may use every part listed before it until it has stopped itself, a tick may use
+every part, and every part and tick may use every resource a closer closes.
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ TICK_STOP_S = 5.0
 Close = Callable[[], Awaitable[object]]
 
 
-class Part(Protocol):
+class Runnable(Protocol):
     name: str
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then return. Raising is a fatal failure."""
+
+
+class Part(Runnable, Protocol):
+    # How long the part may take, once asked to stop, to finish what it has in hand.
+    stop_s: float
 
 
 def _log_failure(message: str, exc: BaseException, level: int, **extra: object) -> None:
@@ -85,7 +92,20 @@ class Tick:
         elif self._scheduler is not None:
             self._scheduler.modify_job(self.name, next_run_time=datetime.now(UTC))
 
-    def _start(self, scheduler: Any) -> None:
+    @property
+    def running(self) -> bool:
+        return not self._idle.is_set()
+
+    async def idle(self) -> None:
+        """Return once no run is in progress."""
+        await self._idle.wait()
+
+    def detach(self) -> None:
+        """Stop taking kicks (the scheduler is being shut down)."""
+        self._scheduler = None
+
+    def attach(self, scheduler: Any) -> None:
+        """Schedule the tick on ``scheduler`` (an APScheduler ``AsyncIOScheduler``)."""
         self._scheduler = scheduler
         scheduler.add_job(
             self._fire,
@@ -135,6 +155,9 @@ class Restarting:
     """A part that is restarted with backoff when it raises, and stops the broker only
     when it keeps failing.
 
+    A run that returns before the broker asked it to stop is a failure too: a source
+    that quietly ended would leave the broker deaf to terminations.
+
     Why not never give up: a termination source already retries every upstream failure
     inside its own loop, so one that keeps raising out of ``run`` is broken, and a broker
     that silently no longer hears terminations leaves credentials alive on dead instances
@@ -149,7 +172,7 @@ class Restarting:
 
     def __init__(
         self,
-        part: Part,
+        part: Runnable,
         backoff: Backoff | None = None,
         *,
         on_restart: Callable[[str], None] | None = None,
@@ -157,6 +180,7 @@ class Restarting:
         pause: Callable[[float, asyncio.Event], Awaitable[None]] = _pause,
     ) -> None:
         self.name = part.name
+        self.stop_s = PART_STOP_S
         self._part = part
         self._backoff = backoff or Backoff()
         self._on_restart = on_restart
@@ -171,7 +195,9 @@ class Restarting:
             started = self._now()
             try:
                 await self._part.run(stop)
-                return
+                if stop.is_set():
+                    return
+                raise RuntimeError(f"{self.name} stopped without being asked to")
             except Exception as exc:
                 if stop.is_set():
                     raise
@@ -188,10 +214,9 @@ class Restarting:
 
 class Supervisor:
     """Runs parts and ticks as one list (see the module docstring for the order), then
-    the closers. ``stop_s`` and ``tick_stop_s`` bound how long a stop waits."""
+    the closers. Each part's ``stop_s`` and ``tick_stop_s`` bound how long a stop waits."""
 
-    def __init__(self, *, stop_s: float = PART_STOP_S, tick_stop_s: float = TICK_STOP_S) -> None:
-        self._stop_s = stop_s
+    def __init__(self, *, tick_stop_s: float = TICK_STOP_S) -> None:
         self._tick_stop_s = tick_stop_s
         self._closers: list[Close] = []
 
@@ -222,7 +247,7 @@ class Supervisor:
                 started.append((part, part_stop, task))
             scheduler = AsyncIOScheduler(timezone=UTC)
             for tick in ticks:
-                tick._start(scheduler)
+                tick.attach(scheduler)
             scheduler.start()
             if failed := await _first_failure(started, stop):
                 part, failure = failed
@@ -241,13 +266,13 @@ class Supervisor:
         if scheduler.running:
             scheduler.pause()
         for tick in ticks:
-            tick._scheduler = None
-        running = [tick for tick in ticks if not tick._idle.is_set()]
+            tick.detach()
+        running = [tick for tick in ticks if tick.running]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(tick._idle.wait() for tick in running)), self._tick_stop_s
+                asyncio.gather(*(tick.idle() for tick in running)), self._tick_stop_s
             )
-        if late := [tick.name for tick in running if not tick._idle.is_set()]:
+        if late := [tick.name for tick in running if tick.running]:
             log.warning("ticks did not finish in time; cancelled", extra={"ticks": late})
         if scheduler.running:
             scheduler.shutdown(wait=False)  # cancels the ticks still running
@@ -256,7 +281,7 @@ class Supervisor:
         self, part: Part, stop: asyncio.Event, task: asyncio.Task[None], failure: object
     ) -> None:
         stop.set()
-        done, _ = await asyncio.wait({task}, timeout=self._stop_s)
+        done, _ = await asyncio.wait({task}, timeout=part.stop_s)
         if not done:
             log.warning("part did not stop in time; cancelled", extra={"part": part.name})
             task.cancel()
@@ -269,7 +294,8 @@ async def _first_failure(
     started: Sequence[tuple[Part, asyncio.Event, asyncio.Task[None]]], stop: asyncio.Event
 ) -> tuple[Part, BaseException] | None:
     """Wait for ``stop`` (None) or a part that raises. A part that returns unasked has
-    finished its work; the others carry on."""
+    finished its work (a part that must not, a termination source, is ``Restarting``,
+    which turns such a return into a failure); the others carry on."""
     part_of = {task: part for part, _, task in started}
     stopped = asyncio.create_task(stop.wait())
     waiting: set[asyncio.Task[Any]] = {stopped, *part_of}

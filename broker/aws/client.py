@@ -120,7 +120,7 @@ class AwsClient:
                         "AWS STS answered for another session name", code="aws_sts_bad_response"
                     )
             except UpstreamRejected as exc:  # STS may have issued a session all the same
-                raise UpstreamRejected(exc.message, code=exc.code, outcome_unknown=True) from None
+                raise type(exc)(exc.message, code=exc.code, outcome_unknown=True) from None
             return session
         error = parse_error(body)
         log.warning("aws sts refused a call", extra={"status": status, "aws_error": error.code})

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker.config import load_settings_file
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_until_signal(coro_fn) -> None:  # type: ignore[no-untyped-def]
+def _run_until_signal(coro_fn: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

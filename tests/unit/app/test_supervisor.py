@@ -38,6 +38,8 @@ class Recorder:
 class WaitingPart:
     """Works until asked to stop; records its start and stop."""
 
+    stop_s = WAIT_S
+
     def __init__(self, name: str, rec: Recorder) -> None:
         self.name = name
         self.rec = rec
@@ -52,6 +54,8 @@ class WaitingPart:
 
 class FailingPart:
     """Raises once ``go`` is set."""
+
+    stop_s = WAIT_S
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -152,6 +156,7 @@ async def test_a_part_that_ignores_stop_is_cancelled_after_the_bound() -> None:
 
     class Stubborn:
         name = "stubborn"
+        stop_s = 0.01
 
         async def run(self, stop: asyncio.Event) -> None:
             try:
@@ -161,7 +166,7 @@ async def test_a_part_that_ignores_stop_is_cancelled_after_the_bound() -> None:
                 raise
 
     stop = asyncio.Event()
-    run = asyncio.create_task(Supervisor(stop_s=0.01).run([Stubborn()], [], stop))
+    run = asyncio.create_task(Supervisor().run([Stubborn()], [], stop))
     stop.set()
     await asyncio.wait_for(run, WAIT_S)
     assert cancelled.is_set()
@@ -318,3 +323,62 @@ async def test_a_tick_that_outlives_the_stop_bound_is_cancelled() -> None:
     stop.set()
     await asyncio.wait_for(run, WAIT_S)
     await until(cancelled)
+
+
+async def test_a_restarting_part_that_returns_unasked_is_restarted_as_a_failure() -> None:
+    time = FakeTime()
+
+    class Quitter:
+        """Returns at once twice (as a source whose loop ended quietly), then works."""
+
+        name = "quitter"
+        stop_s = WAIT_S
+
+        def __init__(self) -> None:
+            self.runs = 0
+            self.working = asyncio.Event()
+
+        async def run(self, stop: asyncio.Event) -> None:
+            self.runs += 1
+            if self.runs <= 2:
+                return
+            self.working.set()
+            await stop.wait()
+
+    part, stop = Quitter(), asyncio.Event()
+    run = asyncio.create_task(
+        Restarting(part, Backoff(give_up_after=5), on_restart=time.restarts.append,
+                   now=lambda: time.now, pause=time.pause).run(stop)
+    )
+    await until(part.working)
+    stop.set()
+    await asyncio.wait_for(run, WAIT_S)
+    assert (part.runs, time.delays, time.restarts) == (3, [1, 2], ["quitter", "quitter"])
+
+
+async def test_a_part_gets_its_own_stop_budget_before_it_is_cancelled() -> None:
+    """A slow part (the HTTP server draining requests in flight) is given its own
+    ``stop_s``, not a budget common to every part."""
+    finished = asyncio.Event()
+
+    class Draining:
+        name = "draining"
+        stop_s = WAIT_S
+
+        async def run(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+            await asyncio.sleep(0.05)  # the drain: longer than a quick part's budget
+            finished.set()
+
+    class Quick:
+        name = "quick"
+        stop_s = 0.01
+
+        async def run(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+
+    stop = asyncio.Event()
+    run = asyncio.create_task(Supervisor().run([Draining(), Quick()], [], stop))
+    stop.set()
+    await asyncio.wait_for(run, WAIT_S)
+    assert finished.is_set()
