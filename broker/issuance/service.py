@@ -43,7 +43,6 @@ from broker.errors import (
     InstanceTerminated,
     NotFound,
     NotPermitted,
-    TokenInvalid,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -175,23 +174,19 @@ class CredentialService:
         params = render_params(role.params, identity)
         plan = engine.plan(role_name, role, params, caller, ttl_s, identity.instance_id)
         limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if plan.leased else None
-        try:
-            ticket = await self._ledger.begin_issue(
-                instance_id=identity.instance_id,
-                issuer_name=identity.issuer_name,
-                workload=identity.workload,
-                role=role_name,
-                kind=plan.kind,
-                token_id=(identity.replay_key, identity.expires_at)
-                if identity.replay_key is not None
-                else None,
-                limit=limit,
-                external_ref=plan.session_ref.to_record() if plan.session_ref else None,
-                vault_path=plan.request.path,
-            )
-        except TokenInvalid as exc:
-            exc.issuer_name = identity.issuer_name  # count replays against their issuer
-            raise
+        ticket = await self._ledger.begin_issue(
+            instance_id=identity.instance_id,
+            issuer_name=identity.issuer_name,
+            workload=identity.workload,
+            role=role_name,
+            kind=plan.kind,
+            token_id=(identity.replay_key, identity.expires_at)
+            if identity.replay_key is not None
+            else None,
+            limit=limit,
+            external_ref=plan.session_ref.to_record() if plan.session_ref else None,
+            vault_path=plan.request.path,
+        )
         try:
             credential = await self._issue_recorded(identity, plan, ticket.lease_id)
         finally:
