@@ -121,11 +121,11 @@ class CredentialService:
         vault: VaultClient,
         tokens: InstanceTokens,
         clock: Clock,
+        terminate: Terminate,
+        sightings: Sightings,
         deadline_s: float = 60.0,
         cloud: CloudExchange | None = None,
         liveness: Mapping[str, LivenessCheck] | None = None,
-        terminate: Terminate | None = None,
-        sightings: Sightings | None = None,
     ) -> None:
         self._roles = roles
         self._rules = rules
@@ -193,8 +193,7 @@ class CredentialService:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
             replaced = await self._revoke_superseded(ticket.superseded)
-        if self._sightings is not None:
-            self._sightings.note(identity.instance_id)
+        self._sightings.note(identity.instance_id)
         if limit is not None:
             credential = replace(
                 credential,
@@ -458,8 +457,7 @@ class CredentialService:
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
         await self._ledger.set_lease_expiry(lease_id, expires_at, renewable)
-        if self._sightings is not None:
-            self._sightings.note(identity.instance_id)
+        self._sightings.note(identity.instance_id)
         return {
             "lease_id": lease_id,
             "expires_at": iso_z(expires_at),
@@ -483,12 +481,11 @@ class CredentialService:
             "instance confirmed gone at renewal; terminating it",
             extra={"instance_id": identity.instance_id, "issuer": identity.issuer_name},
         )
-        if self._terminate is not None:
-            await self._terminate(
-                identity.instance_id,
-                actor=f"liveness:{identity.issuer_name}",
-                issuer=identity.issuer_name,
-            )
+        await self._terminate(
+            identity.instance_id,
+            actor=f"liveness:{identity.issuer_name}",
+            issuer=identity.issuer_name,
+        )
         raise InstanceTerminated(
             f"instance {identity.instance_id} no longer exists at its source; "
             "its credentials are being revoked"
