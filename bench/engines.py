@@ -44,7 +44,7 @@ from broker.dev.issuer import DevIssuer  # noqa: E402
 from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
 from broker.engines import ENGINES, read_caller_params  # noqa: E402
 from broker.identity.model import Identity  # noqa: E402
-from broker.leases.db import migrate  # noqa: E402
+from broker.leases.migrations import migrate  # noqa: E402
 from broker.policy import render_params  # noqa: E402
 from broker.vault.bootstrap import bootstrap_dev  # noqa: E402
 from tests.harness import databases, pki, rabbitmq  # noqa: E402

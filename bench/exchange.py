@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from broker.dev.environment import dev_settings_dict  # noqa: E402
 from broker.dev.issuer import DevIssuer  # noqa: E402
 from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
-from broker.leases.db import migrate  # noqa: E402
+from broker.leases.migrations import migrate  # noqa: E402
 from broker.vault.bootstrap import TOKEN_ROLE, bootstrap_dev  # noqa: E402
 from tests.harness.postgres import find_or_start_postgres  # noqa: E402
 

@@ -36,17 +36,3 @@ def parse_duration(value: str | int | float) -> int:
     if seconds < 0 or seconds > MAX_SECONDS:
         raise ValueError("duration out of range (0 to 10 years)")
     return int(seconds)
-
-
-def format_duration(seconds: int) -> str:
-    seconds = int(seconds)
-    if seconds < 0:
-        raise ValueError("a duration is not negative")
-    if seconds == 0:
-        return "0s"
-    out = []
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(out)

@@ -27,19 +27,26 @@ from __future__ import annotations
 class BrokerError(Exception):
     status: int = 500
     code: str = "internal_error"
-    issuer_name: str | None = None  # set on identity refusals once the issuer is known
+    # The issuer an identity refusal is counted against (metrics), where it is known.
+    issuer_name: str | None
     # Set where a call to Vault or a cloud fails: True when the request may have reached
     # it and taken effect (a timeout, a dropped connection), so its outcome is unknown.
     outcome_unknown: bool
 
     def __init__(
-        self, message: str, *, code: str | None = None, outcome_unknown: bool = False
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        outcome_unknown: bool = False,
+        issuer_name: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.outcome_unknown = outcome_unknown
+        self.issuer_name = issuer_name
 
 
 class BadRequest(BrokerError):

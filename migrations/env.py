@@ -10,7 +10,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from broker.leases.db import sync_url
+from broker.leases.migrations import sync_url
 from broker.leases.models import Base
 
 config = context.config

@@ -23,7 +23,7 @@ from broker.config import Settings, load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
-from broker.leases.db import migrate, sync_url
+from broker.leases.migrations import migrate, sync_url
 from broker.vault.bootstrap import DevVault, bootstrap_dev
 from tests.harness.postgres import PgServer, find_or_start_postgres
 from tests.harness.services import STRICT_ENV, strict

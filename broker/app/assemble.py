@@ -160,7 +160,7 @@ def assemble(
         settings.revocation,
         roles=settings.roles,
         issuers=settings.identity.issuers,
-        store=ledgers.reconcile,
+        ledger=ledgers.reconcile,
         vault=vault,
         clock=clock,
         terminate=terminate,

@@ -2,7 +2,7 @@
 
 A ``Part`` works until its ``stop`` event is set; raising is a fatal failure. A ``Tick`` is
 periodic work driven by APScheduler; a tick that raises logs the error and carries on,
-since the next run retries it (work done by ticks is claimed from the store). A part that
+since the next run retries it (work done by ticks is claimed from a ledger). A part that
 may die transiently (a termination source) is wrapped in ``Restarting``.
 
 Order: ``Supervisor.run`` starts the parts in list order, then the ticks. When ``stop`` is

@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from broker.leases.db import migrate
+    from broker.leases.migrations import migrate
 
     url = load_settings_file(args.config).store.url if args.config else args.store_url
     migrate(url)

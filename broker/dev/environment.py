@@ -20,7 +20,7 @@ from broker.config import Settings, load_settings
 from broker.dev import write_private
 from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
-from broker.leases.db import migrate
+from broker.leases.migrations import migrate
 from broker.vault.bootstrap import bootstrap_dev
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -108,16 +108,20 @@ class JwksCache:
             raise UpstreamUnavailable(
                 f"the signing keys of issuer {self._issuer.name} cannot be fetched",
                 code="jwks_unavailable",
+                issuer_name=self._issuer.name,
             )
         if self._now() > current.fresh_until + self._issuer.jwks_stale_max_s:
             raise UpstreamUnavailable(
                 f"the signing keys of issuer {self._issuer.name} are too old to trust",
                 code="jwks_unavailable",
+                issuer_name=self._issuer.name,
             )
         found = self._find(kid, alg)
         if found is None:
             raise TokenInvalid(
-                "the token's key is not in the issuer's key set", code="token_unknown_key"
+                "the token's key is not in the issuer's key set",
+                code="token_unknown_key",
+                issuer_name=self._issuer.name,
             )
         return found
 

@@ -30,7 +30,7 @@ ALLOWED_ALGORITHMS = (
 MAX_LEEWAY_SECONDS = 60
 # The claim that makes a pod's uid the instance id (the kubernetes kind's default).
 POD_UID_CLAIM = ("kubernetes.io", "pod", "uid")
-# The shortest liveness.unseen_grace: sightings reach the store every few seconds.
+# The shortest liveness.unseen_grace: sightings reach their ledger every few seconds.
 MIN_UNSEEN_GRACE_S = 60
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from broker.clock import Clock
-from broker.errors import BrokerError
+from broker.errors import TokenInvalid
 from broker.identity.jwks import JwksCache
 from broker.identity.model import Identity
 from broker.identity.settings import IdentitySettings
@@ -44,8 +44,8 @@ class IdentityVerifier:
                     "mount a projected serviceAccountToken with the broker's audience instead",
                 )
             raise refuse("token_unknown_issuer", "the token's issuer is not configured")
+        key = await cache.key_for(unverified.kid, unverified.alg)
         try:
-            key = await cache.key_for(unverified.kid, unverified.alg)
             return verify_signed(
                 raw,
                 unverified,
@@ -54,6 +54,7 @@ class IdentityVerifier:
                 audience=self._settings.audience,
                 now=self._clock.now(),
             )
-        except BrokerError as exc:
-            exc.issuer_name = cache.issuer.name  # for metrics: refusals by reason and issuer
-            raise
+        except TokenInvalid as exc:
+            # The claim checks refuse without naming the issuer; the refusal is counted
+            # against it (metrics: refusals by reason and issuer).
+            raise TokenInvalid(exc.message, code=exc.code, issuer_name=cache.issuer.name) from None

@@ -43,7 +43,6 @@ from broker.errors import (
     InstanceTerminated,
     NotFound,
     NotPermitted,
-    TokenInvalid,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -122,11 +121,11 @@ class CredentialService:
         vault: VaultClient,
         tokens: InstanceTokens,
         clock: Clock,
+        terminate: Terminate,
+        sightings: Sightings,
         deadline_s: float = 60.0,
         cloud: CloudExchange | None = None,
         liveness: Mapping[str, LivenessCheck] | None = None,
-        terminate: Terminate | None = None,
-        sightings: Sightings | None = None,
     ) -> None:
         self._roles = roles
         self._rules = rules
@@ -175,31 +174,26 @@ class CredentialService:
         params = render_params(role.params, identity)
         plan = engine.plan(role_name, role, params, caller, ttl_s, identity.instance_id)
         limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if plan.leased else None
-        try:
-            ticket = await self._ledger.begin_issue(
-                instance_id=identity.instance_id,
-                issuer_name=identity.issuer_name,
-                workload=identity.workload,
-                role=role_name,
-                kind=plan.kind,
-                token_id=(identity.replay_key, identity.expires_at)
-                if identity.replay_key is not None
-                else None,
-                limit=limit,
-                external_ref=plan.session_ref.to_record() if plan.session_ref else None,
-                vault_path=plan.request.path,
-            )
-        except TokenInvalid as exc:
-            exc.issuer_name = identity.issuer_name  # count replays against their issuer
-            raise
+        ticket = await self._ledger.begin_issue(
+            instance_id=identity.instance_id,
+            issuer_name=identity.issuer_name,
+            workload=identity.workload,
+            role=role_name,
+            kind=plan.kind,
+            token_id=(identity.replay_key, identity.expires_at)
+            if identity.replay_key is not None
+            else None,
+            limit=limit,
+            external_ref=plan.session_ref.to_record() if plan.session_ref else None,
+            vault_path=plan.request.path,
+        )
         try:
             credential = await self._issue_recorded(identity, plan, ticket.lease_id)
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
             replaced = await self._revoke_superseded(ticket.superseded)
-        if self._sightings is not None:
-            self._sightings.note(identity.instance_id)
+        self._sightings.note(identity.instance_id)
         if limit is not None:
             credential = replace(
                 credential,
@@ -463,8 +457,7 @@ class CredentialService:
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
         await self._ledger.set_lease_expiry(lease_id, expires_at, renewable)
-        if self._sightings is not None:
-            self._sightings.note(identity.instance_id)
+        self._sightings.note(identity.instance_id)
         return {
             "lease_id": lease_id,
             "expires_at": iso_z(expires_at),
@@ -488,12 +481,11 @@ class CredentialService:
             "instance confirmed gone at renewal; terminating it",
             extra={"instance_id": identity.instance_id, "issuer": identity.issuer_name},
         )
-        if self._terminate is not None:
-            await self._terminate(
-                identity.instance_id,
-                actor=f"liveness:{identity.issuer_name}",
-                issuer=identity.issuer_name,
-            )
+        await self._terminate(
+            identity.instance_id,
+            actor=f"liveness:{identity.issuer_name}",
+            issuer=identity.issuer_name,
+        )
         raise InstanceTerminated(
             f"instance {identity.instance_id} no longer exists at its source; "
             "its credentials are being revoked"

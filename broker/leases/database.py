@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.errors import BrokerError, StoreUnavailable
-from broker.leases.db import async_url, head_revision
+from broker.leases.migrations import async_url, head_revision
 from broker.leases.settings import StoreSettings
 
 

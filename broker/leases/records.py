@@ -435,10 +435,6 @@ class AdminRecords:
         async with self._db.transaction() as conn:
             return await jobs.retry_job(conn, self._clock, job_id, actor=actor)
 
-    async def audit_events(self, instance_id: str) -> list[dict[str, Any]]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.audit_events(conn, instance_id)
-
     async def counts(self) -> StoreCounts:
         now = self._clock.now()
         async with self._db.transaction(readonly=True) as conn:

@@ -123,14 +123,15 @@ class KubernetesLiveness:
             async with self._limit:
                 pod = await self._client.get_pod(namespace, name)
             answer = pod_alive(pod, instance_id)
-        except (BrokerError, ValueError) as exc:
-            log.warning(
-                "kubernetes liveness unknown",
-                extra={"instance_id": instance_id, "code": getattr(exc, "code", "bad_pod")},
-            )
-            return None
-        self._remember(instance_id, answer)
-        return answer
+        except BrokerError as exc:
+            code = exc.code
+        except ValueError:  # the pod object does not read as a pod
+            code = "bad_pod"
+        else:
+            self._remember(instance_id, answer)
+            return answer
+        log.warning("kubernetes liveness unknown", extra={"instance_id": instance_id, "code": code})
+        return None
 
     def _remember(self, instance_id: str, answer: bool) -> None:
         until = None if answer is False else self._clock.now() + self._ttl

@@ -81,18 +81,10 @@ def _holds(values: _Values, cond: ClaimMatch) -> bool:
     return False
 
 
-def condition_holds(identity: Identity, cond: ClaimMatch) -> bool:
-    return _holds(_Values(identity), cond)
-
-
 def _applies(values: _Values, identity: Identity, rule: Rule) -> bool:
     if rule.issuer is not None and rule.issuer != identity.issuer_name:
         return False
     return all(_holds(values, c) for c in rule.match)
-
-
-def rule_applies(identity: Identity, rule: Rule) -> bool:
-    return _applies(_Values(identity), identity, rule)
 
 
 def rules_applying(identity: Identity, rules: Sequence[Rule]) -> list[str]:

@@ -1,13 +1,13 @@
-"""The reconciler: makes the lease store and Vault agree, on a schedule and on demand.
+"""The reconciler: makes the lease ledger and Vault agree, on a schedule and on demand.
 
 One pass, four steps, each on its own (one failing does not skip the others):
 
-1. **expiry**: leases the store still counts live past their expiry are looked up in Vault
-   (``sys/leases/lookup``); gone → ``expired``; renewed meanwhile → the store's expiry is
+1. **expiry**: leases the ledger still counts live past their expiry are looked up in Vault
+   (``sys/leases/lookup``); gone → ``expired``; renewed meanwhile → the ledger's expiry is
    corrected; still there past expiry → revoked now, and reported if Vault keeps it.
 2. **stuck issuing**: an ``issuing`` row older than ``issuing_timeout_s`` belongs to a
    request that died (or gave up) between asking Vault and recording the answer. The
-   lease Vault may have issued for it is under the row's Vault path, unknown to the store,
+   lease Vault may have issued for it is under the row's Vault path, unknown to the ledger,
    was issued in the request's window, and is older than the issuing bound: each such lease
    is revoked and confirmed gone, and the row is settled ``abandoned``. Why that takes
    nothing from a workload: the broker hands out only what it recorded, and a request may
@@ -67,11 +67,11 @@ ExpiryAction = Literal["expired", "extend", "revoke"]
 
 
 def expiry_action(info: LeaseInfo | None, now: datetime) -> ExpiryAction:
-    """What to do with a lease past its expiry in the store, given Vault's lookup."""
+    """What to do with a lease past its expiry in the ledger, given Vault's lookup."""
     if info is None:
         return "expired"  # Vault does not know it: gone
     if info.expire_time is not None and info.expire_time > now:
-        return "extend"  # renewed meanwhile: the store was behind
+        return "extend"  # renewed meanwhile: the ledger was behind
     return "revoke"  # past expiry and still held: Vault's own expiry has not taken it
 
 
@@ -220,7 +220,7 @@ class Reconciler:
         *,
         roles: Mapping[str, RoleSettings],
         issuers: Sequence[IssuerSettings],
-        store: ReconcileLedger,
+        ledger: ReconcileLedger,
         vault: VaultClient,
         clock: Clock,
         terminate: Terminate,
@@ -229,7 +229,7 @@ class Reconciler:
         self._issuing_timeout_s = revocation.issuing_timeout_s
         self._roles = roles
         self._issuers = issuers
-        self._store = store
+        self._ledger = ledger
         self._vault = vault
         self._clock = clock
         self._terminate = terminate
@@ -242,7 +242,7 @@ class Reconciler:
         """One pass. ``revoke_orphans`` overrides the setting for this pass."""
         revoke = self._settings.revoke_orphans if revoke_orphans is None else revoke_orphans
         report = ReconcileReport(started_at=self._clock.now())
-        async with self._running, self._store.try_exclusive("reconcile") as mine:
+        async with self._running, self._ledger.try_exclusive("reconcile") as mine:
             if not mine:
                 report.skipped = True
                 return report
@@ -285,7 +285,7 @@ class Reconciler:
 
     async def _expiry(self, report: ReconcileReport) -> None:
         now = self._clock.now()
-        rows = await self._store.past_expiry(
+        rows = await self._ledger.past_expiry(
             before=now - timedelta(seconds=self._settings.expiry_margin_s),
             limit=self._settings.batch,
         )
@@ -300,7 +300,7 @@ class Reconciler:
                 expired.append(row.lease_id)
             elif action == "extend":
                 assert info is not None and info.expire_time is not None
-                await self._store.correct_expiry(row.lease_id, info.expire_time)
+                await self._ledger.correct_expiry(row.lease_id, info.expire_time)
                 report.expiry_corrected += 1
             else:
                 to_revoke.append(row)
@@ -317,7 +317,7 @@ class Reconciler:
                     "a lease past its expiry is still held by Vault",
                     extra={"lease_id": row.lease_id, "role": row.role},
                 )
-        report.expired += await self._store.mark_leases_ended(
+        report.expired += await self._ledger.mark_leases_ended(
             expired, LeaseState.EXPIRED, actor="reconciler"
         )
 
@@ -325,7 +325,7 @@ class Reconciler:
 
     async def _stuck(self, report: ReconcileReport) -> None:
         now = self._clock.now()
-        stuck = await self._store.stuck_issuing(
+        stuck = await self._ledger.stuck_issuing(
             created_before=now - timedelta(seconds=self._issuing_timeout_s),
             limit=self._settings.batch,
         )
@@ -393,7 +393,7 @@ class Reconciler:
             if any(v not in confirmed for v in mine):
                 report.stuck_waiting.append(row.lease_id)  # a revocation failed: next pass
                 continue
-            if await self._store.settle_stuck(row.lease_id, revoked=mine, actor="reconciler"):
+            if await self._ledger.settle_stuck(row.lease_id, revoked=mine, actor="reconciler"):
                 report.stuck_settled += 1
 
     def _role_path_hint(self, role_name: str) -> str | None:
@@ -416,7 +416,7 @@ class Reconciler:
         path = "/".join(unquote(seg) for seg in prefix.strip("/").split("/"))
         keys = await self._vault.list_lease_keys(path)
         ids = [f"{path}/{k}" for k in keys if not k.endswith("/")]
-        states = await self._store.vault_lease_states(ids)
+        states = await self._ledger.vault_lease_states(ids)
         unrecorded = unheld(ids, states)
         if len(unrecorded) > MAX_LOOKUPS:
             raise UpstreamRejected(
@@ -439,7 +439,7 @@ class Reconciler:
             keys = await self._vault.list_lease_keys(mount)
             verbs[mount] = [k.rstrip("/") for k in keys if k.endswith("/")]
         self._pass_prefixes = role_lease_prefixes(self._roles, verbs) | (
-            await self._store.vault_paths()
+            await self._ledger.vault_paths()
         )
         return self._pass_prefixes
 
@@ -475,7 +475,7 @@ class Reconciler:
             )
             report.orphans_revoked = sum(1 for ok in results if ok is True)
         if orphans:
-            await self._store.record_audit(
+            await self._ledger.record_audit(
                 "reconciler",
                 "reconcile.orphans",
                 count=len(orphans),
@@ -500,7 +500,7 @@ class Reconciler:
             grace = issuer.liveness.unseen_grace
             if not grace:
                 continue
-            ids = await self._store.unseen_instances(
+            ids = await self._ledger.unseen_instances(
                 issuer.name,
                 seen_before=now - timedelta(seconds=grace),
                 limit=self._settings.batch,

@@ -1,4 +1,4 @@
-"""The revocation worker: claims jobs from the store and makes Vault forget an instance.
+"""The revocation worker: claims jobs from its ledger and makes Vault forget an instance.
 
 For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
 1. revoke every recorded live lease explicitly, synchronously (16 at a time; Vault
@@ -97,7 +97,7 @@ class RevocationWorker:
     def __init__(
         self,
         settings: RevocationSettings,
-        store: RevocationJobs,
+        ledger: RevocationJobs,
         vault: VaultClient,
         clock: Clock,
         *,
@@ -107,7 +107,7 @@ class RevocationWorker:
         cloud: SessionRevoker | None = None,
     ) -> None:
         self._settings = settings
-        self._store = store
+        self._ledger = ledger
         self._vault = vault
         self._clock = clock
         self._cloud = cloud
@@ -121,7 +121,7 @@ class RevocationWorker:
 
     async def run_once(self) -> int:
         """Claim and process one batch of due jobs. Returns how many were claimed."""
-        jobs = await self._store.claim_jobs(
+        jobs = await self._ledger.claim_jobs(
             worker=self.worker_id,
             limit=self._settings.batch,
             claim_for=timedelta(seconds=self._settings.claim_timeout_s),
@@ -147,7 +147,7 @@ class RevocationWorker:
         while True:
             await asyncio.sleep(self._settings.claim_timeout_s / 3)
             try:
-                if not await self._store.extend_claim(
+                if not await self._ledger.extend_claim(
                     job, worker=self.worker_id, claim_for=claim_for
                 ):
                     log.warning("lost the claim on a revocation job", extra={"job_id": job.job_id})
@@ -166,7 +166,7 @@ class RevocationWorker:
             await self._retry(job, exc)
             return
         try:
-            finished = await self._store.finish_job(job, worker=self.worker_id)
+            finished = await self._ledger.finish_job(job, worker=self.worker_id)
         except BrokerError as exc:
             await self._retry(job, exc)
             return
@@ -203,7 +203,7 @@ class RevocationWorker:
             )
         next_at = self._clock.now() + timedelta(seconds=delay)
         try:
-            await self._store.reschedule_job(
+            await self._ledger.reschedule_job(
                 job,
                 worker=self.worker_id,
                 error=code,
@@ -236,7 +236,7 @@ class RevocationWorker:
     async def sweep_superseded(self) -> int:
         """Finish leases left ``revoking`` by a request that died before it revoked them
         (replaced under a role's lease limit). Returns how many were confirmed gone."""
-        leases = await self._store.superseded_leases(
+        leases = await self._ledger.superseded_leases(
             older_than=timedelta(seconds=self._settings.issuing_timeout_s)
         )
         recorded = [lease for lease in leases if lease.vault_lease_id]
@@ -261,7 +261,7 @@ class RevocationWorker:
                         else "still_in_vault",
                     },
                 )
-        return await self._store.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
+        return await self._ledger.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
 
     async def _each(
         self, call: Callable[[str], Awaitable[bool]], vault_lease_ids: list[str]
@@ -314,7 +314,7 @@ class RevocationWorker:
         return held
 
     async def _revoke_instance(self, job: JobView) -> None:
-        work = await self._store.revocation_work(job.instance_id)
+        work = await self._ledger.revocation_work(job.instance_id)
         recorded = [lease for lease in work.leases if lease.vault_lease_id]
         issuing = [lease for lease in work.leases if lease.state == LeaseState.ISSUING]
         # Live STS sessions with no Vault lease: only a deny at AWS ends them.
@@ -328,14 +328,14 @@ class RevocationWorker:
         for token in work.tokens:
             if token.revoked_at is None:
                 await self._vault.revoke_accessor(token.accessor)
-                await self._store.mark_token_revoked(token.accessor)
+                await self._ledger.mark_token_revoked(token.accessor)
         # Then Vault's word on each: a lease it no longer holds is gone (the token's
         # revocation may also have taken one whose own revocation was refused).
         held = await self._still_held([str(lease.vault_lease_id) for lease in recorded])
         gone = [lease for lease in recorded if lease.vault_lease_id not in held]
         # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
         # for its deny before it counts as revoked.
-        await self._store.mark_leases_ended(
+        await self._ledger.mark_leases_ended(
             [lease.lease_id for lease in gone if lease.external_ref is None],
             LeaseState.REVOKED,
             actor=self.worker_id,
@@ -398,9 +398,9 @@ class RevocationWorker:
                     "section to deny them with",
                     code="cloud_not_configured",
                 )
-            async with self._store.exclusive(f"aws-deny:{ref.role_arn}"):
+            async with self._ledger.exclusive(f"aws-deny:{ref.role_arn}"):
                 await self._cloud.deny_sessions(ref, issued_before=now)
-        await self._store.mark_leases_ended(
+        await self._ledger.mark_leases_ended(
             [lease.lease_id for lease in leases if lease.state != LeaseState.ISSUING],
             LeaseState.REVOKED,
             actor=self.worker_id,
@@ -408,7 +408,7 @@ class RevocationWorker:
 
     async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
         self._wait_for_issuing(issuing)
-        moved = await self._store.mark_leases_ended(
+        moved = await self._ledger.mark_leases_ended(
             [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.worker_id
         )
         if moved != len(issuing):

@@ -16,7 +16,7 @@ import yaml
 
 from broker.dev.environment import dev_settings_dict
 from broker.dev.openbao import free_port
-from broker.leases.db import migrate
+from broker.leases.migrations import migrate
 from broker.secret import Secret
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
 from tests.harness.brokers import TOKEN_REF, serve, wait_ready

@@ -36,7 +36,7 @@ from broker.config import load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import OpenBaoDevServer
-from broker.leases.db import migrate
+from broker.leases.migrations import migrate
 from broker.secret import Secret
 from broker.vault.bootstrap import bootstrap_dev
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN

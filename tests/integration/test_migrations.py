@@ -8,7 +8,7 @@ import secrets
 import pytest
 from alembic import command
 
-from broker.leases.db import alembic_config, head_revision, migrate
+from broker.leases.migrations import alembic_config, head_revision, migrate
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

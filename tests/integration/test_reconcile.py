@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from broker.leases.db import sync_url
+from broker.leases.migrations import sync_url
 from tests.harness.api import bearer, issue, wait_job
 from tests.harness.pki import Mount, mounted_pki, pki_role
 from tests.harness.vault import VaultProbe

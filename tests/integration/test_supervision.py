@@ -17,7 +17,7 @@ from broker.app.supervisor import Backoff
 from broker.config import Settings
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import OpenBaoDevServer
-from broker.leases.db import migrate
+from broker.leases.migrations import migrate
 from broker.vault.bootstrap import DevVault
 from tests.conftest import broker_settings
 

@@ -4,14 +4,13 @@ and the counts behind the metrics."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.errors import NotFound
 from broker.leases import models as m
-from broker.leases.sql.common import LIVE, instance_view, iso, job_view, lease_view
+from broker.leases.sql.common import LIVE, instance_view, job_view, lease_view
 from broker.leases.states import JobState
 from broker.leases.views import InstanceView, JobView, LeaseView, StoreCounts
 
@@ -74,26 +73,6 @@ async def list_jobs(conn: AsyncConnection, *, state: str | None, limit: int) -> 
     stmt = stmt.order_by(m.RevocationJob.created_at).limit(limit)
     rows = (await conn.execute(stmt)).all()
     return [job_view(m.RevocationJob(**r._mapping)) for r in rows]
-
-
-async def audit_events(conn: AsyncConnection, instance_id: str) -> list[dict[str, Any]]:
-    rows = (
-        await conn.execute(
-            select(m.AuditEvent)
-            .where(m.AuditEvent.instance_id == instance_id)
-            .order_by(m.AuditEvent.id)
-        )
-    ).all()
-    return [
-        {
-            "at": iso(r.at),
-            "actor": r.actor,
-            "action": r.action,
-            "lease_id": r.lease_id,
-            "detail": r.detail,
-        }
-        for r in rows
-    ]
 
 
 async def counts(conn: AsyncConnection, now: datetime) -> StoreCounts:

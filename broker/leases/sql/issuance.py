@@ -142,6 +142,7 @@ async def begin_issue(
             raise TokenInvalid(
                 "this token was already used for an exchange; get a fresh token",
                 code="token_replayed",
+                issuer_name=issuer_name,
             ) from None
     now = clock.now()
     if limit is not None:

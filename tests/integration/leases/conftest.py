@@ -21,7 +21,7 @@ from broker.leases import (
     SightingRecords,
     TerminationRecords,
 )
-from broker.leases.db import migrate
+from broker.leases.migrations import migrate
 from broker.leases.settings import StoreSettings
 from tests.integration.leases.support import T0, Ledgers
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
 
 from broker.leases import (
     AdminRecords,
@@ -16,6 +19,7 @@ from broker.leases import (
     SightingRecords,
     TerminationRecords,
 )
+from broker.leases import models as m
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -30,6 +34,17 @@ class Ledgers:
     replay: ReplayRecords
     sightings: SightingRecords
     admin: AdminRecords
+
+
+async def audit_events(s: Ledgers, instance_id: str) -> list[dict[str, Any]]:
+    """The instance's audit trail, oldest first (the broker itself only writes it)."""
+    query = (
+        select(m.AuditEvent.action, m.AuditEvent.detail)
+        .where(m.AuditEvent.instance_id == instance_id)
+        .order_by(m.AuditEvent.id)
+    )
+    async with s.database.transaction(readonly=True) as conn:
+        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 
 
 async def issue(s: Ledgers, instance: str, role: str = "r") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tests.integration.leases.support import T0, issue
+from tests.integration.leases.support import T0, audit_events, issue
 
 
 async def test_past_expiry_stuck_and_settle(ledgers):
@@ -35,7 +35,7 @@ async def test_past_expiry_stuck_and_settle(ledgers):
     assert not await s.reconcile.settle_stuck(stuck, revoked=[], actor="reconciler")  # once
     lease = await s.issuance.get_lease(stuck)
     assert lease.state == "abandoned"
-    [event] = [e for e in await s.admin.audit_events("i-x") if e["action"] == "lease.stuck_settled"]
+    [event] = [e for e in await audit_events(s, "i-x") if e["action"] == "lease.stuck_settled"]
     assert event["detail"] == {"revoked_in_vault": 1, "vault_lease_ids": ["db/creds/r/lost"]}
     assert await s.reconcile.vault_lease_states(["db/creds/r/live", "db/creds/r/none"]) == {
         "db/creds/r/live": "active"

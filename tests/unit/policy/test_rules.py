@@ -9,7 +9,7 @@ import pytest
 
 from broker.engines.role import RoleSettings
 from broker.identity.model import Identity
-from broker.policy.rules import Decision, condition_holds, decide, rule_applies
+from broker.policy.rules import Decision, decide, rules_applying
 from broker.policy.settings import ClaimMatch, Rule
 
 CLAIMS: dict[str, Any] = {
@@ -49,6 +49,12 @@ def rule(name: str, allow: list[str], *, issuer: str | None = None,
          match: list[dict[str, Any]] | None = None, max_ttl: Any = None) -> Rule:
     return Rule.model_validate({"name": name, "allow": allow, "issuer": issuer,
                                 "match": match or [], "max_ttl": max_ttl})
+
+
+def condition_holds(identity: Identity, condition: ClaimMatch) -> bool:
+    """Whether one condition holds, asked as the broker asks it: of a rule that has it alone."""
+    only = Rule(name="r", allow=["cert"], match=[condition])
+    return rules_applying(identity, [only]) == ["r"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def test_regex_anchors_in_pattern_do_not_allow_partial() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# rule_applies
+# rules_applying
 # ---------------------------------------------------------------------------------------------
 
 NS = {"claim": ["kubernetes.io", "namespace"], "exact": "payments"}
@@ -167,9 +173,9 @@ RULE_APPLIES_CASES = [
 @pytest.mark.parametrize(("issuer", "match", "expected"),
                          [(a, b, c) for a, b, c, _ in RULE_APPLIES_CASES],
                          ids=[i for *_, i in RULE_APPLIES_CASES])
-def test_rule_applies(issuer: str | None, match: list[dict[str, Any]], expected: bool) -> None:
-    assert rule_applies(make_identity(), rule("r", ["cert"], issuer=issuer, match=match)) \
-        is expected
+def test_rules_applying(issuer: str | None, match: list[dict[str, Any]], expected: bool) -> None:
+    applying = rules_applying(make_identity(), [rule("r", ["cert"], issuer=issuer, match=match)])
+    assert applying == (["r"] if expected else [])
 
 
 # ---------------------------------------------------------------------------------------------
