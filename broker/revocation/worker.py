@@ -119,6 +119,10 @@ class RevocationWorker:
         self.retried = 0
         self.failed = 0
 
+    def counts(self) -> dict[str, int]:
+        """Job passes of this worker since start, by outcome, for the metrics."""
+        return {"completed": self.completed, "retried": self.retried, "failed": self.failed}
+
     async def run_once(self) -> int:
         """Claim and process one batch of due jobs. Returns how many were claimed."""
         jobs = await self._store.claim_jobs(
