@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.errors import make_middleware
-from broker.api.metrics import Metrics
+from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.services import Admin, Credentials, EventReceiver, Readiness
 from broker.api.views import instance_public, job_public, lease_admin
@@ -48,6 +48,7 @@ class Api:
     readiness: Readiness
     verifier: IdentityVerifier
     metrics: Metrics
+    scraper: Scraper
     admin_token_sha256: str
 
 
@@ -336,7 +337,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def scrape(request: web.Request) -> web.Response:
     counts = await request.app[COUNTS].get()
     return web.Response(
-        body=request.app[API].readiness.metrics(counts),
+        body=request.app[API].scraper.render(counts),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
 
@@ -353,13 +354,16 @@ def build_app(
     *,
     verifier: IdentityVerifier,
     metrics: Metrics,
+    scraper: Scraper,
     admin_token_sha256: str,
     max_body_bytes: int,
 ) -> web.Application:
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=max_body_bytes)
-    app[API] = Api(credentials, admin, events, readiness, verifier, metrics, admin_token_sha256)
+    app[API] = Api(
+        credentials, admin, events, readiness, verifier, metrics, scraper, admin_token_sha256
+    )
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
     r = app.router

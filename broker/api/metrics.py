@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broker.leases import StoreCounts
 
 if TYPE_CHECKING:
-    from broker.events import TerminationSource
     from broker.revocation.reconcile import ReconcileReport
-    from broker.revocation.worker import RevocationWorker
+
+
+class Counted(Protocol):
+    """A part that counts what it did since start, by outcome (the revocation worker, a
+    termination source, a JWKS cache, the liveness answers of one issuer)."""
+
+    def counts(self) -> Mapping[str, int]: ...
 
 
 class Metrics:
@@ -148,24 +153,61 @@ class Metrics:
         if "stuck_issuing" not in report.errors:
             self.reconcile_stuck.set(len(report.stuck_waiting))
 
-    def observe_runtime(
+    def observe_counts(
         self,
         *,
-        worker: RevocationWorker,
-        sources: Iterable[TerminationSource],
-        liveness: Mapping[tuple[str, str], int],
+        revocations: Counted,
+        events: Mapping[str, Counted],
+        jwks_fetches: Mapping[str, Counted],
+        liveness: Mapping[str, Counted],
     ) -> None:
-        for outcome, n in (
-            ("completed", worker.completed),
-            ("retried", worker.retried),
-            ("failed", worker.failed),
-        ):
+        """The counting parts' figures; ``events`` by source name, ``jwks_fetches`` and
+        ``liveness`` by issuer name."""
+        for outcome, n in revocations.counts().items():
             self.revocations.labels(outcome=outcome).set(n)
-        for source in sources:
-            for outcome, n in getattr(source, "stats", {}).items():
-                self.events.labels(source=source.name, outcome=outcome).set(n)
-        for (issuer, outcome), n in liveness.items():
-            self.liveness.labels(issuer=issuer, outcome=outcome).set(n)
+        for source, counted in events.items():
+            for outcome, n in counted.counts().items():
+                self.events.labels(source=source, outcome=outcome).set(n)
+        for issuer, counted in jwks_fetches.items():
+            for outcome, n in counted.counts().items():
+                self.jwks_fetches.labels(issuer=issuer, outcome=outcome).set(n)
+        for issuer, counted in liveness.items():
+            for outcome, n in counted.counts().items():
+                self.liveness.labels(issuer=issuer, outcome=outcome).set(n)
+
+    def source_restarted(self, source: str) -> None:
+        self.events.labels(source=source, outcome="restarted").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Scraper:
+    """What /metrics renders: the store's figures when the last read of them succeeded (the
+    previous ones otherwise), and what each counting part has counted since start."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        revocations: Counted,
+        events: Mapping[str, Counted],
+        jwks_fetches: Mapping[str, Counted],
+        liveness: Mapping[str, Counted],
+    ) -> None:
+        self._metrics = metrics
+        self._revocations = revocations
+        self._events = events
+        self._jwks_fetches = jwks_fetches
+        self._liveness = liveness
+
+    def render(self, counts: StoreCounts | None) -> bytes:
+        if counts is not None:
+            self._metrics.observe_store(counts)
+        self._metrics.observe_counts(
+            revocations=self._revocations,
+            events=self._events,
+            jwks_fetches=self._jwks_fetches,
+            liveness=self._liveness,
+        )
+        return self._metrics.render()

@@ -63,10 +63,8 @@ class EventReceiver(Protocol):
 
 
 class Readiness(Protocol):
-    """/readyz and /metrics."""
+    """/readyz, and the store's figures for /metrics (None when they could not be read)."""
 
     async def checks(self) -> dict[str, str]: ...
 
     async def counts(self) -> StoreCounts | None: ...
-
-    def metrics(self, counts: StoreCounts | None) -> bytes: ...

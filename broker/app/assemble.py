@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from broker.api.app import build_app
-from broker.api.metrics import Metrics
+from broker.api.metrics import Metrics, Scraper
 from broker.app.http import HttpServer
 from broker.app.services import AdminService, Readiness
 from broker.app.supervisor import Tick
@@ -56,7 +56,6 @@ from broker.vault import VaultClient
 
 if TYPE_CHECKING:
     from broker.aws.client import AwsClient
-    from broker.events.sqs import SqsTerminationSource
     from broker.kubernetes.client import KubernetesClient
 
 
@@ -107,7 +106,6 @@ class Assembly:
     flush_sightings: SightingsFlush
     liveness: Mapping[str, LivenessCheck]
     sources: tuple[TerminationSource, ...]
-    sqs: SqsTerminationSource | None
     service: CredentialService
     app: web.Application
     server: HttpServer
@@ -170,7 +168,7 @@ def assemble(
     verifier = IdentityVerifier(settings.identity, http, clock)
     kubernetes = _kubernetes_client(settings)
     liveness = _liveness_checks(settings, clock, kubernetes)
-    sqs, sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
+    sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
     service = CredentialService(
         roles=settings.roles,
         rules=settings.policy.rules,
@@ -201,15 +199,13 @@ def assemble(
         roles=settings.roles,
         rules=settings.policy.rules,
     )
-    readiness = Readiness(
-        database=database,
-        vault=vault,
-        counts=ledgers.admin,
-        metrics=metrics,
-        verifier=verifier,
-        worker=worker,
-        sources=sources,
-        liveness_outcomes=service.liveness_outcomes,
+    readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
+    scraper = Scraper(
+        metrics,
+        revocations=worker,
+        events={source.name: source for source in sources},
+        jwks_fetches={cache.issuer.name: cache for cache in verifier.caches},
+        liveness=service.liveness_outcomes,
     )
     app = build_app(
         service,
@@ -218,6 +214,7 @@ def assemble(
         readiness,
         verifier=verifier,
         metrics=metrics,
+        scraper=scraper,
         admin_token_sha256=settings.admin.token_sha256,
         max_body_bytes=settings.server.max_body_bytes,
     )
@@ -247,7 +244,6 @@ def assemble(
         flush_sightings=flush,
         liveness=liveness,
         sources=sources,
-        sqs=sqs,
         service=service,
         app=app,
         server=HttpServer(app, settings.server.host, settings.server.port),
@@ -287,16 +283,13 @@ def _termination_sources(
     terminate: Terminator,
     ledger: TerminationRecords,
     kubernetes: KubernetesClient | None,
-) -> tuple[SqsTerminationSource | None, tuple[TerminationSource, ...]]:
-    """The long-running termination sources configured (the SQS one also returned alone:
-    it has a client to close)."""
+) -> tuple[TerminationSource, ...]:
+    """The long-running termination sources configured."""
     sources: list[TerminationSource] = []
-    sqs = None
     if settings.events.sqs is not None:
         from broker.events.sqs import SqsTerminationSource
 
-        sqs = SqsTerminationSource(settings.events.sqs, terminate)
-        sources.append(sqs)
+        sources.append(SqsTerminationSource(settings.events.sqs, terminate))
     if settings.kubernetes is not None and settings.kubernetes.watch:
         from broker.events.pod_watch import PodWatch
 
@@ -306,4 +299,4 @@ def _termination_sources(
         )
         assert kubernetes is not None  # built whenever the kubernetes section is present
         sources.append(PodWatch(settings.kubernetes, kubernetes, terminate, known))
-    return sqs, tuple(sources)
+    return tuple(sources)

@@ -54,24 +54,21 @@ class Broker:
         for check in c.liveness.values():
             await check.start()
             close_later(check.close)
-        if c.sqs is not None:
-            close_later(c.sqs.close)
+        for source in c.sources:
+            close_later(source.close)
         # Closed first: the last sightings are written while the database is still open.
         close_later(c.flush_sightings.run_once)
         self.url = await c.server.bind()
         close_later(c.server.close)  # a no-op once the server part has stopped
         parts: list[Part] = [c.server]
         parts += [
-            Restarting(source, self._backoff, on_restart=self._count_restart)
+            Restarting(source, self._backoff, on_restart=c.metrics.source_restarted)
             for source in c.sources
         ]
         self._running = asyncio.create_task(
             self._supervisor.run(parts, c.ticks.all(), self._stop), name="supervisor"
         )
         log.info("broker started", extra={"url": self.url})
-
-    def _count_restart(self, source: str) -> None:
-        self.components.metrics.events.labels(source=source, outcome="restarted").inc()
 
     async def stop(self) -> None:
         """Stop everything and close what was opened. A part's failure was logged by the

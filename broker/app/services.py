@@ -3,19 +3,17 @@ ledgers, the terminator, the reconciler and the probes."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from broker.api.metrics import Metrics
 from broker.engines.role import RoleSettings
 from broker.errors import BrokerError, TokenInvalid
-from broker.events import Terminate, TerminationSource
+from broker.events import Terminate
 from broker.identity import IdentityVerifier
 from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
 from broker.policy.explain import explain
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
-from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
 
 
@@ -132,28 +130,13 @@ class Reachable(Protocol):
 
 
 class Readiness:
-    """Whether the broker can serve (the lease database and Vault), and its metrics."""
+    """Whether the broker can serve (the lease database and Vault), and the store's figures
+    the metrics show."""
 
-    def __init__(
-        self,
-        *,
-        database: Reachable,
-        vault: VaultClient,
-        counts: LedgerCounts,
-        metrics: Metrics,
-        verifier: IdentityVerifier,
-        worker: RevocationWorker,
-        sources: Sequence[TerminationSource],
-        liveness_outcomes: Mapping[tuple[str, str], int],
-    ) -> None:
+    def __init__(self, *, database: Reachable, vault: VaultClient, counts: LedgerCounts) -> None:
         self._database = database
         self._vault = vault
         self._counts = counts
-        self._metrics = metrics
-        self._verifier = verifier
-        self._worker = worker
-        self._sources = sources
-        self._liveness_outcomes = liveness_outcomes
 
     async def checks(self) -> dict[str, str]:
         checks: dict[str, str] = {}
@@ -177,15 +160,3 @@ class Readiness:
             return await self._counts.counts()
         except BrokerError:
             return None  # serve the last values; readiness reports the store
-
-    def metrics(self, counts: StoreCounts | None) -> bytes:
-        metrics = self._metrics
-        if counts is not None:
-            metrics.observe_store(counts)
-        metrics.observe_runtime(
-            worker=self._worker, sources=self._sources, liveness=self._liveness_outcomes
-        )
-        for cache in self._verifier.caches:
-            for outcome, n in cache.stats.outcomes.items():
-                metrics.jwks_fetches.labels(issuer=cache.issuer.name, outcome=outcome).set(n)
-        return metrics.render()

@@ -7,12 +7,14 @@ per instance, created in the transaction that tombstones it. A source acknowledg
 (deletes the SQS message, advances its watch position) only after that call returned.
 
 A long-running source has ``run(stop)`` and ``run_once()``; ``broker.app`` runs them
-under its supervisor, restarted with backoff if they die.
+under its supervisor, restarted with backoff if they die, counts what they handled by
+outcome (``counts``) for the metrics, and closes each on the way out.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Protocol
 
 from broker.leases import JobView
@@ -35,6 +37,10 @@ class TerminationSource(Protocol):
     name: str
 
     async def run(self, stop: asyncio.Event) -> None: ...
+
+    def counts(self) -> Mapping[str, int]: ...
+
+    async def close(self) -> None: ...
 
 
 __all__ = ["Terminate", "TerminationSource"]

@@ -264,6 +264,12 @@ class PodWatch:
         finally:
             await self._client.close()
 
+    def counts(self) -> dict[str, int]:
+        return dict(self.stats)
+
+    async def close(self) -> None:
+        """Nothing left open: ``run`` closes the client on its way out."""
+
     async def run_once(self) -> bool:
         """One session (the client must be started: ``run`` does it). True when it made
         progress: listed, handled an event, or learned that its position expired."""

@@ -244,6 +244,9 @@ class SqsTerminationSource:
         handled, _ = await self._poll(None)
         return handled
 
+    def counts(self) -> dict[str, int]:
+        return dict(self.stats)
+
     async def close(self) -> None:
         await self._queue.close()
 

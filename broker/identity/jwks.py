@@ -96,6 +96,10 @@ class JwksCache:
     def issuer(self) -> IssuerSettings:
         return self._issuer
 
+    def counts(self) -> dict[str, int]:
+        """Fetch outcomes (success, failure) since start, for the metrics."""
+        return dict(self.stats.outcomes)
+
     async def key_for(self, kid: str | None, alg: str) -> Any:
         now = self._now()
         current = self._set

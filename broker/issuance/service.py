@@ -111,6 +111,19 @@ class IssuedCredential:
         return f"IssuedCredential(lease_id={self.lease_id!r}, role={self.role!r}, data=***)"
 
 
+class LivenessOutcomes:
+    """One issuer's liveness answers at renewal since start: alive, gone, unknown."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def record(self, outcome: str) -> None:
+        self._counts[outcome] += 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+
 class CredentialService:
     def __init__(
         self,
@@ -137,8 +150,8 @@ class CredentialService:
         self._liveness = dict(liveness or {})  # by issuer name
         self._terminate = terminate
         self._sightings = sightings
-        # (issuer, alive | gone | unknown) → count, for metrics
-        self.liveness_outcomes: Counter[tuple[str, str]] = Counter()
+        # by issuer name, for the metrics
+        self.liveness_outcomes = {issuer: LivenessOutcomes() for issuer in self._liveness}
         # Bounds token, issue and TTL adjustment together; shorter than the revocation
         # worker's issuing_timeout_s so a job never gives up on a request still running.
         self._deadline_s = deadline_s
@@ -474,7 +487,7 @@ class CredentialService:
             return
         alive = await check.alive(identity)
         outcome = "alive" if alive else "unknown" if alive is None else "gone"
-        self.liveness_outcomes[(identity.issuer_name, outcome)] += 1
+        self.liveness_outcomes[identity.issuer_name].record(outcome)
         if alive is not False:
             return
         log.info(

@@ -115,9 +115,13 @@ class RevocationWorker:
         self._jitter = jitter
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._bounded = Bounded()
-        self.completed = 0
-        self.retried = 0
-        self.failed = 0
+        self._completed = 0
+        self._retried = 0
+        self._failed = 0
+
+    def counts(self) -> dict[str, int]:
+        """Job passes of this worker since start, by outcome, for the metrics."""
+        return {"completed": self._completed, "retried": self._retried, "failed": self._failed}
 
     async def run_once(self) -> int:
         """Claim and process one batch of due jobs. Returns how many were claimed."""
@@ -176,7 +180,7 @@ class RevocationWorker:
                 extra={"job_id": job.job_id, "instance_id": job.instance_id},
             )
             return
-        self.completed += 1
+        self._completed += 1
         if self._on_terminated is not None:
             self._on_terminated(job.instance_id)
         log.info(
@@ -216,7 +220,7 @@ class RevocationWorker:
             log.warning("could not reschedule revocation job", extra={"job_id": job.job_id})
             return
         if give_up:
-            self.failed += 1
+            self._failed += 1
             log.error(
                 "revocation job failed",
                 extra={
@@ -227,7 +231,7 @@ class RevocationWorker:
                 },
             )
         elif not waiting:
-            self.retried += 1
+            self._retried += 1
             log.warning(
                 "revocation job will retry",
                 extra={"job_id": job.job_id, "error": code, "delay_s": round(delay, 2)},

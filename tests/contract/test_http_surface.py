@@ -94,7 +94,8 @@ def test_the_application_serves_exactly_the_documented_operations():
 
     placeholder: Any = SimpleNamespace(checks=None, counts=None)
     app = build_app(placeholder, placeholder, None, placeholder, verifier=placeholder,
-                    metrics=placeholder, admin_token_sha256="", max_body_bytes=1024)
+                    metrics=placeholder, scraper=placeholder, admin_token_sha256="",
+                    max_body_bytes=1024)
     served = sorted({(route.method, route.resource.canonical)
                      for route in app.router.routes() if route.method != "HEAD"})
     assert served == sorted([*operations(pinned_document()), ("GET", "/openapi.json")])

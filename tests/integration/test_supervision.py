@@ -42,6 +42,12 @@ class Source:
         self.healthy.set()
         await stop.wait()
 
+    def counts(self) -> dict[str, int]:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
 
 @pytest.fixture
 async def settings(workdir: Path, bao: OpenBaoDevServer, vault_setup: DevVault,

@@ -42,7 +42,7 @@ async def test_every_component_is_built_and_nothing_is_opened(
     parts = assemble(settings(tmp_path), worker_id="w-1")
     try:
         assert not (tmp_path / "broker.db").exists()  # the database was not connected
-        assert parts.aws is None and parts.kubernetes is None and parts.sqs is None
+        assert parts.aws is None and parts.kubernetes is None
         assert parts.sources == () and dict(parts.liveness) == {}
         assert parts.worker.worker_id == "w-1"
         assert parts.server.url is None  # bound only when the broker starts
@@ -73,8 +73,8 @@ async def test_a_configured_sqs_queue_is_a_termination_source_calling_the_termin
                  events={"sqs": {"queue_url": queue}})
     parts = assemble(s)
     try:
-        assert isinstance(parts.sqs, SqsTerminationSource)
-        assert parts.sources == (parts.sqs,)
+        (source,) = parts.sources
+        assert isinstance(source, SqsTerminationSource)
         assert parts.aws is not None
     finally:
         await parts.http.close()
