@@ -1,5 +1,7 @@
-"""The aws engine on Vault's documented answers, STS's documented XML, the IAM deny policy
-and the credential_process JSON an AWS SDK reads. Pure: no Vault, no AWS."""
+"""The aws engine on Vault's documented answers and the credential_process JSON an AWS SDK
+reads: its modes, Vault paths, the roles it refuses at load and the sessions it names. What
+it hands to the AWS provider (``broker.aws``) is tested in tests/unit/aws. Pure: no Vault,
+no AWS."""
 
 from __future__ import annotations
 
@@ -9,22 +11,18 @@ from typing import Any
 
 import botocore.credentials
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from broker.aws import SessionRef, StsSession, WebIdentityRequest, session_name_for
-from broker.aws import iam_policy as ip
-from broker.aws.sts import parse_error, parse_session, web_identity_form
+from broker.aws import SessionRef, StsSession, WebIdentityRequest
+from broker.aws.sts import web_identity_form
 from broker.config import load_settings
 from broker.engines import ENGINES
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, ConfigError, UpstreamRejected
 from broker.secret import Secret
+from tests.unit.aws.settingskit import ARN, STS, WEB, settings_with
 
 AWS = ENGINES["aws"]
-ARN = "arn:aws:iam::123456789012:role/broker-web"
 EXPIRES = datetime(2026, 11, 27, 10, 15, 0, tzinfo=UTC)
-STS = {"default_ttl": "15m", "max_ttl": "15m", "on_limit": "refuse"}
 
 
 def role(mode: str, **kw: Any) -> RoleSettings:
@@ -215,54 +213,7 @@ def test_a_session_from_sts_has_the_same_shape():
     assert "sk" not in repr(session) and "tok" not in repr(session)
 
 
-# -- sessions, their names and what termination denies ------------------------------
-
-
-@pytest.mark.parametrize(
-    "instance,expected",
-    [
-        ("i-0123456789abcdef0", "i-0123456789abcdef0"),
-        ("my-project:1234567890", "my-project=1234567890"),
-        ("default/web-7d9c", "default,web-7d9c"),
-        ("run_42.1@ci+x", "run_42.1@ci+x"),
-        ("ab", "ab"),
-        ("x" * 64, "x" * 64),
-    ],
-    ids=["ec2", "gcp-colon", "k8s-slash", "sts-punctuation", "shortest", "longest"],
-)
-def test_session_names_are_instance_ids_mapped_one_to_one(instance, expected):
-    assert session_name_for(instance) == expected
-
-
-@pytest.mark.parametrize(
-    "instance",
-    ["a", "x" * 65, "has=equals", "has,comma", "sp ace", "ünïcode", "new\nline", ""],
-    ids=[
-        "too-short",
-        "too-long",
-        "equals-is-reserved",
-        "comma-is-reserved",
-        "space",
-        "unicode",
-        "newline",
-        "empty",
-    ],
-)
-def test_instance_ids_without_an_unambiguous_session_name_are_refused(instance):
-    with pytest.raises(ValueError):
-        session_name_for(instance)
-
-
-@given(
-    st.text(alphabet="ab:/=,-", min_size=2, max_size=10),
-    st.text(alphabet="ab:/=,-", min_size=2, max_size=10),
-)
-def test_two_instances_never_share_a_session_name(a, b):
-    try:
-        na, nb = session_name_for(a), session_name_for(b)
-    except ValueError:
-        return
-    assert (na == nb) == (a == b)
+# -- the sessions a role names and the token it exchanges ----------------------------
 
 
 def test_session_refs_name_the_role_and_the_instance():
@@ -419,42 +370,7 @@ def test_a_session_name_template_too_long_for_sts_is_refused_per_request():
         AWS.check_caller(settings, {"role_session_name": "app-" + "x" * 61}, {})
 
 
-# -- configuration of the broker's own AWS access ------------------------------------
-
-
-def settings_with(roles: dict[str, Any], **top: Any) -> dict[str, Any]:
-    return {
-        "vault": {
-            "addr": "http://127.0.0.1:8200",
-            "auth": {"method": "token", "token": "t"},
-            **top.pop("vault", {}),
-        },
-        "identity": {
-            "audience": "a",
-            "issuers": [
-                {
-                    "name": "dev",
-                    "issuer": "https://issuer.example",
-                    "jwks_uri": "https://issuer.example/k",
-                    "instance_claim": "iid",
-                    "workload_claim": "wl",
-                }
-            ],
-        },
-        "roles": roles,
-        "admin": {"token_sha256": "0" * 64},
-        **top,
-    }
-
-
-WEB = {
-    "engine": "aws",
-    "mode": "web_identity",
-    "mount": "identity",
-    "vault_role": "aws",
-    "options": {"role_arn": ARN},
-    **STS,
-}
+# -- what an aws role needs of the rest of the configuration -------------------------
 
 
 def test_web_identity_roles_need_the_aws_section_and_entity_aliases():
@@ -469,261 +385,6 @@ def test_web_identity_roles_need_the_aws_section_and_entity_aliases():
     s = load_settings(settings_with({"web": WEB}, aws={}, vault={"entity_alias": "workload"}))
     assert s.aws is not None and s.aws.sts_url == "https://sts.us-east-1.amazonaws.com"
     assert s.aws.credentials.method == "chain"
-
-
-@pytest.mark.parametrize(
-    "aws,line",
-    [
-        ({"sts_endpoint": "http://sts.example.com"}, "aws.sts_endpoint: expected https://"),
-        ({"iam_endpoint": "https://iam.example.com/path"}, "aws.iam_endpoint: expected http(s)"),
-        ({"region": "mars"}, "aws.region: expected an AWS region"),
-        ({"revoked_sessions_policy": "no spaces"}, "aws.revoked_sessions_policy: expected"),
-        (
-            {
-                "credentials": {
-                    "method": "static",
-                    "access_key_id": "short",
-                    "secret_access_key": "s",
-                }
-            },
-            "aws.credentials.static.access_key_id",
-        ),
-        ({"credentials": {"method": "keys"}}, "aws.credentials"),
-    ],
-    ids=[
-        "sts-plain-http-off-loopback",
-        "iam-endpoint-with-path",
-        "region",
-        "policy-name",
-        "access-key-id",
-        "unknown-method",
-    ],
-)
-def test_bad_aws_settings_name_the_key(aws, line):
-    with pytest.raises(ConfigError) as err:
-        load_settings(settings_with({"web": WEB}, aws=aws, vault={"entity_alias": "workload"}))
-    assert line in str(err.value)
-
-
-def test_static_aws_keys_are_secret_in_settings():
-    s = load_settings(
-        settings_with(
-            {"web": WEB},
-            vault={"entity_alias": "workload"},
-            aws={
-                "sts_endpoint": "http://127.0.0.1:5000",
-                "iam_endpoint": "http://127.0.0.1:5000/",
-                "credentials": {
-                    "method": "static",
-                    "access_key_id": "AKIAIOSFODNN7EXAMPLE",
-                    "secret_access_key": "wJalrXUtnFEMI/K7MDENG",
-                },
-            },
-        )
-    )
-    assert s.aws is not None and s.aws.iam_endpoint == "http://127.0.0.1:5000"
-    assert "wJalrXUtnFEMI" not in repr(s)
-
-
-# -- STS's XML ------------------------------------------------------------------------
-
-# AWS's documented AssumeRoleWithWebIdentity answer (STS API reference), trimmed.
-STS_ANSWER = b"""<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
-  <AssumeRoleWithWebIdentityResult>
-    <SubjectFromWebIdentityToken>amzn1.account.AF6RHO7KZU5XRVQJGXK6HB56KR2A</SubjectFromWebIdentityToken>
-    <Audience>client.5498841531868486423.1548@apps.example.com</Audience>
-    <AssumedRoleUser>
-      <Arn>arn:aws:sts::123456789012:assumed-role/FederatedWebIdentityRole/app1</Arn>
-      <AssumedRoleId>AROACLKWSDQRAOEXAMPLE:app1</AssumedRoleId>
-    </AssumedRoleUser>
-    <Credentials>
-      <SessionToken>AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE</SessionToken>
-      <SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>
-      <Expiration>2014-10-24T23:00:23Z</Expiration>
-      <AccessKeyId>ASgeIAIOSFODNN7EXAMPLE</AccessKeyId>
-    </Credentials>
-    <Provider>www.amazon.com</Provider>
-  </AssumeRoleWithWebIdentityResult>
-  <ResponseMetadata><RequestId>ad4156e9-bce1-11e2-82e6-6b6efEXAMPLE</RequestId></ResponseMetadata>
-</AssumeRoleWithWebIdentityResponse>"""
-
-
-def test_the_documented_sts_answer_parses_into_a_session():
-    s = parse_session(STS_ANSWER)
-    assert (
-        s.access_key_id,
-        s.secret_access_key.reveal(),
-        s.session_token.reveal(),
-        s.expiration,
-        s.assumed_role_id,
-        s.arn,
-    ) == (
-        "ASgeIAIOSFODNN7EXAMPLE",
-        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY",
-        "AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE",
-        datetime(2014, 10, 24, 23, 0, 23, tzinfo=UTC),
-        "AROACLKWSDQRAOEXAMPLE:app1",
-        "arn:aws:sts::123456789012:assumed-role/FederatedWebIdentityRole/app1",
-    )
-
-
-STS_ERROR = b"""<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
-  <Error><Type>Sender</Type><Code>InvalidIdentityToken</Code>
-    <Message>Couldn't retrieve verification key from your identity provider</Message></Error>
-  <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId>
-</ErrorResponse>"""
-
-
-@pytest.mark.parametrize(
-    "body,code,retryable",
-    [
-        (STS_ERROR, "InvalidIdentityToken", False),
-        (
-            STS_ERROR.replace(b"InvalidIdentityToken", b"IDPCommunicationError"),
-            "IDPCommunicationError",
-            True,
-        ),
-        (STS_ERROR.replace(b"InvalidIdentityToken", b"<x/>"), "unknown", False),
-        (STS_ERROR.replace(b"InvalidIdentityToken", b"Bad Code; rm -rf"), "unknown", False),
-        (b"<html>502 Bad Gateway</html>", "unknown", False),
-        (b"not xml", "unknown", False),
-    ],
-    ids=["invalid-token", "idp-unreachable", "nested-code", "odd-code", "proxy-page", "garbage"],
-)
-def test_sts_errors_yield_only_a_trusted_code(body, code, retryable):
-    err = parse_error(body)
-    assert (err.code, err.retryable) == (code, retryable)
-
-
-@pytest.mark.parametrize(
-    "body,what",
-    [
-        (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa">]><r>&a;</r>', "carries a DTD"),
-        (b"<r>" + b"x" * (64 * 1024) + b"</r>", "too large"),
-        (b"<AssumeRoleWithWebIdentityResponse><oops", "not XML"),
-        (b"<GetCallerIdentityResponse/>", "not an AssumeRoleWithWebIdentity response"),
-        (
-            STS_ANSWER.replace(
-                b"<SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>", b""
-            ),
-            "SecretAccessKey is missing",
-        ),
-        (STS_ANSWER.replace(b"2014-10-24T23:00:23Z", b"tomorrow"), "Expiration is not"),
-        (STS_ANSWER.replace(b"2014-10-24T23:00:23Z", b"2014-10-24T23:00:23"), "no time zone"),
-        (STS_ANSWER.replace(b"ASgeIAIOSFODNN7EXAMPLE", b"AS<b>x</b>"), "AccessKeyId"),
-        (STS_ANSWER.replace(b"AROACLKWSDQRAOEXAMPLE:app1", b"AROA"), "AssumedRoleId"),
-    ],
-    ids=[
-        "dtd",
-        "oversized",
-        "truncated",
-        "other-action",
-        "no-secret",
-        "bad-expiry",
-        "naive-expiry",
-        "malformed-key-id",
-        "malformed-role-id",
-    ],
-)
-def test_unusable_sts_answers_are_refused_without_echo(body, what):
-    with pytest.raises(UpstreamRejected) as err:
-        parse_session(body)
-    assert err.value.code == "aws_sts_bad_response" and what in str(err.value)
-    assert b"wJalr" not in str(err.value).encode()
-
-
-# -- the IAM deny policy --------------------------------------------------------------
-
-NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
-FOREIGN = {"Sid": "OperatorsOwn", "Effect": "Deny", "Action": "s3:*", "Resource": "*"}
-
-
-def deny(hour: str, userids: list[str], before: str) -> dict[str, Any]:
-    return {
-        "Sid": f"BrokerRevoked{hour}",
-        "Effect": "Deny",
-        "Action": "*",
-        "Resource": "*",
-        "Condition": {
-            "StringEquals": {"aws:userid": userids},
-            "DateLessThan": {"aws:TokenIssueTime": before},
-        },
-    }
-
-
-def test_a_first_deny_creates_the_policy():
-    doc = ip.with_denied(None, "AROA1:i-1", NOW + timedelta(minutes=5), NOW)
-    assert doc == {
-        "Version": "2012-10-17",
-        "Statement": [deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:05:00Z")],
-    }
-    assert ip.denies(doc, "AROA1:i-1", NOW + timedelta(minutes=5))
-    assert not ip.denies(doc, "AROA1:i-1", NOW + timedelta(minutes=6))
-    assert not ip.denies(doc, "AROA1:i-2", NOW)
-
-
-def test_denies_of_one_hour_merge_and_keep_the_latest_time():
-    doc = {
-        "Version": "2012-10-17",
-        "Statement": [FOREIGN, deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:20:00Z")],
-    }
-    out = ip.with_denied(doc, "AROA1:i-0", NOW + timedelta(minutes=10), NOW)
-    assert out["Statement"] == [
-        FOREIGN,
-        deny("2026112710", ["AROA1:i-0", "AROA1:i-1"], "2026-11-27T10:20:00Z"),
-    ]
-    later = ip.with_denied(out, "AROA1:i-2", NOW + timedelta(minutes=30), NOW)
-    assert later["Statement"][1] == deny(
-        "2026112710", ["AROA1:i-0", "AROA1:i-1", "AROA1:i-2"], "2026-11-27T10:30:00Z"
-    )
-    assert doc["Statement"][1]["Condition"]["StringEquals"]["aws:userid"] == ["AROA1:i-1"]
-
-
-def test_a_new_hour_adds_a_statement_and_expired_ones_are_dropped():
-    doc = {
-        "Version": "2012-10-17",
-        "Statement": [
-            deny("2026112621", ["AROA1:old"], "2026-11-26T21:59:00Z"),  # ended 12h15m+ ago
-            deny("2026112622", ["AROA1:recent"], "2026-11-26T22:10:00Z"),
-            FOREIGN,
-        ],
-    }
-    out = ip.with_denied(doc, "AROA1:i-3", NOW + timedelta(hours=1), NOW + timedelta(minutes=20))
-    assert out["Statement"] == [
-        deny("2026112622", ["AROA1:recent"], "2026-11-26T22:10:00Z"),
-        FOREIGN,
-        deny("2026112711", ["AROA1:i-3"], "2026-11-27T11:00:00Z"),
-    ]
-
-
-def test_a_policy_past_iams_size_quota_is_refused():
-    doc = None
-    with pytest.raises(ip.PolicyTooLarge):
-        for i in range(1000):
-            doc = ip.with_denied(doc, f"AROAEXAMPLEEXAMPLE12:i-{i:08d}", NOW, NOW)
-    assert doc is not None and ip.size(doc) <= ip.ROLE_POLICY_MAX_CHARS
-
-
-@pytest.mark.parametrize(
-    "stmt",
-    [
-        {**deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:05:00Z"), "Effect": "Allow"},
-        {**deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:05:00Z"), "Action": "s3:*"},
-        {**deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:05:00Z"), "Sid": "Other"},
-        {
-            **deny("2026112710", ["AROA1:i-1"], "2026-11-27T10:05:00Z"),
-            "Condition": {
-                "StringEquals": {"aws:userid": ["AROA1:i-1"]},
-                "DateLessThan": {"aws:TokenIssueTime": "2026-11-27T10:05:00Z"},
-                "Bool": {"aws:SecureTransport": "true"},
-            },
-        },
-    ],
-    ids=["allow", "narrower-action", "not-ours", "extra-condition"],
-)
-def test_only_an_unconditional_deny_of_ours_counts_as_in_place(stmt):
-    doc = {"Version": "2012-10-17", "Statement": [stmt]}
-    assert not ip.denies(doc, "AROA1:i-1", NOW)
 
 
 @pytest.mark.parametrize(("mode", "revocable"), [
