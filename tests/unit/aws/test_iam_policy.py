@@ -100,4 +100,3 @@ def test_a_policy_past_iams_size_quota_is_refused():
 def test_only_an_unconditional_deny_of_ours_counts_as_in_place(stmt):
     doc = {"Version": "2012-10-17", "Statement": [stmt]}
     assert not ip.denies(doc, "AROA1:i-1", NOW)
-

@@ -55,4 +55,3 @@ def test_two_instances_never_share_a_session_name(a, b):
     except ValueError:
         return
     assert (na == nb) == (a == b)
-

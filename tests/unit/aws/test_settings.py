@@ -62,4 +62,3 @@ def test_static_aws_keys_are_secret_in_settings():
     )
     assert s.aws is not None and s.aws.iam_endpoint == "http://127.0.0.1:5000"
     assert "wJalrXUtnFEMI" not in repr(s)
-

@@ -113,4 +113,3 @@ def test_unusable_sts_answers_are_refused_without_echo(body, what):
         parse_session(body)
     assert err.value.code == "aws_sts_bad_response" and what in str(err.value)
     assert b"wJalr" not in str(err.value).encode()
-
