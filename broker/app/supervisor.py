@@ -100,6 +100,11 @@ class Tick:
         """Return once no run is in progress."""
         await self._idle.wait()
 
+    @property
+    def attached(self) -> bool:
+        """Scheduled, and taking kicks: between ``attach`` and ``detach``."""
+        return self._scheduler is not None
+
     def detach(self) -> None:
         """Stop taking kicks (the scheduler is being shut down)."""
         self._scheduler = None

@@ -13,6 +13,7 @@ import pytest
 
 from broker.app.supervisor import Backoff, Close, Restarting, Supervisor, Tick
 from broker.errors import StoreUnavailable
+from tests.harness.wait import eventually
 
 WAIT_S = 30.0  # only ever reached when a test is broken
 HOUR = 3600.0  # a tick interval that never elapses during a test
@@ -297,8 +298,7 @@ async def test_stopping_lets_a_running_tick_finish() -> None:
     run = asyncio.create_task(Supervisor(tick_stop_s=WAIT_S).run([], [tick], stop))
     await until(running)
     stop.set()
-    for _ in range(50):  # plenty of turns for the supervisor to reach the ticks' stop
-        await asyncio.sleep(0)
+    await eventually(lambda: not tick.attached, "the supervisor reached the ticks' stop")
     assert not run.done()
     release.set()
     await asyncio.wait_for(run, WAIT_S)
@@ -358,17 +358,9 @@ async def test_a_restarting_part_that_returns_unasked_is_restarted_as_a_failure(
 
 async def test_a_part_gets_its_own_stop_budget_before_it_is_cancelled() -> None:
     """A slow part (the HTTP server draining requests in flight) is given its own
-    ``stop_s``, not a budget common to every part."""
-    finished = asyncio.Event()
-
-    class Draining:
-        name = "draining"
-        stop_s = WAIT_S
-
-        async def run(self, stop: asyncio.Event) -> None:
-            await stop.wait()
-            await asyncio.sleep(0.05)  # the drain: longer than a quick part's budget
-            finished.set()
+    ``stop_s``, not a budget common to every part: it is still draining well after a quick
+    part's budget has passed, and finishes when its drain does."""
+    asked, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     class Quick:
         name = "quick"
@@ -377,8 +369,26 @@ async def test_a_part_gets_its_own_stop_budget_before_it_is_cancelled() -> None:
         async def run(self, stop: asyncio.Event) -> None:
             await stop.wait()
 
+    class Draining:
+        name = "draining"
+        stop_s = WAIT_S
+
+        async def run(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+            asked.set()
+            await release.wait()  # the drain: requests still in flight
+            finished.set()
+
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    run = asyncio.create_task(Supervisor().run([Draining(), Quick()], [], stop))
+    run = asyncio.create_task(Supervisor().run([Quick(), Draining()], [], stop))
     stop.set()
+    await until(asked)  # parts stop last first: the draining part is asked first
+    asked_at = loop.time()
+    await eventually(
+        lambda: loop.time() >= asked_at + 10 * Quick.stop_s, "ten quick budgets to pass"
+    )
+    assert not run.done()
+    release.set()
     await asyncio.wait_for(run, WAIT_S)
     assert finished.is_set()
