@@ -37,16 +37,7 @@ from broker.events.receiver import WebhookReceiver
 from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
-from broker.leases import (
-    AdminRecords,
-    Database,
-    IssuanceRecords,
-    ReconcileRecords,
-    ReplayRecords,
-    RevocationJobRecords,
-    SightingRecords,
-    TerminationRecords,
-)
+from broker.leases import Database, Ledgers, TerminationRecords
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.revocation.reconcile import Reconciler
@@ -59,18 +50,6 @@ if TYPE_CHECKING:
     from broker.kubernetes.client import KubernetesClient
 
 
-@dataclass(frozen=True)
-class Ledgers:
-    """One database; each consumer gets only its own ledger on it."""
-
-    database: Database
-    issuance: IssuanceRecords
-    termination: TerminationRecords
-    jobs: RevocationJobRecords
-    reconcile: ReconcileRecords
-    replay: ReplayRecords
-    sightings: SightingRecords
-    admin: AdminRecords
 
 
 @dataclass(frozen=True)
@@ -120,16 +99,7 @@ def assemble(
     opens nothing; its connections open on the first JWKS fetch)."""
     clock = clock or SystemClock()
     database = Database(settings.store)
-    ledgers = Ledgers(
-        database=database,
-        issuance=IssuanceRecords(database, clock),
-        termination=TerminationRecords(database, clock),
-        jobs=RevocationJobRecords(database, clock),
-        reconcile=ReconcileRecords(database, clock),
-        replay=ReplayRecords(database, clock),
-        sightings=SightingRecords(database),
-        admin=AdminRecords(database, clock),
-    )
+    ledgers = Ledgers.on(database, clock)
     vault = VaultClient(settings.vault, clock)
     metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
     tokens = InstanceTokens(vault, ledgers.issuance, clock)

@@ -9,6 +9,7 @@ from broker.leases.database import Database
 from broker.leases.records import (
     AdminRecords,
     IssuanceRecords,
+    Ledgers,
     ReconcileRecords,
     ReplayRecords,
     RevocationJobRecords,
@@ -39,6 +40,7 @@ __all__ = [
     "JobState",
     "JobView",
     "LeaseLimit",
+    "Ledgers",
     "LeaseState",
     "LeaseView",
     "LeasesStillLive",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -441,7 +442,35 @@ class AdminRecords:
             return await admin.counts(conn, now)
 
 
+@dataclass(frozen=True)
+class Ledgers:
+    """Every ledger on one database: the broker hands each consumer only its own."""
+
+    database: Database
+    issuance: IssuanceRecords
+    termination: TerminationRecords
+    jobs: RevocationJobRecords
+    reconcile: ReconcileRecords
+    replay: ReplayRecords
+    sightings: SightingRecords
+    admin: AdminRecords
+
+    @classmethod
+    def on(cls, database: Database, clock: Clock) -> Ledgers:
+        return cls(
+            database=database,
+            issuance=IssuanceRecords(database, clock),
+            termination=TerminationRecords(database, clock),
+            jobs=RevocationJobRecords(database, clock),
+            reconcile=ReconcileRecords(database, clock),
+            replay=ReplayRecords(database, clock),
+            sightings=SightingRecords(database),
+            admin=AdminRecords(database, clock),
+        )
+
+
 __all__ = [
+    "Ledgers",
     "AdminRecords",
     "IssuanceRecords",
     "ReconcileRecords",

@@ -11,19 +11,10 @@ import secrets
 import pytest
 
 from broker.clock import FixedClock
-from broker.leases import (
-    AdminRecords,
-    Database,
-    IssuanceRecords,
-    ReconcileRecords,
-    ReplayRecords,
-    RevocationJobRecords,
-    SightingRecords,
-    TerminationRecords,
-)
+from broker.leases import Database, Ledgers
 from broker.leases.migrations import migrate
 from broker.leases.settings import StoreSettings
-from tests.integration.leases.support import T0, Ledgers
+from tests.integration.leases.support import T0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -42,16 +33,7 @@ async def ledgers(request, pg, workdir):
         db = Database(StoreSettings(url=url))
         await db.start()
         opened.append(db)
-        return Ledgers(
-            database=db,
-            issuance=IssuanceRecords(db, clock),
-            termination=TerminationRecords(db, clock),
-            jobs=RevocationJobRecords(db, clock),
-            reconcile=ReconcileRecords(db, clock),
-            replay=ReplayRecords(db, clock),
-            sightings=SightingRecords(db),
-            admin=AdminRecords(db, clock),
-        )
+        return Ledgers.on(db, clock)
 
     make.clock = clock  # type: ignore[attr-defined]
     yield make

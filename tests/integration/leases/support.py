@@ -3,37 +3,17 @@ and short ways to write a lease."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 
-from broker.leases import (
-    AdminRecords,
-    Database,
-    IssuanceRecords,
-    ReconcileRecords,
-    ReplayRecords,
-    RevocationJobRecords,
-    SightingRecords,
-    TerminationRecords,
-)
+from broker.leases import Ledgers
 from broker.leases import models as m
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class Ledgers:
-    database: Database
-    issuance: IssuanceRecords
-    termination: TerminationRecords
-    jobs: RevocationJobRecords
-    reconcile: ReconcileRecords
-    replay: ReplayRecords
-    sightings: SightingRecords
-    admin: AdminRecords
 
 
 async def audit_events(s: Ledgers, instance_id: str) -> list[dict[str, Any]]:
