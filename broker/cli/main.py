@@ -1,4 +1,4 @@
-"""``broker``: serve, migrate, dev, dev token, hash-admin-token.
+"""``broker``: serve, migrate, dev, dev token, hash-admin-token, agent.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 """
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from broker.config import load_settings_file
+from broker.agent.options import add_arguments as add_agent_arguments
 from broker.durations import parse_duration
 from broker.errors import BrokerError, ConfigError
 
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         help="read an admin token on stdin, print the SHA-256 for admin.token_sha256",
     )
     h.set_defaults()
+
+    a = sub.add_parser("agent", help="keep a pod's credentials as files (the injected sidecar)")
+    add_agent_arguments(a)
     return p
 
 
@@ -76,6 +79,7 @@ def _run_until_signal(coro_fn: Callable[[asyncio.Event], Awaitable[None]]) -> No
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.app import Broker, assemble
+    from broker.config import load_settings_file
     from broker.logs import configure_logging
 
     settings = load_settings_file(args.config)
@@ -89,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from broker.config import load_settings_file
     from broker.leases.migrations import migrate
 
     url = load_settings_file(args.config).store.url if args.config else args.store_url
@@ -140,6 +145,15 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    # Imported here, and broker.config nowhere on this path: the agent runs in a pod
+    # with a small memory limit and loads only what it uses.
+    from broker.agent.agent import main as run_agent
+    from broker.agent.options import config_from
+
+    return run_agent(config_from(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_token(args) if args.dev_command == "token" else cmd_dev(args)
         if args.command == "hash-admin-token":
             return cmd_hash(args)
+        if args.command == "agent":
+            return cmd_agent(args)
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
