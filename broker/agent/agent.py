@@ -78,6 +78,11 @@ def issued_lease(body: dict[str, Any], now: datetime) -> tuple[Lease, Issued]:
     return lease, Issued(kind, data, expires_at)
 
 
+def _own_failure(code: str, problem: str) -> Answer:
+    """A failure of the agent's own, shown like the broker's (code in /ready and logs)."""
+    return Answer(None, {"error": {"code": code}}, problem=problem)
+
+
 @dataclass
 class Shared:
     """What every keeper reads and changes: one event loop, so no lock is needed as long
@@ -92,7 +97,13 @@ class Shared:
     jitter: Callable[[], float] = random.random
 
     def save(self) -> None:
-        state.save(self.config.state_path, self.state)
+        try:
+            state.save(self.config.state_path, self.state)
+        except OSError as exc:  # the files are right; only a restart would issue again
+            log.warning(
+                "cannot write the state file",
+                extra={"path": str(self.config.state_path), "reason": exc.strerror},
+            )
 
     def retire(self, lease: Lease, now: datetime) -> None:
         if not lease.leased or lease.expires_at <= now:
@@ -130,7 +141,15 @@ class Keeper:
                     await asyncio.wait_for(stop.wait(), delay)
                 if stop.is_set():
                     break
-            due, done = await (self.issue() if due.step is Step.ISSUE else self.renew())
+            try:
+                due, done = await (self.issue() if due.step is Step.ISSUE else self.renew())
+            except Exception:  # a bug must not end this credential's upkeep, or the agent
+                log.exception(
+                    "unexpected failure; trying again", extra={"credential": self.spec.name}
+                )
+                due, done = self._failed(
+                    due.step, Outcome.UNAVAILABLE, _own_failure("agent_error", "unexpected failure")
+                )
             if once and done is not None:
                 return done
         return False
@@ -181,11 +200,20 @@ class Keeper:
                 extra={"credential": spec.name, "role": spec.role, "reason": str(exc)},
             )
             await self.s.client.release(lease.lease_id)
-            return self._failed(
-                Step.ISSUE, Outcome.REFUSED, Answer(None, {"error": {"code": "format_mismatch"}})
-            )
+            failure = _own_failure("format_mismatch", "the format does not fit the credential")
+            return self._failed(Step.ISSUE, Outcome.REFUSED, failure)
         replaced = files.existing(self.s.config.directory, written)
-        files.write_all(self.s.config.directory, written, spec.perms)
+        try:
+            files.write_all(self.s.config.directory, written, spec.perms)
+        except OSError as exc:
+            # Not kept: a credential no file holds is given back at once, not leaked.
+            log.error(
+                "cannot write the credential's files; giving it back",
+                extra={"credential": spec.name, "reason": exc.strerror},
+            )
+            await self.s.client.release(lease.lease_id)
+            failure = _own_failure("write_failed", "cannot write the files")
+            return self._failed(Step.ISSUE, Outcome.UNAVAILABLE, failure)
         old = self.entry.lease if self.entry else None
         entry = Entry(
             spec.role, spec.digest(), tuple(sorted(written)), lease, param if spec.keygen else None
@@ -212,6 +240,12 @@ class Keeper:
         return plan.next_due(lease), True
 
     async def _announce(self) -> None:
+        try:
+            await self._run_hooks()
+        except Exception:  # the credential is written and recorded: never issue it again
+            log.exception("rotation hook failed", extra={"credential": self.spec.name})
+
+    async def _run_hooks(self) -> None:
         spec = self.spec
         if spec.command:
             code = await hooks.run_command(spec.command, self.s.config.directory)
@@ -226,7 +260,7 @@ class Keeper:
                 extra={
                     "credential": spec.name,
                     "signal": spec.signal.signal,
-                    "process": spec.signal.process,
+                    "process_name": spec.signal.process,
                     "processes": sent,
                 },
             )
