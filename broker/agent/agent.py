@@ -23,15 +23,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from broker.agent import files, hooks, keys, plan, state
+from broker.agent import answers, files, hooks, keys, plan, state
+from broker.agent.answers import AnswerUnreadable
 from broker.agent.client import Answer, BrokerClient
 from broker.agent.options import AgentConfig
 from broker.agent.plan import CredentialStatus, Due, Outcome, Status, Step
 from broker.agent.ready import ready_app, serve
-from broker.agent.render import GeneratedKey, Issued, RenderError, render
+from broker.agent.render import GeneratedKey, RenderError, render
 from broker.agent.spec import CredentialSpec
 from broker.agent.state import AgentState, Entry, Lease, Retired
 from broker.clock import Clock, SystemClock
+from broker.errors import ConfigError
 
 log = logging.getLogger("broker.agent")
 
@@ -41,41 +43,6 @@ class BrokerApi(Protocol):
     async def renew(self, lease_id: str) -> Answer: ...
     async def release(self, lease_id: str) -> Answer: ...
     async def terminate(self) -> Answer: ...
-
-
-class AnswerUnreadable(ValueError):
-    pass
-
-
-def _time(body: dict[str, Any], key: str) -> datetime:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise AnswerUnreadable(f"no {key}")
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise AnswerUnreadable(f"{key} is not a time") from None
-    if dt.tzinfo is None:
-        raise AnswerUnreadable(f"{key} has no time zone")
-    return dt
-
-
-def issued_lease(body: dict[str, Any], now: datetime) -> tuple[Lease, Issued]:
-    lease_id, kind, data = body.get("lease_id"), body.get("kind"), body.get("data")
-    if not isinstance(lease_id, str) or not state.LEASE_ID.match(lease_id):
-        raise AnswerUnreadable("no lease_id")
-    if not isinstance(kind, str) or not isinstance(data, dict):
-        raise AnswerUnreadable("no kind or data")
-    expires_at = _time(body, "expires_at")
-    lease = Lease(
-        lease_id=lease_id,
-        leased=bool(body.get("leased", True)),
-        renewable=bool(body.get("renewable", False)),
-        issued_at=_time(body, "issued_at"),
-        expires_at=expires_at,
-        seen_at=now,
-    )
-    return lease, Issued(kind, data, expires_at)
 
 
 def _own_failure(code: str, problem: str) -> Answer:
@@ -185,7 +152,7 @@ class Keeper:
                 Step.ISSUE, Outcome.REFUSED if outcome is Outcome.OTHER_KEY else outcome, answer
             )
         try:
-            lease, issued = issued_lease(answer.body, now)
+            lease, issued = answers.issued(answer.body, now)
         except AnswerUnreadable as exc:
             return self._failed(
                 Step.ISSUE,
@@ -287,24 +254,21 @@ class Keeper:
                 return Due(Step.ISSUE, now), None
             return self._failed(Step.RENEW, outcome, answer)
         try:
-            lease = plan.renewed(
-                entry.lease,
-                now=now,
-                expires_at=_time(answer.body, "expires_at"),
-                renewable=bool(answer.body.get("renewable", False)),
-                max_expires_at=(
-                    _time(answer.body, "max_expires_at")
-                    if answer.body.get("max_expires_at")
-                    else None
-                ),
-                near_max_ttl=bool(answer.body.get("near_max_ttl", False)),
-            )
+            got = answers.renewal(answer.body)
         except AnswerUnreadable as exc:
             return self._failed(
                 Step.RENEW,
                 Outcome.UNAVAILABLE,
                 Answer(answer.status, problem=f"unreadable answer: {exc}"),
             )
+        lease = plan.renewed(
+            entry.lease,
+            now=now,
+            expires_at=got.expires_at,
+            renewable=got.renewable,
+            max_expires_at=got.max_expires_at,
+            near_max_ttl=got.near_max_ttl,
+        )
         self.s.state = self.s.state.with_entry(
             self.spec.name, Entry(entry.role, entry.digest, entry.files, lease, entry.key_param)
         )
@@ -403,7 +367,11 @@ class Agent:
         runner = None
         if self.config.ready_listen:
             app = ready_app(lambda: self.shared.statuses, self.shared.clock.now)
-            runner = await serve(app, self.config.ready_listen)
+            host, port = self.config.ready_listen
+            try:
+                runner = await serve(app, self.config.ready_listen)
+            except OSError as exc:
+                raise ConfigError(f"--ready-listen {host}:{port}: {exc.strerror}") from None
         halt = asyncio.Event()  # stops the keepers: on ``stop``, or when --once is done
         keepers: dict[str, asyncio.Task[bool]] = {}
         for spec in self.config.credentials:
@@ -414,23 +382,37 @@ class Agent:
         releaser = asyncio.create_task(self._release_retired(halt))
         try:
             if self.config.once:
-                return await self._until_written(keepers, stop, halt)
-            await stop.wait()
+                written = await self._until_written(keepers, stop, halt)
+                if written or not stop.is_set():
+                    return 0 if written else 1
+            else:
+                await stop.wait()
+            # SIGTERM/SIGINT: a call in flight may finish briefly, then everything is given
+            # back per --on-exit, all within --exit-timeout.
+            deadline = asyncio.get_running_loop().time() + self.config.exit_timeout_s
             halt.set()
-            await asyncio.gather(*keepers.values(), return_exceptions=True)
-            await self._give_back()
-            return 0
+            if keepers:
+                await asyncio.wait(
+                    keepers.values(), timeout=min(5.0, self.config.exit_timeout_s / 4)
+                )
+            for keeper_task in keepers.values():
+                keeper_task.cancel()
+            await self._give_back(deadline - asyncio.get_running_loop().time())
+            return 1 if self.config.once else 0  # --once interrupted: not everything written
         finally:
             halt.set()
-            for task in (*keepers.values(), releaser):
-                task.cancel()
+            releaser.cancel()
+            for keeper_task in keepers.values():
+                keeper_task.cancel()
             await asyncio.gather(*keepers.values(), releaser, return_exceptions=True)
             if runner is not None:
                 await runner.cleanup()
 
     async def _until_written(
         self, keepers: dict[str, asyncio.Task[bool]], stop: asyncio.Event, halt: asyncio.Event
-    ) -> int:
+    ) -> bool:
+        """--once: True once every credential is written; False when one is refused or
+        a signal comes first."""
         stopped = asyncio.create_task(stop.wait())
         pending: set[asyncio.Future[Any]] = {*keepers.values(), stopped}
         try:
@@ -442,8 +424,8 @@ class Agent:
                     why = "refused" if failed else "interrupted before it was written"
                     for name in failed or [n for n, t in keepers.items() if not t.done()]:
                         log.error(f"--once: credential {why}", extra={"credential": name})
-                    return 1
-            return 0
+                    return False
+            return True
         finally:
             stopped.cancel()
 
@@ -489,14 +471,14 @@ class Agent:
             for w in waiters:
                 w.cancel()
 
-    async def _give_back(self) -> None:
-        """Per ``--on-exit``, within ``--exit-timeout``."""
+    async def _give_back(self, within: float) -> None:
+        """Per ``--on-exit``, within ``within`` seconds."""
         on_exit, s = self.config.on_exit, self.shared
         if on_exit == "keep":
             log.info("exiting; leases kept (on-exit keep)")
             return
         try:
-            async with asyncio.timeout(self.config.exit_timeout_s):
+            async with asyncio.timeout(max(within, 0.1)):
                 if on_exit == "terminate":
                     answer = await s.client.terminate()
                     if answer.ok or answer.code == "instance_terminated":

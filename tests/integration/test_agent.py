@@ -453,3 +453,21 @@ async def test_broker_unavailable_keeps_the_files_and_retries(b, pod):
     finally:
         await proxy.stop()
 
+
+async def test_once_waits_out_an_unavailable_broker_and_stops_on_sigterm(b, pod):
+    host, port = b.url.removeprefix("http://").rsplit(":", 1)
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    proxy.cut()
+    try:
+        agent = await AgentProcess.start(pod, proxy.url, ["db=agent-db"], "--once",
+                                         "--on-exit", "keep")
+        await eventually(lambda: agent.log_text().count("the broker is unavailable") >= 2,
+                         "two attempts logged")
+        assert agent.proc.returncode is None  # still trying: an init container waits
+        assert await agent.stop() == 1
+        assert "--once: credential interrupted before it was written" in agent.log_text()
+        assert not (pod.directory / "db").exists() and not _leases(b, pod, None)
+    finally:
+        await proxy.stop()
+
