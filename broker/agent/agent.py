@@ -221,16 +221,21 @@ class Keeper:
                 extra={"credential": spec.name, "program": spec.command[0], "exit_code": code},
             )
         if spec.signal:
-            sent = hooks.send_signal(spec.signal.number, spec.signal.process)
-            log.info(
-                "rotation signal sent",
-                extra={
-                    "credential": spec.name,
-                    "signal": spec.signal.signal,
-                    "process_name": spec.signal.process,
-                    "processes": sent,
-                },
-            )
+            sent, denied = hooks.send_signal(spec.signal.number, spec.signal.process)
+            extra = {
+                "credential": spec.name,
+                "signal": spec.signal.signal,
+                "process_name": spec.signal.process,
+                "processes": sent,
+            }
+            if denied or not sent:
+                log.warning(
+                    "rotation signal reached no process or not all of them: the app's "
+                    "containers need shareProcessNamespace and the agent's user",
+                    extra={**extra, "not_permitted": denied},
+                )
+            else:
+                log.info("rotation signal sent", extra=extra)
 
     # -- renew ---------------------------------------------------------------------------
 

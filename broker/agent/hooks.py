@@ -66,13 +66,17 @@ def processes_named(name: str, proc: Path = Path("/proc")) -> list[int]:
     return sorted(found)
 
 
-def send_signal(signal_number: int, name: str, proc: Path = Path("/proc")) -> int:
-    """Send the signal to every process named ``name``; how many received it."""
-    sent = 0
+def send_signal(signal_number: int, name: str, proc: Path = Path("/proc")) -> tuple[int, int]:
+    """Send the signal to every process named ``name``: (how many received it, how many
+    could not be signalled). Without capabilities (the agent drops them all) a process
+    can signal only processes of its own user: the app must run as the agent's user."""
+    sent = denied = 0
     for pid in processes_named(name, proc):
         try:
             os.kill(pid, signal_number)
             sent += 1
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
             continue
-    return sent
+        except PermissionError:
+            denied += 1
+    return sent, denied

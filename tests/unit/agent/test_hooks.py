@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,14 +53,14 @@ async def test_signal_reaches_processes_of_that_name_only(tmp_path: Path) -> Non
                 break
             await asyncio.sleep(0.05)
         assert sorted(await named()) == sorted(p.pid for p in procs)
-        assert hooks.send_signal(signal.SIGHUP, name) == 2
+        assert hooks.send_signal(signal.SIGHUP, name) == (2, 0)
         for _ in range(200):
             if all(m.exists() for m in marks):
                 break
             await asyncio.sleep(0.05)
         assert [m.read_text() for m in marks] == ["hup\n", "hup\n"]
         assert other.poll() is None
-        assert hooks.send_signal(signal.SIGHUP, "no-such-proc") == 0
+        assert hooks.send_signal(signal.SIGHUP, "no-such-proc") == (0, 0)
     finally:
         for p in (*procs, other):
             p.kill()
@@ -72,3 +74,42 @@ def test_processes_named_reads_comm(tmp_path: Path) -> None:
         (tmp_path / pid / "comm").write_text(comm)
     (tmp_path / "15").mkdir()  # a process that went away: no comm
     assert hooks.processes_named("nginx", tmp_path) == [12, 14]
+
+
+def test_a_process_of_another_user_is_counted_not_signalled(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        # Signal 0 only asks whether a signal would be allowed: pid 1 is not ours.
+        (tmp_path / "1").mkdir()
+        (tmp_path / "1" / "comm").write_text("init\n")
+        assert hooks.send_signal(0, "init", tmp_path) == (0, 1)
+        return
+    # As root: a process of one user, signalled from a child running as another.
+    name = f"oth-{os.getpid() % 100000}"[:15]
+    directory = Path(tempfile.mkdtemp(prefix="agent-hooks-"))
+    directory.chmod(0o755)
+    script = directory / name
+    script.write_text("#!/bin/sh\nwhile :; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    other = subprocess.Popen([str(script)], user=65534, cwd="/")
+    try:
+        deadline = time.monotonic() + 30
+        while hooks.processes_named(name) != [other.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = os.fork()
+        if pid == 0:  # a child that drops to yet another user, as the agent runs
+            try:
+                os.setgroups([])
+                os.setgid(65533)
+                os.setuid(65533)
+                os._exit(10 + sum(hooks.send_signal(signal.SIGTERM, name)[i] * (i * 2 + 1)
+                                  for i in (0, 1)))
+            except BaseException:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 10 + 3  # 0 sent, 1 not permitted
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        shutil.rmtree(directory)
+
