@@ -75,12 +75,6 @@ class CredentialSpec:
     command: tuple[str, ...] | None = None
     template: str | None = field(default=None, repr=False)
 
-    @property
-    def key_file(self) -> str | None:
-        """Where a generated private key goes (``keygen``); for ``pem`` the same file as
-        a key Vault made."""
-        return f"{self.name}.key" if self.keygen or self.format == "pem" else None
-
     def files(self) -> tuple[str, ...]:
         """Every file this credential may write in the directory, relative names.
 

@@ -9,13 +9,14 @@ import asyncio
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -104,6 +105,29 @@ def _die_with_parent() -> None:
         pass
 
 
+_NAMED_APP = """
+import ctypes, signal, sys
+ctypes.CDLL("libc.so.6").prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: its comm
+def hup(*_):
+    with open(sys.argv[2], "a") as f:
+        f.write("hup\\n")
+signal.signal(signal.SIGHUP, hup)
+print("up", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def named_app(name: str, marker: Path) -> subprocess.Popen[bytes]:
+    """An app whose ``/proc/PID/comm`` is ``name`` (at most 15 characters) and that
+    appends ``hup`` to ``marker`` on each SIGHUP; it never forks, so exactly one process
+    has the name. Returns once the handler is in place."""
+    proc = subprocess.Popen([sys.executable, "-c", _NAMED_APP, name, str(marker)],
+                            stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    return proc
+
+
 def agent_args(pod: Pod, broker_url: str, credentials: Iterable[str],
                *extra: str) -> list[str]:
     args = [sys.executable, "-m", "broker.cli.main", "agent", "--broker-url", broker_url,
@@ -114,7 +138,10 @@ def agent_args(pod: Pod, broker_url: str, credentials: Iterable[str],
 
 
 class AgentProcess:
-    """``broker agent`` running for a pod, its log in a file, its probe on a free port."""
+    """``broker agent`` running for a pod, its log in a file, its probe on a free port.
+    ``kill_all`` ends every agent a test left running (a test that failed half-way)."""
+
+    started: ClassVar[list[AgentProcess]] = []
 
     def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int,
                  started: float) -> None:
@@ -135,7 +162,14 @@ class AgentProcess:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 preexec_fn=_die_with_parent)
-        return cls(proc, log, port, started)
+        agent = cls(proc, log, port, started)
+        cls.started.append(agent)
+        return agent
+
+    @classmethod
+    async def kill_all(cls) -> None:
+        while cls.started:
+            await cls.started.pop().kill()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

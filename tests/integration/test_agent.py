@@ -27,7 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.harness.agent import AgentProcess, Pod, kubernetes_broker, run_once
+from tests.harness.agent import AgentProcess, Pod, kubernetes_broker, named_app, run_once
 from tests.harness.databases import PostgresTarget, postgres_target
 from tests.harness.pgauth import scram_password_matches
 from tests.harness.pki import (
@@ -94,6 +94,12 @@ async def b(make_broker, database, pki, ssh):
 @pytest.fixture
 def pod(issuer, tmp_path: Path) -> Pod:
     return Pod(issuer, tmp_path)
+
+
+@pytest.fixture(autouse=True)
+async def no_agent_left():
+    yield
+    await AgentProcess.kill_all()
 
 
 def _rss_kib(pid: int) -> int:
@@ -288,13 +294,18 @@ async def test_renewal_moves_expiry_and_reissue_before_max_ttl_runs_the_command(
     marker, hups = tmp_path / "rotations", tmp_path / "hups"
     command = json.dumps(["sh", "-c", f'echo rotated >> "{marker}"'])
     # The app: a process with a name of its own (its /proc/PID/comm), reloading on SIGHUP.
-    app = tmp_path / f"app{uuid.uuid4().hex[:8]}"
-    app.write_text(f"#!/bin/sh\ntrap 'echo hup >> \"{hups}\"' HUP\n"
-                   "while :; do sleep 0.05; done\n")
-    app.chmod(0o755)
-    app_proc = subprocess.Popen([str(app)])
+    app_name = f"app{uuid.uuid4().hex[:8]}"
+    app_proc = named_app(app_name, hups)
+    try:
+        await _rotate(b, pod, database, vault, marker, hups, app_name, command)
+    finally:
+        app_proc.kill()
+        app_proc.wait()
+
+
+async def _rotate(b, pod, database, vault, marker, hups, app_name, command) -> None:
     agent = await AgentProcess.start(
-        pod, b.url, [f"db=agent-db-short,format=pgpass,signal=SIGHUP:{app.name},"
+        pod, b.url, [f"db=agent-db-short,format=pgpass,signal=SIGHUP:{app_name},"
                      f"command={command}"], "--on-exit", "release")
     print(f"\nagent start -> ready (1 credential): {await agent.wait_ready():.2f}s")
     [first] = _leases(b, pod)
@@ -314,8 +325,6 @@ async def test_renewal_moves_expiry_and_reissue_before_max_ttl_runs_the_command(
                      60, 0.2)
     assert marker.read_text() == "rotated\n"
     await eventually(hups.exists, "the app got SIGHUP")
-    app_proc.kill()
-    app_proc.wait()
     assert hups.read_text() == "hup\n"
     await eventually(lambda: '"processes": 1' in agent.log_text(), "the signal logged")
     user, password = _pgpass(pod.directory / "db")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from broker.agent import hooks
+from tests.harness.agent import named_app
 
 
 async def test_command_runs_as_an_exec_array(tmp_path: Path) -> None:
@@ -37,22 +38,11 @@ async def test_command_past_its_time_is_killed_with_its_children(tmp_path: Path)
 
 async def test_signal_reaches_processes_of_that_name_only(tmp_path: Path) -> None:
     name = f"rot-{os.getpid() % 100000}"[:15]
-    script = tmp_path / name
-    script.write_text("#!/bin/sh\ntrap 'echo hup >> \"$1\"' HUP\n"
-                      "while :; do sleep 0.05; done\n")
-    script.chmod(0o755)
     marks = [tmp_path / "one", tmp_path / "two"]
-    procs = [subprocess.Popen([str(script), str(m)]) for m in marks]
+    procs = [named_app(name, m) for m in marks]
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        async def named() -> list[int]:
-            return hooks.processes_named(name)
-
-        for _ in range(200):
-            if sorted(await named()) == sorted(p.pid for p in procs):
-                break
-            await asyncio.sleep(0.05)
-        assert sorted(await named()) == sorted(p.pid for p in procs)
+        assert hooks.processes_named(name) == sorted(p.pid for p in procs)
         assert hooks.send_signal(signal.SIGHUP, name) == (2, 0)
         for _ in range(200):
             if all(m.exists() for m in marks):
