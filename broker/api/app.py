@@ -36,6 +36,7 @@ ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
+MAX_REASON = 200
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,29 @@ async def release_lease(request: web.Request) -> web.Response:
     identity = await identity_of(request)
     await credentials.release(identity, _lease_id(request))
     return web.Response(status=204)
+
+
+def _reason(body: dict[str, Any]) -> str | None:
+    reason = body.get("reason")
+    if reason is None or reason == "":
+        return None
+    if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
+        raise BadRequest(
+            f"'reason' must be printable text of at most {MAX_REASON} characters",
+            code="invalid_reason",
+        )
+    return reason
+
+
+async def terminate_self(request: web.Request) -> web.Response:
+    """The caller's own instance, named by its token (never by the request), ends."""
+    credentials = request.app[API].credentials
+    identity = await identity_of(request)
+    reason = _reason(await _json_object(request, {"reason"}))
+    job = await credentials.terminate_self(identity, reason)
+    return web.json_response(
+        {"instance_id": identity.instance_id, "job": job_public(job)}, status=202
+    )
 
 
 # -- admin endpoints ---------------------------------------------------------------------
@@ -370,6 +394,8 @@ def build_app(
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
+    # Before the admin route, whose {instance_id} would match "self".
+    r.add_post("/v1/instances/self/terminate", terminate_self)
     r.add_post("/v1/instances/{instance_id}/terminate", terminate_instance)
     r.add_get("/v1/instances/{instance_id}", show_instance)
     r.add_get("/v1/admin/leases", list_leases)

@@ -191,6 +191,49 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/instances/self/terminate": {
+                "post": {
+                    "summary": "End the caller's own instance, the one its identity token "
+                    "names (never one the request names): tombstone and revocation job, as "
+                    "the admin terminate; idempotent. Where the token's issuer uses replay "
+                    "protection, the call uses up the token's jti",
+                    "security": _WORKLOAD,
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "reason": {
+                                            "type": "string",
+                                            "maxLength": 200,
+                                            "description": "printable; kept in the audit event",
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _ok(
+                            "revocation job queued (or the one already queued)",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "instance_id": {"type": "string"},
+                                    "job": {"$ref": "#/components/schemas/Job"},
+                                },
+                            },
+                        ),
+                        "400": _err("malformed body, unknown field or bad reason"),
+                        "403": _err("the instance id belongs to another issuer or workload"),
+                        "413": _err("request too large"),
+                        **_COMMON,
+                    },
+                }
+            },
             "/v1/instances/{instance_id}/terminate": {
                 "post": {
                     "summary": "Revoke everything an instance holds and tombstone it (idempotent)",

@@ -13,7 +13,8 @@ from broker.revocation.reconcile import ReconcileReport
 
 
 class Credentials(Protocol):
-    """Workload endpoints: issue, renew and release, for a verified identity."""
+    """Workload endpoints: issue, renew and release, and end the caller's own instance,
+    for a verified identity."""
 
     async def issue(
         self, identity: Identity, role: str, ttl: int | None, params: dict[str, Any]
@@ -22,6 +23,8 @@ class Credentials(Protocol):
     async def renew(self, identity: Identity, lease_id: str, ttl: int | None) -> dict[str, Any]: ...
 
     async def release(self, identity: Identity, lease_id: str) -> None: ...
+
+    async def terminate_self(self, identity: Identity, reason: str | None) -> JobView: ...
 
 
 class Admin(Protocol):
