@@ -37,6 +37,7 @@ LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
 MAX_REASON = 200
+MAX_PREVIEW_ROLES = 32
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,39 @@ async def explain_policy(request: web.Request) -> web.Response:
     return web.json_response(await request.app[API].admin.explain(token, role, ttl))
 
 
+def _preview_roles(body: dict[str, Any]) -> list[str]:
+    roles = body.get("roles")
+    if (
+        not isinstance(roles, list)
+        or not 1 <= len(roles) <= MAX_PREVIEW_ROLES
+        or not all(isinstance(r, str) and ROLE_PATTERN.match(r) for r in roles)
+    ):
+        raise BadRequest(
+            f"'roles' is required: a list of 1 to {MAX_PREVIEW_ROLES} role names",
+            code="invalid_role",
+        )
+    return roles
+
+
+async def preview_policy(request: web.Request) -> web.Response:
+    """Whether a token carrying these claims would get each role (``Admin.preview``)."""
+    require_admin(request)
+    body = await _json_object(request, {"issuer", "claims", "roles", "ttl"})
+    issuer, claims = body.get("issuer"), body.get("claims")
+    if not isinstance(issuer, str) or not issuer:
+        raise BadRequest(
+            "'issuer' is required: the name of an issuer configured on this broker",
+            code="invalid_issuer",
+        )
+    if not isinstance(claims, dict):
+        raise BadRequest(
+            "'claims' is required: a JSON object of the claims a token would carry",
+            code="invalid_claims",
+        )
+    roles, ttl = _preview_roles(body), _ttl(body)
+    return web.json_response(request.app[API].admin.preview(issuer, claims, roles, ttl))
+
+
 async def retry_job(request: web.Request) -> web.Response:
     require_admin(request)
     job_id = request.match_info["job_id"]
@@ -404,6 +438,7 @@ def build_app(
     r.add_post("/v1/admin/reconcile", reconcile)
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
+    r.add_post("/v1/admin/policy/preview", preview_policy)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)

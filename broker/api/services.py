@@ -4,6 +4,7 @@ them, encodes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.identity import Identity
@@ -54,6 +55,10 @@ class Admin(Protocol):
     async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport: ...
 
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]: ...
+
+    def preview(
+        self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
+    ) -> dict[str, Any]: ...
 
 
 class EventReceiver(Protocol):
