@@ -95,6 +95,8 @@ async def _json_object(request: web.Request, allowed: set[str] | None) -> dict[s
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+    except RecursionError:  # '[[[[…' within the size limit: refused, not a 500
+        raise BadRequest("the request body is nested too deeply", code="malformed_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="malformed_json")
     if allowed is not None and set(body) - allowed:

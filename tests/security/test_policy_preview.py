@@ -123,3 +123,18 @@ async def test_a_bad_request_is_refused_with_its_code_and_records_nothing(broker
     assert status == 200 and len(answer["roles"]) == 32
     assert everything(b, vault) == before
 
+
+async def test_a_body_nested_too_deeply_is_malformed_not_a_crash(broker, http, vault):
+    """Python's JSON parser gives up on deep nesting well within the body size limit: the
+    request is refused as malformed, on every endpoint that reads a JSON body."""
+    b = broker
+    deep = b'{"claims": ' + b"[" * 50_000 + b"}"
+    before = everything(b, vault)
+    for path, headers in ((PREVIEW, b.admin()),
+                          ("/v1/credentials", bearer(b.token("i-pv-deep"))),
+                          ("/v1/instances/self/terminate", bearer(b.token("i-pv-deep")))):
+        async with http.post(f"{b.url}{path}", data=deep, headers=headers) as resp:
+            answer = await resp.json()
+        assert (resp.status, answer["error"]) == (400, {
+            "code": "malformed_json", "message": "the request body is nested too deeply"}), path
+    assert everything(b, vault) == before
