@@ -36,11 +36,13 @@ def everything(b: Any, vault: Any) -> tuple[dict[str, list[str]], dict[str, Any]
 
 
 def can_log_in(pg: Any, user: str, password: str) -> bool:
+    """Whether the login connects and runs a query. A login racing the role's removal
+    may connect and then fail ('invalid role OID'): that is not logging in either."""
     try:
         with psycopg.connect(pg.url("postgres", user=user), password=password,
                              connect_timeout=5) as conn:
             return conn.execute("SELECT current_user").fetchone()[0] == user
-    except psycopg.OperationalError:
+    except psycopg.Error:
         return False
 
 
