@@ -40,9 +40,13 @@ CREDENTIAL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 ROLE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 CONTAINER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PERMS = re.compile(r"^0[0-7]{3}\Z")
-_SIGNAL = re.compile(r"^(?P<signal>SIG[A-Z0-9]{1,10}):(?P<process>[A-Za-z0-9._+-]{1,15})\Z")
+# The process name is what /proc/PID/comm holds: at most 15 bytes, cut by the kernel.
+_SIGNAL = re.compile(r"^(?P<signal>SIG[A-Z0-9]{1,10}):(?P<process>[^\s/:\x00]{1,15})\Z")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_COMMON_NAME = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*\Z")
+_COMMON_NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
+MAX_COMMON_NAME = 64  # X.509's upper bound for a CN
+# Formats that can carry a certificate next to a key the agent generates.
+KEYGEN_FORMATS = ("json", "pem", "template")
 
 # Per-credential annotation prefixes → the ``CredentialSpec`` field each sets.
 OPTION_FIELDS = {
@@ -92,6 +96,15 @@ class InjectionSpec:
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(sorted({c.role for c in self.credentials}))
+
+
+def files_of(name: str, format: str, keygen: bool) -> tuple[str, ...]:
+    """The files the agent writes for a credential (as ``broker agent`` names them)."""
+    if format == "pem":
+        return (f"{name}.crt", f"{name}.key", f"{name}-ca.crt")
+    if keygen:
+        return (name, f"{name}.key", f"{name}.key-cert.pub")
+    return (name,)
 
 
 class _Problem(str):
@@ -239,7 +252,7 @@ class _Reader:
             if is_template and "template" not in options:
                 self.problems.append(
                     f"{PREFIX}template-{name}: required with {PREFIX}format-{name}: template "
-                    "(a template over the response's data, like ${{username}})"
+                    "(a template over the response's data, like ${username})"
                 )
             if not is_template and "template" in options:
                 self.problems.append(
@@ -250,6 +263,27 @@ class _Reader:
                     f"{PREFIX}common-name-{name}: only with {PREFIX}keygen-{name} (the CSR "
                     "the agent signs with the key it generates carries the name)"
                 )
+            if "keygen" in options and options.get("format", "json") not in KEYGEN_FORMATS:
+                self.problems.append(
+                    f"{PREFIX}keygen-{name}: a generated key goes with a certificate: "
+                    f"{PREFIX}format-{name} must be {', '.join(KEYGEN_FORMATS)}"
+                )
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Two credentials must not write the same file (``a`` in pem writes ``a-ca.crt``,
+        which is also the certificate of a credential ``a-ca`` in pem)."""
+        written: dict[str, str] = {}
+        for name in sorted(self.roles):
+            options = self.options.get(name, {})
+            for file in files_of(name, str(options.get("format", "json")), "keygen" in options):
+                other = written.setdefault(file, name)
+                if other != name:
+                    self.problems.append(
+                        f"{PREFIX}credential-{name}: it writes {file}, which credential "
+                        f"{other} writes too (pem writes NAME.crt, NAME.key and NAME-ca.crt; "
+                        "keygen adds NAME.key and NAME.key-cert.pub); rename one"
+                    )
 
     def _check_resources(self) -> None:
         for kind in ("cpu", "memory"):
@@ -313,8 +347,10 @@ def _credential_option(
         if value not in KEYGENS:
             return _expect(key, " | ".join(KEYGENS), value)
         return value
-    if len(value) > 253 or not _COMMON_NAME.match(value):
-        return _expect(key, "a DNS name like api.example.com (or *.example.com)", value)
+    if len(value) > MAX_COMMON_NAME or not _COMMON_NAME.match(value):
+        return _expect(
+            key, f"a DNS name like api.shop.svc, at most {MAX_COMMON_NAME} characters", value
+        )
     return value
 
 

@@ -38,6 +38,12 @@ from broker.injector.settings import TOKEN_DIR, InjectorSettings
 # is untouched, and the property tests validate thousands of pods.
 kubernetes_validate.utils.schema_contents = cache(kubernetes_validate.utils.schema_contents)
 
+try:  # the agent's own reading of its command line, where the agent is part of the tree
+    from broker.agent.options import add_arguments as agent_arguments
+    from broker.agent.spec import build_specs
+except ImportError:  # pragma: no cover - the injector's branch before the agent's merge
+    agent_arguments = build_specs = None
+
 DATA = Path(__file__).parents[2] / "data" / "injector"
 CONFIG = InjectorSettings(broker_url="https://broker.broker-system.svc:8300")
 MOUNT = CONFIG.agent.mount_path
@@ -180,6 +186,22 @@ def parse_agent_args(args: list[str]) -> dict[str, Any]:
     return {**vars(ns), "credentials": credentials, "templates": templates}
 
 
+def check_agent_reads(args: list[str], spec: InjectionSpec) -> None:
+    """``broker agent``'s own parser reads the emitted arguments back into the very
+    credentials the annotations asked for (when the agent is in the tree)."""
+    if build_specs is None:
+        return
+    p = argparse.ArgumentParser(prog="broker agent", exit_on_error=False)
+    agent_arguments(p)
+    ns = p.parse_args(args[1:])
+    read = build_specs(ns.credential, ns.template)
+    assert [(c.name, c.role, c.format, c.perms, c.ttl, c.keygen, c.cn,
+             f"{c.signal.signal}:{c.signal.process}" if c.signal else None, c.command,
+             c.template) for c in read] == [
+        (c.name, c.role, c.format, int(c.perms, 8), c.ttl_s, c.keygen, c.common_name,
+         c.signal, c.command, c.template) for c in spec.credentials]
+
+
 def expected_credentials(spec: InjectionSpec) -> dict[str, dict[str, Any]]:
     out = {}
     for c in spec.credentials:
@@ -226,6 +248,7 @@ def check_injected(before: dict[str, Any], after: dict[str, Any],
         assert mounts[TOKEN_VOLUME] == {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR,
                                         "readOnly": True}
         args = parse_agent_args(c["args"])
+        check_agent_reads(c["args"], spec)
         assert c["command"] == ["broker"]
         assert args["broker_url"] == config.broker_url
         assert args["token_file"] == f"{TOKEN_DIR}/token"

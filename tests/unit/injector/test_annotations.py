@@ -45,7 +45,7 @@ def test_every_option() -> None:
         P + "template-db": "user=${username} $$HOME", P + "perms-db": "0444",
         P + "command-db": '["/usr/bin/reload", "a,b"]', P + "ttl-db": "1h30m",
         P + "credential-tls": "app-cert", P + "keygen-tls": "rsa-2048",
-        P + "common-name-tls": "*.app.example.com", P + "signal-tls": "SIGUSR1:app.bin",
+        P + "common-name-tls": "api.app.example.com", P + "signal-tls": "SIGUSR1:app.bin",
         P + "mode": "sidecar", P + "on-exit": "keep", P + "containers": " app , worker,app",
         P + "agent-cpu-request": "0.05", P + "agent-memory-limit": "1Gi",
     }, share=True)
@@ -54,7 +54,7 @@ def test_every_option() -> None:
                        template="user=${username} $$HOME", perms="0444",
                        command=("/usr/bin/reload", "a,b"), ttl_s=5400),
         CredentialSpec(name="tls", role="app-cert", keygen="rsa-2048",
-                       common_name="*.app.example.com", signal="SIGUSR1:app.bin"),
+                       common_name="api.app.example.com", signal="SIGUSR1:app.bin"),
     )
     assert (s.mode, s.on_exit, s.containers) == ("sidecar", "keep", ("app", "worker"))
     assert s.resources == {"requests": {"cpu": "0.05", "memory": "32Mi"},
@@ -120,6 +120,18 @@ REFUSALS = [
      "ephemeral-broker/common-name-db: expected a DNS name"),
     ({P + "keygen-db": "ec-p256", P + "common-name-db": "a,b"},
      "ephemeral-broker/common-name-db: expected a DNS name"),
+    ({P + "keygen-db": "ec-p256", P + "common-name-db": "*.shop.svc"},
+     "ephemeral-broker/common-name-db: expected a DNS name like api.shop.svc, at most 64 "
+     "characters, got '*.shop.svc'"),
+    ({P + "keygen-db": "ec-p256", P + "common-name-db": "a" * 60 + ".svc1"},
+     "ephemeral-broker/common-name-db: expected a DNS name like api.shop.svc, at most 64"),
+    ({P + "keygen-db": "ed25519", P + "format-db": "env"},
+     "ephemeral-broker/keygen-db: a generated key goes with a certificate: "
+     "ephemeral-broker/format-db must be json, pem, template"),
+    ({P + "format-db": "pem", P + "credential-db-ca": "r", P + "format-db-ca": "pem"},
+     "ephemeral-broker/credential-db-ca: it writes db-ca.crt, which credential db writes too"),
+    ({P + "keygen-db": "ed25519", P + "credential-db.key": "r"},
+     "ephemeral-broker/credential-db.key: the credential name 'db.key' is its file name"),
     ({P + "format-other": "env"}, "ephemeral-broker/format-other: there is no "
      "ephemeral-broker/credential-other to apply to"),
     ({P + "mode": "daemon"}, "ephemeral-broker/mode: expected native | sidecar | init-only, "
@@ -179,15 +191,17 @@ def test_at_most_32_credentials() -> None:
                              "shop", CONFIG), Patch)
 
 
-def test_signal_with_a_shared_process_namespace_is_accepted() -> None:
+@pytest.mark.parametrize("value", ["SIGHUP:nginx", "SIGUSR2:php-fpm7.4", "SIGTERM:java",
+                                   "SIGHUP:(sd-pam)", "SIGWINCH:x" + "y" * 14])
+def test_signal_with_a_shared_process_namespace_is_accepted(value: str) -> None:
     obj = pod({"containers": [container("app")], "shareProcessNamespace": True},
-              {P + "credential-db": "r", P + "signal-db": "SIGHUP:nginx"})
-    assert not isinstance(mutate(obj, "shop", CONFIG), Refusal)
+              {P + "credential-db": "r", P + "signal-db": value})
+    assert isinstance(mutate(obj, "shop", CONFIG), Patch)
 
 
 @pytest.mark.parametrize("value", ["SIGKILL:nginx", "SIGSTOP:x", "HUP:nginx", "SIGHUP",
                                    "SIGHUP:", "SIGHUP:a-process-name-too-long", "SIGHUP:a b",
-                                   "SIGHUP:../x"])
+                                   "SIGHUP:../x", "SIGHUP:a:b", "SIGHUP:a\tb"])
 def test_bad_signals(value: str) -> None:
     got = refused({P + "credential-db": "r", P + "signal-db": value}, shareProcessNamespace=True)
     assert got.startswith("ephemeral-broker/signal-db: expected SIGNAL:PROCESS_NAME"), got

@@ -18,6 +18,7 @@ import kubernetes_validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.injector.annotations import KEYGEN_FORMATS
 from broker.injector.model import Patch, Refusal, Skip
 from broker.injector.mutate import mutate
 from tests.unit.injector.podkit import (
@@ -36,7 +37,7 @@ FUZZ = settings(max_examples=300, deadline=None, database=None,
 
 NAME = st.from_regex(r"\A[a-z]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 # (valid, invalid) values of each annotation; a pod drawn "injectable" uses valid ones only
-CRED = (["db", "cache", "tls", "aws", "x-1"], ["Bad", "a.b"])
+CRED = (["db", "cache", "tls", "aws", "x-1"], ["Bad", "a.b", "db-ca"])
 ROLE = (["app-db", "app-redis", "app_cert"], ["Bad Role", ""])
 OPTIONS: dict[str, tuple[list[str], list[str]]] = {
     "format-": (["json", "env", "pem", "pgpass", "aws-credential-process"], ["yaml"]),
@@ -132,9 +133,11 @@ def pods(draw: st.DrawFn, injectable: bool | None = None) -> tuple[dict[str, Any
         if (share or not valid) and draw(st.booleans()):
             annotations[P + "signal-" + name] = draw(st.sampled_from(
                 ["SIGHUP:nginx", "SIGUSR1:app"] if valid else ["SIGHUP:nginx", "SIGKILL:x"]))
+        if valid and annotations.get(P + "format-" + name, "json") not in KEYGEN_FORMATS:
+            annotations.pop(P + "keygen-" + name, None)
         if P + "keygen-" + name in annotations and draw(st.booleans()):
             annotations[P + "common-name-" + name] = draw(st.sampled_from(
-                ["app.shop.svc", "*.example.com"] if valid else ["a b", "x.y"]))
+                ["app.shop.svc", "x.example.com"] if valid else ["a b", "*.x.y"]))
     mode = draw(st.sampled_from(["native", "sidecar", "init-only"] + ([] if valid else ["x"])))
     if mode != "native" or draw(st.booleans()):
         annotations[P + "mode"] = mode
