@@ -278,7 +278,7 @@ def _first_pass_ops(plan: _Plan, config: InjectorSettings) -> list[JsonPatchOp]:
     pod, spec = plan.pod, plan.spec
     mount = app_mount(config)
     ops: list[JsonPatchOp] = []
-    # Mounts on init containers first: their indices are the pod's, before the insertion.
+    # Mounts first: the init containers' indices are the pod's, before the agent's insertion.
     for i in plan.apps:
         ops += _mount_ops(f"/spec/containers/{i}", pod.containers[i], mount)
     for i in plan.inits:
@@ -304,9 +304,11 @@ def _first_pass_ops(plan: _Plan, config: InjectorSettings) -> list[JsonPatchOp]:
     return ops
 
 
-def _reinvocation_ops(pod: PodView, config: InjectorSettings) -> list[JsonPatchOp]:
+def _reinvocation(pod: PodView, config: InjectorSettings) -> Patch | Skip:
+    """Complete an injected pod that a later webhook changed: the agent moved after a
+    native sidecar added after it, read-only mounts for containers added since."""
     if not any(v["name"] == CREDENTIALS_VOLUME for v in pod.volumes):
-        return []  # marked injected by someone else: nothing of ours to complete
+        return Skip("already_injected")  # marked by someone else: nothing of ours to complete
     try:
         names = parse(
             pod.annotations,
@@ -314,10 +316,10 @@ def _reinvocation_ops(pod: PodView, config: InjectorSettings) -> list[JsonPatchO
             defaults=config.agent.resources,
         ).containers
     except InvalidAnnotations:
-        return []  # changed since the first pass, by someone else: leave it alone
+        return Skip("already_injected")  # changed since the first pass: leave it alone
+    by_name = {c["name"]: c for c in pod.init_containers}
     order = [c["name"] for c in pod.init_containers]
-    agent = next((n for n in (AGENT, AGENT_INIT) if n in order), None)
-    ops: list[JsonPatchOp] = []
+    agent = next((n for n in (AGENT, AGENT_INIT) if n in by_name), None)
     move: JsonPatchOp | None = None
     if agent is not None:
         at = order.index(agent)
@@ -328,19 +330,28 @@ def _reinvocation_ops(pod: PodView, config: InjectorSettings) -> list[JsonPatchO
                 "from": f"/spec/initContainers/{at}",
                 "path": f"/spec/initContainers/{last}",
             }
-            order.insert(last, order.pop(at))
-    agent_at = order.index(agent) + 1 if agent is not None else len(order)
-    selected = _select_after_move(pod, names, order, agent_at)
+            order.insert(last, order.pop(at))  # the order the move leaves
+    after_agent = order.index(agent) + 1 if agent is not None else len(order)
     mount, path = app_mount(config), config.agent.mount_path
-    for where, group, i in selected:
+    ops: list[JsonPatchOp] = []  # indices before the move: the mounts are added first
+    for where, group, i in _select_after_move(pod, names, order, after_agent):
         c = group[i]
         if not mounts_volume(c, CREDENTIALS_VOLUME) and not mounts_at(c, path):
             ops += _mount_ops(f"/spec/{where}/{i}", c, mount)
-    return ops + ([move] if move else [])
+    if move is None:
+        return Patch(tuple(ops), first_pass=False) if ops else Skip("already_injected")
+    warnings = tuple(
+        f"{PREFIX}containers: init container {n!r} now runs before the agent, which moved "
+        f"after the native sidecar {order[after_agent - 2]!r}: its credentials are not "
+        "written yet when it runs"
+        for n in order[: after_agent - 1]
+        if n in (names or ()) and mounts_volume(by_name[n], CREDENTIALS_VOLUME)
+    )
+    return Patch((*ops, move), warnings, first_pass=False)
 
 
 def _select_after_move(
-    pod: PodView, names: tuple[str, ...] | None, order: list[str], agent_at: int
+    pod: PodView, names: tuple[str, ...] | None, order: list[str], after_agent: int
 ) -> list[tuple[str, list[Obj], int]]:
     apps = [
         ("containers", pod.containers, i)
@@ -349,7 +360,7 @@ def _select_after_move(
     ]
     if names is None:
         return apps
-    later = set(order[agent_at:]) & set(names)
+    later = set(order[after_agent:]) & set(names)
     inits = [
         ("initContainers", pod.init_containers, i)
         for i, c in enumerate(pod.init_containers)
@@ -367,8 +378,7 @@ def mutate(
     if not isinstance(seen, PodView):
         return seen
     if status_injected(seen.annotations):
-        ops = _reinvocation_ops(seen, config)
-        return Patch(tuple(ops), first_pass=False) if ops else Skip("already_injected")
+        return _reinvocation(seen, config)
     plan = _plan(seen, config)
     if isinstance(plan, Refusal):
         return plan

@@ -173,8 +173,12 @@ def test_reinvocation_moves_the_agent_after_a_mesh_proxy_added_since() -> None:
         "migrate", "mesh-init", "mesh-proxy", AGENT]
     validate_everywhere(again)
     check_semantics(again)
-    # migrate now runs before the agent: it keeps the mount it had, nothing is added
+    # migrate now runs before the agent: it keeps the mount it had, and its author is told
     assert mounted(again) == mounted(after)
+    assert outcome.warnings == (
+        "ephemeral-broker/containers: init container 'migrate' now runs before the agent, "
+        "which moved after the native sidecar 'mesh-proxy': its credentials are not written "
+        "yet when it runs",)
     assert mutate(again, "shop", CONFIG) == Skip("already_injected")
 
 
@@ -182,7 +186,9 @@ def test_reinvocation_moves_the_agent_after_a_mesh_proxy_added_since() -> None:
 def test_reinvocation_moves_the_init_run_too(mode: str) -> None:
     after = injected(pod({"containers": [container("app")]}, {**DB, P + "mode": mode}))
     after["spec"]["initContainers"].append(container("proxy", restartPolicy="Always"))
-    again = apply(after, first_patch(mutate(after, "shop", CONFIG)).ops)
+    outcome = first_patch(mutate(after, "shop", CONFIG))
+    assert outcome.warnings == () and not outcome.first_pass
+    again = apply(after, outcome.ops)
     assert [c["name"] for c in again["spec"]["initContainers"]] == ["proxy", AGENT_INIT]
     assert mutate(again, "shop", CONFIG) == Skip("already_injected")
 
