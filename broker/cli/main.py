@@ -1,4 +1,4 @@
-"""``broker``: serve, migrate, dev, dev token, hash-admin-token.
+"""``broker``: serve, migrate, dev, dev token, hash-admin-token, injector.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 """
@@ -60,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
         help="read an admin token on stdin, print the SHA-256 for admin.token_sha256",
     )
     h.set_defaults()
+
+    j = sub.add_parser(
+        "injector", help="run the Kubernetes admission webhook that adds the credential agent"
+    )
+    j.add_argument(
+        "--config", type=Path, help="YAML configuration file (without one: the defaults)"
+    )
+    j.add_argument("--listen", metavar="HOST:PORT", help="where to serve (overrides listen)")
+    j.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP; only on a loopback address (tests, development)",
+    )
+    j.add_argument(
+        "--broker-url", metavar="URL", help="the broker the agents call (overrides broker_url)"
+    )
     return p
 
 
@@ -140,6 +156,23 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_injector(args: argparse.Namespace) -> int:
+    from broker.config import load_yaml_model
+    from broker.injector.server import InjectorServer
+    from broker.injector.settings import InjectorSettings
+    from broker.logs import configure_logging
+
+    settings = load_yaml_model(
+        InjectorSettings,
+        args.config,
+        overrides={"listen": args.listen, "broker_url": args.broker_url},
+    )
+    server = InjectorServer(settings, insecure_http=args.insecure_http)  # refuses off loopback
+    configure_logging(settings.log_level)
+    _run_until_signal(server.run)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_token(args) if args.dev_command == "token" else cmd_dev(args)
         if args.command == "hash-admin-token":
             return cmd_hash(args)
+        if args.command == "injector":
+            return cmd_injector(args)
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
