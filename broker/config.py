@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from broker.aws.settings import AwsSettings
 from broker.engines import ENGINES
@@ -34,6 +35,7 @@ from broker.settings import NAME, Frozen
 from broker.vault.settings import TOKEN_REUSE_MARGIN_S, VaultSettings
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ServerSettings(Frozen):
@@ -198,8 +200,7 @@ def load_settings(
         raise ConfigError(_describe(exc, source)) from None
 
 
-def load_settings_file(path: str | Path, *, env: dict[str, str] | None = None) -> Settings:
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -211,5 +212,33 @@ def load_settings_file(path: str | Path, *, env: dict[str, str] | None = None) -
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML") from None
     if data is None:
-        data = {}
-    return load_settings(data, source=str(path), env=env)
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_settings_file(path: str | Path, *, env: dict[str, str] | None = None) -> Settings:
+    path = Path(path)
+    return load_settings(_read_yaml(path), source=str(path), env=env)
+
+
+def load_yaml_model(
+    model: type[M],
+    path: str | Path | None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> M:
+    """Another program's settings (``broker injector``) the same way as the broker's: a
+    YAML file (none: the model's defaults), ``${ENV}`` references expanded, then top-level
+    ``overrides`` (command-line flags, which win) before one validation, so a flag is
+    checked exactly like the key it replaces."""
+    source = "defaults" if path is None else str(path)
+    data = {} if path is None else _read_yaml(Path(path))
+    expanded = _expand_env(data, "", dict(os.environ) if env is None else env)
+    expanded.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

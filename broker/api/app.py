@@ -36,6 +36,8 @@ ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
+MAX_REASON = 200
+MAX_PREVIEW_ROLES = 32
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ async def _json_object(request: web.Request, allowed: set[str] | None) -> dict[s
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+    except RecursionError:  # '[[[[…' within the size limit: refused, not a 500
+        raise BadRequest("the request body is nested too deeply", code="malformed_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="malformed_json")
     if allowed is not None and set(body) - allowed:
@@ -175,6 +179,29 @@ async def release_lease(request: web.Request) -> web.Response:
     identity = await identity_of(request)
     await credentials.release(identity, _lease_id(request))
     return web.Response(status=204)
+
+
+def _reason(body: dict[str, Any]) -> str | None:
+    reason = body.get("reason")
+    if reason is None or reason == "":
+        return None
+    if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
+        raise BadRequest(
+            f"'reason' must be printable text of at most {MAX_REASON} characters",
+            code="invalid_reason",
+        )
+    return reason
+
+
+async def terminate_self(request: web.Request) -> web.Response:
+    """The caller's own instance, named by its token (never by the request), ends."""
+    credentials = request.app[API].credentials
+    identity = await identity_of(request)
+    reason = _reason(await _json_object(request, {"reason"}))
+    job = await credentials.terminate_self(identity, reason)
+    return web.json_response(
+        {"instance_id": identity.instance_id, "job": job_public(job)}, status=202
+    )
 
 
 # -- admin endpoints ---------------------------------------------------------------------
@@ -262,6 +289,39 @@ async def explain_policy(request: web.Request) -> web.Response:
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
     ttl = _ttl(body)
     return web.json_response(await request.app[API].admin.explain(token, role, ttl))
+
+
+def _preview_roles(body: dict[str, Any]) -> list[str]:
+    roles = body.get("roles")
+    if (
+        not isinstance(roles, list)
+        or not 1 <= len(roles) <= MAX_PREVIEW_ROLES
+        or not all(isinstance(r, str) and ROLE_PATTERN.match(r) for r in roles)
+    ):
+        raise BadRequest(
+            f"'roles' is required: a list of 1 to {MAX_PREVIEW_ROLES} role names",
+            code="invalid_role",
+        )
+    return roles
+
+
+async def preview_policy(request: web.Request) -> web.Response:
+    """Whether a token carrying these claims would get each role (``Admin.preview``)."""
+    require_admin(request)
+    body = await _json_object(request, {"issuer", "claims", "roles", "ttl"})
+    issuer, claims = body.get("issuer"), body.get("claims")
+    if not isinstance(issuer, str) or not issuer:
+        raise BadRequest(
+            "'issuer' is required: the name of an issuer configured on this broker",
+            code="invalid_issuer",
+        )
+    if not isinstance(claims, dict):
+        raise BadRequest(
+            "'claims' is required: a JSON object of the claims a token would carry",
+            code="invalid_claims",
+        )
+    roles, ttl = _preview_roles(body), _ttl(body)
+    return web.json_response(request.app[API].admin.preview(issuer, claims, roles, ttl))
 
 
 async def retry_job(request: web.Request) -> web.Response:
@@ -370,6 +430,8 @@ def build_app(
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
+    # Before the admin route, whose {instance_id} would match "self".
+    r.add_post("/v1/instances/self/terminate", terminate_self)
     r.add_post("/v1/instances/{instance_id}/terminate", terminate_instance)
     r.add_get("/v1/instances/{instance_id}", show_instance)
     r.add_get("/v1/admin/leases", list_leases)
@@ -378,6 +440,7 @@ def build_app(
     r.add_post("/v1/admin/reconcile", reconcile)
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
+    r.add_post("/v1/admin/policy/preview", preview_policy)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)

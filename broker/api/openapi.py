@@ -125,6 +125,37 @@ def openapi_document() -> dict[str, Any]:
                         "renewable": {"type": "boolean"},
                     },
                 },
+                "PolicyPreview": {
+                    "type": "object",
+                    "properties": {
+                        "issuer": {"type": "string"},
+                        "identity": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "string"}
+                                for k in ("subject", "workload", "instance_id")
+                            },
+                        },
+                        "roles": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "role": {"type": "string"},
+                                    "granted": {"type": "boolean"},
+                                    "code": {
+                                        "type": ["string", "null"],
+                                        "description": "what POST /v1/credentials would "
+                                        "answer: role_not_permitted, template_value_refused",
+                                    },
+                                    "reason": {"type": "string"},
+                                    "rule": {"type": ["string", "null"]},
+                                    "ttl": {"type": ["integer", "null"]},
+                                },
+                            },
+                        },
+                    },
+                },
                 "Job": {
                     "type": "object",
                     "properties": {
@@ -187,6 +218,49 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "204": _ok("revoked in Vault"),
                         "404": _err("no such lease for this instance"),
+                        **_COMMON,
+                    },
+                }
+            },
+            "/v1/instances/self/terminate": {
+                "post": {
+                    "summary": "End the caller's own instance, the one its identity token "
+                    "names (never one the request names): tombstone and revocation job, as "
+                    "the admin terminate; idempotent. Where the token's issuer uses replay "
+                    "protection, the call uses up the token's jti",
+                    "security": _WORKLOAD,
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "reason": {
+                                            "type": "string",
+                                            "maxLength": 200,
+                                            "description": "printable; kept in the audit event",
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _ok(
+                            "revocation job queued (or the one already queued)",
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "instance_id": {"type": "string"},
+                                    "job": {"$ref": "#/components/schemas/Job"},
+                                },
+                            },
+                        ),
+                        "400": _err("malformed body, unknown field or bad reason"),
+                        "403": _err("the instance id belongs to another issuer or workload"),
+                        "413": _err("request too large"),
                         **_COMMON,
                     },
                 }
@@ -257,6 +331,54 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _ok("token verdict, identity, rules applying, decision"),
                         "400": _err("malformed request"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/policy/preview": {
+                "post": {
+                    "summary": "Whether a token of the named issuer carrying these claims "
+                    "would get each role (the injector asks at admission); verifies, "
+                    "issues and records nothing",
+                    "security": _ADMIN,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["issuer", "claims", "roles"],
+                                    "properties": {
+                                        "issuer": {
+                                            "type": "string",
+                                            "description": "an issuer's name in the "
+                                            "broker's configuration",
+                                        },
+                                        "claims": {
+                                            "type": "object",
+                                            "description": "the claims a token would carry; "
+                                            "a missing instance claim maps to an empty "
+                                            "instance id",
+                                        },
+                                        "roles": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "maxItems": 32,
+                                            "items": {"type": "string"},
+                                        },
+                                        "ttl": {"type": ["string", "integer"]},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _ok(
+                            "the identity the claims map to, and a verdict per role",
+                            {"$ref": "#/components/schemas/PolicyPreview"},
+                        ),
+                        "400": _err("unknown issuer, claims that do not map, bad roles"),
                         **_ADMIN_ERRS,
                     },
                 }

@@ -4,6 +4,7 @@ them, encodes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.identity import Identity
@@ -13,7 +14,8 @@ from broker.revocation.reconcile import ReconcileReport
 
 
 class Credentials(Protocol):
-    """Workload endpoints: issue, renew and release, for a verified identity."""
+    """Workload endpoints: issue, renew and release, and end the caller's own instance,
+    for a verified identity."""
 
     async def issue(
         self, identity: Identity, role: str, ttl: int | None, params: dict[str, Any]
@@ -22,6 +24,8 @@ class Credentials(Protocol):
     async def renew(self, identity: Identity, lease_id: str, ttl: int | None) -> dict[str, Any]: ...
 
     async def release(self, identity: Identity, lease_id: str) -> None: ...
+
+    async def terminate_self(self, identity: Identity, reason: str | None) -> JobView: ...
 
 
 class Admin(Protocol):
@@ -51,6 +55,10 @@ class Admin(Protocol):
     async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport: ...
 
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]: ...
+
+    def preview(
+        self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
+    ) -> dict[str, Any]: ...
 
 
 class EventReceiver(Protocol):

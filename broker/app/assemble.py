@@ -168,6 +168,7 @@ def assemble(
         verifier=verifier,
         roles=settings.roles,
         rules=settings.policy.rules,
+        issuers=settings.identity.issuers,
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(

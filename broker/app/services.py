@@ -3,15 +3,16 @@ ledgers, the terminator, the reconciler and the probes."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.engines.role import RoleSettings
-from broker.errors import BrokerError, TokenInvalid
+from broker.errors import BadRequest, BrokerError, TokenInvalid
 from broker.events import Terminate
 from broker.identity import IdentityVerifier
+from broker.identity.settings import IssuerSettings
 from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
-from broker.policy.explain import explain
+from broker.policy.explain import explain, preview
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
 from broker.vault import VaultClient
@@ -52,6 +53,7 @@ class AdminService:
         verifier: IdentityVerifier,
         roles: Mapping[str, RoleSettings],
         rules: tuple[Rule, ...],
+        issuers: Sequence[IssuerSettings],
     ) -> None:
         self._queries = queries
         self._terminate = terminate
@@ -59,6 +61,7 @@ class AdminService:
         self._verifier = verifier
         self._roles = roles
         self._rules = rules
+        self._issuers = {issuer.name: issuer for issuer in issuers}
 
     async def instance(
         self, instance_id: str
@@ -115,6 +118,20 @@ class AdminService:
             "identity": identity.public(),
             "decision": decision,
         }
+
+    def preview(
+        self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
+    ) -> dict[str, Any]:
+        """Whether a token of the named issuer carrying ``claims`` would be granted each
+        role (``broker.policy.explain.preview``). Verifies, issues and records nothing."""
+        settings = self._issuers.get(issuer)
+        if settings is None:
+            # Not which issuers exist: the configuration is the place to read that.
+            raise BadRequest(
+                "'issuer' is not the name of an issuer configured on this broker",
+                code="invalid_issuer",
+            )
+        return preview(settings, claims, roles, ttl, roles=self._roles, rules=self._rules)
 
 
 class LedgerCounts(Protocol):

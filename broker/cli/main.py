@@ -1,4 +1,4 @@
-"""``broker``: serve, migrate, dev, dev token, hash-admin-token, agent.
+"""``broker``: serve, migrate, dev, dev token, hash-admin-token, agent, injector.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 """
@@ -63,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="keep a pod's credentials as files (the injected sidecar)")
     add_agent_arguments(a)
+    j = sub.add_parser(
+        "injector", help="run the Kubernetes admission webhook that adds the credential agent"
+    )
+    j.add_argument(
+        "--config", type=Path, help="YAML configuration file (without one: the defaults)"
+    )
+    j.add_argument("--listen", metavar="HOST:PORT", help="where to serve (overrides listen)")
+    j.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP; only on a loopback address (tests, development)",
+    )
+    j.add_argument(
+        "--broker-url", metavar="URL", help="the broker the agents call (overrides broker_url)"
+    )
     return p
 
 
@@ -152,6 +167,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from broker.agent.options import config_from
 
     return run_agent(config_from(args))
+def cmd_injector(args: argparse.Namespace) -> int:
+    from broker.config import load_yaml_model
+    from broker.injector.server import InjectorServer
+    from broker.injector.settings import InjectorSettings
+    from broker.logs import configure_logging
+
+    settings = load_yaml_model(
+        InjectorSettings,
+        args.config,
+        overrides={"listen": args.listen, "broker_url": args.broker_url},
+    )
+    server = InjectorServer(settings, insecure_http=args.insecure_http)  # refuses off loopback
+    configure_logging(settings.log_level)
+    _run_until_signal(server.run)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_hash(args)
         if args.command == "agent":
             return cmd_agent(args)
+        if args.command == "injector":
+            return cmd_injector(args)
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol
 
 from broker.leases import JobView
@@ -24,12 +25,23 @@ class Terminate(Protocol):
     """Tombstone an instance and queue its revocation job; returns the job (an existing one
     if the instance was already terminating). ``issuer`` names the issuer whose instances
     the source speaks for: an instance another issuer owns is refused with
-    ``NotPermitted`` (code ``instance_issuer_mismatch``) and left untouched. Raises
+    ``NotPermitted`` (code ``instance_issuer_mismatch``) and left untouched. An instance
+    ending itself also names its ``workload`` (another workload's instance is refused with
+    ``instance_workload_mismatch``) and, where its issuer's replay rule applies, its
+    token's ``token_id`` (jti, expiry), used once in the same transaction
+    (``token_replayed``); a ``reason`` is kept in the audit event. Raises
     ``StoreUnavailable`` when the job could not be recorded: the event must not be
     acknowledged then."""
 
     async def __call__(
-        self, instance_id: str, *, actor: str, issuer: str | None = None
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        issuer: str | None = None,
+        workload: str | None = None,
+        token_id: tuple[str, datetime] | None = None,
+        reason: str | None = None,
     ) -> JobView: ...
 
 

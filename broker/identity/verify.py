@@ -229,6 +229,37 @@ def _instance(claims: Mapping[str, Any], issuer: IssuerSettings) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class MappedClaims:
+    """Who a set of claims names under an issuer's claim mapping."""
+
+    subject: str
+    instance_id: str
+    workload: str
+
+
+def map_claims(
+    claims: Mapping[str, Any], issuer: IssuerSettings, *, instance_optional: bool = False
+) -> MappedClaims:
+    """The issuer's claim mapping alone: the subject, the instance id and the workload the
+    claims name. It checks no signature, time, audience or kind rule: ``verify_signed``
+    calls it on claims it has verified, a policy preview on claims an admin supplies. With
+    ``instance_optional`` a missing instance claim maps to "" (a pod being admitted has no
+    uid yet); one that is present but not a valid instance id is refused all the same."""
+    subject = claims.get("sub")
+    try:
+        instance_id = _instance(claims, issuer)
+    except TokenInvalid as exc:
+        if not (instance_optional and exc.code == "token_missing_claim"):
+            raise
+        instance_id = ""
+    return MappedClaims(
+        subject=subject if isinstance(subject, str) else "",
+        instance_id=instance_id,
+        workload=_mapped(claims, issuer.workload_claim, "workload name", WORKLOAD_PATTERN),
+    )
+
+
 def _check_kind_before(unverified: Unverified, issuer: IssuerSettings) -> None:
     """Refusals that read best before the signature check, with a message that says what
     to do. (The token is refused either way.)"""
@@ -345,7 +376,6 @@ def verify_signed(
             "ask the issuer for a shorter-lived token",
         )
     _check_kind_after(claims, issuer)
-    subject = claims.get("sub")
     jti = claims.get("jti")
     if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= 255):
         raise refuse("token_claim_invalid", "the token's jti is not a short string")
@@ -355,12 +385,13 @@ def verify_signed(
             "the token has no 'jti' claim; this issuer "
             "requires one so that each token is used once",
         )
+    mapped = map_claims(claims, issuer)
     return Identity(
         issuer_name=issuer.name,
         issuer=issuer.issuer,
-        subject=subject if isinstance(subject, str) else "",
-        instance_id=_instance(claims, issuer),
-        workload=_mapped(claims, issuer.workload_claim, "workload name", WORKLOAD_PATTERN),
+        subject=mapped.subject,
+        instance_id=mapped.instance_id,
+        workload=mapped.workload,
         issued_at=datetime.fromtimestamp(iat, UTC),
         expires_at=datetime.fromtimestamp(exp, UTC),
         claims=MappingProxyType(claims),

@@ -1,4 +1,4 @@
-"""Issue, renew and release credentials for a verified identity.
+"""Issue, renew and release credentials for a verified identity, and end its own instance.
 
 The order of ``issue`` is the safety argument:
 
@@ -61,7 +61,7 @@ from broker.issuance.settle import (
     settle,
 )
 from broker.issuance.tokens import InstanceTokens
-from broker.leases import LeaseLimit, LeaseView
+from broker.leases import JobView, LeaseLimit, LeaseView
 from broker.leases.states import LeaseState
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
@@ -507,6 +507,22 @@ class CredentialService:
     def _cap(self, identity: Identity, role_name: str, role: RoleSettings) -> int:
         decision = decide(identity, role_name, role.max_ttl, roles=self._roles, rules=self._rules)
         return decision.ttl
+
+    async def terminate_self(self, identity: Identity, reason: str | None) -> JobView:
+        """End the instance the verified token names, as that instance: the one terminate
+        path, scoped to the token's issuer and workload (an instance id another issuer or
+        workload presented first is refused, nothing changed), with the token id used
+        once where the issuer's replay rule applies. Idempotent: the same job again."""
+        return await self._terminate(
+            identity.instance_id,
+            actor=f"workload:{identity.issuer_name}",
+            issuer=identity.issuer_name,
+            workload=identity.workload,
+            token_id=(identity.replay_key, identity.expires_at)
+            if identity.replay_key is not None
+            else None,
+            reason=reason,
+        )
 
     async def release(self, identity: Identity, lease_id: str) -> None:
         lease, _ = await self._own_lease(identity, lease_id)

@@ -169,16 +169,32 @@ class TerminationRecords:
         self._clock = clock
 
     async def request_termination(
-        self, instance_id: str, *, actor: str, issuer: str | None = None
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        issuer: str | None = None,
+        workload: str | None = None,
+        token_id: tuple[str, datetime] | None = None,
+        reason: str | None = None,
     ) -> JobView:
         """Tombstone the instance and create its revocation job, in one transaction.
         Idempotent: a second call returns the existing job (re-queued if it had failed).
         With ``issuer`` (an event source speaking for one issuer's instances), an instance
         that another issuer owns is refused and left untouched; one the broker never saw
-        is tombstoned for that issuer."""
+        is tombstoned for that issuer. An instance ending itself adds its ``workload``
+        (checked like ``issuer``, and recorded for an instance never seen) and its token
+        id, used once like an exchange's; ``reason`` goes into the audit event."""
         async with self._db.transaction() as conn:
             return await jobs.request_termination(
-                conn, self._clock, instance_id, actor=actor, issuer=issuer
+                conn,
+                self._clock,
+                instance_id,
+                actor=actor,
+                issuer=issuer,
+                workload=workload,
+                token_id=token_id,
+                reason=reason,
             )
 
     async def active_instance_ids(self, issuer_name: str) -> set[str]:

@@ -5,6 +5,7 @@ calls ``Terminator``, which satisfies ``broker.events.Terminate``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Protocol
 
 from broker.leases import JobState, JobView
@@ -14,7 +15,14 @@ class TerminationLedger(Protocol):
     """The tombstone with its revocation job, in one transaction."""
 
     async def request_termination(
-        self, instance_id: str, *, actor: str, issuer: str | None = None
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        issuer: str | None = None,
+        workload: str | None = None,
+        token_id: tuple[str, datetime] | None = None,
+        reason: str | None = None,
     ) -> JobView: ...
 
 
@@ -36,8 +44,24 @@ class Terminator:
         self._tokens = tokens
         self._wake_revocation = wake_revocation
 
-    async def __call__(self, instance_id: str, *, actor: str, issuer: str | None = None) -> JobView:
-        job = await self._ledger.request_termination(instance_id, actor=actor, issuer=issuer)
+    async def __call__(
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        issuer: str | None = None,
+        workload: str | None = None,
+        token_id: tuple[str, datetime] | None = None,
+        reason: str | None = None,
+    ) -> JobView:
+        job = await self._ledger.request_termination(
+            instance_id,
+            actor=actor,
+            issuer=issuer,
+            workload=workload,
+            token_id=token_id,
+            reason=reason,
+        )
         self._tokens.forget(instance_id)
         if job.state in (JobState.PENDING, JobState.RUNNING):
             self._wake_revocation()

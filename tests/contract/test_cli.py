@@ -13,7 +13,7 @@ from tests.conftest import ADMIN_TOKEN
 from tests.contract.golden import assert_golden
 
 BROKER_HELP = [[], ["serve"], ["migrate"], ["dev"], ["dev", "token"], ["hash-admin-token"],
-               ["agent"]]
+               ["agent"], ["injector"]]
 BROKERCTL_HELP = [[], ["revoke"], ["leases"], ["leases", "list"], ["instances"],
                   ["instances", "show"], ["policy"], ["policy", "explain"], ["jobs"],
                   ["jobs", "list"], ["jobs", "retry"], ["reconcile"]]

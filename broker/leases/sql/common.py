@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock, iso_z
+from broker.errors import NotPermitted, TokenInvalid
 from broker.leases import models as m
 from broker.leases.states import LIVE_LEASE_STATES, InstanceState
 from broker.leases.views import InstanceView, JobView, LeaseView
@@ -106,6 +107,47 @@ async def ensure_instance(
     current = await lock_instance(conn, instance_id, shared=shared)
     assert current is not None
     return current
+
+
+def require_owner(
+    instance_id: str,
+    owner: str | None,
+    owner_workload: str | None,
+    *,
+    issuer: str | None,
+    workload: str | None,
+) -> None:
+    """The instance row's owner against the caller's. Raises ``NotPermitted``."""
+    if issuer is not None and owner is not None and owner != issuer:
+        # Instance ids are unique only per issuer: the first issuer to present one
+        # owns it, and no other issuer's token can draw on or end its leases.
+        raise NotPermitted(
+            f"instance {instance_id} belongs to another issuer",
+            code="instance_issuer_mismatch",
+        )
+    if workload is not None and owner_workload is not None and owner_workload != workload:
+        # An instance runs one workload; another workload presenting the same
+        # instance id is a collision or an impostor, not the same instance.
+        raise NotPermitted(
+            f"instance {instance_id} belongs to another workload",
+            code="instance_workload_mismatch",
+        )
+
+
+async def use_token_once(
+    conn: AsyncConnection, issuer_name: str, token_id: tuple[str, datetime], message: str
+) -> None:
+    """Record a token id (jti, the token's expiry) as used by ``issuer_name``'s token, in
+    the caller's transaction. Raises ``TokenInvalid`` (``token_replayed``, ``message``)
+    if it was used already."""
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                INSERT_SEEN,
+                {"issuer_name": issuer_name, "jti": token_id[0], "expires_at": token_id[1]},
+            )
+    except IntegrityError:
+        raise TokenInvalid(message, code="token_replayed", issuer_name=issuer_name) from None
 
 
 def lease_view(r: m.Lease) -> LeaseView:

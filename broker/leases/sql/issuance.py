@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock
@@ -15,13 +14,10 @@ from broker.errors import (
     InstanceTerminated,
     LeaseLimitReached,
     NotFound,
-    NotPermitted,
     StoreUnavailable,
-    TokenInvalid,
 )
 from broker.leases import models as m
 from broker.leases.sql.common import (
-    INSERT_SEEN,
     LEASES,
     SEEN_TOKENS,
     TOKENS,
@@ -31,6 +27,8 @@ from broker.leases.sql.common import (
     iso,
     lease_view,
     lock_instance,
+    require_owner,
+    use_token_once,
 )
 from broker.leases.states import (
     COUNTED_LEASE_STATES,
@@ -109,41 +107,18 @@ async def begin_issue(
         InstanceState.ACTIVE,
         shared=limit is None,
     )
-    if owner is not None and owner != issuer_name:
-        # Instance ids are unique only per issuer: the first issuer to present one
-        # owns it, and no other issuer's token can draw on or end its leases.
-        raise NotPermitted(
-            f"instance {instance_id} belongs to another issuer",
-            code="instance_issuer_mismatch",
-        )
-    if owner_workload is not None and owner_workload != workload:
-        # An instance runs one workload; another workload presenting the same
-        # instance id is a collision or an impostor, not the same instance.
-        raise NotPermitted(
-            f"instance {instance_id} belongs to another workload",
-            code="instance_workload_mismatch",
-        )
+    require_owner(instance_id, owner, owner_workload, issuer=issuer_name, workload=workload)
     if state != InstanceState.ACTIVE:
         raise InstanceTerminated(
             f"instance {instance_id} is terminated; no new credential is issued for it"
         )
     if token_id is not None:
-        try:
-            async with conn.begin_nested():
-                await conn.execute(
-                    INSERT_SEEN,
-                    {
-                        "issuer_name": issuer_name,
-                        "jti": token_id[0],
-                        "expires_at": token_id[1],
-                    },
-                )
-        except IntegrityError:
-            raise TokenInvalid(
-                "this token was already used for an exchange; get a fresh token",
-                code="token_replayed",
-                issuer_name=issuer_name,
-            ) from None
+        await use_token_once(
+            conn,
+            issuer_name,
+            token_id,
+            "this token was already used for an exchange; get a fresh token",
+        )
     now = clock.now()
     if limit is not None:
         superseded = await _make_room(conn, clock, instance_id, role, limit, now)

@@ -15,7 +15,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock
-from broker.errors import BadRequest, NotFound, NotPermitted
+from broker.errors import BadRequest, NotFound
 from broker.leases import models as m
 from broker.leases.sql.common import (
     AUDIT_MAX_IDS,
@@ -26,6 +26,8 @@ from broker.leases.sql.common import (
     job_view,
     lease_view,
     lock_instance,
+    require_owner,
+    use_token_once,
 )
 from broker.leases.states import (
     LIVE_LEASE_STATES,
@@ -73,16 +75,26 @@ async def _the_job(conn: AsyncConnection, instance_id: str) -> JobView:
 
 
 async def request_termination(
-    conn: AsyncConnection, clock: Clock, instance_id: str, *, actor: str, issuer: str | None
+    conn: AsyncConnection,
+    clock: Clock,
+    instance_id: str,
+    *,
+    actor: str,
+    issuer: str | None,
+    workload: str | None = None,
+    token_id: tuple[str, datetime] | None = None,
+    reason: str | None = None,
 ) -> JobView:
     now = clock.now()
-    state, owner, _ = await ensure_instance(
-        conn, clock, instance_id, issuer, None, InstanceState.TERMINATING
+    state, owner, owner_workload = await ensure_instance(
+        conn, clock, instance_id, issuer, workload, InstanceState.TERMINATING
     )
-    if issuer is not None and owner is not None and owner != issuer:
-        raise NotPermitted(
-            f"instance {instance_id} belongs to another issuer",
-            code="instance_issuer_mismatch",
+    require_owner(instance_id, owner, owner_workload, issuer=issuer, workload=workload)
+    if token_id is not None:
+        if issuer is None:
+            raise ValueError("a token id is used once per issuer: name the issuer")
+        await use_token_once(
+            conn, issuer, token_id, "this token was already used; get a fresh token"
         )
     if state == InstanceState.ACTIVE:
         await conn.execute(
@@ -109,6 +121,9 @@ async def request_termination(
                 updated_at=now,
             )
         )
+        # Who asked, beyond the actor, where the request says: the workload ending its
+        # own instance, and why.
+        said = {k: v for k, v in (("workload", workload), ("reason", reason)) if v}
         await audit(
             conn,
             clock,
@@ -116,6 +131,7 @@ async def request_termination(
             "instance.terminate_requested",
             instance_id=instance_id,
             job_id=job_id,
+            **said,
         )
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)

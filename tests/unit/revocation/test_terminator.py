@@ -27,8 +27,12 @@ class Recorder:
         self._fail = fail
 
     async def request_termination(self, instance_id: str, *, actor: str,
-                                  issuer: str | None = None) -> JobView:
+                                  issuer: str | None = None, workload: str | None = None,
+                                  token_id: tuple[str, datetime] | None = None,
+                                  reason: str | None = None) -> JobView:
         self.calls.append(f"job {instance_id} {actor} {issuer}")
+        if (workload, token_id, reason) != (None, None, None):
+            self.calls.append(f"as {workload} {token_id} {reason}")
         if self._fail:
             raise StoreUnavailable("the lease store is unavailable")
         return job(self._state)
@@ -61,3 +65,13 @@ async def test_when_the_job_cannot_be_recorded_nothing_else_happens() -> None:
     with pytest.raises(StoreUnavailable):
         await Terminator(rec, rec, rec.wake)("i-1", actor="admin")
     assert rec.calls == ["job i-1 admin None"]
+
+
+async def test_an_instance_ending_itself_hands_its_workload_token_id_and_reason_to_the_ledger(
+) -> None:
+    rec = Recorder()
+    await Terminator(rec, rec, rec.wake)("i-1", actor="workload:k8s", issuer="k8s",
+                                         workload="ns/sa", token_id=("jti-1", NOW),
+                                         reason="pod stopping")
+    assert rec.calls == ["job i-1 workload:k8s k8s",
+                         f"as ns/sa ('jti-1', {NOW!r}) pod stopping", "forget i-1", "wake"]
