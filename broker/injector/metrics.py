@@ -1,4 +1,9 @@
-"""The injector's Prometheus metrics, in its own registry (no global state)."""
+"""The injector's Prometheus metrics, in its own registry (no global state).
+
+Counters are labelled by namespace, a value any caller of ``/mutate`` chooses: the review
+checks it is a namespace name, and past ``MAX_NAMESPACES`` distinct ones the rest are
+counted under ``OTHER`` so the series (and the memory behind them) stay bounded.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from broker.injector.model import Patch, Refusal, Skip
 
+MAX_NAMESPACES = 500
+OTHER = "_other"  # not a namespace name (no '_' in a DNS label): cannot be confused with one
+
 
 class InjectorMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self._namespaces: set[str] = set()
         self.requests = Counter(
             "broker_injector_admission_requests_total",
             "AdmissionReviews answered, by namespace",
@@ -70,7 +79,16 @@ class InjectorMetrics:
             registry=r,
         )
 
+    def _label(self, namespace: str) -> str:
+        if namespace in self._namespaces:
+            return namespace
+        if len(self._namespaces) < MAX_NAMESPACES:
+            self._namespaces.add(namespace)
+            return namespace
+        return OTHER
+
     def observe(self, namespace: str, outcome: Patch | Refusal | Skip, seconds: float) -> None:
+        namespace = self._label(namespace)
         self.requests.labels(namespace=namespace).inc()
         if isinstance(outcome, Patch):
             (self.injections if outcome.first_pass else self.completions).labels(

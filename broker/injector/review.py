@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ MAX_UID = 256
 MAX_WARNING = 256
 MAX_WARNINGS_TOTAL = 4000
 MAX_MESSAGE = 8000
+# A namespace is a DNS-1123 label; "" is what a cluster-scoped request carries.
+NAMESPACE = re.compile(r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?\Z")
 _REASONS = {400: "BadRequest", 403: "Forbidden", 500: "InternalError"}
 
 Outcome = Patch | Refusal | Skip
@@ -61,6 +64,9 @@ def decode(raw: bytes) -> Review:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise MalformedReview("the body is not JSON") from None
+    except RecursionError:
+        # No pod nests anywhere near Python's recursion limit (about 1000 levels).
+        raise MalformedReview("the body nests too deeply to be a review") from None
     if not isinstance(body, dict):
         raise MalformedReview("expected an AdmissionReview object")
     if body.get("apiVersion") != API_VERSION or body.get("kind") != "AdmissionReview":
@@ -85,6 +91,9 @@ def decode(raw: bytes) -> Review:
         if not isinstance(value, kind):
             raise MalformedReview(f"request.{key}: expected a {kind.__name__}")
         fields[key] = value
+    if not NAMESPACE.match(fields["namespace"]):
+        # It becomes a metrics label and a log field: only what Kubernetes would name.
+        raise MalformedReview("request.namespace: expected a namespace name (a DNS-1123 label)")
     return Review(
         uid=uid,
         namespace=fields["namespace"],

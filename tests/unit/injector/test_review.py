@@ -17,6 +17,7 @@ from broker.injector.review import MalformedReview, Review, admit, answer, decod
 from tests.unit.injector.podkit import CONFIG, container, pod, review
 
 GOOD = review(pod({"containers": [container("app")]}))
+NOT_A_NAMESPACE = "request.namespace: expected a namespace name (a DNS-1123 label)"
 
 
 def raw(value: Any) -> bytes:
@@ -41,8 +42,18 @@ def raw(value: Any) -> bytes:
     (raw({**GOOD, "request": {**GOOD["request"], "namespace": ["a"]}}),
      "request.namespace: expected a str"),
     (raw({**GOOD, "request": {**GOOD["request"], "kind": "Pod"}}), "request.kind: expected a dict"),
+    (b"[" * 100_000 + b"]" * 100_000, "the body nests too deeply to be a review"),
+    (raw(GOOD).replace(b'"object": {', b'"object": {"deep": ' + b"[" * 5000 + b"]" * 5000
+                       + b", ", 1), "the body nests too deeply to be a review"),
+    (raw({**GOOD, "request": {**GOOD["request"], "namespace": "a" * 64}}), NOT_A_NAMESPACE),
+    (raw({**GOOD, "request": {**GOOD["request"], "namespace": "Shop"}}), NOT_A_NAMESPACE),
+    (raw({**GOOD, "request": {**GOOD["request"], "namespace": "shop-"}}), NOT_A_NAMESPACE),
+    (raw({**GOOD, "request": {**GOOD["request"], "namespace": "shop\n"}}), NOT_A_NAMESPACE),
+    (raw({**GOOD, "request": {**GOOD["request"], "namespace": "a.b"}}), NOT_A_NAMESPACE),
 ], ids=["empty", "truncated", "not-utf8", "array", "v1beta1", "wrong-kind", "no-request",
-        "empty-uid", "numeric-uid", "long-uid", "namespace-list", "kind-string"])
+        "empty-uid", "numeric-uid", "long-uid", "namespace-list", "kind-string", "deep-body",
+        "deep-object", "namespace-64", "namespace-upper", "namespace-dash", "namespace-newline",
+        "namespace-dot"])
 def test_malformed_reviews(body: bytes, message: str) -> None:
     with pytest.raises(MalformedReview) as info:
         decode(body)
@@ -54,6 +65,13 @@ def test_a_good_review_decodes() -> None:
     assert (r.uid, r.namespace, r.operation, r.sub_resource) == (
         GOOD["request"]["uid"], "shop", "CREATE", "")
     assert r.pod_create and r.object == GOOD["request"]["object"]
+
+
+@pytest.mark.parametrize("namespace", ["a", "kube-system", "a" * 63, "0-9", ""],
+                         ids=["one", "dashed", "63", "digits", "cluster-scoped"])
+def test_namespace_names_kubernetes_allows(namespace: str) -> None:
+    assert decode(raw({**GOOD, "request": {**GOOD["request"], "namespace": namespace}})
+                  ).namespace == namespace
 
 
 @pytest.mark.parametrize("change", [

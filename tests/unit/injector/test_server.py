@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.injector import server as server_module
-from broker.injector.metrics import InjectorMetrics
+from broker.injector.metrics import MAX_NAMESPACES, OTHER, InjectorMetrics
+from broker.injector.model import Skip
 from broker.injector.preview import PreviewClient
 from broker.injector.server import Injector, build_app
 from broker.injector.settings import InjectorSettings
@@ -98,14 +99,35 @@ async def test_a_refusal_is_a_200_review_that_says_why(
 @pytest.mark.parametrize(("body", "message"), [
     (b"not json", "the body is not JSON"),
     ({"kind": "AdmissionReview"}, "expected kind AdmissionReview, apiVersion admission.k8s.io/v1"),
-], ids=["not-json", "no-version"])
+    (b"[" * 100_000 + b"]" * 100_000, "the body nests too deeply to be a review"),
+    (review({"metadata": {}, "spec": {"nodeSelector": "X"}}, uid="u"), "DEEP"),
+    (review(pod({"containers": [container("app")]}), namespace="n" * 100_000),
+     "request.namespace: expected a namespace name (a DNS-1123 label)"),
+], ids=["not-json", "no-version", "deep", "deep-in-pod", "huge-namespace"])
 async def test_what_is_not_a_review_gets_a_400_json_error(
         webhook: tuple[TestClient, InjectorMetrics], body: Any, message: str) -> None:
     client, metrics = webhook
+    if message == "DEEP":  # an opted-in pod with a field nested far beyond any real one
+        body = json.dumps(body).replace('"X"', "[" * 50_000 + "]" * 50_000).encode()
+        message = "the body nests too deeply to be a review"
     status, got = await post(client, body)
     assert (status, got) == (400, {"error": {"code": "malformed_review", "message": message}})
     assert sample(metrics, "broker_injector_malformed_reviews_total") == 1
     assert sample(metrics, "broker_injector_admission_requests_total", namespace="shop") == 0
+
+
+def test_namespace_labels_are_bounded() -> None:
+    metrics = InjectorMetrics()
+    outcome = Skip("not_a_pod_create")
+    for i in range(MAX_NAMESPACES + 100):
+        metrics.observe(f"ns-{i}", outcome, 0.001)
+    metrics.observe("ns-0", outcome, 0.001)  # one seen before the cap keeps its own series
+    values = [s.labels["namespace"]
+              for family in metrics.registry.collect() for s in family.samples
+              if s.name == "broker_injector_admission_requests_total"]
+    assert len(values) == MAX_NAMESPACES + 1 and values.count(OTHER) == 1
+    assert sample(metrics, "broker_injector_admission_requests_total", namespace=OTHER) == 100
+    assert sample(metrics, "broker_injector_admission_requests_total", namespace="ns-0") == 2
 
 
 async def test_http_errors_are_json(webhook: tuple[TestClient, InjectorMetrics]) -> None:
