@@ -128,6 +128,16 @@ def _pod_problems(pod: PodView, spec: InjectionSpec, config: InjectorSettings) -
             f"spec.volumes: {', '.join(taken_volumes)} already exists; the injector adds "
             f"volumes of that name (is {STATUS_KEY} missing from an injected pod?)"
         )
+    for c in (*pod.init_containers, *pod.containers):
+        # The token is the agent's alone, and an app sees the credentials only read-only
+        # where the injector mounts them: a mount that borrows either is refused.
+        borrowed = sorted(v for v in OUR_VOLUMES if mounts_volume(c, v))
+        if borrowed:
+            problems.append(
+                f"container {c['name']!r} mounts {' and '.join(borrowed)}, which only the "
+                "injector may add and mount (the agent's token; the credentials, read-only "
+                "in the containers it selects): remove the mount"
+            )
     taken = sorted(OUR_CONTAINERS & pod.container_names())
     if taken:
         problems.append(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from broker.injector.containers import AGENT, AGENT_INIT, CREDENTIALS_VOLUME
+from broker.injector.containers import AGENT, AGENT_INIT, CREDENTIALS_VOLUME, TOKEN_VOLUME
 from broker.injector.model import (
     Patch,
     PreviewAnswer,
@@ -81,10 +81,25 @@ def mounted(obj: dict[str, Any]) -> set[str]:
      "spec.initContainers[0]: expected an object with a name"),
     ({"containers": [container("app")], "securityContext": []},
      "spec.securityContext: expected an object"),
+    ({"containers": [container("app", volumeMounts=[
+        {"name": TOKEN_VOLUME, "mountPath": "/stolen"}])]},
+     "container 'app' mounts ephemeral-broker-token, which only the injector may add"),
+    ({"containers": [container("app")], "initContainers": [container("setup", volumeMounts=[
+        {"name": CREDENTIALS_VOLUME, "mountPath": "/rw"}])]},
+     "container 'setup' mounts ephemeral-broker-credentials, which only the injector may add"),
+    ({"containers": [container("app"), container("side", volumeMounts=[
+        {"name": CREDENTIALS_VOLUME, "mountPath": "/rw"},
+        {"name": TOKEN_VOLUME, "mountPath": "/t"}])]},
+     "container 'side' mounts ephemeral-broker-credentials and ephemeral-broker-token, which "
+     "only the injector may add"),
+    ({"containers": [container("app")], "volumes": [{"name": TOKEN_VOLUME, "emptyDir": {}}]},
+     "spec.volumes: ephemeral-broker-token already exists"),
 ], ids=["mount-path-taken", "volume-name-taken", "agent-name-taken", "agent-init-name-taken",
         "ready-port-taken", "windows", "no-containers", "containers-not-a-list",
         "container-without-name", "mounts-not-a-list", "mount-not-an-object",
-        "volumes-not-a-list", "init-not-an-object", "security-context-not-an-object"])
+        "volumes-not-a-list", "init-not-an-object", "security-context-not-an-object",
+        "app-borrows-the-token", "init-borrows-the-credentials", "borrows-both",
+        "token-volume-name-taken"])
 def test_pod_problems_are_refused_with_where(spec: dict[str, Any], message: str) -> None:
     outcome = mutate(pod(spec), "shop", CONFIG)
     assert isinstance(outcome, Refusal) and message in outcome.message, outcome

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.injector.annotations import KEYGEN_FORMATS
+from broker.injector.containers import OUR_VOLUMES
 from broker.injector.model import Patch, Refusal, Skip
 from broker.injector.mutate import mutate
 from tests.unit.injector.podkit import (
@@ -176,7 +177,8 @@ def one_fault(draw: st.DrawFn) -> tuple[dict[str, Any], str, str]:
     ann = meta["annotations"]
     named = ann.get(P + "containers")
     selected = named.split(",") if named else [c["name"] for c in spec["containers"]]
-    faults = ["mount", "windows", "annotation", "unknown-key", "unknown-container", "label"]
+    faults = ["mount", "windows", "annotation", "unknown-key", "unknown-container", "label",
+              "borrow"]
     if ann.get(P + "mode", "native") != "init-only":
         faults.append("port")
     fault = draw(st.sampled_from(faults))
@@ -188,6 +190,14 @@ def one_fault(draw: st.DrawFn) -> tuple[dict[str, Any], str, str]:
         target["volumeMounts"] = [*(target.get("volumeMounts") or []),
                                   {"name": "v-fault", "mountPath": MOUNT}]
         return obj, "refusal", f"container {name!r} already mounts a volume at {MOUNT}"
+    if fault == "borrow":  # any container, selected or not, init or app
+        target = draw(st.sampled_from([*(spec.get("initContainers") or []),
+                                       *spec["containers"]]))
+        volume = draw(st.sampled_from(sorted(OUR_VOLUMES)))
+        target["volumeMounts"] = [*(target.get("volumeMounts") or []),
+                                  {"name": volume, "mountPath": "/borrowed"}]
+        spec["volumes"] = [*(spec.get("volumes") or []), {"name": volume, "emptyDir": {}}]
+        return obj, "refusal", f"container {target['name']!r} mounts {volume}"
     if fault == "port":
         target = draw(st.sampled_from([*(spec.get("initContainers") or []),
                                        *spec["containers"]]))
