@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,8 @@ async def run_command(
     argv: Sequence[str], cwd: Path, timeout: float = COMMAND_TIMEOUT_S
 ) -> int | None:
     """The command's exit status; None if it could not start or ran past ``timeout``
-    (then it is killed)."""
+    (then it is killed, with its children). Cancelled, it kills them too before the
+    cancellation goes on."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -40,14 +42,28 @@ async def run_command(
     try:
         return await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
+        _kill_group(proc)
         await proc.wait()
         log.warning(
             "rotation command ran too long and was killed",
             extra={"program": argv[0], "timeout_s": timeout},
         )
         return None
+    except asyncio.CancelledError:
+        # The agent is stopping. The command has a session of its own (so its children can
+        # be killed with it), which also means nothing else would ever end it: it would
+        # outlive the agent, still holding what it read of the credential.
+        _kill_group(proc)
+        await proc.wait()
+        log.warning("rotation command killed: the agent is stopping", extra={"program": argv[0]})
+        raise
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command and every process of its group (its children, even where the
+    command itself has just ended: the group lives as long as one of them does)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def processes_named(name: str, proc: Path = Path("/proc")) -> list[int]:

@@ -14,8 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from broker.agent import hooks
 from tests.harness.agent import named_app
+from tests.harness.wait import eventually
 
 
 async def test_command_runs_as_an_exec_array(tmp_path: Path) -> None:
@@ -34,6 +37,31 @@ async def test_command_past_its_time_is_killed_with_its_children(tmp_path: Path)
     started = time.monotonic()
     code = await hooks.run_command(["sh", "-c", "sleep 60 & sleep 60"], tmp_path, timeout=0.5)
     assert code is None and time.monotonic() - started < 30
+
+
+def _running(pid: int) -> bool:
+    """Running, not a zombie nobody reaped (pid 1 of a container may never reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+async def test_a_command_still_running_when_the_agent_stops_is_killed_with_its_children(
+        tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    # The command and a child of it; both would run a minute past the agent.
+    task = asyncio.create_task(hooks.run_command(
+        ["sh", "-c", 'sleep 60 & echo "$$ $!" > pids.tmp; mv pids.tmp pids; wait'], tmp_path))
+    await eventually(pids.exists, "the command started")
+    command, child = map(int, pids.read_text().split())
+    assert _running(command) and _running(child)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: not _running(command) and not _running(child),
+                     "the command and its child are gone")
 
 
 async def test_signal_reaches_processes_of_that_name_only(tmp_path: Path) -> None:
