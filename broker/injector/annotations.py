@@ -68,6 +68,15 @@ RESOURCE_KEYS = {
     "agent-memory-limit": ("limits", "memory"),
 }
 GLOBAL_KEYS = ("inject", "status", "mode", "on-exit", "containers", *RESOURCE_KEYS)
+# Bounds checked before any key is looked at, so that the work per pod stays small
+# whatever a hand-made review carries: no valid pod has more keys under the prefix than
+# every global key and every option of MAX_CREDENTIALS credentials, and the API server
+# refuses a pod whose annotations together pass 256 KiB.
+MAX_KEYS = len(GLOBAL_KEYS) + len(PER_CREDENTIAL) * MAX_CREDENTIALS
+MAX_ANNOTATION_BYTES = 256 * 1024
+# "Did you mean" for the first few unknown keys only: each costs a comparison with every
+# known key.
+MAX_HINTS = 3
 
 
 @dataclass(frozen=True)
@@ -208,8 +217,8 @@ class _Reader:
             self.options.setdefault(name, {})[OPTION_FIELDS[kind]] = option
 
     def finish(self) -> InjectionSpec:
-        for key in self.unknown:
-            self.problems.append(_unknown(key, self.roles))
+        for i, key in enumerate(self.unknown):
+            self.problems.append(_unknown(key, self.roles, hint=i < MAX_HINTS))
         self._check_options()
         self._check_resources()
         if self.mode == "init-only" and self.on_exit not in (None, "keep"):
@@ -304,12 +313,14 @@ class _Reader:
                 )
 
 
-def _unknown(key: str, credentials: Mapping[str, str]) -> str:
-    known = [*GLOBAL_KEYS, *(p + n for p in PER_CREDENTIAL for n in credentials)]
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+def _unknown(key: str, credentials: Mapping[str, str], *, hint: bool) -> str:
+    close = []
+    if hint:
+        known = [*GLOBAL_KEYS, *(p + n for p in PER_CREDENTIAL for n in credentials)]
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    hint_text = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
     return (
-        f"{PREFIX}{key}: unknown annotation{hint}; expected {', '.join(GLOBAL_KEYS)}, or "
+        f"{PREFIX}{key}: unknown annotation{hint_text}; expected {', '.join(GLOBAL_KEYS)}, or "
         f"{', '.join(PER_CREDENTIAL)} followed by a credential name (version 1 of the "
         "annotation contract)"
     )
@@ -419,6 +430,33 @@ def _signal(key: str, value: str, share_process_namespace: bool) -> str:
     return value
 
 
+def _size(text: object) -> int:
+    return len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+
+
+def _bounded(annotations: Mapping[str, object]) -> dict[str, object]:
+    """The annotations under the prefix, or ``InvalidAnnotations`` at once when there are
+    more of them, or more bytes in all, than any pod that could be admitted has."""
+    size = sum(_size(k) + _size(v) for k, v in annotations.items())
+    if size > MAX_ANNOTATION_BYTES:
+        raise InvalidAnnotations(
+            [
+                f"metadata.annotations: {size} bytes in all, more than Kubernetes allows "
+                f"({MAX_ANNOTATION_BYTES})"
+            ]
+        )
+    ours = {k: v for k, v in annotations.items() if isinstance(k, str) and k.startswith(PREFIX)}
+    if len(ours) > MAX_KEYS:
+        raise InvalidAnnotations(
+            [
+                f"{PREFIX}*: {len(ours)} annotations under the prefix, more than a pod can "
+                f"use (at most {MAX_KEYS}: {len(GLOBAL_KEYS)} for the pod and "
+                f"{len(PER_CREDENTIAL)} per credential, {MAX_CREDENTIALS} credentials at most)"
+            ]
+        )
+    return ours
+
+
 def parse(
     annotations: Mapping[str, object],
     *,
@@ -426,10 +464,9 @@ def parse(
     defaults: AgentResources,
 ) -> InjectionSpec:
     """The pod's ``InjectionSpec``; ``InvalidAnnotations`` naming every refused key."""
+    ours = _bounded(annotations)
     reader = _Reader(share_process_namespace, defaults)
-    for full_key, value in sorted(annotations.items(), key=lambda kv: str(kv[0])):
-        if not isinstance(full_key, str) or not full_key.startswith(PREFIX):
-            continue
+    for full_key, value in sorted(ours.items()):
         key = full_key.removeprefix(PREFIX)
         if not isinstance(value, str):
             reader.problems.append(_expect(key, "a string value"))

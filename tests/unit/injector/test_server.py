@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from broker.injector.model import Skip
 from broker.injector.preview import PreviewClient
 from broker.injector.server import Injector, build_app
 from broker.injector.settings import InjectorSettings
+from tests.harness.wait import eventually
 from tests.unit.injector.podkit import CONFIG, P, apply, check_injected, container, pod, review
 
 ADMIN_TOKEN = "injector-admin-token-for-tests"
@@ -114,6 +116,32 @@ async def test_what_is_not_a_review_gets_a_400_json_error(
     assert (status, got) == (400, {"error": {"code": "malformed_review", "message": message}})
     assert sample(metrics, "broker_injector_malformed_reviews_total") == 1
     assert sample(metrics, "broker_injector_admission_requests_total", namespace="shop") == 0
+
+
+async def test_a_slow_decision_does_not_hold_up_the_webhook(
+        webhook: tuple[TestClient, InjectorMetrics], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision runs off the event loop: while one is busy, /healthz answers."""
+    client, _ = webhook
+    started, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+    real = server_module.admit
+
+    def slow(*args: Any) -> Any:
+        started.set()
+        released.append(release.wait(10))  # on the event loop, this would block /healthz
+        return real(*args)
+
+    monkeypatch.setattr(server_module, "admit", slow)
+    pending = asyncio.create_task(post(client, review(pod({"containers": [container("app")]}))))
+    try:
+        await eventually(started.is_set, "the decision started")
+        async with client.get("/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        release.set()
+    status, body = await pending
+    assert status == 200 and "patch" in body["response"]
+    assert released == [True]
 
 
 def test_namespace_labels_are_bounded() -> None:
