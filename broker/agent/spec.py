@@ -35,8 +35,9 @@ ROLE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")  # what the broker takes as a 
 _PERMS = re.compile(r"^0[0-7]{3}\Z")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
-# /proc/PID/comm holds at most 15 bytes (the kernel's TASK_COMM_LEN less its NUL).
-_COMM = re.compile(r"^[^\s/:\x00]{1,15}\Z")
+# /proc/PID/comm holds at most 15 bytes (the kernel's TASK_COMM_LEN less its NUL). No ','
+# or '=' either: in ``signal=SIG:PROC`` they would end the value and start another option.
+_COMM = re.compile(r"^[^\s/:\x00,=]{1,15}\Z")
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_BYTES = 4096
 MAX_TEMPLATE_BYTES = 16 * 1024
@@ -47,7 +48,13 @@ _KEYGEN_FORMATS = ("json", "pem", "template")
 
 class SpecError(ValueError):
     """A ``--credential`` or ``--template`` the agent cannot use; the message says what
-    to fix."""
+    to fix. ``credential`` names it where known, ``option`` is what is wrong: NAME, ROLE,
+    an option's key, or template (the injector turns these into an annotation's name)."""
+
+    def __init__(self, message: str, *, credential: str = "", option: str = "") -> None:
+        super().__init__(message)
+        self.credential = credential
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class CredentialSpec:
 
 def _fail(name: str, key: str, expected: str) -> SpecError:
     where = f"--credential {name}" if name else "--credential"
-    return SpecError(f"{where}: {key}: {expected}")
+    return SpecError(f"{where}: {key}: {expected}", credential=name, option=key)
 
 
 def parse_credential(text: str) -> CredentialSpec:
@@ -224,13 +231,13 @@ def _signal(name: str, value: str | None) -> SignalTarget | None:
             name,
             "signal",
             "the process name is what /proc/PID/comm holds: 1-15 characters, no space, "
-            "'/' or ':' (the kernel cuts longer names to 15)",
+            "'/', ':', ',' or '=' (the kernel cuts longer names to 15)",
         )
     return SignalTarget(sig, process)
 
 
 def _command(name: str, text: str) -> tuple[str, ...]:
-    if len(text.encode()) > MAX_COMMAND_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
         raise _fail(name, "command", f"at most {MAX_COMMAND_BYTES} bytes")
     try:
         argv = json.loads(text)
@@ -244,7 +251,7 @@ def _command(name: str, text: str) -> tuple[str, ...]:
     if (
         not isinstance(argv, list)
         or not argv
-        or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+        or not all(isinstance(a, str) and "\x00" not in a and _encodable(a) for a in argv)
     ):
         raise _fail(name, "command", "expected a non-empty JSON array of strings (an exec array)")
     if not argv[0]:
@@ -254,21 +261,35 @@ def _command(name: str, text: str) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def _encodable(text: str) -> bool:
+    """No lone surrogate (``"\\ud800"`` in JSON): an argument exec cannot pass on."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_template(text: str) -> tuple[str, str]:
     """One ``--template NAME=TEXT``: (name, text), the text a valid ``string.Template``."""
     name, sep, body = text.partition("=")
     if not sep or not NAME.match(name):
         raise SpecError("--template: expected NAME=TEXT, NAME the credential's name")
-    if len(body.encode()) > MAX_TEMPLATE_BYTES:
-        raise SpecError(f"--template {name}: at most {MAX_TEMPLATE_BYTES} bytes")
+    if len(body.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
+        raise _template_error(name, f"at most {MAX_TEMPLATE_BYTES} bytes")
     if not body:
-        raise SpecError(f"--template {name}: the template is empty")
+        raise _template_error(name, "the template is empty")
     if not string.Template(body).is_valid():
-        raise SpecError(
-            f"--template {name}: not a valid template: use ${{key}} or $key for a field of "
-            "the credential's data and $$ for a literal $"
+        raise _template_error(
+            name,
+            "not a valid template: use ${key} or $key for a field of the credential's data "
+            "and $$ for a literal $",
         )
     return name, body
+
+
+def _template_error(name: str, problem: str) -> SpecError:
+    return SpecError(f"--template {name}: {problem}", credential=name, option="template")
 
 
 def build_specs(
@@ -283,7 +304,7 @@ def build_specs(
     for t in templates:
         name, text = parse_template(t)
         if name in texts:
-            raise SpecError(f"--template {name}: given twice")
+            raise _template_error(name, "given twice")
         texts[name] = text
     seen: dict[str, str] = {}
     out: list[CredentialSpec] = []
@@ -300,8 +321,8 @@ def build_specs(
                 raise _fail(spec.name, "format", f"template needs --template {spec.name}=TEXT")
             spec = replace(spec, template=body)
         elif body is not None:
-            raise SpecError(f"--template {spec.name}: that credential's format is {spec.format}")
+            raise _template_error(spec.name, f"that credential's format is {spec.format}")
         out.append(spec)
     if texts:
-        raise SpecError(f"--template {sorted(texts)[0]}: no --credential of that name")
+        raise _template_error(sorted(texts)[0], "no --credential of that name")
     return tuple(out)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from broker.agent.spec import MAX_COMMAND_ARGS, MAX_COMMAND_BYTES, MAX_TEMPLATE_BYTES
 from broker.durations import parse_duration
 from broker.injector.model import INJECT_KEY, PREFIX, STATUS_KEY
 from broker.injector.quantity import EXPECTED as QUANTITY_EXPECTED
@@ -33,15 +34,18 @@ KEYGENS = ("ec-p256", "rsa-2048", "ed25519")
 # Signals a rotation may send: the ones servers conventionally reload or reopen on.
 SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGINT", "SIGQUIT", "SIGTERM")
 MAX_CREDENTIALS = 32  # the policy preview's bound on roles, and plenty for one pod
-MAX_TEMPLATE = 16 * 1024
-MAX_COMMAND = 4 * 1024
+# The agent's own limits, in UTF-8 bytes as it counts them: what is admitted, it takes.
+# (A command's annotation is never shorter than the compact JSON emitted from it.)
+MAX_TEMPLATE = MAX_TEMPLATE_BYTES
+MAX_COMMAND = MAX_COMMAND_BYTES
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 ROLE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 CONTAINER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PERMS = re.compile(r"^0[0-7]{3}\Z")
-# The process name is what /proc/PID/comm holds: at most 15 bytes, cut by the kernel.
-_SIGNAL = re.compile(r"^(?P<signal>SIG[A-Z0-9]{1,10}):(?P<process>[^\s/:\x00]{1,15})\Z")
+# The process name is what /proc/PID/comm holds: at most 15 bytes, cut by the kernel; no
+# ',' or '=', which would end ``signal=`` on the agent's command line and start an option.
+_SIGNAL = re.compile(r"^(?P<signal>SIG[A-Z0-9]{1,10}):(?P<process>[^\s/:\x00,=]{1,15})\Z")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _COMMON_NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 MAX_COMMON_NAME = 64  # X.509's upper bound for a CN
@@ -371,8 +375,8 @@ def _template(key: str, value: str) -> str:
         "a Python string.Template over the response's data, like "
         "'postgres://${username}:${password}@db/app' ($$ for a literal $)",
     )
-    if not value or len(value) > MAX_TEMPLATE or "\x00" in value:
-        return _Problem(f"{problem} (1 to {MAX_TEMPLATE} characters, no NUL)")
+    if not value or _size(value) > MAX_TEMPLATE or "\x00" in value:
+        return _Problem(f"{problem} (1 to {MAX_TEMPLATE} bytes, no NUL)")
     if not string.Template(value).is_valid():
         return _Problem(f"{problem}; a '$' is not followed by a name or {{name}}")
     return value
@@ -396,8 +400,8 @@ def _command(key: str, value: str) -> str | tuple[str, ...]:
         'a JSON array of strings, the program first, like ["nginx", "-s", "reload"] '
         "(run directly, never through a shell)"
     )
-    if len(value) > MAX_COMMAND:
-        return _expect(key, f"{what}, at most {MAX_COMMAND} characters")
+    if _size(value) > MAX_COMMAND:
+        return _expect(key, f"{what}, at most {MAX_COMMAND} bytes")
     try:
         argv = json.loads(value)
     except ValueError:
@@ -405,11 +409,22 @@ def _command(key: str, value: str) -> str | tuple[str, ...]:
     if (
         not isinstance(argv, list)
         or not argv
-        or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+        or not all(isinstance(a, str) and "\x00" not in a and _encodable(a) for a in argv)
         or not argv[0].strip()
     ):
         return _expect(key, what, value)
+    if len(argv) > MAX_COMMAND_ARGS:
+        return _expect(key, f"{what}, at most {MAX_COMMAND_ARGS} of them")
     return tuple(argv)
+
+
+def _encodable(text: str) -> bool:
+    """No lone surrogate (``"\\ud800"`` in the JSON): exec could not pass it on."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _signal(key: str, value: str, share_process_namespace: bool) -> str:
@@ -418,7 +433,8 @@ def _signal(key: str, value: str, share_process_namespace: bool) -> str:
         return _expect(
             key,
             f"SIGNAL:PROCESS_NAME like SIGHUP:nginx (SIGNAL one of {', '.join(SIGNALS)}; "
-            "PROCESS_NAME as in /proc/PID/comm, at most 15 characters)",
+            "PROCESS_NAME as in /proc/PID/comm, at most 15 characters, no space, '/', ':', "
+            "',' or '=')",
             value,
         )
     if not share_process_namespace:

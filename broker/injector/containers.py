@@ -73,7 +73,9 @@ def credential_arg(c: CredentialSpec) -> str:
     if c.signal is not None:
         parts.append(f"signal={c.signal}")
     if c.command is not None:
-        parts.append("command=" + json.dumps(list(c.command), separators=(",", ":")))
+        # Unescaped UTF-8, as the agent counts its limit: never longer than the annotation.
+        command = json.dumps(list(c.command), separators=(",", ":"), ensure_ascii=False)
+        parts.append("command=" + command)
     return ",".join(parts)
 
 

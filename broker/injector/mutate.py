@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.injector.agentargs import agent_problems
 from broker.injector.annotations import (
     InjectionSpec,
     InvalidAnnotations,
@@ -199,7 +200,7 @@ def _plan(pod: PodView, config: InjectorSettings) -> _Plan | Refusal:
         )
     except InvalidAnnotations as exc:
         return Refusal("; ".join(exc.problems))
-    problems = _pod_problems(pod, spec, config)
+    problems = _pod_problems(pod, spec, config) + agent_problems(spec, config)
     insert_at = _insert_at(pod.init_containers)
     selected = _select(pod, spec.containers, insert_at)
     if isinstance(selected, str):

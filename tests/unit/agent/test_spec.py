@@ -97,6 +97,11 @@ BAD = [
      "signal-process-too-long"),
     ("db=r,signal=SIGHUP:/usr/bin/x", "signal: the process name", "signal-process-path"),
     ("db=r,signal=SIGHUP:a b", "signal: the process name", "signal-process-space"),
+    # '=' (and ',', which ends the value before the agent sees it) would let a process name
+    # carry another option: signal=SIGHUP:x,perms=0644 is two options to this parser.
+    ("db=r,signal=SIGHUP:x=y", "signal: the process name", "signal-process-equals"),
+    ("db=r,signal=SIGHUP:a,perms=0644,perms=0400", "perms: given twice",
+     "signal-process-comma-is-another-option"),
     ("db=r,command=nginx -s reload", "command: expected a JSON array", "command-shell-string"),
     ("db=r,command=[]", "command: expected a non-empty JSON array", "command-empty"),
     ('db=r,command="nginx"', "command: expected a non-empty JSON array", "command-string"),
@@ -108,6 +113,10 @@ BAD = [
      "command-too-many"),
     ("db=r,command=" + json.dumps(["a" * 5000]), "command: at most 4096 bytes",
      "command-too-long"),
+    ("db=r,command=" + json.dumps(["é" * 2100], ensure_ascii=False),
+     "command: at most 4096 bytes", "command-too-many-bytes"),
+    ('db=r,command=["a","\\ud800"]', "command: expected a non-empty JSON array",
+     "command-lone-surrogate"),
 ]
 
 
@@ -128,6 +137,27 @@ def test_an_error_names_the_credential_and_never_repeats_a_template() -> None:
     with pytest.raises(SpecError) as err:
         build_specs(["t=r,format=template"], ["t=secret-looking ${"])
     assert "secret-looking" not in str(err.value)
+
+
+@pytest.mark.parametrize(("creds", "templates", "credential", "option"), [
+    (["db=r,perms=0777"], [], "db", "perms"),
+    (["db=r,keygen=ec-p256,cn=a b"], [], "db", "cn"),
+    (["Db=r"], [], "", "NAME"),
+    (["db=R"], [], "db", "ROLE"),
+    (['db=r,command=["a"],ttl=1s'], [], "db", "command"),
+    (["a=r", "a=q"], [], "a", "NAME"),
+    (["t=r,format=template"], [], "t", "format"),
+    (["t=r,format=template"], ["t=$"], "t", "template"),
+    (["t=r"], ["t=x"], "t", "template"),
+    (["t=r,format=template"], ["t=x", "u=y"], "u", "template"),
+], ids=["perms", "cn", "name", "role", "command", "twice", "template-missing", "template-bad",
+        "template-unused", "template-orphan"])
+def test_an_error_says_which_credential_and_which_option(
+        creds: list[str], templates: list[str], credential: str, option: str) -> None:
+    """What the injector names the annotation by, when it checks what it emits."""
+    with pytest.raises(SpecError) as err:
+        build_specs(creds, templates)
+    assert (err.value.credential, err.value.option) == (credential, option)
 
 
 def test_signal_number() -> None:
@@ -187,6 +217,8 @@ BUILD_BAD = [
      "template-attribute"),
     (["t=r,format=template"], ["t=" + "x" * 16385], "--template t: at most 16384 bytes",
      "template-too-long"),
+    (["t=r,format=template"], ["t=" + "é" * 8193], "--template t: at most 16384 bytes",
+     "template-too-many-bytes"),
 ]
 
 

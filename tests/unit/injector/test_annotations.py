@@ -108,6 +108,17 @@ REFUSALS = [
     ({P + "command-db": '{"cmd": "a"}'}, "ephemeral-broker/command-db: expected a JSON array"),
     ({P + "command-db": '["a\\u0000b"]'}, "ephemeral-broker/command-db: expected a JSON"),
     ({P + "command-db": '["' + "a" * 5000 + '"]'}, "ephemeral-broker/command-db: expected"),
+    # The agent's limits, counted as the agent counts them: in arguments, and in bytes.
+    ({P + "command-db": '["x"' + ',"a"' * 64 + "]"}, "ephemeral-broker/command-db: expected "
+     'a JSON array of strings, the program first, like ["nginx", "-s", "reload"] (run '
+     "directly, never through a shell), at most 64 of them"),
+    ({P + "command-db": '["x","' + "é" * 2100 + '"]'}, "ephemeral-broker/command-db: expected "
+     "a JSON array of strings, the program first, like"),
+    ({P + "command-db": '["x","\\ud800"]'}, "ephemeral-broker/command-db: expected a JSON"),
+    ({P + "format-db": "template", P + "template-db": "é" * 9000},
+     "ephemeral-broker/template-db: expected a Python string.Template over the response's "
+     "data, like 'postgres://${username}:${password}@db/app' ($$ for a literal $) (1 to 16384 "
+     "bytes, no NUL)"),
     ({P + "signal-db": "SIGHUP:nginx"}, "ephemeral-broker/signal-db: the agent can signal "
      "another container's process only when the pod sets shareProcessNamespace: true"),
     ({P + "ttl-db": "soon"}, "ephemeral-broker/ttl-db: expected a duration like 15m"),
@@ -201,7 +212,10 @@ def test_signal_with_a_shared_process_namespace_is_accepted(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["SIGKILL:nginx", "SIGSTOP:x", "HUP:nginx", "SIGHUP",
                                    "SIGHUP:", "SIGHUP:a-process-name-too-long", "SIGHUP:a b",
-                                   "SIGHUP:../x", "SIGHUP:a:b", "SIGHUP:a\tb"])
+                                   "SIGHUP:../x", "SIGHUP:a:b", "SIGHUP:a\tb",
+                                   # each would be another option on the agent's command line
+                                   "SIGHUP:a,ttl=1s", "SIGHUP:x,perms=0644", "SIGHUP:a,cn=b",
+                                   "SIGHUP:a=b", "SIGHUP:a,"])
 def test_bad_signals(value: str) -> None:
     got = refused({P + "credential-db": "r", P + "signal-db": value}, shareProcessNamespace=True)
     assert got.startswith("ephemeral-broker/signal-db: expected SIGNAL:PROCESS_NAME"), got
