@@ -55,8 +55,11 @@ class PreviewQuery:
     roles: tuple[str, ...]
 
     @property
-    def subject(self) -> str:
-        return str(self.claims["sub"])
+    def workload(self) -> str:
+        """``namespace/serviceaccount``: whom the verdicts are about, as a pod's creator
+        would name it."""
+        k8s = self.claims["kubernetes.io"]
+        return f"{k8s['namespace']}/{k8s['serviceaccount']['name']}"
 
     def body(self) -> dict[str, Any]:
         return {"issuer": self.issuer, "claims": self.claims, "roles": list(self.roles)}
@@ -64,15 +67,18 @@ class PreviewQuery:
 
 @dataclass(frozen=True)
 class RoleVerdict:
+    """The broker's verdict on one role: granted or not, and its stable code. Not its
+    reason: that sentence names rules and says whether a role exists, which is the policy
+    team's to read (``brokerctl policy explain``), not whoever may create a pod."""
+
     role: str
     granted: bool
     code: str | None
-    reason: str
 
 
 @dataclass(frozen=True)
 class PreviewAnswer:
-    subject: str
+    workload: str  # namespace/serviceaccount
     verdicts: tuple[RoleVerdict, ...]
 
 

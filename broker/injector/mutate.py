@@ -261,7 +261,9 @@ def preview_effect(
     preview: Preview, spec: InjectionSpec, *, strict: bool
 ) -> tuple[list[str], Refusal | None]:
     """Warnings (and with ``strict``, a refusal) from the broker's policy preview. A
-    preview that could not be had is only ever a warning."""
+    preview that could not be had is only ever a warning. They name the role and the
+    broker's code, never why: the pod's creator may not read the policy, and the reason
+    would tell them which rules exist and whether a role does."""
     if not isinstance(preview, PreviewAnswer):
         return [
             f"the broker's policy preview is not available ({preview.reason}); the agent "
@@ -277,8 +279,8 @@ def preview_effect(
         keys = ", ".join(f"{PREFIX}credential-{n}" for n in names)
         code = f" ({verdict.code})" if verdict.code else ""
         messages.append(
-            f"{keys}: the broker's policy refuses role {verdict.role!r} to "
-            f"{preview.subject}{code}: {verdict.reason}"
+            f"{keys}: role {verdict.role!r} would be refused{code} for {preview.workload}: "
+            "ask your platform team or see `brokerctl policy explain`"
         )
     if strict and messages:
         return [], Refusal("; ".join(messages), code=403)

@@ -10,6 +10,7 @@ Authorization header.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,16 @@ from broker.injector.model import (
 from broker.secret import Secret
 
 PATH = "/v1/admin/policy/preview"
+# A refusal's code as the broker's error codes are spelled (role_not_permitted, role_locked):
+# anything else is not passed on to the pod's creator.
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
 def parse_answer(query: PreviewQuery, status: int, body: object) -> Preview:
     """The broker's HTTP answer as a ``Preview``. Pure. Anything but a well-formed 200 is
     ``PreviewUnavailable`` naming the status and the broker's error code (never more of
-    the body, which is the broker's to word)."""
+    the body, which is the broker's to word). Of each verdict only the role, whether it is
+    granted and the code are kept: the reason stays with the broker."""
     if status != 200:
         error = body.get("error") if isinstance(body, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
@@ -48,16 +53,15 @@ def parse_answer(query: PreviewQuery, status: int, body: object) -> Preview:
             or not isinstance(item.get("granted"), bool)
         ):
             return PreviewUnavailable("the broker's answer is not understood")
-        code, reason = item.get("code"), item.get("reason")
+        code = item.get("code")
         verdicts.append(
             RoleVerdict(
                 role=item["role"],
                 granted=item["granted"],
-                code=code if isinstance(code, str) else None,
-                reason=reason[:300] if isinstance(reason, str) else "no reason given",
+                code=code if isinstance(code, str) and _CODE.match(code) else None,
             )
         )
-    return PreviewAnswer(subject=query.subject, verdicts=tuple(verdicts))
+    return PreviewAnswer(workload=query.workload, verdicts=tuple(verdicts))
 
 
 class PreviewClient:

@@ -311,9 +311,9 @@ async def test_preview_warnings_for_refused_roles(tmp_path: Path) -> None:
         status, body = await post(client, review(obj))
         assert status == 200 and body["response"]["allowed"] is True
         assert body["response"]["warnings"] == [
-            "ephemeral-broker/credential-cache: the broker's policy refuses role 'app-redis' "
-            "to system:serviceaccount:shop:checkout (role_not_permitted): no rule applies to "
-            "this identity (deny by default)"]
+            "ephemeral-broker/credential-cache: role 'app-redis' would be refused "
+            "(role_not_permitted) for shop/checkout: ask your platform team or see "
+            "`brokerctl policy explain`"]
         assert stub.asked == [(f"Bearer {ADMIN_TOKEN}", {
             "issuer": "k8s-prod",
             "claims": {"sub": "system:serviceaccount:shop:checkout",
@@ -326,6 +326,46 @@ async def test_preview_warnings_for_refused_roles(tmp_path: Path) -> None:
         await close()
 
 
+def oracle_answer(body: dict[str, Any]) -> web.Response:
+    """What a real broker says: reasons that name its rules and whether a role exists."""
+    reasons = {"payments-rw": "rule 'prod-payments' allows role 'payments-rw'",
+               "orders-ro": "rules 'prod-payments' apply to this identity but none allows "
+                            "role 'orders-ro'",
+               "nope": "role 'nope' does not exist",
+               "odd": "role 'odd' is locked by rule 'x'"}
+    codes = {"payments-rw": None, "orders-ro": "role_not_permitted", "nope": "role_not_permitted",
+             "odd": "Role Locked: see rule x"}
+    return web.json_response({"roles": [
+        {"role": r, "granted": codes[r] is None, "code": codes[r], "reason": reasons[r],
+         "rule": "prod-payments" if codes[r] is None else None} for r in body["roles"]]})
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["warning", "strict"])
+async def test_the_brokers_reasons_never_reach_the_pods_creator(
+        tmp_path: Path, strict: bool) -> None:
+    """Whoever may create a pod must not learn the policy from admission: which rules
+    exist, which apply to them, whether a role exists. Only role, code and whom."""
+    (client, close), _, _ = await with_preview(tmp_path, oracle_answer, strict=strict)
+    annotations = {P + "credential-a": "payments-rw", P + "credential-b": "orders-ro",
+                   P + "credential-c": "nope", P + "credential-d": "odd"}
+    try:
+        obj = pod({"containers": [container("app")], "serviceAccountName": "api"}, annotations)
+        status, body = await post(client, review(obj, namespace="payments"))
+        assert status == 200
+        said = (body["response"]["status"]["message"].split("; ") if strict
+                else body["response"]["warnings"])
+    finally:
+        await close()
+    hint = "for payments/api: ask your platform team or see `brokerctl policy explain`"
+    assert sorted(said) == [
+        f"{P}credential-b: role 'orders-ro' would be refused (role_not_permitted) {hint}",
+        f"{P}credential-c: role 'nope' would be refused (role_not_permitted) {hint}",
+        f"{P}credential-d: role 'odd' would be refused {hint}",
+    ]
+    for leak in ("prod-payments", "exist", "rule", "locked", "Locked", "apply"):
+        assert all(leak not in s for s in said), leak
+
+
 async def test_strict_refuses_a_pod_whose_role_is_refused(tmp_path: Path) -> None:
     (client, close), _, metrics = await with_preview(tmp_path, contract_answer({"app-redis"}),
                                                      strict=True)
@@ -334,7 +374,7 @@ async def test_strict_refuses_a_pod_whose_role_is_refused(tmp_path: Path) -> Non
         assert status == 200 and body["response"]["allowed"] is False
         assert body["response"]["status"]["code"] == 403
         assert body["response"]["status"]["reason"] == "Forbidden"
-        assert "refuses role 'app-redis'" in body["response"]["status"]["message"]
+        assert "role 'app-redis' would be refused" in body["response"]["status"]["message"]
         status, body = await post(client, review(pod({"containers": [container("app")]},
                                                      {P + "credential-db": "app-db"})))
         assert body["response"]["allowed"] is True and "warnings" not in body["response"]
