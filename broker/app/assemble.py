@@ -169,6 +169,7 @@ def assemble(
         roles=settings.roles,
         rules=settings.policy.rules,
         issuers=settings.identity.issuers,
+        audience=settings.identity.audience,
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(

@@ -54,6 +54,7 @@ class AdminService:
         roles: Mapping[str, RoleSettings],
         rules: tuple[Rule, ...],
         issuers: Sequence[IssuerSettings],
+        audience: str,
     ) -> None:
         self._queries = queries
         self._terminate = terminate
@@ -62,6 +63,7 @@ class AdminService:
         self._roles = roles
         self._rules = rules
         self._issuers = {issuer.name: issuer for issuer in issuers}
+        self._audience = audience
 
     async def instance(
         self, instance_id: str
@@ -131,7 +133,15 @@ class AdminService:
                 "'issuer' is not the name of an issuer configured on this broker",
                 code="invalid_issuer",
             )
-        return preview(settings, claims, roles, ttl, roles=self._roles, rules=self._rules)
+        return preview(
+            settings,
+            claims,
+            roles,
+            ttl,
+            roles=self._roles,
+            rules=self._rules,
+            audience=self._audience,
+        )
 
 
 class LedgerCounts(Protocol):

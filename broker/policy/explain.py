@@ -52,6 +52,20 @@ def explain(
     return out
 
 
+def token_claims(
+    issuer: IssuerSettings, claims: Mapping[str, Any], audience: str
+) -> dict[str, Any]:
+    """``claims`` as a token of ``issuer`` would carry them: ``iss`` and ``aud``, which
+    verification requires of every real token (and a rule may match on), filled in from
+    the configuration where the caller left them out. A Kubernetes projected token
+    carries ``aud`` as a list, as TokenRequest always writes it (and a list matches no
+    string condition, for a preview as for the token)."""
+    out = dict(claims)
+    out.setdefault("iss", issuer.issuer)
+    out.setdefault("aud", [audience] if issuer.kind == "kubernetes" else audience)
+    return out
+
+
 def preview_identity(issuer: IssuerSettings, claims: Mapping[str, Any]) -> Identity:
     """The identity a token of ``issuer`` carrying ``claims`` would map to. A missing
     instance claim maps to "" (unknown at admission). Claims the mapping refuses are a
@@ -83,11 +97,13 @@ def preview(
     *,
     roles: Mapping[str, RoleSettings],
     rules: Sequence[Rule],
+    audience: str,
 ) -> dict[str, Any]:
     """Whether a token of ``issuer`` carrying ``claims`` would be granted each role of
     ``wanted`` (in order, repeats answered again). A refused role carries the code
-    ``POST /v1/credentials`` would answer with, and a human reason."""
-    identity = preview_identity(issuer, claims)
+    ``POST /v1/credentials`` would answer with, and a human reason. ``audience`` is the
+    broker's (``identity.audience``), for a token whose ``aud`` the caller left out."""
+    identity = preview_identity(issuer, token_claims(issuer, claims, audience))
     return {
         "issuer": issuer.name,
         "identity": {

@@ -138,3 +138,29 @@ async def test_a_body_nested_too_deeply_is_malformed_not_a_crash(broker, http, v
         assert (resp.status, answer["error"]) == (400, {
             "code": "malformed_json", "message": "the request body is nested too deeply"}), path
     assert everything(b, vault) == before
+
+
+async def test_rules_on_iss_and_aud_are_previewed_as_the_exchange_decides(
+        make_broker, issuer, http):
+    """The injector sends no iss or aud (a pod's token does not exist yet); the broker fills
+    them in from the issuer's configuration, so a rule that checks them is previewed as the
+    exchange of a real token then decides it."""
+    on = [{"identity": "workload", "exact": "payments"}]
+    rules = [
+        {"name": "by-iss-and-aud", "issuer": "dev", "allow": ["dev-cert"],
+         "match": [*on, {"claim": ["iss"], "exact": issuer.issuer},
+                   {"claim": ["aud"], "exact": issuer.audience}]},
+        {"name": "elsewhere", "issuer": "dev", "allow": ["dev-db"],
+         "match": [*on, {"claim": ["iss"], "exact": "https://elsewhere.example"}]},
+    ]
+    b = await make_broker(overrides={"policy": {"rules": rules}})
+    assert b.settings.identity.audience == issuer.audience
+    status, answer = await preview(http, b, {
+        "issuer": "dev", "claims": {"workload": "payments"}, "roles": ["dev-cert", "dev-db"]})
+    assert status == 200, answer
+    assert [(r["role"], r["granted"], r["rule"]) for r in answer["roles"]] == [
+        ("dev-cert", True, "by-iss-and-aud"), ("dev-db", False, None)]
+    for role, expected in (("dev-cert", 201), ("dev-db", 403)):
+        async with http.post(f"{b.url}/v1/credentials", json={"role": role},
+                             headers=bearer(b.token(f"i-pv-iss-{role}", "payments"))) as resp:
+            assert resp.status == expected, (role, await resp.text())

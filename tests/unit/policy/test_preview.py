@@ -26,6 +26,7 @@ def role(params: dict[str, str] | None = None, **kw: Any) -> RoleSettings:
                                         "params": params or {}, **kw})
 
 
+AUDIENCE = "ephemeral-broker"
 ROLES = {
     "db": RoleSettings.model_validate({"engine": "database", "mount": "database",
                                        "vault_role": "db", "default_ttl": "5m",
@@ -61,7 +62,7 @@ def pod(namespace: str = "payments", sa: str = "api", **extra: Any) -> dict[str,
 
 def run(issuer: IssuerSettings, claims: dict[str, Any], roles: list[str],
         ttl: int | None = None) -> dict[str, Any]:
-    return preview(issuer, claims, roles, ttl, roles=ROLES, rules=RULES)
+    return preview(issuer, claims, roles, ttl, roles=ROLES, rules=RULES, audience=AUDIENCE)
 
 
 def verdict(role_name: str, granted: bool, code: str | None, reason: str, rule_name: str | None,
@@ -181,3 +182,37 @@ def test_a_rule_on_a_claim_sees_the_supplied_claims():
     """Conditions on claims beyond the mapping (here the namespace) read the claims as given."""
     assert run(K8S, pod(namespace="payments", sa="other"), ["db"])["roles"][0]["granted"]
     assert not run(K8S, pod(namespace="payment", sa="api"), ["db"])["roles"][0]["granted"]
+
+
+ON_ISS_AND_AUD = (
+    rule("ci-by-iss", ["db"], issuer="ci",
+         match=[{"claim": ["iss"], "exact": "https://ci.example"}]),
+    rule("ci-by-aud", ["secret"], issuer="ci", match=[{"claim": ["aud"], "exact": AUDIENCE}]),
+    rule("k8s-by-iss", ["db"], issuer="k8s-prod",
+         match=[{"claim": ["iss"], "exact": "https://k8s.example"}]),
+    rule("k8s-by-aud", ["secret"], issuer="k8s-prod",
+         match=[{"claim": ["aud"], "exact": AUDIENCE}]),
+)
+
+
+def granted(issuer: IssuerSettings, claims: dict[str, Any]) -> dict[str, bool]:
+    answer = preview(issuer, claims, ["db", "secret"], None, roles=ROLES, rules=ON_ISS_AND_AUD,
+                     audience=AUDIENCE)
+    return {r["role"]: r["granted"] for r in answer["roles"]}
+
+
+def test_iss_and_aud_are_the_issuers_own_when_the_caller_leaves_them_out():
+    """Every real token carries both (verification requires them), so a rule on them must be
+    previewed as the exchange will decide it; the injector sends neither."""
+    assert granted(GENERIC, {"repo": "org-a"}) == {"db": True, "secret": True}
+    # A Kubernetes projected token's aud is a list, which no string condition matches:
+    # the preview says so, as the exchange would.
+    assert granted(K8S, pod()) == {"db": True, "secret": False}
+
+
+def test_iss_and_aud_the_caller_gives_are_taken_as_given():
+    claims = {"repo": "org-a", "iss": "https://elsewhere.example", "aud": "someone-else"}
+    before = copy.deepcopy(claims)
+    assert granted(GENERIC, claims) == {"db": False, "secret": False}
+    assert claims == before
+    assert granted(K8S, {**pod(), "aud": AUDIENCE}) == {"db": True, "secret": True}
