@@ -14,6 +14,7 @@ start the app containers, which is exactly what the app needs.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from broker.injector.annotations import CredentialSpec, InjectionSpec, OnExit
@@ -29,6 +30,15 @@ OUR_VOLUMES = frozenset({CREDENTIALS_VOLUME, TOKEN_VOLUME})
 PROBE_PERIOD_S = 1
 # tmpfs pages count against the pod's memory; credential files are a few KiB each.
 CREDENTIALS_SIZE_LIMIT = "1Mi"
+
+
+@dataclass(frozen=True)
+class AgentUser:
+    """Who the agent runs as: the configured uid, or the one uid every container that
+    reads the credentials runs as (see ``broker.injector.mutate``)."""
+
+    uid: int
+    gid: int | None = None
 
 
 def volumes(config: InjectorSettings) -> list[dict[str, Any]]:
@@ -110,11 +120,13 @@ def agent_args(
     return args
 
 
-def security_context(config: InjectorSettings) -> dict[str, Any]:
+def security_context(user: AgentUser) -> dict[str, Any]:
     """What the ``restricted`` Pod Security Standard requires of every container."""
+    context: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": user.uid}
+    if user.gid is not None:
+        context["runAsGroup"] = user.gid
     return {
-        "runAsNonRoot": True,
-        "runAsUser": config.agent.run_as_user,
+        **context,
         "readOnlyRootFilesystem": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
@@ -123,7 +135,13 @@ def security_context(config: InjectorSettings) -> dict[str, Any]:
 
 
 def agent_container(
-    spec: InjectionSpec, config: InjectorSettings, *, name: str, once: bool, native: bool
+    spec: InjectionSpec,
+    config: InjectorSettings,
+    *,
+    name: str,
+    once: bool,
+    native: bool,
+    user: AgentUser | None = None,
 ) -> dict[str, Any]:
     """One agent container: ``native`` is the restartable init container (Kubernetes
     1.29+ native sidecar) with its startup probe; ``once`` fetches, writes and exits."""
@@ -139,7 +157,7 @@ def agent_container(
             "requests": dict(spec.resources["requests"]),
             "limits": dict(spec.resources["limits"]),
         },
-        "securityContext": security_context(config),
+        "securityContext": security_context(user or AgentUser(config.agent.run_as_user)),
         "volumeMounts": [
             {"name": CREDENTIALS_VOLUME, "mountPath": agent.mount_path},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},

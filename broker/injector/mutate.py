@@ -38,6 +38,7 @@ from broker.injector.containers import (
     CREDENTIALS_VOLUME,
     OUR_CONTAINERS,
     OUR_VOLUMES,
+    AgentUser,
     agent_container,
     app_mount,
     volumes,
@@ -60,6 +61,7 @@ from broker.injector.pods import (
     mounts_at,
     mounts_volume,
     native_sidecar,
+    run_as_group,
     run_as_user,
     view,
 )
@@ -73,6 +75,7 @@ class _Plan:
     insert_at: int  # the agent's index in initContainers
     apps: list[int]  # spec.containers that get the read-only mount
     inits: list[int]  # spec.initContainers (before the insertion) that get it
+    user: AgentUser
     warnings: list[str]
 
 
@@ -156,8 +159,29 @@ def _pod_problems(pod: PodView, spec: InjectionSpec, config: InjectorSettings) -
     return problems
 
 
+def agent_user(pod: PodView, readers: list[Obj], config: InjectorSettings) -> AgentUser:
+    """The agent runs as the uid of the containers that read the credentials when they
+    all run as one explicit non-root uid (their own ``runAsUser``, else the pod's), and
+    with their ``runAsGroup`` when they share a non-root one: then the files it writes,
+    0400 by default, are theirs to read, and a rotation signal reaches their processes
+    (an agent without capabilities may signal only its own uid's). Otherwise the
+    configured ``agent.run_as_user``, and ``_warnings`` says who cannot read what."""
+    context = pod.pod_security_context
+    uids = {run_as_user(c, context) for c in readers}
+    uid = uids.pop() if len(uids) == 1 else None
+    if uid is None or uid <= 0:
+        return AgentUser(config.agent.run_as_user)
+    gids = {run_as_group(c, context) for c in readers}
+    gid = gids.pop() if len(gids) == 1 else None
+    return AgentUser(uid, gid if gid is not None and gid > 0 else None)
+
+
 def _warnings(
-    pod: PodView, plan_apps: list[Obj], spec: InjectionSpec, config: InjectorSettings
+    pod: PodView,
+    plan_apps: list[Obj],
+    spec: InjectionSpec,
+    config: InjectorSettings,
+    agent_uid: int,
 ) -> list[str]:
     warnings = []
     grace = pod.spec.get("terminationGracePeriodSeconds")
@@ -173,7 +197,6 @@ def _warnings(
             f"spec.hostNetwork: the agent's readiness port {config.agent.ready_port} opens on "
             "the node; two such pods on one node collide"
         )
-    agent_uid = config.agent.run_as_user
     has_fs_group = pod.pod_security_context.get("fsGroup") is not None
     others = []  # containers whose process is known to run as another non-root user
     for container in plan_apps:
@@ -217,7 +240,9 @@ def _plan(pod: PodView, config: InjectorSettings) -> _Plan | Refusal:
             )
     if problems:
         return Refusal("; ".join(problems))
-    return _Plan(pod, spec, insert_at, apps, inits, _warnings(pod, chosen, spec, config))
+    user = agent_user(pod, chosen, config)
+    warnings = _warnings(pod, chosen, spec, config, user.uid)
+    return _Plan(pod, spec, insert_at, apps, inits, user, warnings)
 
 
 def _first_look(pod: object, namespace: str, config: InjectorSettings) -> Skip | Refusal | PodView:
@@ -300,16 +325,17 @@ def _first_pass_ops(plan: _Plan, config: InjectorSettings) -> list[JsonPatchOp]:
         ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes(config)]
     else:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes(config)})
+    user = plan.user
     if spec.mode == "native":
-        first = agent_container(spec, config, name=AGENT, once=False, native=True)
+        first = agent_container(spec, config, name=AGENT, once=False, native=True, user=user)
     else:
-        first = agent_container(spec, config, name=AGENT_INIT, once=True, native=False)
+        first = agent_container(spec, config, name=AGENT_INIT, once=True, native=False, user=user)
     if pod.has_init_containers:
         ops.append({"op": "add", "path": f"/spec/initContainers/{plan.insert_at}", "value": first})
     else:
         ops.append({"op": "add", "path": "/spec/initContainers", "value": [first]})
     if spec.mode == "sidecar":
-        sidecar = agent_container(spec, config, name=AGENT, once=False, native=False)
+        sidecar = agent_container(spec, config, name=AGENT, once=False, native=False, user=user)
         ops.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
     ops.append(
         {"op": "add", "path": f"/metadata/annotations/{_escape(STATUS_KEY)}", "value": "injected"}

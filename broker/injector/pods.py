@@ -35,10 +35,20 @@ def mounts_at(container: Mapping[str, Any], path: str) -> bool:
 
 def run_as_user(container: Mapping[str, Any], pod_context: Mapping[str, Any]) -> int | None:
     """The uid a container's process runs as, where the pod says (None: the image's)."""
+    return _run_as(container, pod_context, "runAsUser")
+
+
+def run_as_group(container: Mapping[str, Any], pod_context: Mapping[str, Any]) -> int | None:
+    """The gid a container's process runs as, where the pod says (None: the image's)."""
+    return _run_as(container, pod_context, "runAsGroup")
+
+
+def _run_as(container: Mapping[str, Any], pod_context: Mapping[str, Any], key: str) -> int | None:
+    # The container's own setting wins over the pod's, as the kubelet applies them.
     for context in (container.get("securityContext") or {}, pod_context):
-        uid = context.get("runAsUser")
-        if isinstance(uid, int) and not isinstance(uid, bool):
-            return uid
+        value = context.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     return None
 
 

@@ -275,6 +275,7 @@ def check_injected(before: dict[str, Any], after: dict[str, Any],
         "audience": config.audience, "expirationSeconds": config.token_expiration_s,
         "path": "token"}}]
     # only the agent sees its token; the selected containers see the credentials read-only
+    readers = []
     for c in _all_containers(spec_after):
         if c["name"] in OUR_CONTAINERS:
             continue
@@ -285,8 +286,17 @@ def check_injected(before: dict[str, Any], after: dict[str, Any],
         if chosen:
             assert cred == [{"name": CREDENTIALS_VOLUME, "mountPath": config.agent.mount_path,
                              "readOnly": True}], c["name"]
+            readers.append(c)
         else:
             assert cred == [], c["name"]
+    # the agent runs as its readers' one non-root uid where they have one, else as configured
+    pod_context = spec_after.get("securityContext") or {}
+    uids = {(c.get("securityContext") or {}).get("runAsUser", pod_context.get("runAsUser"))
+            for c in readers}
+    common = uids.pop() if len(uids) == 1 else None
+    for c in ours:
+        assert c["securityContext"]["runAsUser"] == (
+            common if common else config.agent.run_as_user), (c["name"], common)
     # nothing else about the pod changed
     assert_same_but_ours(before, after)
 

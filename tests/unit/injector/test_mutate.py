@@ -284,20 +284,79 @@ def test_an_unavailable_preview_never_refuses_even_when_strict() -> None:
 # -- warnings -----------------------------------------------------------------------------
 
 def test_warnings_about_the_pods_own_settings() -> None:
-    obj = pod({"containers": [container("app", securityContext={"runAsUser": 1000})],
+    obj = pod({"containers": [container("app", securityContext={"runAsUser": 1000}),
+                              container("worker", securityContext={"runAsUser": 2000})],
                "terminationGracePeriodSeconds": 5, "hostNetwork": True}, DB)
     warnings = first_patch(mutate(obj, "shop", CONFIG)).warnings
+    readers = "'app' (uid 1000), 'worker' (uid 2000)"
     assert warnings == (
         "spec.terminationGracePeriodSeconds (5) is shorter than the agent's exit timeout "
         "(20s): it may be killed before giving back the pod's credentials (the broker's pod "
         "watch still ends them)",
         "spec.hostNetwork: the agent's readiness port 8399 opens on the node; two such pods "
         "on one node collide",
-        "ephemeral-broker/perms-cache: the agent (uid 65532) owns the file (0400); 'app' "
-        "(uid 1000) cannot read it: set the pod's fsGroup and perms 0440",
-        "ephemeral-broker/perms-db: the agent (uid 65532) owns the file (0400); 'app' "
-        "(uid 1000) cannot read it: set the pod's fsGroup and perms 0440",
+        f"ephemeral-broker/perms-cache: the agent (uid 65532) owns the file (0400); {readers} "
+        "cannot read it: set the pod's fsGroup and perms 0440",
+        f"ephemeral-broker/perms-db: the agent (uid 65532) owns the file (0400); {readers} "
+        "cannot read it: set the pod's fsGroup and perms 0440",
     )
+
+
+def _agent_context(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    after = injected(obj)
+    return [c["securityContext"] for c in (*after["spec"]["initContainers"],
+                                           *after["spec"]["containers"])
+            if c["name"] in (AGENT, AGENT_INIT)]
+
+
+def _as(uid: int | None = None, gid: int | None = None) -> dict[str, Any]:
+    context = {"runAsUser": uid, "runAsGroup": gid}
+    return {"securityContext": {k: v for k, v in context.items() if v is not None}}
+
+
+CONFIGURED = (65532, None)
+
+
+@pytest.mark.parametrize(("spec", "annotations", "expected"), [
+    ({"containers": [container("app", **_as(1000))]}, {}, (1000, None)),
+    ({"containers": [container("app"), container("worker")],
+      "securityContext": {"runAsUser": 1000, "runAsGroup": 3000}}, {}, (1000, 3000)),
+    ({"containers": [container("app", **_as(1000, 3000)), container("worker", **_as(1000))],
+      "securityContext": {"runAsGroup": 3000}}, {}, (1000, 3000)),
+    ({"containers": [container("app", **_as(1000, 3000)), container("worker", **_as(1000))]},
+     {}, (1000, None)),
+    ({"containers": [container("app", **_as(1000, 0))]}, {}, (1000, None)),
+    ({"containers": [container("app", **_as(1000)), container("worker", **_as(2000))]},
+     {}, CONFIGURED),
+    ({"containers": [container("app", **_as(2000)), container("worker")],
+      "securityContext": {"runAsUser": 1000}}, {}, CONFIGURED),
+    ({"containers": [container("app", **_as(1000)), container("worker")]}, {}, CONFIGURED),
+    ({"containers": [container("app")]}, {}, CONFIGURED),
+    ({"containers": [container("app", **_as(0))]}, {}, CONFIGURED),
+    ({"containers": [container("app", **_as(1000)), container("worker", **_as(2000))]},
+     {P + "containers": "app"}, (1000, None)),
+    ({"containers": [container("app", **_as(1000))],
+      "initContainers": [container("migrate", **_as(2000))]},
+     {P + "containers": "app,migrate"}, CONFIGURED),
+    ({"containers": [container("app", **_as(1000))]}, {P + "mode": "sidecar"}, (1000, None)),
+    ({"containers": [container("app", **_as(1000))]}, {P + "mode": "init-only"}, (1000, None)),
+], ids=["one-container", "pod-level-with-group", "group-from-pod-and-container",
+        "groups-differ", "root-group", "uids-differ", "container-overrides-pod",
+        "one-uid-unknown", "no-uid", "root", "unselected-container-does-not-count",
+        "init-reader-differs", "sidecar-mode", "init-only"])
+def test_the_agent_runs_as_the_one_uid_its_readers_run_as(
+        spec: dict[str, Any], annotations: dict[str, str], expected: tuple[int, int | None]
+) -> None:
+    """So that 0400 files are readable and a rotation signal reaches the app, without
+    anyone having to know the agent's uid; otherwise the configured one (and a warning
+    where a reader is known to differ)."""
+    obj = pod(spec, {**DB, **annotations})
+    contexts = _agent_context(obj)
+    assert contexts and all(
+        (c["runAsUser"], c.get("runAsGroup")) == expected and c["runAsNonRoot"] is True
+        for c in contexts), contexts
+    if expected != CONFIGURED:
+        assert not any("perms-" in w for w in first_patch(mutate(obj, "shop", CONFIG)).warnings)
 
 
 def test_no_readability_warning_when_the_file_is_readable() -> None:
