@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from broker.agent import answers, files, hooks, keys, plan, state
+from broker.agent import answers, files, hooks, keys, plan, process, state
 from broker.agent.answers import AnswerUnreadable
 from broker.agent.client import Answer, BrokerClient
 from broker.agent.options import AgentConfig
@@ -539,6 +539,7 @@ def main(config: AgentConfig) -> int:
     from broker.logs import configure_logging
 
     configure_logging("info")
+    process.not_dumpable()  # before the token or a credential is ever read
 
     async def run() -> int:
         stop = asyncio.Event()
