@@ -1,6 +1,6 @@
 """``broker injector``'s HTTP side: ``POST /mutate`` (AdmissionReview in, AdmissionReview
 out), ``GET /healthz`` and ``GET /metrics``, over TLS with the certificate reloaded as it
-rotates (``broker.injector.tls``).
+rotates (``broker.tls``).
 
 The handler decodes, asks the broker's policy preview where configured, calls the pure
 decision, encodes. Whatever the pod in a well-formed review looks like, the answer is a
@@ -29,7 +29,7 @@ from broker.injector.mutate import preview_query
 from broker.injector.preview import PreviewClient
 from broker.injector.review import MalformedReview, Outcome, admit, answer, decode
 from broker.injector.settings import InjectorSettings, is_loopback, parse_listen
-from broker.injector.tls import CertificateReloader
+from broker.tls import CertificateReloader
 
 log = logging.getLogger("broker.injector")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
