@@ -28,7 +28,8 @@ from broker.injector.model import PreviewAnswer, Refusal
 from broker.injector.mutate import preview_query
 from broker.injector.preview import PreviewClient
 from broker.injector.review import MalformedReview, Outcome, admit, answer, decode
-from broker.injector.settings import InjectorSettings, is_loopback, parse_listen
+from broker.injector.settings import InjectorSettings, parse_listen
+from broker.settings import is_loopback
 from broker.tls import CertificateReloader
 
 log = logging.getLogger("broker.injector")

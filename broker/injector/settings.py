@@ -4,7 +4,6 @@ runs with no file at all (``--broker-url`` names the broker the agents call)."""
 
 from __future__ import annotations
 
-import ipaddress
 import posixpath
 import re
 from pathlib import Path
@@ -31,15 +30,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if match is None or not 0 <= port <= 65535:
         raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:8443 or [::1]:8443), got {text!r}")
     return match.group("v6") or match.group("host"), port
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _absolute_path(value: str) -> str:
