@@ -51,7 +51,7 @@ def _no_password() -> bytes:
     raise ValueError("the key is encrypted; give an unencrypted key file")
 
 
-def _why(exc: Exception) -> str:
+def why_not_loaded(exc: Exception) -> str:
     """What went wrong loading a file, without its content."""
     if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
@@ -85,7 +85,7 @@ class CertificateReloader:
             self._current, self.not_after = _context(cert_file, key_file)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ConfigError(
-                f"{where}: cannot load {cert_file} and {key_file}: {_why(exc)}"
+                f"{where}: cannot load {cert_file} and {key_file}: {why_not_loaded(exc)}"
             ) from None
         self.reloads = 0
         self.failures = 0
@@ -114,7 +114,7 @@ class CertificateReloader:
             self.failures += 1
             log.warning(
                 "tls certificate not reloaded; the previous one is still served",
-                extra={"error": _why(exc), "cert_file": str(self._cert_file)},
+                extra={"error": why_not_loaded(exc), "cert_file": str(self._cert_file)},
             )
             return False
         self.reloads += 1
@@ -148,7 +148,7 @@ def parse_ca_pem(text: str) -> str:
     try:
         ssl.create_default_context(cadata=pem)
     except ssl.SSLError as exc:
-        raise ValueError(f"OpenSSL refuses it as a CA bundle: {_why(exc)}") from None
+        raise ValueError(f"OpenSSL refuses it as a CA bundle: {why_not_loaded(exc)}") from None
     return pem
 
 
@@ -173,7 +173,7 @@ class CaBundle:
         try:
             self._pem = _read_ca(path)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: {path}: {_why(exc)}") from None
+            raise ConfigError(f"{where}: {path}: {why_not_loaded(exc)}") from None
         self.reloads = 0
         self.failures = 0
 
@@ -189,7 +189,7 @@ class CaBundle:
             self.failures += 1
             log.warning(
                 "CA bundle not reloaded; the previous one is still used",
-                extra={"error": _why(exc), "ca_file": str(self._path)},
+                extra={"error": why_not_loaded(exc), "ca_file": str(self._path)},
             )
             return self._pem
         self.reloads += 1
