@@ -91,7 +91,10 @@ class AgentSettings(Frozen):
     run_as_user: int = Field(65532, ge=1, le=2**31 - 1)
     ready_port: int = Field(8399, ge=1, le=65535)
     mount_path: str = "/var/run/ephemeral-broker"
-    ca_file: str | None = None  # a path inside the agent's container (its image)
+    # A file in the injector's pod: the CA the broker's serving certificate chains to.
+    # The injector reads it (again when it changes) and passes its certificates to each
+    # agent as --ca-pem; None: the agents trust the system's CAs.
+    ca_file: str | None = None
     exit_timeout_s: int = Field(20, ge=1, le=600)
     # How long the native agent may take to write every file before the kubelet gives up
     # on it (the startup probe's window; see broker.injector.containers).

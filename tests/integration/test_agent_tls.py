@@ -2,7 +2,8 @@
 an injected pod runs it: the CA comes as ``--ca-pem`` (what the injector passes), the
 credential is written, and SIGTERM ends the instance over the same connection. An agent
 given another CA is never ready and says why in one log line, without a traceback; so
-does an agent that speaks TLS to a broker that does not.
+does an agent that speaks TLS to a broker that does not. Last, the whole chain: the
+injector reads the CA file and the agent runs with exactly the arguments it emits.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ import aiohttp
 import pytest
 import trustme
 
+from broker.injector.containers import AGENT
+from broker.injector.model import Patch
+from broker.injector.mutate import mutate
+from broker.injector.server import InjectorServer
+from broker.injector.settings import InjectorSettings
 from tests.harness.agent import AgentProcess, Pod, kubernetes_broker
 from tests.harness.api import wait_job
 from tests.harness.tls import SecretVolume, trusting
 from tests.harness.wait import eventually
+from tests.unit.injector import podkit
 
 NAMES = ("127.0.0.1", "ephemeral-broker.ephemeral-broker.svc")
 
@@ -117,3 +124,33 @@ async def test_an_agent_that_speaks_tls_to_a_plain_http_port_says_so(make_broker
     assert any(str(r).startswith("the TLS handshake with the broker failed (") for r in reasons)
     assert "Traceback" not in agent.log_text()
     assert await agent.stop() == 0
+
+
+async def test_the_command_line_the_injector_emits_reaches_a_tls_broker(
+        b, pod: Pod, tmp_path: Path) -> None:
+    """The chain: the injector reads the CA from agent.ca_file (here the broker's own
+    secret volume's ca.crt), the agent runs with exactly the arguments it emits (only the
+    pod's paths and the probe address are the test's), and gets its credential."""
+    config = InjectorSettings(listen="127.0.0.1:0", broker_url=b.url, agent={
+        "ca_file": str(tmp_path / "broker-tls" / "ca.crt")})
+    obj = podkit.pod({"containers": [podkit.container("app")]},
+                     {podkit.P + "credential-db": "dev-db", podkit.P + "format-db": "json"})
+    server = InjectorServer(config, insecure_http=True)  # reads agent.ca_file; not started
+    assert server.ca is not None
+    patch = mutate(obj, "shop", config, ca_pem=server.ca.current())
+    assert isinstance(patch, Patch)
+    after = podkit.apply(obj, list(patch.ops))
+    (agent,) = [c for c in after["spec"]["initContainers"] if c["name"] == AGENT]
+    args = agent["args"]
+    # The pod's paths are the harness's (the same order: --broker-url, --token-file, --dir).
+    assert args[:7] == ["agent", "--broker-url", b.url, "--token-file",
+                        "/var/run/secrets/ephemeral-broker/token", "--dir",
+                        "/var/run/ephemeral-broker"]
+    rest = args[7:]
+    at = rest.index("--ready-listen")
+    del rest[at:at + 2]  # AgentProcess listens on a loopback port of its own
+    assert rest[rest.index("--ca-pem") + 1] == server.ca.current()
+    process = await AgentProcess.start(pod, b.url, [], *rest)
+    await process.wait_ready()
+    assert set(json.loads((pod.directory / "db").read_text())) == {"username", "password"}
+    assert await process.stop() == 0
