@@ -3,12 +3,16 @@ and its certificate in a directory laid out like a mounted secret: readiness and
 credential exchange over HTTPS, nothing served in clear text, a client that does not trust
 the CA refused at the handshake; rotated files are served to new handshakes while open
 connections keep working, and a pair that does not load leaves the last good one serving.
-``broker serve`` with certificate files that are not there stops before opening anything.
+``broker serve`` with certificate files that are not there stops before opening anything;
+``brokerctl`` verifies the broker against ``--ca-file``/``BROKER_CA_FILE`` and says so
+when it was not given the right one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import yaml
 
 from broker.app.http import HttpServer
 from broker.dev.environment import dev_settings_dict
+from tests.conftest import ADMIN_TOKEN
 from tests.harness.api import issue
 from tests.harness.tls import SecretVolume, der, served, trusting
 from tests.harness.wait import eventually
@@ -131,3 +136,39 @@ async def test_broker_serve_stops_at_once_when_its_certificate_files_are_missing
         f"broker: server.tls: cannot load {tmp_path}/tls/tls.crt and {tmp_path}/tls/tls.key: "
         f"No such file or directory: {tmp_path}/tls/tls.crt\n")), out
     assert not (tmp_path / "broker.db").exists()  # the store was not opened
+
+
+async def _brokerctl(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("BROKER_URL", "BROKER_ADMIN_TOKEN", "BROKER_CA_FILE")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli.ctl", *args, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**clean, **env})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_brokerctl_trusts_the_ca_it_is_given(tls: TlsBroker) -> None:
+    env = {"BROKER_URL": tls.b.url, "BROKER_ADMIN_TOKEN": ADMIN_TOKEN}
+    code, out, err = await _brokerctl("-o", "json", "jobs", "list",
+                                      env={**env, "BROKER_CA_FILE": str(tls.volume.ca_file)})
+    assert (code, json.loads(out), err) == (0, [], "")
+    code, out, err = await _brokerctl("--ca-file", str(tls.volume.ca_file), "jobs", "list",
+                                      env=env)
+    assert (code, out, err) == (0, "(none)\n", "")
+    # Without it the system's CAs are used, which never signed this certificate.
+    code, out, err = await _brokerctl("jobs", "list", env=env)
+    assert (code, out) == (5, "")
+    assert err == (f"brokerctl: the broker's TLS certificate at {tls.b.url} is not trusted "
+                   "(unable to get local issuer certificate); pass --ca-file or set "
+                   "BROKER_CA_FILE to the CA that signed it\n")
+    code, _, err = await _brokerctl("--ca-file", str(tls.volume.key_file), "jobs", "list",
+                                    env=env)
+    assert (code, err) == (2, f"brokerctl: --ca-file {tls.volume.key_file}: not a CA bundle "
+                              "(no certificate or crl found)\n")
+    code, _, err = await _brokerctl("--ca-file", "/nonexistent/ca.crt", "jobs", "list",
+                                    env=env)
+    assert (code, err) == (2, "brokerctl: --ca-file /nonexistent/ca.crt: No such file or "
+                              "directory\n")
+
