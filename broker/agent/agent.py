@@ -545,7 +545,8 @@ def main(config: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with BrokerClient(config.broker_url, config.token_file, config.ca_file) as client:
+        tls = config.broker_tls()
+        async with BrokerClient(config.broker_url, config.token_file, tls) as client:
             return await Agent(config, client).run(stop)
 
     return asyncio.run(run())

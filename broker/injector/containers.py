@@ -78,8 +78,17 @@ def credential_arg(c: CredentialSpec) -> str:
 
 
 def agent_args(
-    spec: InjectionSpec, config: InjectorSettings, *, once: bool, on_exit: OnExit, ready: bool
+    spec: InjectionSpec,
+    config: InjectorSettings,
+    *,
+    once: bool,
+    on_exit: OnExit,
+    ready: bool,
+    ca_pem: str | None = None,
 ) -> list[str]:
+    """``broker agent``'s command line. ``ca_pem``: the CA the broker's certificate
+    chains to (``agent.ca_file`` as the injector read it); public, so it may sit in the
+    pod's spec, and a pod gets the CA that is current when it is created."""
     agent = config.agent
     args = [
         "agent",
@@ -102,8 +111,8 @@ def agent_args(
         # The kubelet probes the pod's IP, not the container's loopback; /ready shows no
         # credential, only whether every file is written.
         args += ["--ready-listen", f"0.0.0.0:{agent.ready_port}"]
-    if agent.ca_file is not None:
-        args += ["--ca-file", agent.ca_file]
+    if ca_pem is not None:
+        args += ["--ca-pem", ca_pem]
     args += ["--exit-timeout", f"{agent.exit_timeout_s}s"]
     return args
 
@@ -121,7 +130,13 @@ def security_context(config: InjectorSettings) -> dict[str, Any]:
 
 
 def agent_container(
-    spec: InjectionSpec, config: InjectorSettings, *, name: str, once: bool, native: bool
+    spec: InjectionSpec,
+    config: InjectorSettings,
+    *,
+    name: str,
+    once: bool,
+    native: bool,
+    ca_pem: str | None = None,
 ) -> dict[str, Any]:
     """One agent container: ``native`` is the restartable init container (Kubernetes
     1.29+ native sidecar) with its startup probe; ``once`` fetches, writes and exits."""
@@ -132,7 +147,9 @@ def agent_container(
         "image": agent.image,
         "imagePullPolicy": agent.image_pull_policy,
         "command": ["broker"],
-        "args": agent_args(spec, config, once=once, on_exit=on_exit, ready=native),
+        "args": agent_args(
+            spec, config, once=once, on_exit=on_exit, ready=native, ca_pem=ca_pem
+        ),
         "resources": {
             "requests": dict(spec.resources["requests"]),
             "limits": dict(spec.resources["limits"]),
