@@ -48,6 +48,7 @@ bench: install-test
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/revocation.py
+	$(BIN)/python bench/agent.py
 
 clean:
 	rm -rf $(VENV) .broker-dev .pytest_cache

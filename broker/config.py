@@ -38,10 +38,22 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 M = TypeVar("M", bound=BaseModel)
 
 
+class ServerTlsSettings(Frozen):
+    """The broker's serving certificate (PEM, with its chain) and key. The files are
+    read at start (a pair that does not load stops it, naming the file) and again when
+    they change, checked every ``reload_s``: new connections get the new certificate."""
+
+    cert_file: Path
+    key_file: Path
+    reload_s: float = Field(10, ge=0.05, le=3600)
+
+
 class ServerSettings(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8300, ge=0, le=65535)
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # None: plain HTTP (loopback, or behind a proxy or mesh that terminates TLS).
+    tls: ServerTlsSettings | None = None
 
 
 class AdminSettings(Frozen):

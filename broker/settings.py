@@ -20,8 +20,9 @@ from broker.durations import parse_duration
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
-def _loopback(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.1``, ``::1``); brackets allowed."""
+    host = host.lower().removeprefix("[").removesuffix("]")
     if host == "localhost":
         return True
     try:
@@ -33,7 +34,7 @@ def _loopback(url: str) -> bool:
 def require_tls_off_loopback(url: str) -> str:
     """Plain http only to this machine: a JWKS fetched in clear text lets anyone on the
     path inject signing keys, and the broker's Vault token would travel in clear text."""
-    if url.startswith("http://") and not _loopback(url):
+    if url.startswith("http://") and not is_loopback(urlsplit(url).hostname or ""):
         raise ValueError("expected https:// (plain http is allowed only to a loopback address)")
     return url
 

@@ -243,10 +243,20 @@ class Keeper:
         entry = self.entry
         if entry is None:
             return Due(Step.ISSUE, self.s.clock.now()), None
+        if entry.lease.expires_at <= self.s.clock.now():
+            # Renewal came too late (a broker outage, a starved process): the lease is
+            # dead, and Vault may no longer know it at all.
+            log.info(
+                "lease expired before it was renewed; issuing a new credential",
+                extra={"credential": self.spec.name, "lease_id": entry.lease.lease_id},
+            )
+            return Due(Step.ISSUE, self.s.clock.now()), None
         answer = await self.s.client.renew(entry.lease.lease_id)
         now = self.s.clock.now()
         if not answer.ok:
-            outcome = plan.classify_renew(answer.status, answer.code)
+            outcome = plan.classify_renew(
+                answer.status, answer.code, expired=entry.lease.expires_at <= now
+            )
             if outcome is Outcome.REISSUE:
                 log.info(
                     "lease can no longer be renewed; issuing a new credential",
@@ -546,7 +556,8 @@ def main(config: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with BrokerClient(config.broker_url, config.token_file, config.ca_file) as client:
+        tls = config.broker_tls()
+        async with BrokerClient(config.broker_url, config.token_file, tls) as client:
             return await Agent(config, client).run(stop)
 
     return asyncio.run(run())

@@ -59,15 +59,35 @@ def read_token(path: Path) -> Secret:
     return Secret(token)
 
 
+def _tls_failure(exc: aiohttp.ClientSSLError) -> Answer:
+    """No answer because the TLS handshake failed: a code for ``/ready`` and the log, and
+    a sentence saying what to check."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        verify = getattr(exc.certificate_error, "verify_message", None) or "verification failed"
+        problem = (
+            f"the broker's TLS certificate is not trusted ({verify}): "
+            "is --ca-pem or --ca-file the CA that signed it?"
+        )
+        return Answer(None, {"error": {"code": "broker_certificate_untrusted"}}, problem=problem)
+    os_error = getattr(exc, "os_error", None)
+    reason = str(getattr(os_error, "reason", None) or type(os_error or exc).__name__)
+    problem = f"the TLS handshake with the broker failed ({reason.lower().replace('_', ' ')})"
+    return Answer(None, {"error": {"code": "broker_tls_failed"}}, problem=problem)
+
+
 class BrokerClient:
+    """``tls``: how the broker's certificate is verified (``AgentConfig.broker_tls``)."""
+
     def __init__(
-        self, url: str, token_file: Path, ca_file: Path | None = None, timeout: float = TIMEOUT_S
+        self,
+        url: str,
+        token_file: Path,
+        tls: ssl.SSLContext | bool = True,
+        timeout: float = TIMEOUT_S,
     ) -> None:
         self._url = url.rstrip("/")
         self._token_file = token_file
-        self._ssl: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-        )
+        self._ssl = tls
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -108,6 +128,8 @@ class BrokerClient:
             ) as resp:
                 raw = await resp.read()
                 return Answer(resp.status, _object(raw))
+        except aiohttp.ClientSSLError as exc:
+            return _tls_failure(exc)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return Answer(None, problem=f"no answer from the broker ({type(exc).__name__})")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,7 @@ from broker.agent.spec import CredentialSpec, SpecError, build_specs
 from broker.agent.state import DEFAULT_NAME
 from broker.durations import parse_duration
 from broker.errors import ConfigError
+from broker.tls import parse_ca_pem, why_not_loaded
 
 OnExit = Literal["terminate", "release", "keep"]
 ON_EXIT: tuple[OnExit, ...] = ("terminate", "release", "keep")
@@ -32,11 +34,21 @@ class AgentConfig:
     ready_listen: tuple[str, int] | None = None
     state_file: Path | None = None  # None: DIRECTORY/.agent-state.json
     ca_file: Path | None = None
+    ca_pem: str | None = None  # PEM certificates (checked), exclusive with ca_file
     exit_timeout_s: float = 20.0
 
     @property
     def state_path(self) -> Path:
         return self.state_file or self.directory / DEFAULT_NAME
+
+    def broker_tls(self) -> ssl.SSLContext | bool:
+        """How the broker's certificate is verified: against the CA given, or (True) the
+        system's CAs. ``ssl.SSLError`` or ``OSError`` for a bundle that does not load."""
+        if self.ca_pem is not None:
+            return ssl.create_default_context(cadata=self.ca_pem)
+        if self.ca_file is not None:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        return True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve GET /ready and GET /healthz here, e.g. 127.0.0.1:8399",
     )
     p.add_argument("--state-file", type=Path, help="default: DIR/.agent-state.json")
-    p.add_argument("--ca-file", type=Path, help="CA bundle for the broker's TLS certificate")
+    ca = p.add_mutually_exclusive_group()
+    ca.add_argument("--ca-file", type=Path, help="CA bundle for the broker's TLS certificate")
+    ca.add_argument(
+        "--ca-pem",
+        metavar="PEM",
+        help="the same as PEM text (the injector passes the CA it is configured with)",
+    )
     p.add_argument(
         "--exit-timeout",
         default="20s",
@@ -133,7 +151,13 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError(f"--dir {args.directory}: not a directory")
     if args.ca_file is not None and not args.ca_file.is_file():
         raise ConfigError(f"--ca-file {args.ca_file}: no such file")
-    return AgentConfig(
+    ca_pem = None
+    if args.ca_pem is not None:
+        try:
+            ca_pem = parse_ca_pem(args.ca_pem)
+        except ValueError as exc:
+            raise ConfigError(f"--ca-pem: {exc}") from None
+    config = AgentConfig(
         broker_url=args.broker_url,
         token_file=args.token_file,
         directory=args.directory,
@@ -143,8 +167,17 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         ready_listen=listen_address(args.ready_listen) if args.ready_listen else None,
         state_file=args.state_file,
         ca_file=args.ca_file,
+        ca_pem=ca_pem,
         exit_timeout_s=float(exit_timeout),
     )
+    if config.ca_file is not None:
+        try:
+            config.broker_tls()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"--ca-file {config.ca_file}: not a CA bundle ({why_not_loaded(exc)})"
+            ) from None
+    return config
 
 
 def _loopback(host: str) -> bool:

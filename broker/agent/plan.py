@@ -138,11 +138,15 @@ def classify_issue(status: int | None, code: str | None) -> Outcome:
     return Outcome.REFUSED
 
 
-def classify_renew(status: int | None, code: str | None) -> Outcome:
-    if _unavailable(status):
-        return Outcome.UNAVAILABLE
+def classify_renew(status: int | None, code: str | None, *, expired: bool = False) -> Outcome:
+    """``expired``: the lease is past the expiry the agent last saw. Renewing it again is
+    pointless whatever the answer said (a 502 because Vault no longer knows it, a timeout):
+    the credential in the files is dead, so the next step is a new one, not a retry. Only
+    a refusal (401/403/409) stays a refusal: issuing would be refused the same way."""
     if status in (400, 404) and code in _LEASE_ENDED:
         return Outcome.REISSUE
+    if _unavailable(status):
+        return Outcome.REISSUE if expired else Outcome.UNAVAILABLE
     return Outcome.REFUSED
 
 

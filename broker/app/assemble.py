@@ -218,7 +218,9 @@ def assemble(
         sources=sources,
         service=service,
         app=app,
-        server=HttpServer(app, settings.server.host, settings.server.port),
+        server=HttpServer(
+            app, settings.server.host, settings.server.port, settings.server.tls
+        ),
         ticks=ticks,
     )
 

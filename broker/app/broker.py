@@ -1,10 +1,11 @@
 """The running broker: starts the assembled components in order, then supervises them.
 
-``start`` does the I/O (the lease database and its migration check, Vault, AWS, the
-Kubernetes client and liveness checks, binding the HTTP server) and registers, as it goes,
-what must be closed, so a start that fails half way closes exactly what it opened. The
-supervisor then runs the parts (the HTTP server, the termination sources, each restarted
-with backoff) and the ticks until ``stop``, or until a part fails for good.
+``start`` does the I/O (the serving certificate, the lease database and its migration
+check, Vault, AWS, the Kubernetes client and liveness checks, binding the HTTP server) and
+registers, as it goes, what must be closed, so a start that fails half way closes exactly
+what it opened. The supervisor then runs the parts (the HTTP server, the termination
+sources, each restarted with backoff) and the ticks until ``stop``, or until a part fails
+for good.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Broker:
     async def start(self) -> None:
         c, close_later = self.components, self._supervisor.on_close
         close_later(c.http.close)
+        c.server.load_certificate()  # a bad pair stops start-up before anything is opened
         database = c.ledgers.database
         await database.start()
         close_later(database.close)

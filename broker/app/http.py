@@ -1,13 +1,27 @@
 """The HTTP server as a supervised part: bound at start (so the URL is known before the
-broker reports it started), served until the broker stops."""
+broker reports it started), served until the broker stops.
+
+With ``server.tls`` it serves HTTPS with the certificate in the files, re-read while it
+runs when they change (``broker.tls``): new handshakes get the new certificate, open
+connections keep theirs. Without it, plain HTTP: fine on loopback, and behind a proxy or
+mesh that terminates TLS; anywhere else identity tokens and credentials would cross the
+network in clear text, so start-up says so.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
 
 from aiohttp import web
 
+from broker.config import ServerTlsSettings
+from broker.settings import is_loopback
+from broker.tls import CertificateReloader
+
+log = logging.getLogger(__name__)
 # Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB.
 MAX_HEADER_BYTES = 72 * 1024
 MAX_LINE_BYTES = 16 * 1024
@@ -22,9 +36,12 @@ class HttpServer:
     name = "http"
     stop_s = DRAIN_S + 5.0  # the drain, and a margin to close the listening socket
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, tls: ServerTlsSettings | None = None
+    ) -> None:
         self._host = host
         self._port = port
+        self._tls_settings = tls
         self._runner = web.AppRunner(
             app,
             access_log=None,
@@ -33,23 +50,48 @@ class HttpServer:
             max_line_size=MAX_LINE_BYTES,
             shutdown_timeout=DRAIN_S,
         )
+        self.tls: CertificateReloader | None = None
         self.url: str | None = None
         self._bound = False
 
+    def load_certificate(self) -> None:
+        """Read the serving certificate, if one is configured: ``ConfigError`` naming the
+        file that is missing or does not load. Called before the broker opens anything
+        else, so a bad pair stops it at once."""
+        if self._tls_settings is not None and self.tls is None:
+            files = self._tls_settings
+            self.tls = CertificateReloader(files.cert_file, files.key_file, where="server.tls")
+
     async def bind(self) -> str:
         """Listen, and return the URL (with the port the system chose for port 0)."""
+        self.load_certificate()
         await self._runner.setup()
         self._bound = True
         sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._port))
-        await web.SockSite(self._runner, sock).start()
+        context = self.tls.server_context if self.tls is not None else None
+        await web.SockSite(self._runner, sock, ssl_context=context).start()
         host, port = sock.getsockname()[:2]
-        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        scheme = "https" if self.tls is not None else "http"
+        self.url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
+        if self.tls is None and not is_loopback(self._host):
+            log.warning(
+                "serving plain HTTP on a non-loopback address: identity tokens and "
+                "credentials cross the network in clear text unless a proxy or service "
+                "mesh in front of the broker terminates TLS; otherwise set server.tls",
+                extra={"host": self._host, "port": port},
+            )
         return self.url
 
     async def run(self, stop: asyncio.Event) -> None:
-        await stop.wait()
+        if self.tls is None or self._tls_settings is None:
+            await stop.wait()
+        else:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._tls_settings.reload_s)
+                self.tls.check()
         await self.close()
 
     async def close(self) -> None:

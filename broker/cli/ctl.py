@@ -1,5 +1,6 @@
 """``brokerctl``: the admin CLI over the admin API. Tables for people, ``-o json`` for
-scripts. Reads ``BROKER_URL`` and ``BROKER_ADMIN_TOKEN`` from the environment or flags.
+scripts. Reads ``BROKER_URL``, ``BROKER_ADMIN_TOKEN`` and ``BROKER_CA_FILE`` (the CA of a
+broker whose certificate a private CA signed) from the environment or flags.
 
 Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
@@ -11,8 +12,10 @@ step).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -38,13 +41,43 @@ class CtlError(Exception):
         self.exit_code = exit_code
 
 
+def _loopback(url: str) -> bool:
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _trust(ca_file: str | None) -> ssl.SSLContext | None:
+    """The CA bundle to verify the broker's certificate with (None: the system's)."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        why = str(exc.reason or exc).lower().replace("_", " ")
+        raise CtlError(f"--ca-file {ca_file}: not a CA bundle ({why})", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CtlError(f"--ca-file {ca_file}: {exc.strerror}", EXIT_USAGE) from None
+
+
 class Client:
-    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 30.0, ca_file: str | None = None
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise CtlError(f"BROKER_URL must be an http(s) URL, got {url[:60]!r}", EXIT_USAGE)
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ssl = _trust(ca_file)
+        if url.startswith("http://") and not _loopback(url):
+            print(
+                f"brokerctl: warning: {self.url} is plain http: the admin token crosses the "
+                "network in clear text; use https:// (or a port-forward to 127.0.0.1)",
+                file=sys.stderr,
+            )
 
     def call(
         self,
@@ -69,7 +102,9 @@ class Client:
         )
         try:
             # The URL is the operator's BROKER_URL; only http(s) is accepted in main().
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                req, timeout=self.timeout, context=self.ssl
+            ) as resp:
                 answer = resp.read()
                 return json.loads(answer) if answer else None
         except urllib.error.HTTPError as exc:
@@ -86,6 +121,13 @@ class Client:
             raise CtlError(message, code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise CtlError(
+                    f"the broker's TLS certificate at {self.url} is not trusted "
+                    f"({reason.verify_message}); pass --ca-file or set BROKER_CA_FILE to "
+                    "the CA that signed it",
+                    EXIT_UNAVAILABLE,
+                ) from None
             raise CtlError(
                 f"cannot reach the broker at {self.url}: {reason}; set BROKER_URL or pass --url",
                 EXIT_UNAVAILABLE,
@@ -274,6 +316,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("BROKER_ADMIN_TOKEN"),
         help="default: $BROKER_ADMIN_TOKEN",
     )
+    p.add_argument(
+        "--ca-file",
+        default=os.environ.get("BROKER_CA_FILE"),
+        help="CA bundle for the broker's TLS certificate (default: $BROKER_CA_FILE; "
+        "without it, the system's CAs)",
+    )
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -340,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.admin_token:
         parser.error("no admin token: set BROKER_ADMIN_TOKEN or pass --admin-token")
     try:
-        result = args.run(Client(args.url, args.admin_token), args)
+        client = Client(args.url, args.admin_token, ca_file=args.ca_file or None)
+        result = args.run(client, args)
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code

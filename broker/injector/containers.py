@@ -90,8 +90,17 @@ def credential_arg(c: CredentialSpec) -> str:
 
 
 def agent_args(
-    spec: InjectionSpec, config: InjectorSettings, *, once: bool, on_exit: OnExit, ready: bool
+    spec: InjectionSpec,
+    config: InjectorSettings,
+    *,
+    once: bool,
+    on_exit: OnExit,
+    ready: bool,
+    ca_pem: str | None = None,
 ) -> list[str]:
+    """``broker agent``'s command line. ``ca_pem``: the CA the broker's certificate
+    chains to (``agent.ca_file`` as the injector read it); public, so it may sit in the
+    pod's spec, and a pod gets the CA that is current when it is created."""
     agent = config.agent
     args = [
         "agent",
@@ -114,8 +123,8 @@ def agent_args(
         # The kubelet probes the pod's IP, not the container's loopback; /ready shows no
         # credential, only whether every file is written.
         args += ["--ready-listen", f"0.0.0.0:{agent.ready_port}"]
-    if agent.ca_file is not None:
-        args += ["--ca-file", agent.ca_file]
+    if ca_pem is not None:
+        args += ["--ca-pem", ca_pem]
     args += ["--exit-timeout", f"{agent.exit_timeout_s}s"]
     return args
 
@@ -142,6 +151,7 @@ def agent_container(
     once: bool,
     native: bool,
     user: AgentUser | None = None,
+    ca_pem: str | None = None,
 ) -> dict[str, Any]:
     """One agent container: ``native`` is the restartable init container (Kubernetes
     1.29+ native sidecar) with its startup probe; ``once`` fetches, writes and exits."""
@@ -152,7 +162,9 @@ def agent_container(
         "image": agent.image,
         "imagePullPolicy": agent.image_pull_policy,
         "command": ["broker"],
-        "args": agent_args(spec, config, once=once, on_exit=on_exit, ready=native),
+        "args": agent_args(
+            spec, config, once=once, on_exit=on_exit, ready=native, ca_pem=ca_pem
+        ),
         "resources": {
             "requests": dict(spec.resources["requests"]),
             "limits": dict(spec.resources["limits"]),

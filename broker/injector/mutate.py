@@ -312,7 +312,7 @@ def preview_effect(
     return messages, None
 
 
-def _first_pass_ops(plan: _Plan, config: InjectorSettings) -> list[JsonPatchOp]:
+def _first_pass_ops(plan: _Plan, config: InjectorSettings, ca_pem: str | None) -> list[JsonPatchOp]:
     pod, spec = plan.pod, plan.spec
     mount = app_mount(config)
     ops: list[JsonPatchOp] = []
@@ -327,15 +327,21 @@ def _first_pass_ops(plan: _Plan, config: InjectorSettings) -> list[JsonPatchOp]:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes(config)})
     user = plan.user
     if spec.mode == "native":
-        first = agent_container(spec, config, name=AGENT, once=False, native=True, user=user)
+        first = agent_container(
+            spec, config, name=AGENT, once=False, native=True, user=user, ca_pem=ca_pem
+        )
     else:
-        first = agent_container(spec, config, name=AGENT_INIT, once=True, native=False, user=user)
+        first = agent_container(
+            spec, config, name=AGENT_INIT, once=True, native=False, user=user, ca_pem=ca_pem
+        )
     if pod.has_init_containers:
         ops.append({"op": "add", "path": f"/spec/initContainers/{plan.insert_at}", "value": first})
     else:
         ops.append({"op": "add", "path": "/spec/initContainers", "value": [first]})
     if spec.mode == "sidecar":
-        sidecar = agent_container(spec, config, name=AGENT, once=False, native=False, user=user)
+        sidecar = agent_container(
+            spec, config, name=AGENT, once=False, native=False, user=user, ca_pem=ca_pem
+        )
         ops.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
     ops.append(
         {"op": "add", "path": f"/metadata/annotations/{_escape(STATUS_KEY)}", "value": "injected"}
@@ -409,10 +415,16 @@ def _select_after_move(
 
 
 def mutate(
-    pod: object, namespace: str, config: InjectorSettings, preview: Preview | None = None
+    pod: object,
+    namespace: str,
+    config: InjectorSettings,
+    preview: Preview | None = None,
+    *,
+    ca_pem: str | None = None,
 ) -> Patch | Refusal | Skip:
     """The decision for one pod CREATE in ``namespace``. ``preview`` is the broker's
-    answer for ``preview_query(pod, namespace, config)``, where one was asked."""
+    answer for ``preview_query(pod, namespace, config)``, where one was asked;
+    ``ca_pem`` the CA the agents are to trust for the broker's TLS (``agent.ca_file``)."""
     seen = _first_look(pod, namespace, config)
     if not isinstance(seen, PodView):
         return seen
@@ -427,4 +439,4 @@ def mutate(
         if refusal is not None:
             return refusal
         warnings += more
-    return Patch(tuple(_first_pass_ops(plan, config)), tuple(warnings))
+    return Patch(tuple(_first_pass_ops(plan, config, ca_pem)), tuple(warnings))

@@ -105,10 +105,16 @@ def decode(raw: bytes) -> Review:
     )
 
 
-def admit(review: Review, config: InjectorSettings, preview: Preview | None = None) -> Outcome:
+def admit(
+    review: Review,
+    config: InjectorSettings,
+    preview: Preview | None = None,
+    *,
+    ca_pem: str | None = None,
+) -> Outcome:
     if not review.pod_create:
         return Skip("not_a_pod_create")
-    return mutate(review.object, review.namespace, config, preview)
+    return mutate(review.object, review.namespace, config, preview, ca_pem=ca_pem)
 
 
 def _warnings(warnings: tuple[str, ...]) -> list[str]:

@@ -1,6 +1,6 @@
 """``broker injector``'s HTTP side: ``POST /mutate`` (AdmissionReview in, AdmissionReview
 out), ``GET /healthz`` and ``GET /metrics``, over TLS with the certificate reloaded as it
-rotates (``broker.injector.tls``).
+rotates (``broker.tls``).
 
 The handler decodes, asks the broker's policy preview where configured, calls the pure
 decision, encodes. Whatever the pod in a well-formed review looks like, the answer is a
@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -28,8 +29,9 @@ from broker.injector.model import PreviewAnswer, Refusal
 from broker.injector.mutate import preview_query
 from broker.injector.preview import PreviewClient
 from broker.injector.review import MalformedReview, Outcome, admit, answer, decode
-from broker.injector.settings import InjectorSettings, is_loopback, parse_listen
-from broker.injector.tls import CertificateReloader
+from broker.injector.settings import InjectorSettings, parse_listen
+from broker.settings import is_loopback
+from broker.tls import CaBundle, CertificateReloader
 
 log = logging.getLogger("broker.injector")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,6 +47,7 @@ class Injector:
     config: InjectorSettings
     metrics: InjectorMetrics
     preview: PreviewClient | None
+    ca: CaBundle | None = None  # agent.ca_file, handed to each agent as --ca-pem
 
 
 INJECTOR: web.AppKey[Injector] = web.AppKey("injector", Injector)
@@ -69,7 +72,10 @@ async def _decide(injector: Injector, raw: bytes) -> tuple[str, str, Outcome] | 
             preview = await injector.preview.ask(query)
             outcome_word = "answered" if isinstance(preview, PreviewAnswer) else "unavailable"
             injector.metrics.previews.labels(outcome=outcome_word).inc()
-        outcome = await asyncio.to_thread(admit, review, injector.config, preview)
+        ca_pem = injector.ca.current() if injector.ca is not None else None
+        outcome = await asyncio.to_thread(
+            admit, review, injector.config, preview, ca_pem=ca_pem
+        )
     except Exception:
         log.exception("admission failed unexpectedly", extra={"namespace": review.namespace})
         outcome = Refusal("the injector failed unexpectedly; see its log", code=500)
@@ -140,6 +146,8 @@ class InjectorServer:
             if insecure_http
             else CertificateReloader(config.tls.cert_file, config.tls.key_file)
         )
+        ca_file = config.agent.ca_file
+        self.ca = None if ca_file is None else CaBundle(Path(ca_file), where="agent.ca_file")
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url: str | None = None
@@ -158,7 +166,7 @@ class InjectorServer:
         )
 
     async def start(self) -> str:
-        app = build_app(Injector(self.config, self.metrics, self._preview()))
+        app = build_app(Injector(self.config, self.metrics, self._preview(), self.ca))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_S)
         await self._runner.setup()
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET

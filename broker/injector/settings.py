@@ -4,7 +4,6 @@ runs with no file at all (``--broker-url`` names the broker the agents call)."""
 
 from __future__ import annotations
 
-import ipaddress
 import posixpath
 import re
 from pathlib import Path
@@ -31,15 +30,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if match is None or not 0 <= port <= 65535:
         raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:8443 or [::1]:8443), got {text!r}")
     return match.group("v6") or match.group("host"), port
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _absolute_path(value: str) -> str:
@@ -101,7 +91,10 @@ class AgentSettings(Frozen):
     run_as_user: int = Field(65532, ge=1, le=2**31 - 1)
     ready_port: int = Field(8399, ge=1, le=65535)
     mount_path: str = "/var/run/ephemeral-broker"
-    ca_file: str | None = None  # a path inside the agent's container (its image)
+    # A file in the injector's pod: the CA the broker's serving certificate chains to.
+    # The injector reads it (again when it changes) and passes its certificates to each
+    # agent as --ca-pem; None: the agents trust the system's CAs.
+    ca_file: str | None = None
     exit_timeout_s: int = Field(20, ge=1, le=600)
     # How long the native agent may take to write every file before the kubelet gives up
     # on it (the startup probe's window; see broker.injector.containers).

@@ -12,6 +12,7 @@ gone in Vault; restarts adopt instead of issuing; SIGTERM gives back per ``--on-
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -76,6 +77,8 @@ def _roles(database: PostgresTarget, pki: Mount, ssh: Mount) -> dict[str, dict[s
         "agent-db": database.side.broker_role(**db),
         # Renewed every few seconds, at its max TTL after 12 s: issued afresh before it.
         "agent-db-short": database.side.broker_role(default_ttl="4s", max_ttl="12s", **db),
+        # Short-lived but far from its max TTL: only renewal keeps it.
+        "agent-db-brief": database.side.broker_role(default_ttl="4s", max_ttl="1h", **db),
         "agent-cert": {**cert, "mode": "issue", "vault_role": "issue"},
         "agent-cert-sign": {**cert, "mode": "sign", "vault_role": "sign"},
         "agent-ssh": {"engine": "ssh", "mount": ssh.path, "vault_role": "user",
@@ -458,6 +461,35 @@ async def test_broker_unavailable_keeps_the_files_and_retries(b, pod):
         await eventually(renewed_again, lambda: agent.log_text()[-2000:])
         await eventually(lambda: _ready(agent), "ready again")
         assert "the broker is unavailable" in agent.log_text()
+        assert await agent.stop() == 0
+    finally:
+        await proxy.stop()
+
+
+async def test_a_lease_that_expired_during_an_outage_is_replaced_not_renewed(b, pod):
+    """The broker is unreachable past the lease's expiry (4 s): once it is back, renewing
+    the dead lease is pointless (Vault may not know it any more, which the broker answers
+    with a 502 the agent would otherwise retry for ever): a new credential is issued."""
+    host, port = b.url.removeprefix("http://").rsplit(":", 1)
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    try:
+        agent = await AgentProcess.start(pod, proxy.url, ["db=agent-db-brief,format=pgpass"],
+                                         "--on-exit", "release")
+        await agent.wait_ready()
+        [lease] = _leases(b, pod)
+        proxy.cut()
+        at = lease["expires_at"]
+        expiry = (at if at.tzinfo else at.replace(tzinfo=dt.UTC)).timestamp()
+        await eventually(lambda: time.time() > expiry + 1, "the lease's expiry has passed")
+        proxy.restore()
+
+        def replaced() -> bool:
+            return any(x["lease_id"] != lease["lease_id"] for x in _leases(b, pod))
+
+        await eventually(replaced, lambda: agent.log_text()[-2000:])
+        await eventually(lambda: _ready(agent), "ready again")
+        assert "issuing a new credential" in agent.log_text()
         assert await agent.stop() == 0
     finally:
         await proxy.stop()

@@ -26,36 +26,9 @@ import yaml
 
 from broker.injector.server import InjectorServer
 from broker.injector.settings import InjectorSettings
+from tests.harness.tls import SecretVolume, der, served, trusting
 from tests.harness.wait import eventually
 from tests.unit.injector.podkit import P, apply, check_injected, container, pod, review
-
-
-class SecretVolume:
-    """A directory laid out like a mounted Kubernetes secret: ``tls.crt`` and ``tls.key``
-    are symlinks through ``..data`` to a timestamped directory, swapped as a whole."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.generation = 0
-        for name in ("tls.crt", "tls.key"):
-            (root / name).symlink_to(Path("..data") / name)
-
-    def write(self, cert: bytes, key: bytes) -> None:
-        self.generation += 1
-        data = self.root / f"..2026_12_02_{self.generation:04d}"
-        data.mkdir()
-        (data / "tls.crt").write_bytes(cert)
-        (data / "tls.key").write_bytes(key)
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(data.name)
-        os.replace(tmp, self.root / "..data")  # the one atomic step
-
-    def put(self, leaf: trustme.LeafCert) -> None:
-        self.write(leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
-
-
-def der(leaf: trustme.LeafCert) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
 @dataclass
@@ -68,14 +41,7 @@ class Running:
 
     async def served(self) -> bytes:
         """The certificate a new handshake gets."""
-        host, port = self.url.removeprefix("https://").rsplit(":", 1)
-        _, writer = await asyncio.open_connection(host, int(port), ssl=self.client_ssl)
-        try:
-            obj = writer.get_extra_info("ssl_object")
-            return obj.getpeercert(binary_form=True)
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        return await served(self.url, self.client_ssl)
 
 
 @pytest.fixture
@@ -91,10 +57,8 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     url = await server.start()
     stop = asyncio.Event()
     task = asyncio.create_task(server.run(stop))
-    client_ssl = ssl.create_default_context()
-    ca.configure_trust(client_ssl)
     try:
-        yield Running(url, server, client_ssl, volume, ca)
+        yield Running(url, server, trusting(ca), volume, ca)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

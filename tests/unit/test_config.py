@@ -100,6 +100,11 @@ NORMALISE_CASES = [
      ("approle", "rid", "sid", "approle"), "approle-auth"),
     (lambda d: d["policy"].__setitem__("rules", []),
      lambda s: s.policy.rules, (), "no-rules-is-valid"),
+    (lambda d: None, lambda s: s.server.tls, None, "plain-http-by-default"),
+    (lambda d: d["server"].__setitem__("tls", {"cert_file": "/tls/tls.crt",
+                                               "key_file": "/tls/tls.key"}),
+     lambda s: (s.server.tls.cert_file, s.server.tls.key_file, s.server.tls.reload_s),
+     (Path("/tls/tls.crt"), Path("/tls/tls.key"), 10), "server-tls-reloads-every-10s"),
 ]
 
 
@@ -147,6 +152,18 @@ def _dup_issuer(d: dict[str, Any]) -> None:
 ALG_LIST = ", ".join(ALLOWED_ALGORITHMS)
 
 BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
+    # server
+    (_set(["server", "tls"], {"cert_file": "/tls/tls.crt"}),
+     "server.tls.key_file: Field required", "server-tls-without-key"),
+    (_set(["server", "tls"], {"key_file": "/tls/tls.key"}),
+     "server.tls.cert_file: Field required", "server-tls-without-certificate"),
+    (_set(["server", "tls"], {"cert_file": "/a", "key_file": "/b", "reload_s": 0}),
+     "server.tls.reload_s: Input should be greater than or equal to 0.05",
+     "server-tls-reload-zero"),
+    (_set(["server", "tls"], {"cert_file": "/a", "key_file": "/b", "ca_file": "/c"}),
+     "server.tls.ca_file: Extra inputs are not permitted", "server-tls-unknown-key"),
+    (_set(["server", "tls"], True), "server.tls: Input should be a valid dictionary or "
+     "instance of ServerTlsSettings", "server-tls-not-a-section"),
     # vault
     (_set(["vault", "addr"], "http://127.0.0.1:8200/v1"),
      "vault.addr: expected http(s)://host:port with no path", "vault-addr-with-path"),

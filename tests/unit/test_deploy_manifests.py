@@ -264,11 +264,15 @@ def test_cert_manager_documents_are_well_formed():
         if "renewBefore" in spec:
             assert int(spec["renewBefore"][:-1]) < int(spec["duration"][:-1]), doc
         assert spec.get("isCA") or spec.get("dnsNames"), doc
-    # The chain: self-signed root → CA certificate → CA issuer → the serving certificate.
-    serving = certs["ephemeral-broker-injector-tls"].body["spec"]
-    ca_issuer = issuers[serving["issuerRef"]["name"]].body["spec"]["ca"]
-    assert certs["ephemeral-broker-ca"].body["spec"]["secretName"] == ca_issuer["secretName"]
-    assert "server auth" in serving["usages"]
+    # The chain: self-signed root → CA certificate → CA issuer → the serving certificates
+    # (the injector's and the broker's: one CA, which the webhook and the agents trust).
+    for name in ("ephemeral-broker-injector-tls", "ephemeral-broker-tls"):
+        serving = certs[name].body["spec"]
+        ca_issuer = issuers[serving["issuerRef"]["name"]].body["spec"]["ca"]
+        assert certs["ephemeral-broker-ca"].body["spec"]["secretName"] == ca_issuer[
+            "secretName"]
+        assert "server auth" in serving["usages"] and not serving.get("isCA")
+        assert serving["privateKey"]["rotationPolicy"] == "Always"
 
 
 # -- the kustomizations list every file -------------------------------------------------
@@ -488,8 +492,9 @@ def test_every_secret_and_config_map_read_is_shipped_issued_or_created_by_the_op
     shipped = {("ConfigMap", d.name): set(d.body["data"]) for d in docs if d.kind == "ConfigMap"}
     issued = {("Secret", d.body["spec"]["secretName"]): {"tls.crt", "tls.key", "ca.crt"}
               for d in docs if d.kind == "Certificate"}
-    if variant == "no-cert-manager":
-        issued[("Secret", "ephemeral-broker-injector-tls")] = {"tls.crt", "tls.key", "ca.crt"}
+    if variant == "no-cert-manager":  # webhook-certs.sh makes both
+        for name in ("ephemeral-broker-injector-tls", "ephemeral-broker-tls"):
+            issued[("Secret", name)] = {"tls.crt", "tls.key", "ca.crt"}
     created = _operator_created()
     assert created, "README.md must say which Secrets and ConfigMaps to create"
     available = {**shipped, **issued, **created}
@@ -503,12 +508,20 @@ def test_every_secret_and_config_map_read_is_shipped_issued_or_created_by_the_op
     assert set(created) <= used
 
 
-def test_the_certificate_script_makes_the_secret_the_injector_mounts():
+def test_the_certificate_script_makes_the_secrets_the_injector_and_the_broker_mount():
     text = CERT_SCRIPT.read_text()
     injector = one(WITHOUT_CERT_MANAGER, "Deployment", "ephemeral-broker-injector")
-    tls = [(k, n) for k, n, _ in _references(injector) if n.endswith("-tls")]
-    assert tls == [("Secret", 'ephemeral-broker-injector-tls')] * 2
+    tls = [(k, n, key) for k, n, key in _references(injector) if n.endswith("-tls")]
+    assert tls == [("Secret", "ephemeral-broker-injector-tls", "tls.crt"),
+                   ("Secret", "ephemeral-broker-injector-tls", "tls.key"),
+                   ("Secret", "ephemeral-broker-tls", "ca.crt")]  # the CA only, never a key
+    broker = one(WITHOUT_CERT_MANAGER, "Deployment", "ephemeral-broker")
+    tls = [(k, n, key) for k, n, key in _references(broker) if n.endswith("-tls")]
+    assert tls == [("Secret", "ephemeral-broker-tls", "tls.crt"),
+                   ("Secret", "ephemeral-broker-tls", "tls.key")]
     assert 'secret="ephemeral-broker-injector-tls"' in text
+    assert 'broker_secret="ephemeral-broker-tls"' in text
+    assert 'broker_service="ephemeral-broker"' in text
     assert f'namespace="{NS}"' in text and 'webhook="ephemeral-broker-injector"' in text
 
 
@@ -605,6 +618,40 @@ def test_every_variable_and_file_the_broker_config_names_reaches_its_containers(
     assert port["containerPort"] == settings.server.port == svc["port"]
 
 
+def test_the_broker_serves_tls_with_the_certificate_issued_for_its_service():
+    docs = WITH_CERT_MANAGER
+    settings = broker_settings()
+    tls = settings.server.tls
+    assert tls is not None and tls.reload_s > 0
+    broker = one(docs, "Deployment", "ephemeral-broker")
+    cert = one(docs, "Certificate", "ephemeral-broker-tls").body["spec"]
+    for path, key in ((tls.cert_file, "tls.crt"), (tls.key_file, "tls.key")):
+        volume, inner = _mount_for(broker, "broker", str(path))
+        assert volume["secret"]["secretName"] == cert["secretName"], path
+        assert {i["key"]: i["path"] for i in volume["secret"]["items"]}[key] == inner
+    # The names clients call are in the certificate: the Service's, and the injector's
+    # broker_url (what every agent calls).
+    svc = one(docs, "Service", "ephemeral-broker")
+    assert f"{svc.name}.{svc.namespace}.svc" in cert["dnsNames"]
+    cfg = config_of(docs, "ephemeral-broker-injector-config")
+    host = cfg["broker_url"].removeprefix("https://").rsplit(":", 1)[0]
+    assert host in cert["dnsNames"]
+    assert [p["name"] for p in svc.body["spec"]["ports"]] == ["https"]
+    # The injector reads the broker's CA from the same Secret (ca.crt only), for its
+    # preview and for the agents it adds.
+    injector = one(docs, "Deployment", "ephemeral-broker-injector")
+    for path in (cfg["agent"]["ca_file"], cfg["preview"]["ca_file"]):
+        volume, inner = _mount_for(injector, "injector", path)
+        sources = [src["secret"] for src in volume["projected"]["sources"] if "secret" in src
+                   and src["secret"]["name"] == cert["secretName"]]
+        assert sources == [{"name": cert["secretName"],
+                            "items": [{"key": "ca.crt", "path": inner}]}], path
+    # The migrations Job loads the same configuration without the certificate: the files
+    # are read when the broker serves, not when the configuration is loaded.
+    job = one(docs, "Job", "ephemeral-broker-migrate")
+    assert all(v["name"] != "tls" for v in pod_spec(job)["volumes"])
+
+
 def test_the_injector_config_agrees_with_the_broker_its_service_and_its_webhook():
     docs = WITH_CERT_MANAGER
     cfg = config_of(docs, "ephemeral-broker-injector-config")
@@ -614,13 +661,14 @@ def test_the_injector_config_agrees_with_the_broker_its_service_and_its_webhook(
     (issuer,) = [i for i in settings.identity.issuers if i.name == cfg["issuer"]]
     assert issuer.kind == "kubernetes"
     svc = one(docs, "Service", "ephemeral-broker")
-    assert cfg["broker_url"] == f"http://{svc.name}.{svc.namespace}.svc:{settings.server.port}"
+    assert cfg["broker_url"] == f"https://{svc.name}.{svc.namespace}.svc:{settings.server.port}"
     injector = one(docs, "Deployment", "ephemeral-broker-injector")
     (c,) = pod_spec(injector)["containers"]
     assert c["args"] == ["injector", "--config", "/etc/injector/config.yaml"]
     assert int(cfg["listen"].rsplit(":", 1)[1]) == c["ports"][0]["containerPort"] == 8443
     for path in (cfg["tls"]["cert_file"], cfg["tls"]["key_file"], "/etc/injector/config.yaml",
-                 cfg["preview"]["token_file"]):
+                 cfg["preview"]["token_file"], cfg["preview"]["ca_file"],
+                 cfg["agent"]["ca_file"]):
         volume, inner = _mount_for(injector, "injector", path)
         assert inner in _volume_paths(volume), path
     hook = one(docs, "MutatingWebhookConfiguration", "ephemeral-broker-injector").body
@@ -873,6 +921,10 @@ def test_the_broker_deployment_is_replicated_spread_probed_and_bounded():
     (c,) = spec["containers"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # The broker serves HTTPS only: the kubelet probes it so (without verifying).
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS" and c[probe]["httpGet"]["port"] == (
+            "https"), probe
     assert c["args"][0] == "serve"
     # The broker drains requests for 60 s on SIGTERM (broker/app/http.py DRAIN_S).
     assert spec["terminationGracePeriodSeconds"] > 60
@@ -948,13 +1000,22 @@ def _run_cert_script(tmp_path: Path, ca_dir: Path) -> tuple[dict[str, Any], list
                    capture_output=True, timeout=120)
     calls = [line.split("\0")[:-1] for line in (tmp_path / "calls").read_text().splitlines()
              if line]
-    return yaml.safe_load((tmp_path / "applied.yaml").read_text()), calls
+    applied = {d["metadata"]["name"]: d
+               for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text())}
+    return applied, calls
+
+
+def _openssl_text(cert: Path) -> str:
+    return subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(cert)],
+                          check=True, capture_output=True, text=True).stdout
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl absent")
 def test_webhook_certs_script_makes_a_secret_and_a_ca_bundle_that_fit_together(tmp_path):
     ca_dir = tmp_path / "ca"
-    secret, calls = _run_cert_script(tmp_path, ca_dir)
+    applied, calls = _run_cert_script(tmp_path, ca_dir)
+    assert set(applied) == {"ephemeral-broker-injector-tls", "ephemeral-broker-tls"}
+    secret = applied["ephemeral-broker-injector-tls"]
     assert kubernetes_validate.validate(secret, VERSIONS[-1], strict=True)
     assert (secret["metadata"], secret["type"]) == (
         {"name": "ephemeral-broker-injector-tls", "namespace": NS}, "kubernetes.io/tls")
@@ -973,13 +1034,30 @@ def test_webhook_certs_script_makes_a_secret_and_a_ca_bundle_that_fit_together(t
     # The serving certificate chains to the CA and names the Service the API server calls.
     subprocess.run(["openssl", "verify", "-CAfile", str(ca_dir / "ca.crt"),
                     str(ca_dir / "tls.crt")], check=True, capture_output=True)
-    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(ca_dir / "tls.crt")],
-                          check=True, capture_output=True, text=True).stdout
+    text = _openssl_text(ca_dir / "tls.crt")
     assert f"DNS:ephemeral-broker-injector.{NS}.svc," in text
     assert "TLS Web Server Authentication" in text and "CA:FALSE" in text
     assert oct((ca_dir / "ca.key").stat().st_mode & 0o777) == "0o600"
-    # A second run renews the serving certificate under the same CA: caBundle unchanged.
+    # The broker's Secret: a serving certificate for its Service, under the same CA (the
+    # one the injector hands to the agents).
+    broker = applied["ephemeral-broker-tls"]
+    assert kubernetes_validate.validate(broker, VERSIONS[-1], strict=True)
+    assert (broker["metadata"], broker["type"]) == (
+        {"name": "ephemeral-broker-tls", "namespace": NS}, "kubernetes.io/tls")
+    broker_files = {k: base64.b64decode(v) for k, v in broker["data"].items()}
+    assert broker_files["ca.crt"] == files["ca.crt"]
+    assert broker_files["tls.crt"] == (ca_dir / "broker.crt").read_bytes()
+    assert b"PRIVATE KEY" in broker_files["tls.key"] and broker_files["tls.key"] != files[
+        "tls.key"]
+    subprocess.run(["openssl", "verify", "-CAfile", str(ca_dir / "ca.crt"),
+                    str(ca_dir / "broker.crt")], check=True, capture_output=True)
+    text = _openssl_text(ca_dir / "broker.crt")
+    assert (f"DNS:ephemeral-broker.{NS}.svc, DNS:ephemeral-broker.{NS}.svc.cluster.local, "
+            "DNS:localhost") in text
+    assert "TLS Web Server Authentication" in text and "CA:FALSE" in text
+    # A second run renews the serving certificates under the same CA: caBundle unchanged.
     again, calls2 = _run_cert_script(tmp_path, ca_dir)
-    assert again["data"]["ca.crt"] == secret["data"]["ca.crt"]
-    assert again["data"]["tls.crt"] != secret["data"]["tls.crt"]
+    for name, first in applied.items():
+        assert again[name]["data"]["ca.crt"] == first["data"]["ca.crt"]
+        assert again[name]["data"]["tls.crt"] != first["data"]["tls.crt"]
     assert json.loads(calls2[-1][-1]) == [op]

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The injector's serving certificate without cert-manager: a CA kept in --dir (made on
-# the first run, reused after, so the webhook's caBundle does not change when the
-# serving certificate is renewed), a serving certificate for the injector's Service
-# signed by it, the Secret the injector mounts, and the CA in the webhook's caBundle.
+# The serving certificates without cert-manager: a CA kept in --dir (made on the first
+# run, reused after, so the webhook's caBundle and the CA the agents trust do not change
+# when a serving certificate is renewed), and, signed by it,
+#   - the injector's certificate for its Service, the Secret the injector mounts, and the
+#     CA in the webhook's caBundle;
+#   - the broker's certificate for its Service (and localhost, for brokerctl through
+#     kubectl port-forward), the Secret the broker mounts (its ca.crt is also what the
+#     injector hands to the agents).
 #
 #   kubectl apply -k deploy/kubernetes/no-cert-manager     # first: the namespace and webhook
 #   deploy/kubernetes/no-cert-manager/webhook-certs.sh --dir ./injector-ca
 #
-# Run it again before the serving certificate expires (--days, default 365): the injector
-# re-reads the files when the Secret's new content reaches its pods. Keep --dir private
-# (ca.key signs anything the API server will trust as the injector); KUBECTL names
-# another kubectl.
+# Run it again before the serving certificates expire (--days, default 365): the injector
+# and the broker re-read the files when the Secrets' new content reaches their pods. Keep
+# --dir private (ca.key signs anything the API server and the agents will trust);
+# KUBECTL names another kubectl.
 set -euo pipefail
 
 dir=""
@@ -18,12 +22,14 @@ namespace="ephemeral-broker"
 service="ephemeral-broker-injector"
 secret="ephemeral-broker-injector-tls"
 webhook="ephemeral-broker-injector"
+broker_service="ephemeral-broker"
+broker_secret="ephemeral-broker-tls"
 days=365
 kubectl="${KUBECTL:-kubectl}"
 
 usage() {
     echo "usage: $0 --dir DIR [--namespace NS] [--service NAME] [--secret NAME]" \
-        "[--webhook NAME] [--days N]" >&2
+        "[--webhook NAME] [--broker-service NAME] [--broker-secret NAME] [--days N]" >&2
     exit 2
 }
 
@@ -34,6 +40,8 @@ while [ $# -gt 0 ]; do
         --service) service="${2:?}"; shift 2 ;;
         --secret) secret="${2:?}"; shift 2 ;;
         --webhook) webhook="${2:?}"; shift 2 ;;
+        --broker-service) broker_service="${2:?}"; shift 2 ;;
+        --broker-secret) broker_secret="${2:?}"; shift 2 ;;
         --days) days="${2:?}"; shift 2 ;;
         *) usage ;;
     esac
@@ -55,24 +63,35 @@ if [ ! -s "$dir/ca.key" ] || [ ! -s "$dir/ca.crt" ]; then
     echo "made a new CA in $dir (valid 10 years)" >&2
 fi
 
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/tls.key"
-openssl req -new -key "$dir/tls.key" -subj "/CN=$host" -out "$dir/tls.csr"
-cat > "$dir/tls.ext" <<EXT
+# serve NAME HOST [DNS...]: NAME.key and NAME.crt in --dir, a serving certificate for
+# HOST (and HOST.cluster.local, and any further DNS names) signed by the CA.
+serve() {
+    local name="$1" host="$2" sans="DNS:$2,DNS:$2.cluster.local"
+    shift 2
+    for extra in "$@"; do sans="$sans,DNS:$extra"; done
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/$name.key"
+    openssl req -new -key "$dir/$name.key" -subj "/CN=$host" -out "$dir/$name.csr"
+    cat > "$dir/$name.ext" <<EXT
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:$host,DNS:$host.cluster.local
+subjectAltName=$sans
 EXT
-openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-    -set_serial "0x$(openssl rand -hex 16)" -days "$days" -sha256 \
-    -extfile "$dir/tls.ext" -out "$dir/tls.crt" 2>/dev/null
-rm -f "$dir/tls.csr" "$dir/tls.ext"
-openssl verify -CAfile "$dir/ca.crt" "$dir/tls.crt" >/dev/null
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+        -set_serial "0x$(openssl rand -hex 16)" -days "$days" -sha256 \
+        -extfile "$dir/$name.ext" -out "$dir/$name.crt" 2>/dev/null
+    rm -f "$dir/$name.csr" "$dir/$name.ext"
+    openssl verify -CAfile "$dir/ca.crt" "$dir/$name.crt" >/dev/null
+}
+
+broker_host="$broker_service.$namespace.svc"
+serve tls "$host"
+serve broker "$broker_host" localhost
 
 b64() { base64 < "$1" | tr -d '\n'; }
 
-# The Secret as a manifest on stdin: no key material on a command line.
-"$kubectl" apply -f - <<SECRET
+# The Secrets as manifests on stdin: no key material on a command line.
+"$kubectl" apply -f - <<SECRETS
 apiVersion: v1
 kind: Secret
 metadata:
@@ -83,7 +102,18 @@ data:
   tls.crt: $(b64 "$dir/tls.crt")
   tls.key: $(b64 "$dir/tls.key")
   ca.crt: $(b64 "$dir/ca.crt")
-SECRET
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: $broker_secret
+  namespace: $namespace
+type: kubernetes.io/tls
+data:
+  tls.crt: $(b64 "$dir/broker.crt")
+  tls.key: $(b64 "$dir/broker.key")
+  ca.crt: $(b64 "$dir/ca.crt")
+SECRETS
 
 # The CA (public) into every webhook of the configuration.
 count="$("$kubectl" get mutatingwebhookconfiguration "$webhook" \
@@ -96,4 +126,7 @@ for i in $(seq 0 $((${#count} - 1))); do
 done
 "$kubectl" patch mutatingwebhookconfiguration "$webhook" --type=json -p "[$ops]"
 
-echo "serving certificate for $host valid until $(openssl x509 -enddate -noout -in "$dir/tls.crt" | cut -d= -f2)" >&2
+for name in tls broker; do
+    echo "serving certificate $(openssl x509 -subject -noout -in "$dir/$name.crt" | sed 's/.*CN *= *//')" \
+        "valid until $(openssl x509 -enddate -noout -in "$dir/$name.crt" | cut -d= -f2)" >&2
+done

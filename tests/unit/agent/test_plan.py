@@ -168,6 +168,24 @@ def test_classify_renew(status: int | None, code: str | None, outcome: Outcome) 
     assert plan.classify_renew(status, code) is outcome
 
 
+@pytest.mark.parametrize(("status", "code", "outcome"), [
+    # Vault no longer knows a lease past its expiry: the broker answers 502. A retry can
+    # never bring it back; the soak saw a pod's login dead for 11 s this way.
+    (502, "vault_invalid_request", Outcome.REISSUE),
+    (None, None, Outcome.REISSUE),
+    (503, "vault_unavailable", Outcome.REISSUE),
+    (400, "lease_not_active", Outcome.REISSUE),
+    (403, "role_not_permitted", Outcome.REFUSED),
+    (409, "instance_terminated", Outcome.REFUSED),
+    (401, "token_expired", Outcome.REFUSED),
+], ids=["502-after-expiry", "no-answer", "503", "ended", "403", "409", "401"])
+def test_a_failed_renewal_of_an_expired_lease_issues_afresh(
+        status: int | None, code: str | None, outcome: Outcome) -> None:
+    assert plan.classify_renew(status, code, expired=True) is outcome
+    if outcome is Outcome.REISSUE and code not in ("lease_not_active",):
+        assert plan.classify_renew(status, code, expired=False) is Outcome.UNAVAILABLE
+
+
 RELEASE_ANSWERS = [
     (204, None, Release.DONE, "204"),
     (404, "lease_not_found", Release.DONE, "gone"),

@@ -32,6 +32,7 @@ from broker.injector.containers import (
 from broker.injector.model import Patch
 from broker.injector.quantity import parse_quantity
 from broker.injector.settings import TOKEN_DIR, InjectorSettings
+from broker.tls import parse_ca_pem
 
 # kubernetes-validate reads and parses its schema files (the definitions are megabytes) on
 # every call; they never change, so they are read once per version here. Validation itself
@@ -46,6 +47,9 @@ except ImportError:  # pragma: no cover - the injector's branch before the agent
 
 DATA = Path(__file__).parents[2] / "data" / "injector"
 CONFIG = InjectorSettings(broker_url="https://broker.broker-system.svc:8300")
+# The CA of the broker's serving certificate, as the injector hands it to the agents
+# (agent.ca_file, read by the injector; a throwaway CA made for these tests).
+BROKER_CA_PEM = (DATA / "broker-ca.pem").read_text()
 MOUNT = CONFIG.agent.mount_path
 P = "ephemeral-broker/"
 
@@ -170,7 +174,7 @@ def parse_agent_args(args: list[str]) -> dict[str, Any]:
     p.add_argument("--on-exit", choices=["terminate", "release", "keep"], default="terminate")
     p.add_argument("--ready-listen")
     p.add_argument("--state-file")
-    p.add_argument("--ca-file")
+    p.add_argument("--ca-pem")
     p.add_argument("--exit-timeout")
     ns = p.parse_args(args[1:])
     credentials = {}
@@ -194,6 +198,8 @@ def check_agent_reads(args: list[str], spec: InjectionSpec) -> None:
     p = argparse.ArgumentParser(prog="broker agent", exit_on_error=False)
     agent_arguments(p)
     ns = p.parse_args(args[1:])
+    if ns.ca_pem is not None:  # the agent checks the CA at start exactly so
+        assert parse_ca_pem(ns.ca_pem) == ns.ca_pem
     read = build_specs(ns.credential, ns.template)
     assert [(c.name, c.role, c.format, c.perms, c.ttl, c.keygen, c.cn,
              f"{c.signal.signal}:{c.signal.process}" if c.signal else None, c.command,
@@ -216,8 +222,9 @@ def expected_credentials(spec: InjectionSpec) -> dict[str, dict[str, Any]]:
 
 
 def check_injected(before: dict[str, Any], after: dict[str, Any],
-                   config: InjectorSettings = CONFIG) -> None:
-    """Everything a first pass promises, checked on the mutated pod."""
+                   config: InjectorSettings = CONFIG, ca_pem: str | None = None) -> None:
+    """Everything a first pass promises, checked on the mutated pod (``ca_pem``: the CA
+    the injector was given for the agents)."""
     validate_everywhere(after)
     check_semantics(after)
     spec_after = after["spec"]
@@ -259,6 +266,7 @@ def check_injected(before: dict[str, Any], after: dict[str, Any],
         assert args["once"] is once
         assert args["on_exit"] == ("keep" if once else spec.on_exit)
         assert args["exit_timeout"] == f"{config.agent.exit_timeout_s}s"
+        assert args["ca_pem"] == ca_pem
         assert c["resources"] == spec.resources
         native = c.get("restartPolicy") == "Always"
         assert native == (spec.mode == "native" and c["name"] == AGENT)

@@ -4,7 +4,9 @@ applied and the pod validated (every Kubernetes version from 1.29, strict), chec
 against the injector's promises (``podkit.check_injected``), compared whole with its
 ``*.expected.json``, and passed through again to show that a second pass changes nothing.
 
-``BROKER_UPDATE_GOLDEN=1`` rewrites the expected pods (then read the diff).
+The injector is given the broker's CA (``broker-ca.pem``), as the shipped deployment
+is: every agent gets it as ``--ca-pem``. ``BROKER_UPDATE_GOLDEN=1`` rewrites the expected
+pods (then read the diff).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from broker.injector.containers import AGENT, AGENT_INIT
 from broker.injector.model import Skip
 from broker.injector.mutate import mutate
 from broker.injector.review import admit, answer, decode
-from tests.unit.injector.podkit import CONFIG, DATA, apply, check_injected, patch_of
+from tests.unit.injector.podkit import (
+    BROKER_CA_PEM,
+    CONFIG,
+    DATA,
+    apply,
+    check_injected,
+    patch_of,
+)
 
 SHAPES = sorted(p.name.removesuffix(".review.json") for p in DATA.glob("*.review.json"))
 UPDATE = os.environ.get("BROKER_UPDATE_GOLDEN") == "1"
@@ -28,7 +37,7 @@ UPDATE = os.environ.get("BROKER_UPDATE_GOLDEN") == "1"
 def _mutated(shape: str) -> tuple[dict, dict, dict]:
     raw = (DATA / f"{shape}.review.json").read_bytes()
     sent = json.loads(raw)
-    reply = answer(decode(raw).uid, admit(decode(raw), CONFIG))
+    reply = answer(decode(raw).uid, admit(decode(raw), CONFIG, ca_pem=BROKER_CA_PEM))
     response = reply["response"]
     assert reply["apiVersion"] == "admission.k8s.io/v1" and reply["kind"] == "AdmissionReview"
     assert response["uid"] == sent["request"]["uid"]
@@ -47,7 +56,7 @@ def test_every_shape_has_a_fixture() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPES)
 def test_the_patch_applies_validates_and_keeps_every_promise(shape: str) -> None:
     before, after, _ = _mutated(shape)
-    check_injected(before, after)
+    check_injected(before, after, ca_pem=BROKER_CA_PEM)
     expected = DATA / f"{shape}.expected.json"
     if UPDATE:
         expected.write_text(json.dumps(after, indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,8 @@ import pytest
 
 from broker.config import load_yaml_model
 from broker.errors import ConfigError
-from broker.injector.settings import InjectorSettings, is_loopback, parse_listen
+from broker.injector.settings import InjectorSettings, parse_listen
+from broker.settings import is_loopback
 
 FULL = """
 listen: 0.0.0.0:9443

@@ -7,7 +7,9 @@ answers exactly as the contract for ``POST /v1/admin/policy/preview`` says."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,16 +17,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.errors import ConfigError
 from broker.injector import server as server_module
 from broker.injector.metrics import MAX_NAMESPACES, OTHER, InjectorMetrics
 from broker.injector.model import Skip
 from broker.injector.preview import PreviewClient
-from broker.injector.server import Injector, build_app
+from broker.injector.server import Injector, InjectorServer, build_app
 from broker.injector.settings import InjectorSettings
 from tests.harness.wait import eventually
 from tests.unit.injector.podkit import CONFIG, P, apply, check_injected, container, pod, review
@@ -126,10 +130,10 @@ async def test_a_slow_decision_does_not_hold_up_the_webhook(
     released: list[bool] = []
     real = server_module.admit
 
-    def slow(*args: Any) -> Any:
+    def slow(*args: Any, **kwargs: Any) -> Any:
         started.set()
         released.append(release.wait(10))  # on the event loop, this would block /healthz
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(server_module, "admit", slow)
     pending = asyncio.create_task(post(client, review(pod({"containers": [container("app")]}))))
@@ -471,3 +475,57 @@ async def test_no_preview_for_pods_that_are_not_injected(tmp_path: Path) -> None
         assert stub.asked == []
     finally:
         await close()
+
+
+# -- the broker's CA for the agents (agent.ca_file) -------------------------------------
+
+
+def _agent_ca_pem(body: dict[str, Any]) -> str | None:
+    ops = json.loads(base64.b64decode(body["response"]["patch"]))
+    (agent,) = next(op["value"] for op in ops if op["path"] == "/spec/initContainers")
+    args = agent["args"]
+    return args[args.index("--ca-pem") + 1] if "--ca-pem" in args else None
+
+
+async def test_each_pod_gets_the_ca_in_agent_ca_file_as_it_is_at_admission(
+        tmp_path: Path) -> None:
+    first, second = (trustme.CA().cert_pem.bytes().decode() for _ in range(2))
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text(first)
+    config = InjectorSettings(listen="127.0.0.1:0", broker_url="https://b.svc:8300",
+                              agent={"ca_file": str(ca_file)})
+    server = InjectorServer(config, insecure_http=True)
+    url = await server.start()
+    obj = pod({"containers": [container("app")]}, DB)
+
+    async def admitted_ca() -> str | None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/mutate", json=review(obj)) as resp:
+                body = await resp.json()
+        check_injected(obj, apply(obj, json.loads(base64.b64decode(
+            body["response"]["patch"]))), config, _agent_ca_pem(body))
+        return _agent_ca_pem(body)
+
+    def replace(text: str) -> None:  # a new inode, as the kubelet swaps a volume's files
+        (tmp_path / "ca.new").write_text(text)
+        os.replace(tmp_path / "ca.new", ca_file)
+
+    try:
+        assert await admitted_ca() == first
+        replace(second)  # the CA rotated: pods created from now on trust the new one
+        assert await admitted_ca() == second
+        assert server.ca is not None and server.ca.reloads == 1
+        replace("-----BEGIN CERTIFICATE-----\ntruncated")  # half written: keep the last good
+        assert await admitted_ca() == second
+        assert (server.ca.reloads, server.ca.failures) == (1, 1)
+    finally:
+        await server.close()
+
+
+def test_an_agent_ca_file_that_is_not_a_ca_stops_start_up(tmp_path: Path) -> None:
+    config = InjectorSettings(listen="127.0.0.1:0", broker_url="https://b.svc:8300",
+                              agent={"ca_file": str(tmp_path / "ca.crt")})
+    with pytest.raises(ConfigError) as err:
+        InjectorServer(config, insecure_http=True)
+    assert str(err.value) == (f"agent.ca_file: {tmp_path}/ca.crt: No such file or directory: "
+                              f"{tmp_path}/ca.crt")
