@@ -12,7 +12,6 @@ kustomize renders both and must give the same objects.
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from packaging.version import Version
 from broker.config import Settings, load_settings
 from broker.durations import parse_duration
 from broker.identity.model import Identity
+from broker.injector.settings import InjectorSettings
 from broker.policy.rules import decide
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -679,14 +679,8 @@ def test_the_injector_config_agrees_with_the_broker_its_service_and_its_webhook(
 
 
 def test_the_injector_config_map_loads_with_the_injector_s_settings():
-    try:
-        module = importlib.import_module("broker.injector.settings")
-    except ModuleNotFoundError as exc:
-        if exc.name != "broker.injector.settings":
-            raise
-        pytest.skip("broker.injector.settings comes with the injector's branch")
     cfg = config_of(WITH_CERT_MANAGER, "ephemeral-broker-injector-config")
-    settings = module.InjectorSettings.model_validate(cfg)
+    settings = InjectorSettings.model_validate(cfg)
     assert settings.audience == "ephemeral-broker"
     assert settings.issuer == "k8s-prod"
 
