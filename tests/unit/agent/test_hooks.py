@@ -68,7 +68,9 @@ async def test_signal_reaches_processes_of_that_name_only(tmp_path: Path) -> Non
     name = f"rot-{os.getpid() % 100000}"[:15]
     marks = [tmp_path / "one", tmp_path / "two"]
     procs = [named_app(name, m) for m in marks]
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A bystander that waits for a signal: SIGHUP would end it, so it still running
+    # afterwards shows it was not signalled.
+    other = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         assert hooks.processes_named(name) == sorted(p.pid for p in procs)
         assert hooks.send_signal(signal.SIGHUP, name) == (2, 0)
@@ -101,17 +103,19 @@ def test_a_process_of_another_user_is_counted_not_signalled(tmp_path: Path) -> N
         assert hooks.send_signal(0, "init", tmp_path) == (0, 1)
         return
     # As root: a process of one user, signalled from a child running as another.
+    # ``sleep infinity`` under a name of its own: one process that never forks (a shell
+    # loop's children carry its name between fork and exec), running as another user
+    # (who cannot reach the venv's python under /root). Popen returns after the exec, so
+    # the name is already there.
     name = f"oth-{os.getpid() % 100000}"[:15]
     directory = Path(tempfile.mkdtemp(prefix="agent-hooks-"))
     directory.chmod(0o755)
-    script = directory / name
-    script.write_text("#!/bin/sh\nwhile :; do sleep 0.05; done\n")
-    script.chmod(0o755)
-    other = subprocess.Popen([str(script)], user=65534, cwd="/")
+    program = directory / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", program)
+    program.chmod(0o755)
+    other = subprocess.Popen([str(program), "infinity"], user=65534, cwd="/")
     try:
-        deadline = time.monotonic() + 30
-        while hooks.processes_named(name) != [other.pid] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert hooks.processes_named(name) == [other.pid]
         pid = os.fork()
         if pid == 0:  # a child that drops to yet another user, as the agent runs
             try:
