@@ -14,6 +14,10 @@ def _err(desc: str) -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": _ERROR}}}
 
 
+def _body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
 def _ok(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     if schema is None:
         return {"description": desc}
@@ -176,14 +180,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Exchange an identity token for a credential",
                     "security": _WORKLOAD,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/CredentialRequest"}
-                            }
-                        },
-                    },
+                    "requestBody": _body({"$ref": "#/components/schemas/CredentialRequest"}),
                     "responses": {
                         "201": _ok(
                             "issued and recorded", {"$ref": "#/components/schemas/Credential"}
@@ -229,24 +226,20 @@ def openapi_document() -> dict[str, Any]:
                     "the admin terminate; idempotent. Where the token's issuer uses replay "
                     "protection, the call uses up the token's jti",
                     "security": _WORKLOAD,
-                    "requestBody": {
-                        "required": False,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "reason": {
-                                            "type": "string",
-                                            "maxLength": 200,
-                                            "description": "printable; kept in the audit event",
-                                        }
-                                    },
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "reason": {
+                                    "type": "string",
+                                    "maxLength": 200,
+                                    "description": "printable; kept in the audit event",
                                 }
-                            }
+                            },
                         },
-                    },
+                        required=False,
+                    ),
                     "responses": {
                         "202": _ok(
                             "revocation job queued (or the one already queued)",
@@ -311,23 +304,18 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Why a token would get a role or not; issues and records nothing",
                     "security": _ADMIN,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["token", "role"],
-                                    "properties": {
-                                        "token": {"type": "string"},
-                                        "role": {"type": "string"},
-                                        "ttl": {"type": ["string", "integer"]},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["token", "role"],
+                            "properties": {
+                                "token": {"type": "string"},
+                                "role": {"type": "string"},
+                                "ttl": {"type": ["string", "integer"]},
+                            },
+                        }
+                    ),
                     "responses": {
                         "200": _ok("token verdict, identity, rules applying, decision"),
                         "400": _err("malformed request"),
@@ -341,38 +329,32 @@ def openapi_document() -> dict[str, Any]:
                     "would get each role (the injector asks at admission); verifies, "
                     "issues and records nothing",
                     "security": _ADMIN,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["issuer", "claims", "roles"],
+                            "properties": {
+                                "issuer": {
+                                    "type": "string",
+                                    "description": "an issuer's name in the broker's configuration",
+                                },
+                                "claims": {
                                     "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["issuer", "claims", "roles"],
-                                    "properties": {
-                                        "issuer": {
-                                            "type": "string",
-                                            "description": "an issuer's name in the "
-                                            "broker's configuration",
-                                        },
-                                        "claims": {
-                                            "type": "object",
-                                            "description": "the claims a token would carry; "
-                                            "a missing instance claim maps to an empty "
-                                            "instance id",
-                                        },
-                                        "roles": {
-                                            "type": "array",
-                                            "minItems": 1,
-                                            "maxItems": 32,
-                                            "items": {"type": "string"},
-                                        },
-                                        "ttl": {"type": ["string", "integer"]},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                                    "description": "the claims a token would carry; "
+                                    "a missing instance claim maps to an empty "
+                                    "instance id",
+                                },
+                                "roles": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": 32,
+                                    "items": {"type": "string"},
+                                },
+                                "ttl": {"type": ["string", "integer"]},
+                            },
+                        }
+                    ),
                     "responses": {
                         "200": _ok(
                             "the identity the claims map to, and a verdict per role",
@@ -417,18 +399,14 @@ def openapi_document() -> dict[str, Any]:
                     "requests stuck in issuing, orphans under the broker's paths, unseen "
                     "instances",
                     "security": _ADMIN,
-                    "requestBody": {
-                        "required": False,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {"revoke_orphans": {"type": "boolean"}},
-                                }
-                            }
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"revoke_orphans": {"type": "boolean"}},
                         },
-                    },
+                        required=False,
+                    ),
                     "responses": {
                         "200": _ok(
                             "the pass's report (skipped: another replica was reconciling)",
@@ -484,27 +462,22 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"},
                         },
                     ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["instance_ids"],
-                                    "properties": {
-                                        "instance_ids": {
-                                            "type": "array",
-                                            "minItems": 1,
-                                            "items": {"type": "string"},
-                                        },
-                                        "issuer": {"type": "string"},
-                                        "reason": {"type": "string", "maxLength": 200},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["instance_ids"],
+                            "properties": {
+                                "instance_ids": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"type": "string"},
+                                },
+                                "issuer": {"type": "string"},
+                                "reason": {"type": "string", "maxLength": 200},
+                            },
+                        }
+                    ),
                     "responses": {
                         "202": _ok("a revocation job (or a refusal) per instance"),
                         "400": _err("malformed body"),
