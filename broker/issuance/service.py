@@ -193,9 +193,7 @@ class CredentialService:
             workload=identity.workload,
             role=role_name,
             kind=plan.kind,
-            token_id=(identity.replay_key, identity.expires_at)
-            if identity.replay_key is not None
-            else None,
+            token_id=self._used_once(identity),
             limit=limit,
             external_ref=plan.session_ref.to_record() if plan.session_ref else None,
             vault_path=plan.request.path,
@@ -409,6 +407,14 @@ class CredentialService:
         return out
 
     @staticmethod
+    def _used_once(identity: Identity) -> tuple[str, datetime] | None:
+        """The token id an issuance or a self-termination uses up (and until when it must
+        be remembered), where the issuer's replay rule applies."""
+        if identity.replay_key is None:
+            return None
+        return identity.replay_key, identity.expires_at
+
+    @staticmethod
     def _token_id(identity: Identity) -> tuple[str, str] | None:
         if identity.replay_key is None:
             return None
@@ -518,9 +524,7 @@ class CredentialService:
             actor=f"workload:{identity.issuer_name}",
             issuer=identity.issuer_name,
             workload=identity.workload,
-            token_id=(identity.replay_key, identity.expires_at)
-            if identity.replay_key is not None
-            else None,
+            token_id=self._used_once(identity),
             reason=reason,
         )
 
