@@ -17,6 +17,7 @@ from aiohttp import web
 from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
+from broker.api.operators import Operator, Scope
 from broker.api.services import Admin, Credentials, EventReceiver, Readiness
 from broker.api.views import instance_public, job_public, lease_admin
 from broker.durations import parse_duration
@@ -78,11 +79,16 @@ async def identity_of(request: web.Request) -> Identity:
     return await request.app[API].verifier.verify(_bearer(request, admin=False))
 
 
-def require_admin(request: web.Request) -> None:
+async def operator_of(request: web.Request, needed: Scope) -> Operator:
+    """The operator calling, if it may do what needs ``needed``; refused otherwise."""
     presented = _bearer(request, admin=True)
     digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
     if not hmac.compare_digest(digest, request.app[API].admin_token_sha256):
         raise AdminForbidden("this call needs the broker's admin token")
+    operator = Operator("admin", Scope.ADMIN)
+    if not operator.may(needed):
+        raise AdminForbidden(f"this call needs the {needed.label} scope")
+    return operator
 
 
 async def _json_object(request: web.Request, allowed: set[str] | None) -> dict[str, Any]:
@@ -208,9 +214,9 @@ async def terminate_self(request: web.Request) -> web.Response:
 
 
 async def terminate_instance(request: web.Request) -> web.Response:
-    require_admin(request)
+    operator = await operator_of(request, Scope.REVOKE)
     instance_id = _instance_id(request)
-    job = await request.app[API].admin.terminate(instance_id)
+    job = await request.app[API].admin.terminate(instance_id, operator)
     return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
 
 
@@ -234,7 +240,7 @@ async def terminate_event(request: web.Request) -> web.Response:
 
 
 async def show_instance(request: web.Request) -> web.Response:
-    require_admin(request)
+    await operator_of(request, Scope.READ)
     instance, leases, job = await request.app[API].admin.instance(_instance_id(request))
     return web.json_response(
         {
@@ -256,7 +262,7 @@ def _query(request: web.Request, name: str, allowed: set[str] | None = None) -> 
 
 
 async def list_leases(request: web.Request) -> web.Response:
-    require_admin(request)
+    await operator_of(request, Scope.READ)
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
@@ -278,7 +284,7 @@ async def list_leases(request: web.Request) -> web.Response:
 
 async def explain_policy(request: web.Request) -> web.Response:
     """Why a token would be granted a role or refused it (``Admin.explain``)."""
-    require_admin(request)
+    await operator_of(request, Scope.READ)
     body = await _json_object(request, {"token", "role", "ttl"})
     token, role = body.get("token"), body.get("role")
     if not isinstance(token, str) or not token:
@@ -307,7 +313,7 @@ def _preview_roles(body: dict[str, Any]) -> list[str]:
 
 async def preview_policy(request: web.Request) -> web.Response:
     """Whether a token carrying these claims would get each role (``Admin.preview``)."""
-    require_admin(request)
+    await operator_of(request, Scope.READ)
     body = await _json_object(request, {"issuer", "claims", "roles", "ttl"})
     issuer, claims = body.get("issuer"), body.get("claims")
     if not isinstance(issuer, str) or not issuer:
@@ -325,27 +331,29 @@ async def preview_policy(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    require_admin(request)
+    operator = await operator_of(request, Scope.ADMIN)
     job_id = request.match_info["job_id"]
     if not JOB_ID_PATTERN.match(job_id):
         raise NotFound("no such revocation job", code="job_not_found")
-    job = await request.app[API].admin.retry(job_id)
+    job = await request.app[API].admin.retry(job_id, operator)
     return web.json_response({"job": job_public(job)}, status=202)
 
 
 async def reconcile(request: web.Request) -> web.Response:
     """Run a reconciliation pass now and answer with its report."""
-    require_admin(request)
+    operator = await operator_of(request, Scope.REVOKE)
     body = await _json_object(request, {"revoke_orphans"})
     revoke = body.get("revoke_orphans")
     if revoke is not None and not isinstance(revoke, bool):
         raise BadRequest("'revoke_orphans' must be true or false", code="invalid_field")
+    if revoke and not operator.may(Scope.ADMIN):
+        raise AdminForbidden("revoking orphans needs the admin scope")
     report = await request.app[API].admin.reconcile(revoke)
     return web.json_response(report.public())
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    require_admin(request)
+    await operator_of(request, Scope.READ)
     state = _query(request, "state", {s.value for s in JobState})
     jobs = await request.app[API].admin.jobs(state=state)
     return web.json_response({"jobs": [job_public(j) for j in jobs]})

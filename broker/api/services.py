@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from broker.api.operators import Operator
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
 from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
@@ -48,9 +49,9 @@ class Admin(Protocol):
 
     async def jobs(self, *, state: str | None) -> list[JobView]: ...
 
-    async def terminate(self, instance_id: str) -> JobView: ...
+    async def terminate(self, instance_id: str, operator: Operator) -> JobView: ...
 
-    async def retry(self, job_id: str) -> JobView: ...
+    async def retry(self, job_id: str, operator: Operator) -> JobView: ...
 
     async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport: ...
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from broker.api.operators import Operator
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
 from broker.events import Terminate
@@ -42,7 +43,7 @@ class AdminQueries(Protocol):
 
 
 class AdminService:
-    """What an operator asks of the broker; every action is recorded as the ``admin``."""
+    """What an operator asks of the broker; every action is recorded as its operator."""
 
     def __init__(
         self,
@@ -87,12 +88,12 @@ class AdminService:
     async def jobs(self, *, state: str | None) -> list[JobView]:
         return await self._queries.list_jobs(state=state)
 
-    async def terminate(self, instance_id: str) -> JobView:
-        return await self._terminate(instance_id, actor="admin")
+    async def terminate(self, instance_id: str, operator: Operator) -> JobView:
+        return await self._terminate(instance_id, actor=operator.actor)
 
-    async def retry(self, job_id: str) -> JobView:
-        job = await self._queries.retry_job(job_id, actor="admin")
-        await self._terminate(job.instance_id, actor="admin")  # wakes this replica's worker
+    async def retry(self, job_id: str, operator: Operator) -> JobView:
+        job = await self._queries.retry_job(job_id, actor=operator.actor)
+        await self._terminate(job.instance_id, actor=operator.actor)  # wakes this replica's worker
         return job
 
     async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport:

@@ -308,24 +308,50 @@ def show_reconcile(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
-    p.add_argument("--url", default=os.environ.get("BROKER_URL"), help="default: $BROKER_URL")
+def _connection_flags(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The flags every command takes, before or after the subcommand (``-o json`` anywhere,
+    as kubectl and vault users expect). Leaf parsers take them with no default of their own,
+    so a flag given before the subcommand is not overwritten by the leaf's default."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument(
+        "--url", default=default(os.environ.get("BROKER_URL")), help="default: $BROKER_URL"
+    )
     p.add_argument(
         "--admin-token",
-        default=os.environ.get("BROKER_ADMIN_TOKEN"),
+        default=default(os.environ.get("BROKER_ADMIN_TOKEN")),
         help="default: $BROKER_ADMIN_TOKEN",
     )
     p.add_argument(
         "--ca-file",
-        default=os.environ.get("BROKER_CA_FILE"),
+        default=default(os.environ.get("BROKER_CA_FILE")),
         help="CA bundle for the broker's TLS certificate (default: $BROKER_CA_FILE; "
         "without it, the system's CAs)",
     )
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("-o", "--output", choices=["table", "json", "jsonl"], default=default("table"))
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_flags(common, defaults=False)
+    return common
+
+
+def command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A leaf command under ``sub`` (a subparsers action) that takes the common flags too.
+    Every command module registers its leaves through this."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, parents=[_common()], **kwargs)
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
+    _connection_flags(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("revoke", help="terminate an instance: revoke everything it holds")
+    r = command(sub, "revoke", help="terminate an instance: revoke everything it holds")
     r.add_argument("--instance", required=True)
     r.add_argument("--wait", action="store_true", help="wait until Vault confirms")
     r.add_argument("--timeout", type=float, default=120.0)
@@ -333,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
 
     leases = sub.add_parser("leases", help="leases the broker tracks")
     lsub = leases.add_subparsers(dest="leases_command", required=True)
-    ll = lsub.add_parser("list")
+    ll = command(lsub, "list")
     for name in ("instance", "workload", "role", "state"):
         ll.add_argument(f"--{name}")
     ll.add_argument("--limit", type=int, default=1000)
@@ -341,13 +367,13 @@ def _parser() -> argparse.ArgumentParser:
 
     inst = sub.add_parser("instances", help="instances the broker tracks")
     isub = inst.add_subparsers(dest="instances_command", required=True)
-    ish = isub.add_parser("show")
+    ish = command(isub, "show")
     ish.add_argument("instance_id")
     ish.set_defaults(run=cmd_instance, show=show_instance)
 
     pol = sub.add_parser("policy", help="policy questions")
     psub = pol.add_subparsers(dest="policy_command", required=True)
-    pe = psub.add_parser("explain", help="would this token get that role, and why")
+    pe = command(psub, "explain", help="would this token get that role, and why")
     pe.add_argument("--token", required=True, help="file holding the identity token (- = stdin)")
     pe.add_argument("--role", required=True)
     pe.add_argument("--ttl")
@@ -355,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="revocation jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    jl = jsub.add_parser("list")
+    jl = command(jsub, "list")
     jl.add_argument("--state", choices=["pending", "running", "done", "failed"])
     jl.set_defaults(
         run=cmd_jobs,
@@ -363,11 +389,12 @@ def _parser() -> argparse.ArgumentParser:
             rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]
         ),
     )
-    jr = jsub.add_parser("retry", help="queue a failed job again")
+    jr = command(jsub, "retry", help="queue a failed job again")
     jr.add_argument("job_id")
     jr.set_defaults(run=cmd_job_retry, show=show_job_retry)
 
-    rec = sub.add_parser(
+    rec = command(
+        sub,
         "reconcile",
         help="compare the store with Vault now: expired leases, stuck requests, orphans",
     )
@@ -395,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     if args.output == "json":
         print(json.dumps(result, indent=2))
+    elif args.output == "jsonl":
+        for item in result if isinstance(result, list) else [result]:
+            print(json.dumps(item, separators=(",", ":")))
     else:
         print(args.show(result))
     attention = getattr(args, "attention", None)
