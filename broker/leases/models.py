@@ -58,6 +58,9 @@ class Instance(Base):
     # When the instance last exchanged or renewed (to a minute or so: replicas record it
     # in batches). An issuer's ``liveness.unseen_grace`` terminates instances unseen longer.
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The identity's claims at first issuance (no token, no token id), so an incident
+    # responder can select instances by a claim (``brokerctl revoke --claim k=v``).
+    claims: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class InstanceToken(Base):
@@ -120,6 +123,9 @@ class RevocationJob(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(String(255))
     requested_by: Mapped[str] = mapped_column(String(64))
+    # Why, as the requester said it (``--reason``), and the incident it belongs to.
+    reason: Mapped[str | None] = mapped_column(String(200))
+    incident: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -138,15 +144,69 @@ class SeenToken(Base):
 
 
 class AuditEvent(Base):
+    """One link of the audit chain: ``hash = SHA-256(tag ‖ prev_hash ‖ canonical JSON of the
+    event)``; ``seq`` is gap-free, assigned under the ``audit_head`` row lock."""
+
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_instance", "instance_id"),)
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))
     instance_id: Mapped[str | None] = mapped_column(String(255))
     lease_id: Mapped[str | None] = mapped_column(String(40))
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")
+    reason: Mapped[str | None] = mapped_column(String(200))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's head: one row (id 1), locked by every transaction that appends, so
+    concurrent replicas cannot fork the chain or leave a gap."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the chain's head (seq, hash, time), by a key the database
+    does not hold (OpenBao transit, or a file key in development)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    signer: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(255))
+    signature: Mapped[str] = mapped_column(String(1024))
+
+
+class Lock(Base):
+    """Refuses new credentials and renewals that match, without terminating anything.
+    ``kind`` is workload, issuer, role or claim (``claim`` names the claim, ``value`` its
+    value). Active while ``removed_at`` is null and ``expires_at`` is null or ahead."""
+
+    __tablename__ = "locks"
+    __table_args__ = (Index("ix_locks_removed", "removed_at"),)
+
+    lock_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(String(255))
+    claim: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(200))
+    incident: Mapped[str | None] = mapped_column(String(128))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    removed_by: Mapped[str | None] = mapped_column(String(128))

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock, iso_z
 from broker.errors import NotPermitted, TokenInvalid
+from broker.leases import chain
 from broker.leases import models as m
 from broker.leases.states import LIVE_LEASE_STATES, InstanceState
 from broker.leases.views import InstanceView, JobView, LeaseView
@@ -25,6 +26,10 @@ TOKENS = cast(Table, m.InstanceToken.__table__)
 JOBS = cast(Table, m.RevocationJob.__table__)
 SEEN_TOKENS = cast(Table, m.SeenToken.__table__)
 AUDIT_EVENTS = cast(Table, m.AuditEvent.__table__)
+AUDIT_HEAD = cast(Table, m.AuditHead.__table__)
+_LOCK_HEAD = (
+    select(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash).where(AUDIT_HEAD.c.id == 1).with_for_update()
+)
 WHICH_INSTANCE = select(INSTANCES.c.state, INSTANCES.c.issuer_name, INSTANCES.c.workload).where(
     INSTANCES.c.instance_id == bindparam("b_iid")
 )
@@ -49,18 +54,43 @@ async def audit(
     *,
     instance_id: str | None = None,
     lease_id: str | None = None,
+    outcome: str = "ok",
+    reason: str | None = None,
     **detail: Any,
 ) -> None:
+    """Append one event to the chain, in the caller's transaction: the head row is locked
+    until it commits, so sequence numbers have no gaps and replicas cannot fork the chain."""
+    head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
+    seq, prev = int(head[0]) + 1, str(head[1])
+    at = clock.now()
+    document = chain.event_document(
+        seq=seq,
+        at=at,
+        actor=actor[:128],
+        action=action,
+        instance_id=instance_id,
+        lease_id=lease_id,
+        outcome=outcome,
+        reason=reason,
+        detail=detail,
+    )
+    digest = chain.link_hash(prev, document)
     await conn.execute(
         AUDIT_EVENTS.insert().values(
-            at=clock.now(),
-            actor=actor[:128],
+            seq=seq,
+            at=at,
+            actor=document["actor"],
             action=action,
             instance_id=instance_id,
             lease_id=lease_id,
-            detail=detail,
+            outcome=outcome,
+            reason=reason,
+            detail=document["detail"],
+            prev_hash=prev,
+            hash=digest,
         )
     )
+    await conn.execute(AUDIT_HEAD.update().where(AUDIT_HEAD.c.id == 1).values(seq=seq, hash=digest))
 
 
 async def lock_instance(

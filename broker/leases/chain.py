@@ -1,0 +1,51 @@
+"""The audit chain's arithmetic, free of I/O: each event's canonical document and the hash
+that links it to the one before.
+
+``hash = SHA-256(TAG ‖ prev_hash ‖ RFC 8785 canonical JSON of the event)``, with
+``prev_hash`` as its 32 raw bytes and the first event's ``prev_hash`` all zeros. The
+domain tag keeps an event hash from being mistaken for any other SHA-256 the broker makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import rfc8785
+
+from broker.clock import iso_z
+
+TAG = b"ephemeral-broker/audit-event/v1\x00"
+GENESIS = "0" * 64
+
+
+def event_document(
+    *,
+    seq: int,
+    at: datetime,
+    actor: str,
+    action: str,
+    instance_id: str | None,
+    lease_id: str | None,
+    outcome: str,
+    reason: str | None,
+    detail: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The event as it is hashed and exported: every stored field but the hashes."""
+    return {
+        "seq": seq,
+        "at": iso_z(at),
+        "actor": actor,
+        "action": action,
+        "instance_id": instance_id,
+        "lease_id": lease_id,
+        "outcome": outcome,
+        "reason": reason,
+        "detail": dict(detail),
+    }
+
+
+def link_hash(prev_hash: str, document: Mapping[str, Any]) -> str:
+    return hashlib.sha256(TAG + bytes.fromhex(prev_hash) + rfc8785.dumps(document)).hexdigest()
