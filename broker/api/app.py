@@ -18,8 +18,15 @@ from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
+from broker.api.queries import MAX_PAGE, encode_cursor, query_params
 from broker.api.services import Admin, Credentials, EventReceiver, Readiness
-from broker.api.views import instance_public, job_public, lease_admin
+from broker.api.views import (
+    instance_listing,
+    instance_public,
+    job_public,
+    lease_admin,
+    lease_groups,
+)
 from broker.durations import parse_duration
 from broker.errors import (
     AdminForbidden,
@@ -31,7 +38,7 @@ from broker.errors import (
 from broker.events import webhook
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
-from broker.leases import JobState, JobView, LeaseState
+from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, JobView, LeaseState
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
@@ -39,6 +46,8 @@ JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
 MAX_REASON = 200
 MAX_PREVIEW_ROLES = 32
+LEASE_STATES = frozenset(s.value for s in LeaseState)
+LEASE_GROUP_BY = frozenset({"role", "engine", "workload", "issuer"})
 
 
 @dataclass(frozen=True)
@@ -241,6 +250,7 @@ async def terminate_event(request: web.Request) -> web.Response:
 
 async def show_instance(request: web.Request) -> web.Response:
     await operator_of(request, Scope.READ)
+    query_params(request, ())
     instance, leases, job = await request.app[API].admin.instance(_instance_id(request))
     return web.json_response(
         {
@@ -251,35 +261,68 @@ async def show_instance(request: web.Request) -> web.Response:
     )
 
 
-def _query(request: web.Request, name: str, allowed: set[str] | None = None) -> str | None:
-    value = request.query.get(name)
-    if value is None or value == "":
-        return None
-    if len(value) > 255 or (allowed is not None and value not in allowed):
-        hint = f"; one of {', '.join(sorted(allowed))}" if allowed else ""
-        raise BadRequest(f"query parameter {name!r} is not valid{hint}", code="invalid_query")
-    return value
-
-
 async def list_leases(request: web.Request) -> web.Response:
     await operator_of(request, Scope.READ)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise BadRequest("limit must be an integer", code="invalid_query") from None
-    if not 1 <= limit <= 1000:
-        raise BadRequest("limit must be between 1 and 1000", code="invalid_query")
-    after = _query(request, "after")
+    q = query_params(request, {"instance", "workload", "role", "state", "limit", "after"})
+    limit = q.limit()
     leases = await request.app[API].admin.leases(
-        instance=_query(request, "instance"),
-        workload=_query(request, "workload"),
-        role=_query(request, "role"),
-        state=_query(request, "state", {s.value for s in LeaseState}),
-        limit=limit,
-        after=after,
+        instance=q.text("instance"),
+        workload=q.text("workload"),
+        role=q.text("role"),
+        state=q.text("state", LEASE_STATES),
+        limit=limit + 1,  # one more than shown: ``next`` only when there is more
+        after=q.text("after"),
     )
-    nxt = leases[-1].lease_id if len(leases) == limit else None
-    return web.json_response({"leases": [lease_admin(x) for x in leases], "next": nxt})
+    nxt = leases[limit - 1].lease_id if len(leases) > limit else None
+    return web.json_response({"leases": [lease_admin(x) for x in leases[:limit]], "next": nxt})
+
+
+async def show_lease(request: web.Request) -> web.Response:
+    """One lease as the store holds it; ``?vault=true`` adds what Vault says of it now."""
+    await operator_of(request, Scope.READ)
+    q = query_params(request, {"vault"})
+    vault = q.text("vault", {"true", "false"}) == "true"
+    lease, live = await request.app[API].admin.lease(_lease_id(request), vault=vault)
+    return web.json_response({**lease_admin(lease), **({"vault": live} if vault else {})})
+
+
+async def count_leases(request: web.Request) -> web.Response:
+    """Leases counted by role, engine, workload or issuer, largest first (live by default):
+    a lease explosion at a glance."""
+    await operator_of(request, Scope.READ)
+    q = query_params(request, {"group_by", "state", "top"})
+    group_by = q.text("group_by", LEASE_GROUP_BY)
+    if group_by is None:
+        raise BadRequest(
+            f"'group_by' is required: one of {', '.join(sorted(LEASE_GROUP_BY))}",
+            code="invalid_query",
+        )
+    state = q.text("state", LEASE_STATES)
+    states = [state] if state else sorted(s.value for s in LIVE_LEASE_STATES)
+    top = q.number("top", 20, low=1, high=MAX_PAGE)
+    groups = await request.app[API].admin.lease_counts(group_by=group_by, states=states, top=top)
+    return web.json_response(lease_groups(groups, states))
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    await operator_of(request, Scope.READ)
+    q = query_params(request, {"state", "workload", "issuer", "since", "limit", "after"})
+    limit = q.limit()
+    rows = await request.app[API].admin.instances(
+        state=q.text("state", {s.value for s in InstanceState}),
+        workload=q.text("workload"),
+        issuer=q.text("issuer"),
+        since=q.time("since"),
+        limit=limit + 1,
+        after=q.cursor(),
+    )
+    last = rows[limit - 1].instance if len(rows) > limit else None
+    return web.json_response(
+        {
+            "instances": [instance_listing(x) for x in rows[:limit]],
+            "next": encode_cursor(last.created_at, last.instance_id) if last else None,
+        }
+    )
 
 
 async def explain_policy(request: web.Request) -> web.Response:
@@ -353,10 +396,24 @@ async def reconcile(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    """Revocation jobs in the order they were requested, a page at a time."""
     await operator_of(request, Scope.READ)
-    state = _query(request, "state", {s.value for s in JobState})
-    jobs = await request.app[API].admin.jobs(state=state)
-    return web.json_response({"jobs": [job_public(j) for j in jobs]})
+    q = query_params(request, {"state", "instance", "since", "limit", "after"})
+    limit = q.limit()
+    jobs = await request.app[API].admin.jobs(
+        state=q.text("state", {s.value for s in JobState}),
+        instance=q.text("instance"),
+        since=q.time("since"),
+        limit=limit + 1,
+        after=q.cursor(),
+    )
+    last = jobs[limit - 1] if len(jobs) > limit else None
+    return web.json_response(
+        {
+            "jobs": [job_public(j) for j in jobs[:limit]],
+            "next": encode_cursor(last.created_at, last.job_id) if last else None,
+        }
+    )
 
 
 # -- operations --------------------------------------------------------------------------
@@ -443,6 +500,9 @@ def build_app(
     r.add_post("/v1/instances/{instance_id}/terminate", terminate_instance)
     r.add_get("/v1/instances/{instance_id}", show_instance)
     r.add_get("/v1/admin/leases", list_leases)
+    r.add_get("/v1/admin/leases/count", count_leases)  # before {lease_id}
+    r.add_get("/v1/admin/leases/{lease_id}", show_lease)
+    r.add_get("/v1/admin/instances", list_instances)
     r.add_get("/v1/admin/jobs", list_jobs)
     r.add_post("/v1/admin/jobs/{job_id}/retry", retry_job)
     r.add_post("/v1/admin/reconcile", reconcile)

@@ -5,12 +5,20 @@ them, encodes."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
-from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.leases import (
+    InstanceListing,
+    InstanceView,
+    JobView,
+    LeaseGroups,
+    LeaseView,
+    StoreCounts,
+)
 from broker.revocation.reconcile import ReconcileReport
 
 
@@ -47,7 +55,34 @@ class Admin(Protocol):
         after: str | None,
     ) -> list[LeaseView]: ...
 
-    async def jobs(self, *, state: str | None) -> list[JobView]: ...
+    async def lease(
+        self, lease_id: str, *, vault: bool
+    ) -> tuple[LeaseView, dict[str, Any] | None]: ...
+
+    async def lease_counts(
+        self, *, group_by: str, states: Sequence[str], top: int
+    ) -> LeaseGroups: ...
+
+    async def instances(
+        self,
+        *,
+        state: str | None,
+        workload: str | None,
+        issuer: str | None,
+        since: datetime | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[InstanceListing]: ...
+
+    async def jobs(
+        self,
+        *,
+        state: str | None,
+        instance: str | None,
+        since: datetime | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[JobView]: ...
 
     async def terminate(self, instance_id: str, operator: Operator) -> JobView: ...
 

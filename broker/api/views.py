@@ -8,7 +8,16 @@ from datetime import datetime
 from typing import Any
 
 from broker.clock import iso_z
-from broker.leases import InstanceView, JobView, LeaseView
+from broker.leases import (
+    LIVE_LEASE_STATES,
+    InstanceListing,
+    InstanceView,
+    JobView,
+    LeaseGroups,
+    LeaseView,
+)
+
+LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -48,3 +57,25 @@ def instance_public(instance: InstanceView) -> dict[str, Any]:
     d["created_at"] = _iso(instance.created_at)
     d["terminated_at"] = _iso(instance.terminated_at)
     return d
+
+
+def instance_listing(row: InstanceListing) -> dict[str, Any]:
+    """An instance in a listing, with its leases counted by state and how many are live."""
+    return {
+        **instance_public(row.instance),
+        "leases": dict(sorted(row.leases.items())),
+        "live_leases": sum(n for s, n in row.leases.items() if s in LIVE),
+    }
+
+
+def lease_groups(groups: LeaseGroups, states: list[str]) -> dict[str, Any]:
+    shown = sum(n for _, n in groups.groups)
+    return {
+        "group_by": groups.group_by,
+        "states": states,
+        "groups": [{"key": key, "count": n} for key, n in groups.groups],
+        "total": groups.total,
+        "group_count": groups.group_count,
+        # Leases in the groups a ``top`` cut off (0 when every group is shown).
+        "others": groups.total - shown,
+    }

@@ -170,6 +170,8 @@ def assemble(
         rules=settings.policy.rules,
         issuers=settings.identity.issuers,
         audience=settings.identity.audience,
+        vault=vault,
+        clock=clock,
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(

@@ -4,19 +4,29 @@ ledgers, the terminator, the reconciler and the probes."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.clock import Clock, iso_z
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
 from broker.events import Terminate
-from broker.identity import IdentityVerifier
+from broker.identity import Identity, IdentityVerifier
 from broker.identity.settings import IssuerSettings
-from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
-from broker.policy.explain import explain, preview
+from broker.leases import (
+    InstanceListing,
+    InstanceView,
+    JobView,
+    LeaseGroups,
+    LeaseView,
+    StoreCounts,
+)
+from broker.policy.explain import decision_refusal, explain, instance_refusal, preview
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
 from broker.vault import VaultClient
+from broker.vault.client import LeaseInfo
 
 
 class AdminQueries(Protocol):
@@ -25,6 +35,12 @@ class AdminQueries(Protocol):
     async def get_instance(
         self, instance_id: str
     ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
+
+    async def instance_standing(
+        self, instance_id: str
+    ) -> tuple[InstanceView, JobView | None] | None: ...
+
+    async def get_lease(self, lease_id: str) -> LeaseView: ...
 
     async def list_leases(
         self,
@@ -37,9 +53,44 @@ class AdminQueries(Protocol):
         after: str | None = None,
     ) -> list[LeaseView]: ...
 
-    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]: ...
+    async def count_leases(
+        self, *, group_by: str, states: Sequence[str], top: int
+    ) -> LeaseGroups: ...
+
+    async def list_instances(
+        self,
+        *,
+        state: str | None = None,
+        workload: str | None = None,
+        issuer: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[InstanceListing]: ...
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        instance: str | None = None,
+        since: datetime | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[JobView]: ...
 
     async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
+
+
+class LeaseLookup(Protocol):
+    """What Vault says of a lease now (``sys/leases/lookup``): None when it does not know it."""
+
+    async def lookup_lease(self, lease_id: str) -> LeaseInfo | None: ...
+
+
+# More reasons ``policy explain`` may refuse, beyond the token, the policy and the
+# instance's tombstone: each returns refusals ({"code", "message", ...}) for the identity
+# and role, empty when it has none. Locks plug in here.
+ExplainCheck = Callable[[Identity, str], Awaitable[list[dict[str, Any]]]]
 
 
 class AdminService:
@@ -56,6 +107,9 @@ class AdminService:
         rules: tuple[Rule, ...],
         issuers: Sequence[IssuerSettings],
         audience: str,
+        vault: LeaseLookup,
+        clock: Clock,
+        explain_checks: Sequence[ExplainCheck] = (),
     ) -> None:
         self._queries = queries
         self._terminate = terminate
@@ -65,6 +119,9 @@ class AdminService:
         self._rules = rules
         self._issuers = {issuer.name: issuer for issuer in issuers}
         self._audience = audience
+        self._vault = vault
+        self._clock = clock
+        self._explain_checks = tuple(explain_checks)
 
     async def instance(
         self, instance_id: str
@@ -85,8 +142,65 @@ class AdminService:
             instance=instance, workload=workload, role=role, state=state, limit=limit, after=after
         )
 
-    async def jobs(self, *, state: str | None) -> list[JobView]:
-        return await self._queries.list_jobs(state=state)
+    async def lease(
+        self, lease_id: str, *, vault: bool
+    ) -> tuple[LeaseView, dict[str, Any] | None]:
+        """The lease as the store holds it and, with ``vault``, as Vault sees it now."""
+        lease = await self._queries.get_lease(lease_id)
+        return lease, (await self._vault_view(lease) if vault else None)
+
+    async def _vault_view(self, lease: LeaseView) -> dict[str, Any]:
+        """Vault's lease lookup: times and renewability (never a secret), or the code of
+        why there is none: ``no_vault_lease`` (a credential without one, e.g. kv),
+        ``lease_unknown`` (Vault does not know it: gone, or lost), or Vault's error."""
+        if lease.vault_lease_id is None:
+            return {"error": "no_vault_lease"}
+        try:
+            info = await self._vault.lookup_lease(lease.vault_lease_id)
+        except BrokerError as exc:
+            return {"error": exc.code}
+        if info is None:
+            return {"error": "lease_unknown"}
+        ttl = (info.expire_time - self._clock.now()).total_seconds() if info.expire_time else None
+        return {
+            "lease_id": info.lease_id,
+            "issue_time": iso_z(info.issue_time) if info.issue_time else None,
+            "expire_time": iso_z(info.expire_time) if info.expire_time else None,
+            "ttl": max(0, int(ttl)) if ttl is not None else None,
+            "renewable": info.renewable,
+        }
+
+    async def lease_counts(
+        self, *, group_by: str, states: Sequence[str], top: int
+    ) -> LeaseGroups:
+        return await self._queries.count_leases(group_by=group_by, states=states, top=top)
+
+    async def instances(
+        self,
+        *,
+        state: str | None,
+        workload: str | None,
+        issuer: str | None,
+        since: datetime | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[InstanceListing]:
+        return await self._queries.list_instances(
+            state=state, workload=workload, issuer=issuer, since=since, limit=limit, after=after
+        )
+
+    async def jobs(
+        self,
+        *,
+        state: str | None,
+        instance: str | None,
+        since: datetime | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[JobView]:
+        return await self._queries.list_jobs(
+            state=state, instance=instance, since=since, limit=limit, after=after
+        )
 
     async def terminate(self, instance_id: str, operator: Operator) -> JobView:
         return await self._terminate(instance_id, actor=operator.actor)
@@ -100,26 +214,43 @@ class AdminService:
         return await self._reconcile(revoke_orphans)
 
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]:
-        """Which issuer verified the token, the identity it produced, which rule matched
-        and why the role would be granted or refused. Issues nothing, records nothing,
-        and does not use up the token's jti."""
+        """Which issuer verified the token, the identity it produced, which rule matched,
+        and the verdict: ``granted`` only when nothing refuses, each refusal listed (the
+        token, the policy, the instance's tombstone, the ``explain_checks``). Issues
+        nothing, records nothing, and does not use up the token's jti."""
         try:
             identity = await self._verifier.verify(token)
         except TokenInvalid as exc:
+            error = {"code": exc.code, "message": exc.message}
             return {
-                "token": {
-                    "valid": False,
-                    "issuer": exc.issuer_name,
-                    "error": {"code": exc.code, "message": exc.message},
-                },
+                "token": {"valid": False, "issuer": exc.issuer_name, "error": error},
                 "identity": None,
                 "decision": None,
+                "instance": None,
+                "refusals": [error],
+                "verdict": "refused",
             }
         decision = explain(identity, role, ttl, roles=self._roles, rules=self._rules)
+        standing = await self._queries.instance_standing(identity.instance_id)
+        instance, job = standing if standing else (None, None)
+        terminated = instance_refusal(
+            identity.instance_id,
+            instance.state if instance else None,
+            since=(instance.terminated_at or (job.created_at if job else None))
+            if instance
+            else None,
+            by=job.requested_by if job else None,
+        )
+        refusals = [r for r in (decision_refusal(decision), terminated) if r is not None]
+        for check in self._explain_checks:
+            refusals += await check(identity, role)
         return {
             "token": {"valid": True, "issuer": identity.issuer_name, "error": None},
             "identity": identity.public(),
             "decision": decision,
+            "instance": {"state": instance.state if instance else "never_seen"},
+            "refusals": refusals,
+            "verdict": "refused" if refusals else "granted",
         }
 
     def preview(

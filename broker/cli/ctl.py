@@ -6,12 +6,17 @@ Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
 6 ``--wait`` timed out · 7 ``reconcile`` found something that needs a person (orphans left
 in Vault, leases past expiry that Vault keeps, stuck rows it could not settle, a failed
-step).
+step) · 8 the answer is a refusal (``policy explain``: token invalid, role refused by
+policy, instance terminated, locked).
+
+A list that stops short of everything says so: on stderr in a table or ``-o jsonl``
+("… more results: pass --limit N or --after CURSOR"), as ``next`` in ``-o json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import json
 import os
@@ -21,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_TIMEOUT = (
@@ -33,6 +39,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, E
     6,
 )
 EXIT_FINDINGS = 7
+EXIT_REFUSED = 8
 
 
 class CtlError(Exception):
@@ -134,6 +141,19 @@ class Client:
             ) from None
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A list a command shows: ``-o json`` prints ``{key: items, **fields}`` (``fields``
+    holds ``next``, the cursor where the list was cut, None when complete, and any
+    totals); a table or ``-o jsonl`` prints the items, and ``notice`` on stderr when the
+    list was cut. Every command that lists returns one, so no list is cut silently."""
+
+    key: str
+    items: list[dict[str, Any]]
+    fields: dict[str, Any] = field(default_factory=dict)
+    notice: str | None = None
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     if not rows:
         return "(none)"
@@ -178,46 +198,6 @@ def show_revoke(result: Any) -> str:
     )
 
 
-def cmd_leases(c: Client, args: argparse.Namespace) -> Any:
-    leases: list[dict[str, Any]] = []
-    after = None
-    while True:
-        page = c.call(
-            "GET",
-            "/v1/admin/leases",
-            {
-                "instance": args.instance,
-                "workload": args.workload,
-                "role": args.role,
-                "state": args.state,
-                "limit": min(args.limit - len(leases), 1000),
-                "after": after,
-            },
-        )
-        leases += page["leases"]
-        after = page["next"]
-        if not after or len(leases) >= args.limit:
-            return leases
-
-
-def cmd_instance(c: Client, args: argparse.Namespace) -> Any:
-    return c.call("GET", f"/v1/instances/{urllib.parse.quote(args.instance_id, safe='')}")
-
-
-def show_instance(inst: Any) -> str:
-    job = inst.get("job")
-    head = [
-        f"instance   {inst['instance_id']}",
-        f"state      {inst['state']}",
-        f"workload   {inst.get('workload') or ''}",
-        f"created    {inst['created_at']}",
-        f"terminated {inst.get('terminated_at') or ''}",
-        f"job        {job['state'] + ' (' + job['job_id'] + ')' if job else '-'}",
-        "",
-    ]
-    return "\n".join(head) + table(inst["leases"], LEASE_COLUMNS)
-
-
 def cmd_explain(c: Client, args: argparse.Namespace) -> Any:
     try:
         token = (sys.stdin.read() if args.token == "-" else open(args.token).read()).strip()
@@ -231,20 +211,31 @@ def cmd_explain(c: Client, args: argparse.Namespace) -> Any:
     return c.call("POST", "/v1/admin/policy/explain", body=body)
 
 
+def _refusal(r: Any) -> str:
+    extra = ", ".join(f"{k} {r[k]}" for k in ("since", "by", "lock_id") if r.get(k))
+    return f"refused   {r['message']} ({r['code']}{', ' + extra if extra else ''})"
+
+
 def show_explain(result: Any) -> str:
     tok, ident, dec = result["token"], result["identity"], result["decision"]
+    refusals = result.get("refusals", [])
+    lines = [f"verdict   {'REFUSED' if refusals else 'GRANTED'}"]
+    lines += [_refusal(r) for r in refusals]
     if not tok["valid"]:
         err = tok["error"]
-        return (
+        lines.append(
             f"token     REFUSED by {tok['issuer'] or 'no configured issuer'}: "
             f"{err['message']} ({err['code']})"
         )
-    lines = [
+        return "\n".join(lines)
+    state = (result.get("instance") or {}).get("state", "")
+    lines += [
         f"token     valid, issuer {tok['issuer']}",
         f"identity  instance {ident['instance_id']}, workload {ident['workload']}, "
         f"subject {ident['subject'] or '-'}, expires {ident['expires_at']}",
+        f"instance  {state.replace('_', ' ')}",
         f"rules     applying: {', '.join(dec['rules_applying']) or 'none'}",
-        f"role      {dec['role']}: {'GRANTED' if dec['allowed'] else 'REFUSED'}"
+        f"policy    {dec['role']}: {'allowed' if dec['allowed'] else 'refused'}"
         + (f" by rule {dec['rule']}, ttl {dec['ttl']}s" if dec["allowed"] else ""),
         f"why       {dec['reason']}",
     ]
@@ -253,17 +244,9 @@ def show_explain(result: Any) -> str:
     return "\n".join(lines)
 
 
-def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
-    return c.call("GET", "/v1/admin/jobs", {"state": args.state})["jobs"]
-
-
-def cmd_job_retry(c: Client, args: argparse.Namespace) -> Any:
-    return c.call("POST", f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry")
-
-
-def show_job_retry(result: Any) -> str:
-    job = result["job"]
-    return f"job {job['job_id']} of instance {job['instance_id']} is {job['state']} again"
+def explain_exit(result: Any) -> int:
+    """A refusal is not a success: scripts gate on the exit code."""
+    return EXIT_REFUSED if result.get("refusals") else EXIT_OK
 
 
 def cmd_reconcile(c: Client, args: argparse.Namespace) -> Any:
@@ -346,6 +329,13 @@ def command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+# Command groups in modules of their own (``broker/cli/<name>.py``, each with
+# ``register(sub)``), in the order ``--help`` lists them. They import this module for
+# ``command``, ``Client``, ``table``, ``Listing``, ``CtlError`` and the exit codes, so this
+# module names them instead of importing them (import-linter forbids the cycle).
+COMMAND_MODULES = ("ctl_listings",)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
     _connection_flags(p, defaults=True)
@@ -357,19 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=120.0)
     r.set_defaults(run=cmd_revoke, show=show_revoke)
 
-    leases = sub.add_parser("leases", help="leases the broker tracks")
-    lsub = leases.add_subparsers(dest="leases_command", required=True)
-    ll = command(lsub, "list")
-    for name in ("instance", "workload", "role", "state"):
-        ll.add_argument(f"--{name}")
-    ll.add_argument("--limit", type=int, default=1000)
-    ll.set_defaults(run=cmd_leases, show=lambda rows: table(rows, LEASE_COLUMNS))
-
-    inst = sub.add_parser("instances", help="instances the broker tracks")
-    isub = inst.add_subparsers(dest="instances_command", required=True)
-    ish = command(isub, "show")
-    ish.add_argument("instance_id")
-    ish.set_defaults(run=cmd_instance, show=show_instance)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"broker.cli.{name}").register(sub)
 
     pol = sub.add_parser("policy", help="policy questions")
     psub = pol.add_subparsers(dest="policy_command", required=True)
@@ -377,21 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--token", required=True, help="file holding the identity token (- = stdin)")
     pe.add_argument("--role", required=True)
     pe.add_argument("--ttl")
-    pe.set_defaults(run=cmd_explain, show=show_explain)
-
-    jobs = sub.add_parser("jobs", help="revocation jobs")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    jl = command(jsub, "list")
-    jl.add_argument("--state", choices=["pending", "running", "done", "failed"])
-    jl.set_defaults(
-        run=cmd_jobs,
-        show=lambda rows: table(
-            rows, ["job_id", "instance_id", "state", "attempts", "last_error", "created_at"]
-        ),
-    )
-    jr = command(jsub, "retry", help="queue a failed job again")
-    jr.add_argument("job_id")
-    jr.set_defaults(run=cmd_job_retry, show=show_job_retry)
+    pe.set_defaults(run=cmd_explain, show=show_explain, exit_code=explain_exit)
 
     rec = command(
         sub,
@@ -420,18 +385,36 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code
-    if args.output == "json":
-        print(json.dumps(result, indent=2))
-    elif args.output == "jsonl":
-        for item in result if isinstance(result, list) else [result]:
-            print(json.dumps(item, separators=(",", ":")))
-    else:
-        print(args.show(result))
+    _print(args, result)
+    judge = getattr(args, "exit_code", None)
+    if judge is not None:
+        return int(judge(result))
     attention = getattr(args, "attention", None)
     if attention is not None and attention(result):
         return EXIT_FINDINGS
     return EXIT_OK
 
 
+def _print(args: argparse.Namespace, result: Any) -> None:
+    listing = result if isinstance(result, Listing) else None
+    if args.output == "json":
+        shown = {listing.key: listing.items, **listing.fields} if listing else result
+        print(json.dumps(shown, indent=2))
+    else:
+        if args.output == "jsonl":
+            items = listing.items if listing else result
+            for item in items if isinstance(items, list) else [items]:
+                print(json.dumps(item, separators=(",", ":")))
+        else:
+            print(args.show(listing.items if listing else result))
+        if listing and listing.notice:
+            sys.stdout.flush()
+            print(f"brokerctl: {listing.notice}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: command modules import
+    # broker.cli.ctl, and its CtlError and Listing must be the ones main() knows.
+    from broker.cli.ctl import main as _main
+
+    sys.exit(_main())

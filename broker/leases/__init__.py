@@ -16,11 +16,13 @@ from broker.leases.records import (
     SightingRecords,
     TerminationRecords,
 )
-from broker.leases.states import InstanceState, JobState, LeaseState
+from broker.leases.states import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 from broker.leases.views import (
+    InstanceListing,
     InstanceView,
     IssueTicket,
     JobView,
+    LeaseGroups,
     LeaseLimit,
     LeasesStillLive,
     LeaseView,
@@ -34,15 +36,18 @@ __all__ = [
     "AdminRecords",
     "Database",
     "InstanceState",
+    "InstanceListing",
     "InstanceView",
     "IssuanceRecords",
     "IssueTicket",
     "JobState",
     "JobView",
+    "LeaseGroups",
     "LeaseLimit",
     "Ledgers",
     "LeaseState",
     "LeaseView",
+    "LIVE_LEASE_STATES",
     "LeasesStillLive",
     "ReconcileRecords",
     "ReplayRecords",

@@ -46,7 +46,10 @@ class Base(DeclarativeBase):
 
 class Instance(Base):
     __tablename__ = "instances"
-    __table_args__ = (Index("ix_instances_state_seen", "state", "last_seen_at"),)
+    __table_args__ = (
+        Index("ix_instances_state_seen", "state", "last_seen_at"),
+        Index("ix_instances_created", "created_at", "instance_id"),
+    )
 
     instance_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     issuer_name: Mapped[str | None] = mapped_column(String(64))
@@ -112,7 +115,10 @@ class Lease(Base):
 
 class RevocationJob(Base):
     __tablename__ = "revocation_jobs"
-    __table_args__ = (Index("ix_jobs_state_next", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_jobs_state_next", "state", "next_attempt_at"),
+        Index("ix_jobs_created", "created_at", "job_id"),
+    )
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     instance_id: Mapped[str] = mapped_column(ForeignKey("instances.instance_id"), unique=True)

@@ -21,9 +21,11 @@ from broker.leases.database import Database
 from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay
 from broker.leases.states import LeaseState
 from broker.leases.views import (
+    InstanceListing,
     InstanceView,
     IssueTicket,
     JobView,
+    LeaseGroups,
     LeaseLimit,
     LeaseView,
     RevocationWork,
@@ -443,9 +445,58 @@ class AdminRecords:
                 after=after,
             )
 
-    async def list_jobs(self, *, state: str | None = None, limit: int = 100) -> list[JobView]:
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        instance: str | None = None,
+        since: datetime | None = None,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[JobView]:
         async with self._db.transaction(readonly=True) as conn:
-            return await admin.list_jobs(conn, state=state, limit=limit)
+            return await admin.list_jobs(
+                conn, state=state, limit=limit, instance=instance, since=since, after=after
+            )
+
+    async def list_instances(
+        self,
+        *,
+        state: str | None = None,
+        workload: str | None = None,
+        issuer: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[InstanceListing]:
+        """Instances with their lease counts by state, page and counts read together."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.list_instances(
+                conn,
+                state=state,
+                workload=workload,
+                issuer=issuer,
+                since=since,
+                limit=limit,
+                after=after,
+            )
+
+    async def count_leases(
+        self, *, group_by: str, states: Sequence[str], top: int
+    ) -> LeaseGroups:
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.count_leases(conn, group_by=group_by, states=states, top=top)
+
+    async def get_lease(self, lease_id: str) -> LeaseView:
+        async with self._db.transaction(readonly=True) as conn:
+            return await issuance.get_lease(conn, lease_id)
+
+    async def instance_standing(
+        self, instance_id: str
+    ) -> tuple[InstanceView, JobView | None] | None:
+        """The instance and its job (no leases), or None if the broker never saw it."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await admin.instance_standing(conn, instance_id)
 
     async def retry_job(self, job_id: str, *, actor: str) -> JobView:
         """Put a ``failed`` job back in the queue, with its attempts counted from zero."""

@@ -75,6 +75,25 @@ class InstanceView:
 
 
 @dataclass(frozen=True)
+class InstanceListing:
+    """An instance as a listing shows it: with how many leases it holds, by state."""
+
+    instance: InstanceView
+    leases: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LeaseGroups:
+    """Leases counted by one attribute, largest first: the first ``top`` groups, with the
+    total over every group and how many groups there are."""
+
+    group_by: str
+    groups: tuple[tuple[str | None, int], ...]
+    total: int
+    group_count: int
+
+
+@dataclass(frozen=True)
 class TokenView:
     accessor: str
     expires_at: datetime

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from broker.clock import iso_z
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, NotPermitted, TokenInvalid
 from broker.identity.model import Identity
@@ -42,14 +43,41 @@ def explain(
         "ttl": decision.ttl if decision.allowed else None,
         "rules_applying": rules_applying(identity, rules),
         "params": None,
+        "code": None if decision.allowed else "role_not_permitted",
     }
     if decision.allowed:
         try:
             # Identity-derived values only (a CN, a session name): never secret.
             out["params"] = render_params(roles[role].params, identity)
         except NotPermitted as exc:
-            out.update(allowed=False, ttl=None, reason=exc.message)
+            out.update(allowed=False, ttl=None, reason=exc.message, code=exc.code)
     return out
+
+
+def decision_refusal(decision: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The refusal a policy decision (``explain``) stands for, or None if it grants."""
+    if decision["allowed"]:
+        return None
+    return {"code": decision["code"], "message": decision["reason"]}
+
+
+def instance_refusal(
+    instance_id: str, state: str | None, *, since: datetime | None, by: str | None
+) -> dict[str, Any] | None:
+    """The refusal an instance's standing stands for: any state but ``active`` is a
+    tombstone (``terminating`` included: nothing new is issued from the moment it was
+    asked). ``state`` None: the broker never saw the instance, which refuses nothing.
+    ``since``: when it was terminated (or asked to be); ``by``: who asked."""
+    if state is None or state == "active":
+        return None
+    return {
+        "code": "instance_terminated",
+        "message": f"instance {instance_id} is {state}: the broker issues and renews "
+        "nothing for it",
+        "state": state,
+        "since": iso_z(since) if since else None,
+        "by": by,
+    }
 
 
 def token_claims(

@@ -83,9 +83,14 @@ def upgrade() -> None:
     with op.batch_alter_table("revocation_jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("reason", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("incident", sa.String(length=128), nullable=True))
+    # Listings page by (created_at, id): ``brokerctl instances list`` and ``jobs list``.
+    op.create_index("ix_instances_created", "instances", ["created_at", "instance_id"])
+    op.create_index("ix_jobs_created", "revocation_jobs", ["created_at", "job_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_created", table_name="revocation_jobs")
+    op.drop_index("ix_instances_created", table_name="instances")
     with op.batch_alter_table("revocation_jobs", schema=None) as batch_op:
         batch_op.drop_column("incident")
         batch_op.drop_column("reason")
