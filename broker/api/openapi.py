@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker import __version__
+from broker.api.openapi_listings import listing_paths
 from broker.engines import ENGINES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -273,33 +274,13 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [_INSTANCE_PARAM],
                     "responses": {
                         "200": _ok("the instance"),
+                        "400": _err("bad instance id, or a query parameter (unknown_query)"),
                         "404": _err("unknown instance"),
                         **_ADMIN_ERRS,
                     },
                 }
             },
-            "/v1/admin/leases": {
-                "get": {
-                    "summary": "Leases, filtered and paginated (cursor: 'after')",
-                    "security": _ADMIN,
-                    "parameters": [
-                        {"name": n, "in": "query", "schema": {"type": "string"}}
-                        for n in ("instance", "workload", "role", "state", "after")
-                    ]
-                    + [
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        }
-                    ],
-                    "responses": {
-                        "200": _ok("a page of leases"),
-                        "400": _err("bad query"),
-                        **_ADMIN_ERRS,
-                    },
-                }
-            },
+            **listing_paths(),
             "/v1/admin/policy/explain": {
                 "post": {
                     "summary": "Why a token would get a role or not; issues and records nothing",
@@ -317,7 +298,13 @@ def openapi_document() -> dict[str, Any]:
                         }
                     ),
                     "responses": {
-                        "200": _ok("token verdict, identity, rules applying, decision"),
+                        "200": _ok(
+                            "token verdict, identity, the instance's standing, rules "
+                            "applying, the policy decision, and 'verdict' (granted or "
+                            "refused) with every 'refusals' entry ({code, message, ...}: "
+                            "token invalid, role refused, instance_terminated with since "
+                            "and by, locked)"
+                        ),
                         "400": _err("malformed request"),
                         **_ADMIN_ERRS,
                     },
@@ -363,14 +350,6 @@ def openapi_document() -> dict[str, Any]:
                         "400": _err("unknown issuer, claims that do not map, bad roles"),
                         **_ADMIN_ERRS,
                     },
-                }
-            },
-            "/v1/admin/jobs": {
-                "get": {
-                    "summary": "Revocation jobs",
-                    "security": _ADMIN,
-                    "parameters": [{"name": "state", "in": "query", "schema": {"type": "string"}}],
-                    "responses": {"200": _ok("jobs"), **_ADMIN_ERRS},
                 }
             },
             "/v1/admin/jobs/{job_id}/retry": {

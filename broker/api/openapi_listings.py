@@ -1,0 +1,261 @@
+"""The OpenAPI description of the admin listings: leases (listed, counted, shown),
+instances and revocation jobs. Merged into ``openapi_document``'s paths.
+
+Every admin GET refuses a query parameter it does not take (400 ``unknown_query``) and a
+repeated one (400 ``invalid_query``); a listing answers a page and ``next``, the cursor
+of the following page, null when there is no more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+_BAD_QUERY = (
+    "unknown query parameter (unknown_query, naming the ones the endpoint takes), "
+    "a repeated or invalid one (invalid_query)"
+)
+_LEASE_STATES = sorted(s.value for s in LeaseState)
+_TIME = {"type": "string", "format": "date-time"}
+_NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _err(desc: str) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _ok(desc: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "description": desc,
+        "schema": schema or {"type": "string", "maxLength": 255},
+    }
+
+
+_LIMIT = _q("limit", "page size (default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
+_AFTER = _q("after", "the 'next' of the page before (an opaque cursor)")
+_SINCE = _q("since", "created at or after this time (ISO 8601; without a zone, UTC)", _TIME)
+_ERRS = {
+    "400": _err(_BAD_QUERY),
+    "401": _err("admin token missing"),
+    "403": _err("not the admin token"),
+}
+
+
+def _page(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [key, "next"],
+        "properties": {
+            key: {"type": "array", "items": item},
+            "next": {
+                "type": ["string", "null"],
+                "description": "pass as 'after' for the next page; null: nothing more",
+            },
+        },
+    }
+
+
+_LEASE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "lease_id": {"type": "string"},
+        "instance_id": {"type": "string"},
+        "workload": {"type": "string"},
+        "role": {"type": "string"},
+        "kind": {"type": "string"},
+        "state": {"type": "string", "enum": _LEASE_STATES},
+        "renewable": {"type": "boolean"},
+        "created_at": _TIME,
+        "issued_at": _NULL_TIME,
+        "expires_at": _NULL_TIME,
+        "ended_at": _NULL_TIME,
+        "vault_lease_id": {"type": ["string", "null"]},
+    },
+}
+_INSTANCE = {
+    "type": "object",
+    "properties": {
+        "instance_id": {"type": "string"},
+        "state": {"type": "string", "enum": sorted(s.value for s in InstanceState)},
+        "issuer_name": {"type": ["string", "null"]},
+        "workload": {"type": ["string", "null"]},
+        "created_at": _TIME,
+        "terminated_at": _NULL_TIME,
+        "leases": {
+            "type": "object",
+            "description": "the instance's leases counted by state",
+            "additionalProperties": {"type": "integer"},
+        },
+        "live_leases": {"type": "integer", "description": "issuing, active or revoking"},
+    },
+}
+_VAULT = {
+    "type": "object",
+    "description": "what Vault's sys/leases/lookup says now (times, never a secret); or "
+    "'error': lease_unknown (Vault does not know it), no_vault_lease (a credential "
+    "without one), or the code of Vault's failure (vault_unavailable...)",
+    "properties": {
+        "lease_id": {"type": "string"},
+        "issue_time": _NULL_TIME,
+        "expire_time": _NULL_TIME,
+        "ttl": {"type": ["integer", "null"], "description": "seconds left"},
+        "renewable": {"type": "boolean"},
+        "error": {"type": "string"},
+    },
+}
+
+
+def listing_paths() -> dict[str, Any]:
+    return {
+        "/v1/admin/leases": {
+            "get": {
+                "summary": "Leases, filtered, a page at a time (ordered by lease id)",
+                "security": _ADMIN,
+                "parameters": [
+                    _q("instance", "an instance id"),
+                    _q("workload", "a workload name"),
+                    _q("role", "a role name"),
+                    _q("state", "a lease state", {"type": "string", "enum": _LEASE_STATES}),
+                    _LIMIT,
+                    _q("after", "the 'next' of the page before (a lease id)"),
+                ],
+                "responses": {"200": _ok("a page of leases", _page("leases", _LEASE)), **_ERRS},
+            }
+        },
+        "/v1/admin/leases/count": {
+            "get": {
+                "summary": "Leases counted by role, engine (the role's kind), workload or "
+                "issuer (the instance's), largest first: a lease explosion at a glance",
+                "security": _ADMIN,
+                "parameters": [
+                    {
+                        **_q("group_by", "what to count by"),
+                        "required": True,
+                        "schema": {
+                            "type": "string",
+                            "enum": ["engine", "issuer", "role", "workload"],
+                        },
+                    },
+                    _q(
+                        "state",
+                        "count leases in this state (default: the live states, "
+                        + ", ".join(sorted(s.value for s in LIVE_LEASE_STATES))
+                        + ")",
+                        {"type": "string", "enum": _LEASE_STATES},
+                    ),
+                    _q(
+                        "top",
+                        "the N largest groups (default 20)",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                    ),
+                ],
+                "responses": {
+                    "200": _ok(
+                        "the largest groups; total, group_count and others (leases in "
+                        "the groups 'top' left out) cover every group",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "group_by": {"type": "string"},
+                                "states": {"type": "array", "items": {"type": "string"}},
+                                "groups": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "key": {"type": ["string", "null"]},
+                                            "count": {"type": "integer"},
+                                        },
+                                    },
+                                },
+                                "total": {"type": "integer"},
+                                "group_count": {"type": "integer"},
+                                "others": {"type": "integer"},
+                            },
+                        },
+                    ),
+                    **_ERRS,
+                },
+            }
+        },
+        "/v1/admin/leases/{lease_id}": {
+            "get": {
+                "summary": "One lease as the store holds it; with vault=true, also what "
+                "Vault says of it now",
+                "security": _ADMIN,
+                "parameters": [
+                    {
+                        "name": "lease_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^l-[0-9a-f]{32}$"},
+                    },
+                    _q("vault", "ask Vault too", {"type": "string", "enum": ["false", "true"]}),
+                ],
+                "responses": {
+                    "200": _ok(
+                        "the lease (and 'vault' when asked)",
+                        {**_LEASE, "properties": {**_LEASE["properties"], "vault": _VAULT}},
+                    ),
+                    "404": _err("no such lease"),
+                    **_ERRS,
+                },
+            }
+        },
+        "/v1/admin/instances": {
+            "get": {
+                "summary": "Instances in the order the broker first saw them, with their "
+                "lease counts, a page at a time",
+                "security": _ADMIN,
+                "parameters": [
+                    _q(
+                        "state",
+                        "an instance state",
+                        {"type": "string", "enum": sorted(s.value for s in InstanceState)},
+                    ),
+                    _q("workload", "a workload name"),
+                    _q("issuer", "an issuer's name"),
+                    _SINCE,
+                    _LIMIT,
+                    _AFTER,
+                ],
+                "responses": {
+                    "200": _ok("a page of instances", _page("instances", _INSTANCE)),
+                    **_ERRS,
+                },
+            }
+        },
+        "/v1/admin/jobs": {
+            "get": {
+                "summary": "Revocation jobs in the order they were requested (created_at, "
+                "then job id), a page at a time",
+                "security": _ADMIN,
+                "parameters": [
+                    _q(
+                        "state",
+                        "a job state",
+                        {"type": "string", "enum": sorted(s.value for s in JobState)},
+                    ),
+                    _q("instance", "an instance id"),
+                    _SINCE,
+                    _LIMIT,
+                    _AFTER,
+                ],
+                "responses": {
+                    "200": _ok(
+                        "a page of jobs", _page("jobs", {"$ref": "#/components/schemas/Job"})
+                    ),
+                    **_ERRS,
+                },
+            }
+        },
+    }
