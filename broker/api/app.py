@@ -264,14 +264,16 @@ async def show_instance(request: web.Request) -> web.Response:
 async def list_leases(request: web.Request) -> web.Response:
     await operator_of(request, Scope.READ)
     q = query_params(request, {"instance", "workload", "role", "state", "limit", "after"})
-    limit = q.limit()
+    limit, after = q.limit(), q.text("after")
+    if after is not None and not LEASE_ID_PATTERN.match(after):
+        raise BadRequest("'after' is not a cursor this broker gave out", code="invalid_query")
     leases = await request.app[API].admin.leases(
         instance=q.text("instance"),
         workload=q.text("workload"),
         role=q.text("role"),
         state=q.text("state", LEASE_STATES),
         limit=limit + 1,  # one more than shown: ``next`` only when there is more
-        after=q.text("after"),
+        after=after,
     )
     nxt = leases[limit - 1].lease_id if len(leases) > limit else None
     return web.json_response({"leases": [lease_admin(x) for x in leases[:limit]], "next": nxt})

@@ -205,14 +205,21 @@ def show_job_retry(result: Any) -> str:
 
 def _page_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--limit", type=positive, default=PAGE, help=f"at most this many (default {PAGE})"
+        "--limit",
+        type=positive,
+        default=PAGE,
+        metavar="N",
+        help=f"at most this many (default {PAGE})",
     )
-    p.add_argument("--after", help="continue a listing where a cut one said")
+    p.add_argument("--after", metavar="CURSOR", help="continue a listing where a cut one said")
 
 
 def _since_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--since", type=since, help="created since: a duration back (2h) or a time (ISO 8601)"
+        "--since",
+        type=since,
+        metavar="TIME|DURATION",
+        help="created since: a duration back (2h) or a time (ISO 8601)",
     )
 
 
@@ -228,7 +235,9 @@ def register(sub: Any) -> None:
     lc = command(lsub, "count", help="live leases counted by role, engine, workload or issuer")
     lc.add_argument("--group-by", required=True, choices=GROUP_BY)
     lc.add_argument("--state", choices=LEASE_STATES, help="default: the live states")
-    lc.add_argument("--top", type=positive, default=20, help="the N largest groups (default 20)")
+    lc.add_argument(
+        "--top", type=positive, default=20, metavar="N", help="the N largest groups (default 20)"
+    )
     lc.set_defaults(run=cmd_count, show=show_count)
     ls = command(lsub, "show", help="one lease; --vault adds what Vault says of it now")
     ls.add_argument("lease_id")
@@ -244,7 +253,7 @@ def register(sub: Any) -> None:
     _since_flag(il)
     _page_flags(il)
     il.set_defaults(run=cmd_instances, show=lambda rows: table(rows, INSTANCE_COLUMNS))
-    ish = command(isub, "show")
+    ish = command(isub, "show", help="an instance, its leases and its revocation job")
     ish.add_argument("instance_id")
     ish.set_defaults(run=cmd_instance, show=show_instance)
 

@@ -14,7 +14,8 @@ from tests.contract.golden import assert_golden
 
 BROKER_HELP = [[], ["serve"], ["migrate"], ["dev"], ["dev", "token"], ["hash-admin-token"],
                ["agent"], ["injector"]]
-BROKERCTL_HELP = [[], ["revoke"], ["leases"], ["leases", "list"], ["instances"],
+BROKERCTL_HELP = [[], ["revoke"], ["leases"], ["leases", "list"], ["leases", "count"],
+                  ["leases", "show"], ["instances"], ["instances", "list"],
                   ["instances", "show"], ["policy"], ["policy", "explain"], ["jobs"],
                   ["jobs", "list"], ["jobs", "retry"], ["reconcile"]]
 
@@ -69,7 +70,11 @@ async def test_usage_errors_exit_2():
              ("broker.cli.ctl", "brokerctl", []), ("broker.cli.ctl", "brokerctl", ["leases"]),
              ("broker.cli.ctl", "brokerctl", ["--bogus", "leases", "list"]),
              ("broker.cli.ctl", "brokerctl", ["jobs", "list", "--state", "nonsense"]),
-             ("broker.cli.ctl", "brokerctl", ["leases", "list"])]
+             ("broker.cli.ctl", "brokerctl", ["leases", "list"]),
+             ("broker.cli.ctl", "brokerctl", ["leases", "list", "--state", "nonsense"]),
+             ("broker.cli.ctl", "brokerctl", ["leases", "list", "--limit", "0"]),
+             ("broker.cli.ctl", "brokerctl", ["leases", "count"]),
+             ("broker.cli.ctl", "brokerctl", ["instances", "list", "--since", "yesterday"])]
     env = clean_env()
     runs = await asyncio.gather(*(run(m, *a, env=env) for m, _, a in cases))
     assert all(code == 2 for code, _, _ in runs), runs
@@ -85,18 +90,21 @@ async def test_brokerctl_exit_codes_against_a_broker(broker):
         (["jobs", "retry", "j-" + "0" * 32], {}),
         (["leases", "list"], {"BROKER_ADMIN_TOKEN": "wrong"}),
         (["leases", "list"], {"BROKER_URL": "http://127.0.0.1:9"}),
-        (["leases", "list", "--state", "nonsense"], {}),
-        (["leases", "list", "--limit", "0"], {}),
+        (["leases", "list", "--after", "!"], {}),
+        (["jobs", "list", "--after", "!"], {}),
         (["instances", "show", "bad id"], {}),
         (["leases", "list"], {"BROKER_URL": "ftp://broker"}),
         (["-o", "json", "leases", "list"], {}),
         (["jobs", "list"], {}),
+        (["leases", "list", "-o", "json"], {}),
+        (["leases", "count", "--group-by", "role"], {}),
+        (["leases", "show", "l-" + "0" * 32, "--vault"], {}),
     ]
     base = {"BROKER_URL": broker.url, "BROKER_ADMIN_TOKEN": ADMIN_TOKEN}
     runs = [await run("broker.cli.ctl", *args, env=clean_env(**{**base, **over}))
             for args, over in cases]
     codes = [code for code, _, _ in runs]
-    assert codes == [3, 3, 4, 5, 1, 1, 1, 2, 0, 0], runs
+    assert codes == [3, 3, 4, 5, 1, 1, 1, 2, 0, 0, 0, 0, 3], runs
     text = "\n".join(
         transcript("brokerctl", args, *r, env=over)
         for (args, over), r in zip(cases, runs, strict=True))

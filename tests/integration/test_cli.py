@@ -52,7 +52,15 @@ async def test_brokerctl_lists_shows_and_revokes(broker, http, pg):
     code, out, _ = await run("broker.cli.ctl", "-o", "json", "leases", "list", "--role",
                              "dev-db", "--state", "active", env=env)
     assert code == 0
-    assert [x["lease_id"] for x in json.loads(out)] == [cred["lease_id"]]
+    assert json.loads(out) == {"leases": [json.loads(out)["leases"][0]], "next": None}
+    assert [x["lease_id"] for x in json.loads(out)["leases"]] == [cred["lease_id"]]
+    # -o anywhere, as kubectl and vault users expect: after the subcommand too.
+    code, after, err = await run("broker.cli.ctl", "leases", "list", "--role", "dev-db",
+                                 "-o", "json", env=env)
+    assert (code, err, json.loads(after)) == (0, "", json.loads(out))
+    code, line, _ = await run("broker.cli.ctl", "leases", "list", "--instance", "i-ctl",
+                              "--output", "jsonl", env=env)
+    assert [json.loads(x)["lease_id"] for x in line.splitlines()] == [cred["lease_id"]]
 
     code, out, _ = await run("broker.cli.ctl", "revoke", "--instance", "i-ctl", "--wait",
                              env=env)
@@ -74,9 +82,12 @@ async def test_brokerctl_lists_shows_and_revokes(broker, http, pg):
     (["instances", "show", "i-nope"], {}, 3, "no such instance (instance_not_found)"),
     (["leases", "list"], {"BROKER_ADMIN_TOKEN": "wrong"}, 4, "BROKER_ADMIN_TOKEN"),
     (["leases", "list"], {"BROKER_URL": "http://127.0.0.1:9"}, 5, "cannot reach the broker"),
-    (["leases", "list", "--state", "nonsense"], {}, 1, "invalid_query"),
+    (["leases", "list", "--state", "nonsense"], {}, 2, "invalid choice: 'nonsense'"),
+    (["jobs", "list", "--state", "nonsense"], {}, 2, "invalid choice: 'nonsense'"),
+    (["jobs", "list", "--after", "garbage"], {}, 1, "invalid_query"),
     (["instances", "show", "bad id"], {}, 1, "invalid_instance_id"),
-], ids=["not_found", "wrong_admin_token", "unreachable", "bad_filter", "bad_instance_id"])
+], ids=["not_found", "wrong_admin_token", "unreachable", "bad_lease_state", "bad_job_state",
+        "bad_cursor", "bad_instance_id"])
 async def test_brokerctl_exit_codes_mean_something(broker, args, env_over, exit_code, message):
     env = {**ctl_env(broker.url), **env_over}
     code, out, err = await run("broker.cli.ctl", *args, env=env)

@@ -30,19 +30,25 @@ async def test_explain_grants_refuses_and_reports_token_errors(make_broker, http
         "role": "dev-cert", "allowed": True, "rule": "dev-workloads",
         "reason": "rule 'dev-workloads' allows role 'dev-cert' (ttl capped at 3600s)",
         "ttl": 3600, "rules_applying": ["dev-workloads"],
-        "params": {"common_name": "payments.workload.internal"},
+        "params": {"common_name": "payments.workload.internal"}, "code": None,
     }
+    assert (body["verdict"], body["refusals"], body["instance"]) == (
+        "granted", [], {"state": "never_seen"})
 
     upper = issuer.mint(instance="i-explain", workload="Payments_X")
     status, body = await _explain(http, b, upper, "dev-cert")
     assert body["decision"]["allowed"] is False and body["decision"]["rules_applying"] == []
     assert body["decision"]["reason"] == "no rule applies to this identity (deny by default)"
+    assert (body["verdict"], body["refusals"]) == ("refused", [{
+        "code": "role_not_permitted",
+        "message": "no rule applies to this identity (deny by default)"}])
 
     old = issuer.mint(instance="i-explain", workload="payments", now=time.time() - 3600, ttl=60)
     status, body = await _explain(http, b, old, "dev-cert")
     assert status == 200 and body["identity"] is None and body["decision"] is None
     assert body["token"]["valid"] is False and body["token"]["issuer"] == "dev"
     assert body["token"]["error"]["code"] == "token_expired"
+    assert (body["verdict"], body["refusals"]) == ("refused", [body["token"]["error"]])
 
     status, body = await _explain(http, b, "not-a-token", "dev-cert")
     assert body["token"]["error"]["code"] == "token_malformed"
@@ -83,7 +89,9 @@ async def test_brokerctl_policy_explain(broker, issuer, tmp_path):
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
     lines = out.decode().splitlines()
-    assert lines[0] == "token     valid, issuer dev"
-    assert lines[1].startswith("identity  instance i-ctl-x, workload payments")
-    assert lines[2] == "rules     applying: dev-workloads"
-    assert lines[3] == "role      dev-db: GRANTED by rule dev-workloads, ttl 600s"
+    assert lines[0] == "verdict   GRANTED"
+    assert lines[1] == "token     valid, issuer dev"
+    assert lines[2].startswith("identity  instance i-ctl-x, workload payments")
+    assert lines[3] == "instance  never seen"
+    assert lines[4] == "rules     applying: dev-workloads"
+    assert lines[5] == "policy    dev-db: allowed by rule dev-workloads, ttl 600s"
