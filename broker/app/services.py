@@ -233,12 +233,12 @@ class AdminService:
         decision = explain(identity, role, ttl, roles=self._roles, rules=self._rules)
         standing = await self._queries.instance_standing(identity.instance_id)
         instance, job = standing if standing else (None, None)
+        # Terminated: since the job finished; terminating: since it was asked for.
+        since = instance.terminated_at if instance else None
         terminated = instance_refusal(
             identity.instance_id,
             instance.state if instance else None,
-            since=(instance.terminated_at or (job.created_at if job else None))
-            if instance
-            else None,
+            since=since or (job.created_at if job else None),
             by=job.requested_by if job else None,
         )
         refusals = [r for r in (decision_refusal(decision), terminated) if r is not None]
