@@ -30,6 +30,8 @@ from broker.app.ticks import (
     Revocation,
     SightingsFlush,
 )
+from broker.audit.signing import CheckpointSigning
+from broker.audit.writer import CheckpointWriter
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.events import TerminationSource
@@ -44,6 +46,11 @@ from broker.revocation.reconcile import Reconciler
 from broker.revocation.terminator import Terminator
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
+from broker.vault.transit import Transit
+
+# How often the checkpoint writer looks whether a checkpoint is due: a bound on how late
+# one comes after ``audit.checkpoint.every`` (or ``every_events``) is reached.
+CHECKPOINT_TICK_S = 1.0
 
 if TYPE_CHECKING:
     from broker.aws.client import AwsClient
@@ -58,9 +65,16 @@ class Ticks:
     reconcile: Tick
     sightings: Tick
     maintenance: Tick
+    checkpoint: Tick
 
     def all(self) -> tuple[Tick, ...]:
-        return (self.revocation, self.reconcile, self.sightings, self.maintenance)
+        return (
+            self.revocation,
+            self.reconcile,
+            self.sightings,
+            self.maintenance,
+            self.checkpoint,
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,8 @@ class Assembly:
     app: web.Application
     server: HttpServer
     ticks: Ticks
+    signing: CheckpointSigning
+    checkpoints: CheckpointWriter
 
 
 def assemble(
@@ -171,6 +187,8 @@ def assemble(
         issuers=settings.identity.issuers,
         audience=settings.identity.audience,
     )
+    signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
+    checkpoints = CheckpointWriter(settings.audit.checkpoint, ledgers.audit, signing, clock)
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(
         metrics,
@@ -178,6 +196,7 @@ def assemble(
         events={source.name: source for source in sources},
         jwks_fetches={cache.issuer.name: cache for cache in verifier.caches},
         liveness=service.liveness_outcomes,
+        checkpoints=checkpoints,
     )
     app = build_app(
         service,
@@ -196,6 +215,7 @@ def assemble(
         reconcile=Tick("reconcile", settings.reconcile.tick_s, reconcile.run_once),
         sightings=Tick("sightings", SIGHTINGS_FLUSH_S, flush.run_once),
         maintenance=Tick("maintenance", MAINTENANCE_S, maintenance.run_once),
+        checkpoint=Tick("audit-checkpoint", CHECKPOINT_TICK_S, checkpoints.run_once),
     )
     return Assembly(
         settings=settings,
@@ -222,6 +242,8 @@ def assemble(
             app, settings.server.host, settings.server.port, settings.server.tls
         ),
         ticks=ticks,
+        signing=signing,
+        checkpoints=checkpoints,
     )
 
 

@@ -18,9 +18,12 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
 from broker.leases.database import Database
-from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay
+from broker.leases.sql import admin, checkpoints, common, issuance, jobs, reconcile, replay
 from broker.leases.states import LeaseState
 from broker.leases.views import (
+    AuditEventView,
+    AuditSelection,
+    CheckpointView,
     InstanceView,
     IssueTicket,
     JobView,
@@ -458,6 +461,42 @@ class AdminRecords:
             return await admin.counts(conn, now)
 
 
+class AuditRecords:
+    """The audit trail read out, and its signed checkpoints (the checkpoint writer, the
+    audit listing)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
+        """A lock across replicas, not waited for: one replica checkpoints at a time."""
+        return self._db.try_exclusive(key)
+
+    async def head(self) -> tuple[int, str]:
+        """(seq, hash) of the newest event."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.head(conn)
+
+    async def last_checkpoint(self) -> CheckpointView | None:
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.last_checkpoint(conn)
+
+    async def add_checkpoint(self, checkpoint: CheckpointView) -> None:
+        async with self._db.transaction() as conn:
+            await checkpoints.add_checkpoint(conn, checkpoint)
+
+    async def checkpoints(self, *, after: int = 0, limit: int = 1000) -> list[CheckpointView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.list_checkpoints(conn, after=after, limit=limit)
+
+    async def events(
+        self, selection: AuditSelection, *, after: int = 0, limit: int = 100
+    ) -> list[AuditEventView]:
+        """Events after seq ``after`` matching ``selection``, oldest first."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.list_events(conn, selection, after=after, limit=limit)
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """Every ledger on one database: the broker hands each consumer only its own."""
@@ -470,6 +509,7 @@ class Ledgers:
     replay: ReplayRecords
     sightings: SightingRecords
     admin: AdminRecords
+    audit: AuditRecords
 
     @classmethod
     def on(cls, database: Database, clock: Clock) -> Ledgers:
@@ -482,12 +522,14 @@ class Ledgers:
             replay=ReplayRecords(database, clock),
             sightings=SightingRecords(database),
             admin=AdminRecords(database, clock),
+            audit=AuditRecords(database),
         )
 
 
 __all__ = [
     "Ledgers",
     "AdminRecords",
+    "AuditRecords",
     "IssuanceRecords",
     "ReconcileRecords",
     "ReplayRecords",
