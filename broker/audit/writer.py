@@ -35,7 +35,7 @@ class CheckpointLedger(Protocol):
 
     async def last_checkpoint(self) -> Checkpoint | None: ...
 
-    async def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> bool: ...
 
 
 def append_line(path: Path, line: str) -> None:
@@ -110,7 +110,8 @@ class CheckpointWriter:
             return None
         self.failures = 0
         checkpoint = Checkpoint(seq, head_hash, now, signer, key_id, signature)
-        await self._ledger.add_checkpoint(checkpoint)
+        if not await self._ledger.add_checkpoint(checkpoint):
+            return None  # another replica checkpointed this head meanwhile
         self.last = checkpoint
         log.info("audit.checkpoint", extra={"checkpoint": document(checkpoint)})
         if self._settings.file is not None:

@@ -481,13 +481,32 @@ class AuditRecords:
         async with self._db.transaction(readonly=True) as conn:
             return await checkpoints.last_checkpoint(conn)
 
-    async def add_checkpoint(self, checkpoint: CheckpointView) -> None:
-        async with self._db.transaction() as conn:
-            await checkpoints.add_checkpoint(conn, checkpoint)
+    async def add_checkpoint(self, checkpoint: CheckpointView) -> bool:
+        """Record a checkpoint; False if one of that seq is there already (another replica
+        wrote it: only on SQLite, where ``try_exclusive`` does not exclude processes)."""
+        try:
+            async with self._db.transaction() as conn:
+                await checkpoints.add_checkpoint(conn, checkpoint)
+        except IntegrityError:
+            return False
+        return True
 
     async def checkpoints(self, *, after: int = 0, limit: int = 1000) -> list[CheckpointView]:
         async with self._db.transaction(readonly=True) as conn:
             return await checkpoints.list_checkpoints(conn, after=after, limit=limit)
+
+    async def table_end(self) -> int:
+        """The newest stored event's seq (0: none), read from the events themselves."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.last_event_seq(conn)
+
+    async def hashes_at(self, seqs: Sequence[int]) -> dict[int, str]:
+        """The stored hash of each of these events the table holds."""
+        found: dict[int, str] = {}
+        async with self._db.transaction(readonly=True) as conn:
+            for start in range(0, len(seqs), 500):
+                found |= await checkpoints.hashes_at(conn, list(seqs[start : start + 500]))
+        return found
 
     async def events(
         self, selection: AuditSelection, *, after: int = 0, limit: int = 100

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.leases import models as m
@@ -106,3 +106,14 @@ async def list_events(
         stmt = stmt.where(e.lease_id.in_(of_role))
     rows = (await conn.execute(stmt.order_by(e.seq).limit(limit))).all()
     return [_event(e(**r._mapping)) for r in rows]
+
+
+async def hashes_at(conn: AsyncConnection, seqs: list[int]) -> dict[int, str]:
+    e = m.AuditEvent
+    rows = (await conn.execute(select(e.seq, e.hash).where(e.seq.in_(seqs)))).all()
+    return {int(r[0]): str(r[1]) for r in rows}
+
+
+async def last_event_seq(conn: AsyncConnection) -> int:
+    """The newest stored event's seq (0: none), whatever the head row says."""
+    return int((await conn.execute(select(func.max(m.AuditEvent.seq)))).scalar() or 0)
