@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -18,8 +19,8 @@ from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
-from broker.api.services import Admin, Credentials, EventReceiver, Readiness
-from broker.api.views import instance_public, job_public, lease_admin
+from broker.api.services import Admin, AuditReader, Credentials, EventReceiver, Readiness
+from broker.api.views import audit_event_public, instance_public, job_public, lease_admin
 from broker.durations import parse_duration
 from broker.errors import (
     AdminForbidden,
@@ -31,7 +32,7 @@ from broker.errors import (
 from broker.events import webhook
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
-from broker.leases import JobState, JobView, LeaseState
+from broker.leases import AuditSelection, JobState, JobView, LeaseState
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
@@ -56,6 +57,7 @@ class Api:
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
+AUDIT: web.AppKey[AuditReader] = web.AppKey("audit")
 READINESS: web.AppKey[Cached] = web.AppKey("readiness")
 COUNTS: web.AppKey[Cached] = web.AppKey("counts")
 
@@ -359,6 +361,58 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [job_public(j) for j in jobs]})
 
 
+AUDIT_QUERY = {"after", "limit", "instance", "workload", "role", "action", "actor", "since"}
+
+
+def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int]:
+    if unknown := set(request.query) - AUDIT_QUERY:
+        raise BadRequest(
+            f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(AUDIT_QUERY))}",
+            code="invalid_query",
+        )
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("after and limit must be integers", code="invalid_query") from None
+    if after < 0 or not 1 <= limit <= 1000:
+        raise BadRequest(
+            "after must be a sequence number (0 or more) and limit between 1 and 1000",
+            code="invalid_query",
+        )
+    since = None
+    if (text := _query(request, "since")) is not None:
+        try:
+            since = datetime.fromisoformat(text)
+        except ValueError:
+            since = None
+        if since is None or since.tzinfo is None:
+            raise BadRequest(
+                "since must be an RFC 3339 time with its zone, like 2026-01-01T00:00:00Z",
+                code="invalid_query",
+            )
+    selection = AuditSelection(
+        instance=_query(request, "instance"),
+        workload=_query(request, "workload"),
+        role=_query(request, "role"),
+        action=_query(request, "action"),
+        actor=_query(request, "actor"),
+        since=since,
+    )
+    return selection, after, limit
+
+
+async def list_audit_events(request: web.Request) -> web.Response:
+    """Audit events after ``after`` that match, oldest first; ``next`` is the cursor of the
+    next page (null when this one was not full)."""
+    await operator_of(request, Scope.READ)
+    selection, after, limit = _audit_selection(request)
+    events = await request.app[AUDIT].events(selection, after=after, limit=limit)
+    nxt = events[-1].seq if len(events) == limit else None
+    return web.json_response({"events": [audit_event_public(e) for e in events], "next": nxt})
+
+
 # -- operations --------------------------------------------------------------------------
 
 
@@ -425,6 +479,7 @@ def build_app(
     scraper: Scraper,
     admin_token_sha256: str,
     max_body_bytes: int,
+    audit: AuditReader | None = None,
 ) -> web.Application:
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
@@ -432,6 +487,8 @@ def build_app(
     app[API] = Api(
         credentials, admin, events, readiness, verifier, metrics, scraper, admin_token_sha256
     )
+    if audit is not None:
+        app[AUDIT] = audit
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
     r = app.router
@@ -449,6 +506,8 @@ def build_app(
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)
+    if audit is not None:
+        r.add_get("/v1/admin/audit/events", list_audit_events)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)

@@ -55,6 +55,34 @@ def openapi_document() -> dict[str, Any]:
                 "adminToken": {"type": "http", "scheme": "bearer"},
             },
             "schemas": {
+                "AuditEvent": {
+                    "type": "object",
+                    "description": "one link of the audit chain: hash = SHA-256(tag, "
+                    "prev_hash, RFC 8785 JSON of the event without its hashes)",
+                    "required": [
+                        "seq",
+                        "at",
+                        "actor",
+                        "action",
+                        "outcome",
+                        "detail",
+                        "prev_hash",
+                        "hash",
+                    ],
+                    "properties": {
+                        "seq": {"type": "integer"},
+                        "at": {"type": "string", "format": "date-time"},
+                        "actor": {"type": "string"},
+                        "action": {"type": "string"},
+                        "instance_id": {"type": ["string", "null"]},
+                        "lease_id": {"type": ["string", "null"]},
+                        "outcome": {"type": "string"},
+                        "reason": {"type": ["string", "null"]},
+                        "detail": {"type": "object"},
+                        "prev_hash": {"type": "string"},
+                        "hash": {"type": "string"},
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -361,6 +389,57 @@ def openapi_document() -> dict[str, Any]:
                             {"$ref": "#/components/schemas/PolicyPreview"},
                         ),
                         "400": _err("unknown issuer, claims that do not map, bad roles"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/audit/events": {
+                "get": {
+                    "summary": "Audit events after a sequence number that match every "
+                    "selector given, oldest first (read scope); follow ``next`` for more",
+                    "security": _ADMIN,
+                    "parameters": [
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 1000,
+                                "default": 100,
+                            },
+                        },
+                        *(
+                            {"name": name, "in": "query", "schema": {"type": "string"}}
+                            for name in ("instance", "workload", "role", "action", "actor")
+                        ),
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            "events, and the cursor of the next page (null: no more)",
+                            {
+                                "type": "object",
+                                "required": ["events", "next"],
+                                "properties": {
+                                    "events": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/AuditEvent"},
+                                    },
+                                    "next": {"type": ["integer", "null"]},
+                                },
+                            },
+                        ),
+                        "400": _err("a bad or unknown query parameter (invalid_query)"),
                         **_ADMIN_ERRS,
                     },
                 }

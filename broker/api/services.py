@@ -10,7 +10,14 @@ from typing import Any, Protocol
 from broker.api.operators import Operator
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
-from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.leases import (
+    AuditEventView,
+    AuditSelection,
+    InstanceView,
+    JobView,
+    LeaseView,
+    StoreCounts,
+)
 from broker.revocation.reconcile import ReconcileReport
 
 
@@ -77,3 +84,11 @@ class Readiness(Protocol):
     async def checks(self) -> dict[str, str]: ...
 
     async def counts(self) -> StoreCounts | None: ...
+
+
+class AuditReader(Protocol):
+    """The audit trail read out: events after a seq that match a selection, oldest first."""
+
+    async def events(
+        self, selection: AuditSelection, *, after: int, limit: int
+    ) -> list[AuditEventView]: ...

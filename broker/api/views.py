@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from broker.clock import iso_z
-from broker.leases import InstanceView, JobView, LeaseView
+from broker.leases import AuditEventView, InstanceView, JobView, LeaseView
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -47,4 +47,12 @@ def instance_public(instance: InstanceView) -> dict[str, Any]:
     d = asdict(instance)
     d["created_at"] = _iso(instance.created_at)
     d["terminated_at"] = _iso(instance.terminated_at)
+    return d
+
+
+def audit_event_public(event: AuditEventView) -> dict[str, Any]:
+    """An audit event as the chain hashed it (``broker.leases.chain.event_document``), with
+    its links: an exported line can be re-hashed by anyone."""
+    d = asdict(event)
+    d["at"] = iso_z(event.at)
     return d

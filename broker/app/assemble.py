@@ -208,6 +208,7 @@ def assemble(
         scraper=scraper,
         admin_token_sha256=settings.admin.token_sha256,
         max_body_bytes=settings.server.max_body_bytes,
+        audit=ledgers.audit,
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
     ticks = Ticks(

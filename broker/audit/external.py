@@ -86,8 +86,7 @@ def check_external(
                 ExternalFinding(
                     "bad_signature",
                     cp.seq,
-                    f"the external checkpoint of event {cp.seq} does not verify "
-                    f"(key {cp.key_id})",
+                    f"the external checkpoint of event {cp.seq} does not verify (key {cp.key_id})",
                 )
             )
         elif cp.seq <= table_end and hash_at.get(cp.seq) != cp.hash:
@@ -100,9 +99,7 @@ def check_external(
                 )
             )
     for line in unreadable_lines:
-        findings.append(
-            ExternalFinding("unreadable", None, f"line {line} of the checkpoint file")
-        )
+        findings.append(ExternalFinding("unreadable", None, f"line {line} of the checkpoint file"))
     return findings
 
 

@@ -18,9 +18,7 @@ CHECKPOINTS = cast(Table, m.AuditCheckpoint.__table__)
 async def head(conn: AsyncConnection) -> tuple[int, str]:
     """(seq, hash) of the newest event; (0, genesis) before the first."""
     row = (
-        await conn.execute(
-            select(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash).where(AUDIT_HEAD.c.id == 1)
-        )
+        await conn.execute(select(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash).where(AUDIT_HEAD.c.id == 1))
     ).one()
     return int(row[0]), str(row[1])
 
