@@ -93,3 +93,36 @@ class StoreCounts:
     queue_depth: int
     oldest_job_age_s: float
     failed_jobs: int
+
+
+@dataclass(frozen=True)
+class AuditEventView:
+    """One stored link of the audit chain, as read back (``row_id`` is the insertion
+    order, which is not hashed: it lets a verifier see rows whose seqs were swapped)."""
+
+    row_id: int
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    instance_id: str | None
+    lease_id: str | None
+    outcome: str
+    reason: str | None
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """A signed statement of the chain's head. ``source``: where it was read (``store``,
+    the database table, or a file or log outside it)."""
+
+    seq: int
+    hash: str
+    at: datetime
+    signer: str
+    key_id: str
+    signature: str
+    source: str = "store"

@@ -1,0 +1,1 @@
+"""The audit trail's services: verifying the chain (``verify``, pure; ``service``)."""
