@@ -18,7 +18,7 @@ from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
-from broker.api.services import Admin, Credentials, EventReceiver, Readiness
+from broker.api.services import Admin, AuditTrail, Credentials, EventReceiver, Readiness
 from broker.api.views import instance_public, job_public, lease_admin
 from broker.durations import parse_duration
 from broker.errors import (
@@ -58,6 +58,7 @@ class Api:
 API: web.AppKey[Api] = web.AppKey("api", Api)
 READINESS: web.AppKey[Cached] = web.AppKey("readiness")
 COUNTS: web.AppKey[Cached] = web.AppKey("counts")
+AUDIT: web.AppKey[AuditTrail] = web.AppKey("audit")
 
 
 def _bearer(request: web.Request, *, admin: bool) -> str:
@@ -359,6 +360,17 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [job_public(j) for j in jobs]})
 
 
+async def verify_audit(request: web.Request) -> web.Response:
+    """Recompute the audit chain (from ``from``, or its start) and answer the report."""
+    await operator_of(request, Scope.READ)
+    body = await _json_object(request, {"from"})
+    from_seq = body.get("from", 1)
+    if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1:
+        raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
+    report = await request.app[AUDIT].verify(from_seq)
+    return web.json_response(report.to_dict())
+
+
 # -- operations --------------------------------------------------------------------------
 
 
@@ -425,6 +437,7 @@ def build_app(
     scraper: Scraper,
     admin_token_sha256: str,
     max_body_bytes: int,
+    audit: AuditTrail | None = None,
 ) -> web.Application:
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
@@ -435,6 +448,9 @@ def build_app(
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
     r = app.router
+    if audit is not None:
+        app[AUDIT] = audit
+        r.add_post("/v1/admin/audit/verify", verify_audit)
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)

@@ -30,6 +30,7 @@ from broker.app.ticks import (
     Revocation,
     SightingsFlush,
 )
+from broker.audit.service import AuditVerification
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.events import TerminationSource
@@ -189,6 +190,7 @@ def assemble(
         scraper=scraper,
         admin_token_sha256=settings.admin.token_sha256,
         max_body_bytes=settings.server.max_body_bytes,
+        audit=AuditVerification(ledgers.chain),
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
     ticks = Ticks(

@@ -253,9 +253,7 @@ class Verifier:
         self._resolve_suspects(final=True)
         last = self._prev[0] if self._prev is not None and self._count else None
         end = last if last is not None else (self.anchor[0] if self.anchor else 0)
-        compared = sum(
-            1 for cp in self.checkpoints if cp.seq >= self.from_seq and cp.seq <= end
-        )
+        compared = sum(1 for cp in self.checkpoints if cp.seq >= self.from_seq and cp.seq <= end)
         for seq in sorted(self._by_seq):
             for cp in self._by_seq[seq]:
                 if seq > end:
@@ -285,9 +283,7 @@ class Verifier:
                 self._find(
                     HEAD_MISMATCH, end, f"the chain's head hash differs from seq {end}'s hash"
                 )
-        last_cp = max(
-            (cp.seq for cp in self.checkpoints if cp.seq <= end), default=None
-        )
+        last_cp = max((cp.seq for cp in self.checkpoints if cp.seq <= end), default=None)
         after = end - max(last_cp or 0, self.from_seq - 1) if self._count else 0
         findings = sorted(self._findings, key=lambda f: (f.seq, KINDS.index(f.kind)))
         return Report(

@@ -8,6 +8,7 @@ import from here, not from the modules inside."""
 from broker.leases.database import Database
 from broker.leases.records import (
     AdminRecords,
+    ChainRecords,
     IssuanceRecords,
     Ledgers,
     ReconcileRecords,
@@ -18,6 +19,8 @@ from broker.leases.records import (
 )
 from broker.leases.states import InstanceState, JobState, LeaseState
 from broker.leases.views import (
+    AuditEventView,
+    CheckpointView,
     InstanceView,
     IssueTicket,
     JobView,
@@ -32,6 +35,9 @@ from broker.leases.views import (
 
 __all__ = [
     "AdminRecords",
+    "AuditEventView",
+    "ChainRecords",
+    "CheckpointView",
     "Database",
     "InstanceState",
     "InstanceView",
