@@ -19,7 +19,14 @@ from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
-from broker.api.services import Admin, AuditReader, Credentials, EventReceiver, Readiness
+from broker.api.services import (
+    Admin,
+    AuditReader,
+    AuditTrail,
+    Credentials,
+    EventReceiver,
+    Readiness,
+)
 from broker.api.views import audit_event_public, instance_public, job_public, lease_admin
 from broker.durations import parse_duration
 from broker.errors import (
@@ -57,9 +64,10 @@ class Api:
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
-AUDIT: web.AppKey[AuditReader] = web.AppKey("audit")
+AUDIT_EVENTS: web.AppKey[AuditReader] = web.AppKey("audit_events")
 READINESS: web.AppKey[Cached] = web.AppKey("readiness")
 COUNTS: web.AppKey[Cached] = web.AppKey("counts")
+AUDIT: web.AppKey[AuditTrail] = web.AppKey("audit")
 
 
 def _bearer(request: web.Request, *, admin: bool) -> str:
@@ -408,9 +416,20 @@ async def list_audit_events(request: web.Request) -> web.Response:
     next page (null when this one was not full)."""
     await operator_of(request, Scope.READ)
     selection, after, limit = _audit_selection(request)
-    events = await request.app[AUDIT].events(selection, after=after, limit=limit)
+    events = await request.app[AUDIT_EVENTS].events(selection, after=after, limit=limit)
     nxt = events[-1].seq if len(events) == limit else None
     return web.json_response({"events": [audit_event_public(e) for e in events], "next": nxt})
+
+
+async def verify_audit(request: web.Request) -> web.Response:
+    """Recompute the audit chain (from ``from``, or its start) and answer the report."""
+    await operator_of(request, Scope.READ)
+    body = await _json_object(request, {"from"})
+    from_seq = body.get("from", 1)
+    if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1:
+        raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
+    report = await request.app[AUDIT].verify(from_seq)
+    return web.json_response(report.to_dict())
 
 
 # -- operations --------------------------------------------------------------------------
@@ -479,7 +498,8 @@ def build_app(
     scraper: Scraper,
     admin_token_sha256: str,
     max_body_bytes: int,
-    audit: AuditReader | None = None,
+    audit: AuditTrail | None = None,
+    audit_events: AuditReader | None = None,
 ) -> web.Application:
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
@@ -487,11 +507,14 @@ def build_app(
     app[API] = Api(
         credentials, admin, events, readiness, verifier, metrics, scraper, admin_token_sha256
     )
-    if audit is not None:
-        app[AUDIT] = audit
+    if audit_events is not None:
+        app[AUDIT_EVENTS] = audit_events
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
     r = app.router
+    if audit is not None:
+        app[AUDIT] = audit
+        r.add_post("/v1/admin/audit/verify", verify_audit)
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
@@ -506,7 +529,7 @@ def build_app(
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)
-    if audit is not None:
+    if audit_events is not None:
         r.add_get("/v1/admin/audit/events", list_audit_events)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

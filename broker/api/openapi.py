@@ -43,6 +43,35 @@ _COMMON = {
     "503": _err("Vault or the lease store is unavailable"),
 }
 _ADMIN_ERRS = {"401": _err("admin token missing"), "403": _err("not the admin token")}
+_SEQ = {"type": ["integer", "null"]}
+_AUDIT_REPORT: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "from_seq", "events", "findings", "signatures_checked"],
+    "properties": {
+        "ok": {"type": "boolean"},
+        "from_seq": {"type": "integer"},
+        "last_seq": _SEQ,
+        "events": {"type": "integer"},
+        "first_bad_seq": _SEQ,
+        "checkpoints": {"type": "integer"},
+        "last_checkpoint_seq": _SEQ,
+        "after_last_checkpoint": {"type": "integer"},
+        "signatures_checked": {"type": "boolean"},
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "kind": {"type": "string"},
+                    "seq": {"type": "integer"},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+        "findings_omitted": {"type": "integer"},
+        "notices": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -468,6 +497,26 @@ def openapi_document() -> dict[str, Any]:
                         "202": _ok("queued"),
                         "400": _err("the job has not failed (job_not_failed)"),
                         "404": _err("no such job"),
+                        **_ADMIN_ERRS,
+                    },
+                }
+            },
+            "/v1/admin/audit/verify": {
+                "post": {
+                    "summary": "Recompute the audit chain from a seq (or its start) to its "
+                    "head: every link, checkpoint and signature; findings name their seq",
+                    "security": _ADMIN,
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"from": {"type": "integer", "minimum": 1}},
+                        },
+                        required=False,
+                    ),
+                    "responses": {
+                        "200": _ok("the verification report (ok: every check held)", _AUDIT_REPORT),
+                        "400": _err("'from' is not a sequence number"),
                         **_ADMIN_ERRS,
                     },
                 }

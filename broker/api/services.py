@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.audit.verify import Report
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
 from broker.leases import (
@@ -67,6 +68,12 @@ class Admin(Protocol):
     def preview(
         self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
     ) -> dict[str, Any]: ...
+
+
+class AuditTrail(Protocol):
+    """The audit chain's verification (``broker.audit.service.AuditVerification``)."""
+
+    async def verify(self, from_seq: int = 1) -> Report: ...
 
 
 class EventReceiver(Protocol):

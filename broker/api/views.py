@@ -54,5 +54,6 @@ def audit_event_public(event: AuditEventView) -> dict[str, Any]:
     """An audit event as the chain hashed it (``broker.leases.chain.event_document``), with
     its links: an exported line can be re-hashed by anyone."""
     d = asdict(event)
+    d.pop("row_id")  # the store's insertion order: not part of the event
     d["at"] = iso_z(event.at)
     return d

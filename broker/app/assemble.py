@@ -30,6 +30,8 @@ from broker.app.ticks import (
     Revocation,
     SightingsFlush,
 )
+from broker.audit.external import file_checkpoints
+from broker.audit.service import AuditVerification
 from broker.audit.signing import CheckpointSigning
 from broker.audit.writer import CheckpointWriter
 from broker.clock import Clock, SystemClock
@@ -189,6 +191,12 @@ def assemble(
     )
     signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
     checkpoints = CheckpointWriter(settings.audit.checkpoint, ledgers.audit, signing, clock)
+    checkpoint_file = settings.audit.checkpoint.file
+    audit = AuditVerification(
+        ledgers.chain,
+        check_signature=signing.signatures.check_async,
+        external_checkpoints=file_checkpoints(checkpoint_file) if checkpoint_file else None,
+    )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(
         metrics,
@@ -208,7 +216,8 @@ def assemble(
         scraper=scraper,
         admin_token_sha256=settings.admin.token_sha256,
         max_body_bytes=settings.server.max_body_bytes,
-        audit=ledgers.audit,
+        audit=audit,
+        audit_events=ledgers.audit,
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
     ticks = Ticks(

@@ -11,8 +11,8 @@ event's proves history was rewritten. Pure: the caller reads the file and the ev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -125,3 +125,14 @@ async def external_findings(
         check_signature=signatures.check,
         unreadable_lines=unreadable,
     )
+
+
+def file_checkpoints(path: Path) -> Callable[[], Awaitable[list[Checkpoint]]]:
+    """The external checkpoints a verification adds to the table's (``source="file"``);
+    a line that is not a checkpoint is skipped (``external_findings`` names it)."""
+
+    async def read() -> list[Checkpoint]:
+        found, _ = await asyncio.to_thread(read_checkpoint_file, path)
+        return [replace(cp, source="file") for cp in found]
+
+    return read

@@ -6,7 +6,8 @@ Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
 6 ``--wait`` timed out · 7 ``reconcile`` found something that needs a person (orphans left
 in Vault, leases past expiry that Vault keeps, stuck rows it could not settle, a failed
-step).
+step) · 8 ``audit verify`` found the audit chain altered, cut or not matching its
+checkpoints.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, E
     6,
 )
 EXIT_FINDINGS = 7
+EXIT_TAMPERED = 8
 
 
 class CtlError(Exception):
@@ -404,6 +406,9 @@ def _parser() -> argparse.ArgumentParser:
         help="revoke the leases under the broker's Vault paths that the store does not hold",
     )
     rec.set_defaults(run=cmd_reconcile, show=show_reconcile, attention=reconcile_needs_attention)
+    from broker.cli import ctl_audit  # imports this module: not at the top
+
+    ctl_audit.register(sub)
     return p
 
 
@@ -427,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(item, separators=(",", ":")))
     else:
         print(args.show(result))
+    verdict = getattr(args, "verdict", None)  # a leaf whose result decides its exit code
+    if verdict is not None:
+        return int(verdict(result))
     attention = getattr(args, "attention", None)
     if attention is not None and attention(result):
         return EXIT_FINDINGS

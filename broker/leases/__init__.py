@@ -9,6 +9,7 @@ from broker.leases.database import Database
 from broker.leases.records import (
     AdminRecords,
     AuditRecords,
+    ChainRecords,
     IssuanceRecords,
     Ledgers,
     ReconcileRecords,
@@ -39,6 +40,7 @@ __all__ = [
     "AuditEventView",
     "AuditRecords",
     "AuditSelection",
+    "ChainRecords",
     "CheckpointView",
     "Database",
     "InstanceState",

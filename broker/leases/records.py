@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
 from broker.leases.database import Database
-from broker.leases.sql import admin, checkpoints, common, issuance, jobs, reconcile, replay
+from broker.leases.sql import admin, chain, checkpoints, common, issuance, jobs, reconcile, replay
 from broker.leases.states import LeaseState
 from broker.leases.views import (
     AuditEventView,
@@ -516,6 +516,32 @@ class AuditRecords:
             return await checkpoints.list_events(conn, selection, after=after, limit=limit)
 
 
+class ChainRecords:
+    """The audit chain as its verification reads it. Each read is its own (read-only)
+    transaction: a verification of a long chain holds no lock and no snapshot for long."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def head(self) -> tuple[int, str]:
+        """(seq, hash) of the chain's head row."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.head(conn)
+
+    async def checkpoints(self) -> list[CheckpointView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.checkpoints(conn)
+
+    async def event_hash(self, seq: int) -> str | None:
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.event_hash(conn, seq)
+
+    async def events_page(self, *, after: int, upto: int, limit: int) -> list[AuditEventView]:
+        """Events with ``after < seq <= upto``, in seq order, at most ``limit``."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.events_page(conn, after=after, upto=upto, limit=limit)
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """Every ledger on one database: the broker hands each consumer only its own."""
@@ -529,6 +555,7 @@ class Ledgers:
     sightings: SightingRecords
     admin: AdminRecords
     audit: AuditRecords
+    chain: ChainRecords
 
     @classmethod
     def on(cls, database: Database, clock: Clock) -> Ledgers:
@@ -542,6 +569,7 @@ class Ledgers:
             sightings=SightingRecords(database),
             admin=AdminRecords(database, clock),
             audit=AuditRecords(database),
+            chain=ChainRecords(database),
         )
 
 
@@ -549,6 +577,7 @@ __all__ = [
     "Ledgers",
     "AdminRecords",
     "AuditRecords",
+    "ChainRecords",
     "IssuanceRecords",
     "ReconcileRecords",
     "ReplayRecords",

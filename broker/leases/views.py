@@ -97,8 +97,10 @@ class StoreCounts:
 
 @dataclass(frozen=True)
 class AuditEventView:
-    """One stored audit event, as the chain hashed it, with its links."""
+    """One stored link of the audit chain, as read back (``row_id`` is the insertion
+    order, which is not hashed: it lets a verifier see rows whose seqs were swapped)."""
 
+    row_id: int
     seq: int
     at: datetime
     actor: str
@@ -116,7 +118,9 @@ class AuditEventView:
 class CheckpointView:
     """A signed statement of the chain's head: event ``seq`` has ``hash``, at ``at``.
     ``key_id``: ``transit:<key>:v<N>`` or ``file:<fingerprint>``; ``signature``: base64 of
-    the raw Ed25519 signature (``broker.audit.checkpoint`` says what it covers)."""
+    the raw Ed25519 signature (``broker.audit.checkpoint`` says what it covers).
+    ``source``: where it was read (``store``, the database table, or a file or log outside
+    it)."""
 
     seq: int
     hash: str
@@ -124,6 +128,7 @@ class CheckpointView:
     signer: str
     key_id: str
     signature: str
+    source: str = "store"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ async def list_checkpoints(
 
 def _event(r: m.AuditEvent) -> AuditEventView:
     return AuditEventView(
+        r.id,
         r.seq,
         r.at,
         r.actor,

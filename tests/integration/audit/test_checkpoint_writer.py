@@ -57,7 +57,7 @@ async def test_a_checkpoint_after_n_events_and_after_t_with_new_events(ledgers, 
     trusted.trust_file_key(key.public)
     assert all(trusted.check(cp) for cp in stored)
     lines = settings.file.read_text().splitlines()
-    assert [parse_line(x) for x in lines] == stored
+    assert [parse_line(x) for x in lines] == stored  # source: where it is read from
     assert writer.last_seq == 7 and writer.age_s() == 3600
 
 
