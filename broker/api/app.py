@@ -369,10 +369,20 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": [job_public(j) for j in jobs]})
 
 
-AUDIT_QUERY = {"after", "limit", "instance", "workload", "role", "action", "actor", "since"}
+AUDIT_QUERY = {
+    "after",
+    "limit",
+    "newest",
+    "instance",
+    "workload",
+    "role",
+    "action",
+    "actor",
+    "since",
+}
 
 
-def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int]:
+def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int, bool]:
     if unknown := set(request.query) - AUDIT_QUERY:
         raise BadRequest(
             f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
@@ -408,16 +418,20 @@ def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int]:
         actor=_query(request, "actor"),
         since=since,
     )
-    return selection, after, limit
+    newest = _query(request, "newest", {"true", "false"}) == "true"
+    return selection, after, limit, newest
 
 
 async def list_audit_events(request: web.Request) -> web.Response:
     """Audit events after ``after`` that match, oldest first; ``next`` is the cursor of the
-    next page (null when this one was not full)."""
+    next page (null when this one was not full). ``newest=true``: the last ``limit`` of
+    them (a tail; its ``next`` is null)."""
     await operator_of(request, Scope.READ)
-    selection, after, limit = _audit_selection(request)
-    events = await request.app[AUDIT_EVENTS].events(selection, after=after, limit=limit)
-    nxt = events[-1].seq if len(events) == limit else None
+    selection, after, limit, newest = _audit_selection(request)
+    events = await request.app[AUDIT_EVENTS].events(
+        selection, after=after, limit=limit, newest=newest
+    )
+    nxt = events[-1].seq if len(events) == limit and not newest else None
     return web.json_response({"events": [audit_event_public(e) for e in events], "next": nxt})
 
 

@@ -443,6 +443,12 @@ def openapi_document() -> dict[str, Any]:
                                 "default": 100,
                             },
                         },
+                        {
+                            "name": "newest",
+                            "in": "query",
+                            "description": "true: the last `limit` events (a tail)",
+                            "schema": {"type": "boolean", "default": False},
+                        },
                         *(
                             {"name": name, "in": "query", "schema": {"type": "string"}}
                             for name in ("instance", "workload", "role", "action", "actor")

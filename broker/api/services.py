@@ -94,8 +94,9 @@ class Readiness(Protocol):
 
 
 class AuditReader(Protocol):
-    """The audit trail read out: events after a seq that match a selection, oldest first."""
+    """The audit trail read out: events after a seq that match a selection, oldest first
+    (the first ``limit`` of them, or with ``newest`` the last: a tail)."""
 
     async def events(
-        self, selection: AuditSelection, *, after: int, limit: int
+        self, selection: AuditSelection, *, after: int, limit: int, newest: bool = False
     ) -> list[AuditEventView]: ...

@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code
+    if getattr(args, "streamed", False):  # the leaf printed as it went (--follow, export)
+        return EXIT_OK
     if args.output == "json":
         print(json.dumps(result, indent=2))
     elif args.output == "jsonl":

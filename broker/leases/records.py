@@ -509,11 +509,14 @@ class AuditRecords:
         return found
 
     async def events(
-        self, selection: AuditSelection, *, after: int = 0, limit: int = 100
+        self, selection: AuditSelection, *, after: int = 0, limit: int = 100, newest: bool = False
     ) -> list[AuditEventView]:
-        """Events after seq ``after`` matching ``selection``, oldest first."""
+        """Events after seq ``after`` matching ``selection``, oldest first: the first
+        ``limit``, or with ``newest`` the last ``limit``."""
         async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.list_events(conn, selection, after=after, limit=limit)
+            return await checkpoints.list_events(
+                conn, selection, after=after, limit=limit, newest=newest
+            )
 
 
 class ChainRecords:

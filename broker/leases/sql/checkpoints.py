@@ -81,9 +81,15 @@ def _event(r: m.AuditEvent) -> AuditEventView:
 
 
 async def list_events(
-    conn: AsyncConnection, selection: AuditSelection, *, after: int, limit: int
+    conn: AsyncConnection,
+    selection: AuditSelection,
+    *,
+    after: int,
+    limit: int,
+    newest: bool = False,
 ) -> list[AuditEventView]:
-    """Events past ``after`` (a seq) that match, oldest first."""
+    """Events past ``after`` (a seq) that match, oldest first: the first ``limit`` of
+    them, or with ``newest`` the last ``limit`` (a tail)."""
     e = m.AuditEvent
     stmt = select(e).where(e.seq > after)
     for col, value in (
@@ -103,8 +109,10 @@ async def list_events(
     if selection.role is not None:
         of_role = select(m.Lease.lease_id).where(m.Lease.role == selection.role)
         stmt = stmt.where(e.lease_id.in_(of_role))
-    rows = (await conn.execute(stmt.order_by(e.seq).limit(limit))).all()
-    return [_event(e(**r._mapping)) for r in rows]
+    order = e.seq.desc() if newest else e.seq
+    rows = (await conn.execute(stmt.order_by(order).limit(limit))).all()
+    found = [_event(e(**r._mapping)) for r in rows]
+    return found[::-1] if newest else found
 
 
 async def hashes_at(conn: AsyncConnection, seqs: list[int]) -> dict[int, str]:
