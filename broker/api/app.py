@@ -442,7 +442,10 @@ async def verify_audit(request: web.Request) -> web.Response:
     from_seq = body.get("from", 1)
     if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1:
         raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
-    report = await request.app[AUDIT].verify(from_seq)
+    trail = request.app.get(AUDIT)
+    if trail is None:
+        raise NotFound("this broker does not verify its audit chain", code="not_found")
+    report = await trail.verify(from_seq)
     return web.json_response(report.to_dict())
 
 
@@ -525,10 +528,10 @@ def build_app(
         app[AUDIT_EVENTS] = audit_events
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
-    r = app.router
     if audit is not None:
         app[AUDIT] = audit
-        r.add_post("/v1/admin/audit/verify", verify_audit)
+    r = app.router
+    r.add_post("/v1/admin/audit/verify", verify_audit)
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
