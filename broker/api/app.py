@@ -428,7 +428,10 @@ async def list_audit_events(request: web.Request) -> web.Response:
     them (a tail; its ``next`` is null)."""
     await operator_of(request, Scope.READ)
     selection, after, limit, newest = _audit_selection(request)
-    events = await request.app[AUDIT_EVENTS].events(
+    reader = request.app.get(AUDIT_EVENTS)
+    if reader is None:
+        raise NotFound("this broker does not serve its audit events", code="not_found")
+    events = await reader.events(
         selection, after=after, limit=limit, newest=newest
     )
     nxt = events[-1].seq if len(events) == limit and not newest else None
@@ -546,8 +549,7 @@ def build_app(
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)
-    if audit_events is not None:
-        r.add_get("/v1/admin/audit/events", list_audit_events)
+    r.add_get("/v1/admin/audit/events", list_audit_events)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)
