@@ -59,7 +59,7 @@ class AuditSettings(Frozen):
     def _signer_configured(self) -> AuditSettings:
         if self.checkpoint.signer == "file" and self.file is None:
             raise ValueError(
-                "audit.file.private_key: required with checkpoint.signer: file "
-                "(an Ed25519 private key PEM)"
+                "file.private_key is required with checkpoint.signer: file "
+                "(the path of an Ed25519 private key PEM)"
             )
         return self
