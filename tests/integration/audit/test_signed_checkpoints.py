@@ -105,3 +105,31 @@ async def test_a_tampered_external_line_is_reported(make_broker, tmp_path):
     signatures = b.broker.components.signing.signatures
     findings = await external_findings(file, b.broker.components.ledgers.audit, signatures)
     assert sorted(f.problem for f in findings) == ["bad_signature", "unreadable"]
+
+
+async def test_verify_checks_signatures_and_finds_a_cut_tail_through_the_file(
+        make_broker, http, tmp_path):
+    file = tmp_path / "checkpoints.jsonl"
+    b = await make_broker(overrides={"audit": {"checkpoint": {
+        "every": "1s", "every_events": 3, "signer": "transit", "file": str(file)}}})
+    await append(b, 3)
+    await eventually(lambda: _newer(b, 2), "a checkpoint of seq 3")
+
+    async def verify():
+        async with http.post(f"{b.url}/v1/admin/audit/verify", headers=b.admin()) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    report = await verify()
+    assert report["ok"] and report["signatures_checked"], report
+    # the tail and its checkpoints deleted, the head row put back: only the file knows
+    engine = create_engine(sync_url(b.store_url))
+    with engine.begin() as conn:
+        h = conn.execute(text("SELECT hash FROM audit_events WHERE seq = 1")).scalar_one()
+        conn.execute(text("DELETE FROM audit_checkpoints"))
+        conn.execute(text("DELETE FROM audit_events WHERE seq > 1"))
+        conn.execute(text("UPDATE audit_head SET seq = 1, hash = :h"), {"h": h})
+    engine.dispose()
+    report = await verify()
+    assert not report["ok"]
+    assert "truncated" in {f["kind"] for f in report["findings"]}, report
