@@ -133,3 +133,25 @@ async def test_verify_checks_signatures_and_finds_a_cut_tail_through_the_file(
     report = await verify()
     assert not report["ok"]
     assert "truncated" in {f["kind"] for f in report["findings"]}, report
+
+
+async def test_a_signer_that_fails_is_retried_and_shown_not_fatal(make_broker, http):
+    b = await make_broker(store="sqlite", overrides={"audit": {
+        "checkpoint": {"every": "1s"}, "transit": {"key": "no-such-key"}}})
+    await append(b, 1)
+
+    async def failures() -> float:
+        async with http.get(f"{b.url}/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith("broker_audit_checkpoint_failures "):
+                    return float(line.split()[1])
+        return 0.0
+
+    assert await eventually(lambda: _at_least(failures, 2), "signing retried and failing")
+    assert await checkpoints(b) == []
+    async with http.get(f"{b.url}/healthz") as resp:
+        assert resp.status == 200  # the broker goes on serving
+
+
+async def _at_least(probe, n: float) -> bool:
+    return await probe() >= n
