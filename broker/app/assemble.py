@@ -117,7 +117,10 @@ def assemble(
     opens nothing; its connections open on the first JWKS fetch)."""
     clock = clock or SystemClock()
     database = Database(settings.store)
-    ledgers = Ledgers.on(database, clock)
+    key = settings.audit.hash_key
+    ledgers = Ledgers.on(
+        database, clock, token_key=key.get_secret_value().encode() if key is not None else None
+    )
     vault = VaultClient(settings.vault, clock)
     metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
     tokens = InstanceTokens(vault, ledgers.issuance, clock)

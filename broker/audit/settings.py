@@ -1,12 +1,13 @@
-"""The ``audit`` section: when the chain head is checkpointed, who signs it, and the
-append-only file the checkpoints are also written to."""
+"""The ``audit`` section: the key that names token ids in events, when the chain head is
+checkpointed, who signs it, and the append-only file the checkpoints are also written
+to."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from broker.settings import Duration, Frozen, seconds
 from broker.vault.paths import NAME_SEGMENT
@@ -51,9 +52,23 @@ class FileSignerSettings(Frozen):
 
 
 class AuditSettings(Frozen):
+    """``hash_key``: the key of the keyed hash (HMAC-SHA256) that names a token id in an
+    audit event, so that events of one token can be matched without the event holding the
+    id itself. A secret, given as ``${ENV}``; not stored in the database, so someone who
+    reads the database cannot test a guessed token id against it. Without it, events name
+    no token id at all (nothing is derived from what the database holds)."""
+
+    hash_key: SecretStr | None = None
     checkpoint: CheckpointSettings = CheckpointSettings()
     transit: TransitSignerSettings = TransitSignerSettings()
     file: FileSignerSettings | None = None
+
+    @field_validator("hash_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("expected at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return v
 
     @model_validator(mode="after")
     def _signer_configured(self) -> AuditSettings:

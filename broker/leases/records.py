@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
+from broker.leases import chain as chain_math
 from broker.leases.database import Database
 from broker.leases.sql import admin, chain, checkpoints, common, issuance, jobs, reconcile, replay
 from broker.leases.states import LeaseState
@@ -47,11 +48,15 @@ async def _mark_leases_ended(
 
 class IssuanceRecords:
     """Issuance: the ``issuing`` row before Vault is asked and its outcome, instance-token
-    accessors, and a lease's renewal and release by its workload."""
+    accessors, and a lease's renewal and release by its workload.
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    ``token_key``: the key that names a token id in the audit (``chain.token_ref``); None:
+    the audit names no token id."""
+
+    def __init__(self, db: Database, clock: Clock, token_key: bytes | None = None) -> None:
         self._db = db
         self._clock = clock
+        self._token_key = token_key
 
     async def begin_issue(
         self,
@@ -114,12 +119,18 @@ class IssuanceRecords:
         expires_at: datetime,
         state: LeaseState = LeaseState.ACTIVE,
         created_after: datetime | None = None,
+        engine: str | None = None,
+        token_id: tuple[str, str] | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
         its way and the credential must not be handed out. ``created_after``: a row written
         before then (its request outlived the issuing bound) is not completed.
-        (The lease row is the issuance record; no separate audit row is written.)"""
+        The ``lease.issued`` audit event is written with it: the issuer, workload, role,
+        ``engine``, and the token id (issuer, jti) only as a keyed hash."""
+        ref = None
+        if token_id is not None and self._token_key is not None:
+            ref = chain_math.token_ref(self._token_key, token_id[0], token_id[1])
         async with self._db.transaction() as conn:
             return await issuance.complete_issue(
                 conn,
@@ -132,6 +143,8 @@ class IssuanceRecords:
                 expires_at=expires_at,
                 state=state,
                 created_after=created_after,
+                engine=engine,
+                token_ref=ref,
             )
 
     async def fail_issue(
@@ -469,11 +482,9 @@ class AuditRecords:
         self._db = db
 
     def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
-        """A lock across replicas, not waited for: one replica checkpoints at a time."""
-        return self._db.try_exclusive(key)
+        return self._db.try_exclusive(key)  # one replica checkpoints at a time
 
     async def head(self) -> tuple[int, str]:
-        """(seq, hash) of the newest event."""
         async with self._db.transaction(readonly=True) as conn:
             return await checkpoints.head(conn)
 
@@ -502,11 +513,8 @@ class AuditRecords:
 
     async def hashes_at(self, seqs: Sequence[int]) -> dict[int, str]:
         """The stored hash of each of these events the table holds."""
-        found: dict[int, str] = {}
         async with self._db.transaction(readonly=True) as conn:
-            for start in range(0, len(seqs), 500):
-                found |= await checkpoints.hashes_at(conn, list(seqs[start : start + 500]))
-        return found
+            return await checkpoints.hashes_at(conn, seqs)
 
     async def events(
         self, selection: AuditSelection, *, after: int = 0, limit: int = 100, newest: bool = False
@@ -561,10 +569,10 @@ class Ledgers:
     chain: ChainRecords
 
     @classmethod
-    def on(cls, database: Database, clock: Clock) -> Ledgers:
+    def on(cls, database: Database, clock: Clock, *, token_key: bytes | None = None) -> Ledgers:
         return cls(
             database=database,
-            issuance=IssuanceRecords(database, clock),
+            issuance=IssuanceRecords(database, clock, token_key),
             termination=TerminationRecords(database, clock),
             jobs=RevocationJobRecords(database, clock),
             reconcile=ReconcileRecords(database, clock),

@@ -3,6 +3,7 @@ checkpoints, and listings of events by selector."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 from sqlalchemy import Table, func, select
@@ -115,10 +116,14 @@ async def list_events(
     return found[::-1] if newest else found
 
 
-async def hashes_at(conn: AsyncConnection, seqs: list[int]) -> dict[int, str]:
-    e = m.AuditEvent
-    rows = (await conn.execute(select(e.seq, e.hash).where(e.seq.in_(seqs)))).all()
-    return {int(r[0]): str(r[1]) for r in rows}
+async def hashes_at(conn: AsyncConnection, seqs: Sequence[int]) -> dict[int, str]:
+    """The stored hashes of these events, 500 seqs a statement (bounded parameters)."""
+    e, found = m.AuditEvent, dict[int, str]()
+    for start in range(0, len(seqs), 500):
+        chunk = list(seqs[start : start + 500])
+        rows = (await conn.execute(select(e.seq, e.hash).where(e.seq.in_(chunk)))).all()
+        found |= {int(r[0]): str(r[1]) for r in rows}
+    return found
 
 
 async def last_event_seq(conn: AsyncConnection) -> int:
