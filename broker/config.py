@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from broker.audit.settings import AuditSettings
 from broker.aws.settings import AwsSettings
 from broker.engines import ENGINES
 from broker.engines.role import RoleSettings
@@ -81,6 +82,7 @@ class Settings(Frozen):
     reconcile: ReconcileSettings = ReconcileSettings()
     events: EventSettings = EventSettings()
     kubernetes: KubernetesSettings | None = None
+    audit: AuditSettings = AuditSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

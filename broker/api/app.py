@@ -19,8 +19,16 @@ from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
 from broker.api.queries import MAX_PAGE, encode_cursor, query_params
-from broker.api.services import Admin, Credentials, EventReceiver, Readiness
+from broker.api.services import (
+    Admin,
+    AuditReader,
+    AuditTrail,
+    Credentials,
+    EventReceiver,
+    Readiness,
+)
 from broker.api.views import (
+    audit_event_public,
     instance_listing,
     instance_public,
     job_public,
@@ -38,7 +46,14 @@ from broker.errors import (
 from broker.events import webhook
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.verify import valid_instance_id
-from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, JobView, LeaseState
+from broker.leases import (
+    LIVE_LEASE_STATES,
+    AuditSelection,
+    InstanceState,
+    JobState,
+    JobView,
+    LeaseState,
+)
 
 ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
@@ -65,8 +80,10 @@ class Api:
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
+AUDIT_EVENTS: web.AppKey[AuditReader] = web.AppKey("audit_events")
 READINESS: web.AppKey[Cached] = web.AppKey("readiness")
 COUNTS: web.AppKey[Cached] = web.AppKey("counts")
+AUDIT: web.AppKey[AuditTrail] = web.AppKey("audit")
 
 
 def _bearer(request: web.Request, *, admin: bool) -> str:
@@ -418,6 +435,64 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
 
 
+AUDIT_QUERY = {
+    "after",
+    "limit",
+    "newest",
+    "instance",
+    "workload",
+    "role",
+    "action",
+    "actor",
+    "since",
+}
+
+
+def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int, bool]:
+    q = query_params(request, AUDIT_QUERY)
+    after = q.number("after", 0, low=0, high=2**63 - 1)
+    selection = AuditSelection(
+        instance=q.text("instance"),
+        workload=q.text("workload"),
+        role=q.text("role"),
+        action=q.text("action"),
+        actor=q.text("actor"),
+        since=q.time("since"),
+    )
+    newest = q.text("newest", {"true", "false"}) == "true"
+    return selection, after, q.limit(), newest
+
+
+async def list_audit_events(request: web.Request) -> web.Response:
+    """Audit events after ``after`` that match, oldest first; ``next`` is the cursor of the
+    next page (null when this one was not full). ``newest=true``: the last ``limit`` of
+    them (a tail; its ``next`` is null)."""
+    await operator_of(request, Scope.READ)
+    selection, after, limit, newest = _audit_selection(request)
+    reader = request.app.get(AUDIT_EVENTS)
+    if reader is None:
+        raise NotFound("this broker does not serve its audit events", code="not_found")
+    events = await reader.events(
+        selection, after=after, limit=limit, newest=newest
+    )
+    nxt = events[-1].seq if len(events) == limit and not newest else None
+    return web.json_response({"events": [audit_event_public(e) for e in events], "next": nxt})
+
+
+async def verify_audit(request: web.Request) -> web.Response:
+    """Recompute the audit chain (from ``from``, or its start) and answer the report."""
+    await operator_of(request, Scope.READ)
+    body = await _json_object(request, {"from"})
+    from_seq = body.get("from", 1)
+    if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1:
+        raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
+    trail = request.app.get(AUDIT)
+    if trail is None:
+        raise NotFound("this broker does not verify its audit chain", code="not_found")
+    report = await trail.verify(from_seq)
+    return web.json_response(report.to_dict())
+
+
 # -- operations --------------------------------------------------------------------------
 
 
@@ -484,6 +559,8 @@ def build_app(
     scraper: Scraper,
     admin_token_sha256: str,
     max_body_bytes: int,
+    audit: AuditTrail | None = None,
+    audit_events: AuditReader | None = None,
 ) -> web.Application:
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
@@ -491,9 +568,14 @@ def build_app(
     app[API] = Api(
         credentials, admin, events, readiness, verifier, metrics, scraper, admin_token_sha256
     )
+    if audit_events is not None:
+        app[AUDIT_EVENTS] = audit_events
     app[READINESS] = Cached(readiness.checks, ttl=1.0)
     app[COUNTS] = Cached(readiness.counts, ttl=5.0)
+    if audit is not None:
+        app[AUDIT] = audit
     r = app.router
+    r.add_post("/v1/admin/audit/verify", verify_audit)
     r.add_post("/v1/credentials", create_credential)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
@@ -511,6 +593,7 @@ def build_app(
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)
+    r.add_get("/v1/admin/audit/events", list_audit_events)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)

@@ -20,6 +20,17 @@ class Counted(Protocol):
     def counts(self) -> Mapping[str, int]: ...
 
 
+class CheckpointStatus(Protocol):
+    """The audit checkpoint writer: the newest checkpoint it saw and its failures in a row."""
+
+    failures: int
+
+    def age_s(self) -> float | None: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+
 class Metrics:
     def __init__(self, engine_of: Mapping[str, str] | None = None) -> None:
         self._engine_of = dict(engine_of or {})  # role → engine, for the leases gauge
@@ -119,6 +130,28 @@ class Metrics:
             registry=r,
         )
 
+        self.checkpoint_seq = Gauge(
+            "broker_audit_checkpoint_seq",
+            "Sequence number of the newest signed audit checkpoint (0: none yet)",
+            registry=r,
+        )
+        self.checkpoint_age = Gauge(
+            "broker_audit_checkpoint_age_seconds",
+            "Age of the newest signed audit checkpoint (-1: none yet); alert when it grows",
+            registry=r,
+        )
+        self.checkpoint_failures = Gauge(
+            "broker_audit_checkpoint_failures",
+            "Failed attempts in a row to sign an audit checkpoint on this replica",
+            registry=r,
+        )
+
+    def observe_checkpoints(self, status: CheckpointStatus) -> None:
+        age = status.age_s()
+        self.checkpoint_seq.set(status.last_seq)
+        self.checkpoint_age.set(-1 if age is None else age)
+        self.checkpoint_failures.set(status.failures)
+
     def observe_store(self, counts: StoreCounts) -> None:
         self.leases.clear()
         for (role, state), n in counts.leases.items():
@@ -194,8 +227,10 @@ class Scraper:
         events: Mapping[str, Counted],
         jwks_fetches: Mapping[str, Counted],
         liveness: Mapping[str, Counted],
+        checkpoints: CheckpointStatus | None = None,
     ) -> None:
         self._metrics = metrics
+        self._checkpoints = checkpoints
         self._revocations = revocations
         self._events = events
         self._jwks_fetches = jwks_fetches
@@ -210,4 +245,6 @@ class Scraper:
             jwks_fetches=self._jwks_fetches,
             liveness=self._liveness,
         )
+        if self._checkpoints is not None:
+            self._metrics.observe_checkpoints(self._checkpoints)
         return self._metrics.render()

@@ -9,9 +9,12 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.audit.verify import Report
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
 from broker.leases import (
+    AuditEventView,
+    AuditSelection,
     InstanceListing,
     InstanceView,
     JobView,
@@ -97,6 +100,12 @@ class Admin(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class AuditTrail(Protocol):
+    """The audit chain's verification (``broker.audit.service.AuditVerification``)."""
+
+    async def verify(self, from_seq: int = 1) -> Report: ...
+
+
 class EventReceiver(Protocol):
     """The signed event webhook: checks the signature and the replay record, terminates
     each instance; answers per instance with its job or the code of its refusal."""
@@ -112,3 +121,12 @@ class Readiness(Protocol):
     async def checks(self) -> dict[str, str]: ...
 
     async def counts(self) -> StoreCounts | None: ...
+
+
+class AuditReader(Protocol):
+    """The audit trail read out: events after a seq that match a selection, oldest first
+    (the first ``limit`` of them, or with ``newest`` the last: a tail)."""
+
+    async def events(
+        self, selection: AuditSelection, *, after: int, limit: int, newest: bool = False
+    ) -> list[AuditEventView]: ...

@@ -10,6 +10,7 @@ from typing import Any
 from broker.clock import iso_z
 from broker.leases import (
     LIVE_LEASE_STATES,
+    AuditEventView,
     InstanceListing,
     InstanceView,
     JobView,
@@ -79,3 +80,12 @@ def lease_groups(groups: LeaseGroups, states: list[str]) -> dict[str, Any]:
         # Leases in the groups a ``top`` cut off (0 when every group is shown).
         "others": groups.total - shown,
     }
+
+
+def audit_event_public(event: AuditEventView) -> dict[str, Any]:
+    """An audit event as the chain hashed it (``broker.leases.chain.event_document``), with
+    its links: an exported line can be re-hashed by anyone."""
+    d = asdict(event)
+    d.pop("row_id")  # the store's insertion order: not part of the event
+    d["at"] = iso_z(event.at)
+    return d

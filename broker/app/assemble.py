@@ -30,6 +30,10 @@ from broker.app.ticks import (
     Revocation,
     SightingsFlush,
 )
+from broker.audit.external import file_checkpoints
+from broker.audit.service import AuditVerification
+from broker.audit.signing import CheckpointSigning
+from broker.audit.writer import CheckpointWriter
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
 from broker.events import TerminationSource
@@ -44,6 +48,11 @@ from broker.revocation.reconcile import Reconciler
 from broker.revocation.terminator import Terminator
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
+from broker.vault.transit import Transit
+
+# How often the checkpoint writer looks whether a checkpoint is due: a bound on how late
+# one comes after ``audit.checkpoint.every`` (or ``every_events``) is reached.
+CHECKPOINT_TICK_S = 1.0
 
 if TYPE_CHECKING:
     from broker.aws.client import AwsClient
@@ -58,9 +67,16 @@ class Ticks:
     reconcile: Tick
     sightings: Tick
     maintenance: Tick
+    checkpoint: Tick
 
     def all(self) -> tuple[Tick, ...]:
-        return (self.revocation, self.reconcile, self.sightings, self.maintenance)
+        return (
+            self.revocation,
+            self.reconcile,
+            self.sightings,
+            self.maintenance,
+            self.checkpoint,
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,8 @@ class Assembly:
     app: web.Application
     server: HttpServer
     ticks: Ticks
+    signing: CheckpointSigning
+    checkpoints: CheckpointWriter
 
 
 def assemble(
@@ -99,7 +117,10 @@ def assemble(
     opens nothing; its connections open on the first JWKS fetch)."""
     clock = clock or SystemClock()
     database = Database(settings.store)
-    ledgers = Ledgers.on(database, clock)
+    key = settings.audit.hash_key
+    ledgers = Ledgers.on(
+        database, clock, token_key=key.get_secret_value().encode() if key is not None else None
+    )
     vault = VaultClient(settings.vault, clock)
     metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
     tokens = InstanceTokens(vault, ledgers.issuance, clock)
@@ -173,6 +194,14 @@ def assemble(
         vault=vault,
         clock=clock,
     )
+    signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
+    checkpoints = CheckpointWriter(settings.audit.checkpoint, ledgers.audit, signing, clock)
+    checkpoint_file = settings.audit.checkpoint.file
+    audit = AuditVerification(
+        ledgers.chain,
+        check_signature=signing.signatures.check_async,
+        external_checkpoints=file_checkpoints(checkpoint_file) if checkpoint_file else None,
+    )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(
         metrics,
@@ -180,6 +209,7 @@ def assemble(
         events={source.name: source for source in sources},
         jwks_fetches={cache.issuer.name: cache for cache in verifier.caches},
         liveness=service.liveness_outcomes,
+        checkpoints=checkpoints,
     )
     app = build_app(
         service,
@@ -191,6 +221,8 @@ def assemble(
         scraper=scraper,
         admin_token_sha256=settings.admin.token_sha256,
         max_body_bytes=settings.server.max_body_bytes,
+        audit=audit,
+        audit_events=ledgers.audit,
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
     ticks = Ticks(
@@ -198,6 +230,7 @@ def assemble(
         reconcile=Tick("reconcile", settings.reconcile.tick_s, reconcile.run_once),
         sightings=Tick("sightings", SIGHTINGS_FLUSH_S, flush.run_once),
         maintenance=Tick("maintenance", MAINTENANCE_S, maintenance.run_once),
+        checkpoint=Tick("audit-checkpoint", CHECKPOINT_TICK_S, checkpoints.run_once),
     )
     return Assembly(
         settings=settings,
@@ -224,6 +257,8 @@ def assemble(
             app, settings.server.host, settings.server.port, settings.server.tls
         ),
         ticks=ticks,
+        signing=signing,
+        checkpoints=checkpoints,
     )
 
 

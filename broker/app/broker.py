@@ -47,6 +47,7 @@ class Broker:
             )
         await c.vault.start()
         close_later(c.vault.close)
+        await c.signing.start()  # a file key that does not load stops start-up
         if c.aws is not None:
             await c.aws.start()
             close_later(c.aws.close)

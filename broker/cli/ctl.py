@@ -6,8 +6,10 @@ Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
 6 ``--wait`` timed out · 7 ``reconcile`` found something that needs a person (orphans left
 in Vault, leases past expiry that Vault keeps, stuck rows it could not settle, a failed
-step) · 8 the answer is a refusal (``policy explain``: token invalid, role refused by
-policy, instance terminated, locked).
+step) · 8 ``audit verify`` found the audit chain altered, cut or not matching its
+checkpoints · 9 ``revoke`` named an instance the broker has never seen (tombstoned, 0
+leases: a typo?) · 10 the answer is a refusal (``policy explain``: token invalid, role
+refused by policy, instance terminated, locked).
 
 A list that stops short of everything says so: on stderr in a table or ``-o jsonl``
 ("… more results: pass --limit N or --after CURSOR"), as ``next`` in ``-o json``.
@@ -39,7 +41,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, E
     6,
 )
 EXIT_FINDINGS = 7
-EXIT_REFUSED = 8
+EXIT_TAMPERED = 8
+EXIT_NEVER_SEEN = 9
+EXIT_REFUSED = 10
 
 
 class CtlError(Exception):
@@ -369,6 +373,9 @@ def _parser() -> argparse.ArgumentParser:
         help="revoke the leases under the broker's Vault paths that the store does not hold",
     )
     rec.set_defaults(run=cmd_reconcile, show=show_reconcile, attention=reconcile_needs_attention)
+    from broker.cli import ctl_audit  # imports this module: not at the top
+
+    ctl_audit.register(sub)
     return p
 
 
@@ -385,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return exc.exit_code
+    if getattr(args, "streamed", False):  # the leaf printed as it went (--follow, export)
+        return EXIT_OK
     _print(args, result)
-    judge = getattr(args, "exit_code", None)
+    judge = getattr(args, "exit_code", None)  # a leaf whose result decides its exit code
     if judge is not None:
         return int(judge(result))
     attention = getattr(args, "attention", None)

@@ -21,7 +21,7 @@ from broker.dev import write_private
 from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
-from broker.vault.bootstrap import bootstrap_dev
+from broker.vault.bootstrap import AUDIT_KEY, TRANSIT_MOUNT, bootstrap_dev
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -37,8 +37,11 @@ def dev_settings_dict(
     with_database: bool,
     host: str = "127.0.0.1",
     port: int = 8300,
+    checkpoint_file: Path | None = None,
 ) -> dict[str, Any]:
-    """The configuration `broker dev` runs with; the test harness uses it too."""
+    """The configuration `broker dev` runs with; the test harness uses it too. Audit
+    checkpoints are signed by OpenBao transit (``bootstrap_dev`` creates the key) and,
+    with ``checkpoint_file``, also appended there."""
     roles: dict[str, Any] = {
         "dev-cert": {
             "engine": "pki",
@@ -99,6 +102,14 @@ def dev_settings_dict(
         },
         "admin": {"token_sha256": admin_token_sha256},
         "revocation": {"tick_s": 1.0},
+        "audit": {
+            "checkpoint": {
+                "signer": "transit",
+                "every": "10s",
+                **({"file": str(checkpoint_file)} if checkpoint_file else {}),
+            },
+            "transit": {"mount": TRANSIT_MOUNT, "key": AUDIT_KEY},
+        },
     }
 
 
@@ -169,6 +180,7 @@ class DevEnvironment:
                     admin_token_sha256=hashlib.sha256(admin_token.encode()).hexdigest(),
                     with_database=setup.database_configured,
                     port=self.port,
+                    checkpoint_file=d / "audit-checkpoints.jsonl",
                 ),
                 source="dev",
             )
@@ -216,6 +228,8 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
           broker   : {url}
           OpenBao  : {vault}   (root token in {shown}/dev.env)
           store    : {shown}/broker.db (SQLite)
+          audit    : checkpoints signed by OpenBao transit (key {AUDIT_KEY}) every 10s,
+                     also appended to {shown}/audit-checkpoints.jsonl
         Roles:
           dev-cert : an X.509 workload certificate (OpenBao PKI)
         {db}
@@ -229,6 +243,7 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
           brokerctl revoke --instance i-123 --wait
           brokerctl instances show i-123
           brokerctl reconcile          # the store against Vault: expiry, stuck, orphans
+          brokerctl audit tail         # who did what; audit verify proves it unaltered
 
         Ctrl-C stops the broker, OpenBao and the issuer.
         """)

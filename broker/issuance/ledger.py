@@ -35,6 +35,8 @@ class IssuanceLedger(Protocol):
         expires_at: datetime,
         state: LeaseState = LeaseState.ACTIVE,
         created_after: datetime | None = None,
+        engine: str | None = None,
+        token_id: tuple[str, str] | None = None,
     ) -> bool: ...
 
     async def fail_issue(

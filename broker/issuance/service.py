@@ -256,6 +256,8 @@ class CredentialService:
                 issued_at=issued_at,
                 expires_at=expires_at,
                 state=LeaseState(settlement.record.value),
+                engine=self._roles[plan.role_name].engine,
+                token_id=self._token_id(identity),
             )
         except BrokerError as exc:
             # Not recorded, so not handed out: taken back from Vault now. If that fails

@@ -8,6 +8,8 @@ import from here, not from the modules inside."""
 from broker.leases.database import Database
 from broker.leases.records import (
     AdminRecords,
+    AuditRecords,
+    ChainRecords,
     IssuanceRecords,
     Ledgers,
     ReconcileRecords,
@@ -18,6 +20,9 @@ from broker.leases.records import (
 )
 from broker.leases.states import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 from broker.leases.views import (
+    AuditEventView,
+    AuditSelection,
+    CheckpointView,
     InstanceListing,
     InstanceView,
     IssueTicket,
@@ -34,6 +39,11 @@ from broker.leases.views import (
 
 __all__ = [
     "AdminRecords",
+    "AuditEventView",
+    "AuditRecords",
+    "AuditSelection",
+    "ChainRecords",
+    "CheckpointView",
     "Database",
     "InstanceState",
     "InstanceListing",

@@ -9,6 +9,7 @@ domain tag keeps an event hash from being mistaken for any other SHA-256 the bro
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -49,3 +50,10 @@ def event_document(
 
 def link_hash(prev_hash: str, document: Mapping[str, Any]) -> str:
     return hashlib.sha256(TAG + bytes.fromhex(prev_hash) + rfc8785.dumps(document)).hexdigest()
+
+
+def token_ref(key: bytes, issuer: str, token_id: str) -> str:
+    """How an audit event names a token id: a keyed hash (HMAC-SHA256 over the issuer and
+    the id), never the id. The same token gives the same reference under the same key."""
+    mac = hmac.new(key, issuer.encode() + b"\x00" + token_id.encode(), hashlib.sha256)
+    return "hmac-sha256:" + mac.hexdigest()

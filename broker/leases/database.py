@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from broker.errors import BrokerError, StoreUnavailable
 from broker.leases.migrations import async_url, head_revision
 from broker.leases.settings import StoreSettings
+from broker.leases.sql.common import discard_audit, flush_audit
 
 
 def _lock_id(key: str) -> int:
@@ -63,15 +64,23 @@ class Database:
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[AsyncConnection]:
         """One transaction. ``readonly`` ones on SQLite start with a plain ``BEGIN``, so
-        queries (admin listings, metrics) never hold the write lock issuance needs."""
+        queries (admin listings, metrics) never hold the write lock issuance needs. Audit
+        events recorded in it (``sql.common.audit``) are appended to the chain just before
+        it commits, and forgotten if it does not."""
         if self._engine is None:
             raise StoreUnavailable("the lease store is not started")
         try:
             async with self._engine.connect() as conn:
                 if readonly:
                     await conn.execution_options(broker_readonly=True)
-                async with conn.begin():
-                    yield conn
+                try:
+                    async with conn.begin():
+                        yield conn
+                        # The audit events the transaction recorded join the chain last:
+                        # the chain's head stays locked only from here to the commit.
+                        await flush_audit(conn)
+                finally:
+                    discard_audit(conn)
         except BrokerError:
             raise
         except IntegrityError:

@@ -17,10 +17,14 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
+from broker.leases import chain as chain_math
 from broker.leases.database import Database
-from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay
+from broker.leases.sql import admin, chain, checkpoints, common, issuance, jobs, reconcile, replay
 from broker.leases.states import LeaseState
 from broker.leases.views import (
+    AuditEventView,
+    AuditSelection,
+    CheckpointView,
     InstanceListing,
     InstanceView,
     IssueTicket,
@@ -46,11 +50,15 @@ async def _mark_leases_ended(
 
 class IssuanceRecords:
     """Issuance: the ``issuing`` row before Vault is asked and its outcome, instance-token
-    accessors, and a lease's renewal and release by its workload."""
+    accessors, and a lease's renewal and release by its workload.
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    ``token_key``: the key that names a token id in the audit (``chain.token_ref``); None:
+    the audit names no token id."""
+
+    def __init__(self, db: Database, clock: Clock, token_key: bytes | None = None) -> None:
         self._db = db
         self._clock = clock
+        self._token_key = token_key
 
     async def begin_issue(
         self,
@@ -113,12 +121,18 @@ class IssuanceRecords:
         expires_at: datetime,
         state: LeaseState = LeaseState.ACTIVE,
         created_after: datetime | None = None,
+        engine: str | None = None,
+        token_id: tuple[str, str] | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
         its way and the credential must not be handed out. ``created_after``: a row written
         before then (its request outlived the issuing bound) is not completed.
-        (The lease row is the issuance record; no separate audit row is written.)"""
+        The ``lease.issued`` audit event is written with it: the issuer, workload, role,
+        ``engine``, and the token id (issuer, jti) only as a keyed hash."""
+        ref = None
+        if token_id is not None and self._token_key is not None:
+            ref = chain_math.token_ref(self._token_key, token_id[0], token_id[1])
         async with self._db.transaction() as conn:
             return await issuance.complete_issue(
                 conn,
@@ -131,6 +145,8 @@ class IssuanceRecords:
                 expires_at=expires_at,
                 state=state,
                 created_after=created_after,
+                engine=engine,
+                token_ref=ref,
             )
 
     async def fail_issue(
@@ -509,6 +525,85 @@ class AdminRecords:
             return await admin.counts(conn, now)
 
 
+class AuditRecords:
+    """The audit trail read out, and its signed checkpoints (the checkpoint writer, the
+    audit listing)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
+        return self._db.try_exclusive(key)  # one replica checkpoints at a time
+
+    async def head(self) -> tuple[int, str]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.head(conn)
+
+    async def last_checkpoint(self) -> CheckpointView | None:
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.last_checkpoint(conn)
+
+    async def add_checkpoint(self, checkpoint: CheckpointView) -> bool:
+        """Record a checkpoint; False if one of that seq is there already (another replica
+        wrote it: only on SQLite, where ``try_exclusive`` does not exclude processes)."""
+        try:
+            async with self._db.transaction() as conn:
+                await checkpoints.add_checkpoint(conn, checkpoint)
+        except IntegrityError:
+            return False
+        return True
+
+    async def checkpoints(self, *, after: int = 0, limit: int = 1000) -> list[CheckpointView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.list_checkpoints(conn, after=after, limit=limit)
+
+    async def table_end(self) -> int:
+        """The newest stored event's seq (0: none), read from the events themselves."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.last_event_seq(conn)
+
+    async def hashes_at(self, seqs: Sequence[int]) -> dict[int, str]:
+        """The stored hash of each of these events the table holds."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.hashes_at(conn, seqs)
+
+    async def events(
+        self, selection: AuditSelection, *, after: int = 0, limit: int = 100, newest: bool = False
+    ) -> list[AuditEventView]:
+        """Events after seq ``after`` matching ``selection``, oldest first: the first
+        ``limit``, or with ``newest`` the last ``limit``."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await checkpoints.list_events(
+                conn, selection, after=after, limit=limit, newest=newest
+            )
+
+
+class ChainRecords:
+    """The audit chain as its verification reads it. Each read is its own (read-only)
+    transaction: a verification of a long chain holds no lock and no snapshot for long."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def head(self) -> tuple[int, str]:
+        """(seq, hash) of the chain's head row."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.head(conn)
+
+    async def checkpoints(self) -> list[CheckpointView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.checkpoints(conn)
+
+    async def event_hash(self, seq: int) -> str | None:
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.event_hash(conn, seq)
+
+    async def events_page(self, *, after: int, upto: int, limit: int) -> list[AuditEventView]:
+        """Events with ``after < seq <= upto``, in seq order, at most ``limit``."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await chain.events_page(conn, after=after, upto=upto, limit=limit)
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """Every ledger on one database: the broker hands each consumer only its own."""
@@ -521,24 +616,30 @@ class Ledgers:
     replay: ReplayRecords
     sightings: SightingRecords
     admin: AdminRecords
+    audit: AuditRecords
+    chain: ChainRecords
 
     @classmethod
-    def on(cls, database: Database, clock: Clock) -> Ledgers:
+    def on(cls, database: Database, clock: Clock, *, token_key: bytes | None = None) -> Ledgers:
         return cls(
             database=database,
-            issuance=IssuanceRecords(database, clock),
+            issuance=IssuanceRecords(database, clock, token_key),
             termination=TerminationRecords(database, clock),
             jobs=RevocationJobRecords(database, clock),
             reconcile=ReconcileRecords(database, clock),
             replay=ReplayRecords(database, clock),
             sightings=SightingRecords(database),
             admin=AdminRecords(database, clock),
+            audit=AuditRecords(database),
+            chain=ChainRecords(database),
         )
 
 
 __all__ = [
     "Ledgers",
     "AdminRecords",
+    "AuditRecords",
+    "ChainRecords",
     "IssuanceRecords",
     "ReconcileRecords",
     "ReplayRecords",

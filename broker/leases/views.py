@@ -112,3 +112,51 @@ class StoreCounts:
     queue_depth: int
     oldest_job_age_s: float
     failed_jobs: int
+
+
+@dataclass(frozen=True)
+class AuditEventView:
+    """One stored link of the audit chain, as read back (``row_id`` is the insertion
+    order, which is not hashed: it lets a verifier see rows whose seqs were swapped)."""
+
+    row_id: int
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    instance_id: str | None
+    lease_id: str | None
+    outcome: str
+    reason: str | None
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """A signed statement of the chain's head: event ``seq`` has ``hash``, at ``at``.
+    ``key_id``: ``transit:<key>:v<N>`` or ``file:<fingerprint>``; ``signature``: base64 of
+    the raw Ed25519 signature (``broker.audit.checkpoint`` says what it covers).
+    ``source``: where it was read (``store``, the database table, or a file or log outside
+    it)."""
+
+    seq: int
+    hash: str
+    at: datetime
+    signer: str
+    key_id: str
+    signature: str
+    source: str = "store"
+
+
+@dataclass(frozen=True)
+class AuditSelection:
+    """Which audit events a listing wants (every field given must match)."""
+
+    instance: str | None = None
+    workload: str | None = None  # the event's instance runs this workload
+    role: str | None = None  # the event's lease is of this role
+    action: str | None = None
+    actor: str | None = None
+    since: datetime | None = None

@@ -21,11 +21,16 @@ PKI_DOMAIN = "workload.internal"
 DB_MOUNT = "database"
 DB_CONNECTION = "dev-postgres"
 DB_ROLE = "dev-db"
+TRANSIT_MOUNT = "transit"
+AUDIT_KEY = "broker-audit"
 
 
-def broker_policy(token_role: str = TOKEN_ROLE) -> str:
+def broker_policy(
+    token_role: str = TOKEN_ROLE, transit_mount: str = TRANSIT_MOUNT, audit_key: str = AUDIT_KEY
+) -> str:
     """What the broker's own token may do: mint instance tokens through one role, revoke
-    them by accessor, and renew, revoke and look up leases. Nothing else."""
+    them by accessor, renew, revoke and look up leases, and sign audit checkpoints with one
+    transit key (and read its public keys). Nothing else."""
     return f"""
 path "auth/token/create/{token_role}" {{ capabilities = ["update"] }}
 path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
@@ -35,6 +40,8 @@ path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "sys/leases/lookup" {{ capabilities = ["update"] }}
 path "sys/leases/lookup/*" {{ capabilities = ["list", "sudo"] }}
 path "sys/leases" {{ capabilities = ["read", "sudo"] }}
+path "{transit_mount}/sign/{audit_key}" {{ capabilities = ["update"] }}
+path "{transit_mount}/keys/{audit_key}" {{ capabilities = ["read"] }}
 """
 
 
@@ -136,6 +143,7 @@ def bootstrap_dev(
         )
         database_configured = True
 
+    ensure_audit_key(client)
     client.sys.create_or_update_policy(INSTANCE_POLICY, instance_policy())
     client.sys.create_or_update_policy(BROKER_POLICY, broker_policy())
     client.write(
@@ -167,6 +175,14 @@ def bootstrap_dev(
         database_configured=database_configured,
         ca_pem=ca_pem,
     )
+
+
+def ensure_audit_key(client: hvac.Client, mount: str = TRANSIT_MOUNT, key: str = AUDIT_KEY) -> None:
+    """The transit engine and the Ed25519 key that signs audit checkpoints (the key never
+    leaves Vault; the broker asks transit to sign)."""
+    if f"{mount}/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("transit", path=mount)
+    client.write(f"{mount}/keys/{key}", type="ed25519")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Create Date: 2026-12-02 13:30:00.000000
 from alembic import op
 import sqlalchemy as sa
 
+from broker.leases import chain
 from broker.leases.models import UTCDateTime
 
 
@@ -31,8 +32,8 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("hash", sa.String(length=64), nullable=False, server_default="")
         )
-    # Events written before the chain existed: numbered in their order.
-    op.execute("UPDATE audit_events SET seq = id")
+    # Events written before the chain existed join it, numbered in their order.
+    last_seq, last_hash = _chain_existing_events()
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
         batch_op.alter_column("seq", existing_type=sa.BigInteger(), nullable=False)
         batch_op.alter_column("outcome", server_default=None)
@@ -46,11 +47,11 @@ def upgrade() -> None:
         sa.Column("hash", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    # The head every append locks. Events from before the chain are numbered but not
-    # linked: the chain starts after them (``audit verify`` reports where it starts).
+    # The head every append locks: after the events chained above.
     op.execute(
-        "INSERT INTO audit_head (id, seq, hash) "
-        "SELECT 1, COALESCE(MAX(seq), 0), '" + "0" * 64 + "' FROM audit_events"
+        sa.table("audit_head", sa.column("id"), sa.column("seq"), sa.column("hash"))
+        .insert()
+        .values(id=1, seq=last_seq, hash=last_hash)
     )
     op.create_table(
         "audit_checkpoints",
@@ -86,6 +87,73 @@ def upgrade() -> None:
     # Listings page by (created_at, id): ``brokerctl instances list`` and ``jobs list``.
     op.create_index("ix_instances_created", "instances", ["created_at", "instance_id"])
     op.create_index("ix_jobs_created", "revocation_jobs", ["created_at", "job_id"])
+
+
+# The audit table as this revision knows it (not the model, which follows later revisions).
+_EVENTS = sa.table(
+    "audit_events",
+    sa.column("id", sa.BigInteger()),
+    sa.column("seq", sa.BigInteger()),
+    sa.column("at", UTCDateTime()),
+    sa.column("actor", sa.String()),
+    sa.column("action", sa.String()),
+    sa.column("instance_id", sa.String()),
+    sa.column("lease_id", sa.String()),
+    sa.column("outcome", sa.String()),
+    sa.column("reason", sa.String()),
+    sa.column("detail", sa.JSON()),
+    sa.column("prev_hash", sa.String()),
+    sa.column("hash", sa.String()),
+)
+_PAGE = 1000
+
+
+def _chain_existing_events() -> tuple[int, str]:
+    """Link the events written before the chain existed, in the order they were written
+    (id order, renumbered 1..n: ids can skip), with the same arithmetic as every later
+    append, so ``audit verify`` checks them like any other. Page by page. Returns the
+    head: (last seq, its hash)."""
+    bind = op.get_bind()
+    seq, prev, after = 0, chain.GENESIS, None
+    while True:  # ends: every page moves ``after`` forward, and the table is finite
+        query = sa.select(_EVENTS).order_by(_EVENTS.c.id).limit(_PAGE)
+        if after is not None:
+            query = query.where(_EVENTS.c.id > after)
+        rows = bind.execute(query).all()
+        if not rows:
+            return seq, prev
+        updates = []
+        for row in rows:
+            seq += 1
+            document = chain.event_document(
+                seq=seq,
+                at=row.at,
+                actor=row.actor,
+                action=row.action,
+                instance_id=row.instance_id,
+                lease_id=row.lease_id,
+                outcome=row.outcome or "ok",
+                reason=row.reason,
+                detail=row.detail or {},
+            )
+            digest = chain.link_hash(prev, document)
+            updates.append(
+                {"b_id": row.id, "b_seq": seq, "b_outcome": document["outcome"],
+                 "b_prev": prev, "b_hash": digest}
+            )
+            prev = digest
+        bind.execute(
+            _EVENTS.update()
+            .where(_EVENTS.c.id == sa.bindparam("b_id"))
+            .values(
+                seq=sa.bindparam("b_seq"),
+                outcome=sa.bindparam("b_outcome"),
+                prev_hash=sa.bindparam("b_prev"),
+                hash=sa.bindparam("b_hash"),
+            ),
+            updates,
+        )
+        after = rows[-1].id
 
 
 def downgrade() -> None:

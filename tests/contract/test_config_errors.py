@@ -132,6 +132,11 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "store url scheme": put("store.url", "mysql://db"),
     "admin token instead of its hash": put("admin.token_sha256", "adm-plaintext-token"),
     "missing environment variable": put("vault.auth.token", "${BROKER_TEST_UNSET}"),
+    "audit file signer without a key": put("audit", {"checkpoint": {"signer": "file"}}),
+    "audit unknown signer": put("audit", {"checkpoint": {"signer": "kms"}}),
+    "audit checkpoint every zero": put("audit", {"checkpoint": {"every": "0s",
+                                                                "every_events": 0}}),
+    "audit transit key with a slash": put("audit", {"transit": {"key": "a/b"}}),
     "several problems at once": both(put("server.port", "eighty"), drop("vault.addr"),
                                      put("roles.dev-db.max_ttl", "forever")),
 }

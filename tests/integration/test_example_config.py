@@ -31,3 +31,5 @@ def test_the_documented_example_config_loads():
     assert s.kubernetes is not None and s.kubernetes.watch and s.kubernetes.issuer == "k8s-prod"
     assert s.events.sqs is not None and s.events.sqs.issuer == "batch"
     assert s.reconcile.revoke_orphans is False
+    assert (s.audit.checkpoint.signer, s.audit.transit.key) == ("transit", "broker-audit")
+    assert s.audit.checkpoint.file == Path("/var/lib/broker/audit-checkpoints.jsonl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -30,6 +31,15 @@ AUDIT_HEAD = cast(Table, m.AuditHead.__table__)
 _LOCK_HEAD = (
     select(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash).where(AUDIT_HEAD.c.id == 1).with_for_update()
 )
+_INSERT_EVENT = AUDIT_EVENTS.insert()
+_MOVE_HEAD = (
+    AUDIT_HEAD.update()
+    .where(AUDIT_HEAD.c.id == 1)
+    .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+)
+# Keys in ``conn.info``: the events a transaction recorded, and its clock.
+AUDIT_PENDING = "broker.audit.pending"
+AUDIT_CLOCK = "broker.audit.clock"
 WHICH_INSTANCE = select(INSTANCES.c.state, INSTANCES.c.issuer_name, INSTANCES.c.workload).where(
     INSTANCES.c.instance_id == bindparam("b_iid")
 )
@@ -46,6 +56,19 @@ def iso(dt: datetime | None) -> str | None:
     return iso_z(dt) if dt else None
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """An event recorded by a transaction, appended to the chain when it commits."""
+
+    actor: str
+    action: str
+    instance_id: str | None
+    lease_id: str | None
+    outcome: str
+    reason: str | None
+    detail: dict[str, Any]
+
+
 async def audit(
     conn: AsyncConnection,
     clock: Clock,
@@ -58,39 +81,78 @@ async def audit(
     reason: str | None = None,
     **detail: Any,
 ) -> None:
-    """Append one event to the chain, in the caller's transaction: the head row is locked
-    until it commits, so sequence numbers have no gaps and replicas cannot fork the chain."""
-    head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
-    seq, prev = int(head[0]) + 1, str(head[1])
-    at = clock.now()
-    document = chain.event_document(
-        seq=seq,
-        at=at,
-        actor=actor[:128],
-        action=action,
-        instance_id=instance_id,
-        lease_id=lease_id,
-        outcome=outcome,
-        reason=reason,
-        detail=detail,
-    )
-    digest = chain.link_hash(prev, document)
-    await conn.execute(
-        AUDIT_EVENTS.insert().values(
-            seq=seq,
-            at=at,
-            actor=document["actor"],
+    """Record one event in the caller's transaction. It is appended to the chain by
+    ``flush_audit`` just before that transaction commits (``Database.transaction`` calls
+    it), so the head row is locked only from the append to the commit, and several events
+    of one transaction share one head read and one head update. A transaction that rolls
+    back records nothing."""
+    conn.info.setdefault(AUDIT_PENDING, []).append(
+        _Pending(
+            actor=actor[:128],
             action=action,
             instance_id=instance_id,
             lease_id=lease_id,
             outcome=outcome,
-            reason=reason,
-            detail=document["detail"],
-            prev_hash=prev,
-            hash=digest,
+            reason=reason[:200] if reason else None,
+            detail=detail,
         )
     )
-    await conn.execute(AUDIT_HEAD.update().where(AUDIT_HEAD.c.id == 1).values(seq=seq, hash=digest))
+    conn.info[AUDIT_CLOCK] = clock
+
+
+def discard_audit(conn: AsyncConnection) -> None:
+    """Forget events recorded by a transaction that did not commit (``conn.info`` belongs
+    to the pooled connection and outlives the transaction)."""
+    conn.info.pop(AUDIT_PENDING, None)
+    conn.info.pop(AUDIT_CLOCK, None)
+
+
+async def flush_audit(conn: AsyncConnection) -> int:
+    """Append the transaction's recorded events to the chain, under the ``audit_head`` row
+    lock (held until the commit that follows), so sequence numbers have no gaps and
+    replicas cannot fork the chain. Their time is the append's: ``at`` never goes back
+    along the chain. Returns how many were appended."""
+    pending: list[_Pending] = conn.info.pop(AUDIT_PENDING, None) or []
+    clock: Clock | None = conn.info.pop(AUDIT_CLOCK, None)
+    if not pending or clock is None:
+        return 0
+    head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
+    seq, prev = int(head[0]), str(head[1])
+    at = clock.now()
+    rows = []
+    for event in pending:
+        seq += 1
+        document = chain.event_document(
+            seq=seq,
+            at=at,
+            actor=event.actor,
+            action=event.action,
+            instance_id=event.instance_id,
+            lease_id=event.lease_id,
+            outcome=event.outcome,
+            reason=event.reason,
+            detail=event.detail,
+        )
+        digest = chain.link_hash(prev, document)
+        rows.append(
+            {
+                "seq": seq,
+                "at": at,
+                "actor": event.actor,
+                "action": event.action,
+                "instance_id": event.instance_id,
+                "lease_id": event.lease_id,
+                "outcome": event.outcome,
+                "reason": event.reason,
+                "detail": document["detail"],
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        prev = digest
+    await conn.execute(_INSERT_EVENT, rows)
+    await conn.execute(_MOVE_HEAD, {"b_seq": seq, "b_hash": prev})
+    return len(rows)
 
 
 async def lock_instance(

@@ -76,7 +76,7 @@ _COMPLETE_LEASE = (
         expires_at=bindparam("b_exp"),
         updated_at=bindparam("b_now"),
     )
-    .returning(LEASES.c.instance_id)
+    .returning(LEASES.c.instance_id, LEASES.c.workload, LEASES.c.role, LEASES.c.kind)
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -213,6 +213,15 @@ async def record_token(
             "expires_at": expires_at,
         },
     )
+    # The accessor is not named: like Vault's audit devices, the audit does not hold one.
+    await audit(
+        conn,
+        clock,
+        "broker",
+        "instance.token_created",
+        instance_id=instance_id,
+        expires_at=iso(expires_at),
+    )
 
 
 async def complete_issue(
@@ -227,8 +236,10 @@ async def complete_issue(
     expires_at: datetime,
     state: LeaseState,
     created_after: datetime | None,
+    engine: str | None = None,
+    token_ref: str | None = None,
 ) -> bool:
-    instance_id = (
+    row = (
         await conn.execute(
             _COMPLETE_LEASE,
             {
@@ -243,17 +254,41 @@ async def complete_issue(
                 "b_stale": created_after or _EPOCH,
             },
         )
-    ).scalar()
-    if instance_id is None:
+    ).first()
+    if row is None:
         raise StoreUnavailable(
             "the credential could not be recorded in time (or its row changed); "
             "it was taken back: retry",
             code="lease_state_conflict",
         )
+    instance_id, workload, role, kind = row
     # Under the shared lock: termination (exclusive) either committed before, and we
     # see it, or waits for this transaction, and its job then sees the active row.
     current = await lock_instance(conn, instance_id, shared=True)
-    return current is not None and current[0] == InstanceState.ACTIVE.value
+    active = current is not None and current[0] == InstanceState.ACTIVE.value
+    subject: dict[str, Any] = {"issuer": current[1] if current else None, "workload": workload}
+    if token_ref is not None:
+        subject["token"] = token_ref
+    await audit(
+        conn,
+        clock,
+        "workload",
+        "lease.issued",
+        instance_id=instance_id,
+        lease_id=lease_id,
+        # Recorded, and revoked by the instance's job: the credential is not handed out.
+        outcome="ok" if active else "withheld",
+        reason=None if active else "instance terminated while the credential was issued",
+        **subject,
+        role=role,
+        kind=kind,
+        engine=engine,
+        state=state.value,
+        vault_lease_id=vault_lease_id,
+        renewable=renewable,
+        expires_at=iso(expires_at),
+    )
+    return active
 
 
 async def fail_issue(
@@ -271,16 +306,33 @@ async def fail_issue(
                 m.SeenToken.jti == release_token_id[1],
             )
         )
-    await conn.execute(
-        update(m.Lease)
-        .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
-        .values(
-            state=LeaseState.FAILED.value,
-            error_code=code[:64],
-            updated_at=clock.now(),
-            ended_at=clock.now(),
+    row = (
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease_id, m.Lease.state == LeaseState.ISSUING.value)
+            .values(
+                state=LeaseState.FAILED.value,
+                error_code=code[:64],
+                updated_at=clock.now(),
+                ended_at=clock.now(),
+            )
+            .returning(m.Lease.instance_id, m.Lease.workload, m.Lease.role)
         )
-    )
+    ).first()
+    if row is not None:
+        await audit(
+            conn,
+            clock,
+            "workload",
+            "lease.failed",
+            instance_id=row[0],
+            lease_id=lease_id,
+            outcome="failed",
+            reason=code[:64],
+            workload=row[1],
+            role=row[2],
+            token_given_back=release_token_id is not None,
+        )
 
 
 async def get_lease(conn: AsyncConnection, lease_id: str) -> LeaseView:
@@ -299,20 +351,24 @@ async def set_lease_expiry(
     conn: AsyncConnection, clock: Clock, lease_id: str, expires_at: datetime, renewable: bool
 ) -> None:
     row = (
-        await conn.execute(select(m.Lease.instance_id).where(m.Lease.lease_id == lease_id))
-    ).scalar_one()
-    await conn.execute(
-        update(m.Lease)
-        .where(m.Lease.lease_id == lease_id)
-        .values(expires_at=expires_at, renewable=renewable, updated_at=clock.now())
-    )
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease_id)
+            .values(expires_at=expires_at, renewable=renewable, updated_at=clock.now())
+            .returning(m.Lease.instance_id, m.Lease.workload, m.Lease.role, m.Lease.vault_lease_id)
+        )
+    ).one()
     await audit(
         conn,
         clock,
         "workload",
         "lease.renewed",
-        instance_id=row,
+        instance_id=row[0],
         lease_id=lease_id,
+        workload=row[1],
+        role=row[2],
+        vault_lease_id=row[3],
+        renewable=renewable,
         expires_at=iso(expires_at),
     )
 
@@ -321,14 +377,27 @@ async def end_lease(
     conn: AsyncConnection, clock: Clock, lease_id: str, state: LeaseState, actor: str
 ) -> bool:
     now = clock.now()
-    res = await conn.execute(
-        update(m.Lease)
-        .where(
-            m.Lease.lease_id == lease_id,
-            m.Lease.state.in_([o.value for o in LIVE_LEASE_STATES if lease_can_move(o, state)]),
+    row = (
+        await conn.execute(
+            update(m.Lease)
+            .where(
+                m.Lease.lease_id == lease_id,
+                m.Lease.state.in_([o.value for o in LIVE_LEASE_STATES if lease_can_move(o, state)]),
+            )
+            .values(state=state.value, ended_at=now, updated_at=now)
+            .returning(m.Lease.instance_id, m.Lease.workload, m.Lease.role, m.Lease.vault_lease_id)
         )
-        .values(state=state.value, ended_at=now, updated_at=now)
-    )
-    if res.rowcount:
-        await audit(conn, clock, actor, f"lease.{state.value}", lease_id=lease_id)
-    return bool(res.rowcount)
+    ).first()
+    if row is not None:
+        await audit(
+            conn,
+            clock,
+            actor,
+            f"lease.{state.value}",
+            instance_id=row[0],
+            lease_id=lease_id,
+            workload=row[1],
+            role=row[2],
+            vault_lease_id=row[3],
+        )
+    return row is not None

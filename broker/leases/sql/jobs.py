@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.clock import Clock
+from broker.clock import Clock, iso_z
 from broker.errors import BadRequest, NotFound
 from broker.leases import models as m
 from broker.leases.sql.common import (
@@ -121,17 +121,19 @@ async def request_termination(
                 updated_at=now,
             )
         )
-        # Who asked, beyond the actor, where the request says: the workload ending its
-        # own instance, and why.
-        said = {k: v for k, v in (("workload", workload), ("reason", reason)) if v}
+        # Whose instance, as far as the broker knows (never seen: the caller's word).
         await audit(
             conn,
             clock,
             actor,
             "instance.terminate_requested",
             instance_id=instance_id,
+            reason=reason,
             job_id=job_id,
-            **said,
+            issuer=owner or issuer,
+            workload=owner_workload or workload,
+            previous_state=state,
+            self_terminated=token_id is not None,
         )
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)
@@ -244,11 +246,16 @@ async def revocation_work(conn: AsyncConnection, instance_id: str) -> Revocation
 
 
 async def mark_token_revoked(conn: AsyncConnection, clock: Clock, accessor: str) -> None:
-    await conn.execute(
-        update(m.InstanceToken)
-        .where(m.InstanceToken.accessor == accessor, m.InstanceToken.revoked_at.is_(None))
-        .values(revoked_at=clock.now())
-    )
+    instance_id = (
+        await conn.execute(
+            update(m.InstanceToken)
+            .where(m.InstanceToken.accessor == accessor, m.InstanceToken.revoked_at.is_(None))
+            .values(revoked_at=clock.now())
+            .returning(m.InstanceToken.instance_id)
+        )
+    ).scalar()
+    if instance_id is not None:
+        await audit(conn, clock, "revocation", "instance.token_revoked", instance_id=instance_id)
 
 
 async def mark_leases_ended(
@@ -346,15 +353,20 @@ async def reschedule_job(
             updated_at=now,
         )
     )
-    if res.rowcount and give_up:
+    if res.rowcount and (give_up or count_attempt):
+        # A failed attempt (retried at ``next_attempt_at``) or the last one; a pass that
+        # only waited for in-flight issuance changed nothing worth recording.
         await audit(
             conn,
             clock,
             worker,
-            "revocation.failed",
+            "revocation.failed" if give_up else "revocation.retry_scheduled",
             instance_id=job.instance_id,
+            outcome="failed" if give_up else "error",
+            reason=error[:200],
             job_id=job.job_id,
-            error=error,
+            attempts=job.attempts,
+            next_attempt_at=iso_z(next_attempt_at),
         )
 
 

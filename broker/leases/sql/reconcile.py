@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from broker.clock import Clock
+from broker.clock import Clock, iso_z
 from broker.leases import models as m
 from broker.leases.sql.common import INSTANCES, LEASES, LIVE, audit, lease_view
 from broker.leases.states import InstanceState, LeaseState
@@ -35,11 +35,24 @@ async def past_expiry(conn: AsyncConnection, *, before: datetime, limit: int) ->
 async def correct_expiry(
     conn: AsyncConnection, clock: Clock, lease_id: str, expires_at: datetime
 ) -> None:
-    await conn.execute(
-        update(m.Lease)
-        .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(LIVE))
-        .values(expires_at=expires_at, updated_at=clock.now())
-    )
+    instance_id = (
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(LIVE))
+            .values(expires_at=expires_at, updated_at=clock.now())
+            .returning(m.Lease.instance_id)
+        )
+    ).scalar()
+    if instance_id is not None:
+        await audit(
+            conn,
+            clock,
+            "reconciler",
+            "lease.expiry_corrected",
+            instance_id=instance_id,
+            lease_id=lease_id,
+            expires_at=iso_z(expires_at),
+        )
 
 
 async def stuck_issuing(
