@@ -9,6 +9,7 @@ from typing import Any
 
 from broker.clock import iso_z
 from broker.leases import InstanceView, JobView, LeaseView
+from broker.leases.views import LockView
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -47,4 +48,11 @@ def instance_public(instance: InstanceView) -> dict[str, Any]:
     d = asdict(instance)
     d["created_at"] = _iso(instance.created_at)
     d["terminated_at"] = _iso(instance.terminated_at)
+    return d
+
+
+def lock_public(lock: LockView) -> dict[str, Any]:
+    d = asdict(lock)
+    for k in ("created_at", "expires_at", "removed_at"):
+        d[k] = _iso(d[k])
     return d

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from broker.api.app import build_app
+from broker.api.auth import OperatorAuthenticator
 from broker.api.metrics import Metrics, Scraper
 from broker.app.http import HttpServer
 from broker.app.services import AdminService, Readiness
@@ -38,12 +39,16 @@ from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
 from broker.leases import Database, Ledgers, TerminationRecords
+from broker.leases.refusals import BoundedRefusals
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.revocation.reconcile import Reconciler
 from broker.revocation.terminator import Terminator
 from broker.revocation.worker import RevocationWorker
 from broker.vault import VaultClient
+
+# How often counted repeats of refusals are written once their minute has closed.
+REFUSALS_FLUSH_S = 15.0
 
 if TYPE_CHECKING:
     from broker.aws.client import AwsClient
@@ -58,9 +63,10 @@ class Ticks:
     reconcile: Tick
     sightings: Tick
     maintenance: Tick
+    refusals: Tick
 
     def all(self) -> tuple[Tick, ...]:
-        return (self.revocation, self.reconcile, self.sightings, self.maintenance)
+        return (self.revocation, self.reconcile, self.sightings, self.maintenance, self.refusals)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class Assembly:
     liveness: Mapping[str, LivenessCheck]
     sources: tuple[TerminationSource, ...]
     service: CredentialService
+    refusals: BoundedRefusals
+    operators: OperatorAuthenticator
     app: web.Application
     server: HttpServer
     ticks: Ticks
@@ -136,6 +144,9 @@ def assemble(
     reconcile = Reconciliation(reconciler, flush, metrics)
     http = aiohttp.ClientSession()
     verifier = IdentityVerifier(settings.identity, http, clock)
+    # Admin refusals and lock refusals, audited, aggregated per minute per kind and source.
+    refusals = BoundedRefusals(ledgers.admin, clock)
+    operators = OperatorAuthenticator.from_settings(settings.admin, session=http, clock=clock)
     kubernetes = _kubernetes_client(settings)
     liveness = _liveness_checks(settings, clock, kubernetes)
     sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
@@ -151,6 +162,7 @@ def assemble(
         liveness=liveness,
         terminate=terminate,
         sightings=sightings,
+        refusals=refusals,
     )
     events = None
     if settings.events.webhook is not None:
@@ -170,6 +182,8 @@ def assemble(
         rules=settings.policy.rules,
         issuers=settings.identity.issuers,
         audience=settings.identity.audience,
+        locks=ledgers.admin,
+        clock=clock,
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(
@@ -187,7 +201,8 @@ def assemble(
         verifier=verifier,
         metrics=metrics,
         scraper=scraper,
-        admin_token_sha256=settings.admin.token_sha256,
+        operators=operators,
+        refusals=refusals,
         max_body_bytes=settings.server.max_body_bytes,
     )
     maintenance = Maintenance(vault, tokens, ledgers.replay, worker, verifier)
@@ -196,6 +211,7 @@ def assemble(
         reconcile=Tick("reconcile", settings.reconcile.tick_s, reconcile.run_once),
         sightings=Tick("sightings", SIGHTINGS_FLUSH_S, flush.run_once),
         maintenance=Tick("maintenance", MAINTENANCE_S, maintenance.run_once),
+        refusals=Tick("refusals", REFUSALS_FLUSH_S, refusals.flush),
     )
     return Assembly(
         settings=settings,
@@ -217,6 +233,8 @@ def assemble(
         liveness=liveness,
         sources=sources,
         service=service,
+        refusals=refusals,
+        operators=operators,
         app=app,
         server=HttpServer(
             app, settings.server.host, settings.server.port, settings.server.tls

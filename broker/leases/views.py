@@ -62,6 +62,8 @@ class JobView:
     requested_by: str
     created_at: datetime
     completed_at: datetime | None
+    reason: str | None = None
+    incident: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,20 @@ class StoreCounts:
     queue_depth: int
     oldest_job_age_s: float
     failed_jobs: int
+
+
+@dataclass(frozen=True)
+class LockView:
+    """A lock: refuses new credentials and renewals that match (``broker.leases.locks``)."""
+
+    lock_id: str
+    kind: str  # workload | issuer | role | claim
+    value: str
+    claim: str | None
+    reason: str
+    incident: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    removed_at: datetime | None = None
+    removed_by: str | None = None
