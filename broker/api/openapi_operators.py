@@ -30,11 +30,13 @@ SAID_BODY = {
         }
     },
 }
-LOCK = {
+_LOCK_ID = {"type": "string", "pattern": "^k-[0-9a-f]{32}$"}
+_KIND = {"type": "string", "enum": ["workload", "issuer", "role", "claim"]}
+LOCK: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "lock_id": {"type": "string", "pattern": "^k-[0-9a-f]{32}$"},
-        "kind": {"type": "string", "enum": ["workload", "issuer", "role", "claim"]},
+        "lock_id": _LOCK_ID,
+        "kind": _KIND,
         "value": {"type": "string"},
         "claim": {"type": ["string", "null"]},
         "reason": {"type": "string"},
@@ -92,7 +94,7 @@ def operator_paths() -> dict[str, Any]:
                                 "additionalProperties": False,
                                 "required": ["kind", "value", "reason"],
                                 "properties": {
-                                    "kind": LOCK["properties"]["kind"],
+                                    "kind": _KIND,
                                     "value": {"type": "string", "maxLength": 255},
                                     "claim": {
                                         "type": "string",
@@ -141,7 +143,7 @@ def operator_paths() -> dict[str, Any]:
                         "name": "lock_id",
                         "in": "path",
                         "required": True,
-                        "schema": LOCK["properties"]["lock_id"],
+                        "schema": _LOCK_ID,
                     }
                 ],
                 "requestBody": SAID_BODY,

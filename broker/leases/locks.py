@@ -3,8 +3,8 @@ issuance and renewal (the table is tiny and indexed), so a lock takes effect on 
 replica at once; this decides whether one of them matches.
 
 A lock names a workload, an issuer (by its configured name), a role, or a claim's value
-(``claim`` names the claim: a top-level name, or a dotted path into nested claims when
-no top-level claim has that name). A claim matches when it equals the value, as text for
+(``claim`` names the claim: a name, or a dotted path into nested claims; a claim whose
+own name holds a dot, like ``kubernetes.io``, is found too). A claim matches when it equals the value, as text for
 a number or a boolean, or when it is a list holding the value (``groups``). Nothing else
 matches: a lock never refuses more than it names, and never less.
 """
@@ -44,15 +44,22 @@ def _as_text(value: Any) -> str | None:
 
 
 def claim_value(claims: Mapping[str, Any], name: str) -> Any:
-    """A top-level claim by its exact name (``kubernetes.io`` has a dot); else a dotted path."""
-    if name in claims:
-        return claims[name]
-    node: Any = claims
-    for part in name.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+    """A claim by a name that may be a dotted path. At each level the longest name that
+    exists wins, so ``kubernetes.io.namespace`` finds ``{"kubernetes.io": {"namespace":
+    …}}`` and a top-level ``a.b`` shadows ``{"a": {"b": …}}``. Absent: None."""
+    return _walk(claims, name.split("."))
+
+
+def _walk(node: Any, parts: list[str]) -> Any:
+    if not parts:
+        return node
+    if not isinstance(node, Mapping):
+        return None
+    for i in range(len(parts), 0, -1):
+        key = ".".join(parts[:i])
+        if key in node:
+            return _walk(node[key], parts[i:])
+    return None
 
 
 def claim_matches(claims: Mapping[str, Any], name: str, value: str) -> bool:

@@ -132,6 +132,22 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "store url scheme": put("store.url", "mysql://db"),
     "admin token instead of its hash": put("admin.token_sha256", "adm-plaintext-token"),
     "missing environment variable": put("vault.auth.token", "${BROKER_TEST_UNSET}"),
+    "no operator at all": put("admin", {}),
+    "operator name taken by token_sha256": put("admin.operators", [
+        {"name": "admin", "token_sha256": "cd" * 32, "scope": "read"}]),
+    "operator names repeated": both(drop("admin.token_sha256"), put("admin.operators", [
+        {"name": "alice", "token_sha256": "cd" * 32, "scope": "read"},
+        {"name": "alice", "token_sha256": "ef" * 32, "scope": "admin"}])),
+    "operator hashes repeated": put("admin.operators", [
+        {"name": "alice", "token_sha256": "ab" * 32, "scope": "read"}]),
+    "operator name and scope": put("admin.operators", [
+        {"name": "Alice Smith", "token_sha256": "cd" * 32, "scope": "root"}]),
+    "operator issuer with workload keys": put("admin.oidc", {
+        "issuer": "https://sso.example.org", "discovery": True, "audience": "brokerctl",
+        "instance_claim": "sub", "scopes": [{"claim": "groups", "value": "sec",
+                                             "scope": "read"}]}),
+    "operator issuer without scopes or keys": put("admin.oidc", {
+        "issuer": "https://sso.example.org", "audience": "brokerctl", "scopes": []}),
     "several problems at once": both(put("server.port", "eighty"), drop("vault.addr"),
                                      put("roles.dev-db.max_ttl", "forever")),
 }
