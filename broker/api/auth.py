@@ -149,7 +149,7 @@ class OperatorAuthenticator:
             # "operator:admin" must mean one person in the audit, not whoever the issuer
             # calls admin.
             raise OperatorRefused(
-                AdminForbidden(
+                AdminUnauthorized(
                     f"the operator token names {name}, a static-token operator",
                     code="operator_token_invalid",
                 ),
