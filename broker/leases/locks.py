@@ -4,9 +4,9 @@ replica at once; this decides whether one of them matches.
 
 A lock names a workload, an issuer (by its configured name), a role, or a claim's value
 (``claim`` names the claim: a name, or a dotted path into nested claims; a claim whose
-own name holds a dot, like ``kubernetes.io``, is found too). A claim matches when it equals the value, as text for
-a number or a boolean, or when it is a list holding the value (``groups``). Nothing else
-matches: a lock never refuses more than it names, and never less.
+own name holds a dot, like ``kubernetes.io``, is found too). A claim matches when it
+equals the value, as text for a number or a boolean, or when it is a list holding the
+value (``groups``). Nothing else matches: a lock never refuses more than it names, and never less.
 """
 
 from __future__ import annotations
