@@ -466,4 +466,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module the command modules import (``python -m`` would make this file a
+    # second module, __main__, whose CtlError theirs is not).
+    from broker.cli.ctl import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -272,3 +272,36 @@ async def test_a_bad_lock_is_refused_and_changes_nothing(broker, http, body, mes
     assert (status, answer["error"]["code"]) == (400, "invalid_lock")
     assert message in answer["error"]["message"]
     assert broker.rows("locks") == []
+
+
+async def test_brokerctl_whoami_lock_and_revoke_with_a_reason(make_broker, http, ops_issuer):
+    from tests.integration.test_cli import ctl_env, run
+
+    b = await make_broker(store="sqlite", overrides={"admin": admin_section(ops_issuer)})
+    code, out, err = await run("broker.cli.ctl", "whoami", env=ctl_env(b.url, READER))
+    assert (code, out.strip()) == (0, "operator: reader (scope read, via token)"), err
+    code, out, err = await run("broker.cli.ctl", "lock", "create", "--claim", "team=red",
+                               "--ttl", "1h", "--reason", "drill", "--incident", "INC-5",
+                               "-o", "json", env=ctl_env(b.url, REVOKER))
+    assert code == 0, err
+    lock = json.loads(out)
+    assert (lock["kind"], lock["claim"], lock["value"], lock["created_by"]) == (
+        "claim", "team", "red", "operator:revoker")
+    code, out, _ = await run("broker.cli.ctl", "lock", "list", env=ctl_env(b.url, READER))
+    assert code == 0 and lock["lock_id"] in out and "team=red" in out
+    code, _, err = await run("broker.cli.ctl", "lock", "rm", lock["lock_id"],
+                             env=ctl_env(b.url, READER))
+    assert code == 4 and "operator_scope_insufficient" in err
+    code, out, _ = await run("broker.cli.ctl", "lock", "rm", lock["lock_id"],
+                             env=ctl_env(b.url, REVOKER))
+    assert code == 0 and "removed by operator:revoker" in out
+    code, _, err = await run("broker.cli.ctl", "lock", "create", "--role", "a", "--workload",
+                             "b", "--reason", "x", env=ctl_env(b.url, REVOKER))
+    assert code == 2 and "exactly one" in err
+    code, out, err = await run("broker.cli.ctl", "revoke", "--instance", "i-ctl-op",
+                               "--reason", "stolen laptop", "--incident", "INC-6", "-o", "json",
+                               env=ctl_env(b.url, REVOKER))
+    assert code == 0, err
+    job = json.loads(out)["job"]
+    assert (job["requested_by"], job["reason"], job["incident"]) == (
+        "operator:revoker", "stolen laptop", "INC-6")
