@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from broker.api.settings import AdminSettings
 from broker.audit.settings import AuditSettings
 from broker.aws.settings import AwsSettings
 from broker.engines import ENGINES
@@ -55,18 +56,6 @@ class ServerSettings(Frozen):
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # None: plain HTTP (loopback, or behind a proxy or mesh that terminates TLS).
     tls: ServerTlsSettings | None = None
-
-
-class AdminSettings(Frozen):
-    token_sha256: str
-
-    @field_validator("token_sha256")
-    @classmethod
-    def _hex(cls, v: str) -> str:
-        v = v.strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", v):
-            raise ValueError("expected the hex SHA-256 of the admin token (64 hex digits)")
-        return v
 
 
 class Settings(Frozen):

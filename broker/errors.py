@@ -10,7 +10,8 @@ package that calls them; nothing above that boundary catches them.
     ├── AdminUnauthorized          401  admin token missing or wrong
     ├── EventUnauthorized          401  event webhook: signature missing, wrong, stale or replayed
     ├── NotPermitted               403  policy refused the role for this identity
-    ├── AdminForbidden             403  a token was sent, but not the admin token
+    │   └── Locked                 403  a lock refuses this identity or role (``lock_id``)
+    ├── AdminForbidden             403  not an operator's token, or too small a scope
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
     ├── LeaseLimitReached          409  the role's per-instance lease limit is reached
@@ -48,6 +49,10 @@ class BrokerError(Exception):
         self.outcome_unknown = outcome_unknown
         self.issuer_name = issuer_name
 
+    def details(self) -> dict[str, str]:
+        """Fields the error body carries beside ``code`` and ``message``."""
+        return {}
+
 
 class BadRequest(BrokerError):
     status = 400
@@ -72,6 +77,22 @@ class EventUnauthorized(BrokerError):
 class NotPermitted(BrokerError):
     status = 403
     code = "role_not_permitted"
+
+
+class Locked(NotPermitted):
+    """A lock refuses new credentials and renewals that match it; the body names it."""
+
+    code = "locked"
+
+    def __init__(self, lock_id: str) -> None:
+        super().__init__(
+            f"refused by lock {lock_id}: no new credential or renewal while it is in place "
+            "(an operator removes it with 'brokerctl lock rm')"
+        )
+        self.lock_id = lock_id
+
+    def details(self) -> dict[str, str]:
+        return {"lock_id": self.lock_id}
 
 
 class AdminForbidden(BrokerError):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -14,7 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.api.auth import OperatorRefused
 from broker.api.errors import make_middleware
+from broker.api.locks import lock_request, valid_lock_id
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
@@ -23,9 +23,11 @@ from broker.api.services import (
     Admin,
     AuditReader,
     AuditTrail,
+    Authenticator,
     Credentials,
     EventReceiver,
     Readiness,
+    RefusalAudit,
 )
 from broker.api.views import (
     audit_event_public,
@@ -34,6 +36,7 @@ from broker.api.views import (
     job_public,
     lease_admin,
     lease_groups,
+    lock_public,
 )
 from broker.durations import parse_duration
 from broker.errors import (
@@ -60,6 +63,7 @@ LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_AUTH_HEADER = 70 * 1024
 MAX_REASON = 200
+MAX_INCIDENT = 128
 MAX_PREVIEW_ROLES = 32
 LEASE_STATES = frozenset(s.value for s in LeaseState)
 LEASE_GROUP_BY = frozenset({"role", "engine", "workload", "issuer"})
@@ -76,7 +80,8 @@ class Api:
     verifier: IdentityVerifier
     metrics: Metrics
     scraper: Scraper
-    admin_token_sha256: str
+    operators: Authenticator
+    refusals: RefusalAudit
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -106,15 +111,71 @@ async def identity_of(request: web.Request) -> Identity:
 
 
 async def operator_of(request: web.Request, needed: Scope) -> Operator:
-    """The operator calling, if it may do what needs ``needed``; refused otherwise."""
-    presented = _bearer(request, admin=True)
-    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
-    if not hmac.compare_digest(digest, request.app[API].admin_token_sha256):
-        raise AdminForbidden("this call needs the broker's admin token")
-    operator = Operator("admin", Scope.ADMIN)
+    """The operator calling, if it may do what needs ``needed``; refused otherwise. A
+    refusal is audited (``admin.refused``): who (the operator, or ``unknown`` and a
+    fingerprint of the token), what (method, route, scope needed), and from where."""
+    try:
+        presented = _bearer(request, admin=True)
+        return await request.app[API].operators.authenticate(presented, needed)
+    except OperatorRefused as exc:
+        await _audit_refusal(request, needed, exc.code, exc.operator, exc.fingerprint)
+        raise
+    except AdminUnauthorized as exc:
+        await _audit_refusal(request, needed, exc.code)
+        raise
+
+
+async def require_scope(request: web.Request, operator: Operator, needed: Scope) -> None:
+    """A scope a request needs beyond its endpoint's (``revoke_orphans``): refused and
+    audited like any other."""
     if not operator.may(needed):
-        raise AdminForbidden(f"this call needs the {needed.label} scope")
-    return operator
+        await _audit_refusal(request, needed, "operator_scope_insufficient", operator.name)
+        raise AdminForbidden(
+            f"operator {operator.name} has the {operator.scope.label} scope; "
+            f"this needs {needed.label}",
+            code="operator_scope_insufficient",
+        )
+
+
+async def _audit_refusal(
+    request: web.Request,
+    needed: Scope,
+    code: str,
+    operator: str | None = None,
+    fingerprint: str | None = None,
+) -> None:
+    resource = request.match_info.route.resource
+    said = {"token_fingerprint": fingerprint} if fingerprint else {}
+    await request.app[API].refusals.refused(
+        f"operator:{operator}" if operator else "unknown",
+        "admin.refused",
+        outcome="refused",
+        reason=code,
+        method=request.method,
+        route=resource.canonical if resource is not None else "unmatched",
+        scope=needed.label,
+        source=request.remote or "unknown",
+        **said,
+    )
+
+
+def _said(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """An admin action's ``reason`` and ``incident`` reference, where given."""
+    incident = body.get("incident")
+    if incident is None or incident == "":
+        return _reason(body), None
+    if (
+        not isinstance(incident, str)
+        or len(incident) > MAX_INCIDENT
+        or not incident.isprintable()
+        or incident != incident.strip()
+    ):
+        raise BadRequest(
+            f"'incident' must be a printable reference of at most {MAX_INCIDENT} characters "
+            "(e.g. INC-1234 or a ticket URL)",
+            code="invalid_incident",
+        )
+    return _reason(body), incident
 
 
 async def _json_object(request: web.Request, allowed: set[str] | None) -> dict[str, Any]:
@@ -242,7 +303,10 @@ async def terminate_self(request: web.Request) -> web.Response:
 async def terminate_instance(request: web.Request) -> web.Response:
     operator = await operator_of(request, Scope.REVOKE)
     instance_id = _instance_id(request)
-    job = await request.app[API].admin.terminate(instance_id, operator)
+    reason, incident = _said(await _json_object(request, {"reason", "incident"}))
+    job = await request.app[API].admin.terminate(
+        instance_id, operator, reason=reason, incident=incident
+    )
     return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
 
 
@@ -389,7 +453,7 @@ async def preview_policy(request: web.Request) -> web.Response:
             code="invalid_claims",
         )
     roles, ttl = _preview_roles(body), _ttl(body)
-    return web.json_response(request.app[API].admin.preview(issuer, claims, roles, ttl))
+    return web.json_response(await request.app[API].admin.preview(issuer, claims, roles, ttl))
 
 
 async def retry_job(request: web.Request) -> web.Response:
@@ -397,20 +461,24 @@ async def retry_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     if not JOB_ID_PATTERN.match(job_id):
         raise NotFound("no such revocation job", code="job_not_found")
-    job = await request.app[API].admin.retry(job_id, operator)
+    reason, incident = _said(await _json_object(request, {"reason", "incident"}))
+    job = await request.app[API].admin.retry(job_id, operator, reason=reason, incident=incident)
     return web.json_response({"job": job_public(job)}, status=202)
 
 
 async def reconcile(request: web.Request) -> web.Response:
     """Run a reconciliation pass now and answer with its report."""
     operator = await operator_of(request, Scope.REVOKE)
-    body = await _json_object(request, {"revoke_orphans"})
+    body = await _json_object(request, {"revoke_orphans", "reason", "incident"})
     revoke = body.get("revoke_orphans")
     if revoke is not None and not isinstance(revoke, bool):
         raise BadRequest("'revoke_orphans' must be true or false", code="invalid_field")
-    if revoke and not operator.may(Scope.ADMIN):
-        raise AdminForbidden("revoking orphans needs the admin scope")
-    report = await request.app[API].admin.reconcile(revoke)
+    if revoke:
+        await require_scope(request, operator, Scope.ADMIN)
+    reason, incident = _said(body)
+    report = await request.app[API].admin.reconcile(
+        revoke, operator, reason=reason, incident=incident
+    )
     return web.json_response(report.public())
 
 
@@ -493,6 +561,48 @@ async def verify_audit(request: web.Request) -> web.Response:
     return web.json_response(report.to_dict())
 
 
+async def whoami(request: web.Request) -> web.Response:
+    """The operator the presented token is: its name, scope and how it authenticated."""
+    operator = await operator_of(request, Scope.READ)
+    query_params(request, set())
+    return web.json_response(
+        {"name": operator.name, "scope": operator.scope.label, "via": operator.via}
+    )
+
+
+async def create_lock(request: web.Request) -> web.Response:
+    operator = await operator_of(request, Scope.REVOKE)
+    body = await _json_object(request, {"kind", "value", "claim", "ttl", "reason", "incident"})
+    try:
+        ttl = _ttl(body)
+        reason, incident = _said(body)
+    except BadRequest as exc:
+        raise BadRequest(exc.message, code="invalid_lock") from None
+    lock = await request.app[API].admin.create_lock(
+        operator, **lock_request(body), ttl=ttl, reason=reason or "", incident=incident
+    )
+    return web.json_response({"lock": lock_public(lock)}, status=201)
+
+
+async def list_locks(request: web.Request) -> web.Response:
+    await operator_of(request, Scope.READ)
+    everything = query_params(request, {"all"}).text("all", {"true", "false"}) == "true"
+    locks = await request.app[API].admin.locks(include_inactive=everything)
+    return web.json_response({"locks": [lock_public(x) for x in locks]})
+
+
+async def remove_lock(request: web.Request) -> web.Response:
+    operator = await operator_of(request, Scope.REVOKE)
+    lock_id = request.match_info["lock_id"]
+    if not valid_lock_id(lock_id):
+        raise NotFound("no such lock", code="lock_not_found")
+    reason, incident = _said(await _json_object(request, {"reason", "incident"}))
+    lock = await request.app[API].admin.remove_lock(
+        lock_id, operator, reason=reason, incident=incident
+    )
+    return web.json_response({"lock": lock_public(lock)})
+
+
 # -- operations --------------------------------------------------------------------------
 
 
@@ -557,7 +667,8 @@ def build_app(
     verifier: IdentityVerifier,
     metrics: Metrics,
     scraper: Scraper,
-    admin_token_sha256: str,
+    operators: Authenticator,
+    refusals: RefusalAudit,
     max_body_bytes: int,
     audit: AuditTrail | None = None,
     audit_events: AuditReader | None = None,
@@ -566,7 +677,7 @@ def build_app(
     (the endpoint then answers 404)."""
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=max_body_bytes)
     app[API] = Api(
-        credentials, admin, events, readiness, verifier, metrics, scraper, admin_token_sha256
+        credentials, admin, events, readiness, verifier, metrics, scraper, operators, refusals
     )
     if audit_events is not None:
         app[AUDIT_EVENTS] = audit_events
@@ -594,6 +705,10 @@ def build_app(
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)
     r.add_get("/v1/admin/audit/events", list_audit_events)
+    r.add_get("/v1/admin/whoami", whoami)
+    r.add_post("/v1/admin/locks", create_lock)
+    r.add_get("/v1/admin/locks", list_locks)
+    r.add_delete("/v1/admin/locks/{lock_id}", remove_lock)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", scrape)

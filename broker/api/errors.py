@@ -23,12 +23,16 @@ _HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+def error_body(
+    code: str, message: str, details: dict[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message, **(details or {})}}
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response(error_body(code, message), status=status)
+def error_response(
+    status: int, code: str, message: str, details: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(error_body(code, message, details), status=status)
 
 
 def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -40,7 +44,7 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
         try:
             response = await handler(request)
         except BrokerError as exc:
-            response = error_response(exc.status, exc.code, exc.message)
+            response = error_response(exc.status, exc.code, exc.message, exc.details())
             metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
             level = logging.WARNING if exc.status >= 500 else logging.INFO
             log.log(

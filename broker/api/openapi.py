@@ -9,6 +9,7 @@ from typing import Any
 
 from broker import __version__
 from broker.api.openapi_listings import listing_paths
+from broker.api.openapi_operators import ADMIN_ERRORS, SAID_BODY, operator_paths
 from broker.engines import ENGINES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -46,7 +47,7 @@ _COMMON = {
     "401": _err("identity token missing or invalid"),
     "503": _err("Vault or the lease store is unavailable"),
 }
-_ADMIN_ERRS = {"401": _err("admin token missing"), "403": _err("not the admin token")}
+_ADMIN_ERRS = ADMIN_ERRORS
 _SEQ = {"type": ["integer", "null"]}
 _AUDIT_REPORT: dict[str, Any] = {
     "type": "object",
@@ -321,10 +322,16 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/instances/{instance_id}/terminate": {
                 "post": {
-                    "summary": "Revoke everything an instance holds and tombstone it (idempotent)",
+                    "summary": "Revoke everything an instance holds and tombstone it "
+                    "(idempotent; scope revoke); the reason and incident are recorded",
                     "security": _ADMIN,
                     "parameters": [_INSTANCE_PARAM],
-                    "responses": {"202": _ok("revocation job queued"), **_ADMIN_ERRS},
+                    "requestBody": SAID_BODY,
+                    "responses": {
+                        "202": _ok("revocation job queued"),
+                        "400": _err("malformed body"),
+                        **_ADMIN_ERRS,
+                    },
                 }
             },
             "/v1/instances/{instance_id}": {
@@ -473,8 +480,10 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/admin/jobs/{job_id}/retry": {
                 "post": {
-                    "summary": "Queue a failed revocation job again (attempts from zero)",
+                    "summary": "Queue a failed revocation job again (attempts from zero; "
+                    "scope admin)",
                     "security": _ADMIN,
+                    "requestBody": SAID_BODY,
                     "parameters": [
                         {
                             "name": "job_id",
@@ -521,7 +530,14 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "type": "object",
                             "additionalProperties": False,
-                            "properties": {"revoke_orphans": {"type": "boolean"}},
+                            "properties": {
+                                "revoke_orphans": {
+                                    "type": "boolean",
+                                    "description": "needs scope admin (otherwise revoke)",
+                                },
+                                "reason": {"type": "string", "maxLength": 200},
+                                "incident": {"type": "string", "maxLength": 128},
+                            },
                         },
                         required=False,
                     ),
@@ -608,6 +624,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **operator_paths(),
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _ok("up")}}},
             "/readyz": {
                 "get": {

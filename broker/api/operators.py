@@ -9,7 +9,12 @@ the actor of what it changes.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class Scope(enum.IntEnum):
@@ -37,3 +42,88 @@ class Operator:
 
     def may(self, needed: Scope) -> bool:
         return self.scope >= needed
+
+
+SCOPES = {"read": Scope.READ, "revoke": Scope.REVOKE, "admin": Scope.ADMIN}
+# A name an OIDC claim gives an operator: an e-mail address or a subject, printable, short.
+_CLAIMED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+:|/-]{0,127}\Z")
+# The domain tag of refusal fingerprints: the same token gives the same fingerprint on every
+# replica (refusals can be correlated), truncated so that it identifies, never reveals.
+_FINGERPRINT_KEY = b"ephemeral-broker/admin-refusal/v1"
+
+
+@dataclass(frozen=True)
+class StaticOperator:
+    """A named static token, known by its SHA-256 (hex)."""
+
+    name: str
+    token_sha256: str
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class ScopeRule:
+    """A claim value that grants a scope; a list claim matches when it holds the value."""
+
+    claim: str
+    value: str
+    scope: Scope
+
+
+def token_digest(presented: str) -> str:
+    return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def static_operator(
+    presented: str, operators: Sequence[StaticOperator]
+) -> StaticOperator | None:
+    """The operator whose token this is, or None. Every configured hash is compared, each in
+    constant time, so the time taken says nothing about which (or whether one) matched."""
+    digest = token_digest(presented)
+    found: StaticOperator | None = None
+    for operator in operators:
+        if hmac.compare_digest(digest, operator.token_sha256):
+            found = operator
+    return found
+
+
+def _claim_values(claims: Mapping[str, Any], name: str) -> list[str]:
+    value = claims.get(name)
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, str | int):
+            out.append(str(v))
+    return out
+
+
+def scope_from_claims(claims: Mapping[str, Any], rules: Sequence[ScopeRule]) -> Scope | None:
+    """The highest scope a rule grants these claims; None when no rule matches (refused).
+    A claim that is neither a string, a number nor a list of them matches nothing."""
+    granted = [r.scope for r in rules if r.value in _claim_values(claims, r.claim)]
+    return max(granted) if granted else None
+
+
+def operator_name(claims: Mapping[str, Any], name_claim: str) -> str | None:
+    """The operator's name from ``name_claim`` (default e-mail), falling back to ``sub``;
+    None if neither is a short printable name."""
+    for claim in (name_claim, "sub"):
+        value = claims.get(claim)
+        if isinstance(value, str) and _CLAIMED_NAME.match(value):
+            return value
+    return None
+
+
+def looks_like_jwt(presented: str) -> bool:
+    parts = presented.split(".")
+    return len(parts) == 3 and all(parts[:2])
+
+
+def fingerprint(presented: str) -> str:
+    """A short, keyed, irreversible fingerprint of a refused token: the same token gives the
+    same fingerprint, and the audit never holds the token or its plain SHA-256 (which is
+    what the configuration stores)."""
+    mac = hmac.new(_FINGERPRINT_KEY, presented.encode("utf-8", "surrogateescape"), "sha256")
+    return "fp:" + mac.hexdigest()[:12]

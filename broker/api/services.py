@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from broker.api.operators import Operator
+from broker.api.operators import Operator, Scope
 from broker.audit.verify import Report
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
@@ -22,6 +22,7 @@ from broker.leases import (
     LeaseView,
     StoreCounts,
 )
+from broker.leases.views import LockView
 from broker.revocation.reconcile import ReconcileReport
 
 
@@ -87,17 +88,77 @@ class Admin(Protocol):
         after: tuple[datetime, str] | None,
     ) -> list[JobView]: ...
 
-    async def terminate(self, instance_id: str, operator: Operator) -> JobView: ...
+    async def terminate(
+        self,
+        instance_id: str,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> JobView: ...
 
-    async def retry(self, job_id: str, operator: Operator) -> JobView: ...
+    async def retry(
+        self,
+        job_id: str,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> JobView: ...
 
-    async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport: ...
+    async def reconcile(
+        self,
+        revoke_orphans: bool | None,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> ReconcileReport: ...
 
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]: ...
 
-    def preview(
+    async def preview(
         self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
     ) -> dict[str, Any]: ...
+
+    async def create_lock(
+        self,
+        operator: Operator,
+        *,
+        kind: str,
+        value: str,
+        claim: str | None,
+        ttl: int | None,
+        reason: str,
+        incident: str | None,
+    ) -> LockView: ...
+
+    async def locks(self, *, include_inactive: bool) -> list[LockView]: ...
+
+    async def remove_lock(
+        self, lock_id: str, operator: Operator, *, reason: str | None, incident: str | None
+    ) -> LockView: ...
+
+
+class Authenticator(Protocol):
+    """Who an admin caller is (``broker.api.auth.OperatorAuthenticator``): the operator,
+    or ``OperatorRefused`` naming who was refused for the audit."""
+
+    async def authenticate(self, presented: str, needed: Scope) -> Operator: ...
+
+
+class RefusalAudit(Protocol):
+    """Refusals into the audit, bounded against floods (``broker.leases.refusals``)."""
+
+    async def refused(
+        self,
+        actor: str,
+        action: str,
+        *,
+        outcome: str = ...,
+        reason: str | None = ...,
+        **detail: str,
+    ) -> None: ...
 
 
 class AuditTrail(Protocol):

@@ -17,6 +17,7 @@ from broker.leases import (
     LeaseGroups,
     LeaseView,
 )
+from broker.leases.views import LockView
 
 LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
 
@@ -88,4 +89,11 @@ def audit_event_public(event: AuditEventView) -> dict[str, Any]:
     d = asdict(event)
     d.pop("row_id")  # the store's insertion order: not part of the event
     d["at"] = iso_z(event.at)
+    return d
+
+
+def lock_public(lock: LockView) -> dict[str, Any]:
+    d = asdict(lock)
+    for k in ("created_at", "expires_at", "removed_at"):
+        d[k] = _iso(d[k])
     return d

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from broker.api.app import build_app
+from broker.api.auth import OperatorAuthenticator
 from broker.api.metrics import Metrics, Scraper
 from broker.app.http import HttpServer
 from broker.app.services import AdminService, Readiness
@@ -42,6 +43,7 @@ from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
 from broker.leases import Database, Ledgers, TerminationRecords
+from broker.leases.refusals import BoundedRefusals
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
 from broker.revocation.reconcile import Reconciler
@@ -53,6 +55,9 @@ from broker.vault.transit import Transit
 # How often the checkpoint writer looks whether a checkpoint is due: a bound on how late
 # one comes after ``audit.checkpoint.every`` (or ``every_events``) is reached.
 CHECKPOINT_TICK_S = 1.0
+
+# How often counted repeats of refusals are written once their minute has closed.
+REFUSALS_FLUSH_S = 15.0
 
 if TYPE_CHECKING:
     from broker.aws.client import AwsClient
@@ -68,6 +73,7 @@ class Ticks:
     sightings: Tick
     maintenance: Tick
     checkpoint: Tick
+    refusals: Tick
 
     def all(self) -> tuple[Tick, ...]:
         return (
@@ -76,6 +82,7 @@ class Ticks:
             self.sightings,
             self.maintenance,
             self.checkpoint,
+            self.refusals,
         )
 
 
@@ -102,6 +109,8 @@ class Assembly:
     liveness: Mapping[str, LivenessCheck]
     sources: tuple[TerminationSource, ...]
     service: CredentialService
+    refusals: BoundedRefusals
+    operators: OperatorAuthenticator
     app: web.Application
     server: HttpServer
     ticks: Ticks
@@ -157,6 +166,9 @@ def assemble(
     reconcile = Reconciliation(reconciler, flush, metrics)
     http = aiohttp.ClientSession()
     verifier = IdentityVerifier(settings.identity, http, clock)
+    # Admin refusals and lock refusals, audited, aggregated per minute per kind and source.
+    refusals = BoundedRefusals(ledgers.admin, clock)
+    operators = OperatorAuthenticator.from_settings(settings.admin, session=http, clock=clock)
     kubernetes = _kubernetes_client(settings)
     liveness = _liveness_checks(settings, clock, kubernetes)
     sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
@@ -172,6 +184,7 @@ def assemble(
         liveness=liveness,
         terminate=terminate,
         sightings=sightings,
+        refusals=refusals,
     )
     events = None
     if settings.events.webhook is not None:
@@ -192,6 +205,7 @@ def assemble(
         issuers=settings.identity.issuers,
         audience=settings.identity.audience,
         vault=vault,
+        locks=ledgers.admin,
         clock=clock,
     )
     signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
@@ -219,7 +233,8 @@ def assemble(
         verifier=verifier,
         metrics=metrics,
         scraper=scraper,
-        admin_token_sha256=settings.admin.token_sha256,
+        operators=operators,
+        refusals=refusals,
         max_body_bytes=settings.server.max_body_bytes,
         audit=audit,
         audit_events=ledgers.audit,
@@ -231,6 +246,7 @@ def assemble(
         sightings=Tick("sightings", SIGHTINGS_FLUSH_S, flush.run_once),
         maintenance=Tick("maintenance", MAINTENANCE_S, maintenance.run_once),
         checkpoint=Tick("audit-checkpoint", CHECKPOINT_TICK_S, checkpoints.run_once),
+        refusals=Tick("refusals", REFUSALS_FLUSH_S, refusals.flush),
     )
     return Assembly(
         settings=settings,
@@ -252,6 +268,8 @@ def assemble(
         liveness=liveness,
         sources=sources,
         service=service,
+        refusals=refusals,
+        operators=operators,
         app=app,
         server=HttpServer(
             app, settings.server.host, settings.server.port, settings.server.tls

@@ -4,10 +4,11 @@ ledgers, the terminator, the reconciler and the probes."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.api.views import lock_public
 from broker.clock import Clock, iso_z
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
@@ -20,8 +21,10 @@ from broker.leases import (
     JobView,
     LeaseGroups,
     LeaseView,
+    LockView,
     StoreCounts,
 )
+from broker.leases.locks import LockSubject, refusing_lock
 from broker.policy.explain import decision_refusal, explain, instance_refusal, preview
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
@@ -78,7 +81,35 @@ class AdminQueries(Protocol):
         after: tuple[datetime, str] | None = None,
     ) -> list[JobView]: ...
 
-    async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
+    async def retry_job(
+        self, job_id: str, *, actor: str, reason: str | None = None, incident: str | None = None
+    ) -> JobView: ...
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
+
+
+class AdminLocks(Protocol):
+    """Locks: an operator's create, list and remove, and the active ones."""
+
+    async def create_lock(
+        self,
+        *,
+        kind: str,
+        value: str,
+        claim: str | None,
+        reason: str,
+        incident: str | None,
+        expires_at: Any,
+        actor: str,
+    ) -> LockView: ...
+
+    async def list_locks(self, *, include_inactive: bool = False) -> list[LockView]: ...
+
+    async def active_locks(self) -> list[LockView]: ...
+
+    async def remove_lock(
+        self, lock_id: str, *, actor: str, reason: str | None, incident: str | None
+    ) -> LockView: ...
 
 
 class LeaseLookup(Protocol):
@@ -108,10 +139,13 @@ class AdminService:
         issuers: Sequence[IssuerSettings],
         audience: str,
         vault: LeaseLookup,
+        locks: AdminLocks,
         clock: Clock,
         explain_checks: Sequence[ExplainCheck] = (),
     ) -> None:
         self._queries = queries
+        self._locks = locks
+        self._clock = clock
         self._terminate = terminate
         self._reconcile = reconcile
         self._verifier = verifier
@@ -120,7 +154,6 @@ class AdminService:
         self._issuers = {issuer.name: issuer for issuer in issuers}
         self._audience = audience
         self._vault = vault
-        self._clock = clock
         self._explain_checks = tuple(explain_checks)
 
     async def instance(
@@ -202,16 +235,97 @@ class AdminService:
             state=state, instance=instance, since=since, limit=limit, after=after
         )
 
-    async def terminate(self, instance_id: str, operator: Operator) -> JobView:
-        return await self._terminate(instance_id, actor=operator.actor)
+    async def terminate(
+        self,
+        instance_id: str,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> JobView:
+        return await self._terminate(
+            instance_id, actor=operator.actor, reason=reason, incident=incident
+        )
 
-    async def retry(self, job_id: str, operator: Operator) -> JobView:
-        job = await self._queries.retry_job(job_id, actor=operator.actor)
+    async def retry(
+        self,
+        job_id: str,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> JobView:
+        job = await self._queries.retry_job(
+            job_id, actor=operator.actor, reason=reason, incident=incident
+        )
         await self._terminate(job.instance_id, actor=operator.actor)  # wakes this replica's worker
         return job
 
-    async def reconcile(self, revoke_orphans: bool | None) -> ReconcileReport:
+    async def reconcile(
+        self,
+        revoke_orphans: bool | None,
+        operator: Operator,
+        *,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> ReconcileReport:
+        said = {"incident": incident} if incident else {}
+        await self._queries.record_audit(
+            operator.actor,
+            "reconcile.requested",
+            reason=reason,
+            revoke_orphans=bool(revoke_orphans),
+            **said,
+        )
         return await self._reconcile(revoke_orphans)
+
+    async def create_lock(
+        self,
+        operator: Operator,
+        *,
+        kind: str,
+        value: str,
+        claim: str | None,
+        ttl: int | None,
+        reason: str,
+        incident: str | None,
+    ) -> LockView:
+        expires_at = self._clock.now() + timedelta(seconds=ttl) if ttl else None
+        return await self._locks.create_lock(
+            kind=kind,
+            value=value,
+            claim=claim,
+            reason=reason,
+            incident=incident,
+            expires_at=expires_at,
+            actor=operator.actor,
+        )
+
+    async def locks(self, *, include_inactive: bool) -> list[LockView]:
+        return await self._locks.list_locks(include_inactive=include_inactive)
+
+    async def remove_lock(
+        self, lock_id: str, operator: Operator, *, reason: str | None, incident: str | None
+    ) -> LockView:
+        return await self._locks.remove_lock(
+            lock_id, actor=operator.actor, reason=reason, incident=incident
+        )
+
+    def _refusing_lock(
+        self,
+        locks: Sequence[LockView],
+        issuer: str,
+        workload: str,
+        role: str,
+        claims: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        """The lock that would refuse this request now, shown; None if none would."""
+        lock = refusing_lock(
+            locks,
+            LockSubject(issuer=issuer, workload=workload, role=role, claims=claims),
+            self._clock.now(),
+        )
+        return lock_public(lock) if lock is not None else None
 
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]:
         """Which issuer verified the token, the identity it produced, which rule matched,
@@ -244,6 +358,27 @@ class AdminService:
         refusals = [r for r in (decision_refusal(decision), terminated) if r is not None]
         for check in self._explain_checks:
             refusals += await check(identity, role)
+        # A lock refuses whatever the rules say: shown, and the decision says so.
+        lock = self._refusing_lock(
+            await self._locks.active_locks(),
+            identity.issuer_name,
+            identity.workload,
+            role,
+            identity.claims,
+        )
+        if lock is not None:
+            decision = {
+                **decision,
+                "allowed": False,
+                "reason": f"refused by lock {lock['lock_id']} ({lock['reason']})",
+            }
+            refusals.append(
+                {
+                    "code": "locked",
+                    "message": f"refused by lock {lock['lock_id']} ({lock['reason']})",
+                    "lock_id": lock["lock_id"],
+                }
+            )
         return {
             "token": {"valid": True, "issuer": identity.issuer_name, "error": None},
             "identity": identity.public(),
@@ -251,9 +386,10 @@ class AdminService:
             "instance": {"state": instance.state if instance else "never_seen"},
             "refusals": refusals,
             "verdict": "refused" if refusals else "granted",
+            "lock": lock,
         }
 
-    def preview(
+    async def preview(
         self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
     ) -> dict[str, Any]:
         """Whether a token of the named issuer carrying ``claims`` would be granted each
@@ -265,7 +401,7 @@ class AdminService:
                 "'issuer' is not the name of an issuer configured on this broker",
                 code="invalid_issuer",
             )
-        return preview(
+        answer = preview(
             settings,
             claims,
             roles,
@@ -274,6 +410,18 @@ class AdminService:
             rules=self._rules,
             audience=self._audience,
         )
+        workload, locks = answer["identity"]["workload"], await self._locks.active_locks()
+        for entry in answer["roles"]:
+            lock = self._refusing_lock(locks, settings.name, workload, entry["role"], claims)
+            if lock is not None and entry["granted"]:
+                entry.update(
+                    granted=False,
+                    code="locked",
+                    reason=f"refused by lock {lock['lock_id']} ({lock['reason']})",
+                    ttl=None,
+                    lock_id=lock["lock_id"],
+                )
+        return answer
 
 
 class LedgerCounts(Protocol):

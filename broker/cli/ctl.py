@@ -171,8 +171,24 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 LEASE_COLUMNS = ["lease_id", "instance_id", "workload", "role", "kind", "state", "expires_at"]
 
 
+def said(args: argparse.Namespace) -> dict[str, str]:
+    """An admin action's --reason and --incident, where given (recorded and audited)."""
+    return {
+        k: v
+        for k, v in (
+            ("reason", getattr(args, "reason", None)),
+            ("incident", getattr(args, "incident", None)),
+        )
+        if v
+    }
+
+
 def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
-    result = c.call("POST", f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}/terminate")
+    result = c.call(
+        "POST",
+        f"/v1/instances/{urllib.parse.quote(args.instance, safe='')}/terminate",
+        body=said(args),
+    )
     if args.wait:
         deadline = time.monotonic() + args.timeout
         while result["job"]["state"] not in ("done", "failed"):
@@ -254,8 +270,8 @@ def explain_exit(result: Any) -> int:
 
 
 def cmd_reconcile(c: Client, args: argparse.Namespace) -> Any:
-    body = {"revoke_orphans": True} if args.revoke_orphans else {}
-    return c.call("POST", "/v1/admin/reconcile", body=body)
+    body: dict[str, Any] = {"revoke_orphans": True} if args.revoke_orphans else {}
+    return c.call("POST", "/v1/admin/reconcile", body={**body, **said(args)})
 
 
 def reconcile_needs_attention(report: Any) -> bool:
@@ -333,11 +349,16 @@ def command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def said_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", help="why: recorded with the action and in the audit")
+    p.add_argument("--incident", help="an incident reference (e.g. INC-1234)")
+
+
 # Command groups in modules of their own (``broker/cli/<name>.py``, each with
 # ``register(sub)``), in the order ``--help`` lists them. They import this module for
 # ``command``, ``Client``, ``table``, ``Listing``, ``CtlError`` and the exit codes, so this
 # module names them instead of importing them (import-linter forbids the cycle).
-COMMAND_MODULES = ("ctl_listings",)
+COMMAND_MODULES = ("ctl_listings", "ctl_audit", "ctl_locks")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -349,6 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--instance", required=True)
     r.add_argument("--wait", action="store_true", help="wait until Vault confirms")
     r.add_argument("--timeout", type=float, default=120.0)
+    said_flags(r)
     r.set_defaults(run=cmd_revoke, show=show_revoke)
 
     for name in COMMAND_MODULES:
@@ -372,10 +394,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="revoke the leases under the broker's Vault paths that the store does not hold",
     )
+    said_flags(rec)
     rec.set_defaults(run=cmd_reconcile, show=show_reconcile, attention=reconcile_needs_attention)
-    from broker.cli import ctl_audit  # imports this module: not at the top
-
-    ctl_audit.register(sub)
     return p
 
 

@@ -12,7 +12,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker.cli.ctl import LEASE_COLUMNS, Client, Listing, command, table
+from broker.cli.ctl import LEASE_COLUMNS, Client, Listing, command, said, said_flags, table
 from broker.durations import parse_duration
 
 # The broker's states (``broker.leases.states``), spelled out so that the CLI imports
@@ -195,7 +195,11 @@ def cmd_jobs(c: Client, args: argparse.Namespace) -> Listing:
 
 
 def cmd_job_retry(c: Client, args: argparse.Namespace) -> Any:
-    return c.call("POST", f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry")
+    return c.call(
+        "POST",
+        f"/v1/admin/jobs/{urllib.parse.quote(args.job_id, safe='')}/retry",
+        body=said(args),
+    )
 
 
 def show_job_retry(result: Any) -> str:
@@ -267,4 +271,5 @@ def register(sub: Any) -> None:
     jl.set_defaults(run=cmd_jobs, show=lambda rows: table(rows, JOB_COLUMNS))
     jr = command(jsub, "retry", help="queue a failed job again")
     jr.add_argument("job_id")
+    said_flags(jr)
     jr.set_defaults(run=cmd_job_retry, show=show_job_retry)

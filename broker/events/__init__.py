@@ -29,7 +29,8 @@ class Terminate(Protocol):
     ending itself also names its ``workload`` (another workload's instance is refused with
     ``instance_workload_mismatch``) and, where its issuer's replay rule applies, its
     token's ``token_id`` (jti, expiry), used once in the same transaction
-    (``token_replayed``); a ``reason`` is kept in the audit event. Raises
+    (``token_replayed``); a ``reason`` and an ``incident`` reference are kept on the job
+    and in the audit event. Raises
     ``StoreUnavailable`` when the job could not be recorded: the event must not be
     acknowledged then."""
 
@@ -42,6 +43,7 @@ class Terminate(Protocol):
         workload: str | None = None,
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
+        incident: str | None = None,
     ) -> JobView: ...
 
 

@@ -323,6 +323,35 @@ def verify_signed(
     now: datetime,
 ) -> Identity:
     """Check signature and claims of a token whose issuer and key were chosen already."""
+    claims = verify_claims(raw, unverified, issuer, key, audience=audience, now=now)
+    iat, exp, jti = claims["iat"], claims["exp"], claims.get("jti")
+    mapped = map_claims(claims, issuer)
+    return Identity(
+        issuer_name=issuer.name,
+        issuer=issuer.issuer,
+        subject=mapped.subject,
+        instance_id=mapped.instance_id,
+        workload=mapped.workload,
+        issued_at=datetime.fromtimestamp(iat, UTC),
+        expires_at=datetime.fromtimestamp(exp, UTC),
+        claims=MappingProxyType(claims),
+        jti=jti,
+        replay_key=jti if issuer.replay != "off" else None,
+    )
+
+
+def verify_claims(
+    raw: str,
+    unverified: Unverified,
+    issuer: IssuerSettings,
+    key: Any,
+    *,
+    audience: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The signature, algorithm, key type, audience, issuer, times, lifetime and the kind's
+    rules of a token whose issuer and key were chosen already: its verified claims, not
+    yet mapped to an instance (an operator's token names a person, not an instance)."""
     if len(raw) > issuer.max_token_bytes:
         raise refuse("token_too_large", f"the token is larger than {issuer.max_token_bytes} bytes")
     if unverified.alg not in issuer.algorithms:
@@ -385,16 +414,4 @@ def verify_signed(
             "the token has no 'jti' claim; this issuer "
             "requires one so that each token is used once",
         )
-    mapped = map_claims(claims, issuer)
-    return Identity(
-        issuer_name=issuer.name,
-        issuer=issuer.issuer,
-        subject=mapped.subject,
-        instance_id=mapped.instance_id,
-        workload=mapped.workload,
-        issued_at=datetime.fromtimestamp(iat, UTC),
-        expires_at=datetime.fromtimestamp(exp, UTC),
-        claims=MappingProxyType(claims),
-        jti=jti,
-        replay_key=jti if issuer.replay != "off" else None,
-    )
+    return claims

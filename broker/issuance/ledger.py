@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from broker.leases import IssueTicket, LeaseLimit, LeaseState, LeaseView
+from broker.leases.locks import LockSubject
 
 
 class IssuanceLedger(Protocol):
@@ -22,7 +23,10 @@ class IssuanceLedger(Protocol):
         limit: LeaseLimit | None = None,
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
+        lock_subject: LockSubject | None = None,
     ) -> IssueTicket: ...
+
+    async def refuse_if_locked(self, subject: LockSubject) -> None: ...
 
     async def complete_issue(
         self,

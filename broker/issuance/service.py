@@ -41,6 +41,7 @@ from broker.errors import (
     BadRequest,
     BrokerError,
     InstanceTerminated,
+    Locked,
     NotFound,
     NotPermitted,
     UpstreamRejected,
@@ -49,6 +50,7 @@ from broker.errors import (
 from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.issuance.ledger import IssuanceLedger
+from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject
 from broker.issuance.settle import (
     Obtained,
     Outcome,
@@ -139,8 +141,10 @@ class CredentialService:
         deadline_s: float = 60.0,
         cloud: CloudExchange | None = None,
         liveness: Mapping[str, LivenessCheck] | None = None,
+        refusals: RefusalAudit | None = None,
     ) -> None:
         self._roles = roles
+        self._refusals = refusals
         self._rules = rules
         self._ledger = ledger
         self._vault = vault
@@ -187,17 +191,22 @@ class CredentialService:
         params = render_params(role.params, identity)
         plan = engine.plan(role_name, role, params, caller, ttl_s, identity.instance_id)
         limit = LeaseLimit(role.max_leases_per_instance, role.on_limit) if plan.leased else None
-        ticket = await self._ledger.begin_issue(
-            instance_id=identity.instance_id,
-            issuer_name=identity.issuer_name,
-            workload=identity.workload,
-            role=role_name,
-            kind=plan.kind,
-            token_id=self._used_once(identity),
-            limit=limit,
-            external_ref=plan.session_ref.to_record() if plan.session_ref else None,
-            vault_path=plan.request.path,
-        )
+        try:
+            ticket = await self._ledger.begin_issue(
+                instance_id=identity.instance_id,
+                issuer_name=identity.issuer_name,
+                workload=identity.workload,
+                role=role_name,
+                kind=plan.kind,
+                token_id=self._used_once(identity),
+                limit=limit,
+                external_ref=plan.session_ref.to_record() if plan.session_ref else None,
+                vault_path=plan.request.path,
+                lock_subject=lock_subject(identity, role_name),
+            )
+        except Locked as exc:
+            await audit_locked(self._refusals, identity, role_name, exc, "issue")
+            raise
         try:
             credential = await self._issue_recorded(identity, plan, ticket.lease_id)
         finally:
@@ -464,6 +473,13 @@ class CredentialService:
             )
         # Policy is asked again: a role withdrawn since issue is not renewed.
         role, granted = self._permit(identity, lease.role, ttl)
+        try:
+            await self._ledger.refuse_if_locked(lock_subject(identity, lease.role))
+        except Locked as exc:
+            await audit_locked(
+                self._refusals, identity, lease.role, exc, "renew", lease_id=lease_id
+            )
+            raise
         await self._require_alive(identity)
         cap = self._cap(identity, lease.role, role)
         now = self._clock.now()
@@ -565,3 +581,4 @@ class CredentialService:
                 code="revocation_unconfirmed",
             )
         await self._ledger.end_lease(lease_id, LeaseState.RELEASED, actor="workload")
+

@@ -19,7 +19,18 @@ from sqlalchemy.exc import IntegrityError
 from broker.clock import Clock
 from broker.leases import chain as chain_math
 from broker.leases.database import Database
-from broker.leases.sql import admin, chain, checkpoints, common, issuance, jobs, reconcile, replay
+from broker.leases.locks import LockSubject
+from broker.leases.sql import (
+    admin,
+    chain,
+    checkpoints,
+    common,
+    issuance,
+    jobs,
+    locks,
+    reconcile,
+    replay,
+)
 from broker.leases.states import LeaseState
 from broker.leases.views import (
     AuditEventView,
@@ -32,6 +43,7 @@ from broker.leases.views import (
     LeaseGroups,
     LeaseLimit,
     LeaseView,
+    LockView,
     RevocationWork,
     StoreCounts,
     new_id,
@@ -72,6 +84,7 @@ class IssuanceRecords:
         limit: LeaseLimit | None = None,
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
+        lock_subject: LockSubject | None = None,
     ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
@@ -83,7 +96,10 @@ class IssuanceRecords:
         ``revoking`` for the caller to revoke once the new one is issued.
 
         ``external_ref`` names what termination must act on outside Vault (an STS
-        session), recorded with the row so that even a crash mid-issue leaves it known."""
+        session), recorded with the row so that even a crash mid-issue leaves it known.
+
+        ``lock_subject``: refused (``Locked``) if an active lock matches it, read in this
+        same transaction, so a lock holds on every replica from the moment it commits."""
         lease_id = new_id("l")
         async with self._db.transaction() as conn:
             superseded = await issuance.begin_issue(
@@ -99,8 +115,14 @@ class IssuanceRecords:
                 limit=limit,
                 external_ref=external_ref,
                 vault_path=vault_path,
+                lock_subject=lock_subject,
             )
         return IssueTicket(lease_id, tuple(superseded))
+
+    async def refuse_if_locked(self, subject: LockSubject) -> None:
+        """Raise ``Locked`` if an active lock matches (a renewal's check)."""
+        async with self._db.transaction(readonly=True) as conn:
+            await locks.refuse_if_locked(conn, subject, self._clock.now())
 
     async def record_token(self, *, instance_id: str, accessor: str, expires_at: datetime) -> None:
         """Record an instance token's accessor before the token is used.
@@ -195,6 +217,7 @@ class TerminationRecords:
         workload: str | None = None,
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
+        incident: str | None = None,
     ) -> JobView:
         """Tombstone the instance and create its revocation job, in one transaction.
         Idempotent: a second call returns the existing job (re-queued if it had failed).
@@ -202,7 +225,8 @@ class TerminationRecords:
         that another issuer owns is refused and left untouched; one the broker never saw
         is tombstoned for that issuer. An instance ending itself adds its ``workload``
         (checked like ``issuer``, and recorded for an instance never seen) and its token
-        id, used once like an exchange's; ``reason`` goes into the audit event."""
+        id, used once like an exchange's; ``reason`` and ``incident`` (an incident
+        reference) are written on the job and into the audit event."""
         async with self._db.transaction() as conn:
             return await jobs.request_termination(
                 conn,
@@ -213,6 +237,7 @@ class TerminationRecords:
                 workload=workload,
                 token_id=token_id,
                 reason=reason,
+                incident=incident,
             )
 
     async def active_instance_ids(self, issuer_name: str) -> set[str]:
@@ -514,10 +539,67 @@ class AdminRecords:
         async with self._db.transaction(readonly=True) as conn:
             return await admin.instance_standing(conn, instance_id)
 
-    async def retry_job(self, job_id: str, *, actor: str) -> JobView:
+    async def retry_job(
+        self,
+        job_id: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> JobView:
         """Put a ``failed`` job back in the queue, with its attempts counted from zero."""
         async with self._db.transaction() as conn:
-            return await jobs.retry_job(conn, self._clock, job_id, actor=actor)
+            return await jobs.retry_job(
+                conn, self._clock, job_id, actor=actor, reason=reason, incident=incident
+            )
+
+    async def record_audit(self, actor: str, action: str, **detail: Any) -> None:
+        """One audit event of its own (an admin refusal, a reconcile an operator asked for)."""
+        async with self._db.transaction() as conn:
+            await common.audit(conn, self._clock, actor, action, **detail)
+
+    async def create_lock(
+        self,
+        *,
+        kind: str,
+        value: str,
+        claim: str | None,
+        reason: str,
+        incident: str | None,
+        expires_at: datetime | None,
+        actor: str,
+    ) -> LockView:
+        async with self._db.transaction() as conn:
+            return await locks.create_lock(
+                conn,
+                self._clock,
+                kind=kind,
+                value=value,
+                claim=claim,
+                reason=reason,
+                incident=incident,
+                expires_at=expires_at,
+                actor=actor,
+            )
+
+    async def list_locks(self, *, include_inactive: bool = False) -> list[LockView]:
+        """Active locks; with ``include_inactive`` also removed and expired ones."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await locks.list_locks(
+                conn, self._clock.now(), include_inactive=include_inactive
+            )
+
+    async def active_locks(self) -> list[LockView]:
+        async with self._db.transaction(readonly=True) as conn:
+            return await locks.active_locks(conn, self._clock.now())
+
+    async def remove_lock(
+        self, lock_id: str, *, actor: str, reason: str | None, incident: str | None
+    ) -> LockView:
+        async with self._db.transaction() as conn:
+            return await locks.remove_lock(
+                conn, self._clock, lock_id, actor=actor, reason=reason, incident=incident
+            )
 
     async def counts(self) -> StoreCounts:
         now = self._clock.now()

@@ -62,6 +62,8 @@ class JobView:
     requested_by: str
     created_at: datetime
     completed_at: datetime | None
+    reason: str | None = None
+    incident: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,3 +162,20 @@ class AuditSelection:
     action: str | None = None
     actor: str | None = None
     since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LockView:
+    """A lock: refuses new credentials and renewals that match (``broker.leases.locks``)."""
+
+    lock_id: str
+    kind: str  # workload | issuer | role | claim
+    value: str
+    claim: str | None
+    reason: str
+    incident: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    removed_at: datetime | None = None
+    removed_by: str | None = None

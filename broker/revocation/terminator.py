@@ -23,6 +23,7 @@ class TerminationLedger(Protocol):
         workload: str | None = None,
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
+        incident: str | None = None,
     ) -> JobView: ...
 
 
@@ -53,6 +54,7 @@ class Terminator:
         workload: str | None = None,
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
+        incident: str | None = None,
     ) -> JobView:
         job = await self._ledger.request_termination(
             instance_id,
@@ -61,6 +63,7 @@ class Terminator:
             workload=workload,
             token_id=token_id,
             reason=reason,
+            incident=incident,
         )
         self._tokens.forget(instance_id)
         if job.state in (JobState.PENDING, JobState.RUNNING):

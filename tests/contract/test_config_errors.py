@@ -137,6 +137,22 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "audit checkpoint every zero": put("audit", {"checkpoint": {"every": "0s",
                                                                 "every_events": 0}}),
     "audit transit key with a slash": put("audit", {"transit": {"key": "a/b"}}),
+    "no operator at all": put("admin", {}),
+    "operator name taken by token_sha256": put("admin.operators", [
+        {"name": "admin", "token_sha256": "cd" * 32, "scope": "read"}]),
+    "operator names repeated": both(drop("admin.token_sha256"), put("admin.operators", [
+        {"name": "alice", "token_sha256": "cd" * 32, "scope": "read"},
+        {"name": "alice", "token_sha256": "ef" * 32, "scope": "admin"}])),
+    "operator hashes repeated": put("admin.operators", [
+        {"name": "alice", "token_sha256": "ab" * 32, "scope": "read"}]),
+    "operator name and scope": put("admin.operators", [
+        {"name": "Alice Smith", "token_sha256": "cd" * 32, "scope": "root"}]),
+    "operator issuer with workload keys": put("admin.oidc", {
+        "issuer": "https://sso.example.org", "discovery": True, "audience": "brokerctl",
+        "instance_claim": "sub", "scopes": [{"claim": "groups", "value": "sec",
+                                             "scope": "read"}]}),
+    "operator issuer without scopes or keys": put("admin.oidc", {
+        "issuer": "https://sso.example.org", "audience": "brokerctl", "scopes": []}),
     "several problems at once": both(put("server.port", "eighty"), drop("vault.addr"),
                                      put("roles.dev-db.max_ttl", "forever")),
 }

@@ -19,7 +19,8 @@ from tests.harness.api import bearer
 README = Path(__file__).resolve().parents[2] / "README.md"
 WEBHOOK = {"events": {"webhook": {"secrets": ["w" * 40]}}}
 # Path parameters that pass the handlers' format checks, so a probe reaches past them.
-PATH_VALUES = {"lease_id": "l-" + "0" * 32, "instance_id": "i-probe", "job_id": "j-" + "0" * 32}
+PATH_VALUES = {"lease_id": "l-" + "0" * 32, "instance_id": "i-probe", "job_id": "j-" + "0" * 32,
+               "lock_id": "k-" + "0" * 32}
 METHODS = ("get", "post", "put", "patch", "delete")
 
 
@@ -94,7 +95,8 @@ def test_the_application_serves_exactly_the_documented_operations():
 
     placeholder: Any = SimpleNamespace(checks=None, counts=None)
     app = build_app(placeholder, placeholder, None, placeholder, verifier=placeholder,
-                    metrics=placeholder, scraper=placeholder, admin_token_sha256="",
+                    metrics=placeholder, scraper=placeholder, operators=placeholder,
+                    refusals=placeholder,
                     max_body_bytes=1024)
     served = sorted({(route.method, route.resource.canonical)
                      for route in app.router.routes() if route.method != "HEAD"})

@@ -88,7 +88,13 @@ async def test_only_the_admin_may_ask(broker, http, vault):
     ):
         got, answer = await preview(http, b, body, headers)
         assert (got, answer["error"]["code"]) == (status, code), headers
-    assert everything(b, vault) == before
+    # Nothing changed but the audit, which records each refusal (admin.refused).
+    refused = [r for r in b.rows("audit_events") if r["action"] == "admin.refused"]
+    assert len(refused) == 3  # the two missing tokens are one kind from one source
+    after = everything(b, vault)
+    assert {t: v for t, v in after[0].items() if t != "audit_events"} == \
+        {t: v for t, v in before[0].items() if t != "audit_events"}
+    assert after[1] == before[1]
 
 
 async def test_a_bad_request_is_refused_with_its_code_and_records_nothing(broker, http, vault):

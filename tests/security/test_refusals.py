@@ -93,7 +93,9 @@ async def sec(make_broker):
 
 
 async def _assert_refused(http, b, vault, method, path, *, status, code, headers=None,
-                          data=None, json_body=None):
+                          data=None, json_body=None, audited=0):
+    """Refused with ``status`` and ``code``, and nothing changed but ``audited`` new audit
+    events (a refused admin call is audited: admin.refused)."""
     store_before, vault_before = b.store_snapshot(), vault.snapshot()
     async with http.request(method, f"{b.url}{path}", headers=headers or {}, data=data,
                             json=json_body) as resp:
@@ -101,7 +103,9 @@ async def _assert_refused(http, b, vault, method, path, *, status, code, headers
         assert resp.content_type == "application/json"
     assert (resp.status, body["error"]["code"]) == (status, code), body
     assert set(body) == {"error"} and body["error"]["message"]
-    assert b.store_snapshot() == store_before
+    store_after = b.store_snapshot()
+    assert store_after["audit_events"] == store_before["audit_events"] + audited
+    assert {**store_after, "audit_events": 0} == {**store_before, "audit_events": 0}
     assert vault.snapshot() == vault_before
     return body
 
@@ -181,7 +185,7 @@ async def test_admin_calls_need_the_admin_token(sec, http, vault, method, path, 
     elif auth:
         headers["Authorization"] = auth
     await _assert_refused(http, sec, vault, method, path, status=status, code=code,
-                          headers=headers)
+                          headers=headers, audited=1)
 
 
 async def test_bad_path_parameters(sec, http, vault):

@@ -74,8 +74,10 @@ async def test_an_instance_ends_itself_its_login_stops_working_and_nothing_new_i
     assert body["instance_id"] == "i-st-self"
     job = body["job"]
     assert set(job) == {"job_id", "instance_id", "state", "attempts", "next_attempt_at",
-                        "last_error", "requested_by", "created_at", "completed_at"}
+                        "last_error", "requested_by", "created_at", "completed_at",
+                        "reason", "incident"}
     assert (job["instance_id"], job["requested_by"]) == ("i-st-self", "workload:dev")
+    assert (job["reason"], job["incident"]) == ("pod stopping", None)
     assert job["state"] in ("pending", "running", "done")
 
     await eventually(lambda: asyncio.to_thread(lambda: not can_log_in(pg, user, password)),
@@ -96,9 +98,9 @@ async def test_an_instance_ends_itself_its_login_stops_working_and_nothing_new_i
     assert len(b.rows("revocation_jobs")) == 1
     [requested] = [e for e in b.rows("audit_events")
                    if e["action"] == "instance.terminate_requested"]
-    assert (requested["actor"], requested["instance_id"]) == ("workload:dev", "i-st-self")
-    assert requested["detail"] == {"job_id": job["job_id"], "workload": "payments",
-                                   "reason": "pod stopping"}
+    assert (requested["actor"], requested["instance_id"], requested["reason"]) == (
+        "workload:dev", "i-st-self", "pod stopping")
+    assert requested["detail"] == {"job_id": job["job_id"], "workload": "payments"}
 
 
 async def test_another_instances_token_ends_only_its_own_instance(broker, http, pg, vault):
@@ -115,7 +117,12 @@ async def test_another_instances_token_ends_only_its_own_instance(broker, http, 
     async with http.post(f"{b.url}/v1/instances/i-st-victim/terminate",
                          headers=bearer(attacker)) as resp:
         assert (resp.status, (await resp.json())["error"]["code"]) == (403, "admin_forbidden")
-    assert everything(b, vault) == before
+    after = everything(b, vault)
+    # Nothing changed but the audit of the refused admin call.
+    new = set(after[0]["audit_events"]) - set(before[0]["audit_events"])
+    assert len(new) == 1 and "admin.refused" in next(iter(new))
+    assert ({**after[0], "audit_events": []}, after[1]) == (
+        {**before[0], "audit_events": []}, before[1])
 
     # Whatever else the request says, the token's own instance is the one that ends.
     async with http.post(f"{b.url}{SELF}?instance_id=i-st-victim",
@@ -262,4 +269,4 @@ async def test_a_bad_body_ends_nothing_and_does_not_use_up_the_token(
     status, body = await self_terminate(http, b, token, json={"reason": "x" * 200})
     assert status == 202, body
     [event] = [e for e in b.rows("audit_events") if e["action"] == "instance.terminate_requested"]
-    assert event["detail"]["reason"] == "x" * 200
+    assert event["reason"] == "x" * 200

@@ -46,6 +46,7 @@ SECRET_VALUES = {
     "BROKER_DB_PASSWORD": "db-pass",
     "BROKER_APPROLE_SECRET_ID": "approle-secret",
     "BROKER_ADMIN_TOKEN_SHA256": "ab" * 32,
+    "BROKER_INJECTOR_TOKEN_SHA256": "cd" * 32,
 }
 
 
@@ -555,6 +556,7 @@ def test_the_broker_config_map_loads_with_the_broker_s_own_loader():
     assert settings.vault.auth.method == "approle"
     assert settings.vault.auth.secret_id.get_secret_value() == "approle-secret"
     assert settings.admin.token_sha256 == "ab" * 32
+    assert [(o.name, o.scope) for o in settings.admin.operators] == [("injector", "read")]
     (issuer,) = settings.identity.issuers
     assert (issuer.name, issuer.kind, issuer.key_source) == ("k8s-prod", "kubernetes", "file")
     assert issuer.instance_claim == ("kubernetes.io", "pod", "uid")

@@ -273,6 +273,8 @@ def job_view(r: m.RevocationJob) -> JobView:
         r.requested_by,
         r.created_at,
         r.completed_at,
+        r.reason,
+        r.incident,
     )
 
 

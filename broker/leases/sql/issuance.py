@@ -17,6 +17,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.leases import models as m
+from broker.leases.locks import LockSubject
 from broker.leases.sql.common import (
     LEASES,
     SEEN_TOKENS,
@@ -30,6 +31,7 @@ from broker.leases.sql.common import (
     require_owner,
     use_token_once,
 )
+from broker.leases.sql.locks import refuse_if_locked
 from broker.leases.states import (
     COUNTED_LEASE_STATES,
     LIVE_LEASE_STATES,
@@ -95,9 +97,13 @@ async def begin_issue(
     limit: LeaseLimit | None,
     external_ref: dict[str, Any] | None,
     vault_path: str | None,
+    lock_subject: LockSubject | None = None,
 ) -> list[tuple[str, str]]:
-    """Write the ``issuing`` row; the leases it supersedes under ``limit``."""
+    """Write the ``issuing`` row; the leases it supersedes under ``limit``. A request an
+    active lock matches is refused first (``Locked``), in this same transaction."""
     superseded: list[tuple[str, str]] = []
+    if lock_subject is not None:
+        await refuse_if_locked(conn, lock_subject, clock.now())
     state, owner, owner_workload = await ensure_instance(
         conn,
         clock,

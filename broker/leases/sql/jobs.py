@@ -84,6 +84,7 @@ async def request_termination(
     workload: str | None = None,
     token_id: tuple[str, datetime] | None = None,
     reason: str | None = None,
+    incident: str | None = None,
 ) -> JobView:
     now = clock.now()
     state, owner, owner_workload = await ensure_instance(
@@ -117,6 +118,8 @@ async def request_termination(
                 attempts=0,
                 next_attempt_at=now,
                 requested_by=actor[:64],
+                reason=reason,
+                incident=incident,
                 created_at=now,
                 updated_at=now,
             )
@@ -134,6 +137,7 @@ async def request_termination(
             workload=owner_workload or workload,
             previous_state=state,
             self_terminated=token_id is not None,
+            **({"incident": incident} if incident else {}),
         )
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)
@@ -141,7 +145,14 @@ async def request_termination(
 
 
 async def _requeue(
-    conn: AsyncConnection, clock: Clock, job_id: str, instance_id: str, actor: str, now: datetime
+    conn: AsyncConnection,
+    clock: Clock,
+    job_id: str,
+    instance_id: str,
+    actor: str,
+    now: datetime,
+    reason: str | None = None,
+    incident: str | None = None,
 ) -> None:
     """A failed job back in the queue, its attempts counted from zero."""
     await conn.execute(
@@ -149,10 +160,28 @@ async def _requeue(
         .where(m.RevocationJob.job_id == job_id, _job_in(JobState.FAILED, JobState.PENDING))
         .values(state=JobState.PENDING.value, next_attempt_at=now, attempts=0, updated_at=now)
     )
-    await audit(conn, clock, actor, "revocation.requeued", instance_id=instance_id, job_id=job_id)
+    said = {"incident": incident} if incident else {}
+    await audit(
+        conn,
+        clock,
+        actor,
+        "revocation.requeued",
+        instance_id=instance_id,
+        reason=reason,
+        job_id=job_id,
+        **said,
+    )
 
 
-async def retry_job(conn: AsyncConnection, clock: Clock, job_id: str, *, actor: str) -> JobView:
+async def retry_job(
+    conn: AsyncConnection,
+    clock: Clock,
+    job_id: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    incident: str | None = None,
+) -> JobView:
     now = clock.now()
     row = (
         await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
@@ -164,7 +193,7 @@ async def retry_job(conn: AsyncConnection, clock: Clock, job_id: str, *, actor: 
             f"the job is {row.state}; only a failed job can be retried",
             code="job_not_failed",
         )
-    await _requeue(conn, clock, job_id, row.instance_id, actor, now)
+    await _requeue(conn, clock, job_id, row.instance_id, actor, now, reason, incident)
     row = (
         await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id == job_id))
     ).one()

@@ -65,6 +65,11 @@ class Verifier:
         return self.identity
 
 
+class NoLocks:
+    async def active_locks(self) -> list[Any]:
+        return []
+
+
 def service(queries: Any = None, vault: Any = None, verifier: Any = None,
             checks: tuple[Any, ...] = ()) -> AdminService:
     async def nothing(*a: Any, **k: Any) -> Any:
@@ -72,7 +77,7 @@ def service(queries: Any = None, vault: Any = None, verifier: Any = None,
 
     return AdminService(queries or Queries(), terminate=nothing, reconcile=nothing,
                         verifier=verifier or Verifier(IDENTITY), roles=ROLES, rules=RULES,
-                        issuers=(), audience="a", vault=vault or Vault(None),
+                        issuers=(), audience="a", vault=vault or Vault(None), locks=NoLocks(),
                         clock=FixedClock(NOW), explain_checks=checks)
 
 

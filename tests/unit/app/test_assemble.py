@@ -47,7 +47,7 @@ async def test_every_component_is_built_and_nothing_is_opened(
         assert parts.worker.worker_id == "w-1"
         assert parts.server.url is None  # bound only when the broker starts
         assert [t.name for t in parts.ticks.all()] == [
-            "revocation", "reconcile", "sightings", "maintenance", "audit-checkpoint"]
+            "revocation", "reconcile", "sightings", "maintenance", "audit-checkpoint", "refusals"]
         assert parts.ticks.revocation.at_start
         assert not any(t.at_start for t in parts.ticks.all()[1:])
         assert (parts.ticks.sightings.every_s, parts.ticks.maintenance.every_s) == (10.0, 30.0)

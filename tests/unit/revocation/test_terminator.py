@@ -29,10 +29,13 @@ class Recorder:
     async def request_termination(self, instance_id: str, *, actor: str,
                                   issuer: str | None = None, workload: str | None = None,
                                   token_id: tuple[str, datetime] | None = None,
-                                  reason: str | None = None) -> JobView:
+                                  reason: str | None = None,
+                                  incident: str | None = None) -> JobView:
         self.calls.append(f"job {instance_id} {actor} {issuer}")
         if (workload, token_id, reason) != (None, None, None):
             self.calls.append(f"as {workload} {token_id} {reason}")
+        if incident is not None:
+            self.calls.append(f"incident {incident}")
         if self._fail:
             raise StoreUnavailable("the lease store is unavailable")
         return job(self._state)
@@ -75,3 +78,11 @@ async def test_an_instance_ending_itself_hands_its_workload_token_id_and_reason_
                                          reason="pod stopping")
     assert rec.calls == ["job i-1 workload:k8s k8s",
                          f"as ns/sa ('jti-1', {NOW!r}) pod stopping", "forget i-1", "wake"]
+
+
+async def test_an_operator_s_reason_and_incident_reach_the_ledger() -> None:
+    rec = Recorder()
+    await Terminator(rec, rec, rec.wake)("i-1", actor="operator:alice", reason="stolen",
+                                         incident="INC-7")
+    assert rec.calls == ["job i-1 operator:alice None", "as None None stolen", "incident INC-7",
+                         "forget i-1", "wake"]

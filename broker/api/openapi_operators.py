@@ -1,0 +1,160 @@
+"""The OpenAPI paths of operators and locks (``broker.api.openapi`` puts them in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+_SAID = {
+    "reason": {"type": "string", "maxLength": 200},
+    "incident": {"type": "string", "maxLength": 128, "description": "an incident reference"},
+}
+# Admin calls are refused with 401 (no token, an operator JWT refused) or 403 (a token of
+# nobody, a scope too small); every refusal is audited as admin.refused.
+ADMIN_ERRORS = {
+    "401": {
+        "description": "admin token missing, or an operator JWT refused",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    "403": {
+        "description": "not an operator's token, or the operator's scope is too small",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+}
+SAID_BODY = {
+    "required": False,
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "additionalProperties": False, "properties": _SAID}
+        }
+    },
+}
+_LOCK_ID = {"type": "string", "pattern": "^k-[0-9a-f]{32}$"}
+_KIND = {"type": "string", "enum": ["workload", "issuer", "role", "claim"]}
+LOCK: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "lock_id": _LOCK_ID,
+        "kind": _KIND,
+        "value": {"type": "string"},
+        "claim": {"type": ["string", "null"]},
+        "reason": {"type": "string"},
+        "incident": {"type": ["string", "null"]},
+        "created_by": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "removed_at": {"type": ["string", "null"], "format": "date-time"},
+        "removed_by": {"type": ["string", "null"]},
+    },
+}
+
+
+def _ok(desc: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def _err(desc: str) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def operator_paths() -> dict[str, Any]:
+    return {
+        "/v1/admin/whoami": {
+            "get": {
+                "summary": "The operator the presented token is (scope read)",
+                "security": _ADMIN,
+                "responses": {
+                    "200": _ok(
+                        "name, scope (read, revoke, admin) and how it authenticated",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "scope": {"type": "string", "enum": ["read", "revoke", "admin"]},
+                                "via": {"type": "string", "enum": ["token", "oidc"]},
+                            },
+                        },
+                    ),
+                    **ADMIN_ERRORS,
+                },
+            }
+        },
+        "/v1/admin/locks": {
+            "post": {
+                "summary": "Lock: refuse every new credential and renewal that matches, on "
+                "every replica at once, terminating nothing (scope revoke)",
+                "security": _ADMIN,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["kind", "value", "reason"],
+                                "properties": {
+                                    "kind": _KIND,
+                                    "value": {"type": "string", "maxLength": 255},
+                                    "claim": {
+                                        "type": "string",
+                                        "description": "kind claim: the claim's name "
+                                        "(nested: a.b); a list claim matches when it holds "
+                                        "the value",
+                                    },
+                                    "ttl": {"type": ["string", "integer"]},
+                                    **_SAID,
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _ok("the lock", {"type": "object", "properties": {"lock": LOCK}}),
+                    "400": _err("invalid_lock"),
+                    **ADMIN_ERRORS,
+                },
+            },
+            "get": {
+                "summary": "Active locks; all=true adds removed and expired ones (scope read)",
+                "security": _ADMIN,
+                "parameters": [
+                    {"name": "all", "in": "query", "schema": {"enum": ["true", "false"]}}
+                ],
+                "responses": {
+                    "200": _ok(
+                        "locks",
+                        {
+                            "type": "object",
+                            "properties": {"locks": {"type": "array", "items": LOCK}},
+                        },
+                    ),
+                    "400": _err("bad query"),
+                    **ADMIN_ERRORS,
+                },
+            },
+        },
+        "/v1/admin/locks/{lock_id}": {
+            "delete": {
+                "summary": "Remove a lock (idempotent; scope revoke)",
+                "security": _ADMIN,
+                "parameters": [
+                    {
+                        "name": "lock_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": _LOCK_ID,
+                    }
+                ],
+                "requestBody": SAID_BODY,
+                "responses": {
+                    "200": _ok(
+                        "the lock, removed", {"type": "object", "properties": {"lock": LOCK}}
+                    ),
+                    "400": _err("malformed body"),
+                    "404": _err("lock_not_found"),
+                    **ADMIN_ERRORS,
+                },
+            }
+        },
+    }

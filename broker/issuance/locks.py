@@ -1,0 +1,64 @@
+"""Issuance under locks: what a lock sees of a request, and the audit of a refusal.
+
+The match itself is ``broker.leases.locks`` (pure), run by the ledger in the transaction
+that writes the ``issuing`` row (an exchange) or just before Vault is asked (a renewal).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from broker.errors import Locked
+from broker.identity.model import Identity
+from broker.leases.locks import LockSubject
+
+log = logging.getLogger(__name__)
+
+
+class RefusalAudit(Protocol):
+    """Refusals into the audit, bounded against floods (``broker.leases.refusals``)."""
+
+    async def refused(
+        self,
+        actor: str,
+        action: str,
+        *,
+        outcome: str = ...,
+        reason: str | None = ...,
+        **detail: str,
+    ) -> None: ...
+
+
+def lock_subject(identity: Identity, role: str) -> LockSubject:
+    return LockSubject(
+        issuer=identity.issuer_name, workload=identity.workload, role=role, claims=identity.claims
+    )
+
+
+async def audit_locked(
+    refusals: RefusalAudit | None,
+    identity: Identity,
+    role: str,
+    exc: Locked,
+    request: str,
+    **more: str,
+) -> None:
+    """A lock refused the request: ``credential.refused`` with outcome ``locked``, bounded
+    like every refusal; nothing else changes (a lock never terminates anything)."""
+    log.info(
+        "refused by a lock",
+        extra={"lock_id": exc.lock_id, "instance_id": identity.instance_id, "role": role},
+    )
+    if refusals is not None:
+        await refusals.refused(
+            f"workload:{identity.issuer_name}",
+            "credential.refused",
+            outcome="locked",
+            lock_id=exc.lock_id,
+            request=request,
+            instance_id=identity.instance_id,
+            workload=identity.workload,
+            role=role,
+            **more,
+        )
