@@ -22,6 +22,7 @@ class IssuanceLedger(Protocol):
         limit: LeaseLimit | None = None,
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> IssueTicket: ...
 
     async def complete_issue(

@@ -48,6 +48,7 @@ from broker.errors import (
 )
 from broker.events import Terminate
 from broker.identity.model import Identity
+from broker.identity.recorded import recorded_claims
 from broker.issuance.ledger import IssuanceLedger
 from broker.issuance.settle import (
     Obtained,
@@ -197,6 +198,7 @@ class CredentialService:
             limit=limit,
             external_ref=plan.session_ref.to_record() if plan.session_ref else None,
             vault_path=plan.request.path,
+            claims=recorded_claims(identity.claims),
         )
         try:
             credential = await self._issue_recorded(identity, plan, ticket.lease_id)

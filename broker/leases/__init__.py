@@ -13,8 +13,16 @@ from broker.leases.records import (
     ReconcileRecords,
     ReplayRecords,
     RevocationJobRecords,
+    SelectionRecords,
     SightingRecords,
     TerminationRecords,
+)
+from broker.leases.selection import (
+    BlastRadius,
+    Progress,
+    Selection,
+    Terminated,
+    TerminationBatch,
 )
 from broker.leases.states import InstanceState, JobState, LeaseState
 from broker.leases.views import (
@@ -48,6 +56,12 @@ __all__ = [
     "ReplayRecords",
     "RevocationJobRecords",
     "RevocationWork",
+    "BlastRadius",
+    "Progress",
+    "Selection",
+    "SelectionRecords",
+    "Terminated",
+    "TerminationBatch",
     "SightingRecords",
     "StoreCounts",
     "TerminationRecords",

@@ -46,7 +46,12 @@ class Base(DeclarativeBase):
 
 class Instance(Base):
     __tablename__ = "instances"
-    __table_args__ = (Index("ix_instances_state_seen", "state", "last_seen_at"),)
+    __table_args__ = (
+        Index("ix_instances_state_seen", "state", "last_seen_at"),
+        # A bulk termination's selectors (``broker.leases.sql.selection``).
+        Index("ix_instances_workload", "workload"),
+        Index("ix_instances_issuer", "issuer_name"),
+    )
 
     instance_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     issuer_name: Mapped[str | None] = mapped_column(String(64))

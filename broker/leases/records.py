@@ -8,7 +8,7 @@ stay one transaction, so their locking and ordering invariants are those of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +18,8 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
 from broker.leases.database import Database
-from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay
+from broker.leases.selection import BlastRadius, Selection, TerminationBatch
+from broker.leases.sql import admin, common, issuance, jobs, reconcile, replay, selection
 from broker.leases.states import LeaseState
 from broker.leases.views import (
     InstanceView,
@@ -62,6 +63,7 @@ class IssuanceRecords:
         limit: LeaseLimit | None = None,
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
@@ -73,7 +75,9 @@ class IssuanceRecords:
         ``revoking`` for the caller to revoke once the new one is issued.
 
         ``external_ref`` names what termination must act on outside Vault (an STS
-        session), recorded with the row so that even a crash mid-issue leaves it known."""
+        session), recorded with the row so that even a crash mid-issue leaves it known.
+        ``claims`` (``broker.identity.recorded``) are recorded on an instance seen for the
+        first time, for selecting it later by claim."""
         lease_id = new_id("l")
         async with self._db.transaction() as conn:
             superseded = await issuance.begin_issue(
@@ -89,6 +93,7 @@ class IssuanceRecords:
                 limit=limit,
                 external_ref=external_ref,
                 vault_path=vault_path,
+                claims=claims,
             )
         return IssueTicket(lease_id, tuple(superseded))
 
@@ -458,6 +463,47 @@ class AdminRecords:
             return await admin.counts(conn, now)
 
 
+class SelectionRecords:
+    """Bulk termination: a selection's blast radius, and its termination in bounded
+    batches, one transaction per batch (never one for the whole set)."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def blast_radius(self, chosen: Selection, *, top: int, sample: int) -> BlastRadius:
+        """Aggregates over the selection, in one read transaction."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await selection.blast_radius(conn, chosen, top=top, sample=sample)
+
+    async def terminate_next(
+        self,
+        chosen: Selection,
+        *,
+        after: str | None,
+        limit: int,
+        actor: str,
+        reason: str | None,
+        incident: str | None,
+        check: Callable[[int], None],
+    ) -> TerminationBatch:
+        """Tombstone the next ``limit`` active instances of the selection past ``after``,
+        each with its revocation job and audit event, in one transaction. ``check`` sees
+        how many instances the selection still reaches first, and may refuse (raise)."""
+        async with self._db.transaction() as conn:
+            return await selection.terminate_next(
+                conn,
+                self._clock,
+                chosen,
+                after=after,
+                limit=limit,
+                actor=actor,
+                reason=reason,
+                incident=incident,
+                check=check,
+            )
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """Every ledger on one database: the broker hands each consumer only its own."""
@@ -470,6 +516,7 @@ class Ledgers:
     replay: ReplayRecords
     sightings: SightingRecords
     admin: AdminRecords
+    selection: SelectionRecords
 
     @classmethod
     def on(cls, database: Database, clock: Clock) -> Ledgers:
@@ -482,6 +529,7 @@ class Ledgers:
             replay=ReplayRecords(database, clock),
             sightings=SightingRecords(database),
             admin=AdminRecords(database, clock),
+            selection=SelectionRecords(database, clock),
         )
 
 
@@ -492,6 +540,7 @@ __all__ = [
     "ReconcileRecords",
     "ReplayRecords",
     "RevocationJobRecords",
+    "SelectionRecords",
     "SightingRecords",
     "TerminationRecords",
 ]

@@ -95,6 +95,7 @@ async def begin_issue(
     limit: LeaseLimit | None,
     external_ref: dict[str, Any] | None,
     vault_path: str | None,
+    claims: dict[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
     """Write the ``issuing`` row; the leases it supersedes under ``limit``."""
     superseded: list[tuple[str, str]] = []
@@ -106,6 +107,7 @@ async def begin_issue(
         workload,
         InstanceState.ACTIVE,
         shared=limit is None,
+        claims=claims,
     )
     require_owner(instance_id, owner, owner_workload, issuer=issuer_name, workload=workload)
     if state != InstanceState.ACTIVE:

@@ -84,6 +84,7 @@ async def request_termination(
     workload: str | None = None,
     token_id: tuple[str, datetime] | None = None,
     reason: str | None = None,
+    incident: str | None = None,
 ) -> JobView:
     now = clock.now()
     state, owner, owner_workload = await ensure_instance(
@@ -117,13 +118,19 @@ async def request_termination(
                 attempts=0,
                 next_attempt_at=now,
                 requested_by=actor[:64],
+                reason=reason[:200] if reason else None,
+                incident=incident,
                 created_at=now,
                 updated_at=now,
             )
         )
         # Who asked, beyond the actor, where the request says: the workload ending its
-        # own instance, and why.
-        said = {k: v for k, v in (("workload", workload), ("reason", reason)) if v}
+        # own instance, why, and the incident it belongs to.
+        said = {
+            k: v
+            for k, v in (("workload", workload), ("reason", reason), ("incident", incident))
+            if v
+        }
         await audit(
             conn,
             clock,
