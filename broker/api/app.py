@@ -18,6 +18,13 @@ from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
+from broker.api.selection import (
+    TERMINATION_FIELDS,
+    batch_public,
+    radius_public,
+    selection_of,
+    termination_order,
+)
 from broker.api.services import Admin, Credentials, EventReceiver, Readiness
 from broker.api.views import instance_public, job_public, lease_admin
 from broker.durations import parse_duration
@@ -217,7 +224,29 @@ async def terminate_instance(request: web.Request) -> web.Response:
     operator = await operator_of(request, Scope.REVOKE)
     instance_id = _instance_id(request)
     job = await request.app[API].admin.terminate(instance_id, operator)
-    return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
+    # Tombstoned all the same (a stolen token of a dead instance draws nothing), but said
+    # plainly: a mistyped id is noticed.
+    never_seen = await request.app[API].admin.never_seen(instance_id)
+    return web.json_response(
+        {"instance_id": instance_id, "job": job_public(job), "never_seen": never_seen},
+        status=202,
+    )
+
+
+async def select_instances(request: web.Request) -> web.Response:
+    """The blast radius of a selection (``broker.api.selection``); changes nothing."""
+    await operator_of(request, Scope.READ)
+    body = await _json_object(request, {"selection"})
+    radius = await request.app[API].admin.selection(selection_of(body.get("selection")))
+    return web.json_response(radius_public(radius))
+
+
+async def terminate_selection(request: web.Request) -> web.Response:
+    """The next batch of a selection's bulk termination; the caller follows ``next``."""
+    operator = await operator_of(request, Scope.REVOKE)
+    order = termination_order(await _json_object(request, set(TERMINATION_FIELDS)))
+    batch = await request.app[API].admin.terminate_selection(order, operator)
+    return web.json_response(batch_public(batch), status=202)
 
 
 async def terminate_event(request: web.Request) -> web.Response:
@@ -446,6 +475,8 @@ def build_app(
     r.add_get("/v1/admin/jobs", list_jobs)
     r.add_post("/v1/admin/jobs/{job_id}/retry", retry_job)
     r.add_post("/v1/admin/reconcile", reconcile)
+    r.add_post("/v1/admin/selection", select_instances)
+    r.add_post("/v1/admin/terminations", terminate_selection)
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)

@@ -8,9 +8,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.api.selection import TerminationOrder
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
-from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.leases import (
+    BlastRadius,
+    InstanceView,
+    JobView,
+    LeaseView,
+    Selection,
+    StoreCounts,
+    TerminationBatch,
+)
 from broker.revocation.reconcile import ReconcileReport
 
 
@@ -50,6 +59,14 @@ class Admin(Protocol):
     async def jobs(self, *, state: str | None) -> list[JobView]: ...
 
     async def terminate(self, instance_id: str, operator: Operator) -> JobView: ...
+
+    async def never_seen(self, instance_id: str) -> bool: ...
+
+    async def selection(self, selection: Selection) -> BlastRadius: ...
+
+    async def terminate_selection(
+        self, order: TerminationOrder, operator: Operator
+    ) -> TerminationBatch: ...
 
     async def retry(self, job_id: str, operator: Operator) -> JobView: ...
 

@@ -40,6 +40,7 @@ from broker.issuance.tokens import InstanceTokens
 from broker.leases import Database, Ledgers, TerminationRecords
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
+from broker.revocation.bulk import BulkTerminator
 from broker.revocation.reconcile import Reconciler
 from broker.revocation.terminator import Terminator
 from broker.revocation.worker import RevocationWorker
@@ -170,6 +171,13 @@ def assemble(
         rules=settings.policy.rules,
         issuers=settings.identity.issuers,
         audience=settings.identity.audience,
+        bulk=BulkTerminator(
+            ledgers.selection,
+            tokens,
+            revocation.kick,
+            {name: role.engine for name, role in settings.roles.items()},
+        ),
+        seen=ledgers.selection,
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(

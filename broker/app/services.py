@@ -7,12 +7,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.api.selection import TerminationOrder
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
 from broker.events import Terminate
 from broker.identity import IdentityVerifier
 from broker.identity.settings import IssuerSettings
-from broker.leases import InstanceView, JobView, LeaseView, StoreCounts
+from broker.leases import (
+    BlastRadius,
+    InstanceView,
+    JobView,
+    LeaseView,
+    Selection,
+    StoreCounts,
+    TerminationBatch,
+)
 from broker.policy.explain import explain, preview
 from broker.policy.settings import Rule
 from broker.revocation.reconcile import ReconcileReport
@@ -42,6 +51,31 @@ class AdminQueries(Protocol):
     async def retry_job(self, job_id: str, *, actor: str) -> JobView: ...
 
 
+class NeverSeen(Protocol):
+    """Which instance ids the broker never saw (``SelectionRecords.never_seen``)."""
+
+    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]: ...
+
+
+class BulkTermination(Protocol):
+    """A selection's blast radius and its termination batch by batch
+    (``broker.revocation.bulk.BulkTerminator``)."""
+
+    async def blast_radius(self, selection: Selection) -> BlastRadius: ...
+
+    async def terminate(
+        self,
+        selection: Selection,
+        *,
+        after: str | None,
+        batch: int,
+        max_instances: int | None,
+        actor: str,
+        reason: str | None,
+        incident: str | None,
+    ) -> TerminationBatch: ...
+
+
 class AdminService:
     """What an operator asks of the broker; every action is recorded as its operator."""
 
@@ -56,7 +90,11 @@ class AdminService:
         rules: tuple[Rule, ...],
         issuers: Sequence[IssuerSettings],
         audience: str,
+        bulk: BulkTermination,
+        seen: NeverSeen,
     ) -> None:
+        self._bulk = bulk
+        self._seen = seen
         self._queries = queries
         self._terminate = terminate
         self._reconcile = reconcile
@@ -90,6 +128,26 @@ class AdminService:
 
     async def terminate(self, instance_id: str, operator: Operator) -> JobView:
         return await self._terminate(instance_id, actor=operator.actor)
+
+    async def never_seen(self, instance_id: str) -> bool:
+        """Whether the broker never saw the instance (a termination only tombstoned it)."""
+        return bool(await self._seen.never_seen([instance_id]))
+
+    async def selection(self, selection: Selection) -> BlastRadius:
+        return await self._bulk.blast_radius(selection)
+
+    async def terminate_selection(
+        self, order: TerminationOrder, operator: Operator
+    ) -> TerminationBatch:
+        return await self._bulk.terminate(
+            order.selection,
+            after=order.after,
+            batch=order.batch,
+            max_instances=order.max_instances,
+            actor=operator.actor,
+            reason=order.reason,
+            incident=order.incident,
+        )
 
     async def retry(self, job_id: str, operator: Operator) -> JobView:
         job = await self._queries.retry_job(job_id, actor=operator.actor)

@@ -476,6 +476,11 @@ class SelectionRecords:
         async with self._db.transaction(readonly=True) as conn:
             return await selection.blast_radius(conn, chosen, top=top, sample=sample)
 
+    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]:
+        """Of these ids, those the broker never saw (no row, or only a tombstone)."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await selection.never_seen(conn, instance_ids)
+
     async def terminate_next(
         self,
         chosen: Selection,

@@ -105,6 +105,8 @@ class BlastRadius:
     never_seen: tuple[str, ...]
     sample: tuple[str, ...]
     progress: Progress
+    # Filled by the service, which knows each role's engine (the store knows roles).
+    leases_by_engine: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

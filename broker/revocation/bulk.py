@@ -9,6 +9,7 @@ needs a reason, and one that reaches more than the caller's ``max`` is refused w
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Protocol
 
 from broker.errors import BadRequest, SelectionTooLarge
@@ -78,17 +79,16 @@ class BulkTerminator:
         self._engines = engines  # role -> engine, for leases by engine
 
     async def blast_radius(self, selection: Selection) -> BlastRadius:
-        return await self._ledger.blast_radius(
+        """What terminating the selection would reach, with its live leases by engine too
+        (a role no longer configured counts under '-')."""
+        radius = await self._ledger.blast_radius(
             selection, top=TOP_WORKLOADS, sample=SAMPLE_INSTANCES
         )
-
-    def by_engine(self, radius: BlastRadius) -> dict[str, int]:
-        """Live leases by secrets engine (a role no longer configured counts as '-')."""
-        out: dict[str, int] = {}
+        by_engine: dict[str, int] = {}
         for role, count in radius.leases_by_role.items():
             engine = self._engines.get(role, "-")
-            out[engine] = out.get(engine, 0) + count
-        return dict(sorted(out.items()))
+            by_engine[engine] = by_engine.get(engine, 0) + count
+        return replace(radius, leases_by_engine=dict(sorted(by_engine.items())))
 
     async def terminate(
         self,
