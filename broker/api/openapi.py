@@ -1,4 +1,7 @@
-"""The OpenAPI 3.1 description of the HTTP API (served at ``/openapi.json``)."""
+"""The OpenAPI 3.1 description of the HTTP API (served at ``/openapi.json``).
+
+Size: one document describing every route, read top to bottom like the API itself;
+split by route it would scatter what a client reads as one."""
 
 from __future__ import annotations
 
