@@ -404,4 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m broker.cli.ctl`` runs this file as __main__; the command modules import
+    # broker.cli.ctl, a second copy, whose CtlError this copy's main() would not catch.
+    from broker.cli import ctl
+
+    sys.exit(ctl.main())
