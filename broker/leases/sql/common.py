@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -91,6 +92,56 @@ async def audit(
         )
     )
     await conn.execute(AUDIT_HEAD.update().where(AUDIT_HEAD.c.id == 1).values(seq=seq, hash=digest))
+
+
+async def audit_many(
+    conn: AsyncConnection,
+    clock: Clock,
+    actor: str,
+    action: str,
+    subjects: Sequence[tuple[str | None, dict[str, Any]]],
+) -> None:
+    """Append one event per (instance id, detail) of one action by one actor, as ``audit``
+    does for one, under one lock of the head and with one insert: a bulk termination
+    records thousands, and one round trip each would hold its batch's locks for longer."""
+    if not subjects:
+        return
+    head = (await conn.execute(_LOCK_HEAD)).one()
+    seq, prev = int(head[0]), str(head[1])
+    at = clock.now()
+    rows = []
+    for instance_id, detail in subjects:
+        seq += 1
+        document = chain.event_document(
+            seq=seq,
+            at=at,
+            actor=actor[:128],
+            action=action,
+            instance_id=instance_id,
+            lease_id=None,
+            outcome="ok",
+            reason=None,
+            detail=detail,
+        )
+        digest = chain.link_hash(prev, document)
+        rows.append(
+            {
+                "seq": seq,
+                "at": at,
+                "actor": document["actor"],
+                "action": action,
+                "instance_id": instance_id,
+                "lease_id": None,
+                "outcome": "ok",
+                "reason": None,
+                "detail": document["detail"],
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        prev = digest
+    await conn.execute(AUDIT_EVENTS.insert(), rows)
+    await conn.execute(AUDIT_HEAD.update().where(AUDIT_HEAD.c.id == 1).values(seq=seq, hash=prev))
 
 
 async def lock_instance(

@@ -22,6 +22,7 @@ from broker.leases.sql.common import (
     JOBS,
     LIVE,
     audit,
+    audit_many,
     ensure_instance,
     job_view,
     lease_view,
@@ -143,6 +144,83 @@ async def request_termination(
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)
     return await _the_job(conn, instance_id)
+
+
+async def request_terminations(
+    conn: AsyncConnection,
+    clock: Clock,
+    instance_ids: Sequence[str],
+    *,
+    actor: str,
+    reason: str | None = None,
+    incident: str | None = None,
+) -> list[tuple[str, str]]:
+    """``request_termination`` for a batch of instances the store holds, set-based (a
+    statement per step, not per instance): each row locked exclusively, in id order (as
+    one at a time would, waiting for in-flight issuance), the active ones tombstoned, a job
+    and an audit event each. Instances no longer active are left as they are (their job
+    exists). Returns (instance id, job id) of the jobs it created."""
+    now = clock.now()
+    ids = sorted(set(instance_ids))
+    if not ids:
+        return []
+    rows = (
+        await conn.execute(
+            select(m.Instance.instance_id, m.Instance.state)
+            .where(m.Instance.instance_id.in_(ids))
+            .order_by(m.Instance.instance_id)
+            .with_for_update()
+        )
+    ).all()
+    active = [r[0] for r in rows if r[1] == InstanceState.ACTIVE.value]
+    if not active:
+        return []
+    await conn.execute(
+        update(m.Instance)
+        .where(
+            m.Instance.instance_id.in_(active), m.Instance.state == InstanceState.ACTIVE.value
+        )
+        .values(state=InstanceState.TERMINATING.value, updated_at=now)
+    )
+    have = set(
+        (
+            await conn.execute(
+                select(m.RevocationJob.instance_id).where(
+                    m.RevocationJob.instance_id.in_(active)
+                )
+            )
+        ).scalars()
+    )
+    created = [(iid, new_id("j")) for iid in active if iid not in have]
+    if not created:
+        return []
+    await conn.execute(
+        JOBS.insert(),
+        [
+            {
+                "job_id": job_id,
+                "instance_id": instance_id,
+                "state": JobState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "requested_by": actor[:64],
+                "reason": reason[:200] if reason else None,
+                "incident": incident,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for instance_id, job_id in created
+        ],
+    )
+    said = {k: v for k, v in (("reason", reason), ("incident", incident)) if v}
+    await audit_many(
+        conn,
+        clock,
+        actor,
+        "instance.terminate_requested",
+        [(instance_id, {"job_id": job_id, **said}) for instance_id, job_id in created],
+    )
+    return created
 
 
 async def _requeue(

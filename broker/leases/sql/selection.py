@@ -33,7 +33,7 @@ from broker.leases.selection import (
     TerminationBatch,
 )
 from broker.leases.sql.common import INSTANCES, JOBS, LEASES, LIVE
-from broker.leases.sql.jobs import request_termination
+from broker.leases.sql.jobs import request_termination, request_terminations
 from broker.leases.states import InstanceState
 
 _ACTIVE = InstanceState.ACTIVE.value
@@ -234,8 +234,9 @@ async def terminate_next(
 ) -> TerminationBatch:
     """The next ``limit`` active instances of the selection past ``after`` (in instance id
     order, which is also the order their rows are locked in), each tombstoned with its job
-    and audit event through ``request_termination``, in the caller's one transaction. The
-    first batch (``after`` None) also tombstones the explicit ids the broker never saw.
+    and audit event (``request_terminations``, set-based), in the caller's one transaction.
+    The first batch (``after`` None) also tombstones the explicit ids the store does not
+    hold, and reports every id the broker never saw.
     ``check`` is given how many instances the selection still reaches, and may refuse."""
     count = await reachable(conn, selection)
     check(count)  # may refuse before anything is written
@@ -245,28 +246,38 @@ async def terminate_next(
         stmt = stmt.where(Ic.instance_id > after)
     ids = list((await conn.execute(stmt.order_by(Ic.instance_id).limit(limit))).scalars())
     unseen = await never_seen(conn, selection.instances) if after is None else []
-    done: list[Terminated] = []
-    for instance_id in sorted(set(ids) | set(unseen)):
+    created = dict(
+        await request_terminations(conn, clock, ids, actor=actor, reason=reason, incident=incident)
+    )
+    held = (
+        set(
+            (await conn.execute(select(Ic.instance_id).where(Ic.instance_id.in_(unseen)))).scalars()
+        )
+        if unseen
+        else set()
+    )
+    for instance_id in unseen:  # a few at most: each tombstoned as one alone would be
+        if instance_id in held:
+            continue  # tombstoned by an earlier run: reported, not terminated again
         job = await request_termination(
             conn, clock, instance_id, actor=actor, issuer=None, reason=reason, incident=incident
         )
-        done.append(Terminated(instance_id, job.job_id, 0))
-    live: dict[str, int] = (
-        dict(
+        created.setdefault(instance_id, job.job_id)
+    live: dict[str, int] = {}
+    if created:
+        live = dict(
             (
                 await conn.execute(
                     select(Lc.instance_id, func.count())
-                    .where(Lc.instance_id.in_([t.instance_id for t in done]), Lc.state.in_(LIVE))
+                    .where(Lc.instance_id.in_(list(created)), Lc.state.in_(LIVE))
                     .group_by(Lc.instance_id)
                 )
             ).all()
         )
-        if done
-        else {}
-    )
     return TerminationBatch(
         terminated=tuple(
-            Terminated(t.instance_id, t.job_id, int(live.get(t.instance_id, 0))) for t in done
+            Terminated(iid, job_id, int(live.get(iid, 0)))
+            for iid, job_id in sorted(created.items())
         ),
         never_seen=tuple(unseen),
         next=ids[-1] if len(ids) == limit else None,

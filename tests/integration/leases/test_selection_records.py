@@ -154,7 +154,7 @@ async def test_bulk_termination_batches_is_idempotent_and_tombstones_never_seen(
     rerun = await s.selection.terminate_next(
         ghosts, after=None, limit=10, actor="operator:alice", reason=None, incident=None,
         check=no_check)
-    assert rerun.never_seen == ("ghost-1",)
+    assert (rerun.never_seen, rerun.terminated) == (("ghost-1",), ())
     assert len(await s.admin.list_jobs()) == 8
 
 
