@@ -1,6 +1,7 @@
 """A selection's SQL (``broker.leases.selection``): its blast radius as aggregates, and
-one bounded batch of its termination through the per-instance termination of
-``broker.leases.sql.jobs``. Every query filters on indexed columns (instance id, state,
+one bounded batch of its termination through the termination SQL of
+``broker.leases.sql.jobs`` (its set-based form for the batch, the per-instance one for
+never-seen ids). Every query filters on indexed columns (instance id, state,
 workload, issuer; a lease's instance and state, role); only a claim selector reads the
 JSON of the instances the other selectors leave."""
 
