@@ -49,6 +49,7 @@ bench: install-test
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/revocation.py
 	$(BIN)/python bench/agent.py
+	$(BIN)/python bench/bulk.py
 
 clean:
 	rm -rf $(VENV) .broker-dev .pytest_cache

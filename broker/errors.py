@@ -15,6 +15,7 @@ package that calls them; nothing above that boundary catches them.
     ├── NotFound                   404  unknown lease/instance (or not the caller's)
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
     ├── LeaseLimitReached          409  the role's per-instance lease limit is reached
+    ├── SelectionTooLarge          409  a bulk termination reaches more than its --max
     ├── UpstreamRejected           502  Vault refused a request the broker made
     ├── UpstreamUnavailable        503  Vault unreachable, sealed or timing out
     └── StoreUnavailable           503  the lease store cannot be reached
@@ -113,6 +114,11 @@ class InstanceTerminated(BrokerError):
 class LeaseLimitReached(BrokerError):
     status = 409
     code = "lease_limit_reached"
+
+
+class SelectionTooLarge(BrokerError):
+    status = 409
+    code = "selection_too_large"
 
 
 class UpstreamRejected(BrokerError):

@@ -19,6 +19,13 @@ from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.operators import Operator, Scope
 from broker.api.queries import MAX_PAGE, encode_cursor, query_params
+from broker.api.selection import (
+    TERMINATION_FIELDS,
+    batch_public,
+    radius_public,
+    selection_of,
+    termination_order,
+)
 from broker.api.services import (
     Admin,
     AuditReader,
@@ -307,7 +314,29 @@ async def terminate_instance(request: web.Request) -> web.Response:
     job = await request.app[API].admin.terminate(
         instance_id, operator, reason=reason, incident=incident
     )
-    return web.json_response({"instance_id": instance_id, "job": job_public(job)}, status=202)
+    # Tombstoned all the same (a stolen token of a dead instance draws nothing), but said
+    # plainly: a mistyped id is noticed.
+    never_seen = await request.app[API].admin.never_seen(instance_id)
+    return web.json_response(
+        {"instance_id": instance_id, "job": job_public(job), "never_seen": never_seen},
+        status=202,
+    )
+
+
+async def select_instances(request: web.Request) -> web.Response:
+    """The blast radius of a selection (``broker.api.selection``); changes nothing."""
+    await operator_of(request, Scope.READ)
+    body = await _json_object(request, {"selection"})
+    radius = await request.app[API].admin.selection(selection_of(body.get("selection")))
+    return web.json_response(radius_public(radius))
+
+
+async def terminate_selection(request: web.Request) -> web.Response:
+    """The next batch of a selection's bulk termination; the caller follows ``next``."""
+    operator = await operator_of(request, Scope.REVOKE)
+    order = termination_order(await _json_object(request, set(TERMINATION_FIELDS)))
+    batch = await request.app[API].admin.terminate_selection(order, operator)
+    return web.json_response(batch_public(batch), status=202)
 
 
 async def terminate_event(request: web.Request) -> web.Response:
@@ -701,6 +730,8 @@ def build_app(
     r.add_get("/v1/admin/jobs", list_jobs)
     r.add_post("/v1/admin/jobs/{job_id}/retry", retry_job)
     r.add_post("/v1/admin/reconcile", reconcile)
+    r.add_post("/v1/admin/selection", select_instances)
+    r.add_post("/v1/admin/terminations", terminate_selection)
     r.add_post("/v1/events/terminate", terminate_event)
     r.add_post("/v1/admin/policy/explain", explain_policy)
     r.add_post("/v1/admin/policy/preview", preview_policy)

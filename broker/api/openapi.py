@@ -79,6 +79,115 @@ _AUDIT_REPORT: dict[str, Any] = {
 }
 
 
+_NAMES = {"type": "array", "maxItems": 1000, "items": {"type": "string"}}
+_SELECTION = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Same selector repeated: OR; different selectors: AND (claims: same key "
+    "OR, different keys AND). role, leases and the issued window select an active instance "
+    "holding a live lease that matches them all. At least one selector (empty_selection).",
+    "properties": {
+        "instances": _NAMES,
+        "workloads": _NAMES,
+        "issuers": _NAMES,
+        "roles": _NAMES,
+        "leases": _NAMES,
+        "claims": {
+            "type": "array",
+            "maxItems": 1000,
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.:/@-]{0,127}=.+$"},
+        },
+        "issued_after": {"type": "string", "format": "date-time"},
+        "issued_before": {"type": "string", "format": "date-time"},
+    },
+}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+
+
+def _bulk_paths() -> dict[str, Any]:
+    """The selection's blast radius and its bulk termination (``broker.api.selection``)."""
+    selection_body = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["selection"],
+        "properties": {"selection": _SELECTION},
+    }
+    return {
+        "/v1/admin/selection": {
+            "post": {
+                "summary": "The blast radius of a selection: instances, live leases by role, "
+                "engine and kind, workloads, issuers, never-seen ids, and the progress of its "
+                "revocation. Changes nothing (scope read)",
+                "security": _ADMIN,
+                "requestBody": _body(selection_body),
+                "responses": {
+                    "200": _ok(
+                        "the blast radius",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "instances": {"type": "integer"},
+                                "already_terminated": {"type": "integer"},
+                                "never_seen": _NAMES,
+                                "leases": {"type": "object"},
+                                "workloads": {"type": "object"},
+                                "issuers": _COUNTS,
+                                "sample": _NAMES,
+                                "progress": {"type": "object"},
+                            },
+                        },
+                    ),
+                    "400": _err("bad or empty selection (invalid_selection, empty_selection)"),
+                    **_ADMIN_ERRS,
+                },
+            }
+        },
+        "/v1/admin/terminations": {
+            "post": {
+                "summary": "Terminate the next batch of a selection's active instances, one "
+                "revocation job each, in one transaction (scope revoke); follow 'next'. "
+                "Idempotent; never-seen instance ids are tombstoned and reported",
+                "security": _ADMIN,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["selection"],
+                        "properties": {
+                            "selection": _SELECTION,
+                            "reason": {"type": "string", "maxLength": 200},
+                            "incident": {"type": "string", "maxLength": 128},
+                            "max": {"type": "integer", "minimum": 1},
+                            "after": {"type": "string"},
+                            "batch": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    }
+                ),
+                "responses": {
+                    "202": _ok(
+                        "the batch: jobs recorded, never-seen ids, the next cursor",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "terminated": {"type": "array", "items": {"type": "object"}},
+                                "never_seen": _NAMES,
+                                "next": {"type": ["string", "null"]},
+                                "counts": _COUNTS,
+                            },
+                        },
+                    ),
+                    "400": _err(
+                        "bad selection or field (invalid_selection, empty_selection, "
+                        "reason_required when more than one instance is reached)"
+                    ),
+                    "409": _err("the selection reaches more than 'max' (selection_too_large)"),
+                    **_ADMIN_ERRS,
+                },
+            }
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -328,7 +437,10 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [_INSTANCE_PARAM],
                     "requestBody": SAID_BODY,
                     "responses": {
-                        "202": _ok("revocation job queued"),
+                        "202": _ok(
+                            "revocation job queued; never_seen: the broker never saw the id "
+                            "(tombstoned all the same, 0 leases)"
+                        ),
                         "400": _err("malformed body"),
                         **_ADMIN_ERRS,
                     },
@@ -520,6 +632,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_bulk_paths(),
             "/v1/admin/reconcile": {
                 "post": {
                     "summary": "Reconcile the store with Vault now: leases past expiry, "

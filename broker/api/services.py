@@ -9,18 +9,22 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from broker.api.operators import Operator, Scope
+from broker.api.selection import TerminationOrder
 from broker.audit.verify import Report
 from broker.identity import Identity
 from broker.issuance.service import IssuedCredential
 from broker.leases import (
     AuditEventView,
     AuditSelection,
+    BlastRadius,
     InstanceListing,
     InstanceView,
     JobView,
     LeaseGroups,
     LeaseView,
+    Selection,
     StoreCounts,
+    TerminationBatch,
 )
 from broker.leases.views import LockView
 from broker.revocation.reconcile import ReconcileReport
@@ -77,6 +81,14 @@ class Admin(Protocol):
         limit: int,
         after: tuple[datetime, str] | None,
     ) -> list[InstanceListing]: ...
+
+    async def never_seen(self, instance_id: str) -> bool: ...
+
+    async def selection(self, selection: Selection) -> BlastRadius: ...
+
+    async def terminate_selection(
+        self, order: TerminationOrder, operator: Operator
+    ) -> TerminationBatch: ...
 
     async def jobs(
         self,

@@ -46,6 +46,7 @@ from broker.leases import Database, Ledgers, TerminationRecords
 from broker.leases.refusals import BoundedRefusals
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
+from broker.revocation.bulk import BulkTerminator
 from broker.revocation.reconcile import Reconciler
 from broker.revocation.terminator import Terminator
 from broker.revocation.worker import RevocationWorker
@@ -206,6 +207,13 @@ def assemble(
         audience=settings.identity.audience,
         vault=vault,
         locks=ledgers.admin,
+        bulk=BulkTerminator(
+            ledgers.selection,
+            tokens,
+            revocation.kick,
+            {name: role.engine for name, role in settings.roles.items()},
+        ),
+        seen=ledgers.selection,
         clock=clock,
     )
     signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))

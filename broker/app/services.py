@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from broker.api.operators import Operator
+from broker.api.selection import TerminationOrder
 from broker.api.views import lock_public
 from broker.clock import Clock, iso_z
 from broker.engines.role import RoleSettings
@@ -16,13 +17,16 @@ from broker.events import Terminate
 from broker.identity import Identity, IdentityVerifier
 from broker.identity.settings import IssuerSettings
 from broker.leases import (
+    BlastRadius,
     InstanceListing,
     InstanceView,
     JobView,
     LeaseGroups,
     LeaseView,
     LockView,
+    Selection,
     StoreCounts,
+    TerminationBatch,
 )
 from broker.leases.locks import LockSubject, refusing_lock
 from broker.policy.explain import decision_refusal, explain, instance_refusal, preview
@@ -124,6 +128,31 @@ class LeaseLookup(Protocol):
 ExplainCheck = Callable[[Identity, str], Awaitable[list[dict[str, Any]]]]
 
 
+class NeverSeen(Protocol):
+    """Which instance ids the broker never saw (``SelectionRecords.never_seen``)."""
+
+    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]: ...
+
+
+class BulkTermination(Protocol):
+    """A selection's blast radius and its termination batch by batch
+    (``broker.revocation.bulk.BulkTerminator``)."""
+
+    async def blast_radius(self, selection: Selection) -> BlastRadius: ...
+
+    async def terminate(
+        self,
+        selection: Selection,
+        *,
+        after: str | None,
+        batch: int,
+        max_instances: int | None,
+        actor: str,
+        reason: str | None,
+        incident: str | None,
+    ) -> TerminationBatch: ...
+
+
 class AdminService:
     """What an operator asks of the broker; every action is recorded as its operator."""
 
@@ -140,9 +169,13 @@ class AdminService:
         audience: str,
         vault: LeaseLookup,
         locks: AdminLocks,
+        bulk: BulkTermination,
+        seen: NeverSeen,
         clock: Clock,
         explain_checks: Sequence[ExplainCheck] = (),
     ) -> None:
+        self._bulk = bulk
+        self._seen = seen
         self._queries = queries
         self._locks = locks
         self._clock = clock
@@ -245,6 +278,26 @@ class AdminService:
     ) -> JobView:
         return await self._terminate(
             instance_id, actor=operator.actor, reason=reason, incident=incident
+        )
+
+    async def never_seen(self, instance_id: str) -> bool:
+        """Whether the broker never saw the instance (a termination only tombstoned it)."""
+        return bool(await self._seen.never_seen([instance_id]))
+
+    async def selection(self, selection: Selection) -> BlastRadius:
+        return await self._bulk.blast_radius(selection)
+
+    async def terminate_selection(
+        self, order: TerminationOrder, operator: Operator
+    ) -> TerminationBatch:
+        return await self._bulk.terminate(
+            order.selection,
+            after=order.after,
+            batch=order.batch,
+            max_instances=order.max_instances,
+            actor=operator.actor,
+            reason=order.reason,
+            incident=order.incident,
         )
 
     async def retry(

@@ -24,6 +24,7 @@ class IssuanceLedger(Protocol):
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
         lock_subject: LockSubject | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> IssueTicket: ...
 
     async def refuse_if_locked(self, subject: LockSubject) -> None: ...

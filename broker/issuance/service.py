@@ -49,6 +49,7 @@ from broker.errors import (
 )
 from broker.events import Terminate
 from broker.identity.model import Identity
+from broker.identity.recorded import recorded_claims
 from broker.issuance.ledger import IssuanceLedger
 from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject
 from broker.issuance.settle import (
@@ -203,6 +204,7 @@ class CredentialService:
                 external_ref=plan.session_ref.to_record() if plan.session_ref else None,
                 vault_path=plan.request.path,
                 lock_subject=lock_subject(identity, role_name),
+                claims=recorded_claims(identity.claims),
             )
         except Locked as exc:
             await audit_locked(self._refusals, identity, role_name, exc, "issue")

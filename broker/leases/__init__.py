@@ -15,8 +15,16 @@ from broker.leases.records import (
     ReconcileRecords,
     ReplayRecords,
     RevocationJobRecords,
+    SelectionRecords,
     SightingRecords,
     TerminationRecords,
+)
+from broker.leases.selection import (
+    BlastRadius,
+    Progress,
+    Selection,
+    Terminated,
+    TerminationBatch,
 )
 from broker.leases.states import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 from broker.leases.views import (
@@ -65,6 +73,12 @@ __all__ = [
     "ReplayRecords",
     "RevocationJobRecords",
     "RevocationWork",
+    "BlastRadius",
+    "Progress",
+    "Selection",
+    "SelectionRecords",
+    "Terminated",
+    "TerminationBatch",
     "SightingRecords",
     "StoreCounts",
     "TerminationRecords",

@@ -49,6 +49,9 @@ class Instance(Base):
     __table_args__ = (
         Index("ix_instances_state_seen", "state", "last_seen_at"),
         Index("ix_instances_created", "created_at", "instance_id"),
+        # A bulk termination's selectors (``broker.leases.sql.selection``).
+        Index("ix_instances_workload", "workload"),
+        Index("ix_instances_issuer", "issuer_name"),
     )
 
     instance_id: Mapped[str] = mapped_column(String(255), primary_key=True)

@@ -8,7 +8,7 @@ stay one transaction, so their locking and ordering invariants are those of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +20,7 @@ from broker.clock import Clock
 from broker.leases import chain as chain_math
 from broker.leases.database import Database
 from broker.leases.locks import LockSubject
+from broker.leases.selection import BlastRadius, Selection, TerminationBatch
 from broker.leases.sql import (
     admin,
     chain,
@@ -30,6 +31,7 @@ from broker.leases.sql import (
     locks,
     reconcile,
     replay,
+    selection,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import (
@@ -85,6 +87,7 @@ class IssuanceRecords:
         external_ref: dict[str, Any] | None = None,
         vault_path: str | None = None,
         lock_subject: LockSubject | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> IssueTicket:
         """Write the ``issuing`` row before Vault is asked. Refuses a tombstoned instance,
         and a token id (``jti``, with the token's expiry) already used for an exchange: the
@@ -99,7 +102,10 @@ class IssuanceRecords:
         session), recorded with the row so that even a crash mid-issue leaves it known.
 
         ``lock_subject``: refused (``Locked``) if an active lock matches it, read in this
-        same transaction, so a lock holds on every replica from the moment it commits."""
+        same transaction, so a lock holds on every replica from the moment it commits.
+
+        ``claims`` (``broker.identity.recorded``) are recorded on an instance seen for the
+        first time, for selecting it later by claim."""
         lease_id = new_id("l")
         async with self._db.transaction() as conn:
             superseded = await issuance.begin_issue(
@@ -116,6 +122,7 @@ class IssuanceRecords:
                 external_ref=external_ref,
                 vault_path=vault_path,
                 lock_subject=lock_subject,
+                claims=claims,
             )
         return IssueTicket(lease_id, tuple(superseded))
 
@@ -686,6 +693,52 @@ class ChainRecords:
             return await chain.events_page(conn, after=after, upto=upto, limit=limit)
 
 
+class SelectionRecords:
+    """Bulk termination: a selection's blast radius, and its termination in bounded
+    batches, one transaction per batch (never one for the whole set)."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def blast_radius(self, chosen: Selection, *, top: int, sample: int) -> BlastRadius:
+        """Aggregates over the selection, in one read transaction."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await selection.blast_radius(conn, chosen, top=top, sample=sample)
+
+    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]:
+        """Of these ids, those the broker never saw (no row, or only a tombstone)."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await selection.never_seen(conn, instance_ids)
+
+    async def terminate_next(
+        self,
+        chosen: Selection,
+        *,
+        after: str | None,
+        limit: int,
+        actor: str,
+        reason: str | None,
+        incident: str | None,
+        check: Callable[[int], None],
+    ) -> TerminationBatch:
+        """Tombstone the next ``limit`` active instances of the selection past ``after``,
+        each with its revocation job and audit event, in one transaction. ``check`` sees
+        how many instances the selection still reaches first, and may refuse (raise)."""
+        async with self._db.transaction() as conn:
+            return await selection.terminate_next(
+                conn,
+                self._clock,
+                chosen,
+                after=after,
+                limit=limit,
+                actor=actor,
+                reason=reason,
+                incident=incident,
+                check=check,
+            )
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """Every ledger on one database: the broker hands each consumer only its own."""
@@ -700,6 +753,7 @@ class Ledgers:
     admin: AdminRecords
     audit: AuditRecords
     chain: ChainRecords
+    selection: SelectionRecords
 
     @classmethod
     def on(cls, database: Database, clock: Clock, *, token_key: bytes | None = None) -> Ledgers:
@@ -714,6 +768,7 @@ class Ledgers:
             admin=AdminRecords(database, clock),
             audit=AuditRecords(database),
             chain=ChainRecords(database),
+            selection=SelectionRecords(database, clock),
         )
 
 
@@ -726,6 +781,7 @@ __all__ = [
     "ReconcileRecords",
     "ReplayRecords",
     "RevocationJobRecords",
+    "SelectionRecords",
     "SightingRecords",
     "TerminationRecords",
 ]

@@ -81,6 +81,9 @@ def upgrade() -> None:
     op.create_index("ix_locks_removed", "locks", ["removed_at"], unique=False)
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.add_column(sa.Column("claims", sa.JSON(), nullable=True))
+    # A bulk termination selects instances by workload and issuer.
+    op.create_index("ix_instances_workload", "instances", ["workload"], unique=False)
+    op.create_index("ix_instances_issuer", "instances", ["issuer_name"], unique=False)
     with op.batch_alter_table("revocation_jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("reason", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("incident", sa.String(length=128), nullable=True))
@@ -162,6 +165,8 @@ def downgrade() -> None:
     with op.batch_alter_table("revocation_jobs", schema=None) as batch_op:
         batch_op.drop_column("incident")
         batch_op.drop_column("reason")
+    op.drop_index("ix_instances_issuer", table_name="instances")
+    op.drop_index("ix_instances_workload", table_name="instances")
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.drop_column("claims")
     op.drop_index("ix_locks_removed", table_name="locks")

@@ -175,25 +175,28 @@ async def ensure_instance(
     state: InstanceState,
     *,
     shared: bool = False,
+    claims: dict[str, Any] | None = None,
 ) -> tuple[str, str | None, str | None]:
+    """Lock the instance's row, writing it first if the broker never saw the instance;
+    ``claims``: the identity's claims to record on a row written here (first issuance)."""
     current = await lock_instance(conn, instance_id, shared=shared)
     if current is not None:
         return current
     now = clock.now()
+    row: dict[str, Any] = {
+        "instance_id": instance_id,
+        "issuer_name": issuer_name,
+        "workload": workload,
+        "state": state.value,
+        "created_at": now,
+        "updated_at": now,
+        "last_seen_at": now if state == InstanceState.ACTIVE else None,
+    }
+    if claims is not None:  # absent, not JSON null: the column stays SQL NULL
+        row["claims"] = claims
     try:
         async with conn.begin_nested():
-            await conn.execute(
-                _INSERT_INSTANCE,
-                {
-                    "instance_id": instance_id,
-                    "issuer_name": issuer_name,
-                    "workload": workload,
-                    "state": state.value,
-                    "created_at": now,
-                    "updated_at": now,
-                    "last_seen_at": now if state == InstanceState.ACTIVE else None,
-                },
-            )
+            await conn.execute(_INSERT_INSTANCE, row)
     except IntegrityError:
         pass  # created concurrently: lock the winner's row below
     current = await lock_instance(conn, instance_id, shared=shared)

@@ -98,6 +98,7 @@ async def begin_issue(
     external_ref: dict[str, Any] | None,
     vault_path: str | None,
     lock_subject: LockSubject | None = None,
+    claims: dict[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
     """Write the ``issuing`` row; the leases it supersedes under ``limit``. A request an
     active lock matches is refused first (``Locked``), in this same transaction."""
@@ -112,6 +113,7 @@ async def begin_issue(
         workload,
         InstanceState.ACTIVE,
         shared=limit is None,
+        claims=claims,
     )
     require_owner(instance_id, owner, owner_workload, issuer=issuer_name, workload=workload)
     if state != InstanceState.ACTIVE:

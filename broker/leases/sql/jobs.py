@@ -118,7 +118,7 @@ async def request_termination(
                 attempts=0,
                 next_attempt_at=now,
                 requested_by=actor[:64],
-                reason=reason,
+                reason=reason[:200] if reason else None,
                 incident=incident,
                 created_at=now,
                 updated_at=now,
@@ -142,6 +142,98 @@ async def request_termination(
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)
     return await _the_job(conn, instance_id)
+
+
+async def request_terminations(
+    conn: AsyncConnection,
+    clock: Clock,
+    instance_ids: Sequence[str],
+    *,
+    actor: str,
+    reason: str | None = None,
+    incident: str | None = None,
+) -> list[tuple[str, str]]:
+    """``request_termination`` for a batch of instances the store holds, set-based (a
+    statement per step, not per instance): each row locked exclusively, in id order (as
+    one at a time would, waiting for in-flight issuance), the active ones tombstoned, a job
+    and an audit event each. Instances no longer active are left as they are (their job
+    exists). Returns (instance id, job id) of the jobs it created."""
+    now = clock.now()
+    ids = sorted(set(instance_ids))
+    if not ids:
+        return []
+    rows = (
+        await conn.execute(
+            select(
+                m.Instance.instance_id,
+                m.Instance.state,
+                m.Instance.issuer_name,
+                m.Instance.workload,
+            )
+            .where(m.Instance.instance_id.in_(ids))
+            .order_by(m.Instance.instance_id)
+            .with_for_update()
+        )
+    ).all()
+    active = [r[0] for r in rows if r[1] == InstanceState.ACTIVE.value]
+    owners = {r[0]: (r[2], r[3]) for r in rows}
+    if not active:
+        return []
+    await conn.execute(
+        update(m.Instance)
+        .where(
+            m.Instance.instance_id.in_(active), m.Instance.state == InstanceState.ACTIVE.value
+        )
+        .values(state=InstanceState.TERMINATING.value, updated_at=now)
+    )
+    have = set(
+        (
+            await conn.execute(
+                select(m.RevocationJob.instance_id).where(
+                    m.RevocationJob.instance_id.in_(active)
+                )
+            )
+        ).scalars()
+    )
+    created = [(iid, new_id("j")) for iid in active if iid not in have]
+    if not created:
+        return []
+    await conn.execute(
+        JOBS.insert(),
+        [
+            {
+                "job_id": job_id,
+                "instance_id": instance_id,
+                "state": JobState.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "requested_by": actor[:64],
+                "reason": reason[:200] if reason else None,
+                "incident": incident,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for instance_id, job_id in created
+        ],
+    )
+    # One event each, as one at a time would record it; the transaction appends them to
+    # the chain together, under one lock of its head and with one insert.
+    for instance_id, job_id in created:
+        await audit(
+            conn,
+            clock,
+            actor,
+            "instance.terminate_requested",
+            instance_id=instance_id,
+            reason=reason,
+            job_id=job_id,
+            issuer=owners[instance_id][0],
+            workload=owners[instance_id][1],
+            previous_state=InstanceState.ACTIVE.value,
+            self_terminated=False,
+            **({"incident": incident} if incident else {}),
+        )
+    return created
 
 
 async def _requeue(

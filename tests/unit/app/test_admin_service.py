@@ -78,6 +78,7 @@ def service(queries: Any = None, vault: Any = None, verifier: Any = None,
     return AdminService(queries or Queries(), terminate=nothing, reconcile=nothing,
                         verifier=verifier or Verifier(IDENTITY), roles=ROLES, rules=RULES,
                         issuers=(), audience="a", vault=vault or Vault(None), locks=NoLocks(),
+                        bulk=None, seen=None,
                         clock=FixedClock(NOW), explain_checks=checks)
 
 

@@ -1,0 +1,91 @@
+"""``brokerctl revoke``'s argument handling (pure): selectors into the API's selection,
+times, the single-instance path, the bulk confirmations, and the exit code."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from broker.cli.ctl import EXIT_FAILED, EXIT_NEVER_SEEN, EXIT_OK, EXIT_USAGE, CtlError, _parser
+from broker.cli.ctl_revoke import (
+    bulk_refusal,
+    revoke_exit,
+    selection_of,
+    show_revoke,
+    single_instance,
+    when,
+)
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def parse(*argv):
+    return _parser().parse_args(["revoke", *argv])
+
+
+def test_selectors_repeat_and_combine():
+    args = parse("--instance", "a", "--instance", "b", "--instance", "a", "--workload", "w",
+                 "--role", "db", "--role", "kv", "--issuer", "dev", "--claim", "team=pay",
+                 "--lease", "l-1", "--issued-after", "2h", "--issued-before",
+                 "2026-03-01T11:30:00+01:00")
+    assert selection_of(args, NOW) == {
+        "instances": ["a", "b"], "workloads": ["w"], "issuers": ["dev"], "roles": ["db", "kv"],
+        "leases": ["l-1"], "claims": ["team=pay"], "issued_after": "2026-03-01T10:00:00Z",
+        "issued_before": "2026-03-01T10:30:00Z"}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("30m", "2026-03-01T11:30:00Z"), ("1d", "2026-02-28T12:00:00Z"),
+    ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z"),
+], ids=["minutes_ago", "day_ago", "rfc3339"])
+def test_when(text, expected):
+    assert when(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2026-01-01T00:00:00", "-5m"],
+                         ids=["words", "naive", "negative"])
+def test_when_refuses(text):
+    with pytest.raises(ValueError):
+        when(text, NOW)
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "name what to revoke"),
+    (["--claim", "team"], "expected key=value"),
+    (["--issued-after", "soon"], "--issued-after"),
+], ids=["no_selector", "bad_claim", "bad_time"])
+def test_usage_errors(argv, message):
+    with pytest.raises(CtlError) as info:
+        selection_of(parse(*argv), NOW)
+    assert info.value.exit_code == EXIT_USAGE and message in str(info.value)
+
+
+def test_one_instance_alone_takes_the_single_path():
+    assert single_instance({"instances": ["a"]}) == "a"
+    assert single_instance({"instances": ["a", "b"]}) is None
+    assert single_instance({"instances": ["a"], "roles": ["db"]}) is None
+
+
+@pytest.mark.parametrize("argv,reach,refused", [
+    ([], 1, None), ([], 2, "--yes"), (["--yes"], 2, "--reason"),
+    (["--yes", "--reason", "x"], 2, None), (["--max", "5", "--reason", "x"], 2, None),
+    (["--max", "5"], 2, "--reason"),
+], ids=["one", "bulk_unconfirmed", "bulk_no_reason", "bulk_ok", "max_guard", "max_no_reason"])
+def test_bulk_needs_confirmation_and_reason(argv, reach, refused):
+    why = bulk_refusal(reach, parse("--workload", "w", *argv))
+    assert (why is None) if refused is None else (refused in why)
+
+
+def test_never_seen_is_said_and_has_its_exit_code():
+    job = {"job_id": "j-1", "state": "pending", "attempts": 0, "last_error": None}
+    one = {"instance_id": "typo", "job": job, "never_seen": True}
+    assert show_revoke(one).startswith("instance typo: never seen: tombstoned, 0 leases;")
+    assert revoke_exit(one) == EXIT_NEVER_SEEN
+    assert revoke_exit({**one, "never_seen": False}) == EXIT_OK
+    bulk = {"terminated": [], "never_seen": ["ghost"], "counts": {"instances": 0, "leases": 0,
+                                                                   "never_seen": 1}}
+    assert "ghost: never seen: tombstoned, 0 leases" in show_revoke(bulk)
+    assert revoke_exit(bulk) == EXIT_NEVER_SEEN
+    failed = {**bulk, "progress": {"jobs": {"failed": 1}, "leases": {"live": 1, "ended": 0}}}
+    assert revoke_exit(failed) == EXIT_FAILED
