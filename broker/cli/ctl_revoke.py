@@ -136,9 +136,11 @@ def _single(c: Client, instance_id: str, args: argparse.Namespace) -> dict[str, 
     return result
 
 
-def _progress_line(radius: dict[str, Any], total: int) -> str:
+def _progress_line(radius: dict[str, Any]) -> str:
+    """Progress over the selection's jobs: those of this run and of earlier terminations of
+    instances it reaches, so done, failed and left always add up to the total."""
     jobs, leases = radius["progress"]["jobs"], radius["progress"]["leases"]
-    done = jobs.get("done", 0)
+    total, done = sum(jobs.values()), jobs.get("done", 0)
     return (
         f"instances {done}/{total} done, {total - done - jobs.get('failed', 0)} left · "
         f"leases {leases['ended']} ended, {leases['live']} live · "
@@ -146,7 +148,7 @@ def _progress_line(radius: dict[str, Any], total: int) -> str:
     )
 
 
-def _wait(c: Client, selection: dict[str, Any], total: int, timeout: float) -> dict[str, Any]:
+def _wait(c: Client, selection: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Poll the selection's progress until no job is pending or running."""
     deadline = time.monotonic() + timeout
     while True:
@@ -154,12 +156,12 @@ def _wait(c: Client, selection: dict[str, Any], total: int, timeout: float) -> d
             "POST", "/v1/admin/selection", body={"selection": selection}
         )
         jobs = radius["progress"]["jobs"]
-        print(f"brokerctl: {_progress_line(radius, total)}", file=sys.stderr)
+        print(f"brokerctl: {_progress_line(radius)}", file=sys.stderr)
         if not jobs.get("pending") and not jobs.get("running"):
             return radius
         if time.monotonic() > deadline:
             raise CtlError(
-                f"revocation not finished after {timeout}s: {_progress_line(radius, total)}",
+                f"revocation not finished after {timeout}s: {_progress_line(radius)}",
                 EXIT_TIMEOUT,
             )
         time.sleep(POLL_S)
@@ -203,7 +205,7 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
         },
     }
     if args.wait:
-        final = _wait(c, selection, max(len(terminated), 1), args.timeout)
+        final = _wait(c, selection, args.timeout)
         result["progress"] = final["progress"]
     return result
 
@@ -230,9 +232,11 @@ def show_revoke(result: Any) -> str:
     lines += [f"{i}: never seen: tombstoned, 0 leases" for i in result["never_seen"]]
     if "progress" in result:
         jobs, leases = result["progress"]["jobs"], result["progress"]["leases"]
+        earlier = sum(jobs.values()) - counts["instances"]
         lines.append(
             f"done: {jobs.get('done', 0)} job(s) done, {jobs.get('failed', 0)} failed; "
             f"leases {leases['ended']} ended, {leases['live']} still live"
+            + (f" ({earlier} of the jobs from earlier terminations)" if earlier > 0 else "")
         )
     return "\n".join(lines)
 

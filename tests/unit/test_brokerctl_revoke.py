@@ -9,6 +9,7 @@ import pytest
 
 from broker.cli.ctl import EXIT_FAILED, EXIT_NEVER_SEEN, EXIT_OK, EXIT_USAGE, CtlError, _parser
 from broker.cli.ctl_revoke import (
+    _progress_line,
     bulk_refusal,
     revoke_exit,
     selection_of,
@@ -89,3 +90,20 @@ def test_never_seen_is_said_and_has_its_exit_code():
     assert revoke_exit(bulk) == EXIT_NEVER_SEEN
     failed = {**bulk, "progress": {"jobs": {"failed": 1}, "leases": {"live": 1, "ended": 0}}}
     assert revoke_exit(failed) == EXIT_FAILED
+
+
+def test_progress_counts_the_selection_s_jobs_earlier_ones_included():
+    # A selection where 12 instances were terminated before this run and 1 by it: the
+    # progress (over the selection's jobs) once said "12/1 done, -11 left".
+    radius = {"progress": {"jobs": {"done": 12, "running": 1},
+                           "leases": {"live": 1, "ended": 12}}}
+    assert _progress_line(radius).startswith("instances 12/13 done, 1 left ·")
+    done = {"jobs": {"done": 13}, "leases": {"live": 0, "ended": 13}}
+    result = {"terminated": [{"instance_id": "i-new", "leases": 1}], "never_seen": [],
+              "counts": {"instances": 1, "leases": 1, "never_seen": 0}, "progress": done}
+    assert show_revoke(result).splitlines()[1] == (
+        "done: 13 job(s) done, 0 failed; leases 13 ended, 0 still live "
+        "(12 of the jobs from earlier terminations)")
+    alone = {**result, "progress": {"jobs": {"done": 1}, "leases": {"live": 0, "ended": 1}}}
+    assert show_revoke(alone).splitlines()[1] == (
+        "done: 1 job(s) done, 0 failed; leases 1 ended, 0 still live")
