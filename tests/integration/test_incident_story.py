@@ -3,13 +3,15 @@
 
 200 instances of the workload ``payments`` (and a few bystanders of ``billing``) each hold a
 real PostgreSQL login. A read-only operator cannot revoke (refused, and the refusal is in
-the audit). The dry run shows the blast radius and changes nothing. While ``alice`` (scope
-revoke) runs the bulk revocation with a reason and an incident, she locks the workload: a
+the audit). The dry run shows the blast radius and changes nothing. ``alice`` (scope
+revoke) cuts the one instance whose credential leaked first, then runs the bulk revocation
+of the workload with a reason and an incident (its progress counting that earlier job
+too), and while it runs she locks the workload: a
 new payments instance is refused with the lock's id, bystanders are not. Afterwards every
 one of the 200 logins fails and the bystanders' still work; ``audit verify`` passes with the
 checkpoint signatures checked; the audit names alice, the reason, the incident, each
 instance and the lock, and holds no token, token id or password. ``lock rm`` lets payments
-draw credentials again."""
+draw credentials again (a terminated instance's token still draws nothing)."""
 
 from __future__ import annotations
 
@@ -112,8 +114,14 @@ async def test_the_incident_story(make_broker, http, pg, vault_setup):
     await asyncio.gather(*(draw(i, "payments") for i in payments),
                          *(draw(i, "billing") for i in bystanders))
     figures["exchanges_s"] = time.monotonic() - started
-    assert await asyncio.to_thread(login_works, pg, creds["i-pay-000"]["data"]["username"],
-                                   creds["i-pay-000"]["data"]["password"])
+
+    async def works(instance: str) -> bool:
+        data = creds[instance]["data"]
+        async with gate:
+            return await asyncio.to_thread(login_works, pg, data["username"], data["password"])
+
+    # Every login is real before the incident, so its failing afterwards means something.
+    assert all(await asyncio.gather(*(works(i) for i in [*payments, *bystanders])))
 
     # -- a read operator cannot revoke: exit 4, and the refusal is audited ------------------
     code, _, err = await ctl("revoke", "--workload", "payments", "--yes", "--reason", "try",
@@ -139,7 +147,12 @@ async def test_the_incident_story(make_broker, http, pg, vault_setup):
     assert "dev-db" in out and "database" in out and "payments" in out
     assert b.store_snapshot() == before
 
-    # -- alice revokes the workload, and locks it while the revocation runs -----------------
+    # -- alice first cuts the instance whose credential leaked, on its own ------------------
+    code, out, err = await ctl("revoke", "--instance", "i-pay-000", "--reason", REASON,
+                               "--incident", INCIDENT, token=ALICE, url=url)
+    assert code == 0 and out.startswith("instance i-pay-000: revocation job j-"), (out, err)
+
+    # -- then revokes the workload, and locks it while the revocation runs -----------------
     started = time.monotonic()
     revoking = asyncio.create_task(ctl(
         "revoke", "--workload", "payments", "--yes", "--reason", REASON, "--incident",
@@ -163,10 +176,13 @@ async def test_the_incident_story(make_broker, http, pg, vault_setup):
     code, out, err = await revoking
     figures["revoke_wait_s"] = time.monotonic() - started
     assert code == 0, (out, err)
-    assert out.splitlines()[0] == (
-        f"terminated {PAYMENTS} instance(s); {PAYMENTS} live lease(s) queued for revocation")
-    assert f"done: {PAYMENTS} job(s) done, 0 failed" in out, out
-    assert f"instances {PAYMENTS}/{PAYMENTS} done" in err, err
+    # The progress and the summary count the selection's jobs, i-pay-000's included.
+    assert out.splitlines() == [
+        f"terminated {PAYMENTS - 1} instance(s); {PAYMENTS - 1} live lease(s) queued for "
+        "revocation",
+        f"done: {PAYMENTS} job(s) done, 0 failed; leases {PAYMENTS} ended, 0 still live "
+        "(1 of the jobs from earlier terminations)"], out
+    assert f"instances {PAYMENTS}/{PAYMENTS} done, 0 left" in err, err
     assert "brokerctl: " in err  # progress on stderr
 
     # -- every payments login fails; bystanders' still work ----------------------------------
@@ -235,6 +251,9 @@ async def test_the_incident_story(make_broker, http, pg, vault_setup):
     assert code == 0 and "removed by operator:alice" in out, (out, err)
     status, cred = await exchange(http, b, b.token("i-pay-after", "payments"))
     assert status == 201, cred
+    # A terminated instance's token still draws nothing, lock or no lock.
+    status, body = await exchange(http, b, tokens["i-pay-001"])
+    assert (status, body["error"]["code"]) == (409, "instance_terminated")
     data = cred["data"]
     assert await asyncio.to_thread(login_works, pg, data["username"], data["password"])
 
