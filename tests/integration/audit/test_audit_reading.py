@@ -86,15 +86,18 @@ async def _terminated(http, b, instance):
         return (await resp.json())["state"] == "terminated"
 
 
-@pytest.mark.parametrize("query", [
-    {"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"after": "-1"},
-    {"since": "yesterday"}, {"since": "2026-01-01T00:00:00"}, {"newest": "yes"},
-    {"colour": "blue"},
+@pytest.mark.parametrize("query,code", [
+    ({"limit": "0"}, "invalid_query"), ({"limit": "1001"}, "invalid_query"),
+    ({"limit": "x"}, "invalid_query"), ({"after": "-1"}, "invalid_query"),
+    ({"since": "yesterday"}, "invalid_query"), ({"newest": "yes"}, "invalid_query"),
+    ({"colour": "blue"}, "unknown_query"),
 ], ids=["limit-0", "limit-1001", "limit-nan", "after-negative", "since-words",
-        "since-no-zone", "newest-not-bool", "unknown"])
-async def test_bad_queries_are_refused_with_invalid_query(broker, http, query):
+        "newest-not-bool", "unknown"])
+async def test_bad_queries_are_refused(broker, http, query, code):
+    """As every admin listing refuses them (``broker.api.queries``); a ``since`` without a
+    zone is UTC there, as in the other listings."""
     status, body = await get(http, broker, **query)
-    assert status == 400 and body["error"]["code"] == "invalid_query"
+    assert status == 400 and body["error"]["code"] == code
 
 
 async def test_reading_needs_an_operator(broker, http):
