@@ -28,15 +28,15 @@ JOBS = cast(Table, m.RevocationJob.__table__)
 SEEN_TOKENS = cast(Table, m.SeenToken.__table__)
 AUDIT_EVENTS = cast(Table, m.AuditEvent.__table__)
 AUDIT_HEAD = cast(Table, m.AuditHead.__table__)
-_LOCK_HEAD = (
-    select(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash).where(AUDIT_HEAD.c.id == 1).with_for_update()
-)
-_INSERT_EVENT = AUDIT_EVENTS.insert()
-_MOVE_HEAD = (
+# Locks the head row, reserves ``b_n`` seqs and reads the hash to link to: one round trip.
+_ADVANCE_HEAD = (
     AUDIT_HEAD.update()
     .where(AUDIT_HEAD.c.id == 1)
-    .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+    .values(seq=AUDIT_HEAD.c.seq + bindparam("b_n"))
+    .returning(AUDIT_HEAD.c.seq, AUDIT_HEAD.c.hash)
 )
+_INSERT_EVENT = AUDIT_EVENTS.insert()
+_HEAD_HASH = AUDIT_HEAD.update().where(AUDIT_HEAD.c.id == 1).values(hash=bindparam("b_hash"))
 # Keys in ``conn.info``: the events a transaction recorded, and its clock.
 AUDIT_PENDING = "broker.audit.pending"
 AUDIT_CLOCK = "broker.audit.clock"
@@ -116,8 +116,8 @@ async def flush_audit(conn: AsyncConnection) -> int:
     clock: Clock | None = conn.info.pop(AUDIT_CLOCK, None)
     if not pending or clock is None:
         return 0
-    head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
-    seq, prev = int(head[0]), str(head[1])
+    head = (await conn.execute(_ADVANCE_HEAD, {"b_n": len(pending)})).one()  # from 0005
+    seq, prev = int(head[0]) - len(pending), str(head[1])
     at = clock.now()
     rows = []
     for event in pending:
@@ -150,8 +150,13 @@ async def flush_audit(conn: AsyncConnection) -> int:
             }
         )
         prev = digest
-    await conn.execute(_INSERT_EVENT, rows)
-    await conn.execute(_MOVE_HEAD, {"b_seq": seq, "b_hash": prev})
+    if conn.dialect.name == "postgresql":
+        # The events and the head's new hash in one statement: the head row stays locked
+        # from the advance above to the commit, so every round trip in between counts.
+        await conn.execute(_HEAD_HASH.add_cte(_INSERT_EVENT.values(rows).cte()), {"b_hash": prev})
+    else:
+        await conn.execute(_INSERT_EVENT, rows)
+        await conn.execute(_HEAD_HASH, {"b_hash": prev})
     return len(rows)
 
 
