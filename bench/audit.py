@@ -18,6 +18,13 @@ median of the rounds' chained/unchained ratios). Bounded in rounds, count and ti
 leases revoked at the end.
 
     python bench/audit.py [--n 200] [--rounds 8] [--concurrency 16]
+
+``--store-only`` measures the store alone, in this process, without HTTP or Vault: the
+issuance's two transactions (``begin_issue``, ``complete_issue`` with its ``lease.issued``
+event) at the same concurrency, chained and unchained phases alternating on one database,
+so the chain's cost in the store is seen apart from the rest of a loaded machine.
+
+    python bench/audit.py --store-only [--n 1000] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -57,9 +64,17 @@ def serve_unchained(config: str) -> None:
     """`broker serve`, with the chain's append replaced by a plain insert (bench only)."""
     from broker.cli import main as cli
     from broker.leases import database
+
+    database.flush_audit = plain_flush()  # type: ignore[assignment]
+    sys.exit(cli.main(["serve", "--config", config]))
+
+
+def plain_flush() -> Any:
+    """The unchained append: each event inserted as it is, numbered by a counter in the
+    process, no head row, no hash."""
     from broker.leases.sql import common
 
-    numbers = itertools.count(1)
+    numbers = itertools.count(10**12)  # apart from the chained events of the same store
 
     async def plain_insert(conn: Any) -> int:
         pending = conn.info.pop(common.AUDIT_PENDING, None) or []
@@ -86,8 +101,99 @@ def serve_unchained(config: str) -> None:
         await conn.execute(common.AUDIT_EVENTS.insert(), rows)
         return len(rows)
 
-    database.flush_audit = plain_insert  # type: ignore[assignment]
-    sys.exit(cli.main(["serve", "--config", config]))
+    return plain_insert
+
+
+async def store_only(args: argparse.Namespace) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from broker.clock import SystemClock
+    from broker.leases import Database, Ledgers, database
+    from broker.leases.settings import StoreSettings
+
+    work = Path(tempfile.mkdtemp(prefix="broker-bench-audit-"))
+    os.chmod(work, 0o755)
+    pg = find_or_start_postgres(work)
+    name = pg.create_database("broker_bench_store")
+    chained, unchained = database.flush_audit, plain_flush()
+    db = Database(StoreSettings(url=pg.url(name), pool_size=args.concurrency))
+    try:
+        migrate(pg.url(name))
+        await db.start()
+        ledgers = Ledgers.on(db, SystemClock(), token_key=b"k" * 32)
+        later = datetime.now(UTC) + timedelta(hours=1)
+
+        async def one(tag: str, i: int) -> None:
+            ticket = await ledgers.issuance.begin_issue(
+                instance_id=f"{tag}-{i // 10}",
+                issuer_name="dev",
+                workload="payments",
+                role="dev-cert",
+                kind="x509_certificate",
+            )
+            await ledgers.issuance.complete_issue(
+                ticket.lease_id,
+                vault_lease_id=f"pki/issue/dev-cert/{ticket.lease_id}",
+                accessor="acc",
+                renewable=False,
+                issued_at=later,
+                expires_at=later,
+                engine="pki",
+                token_id=("dev", f"jti-{tag}-{i}"),
+            )
+
+        results: dict[str, list[dict[str, Any]]] = {"chained": [], "unchained": []}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            order = ("chained", "unchained") if r % 2 == 0 else ("unchained", "chained")
+            for mode in order:
+                database.flush_audit = chained if mode == "chained" else unchained  # type: ignore[assignment]
+                tag = f"{mode}-{r}"
+                phase = await run_phase(args.n, args.concurrency, lambda i, t=tag: one(t, i))
+                if r:
+                    results[mode].append(phase)
+        report(
+            results,
+            f"the store alone (begin_issue + complete_issue), PostgreSQL, "
+            f"concurrency {args.concurrency}, {args.n} per round",
+        )
+    finally:
+        database.flush_audit = chained
+        await db.close()
+        pg.drop_database(name)
+        pg.stop()
+
+
+def report(results: dict[str, list[dict[str, Any]]], what: str) -> None:
+    med = {m: statistics.median(p["throughput"] for p in ps) for m, ps in results.items()}
+    # Each round's two phases ran back to back: their ratio is what the machine's load,
+    # which drifts over a run (other work shares the cores), disturbs least.
+    ratios = [
+        c["throughput"] / u["throughput"]
+        for c, u in zip(results["chained"], results["unchained"], strict=True)
+    ]
+    cost = 1 - statistics.median(ratios)
+    print(f"\n{what}, {os.cpu_count()} cores")
+    print(
+        f"{'round':>5} | {'chained/s':>9} {'p50ms':>7} | {'unchained/s':>11} {'p50ms':>7} "
+        f"| {'ratio':>5}"
+    )
+    for r, ratio in enumerate(ratios):
+        c, u = results["chained"][r], results["unchained"][r]
+        print(
+            f"{r:>5} | {c['throughput']:9.0f} {c['p50_ms']:7.1f} | "
+            f"{u['throughput']:11.0f} {u['p50_ms']:7.1f} | {ratio:5.3f}"
+        )
+    print(
+        f"median: chained {med['chained']:.0f}/s, unchained {med['unchained']:.0f}/s "
+        f"({(1 - med['chained'] / med['unchained']) * 100:.1f}% apart); median ratio of the "
+        f"rounds {statistics.median(ratios):.3f}: chain cost {cost * 100:.1f}% (goal < 10%)"
+    )
+    out = ROOT / ".bench"
+    out.mkdir(exist_ok=True)
+    name = "audit-store.json" if "store alone" in what else "audit.json"
+    (out / name).write_text(
+        json.dumps({"rounds": results, "median": med, "ratios": ratios, "cost": cost}, indent=2)
+    )
 
 
 def start(cfg: dict[str, Any], work: Path, name: str, *, unchained: bool) -> Any:
@@ -107,7 +213,11 @@ async def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--store-only", action="store_true")
     args = ap.parse_args()
+    if args.store_only:
+        await store_only(args)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="broker-bench-audit-"))
     os.chmod(work, 0o755)
@@ -151,37 +261,10 @@ async def main() -> None:
                     )
                     results[mode].append(phase)
 
-        med = {m: statistics.median(p["throughput"] for p in ps) for m, ps in results.items()}
-        # Each round's two phases ran back to back: their ratio is what the machine's load,
-        # which drifts over a run (other work shares the cores), disturbs least.
-        ratios = [
-            c["throughput"] / u["throughput"]
-            for c, u in zip(results["chained"], results["unchained"], strict=True)
-        ]
-        cost = 1 - statistics.median(ratios)
-        print(
-            f"\nexchange ({ROLE}) via the broker, PostgreSQL store, concurrency "
-            f"{args.concurrency}, {args.n} per round, {os.cpu_count()} cores"
-        )
-        print(
-            f"{'round':>5} | {'chained/s':>9} {'p50ms':>7} | {'unchained/s':>11} {'p50ms':>7} "
-            f"| {'ratio':>5}"
-        )
-        for r in range(args.rounds):
-            c, u = results["chained"][r], results["unchained"][r]
-            print(
-                f"{r:>5} | {c['throughput']:9.0f} {c['p50_ms']:7.1f} | "
-                f"{u['throughput']:11.0f} {u['p50_ms']:7.1f} | {ratios[r]:5.3f}"
-            )
-        print(
-            f"median: chained {med['chained']:.0f}/s, unchained {med['unchained']:.0f}/s; "
-            f"median ratio of the rounds {statistics.median(ratios):.3f}: chain cost "
-            f"{cost * 100:.1f}% (goal < 10%)"
-        )
-        out = ROOT / ".bench"
-        out.mkdir(exist_ok=True)
-        (out / "audit.json").write_text(
-            json.dumps({"rounds": results, "median": med, "ratios": ratios, "cost": cost}, indent=2)
+        report(
+            results,
+            f"exchange ({ROLE}) via the broker, PostgreSQL store, concurrency "
+            f"{args.concurrency}, {args.n} per round",
         )
     finally:
         for proc in procs:
@@ -191,8 +274,16 @@ async def main() -> None:
         with contextlib.suppress(Exception):
             subprocess.run(
                 [
-                    "curl", "-s", "-o", "/dev/null", "-X", "PUT",
-                    "-H", f"X-Vault-Token: {bao.root_token}", "-d", '{"sync": true}',
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-X",
+                    "PUT",
+                    "-H",
+                    f"X-Vault-Token: {bao.root_token}",
+                    "-d",
+                    '{"sync": true}',
                     f"{bao.addr}/v1/sys/leases/revoke-prefix/pki/issue/{ROLE}",
                 ],
                 check=False,
