@@ -97,8 +97,10 @@ async def test_an_instance_ends_itself_its_login_stops_working_and_nothing_new_i
     [requested] = [e for e in b.rows("audit_events")
                    if e["action"] == "instance.terminate_requested"]
     assert (requested["actor"], requested["instance_id"]) == ("workload:dev", "i-st-self")
-    assert requested["detail"] == {"job_id": job["job_id"], "workload": "payments",
-                                   "reason": "pod stopping"}
+    # The reason in the event's own field; the subject (issuer, workload) in its detail.
+    assert requested["reason"] == "pod stopping"
+    assert requested["detail"] == {"job_id": job["job_id"], "issuer": "dev",
+                                   "workload": "payments", "previous_state": "active"}
 
 
 async def test_another_instances_token_ends_only_its_own_instance(broker, http, pg, vault):
@@ -262,4 +264,4 @@ async def test_a_bad_body_ends_nothing_and_does_not_use_up_the_token(
     status, body = await self_terminate(http, b, token, json={"reason": "x" * 200})
     assert status == 202, body
     [event] = [e for e in b.rows("audit_events") if e["action"] == "instance.terminate_requested"]
-    assert event["detail"]["reason"] == "x" * 200
+    assert event["reason"] == "x" * 200

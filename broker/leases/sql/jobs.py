@@ -133,7 +133,6 @@ async def request_termination(
             issuer=owner or issuer,
             workload=owner_workload or workload,
             previous_state=state,
-            self_terminated=token_id is not None,
         )
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now)
