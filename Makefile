@@ -46,6 +46,7 @@ test: install-test lint
 bench: install-test
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/exchange.py
+	$(BIN)/python bench/audit.py
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/revocation.py
 	$(BIN)/python bench/agent.py

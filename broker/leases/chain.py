@@ -57,3 +57,18 @@ def token_ref(key: bytes, issuer: str, token_id: str) -> str:
     the id), never the id. The same token gives the same reference under the same key."""
     mac = hmac.new(key, issuer.encode() + b"\x00" + token_id.encode(), hashlib.sha256)
     return "hmac-sha256:" + mac.hexdigest()
+
+
+def unsequenced(document: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of an event up to where its ``seq`` goes: ``"seq"`` sorts after
+    every other key, so the document's canonical JSON is this, then ``,"seq":N}``. Lets the
+    store link events whose seq it assigns itself (``link_hash_at``)."""
+    rest = {k: v for k, v in document.items() if k != "seq"}
+    return rfc8785.dumps(rest)[:-1]
+
+
+def link_hash_at(prev_hash: str, unsequenced_json: bytes, seq: int) -> str:
+    """``link_hash`` of the document whose ``unsequenced`` JSON is given, at ``seq``: what
+    the PostgreSQL store's ``audit_append`` computes."""
+    tail = b',"seq":' + str(seq).encode() + b"}"
+    return hashlib.sha256(TAG + bytes.fromhex(prev_hash) + unsequenced_json + tail).hexdigest()

@@ -53,6 +53,8 @@ def upgrade() -> None:
         .insert()
         .values(id=1, seq=last_seq, hash=last_hash)
     )
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(_AUDIT_APPEND)
     op.create_table(
         "audit_checkpoints",
         sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
@@ -90,6 +92,38 @@ def upgrade() -> None:
     # Listings page by (created_at, id): ``brokerctl instances list`` and ``jobs list``.
     op.create_index("ix_instances_created", "instances", ["created_at", "instance_id"])
     op.create_index("ix_jobs_created", "revocation_jobs", ["created_at", "job_id"])
+
+
+# The chain's append on PostgreSQL, in one round trip (``sql.common.flush_audit``): lock the
+# head, link each event (its canonical JSON up to its seq is given, ``chain.unsequenced``;
+# the seq is assigned here), insert them, move the head. The head row stays locked until
+# the transaction commits; doing all of it server-side keeps that short.
+_AUDIT_APPEND = """
+CREATE OR REPLACE FUNCTION audit_append(
+    p_tag bytea, p_at timestamptz, p_actor text[], p_action text[], p_instance text[],
+    p_lease text[], p_outcome text[], p_reason text[], p_detail text[], p_unsequenced bytea[]
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    s bigint;
+    h text;
+    d text;
+BEGIN
+    SELECT seq, hash INTO s, h FROM audit_head WHERE id = 1 FOR UPDATE;
+    FOR i IN 1 .. coalesce(array_length(p_unsequenced, 1), 0) LOOP
+        s := s + 1;
+        d := encode(sha256(p_tag || decode(h, 'hex') || p_unsequenced[i]
+                           || convert_to(',"seq":' || s::text || '}', 'UTF8')), 'hex');
+        INSERT INTO audit_events (seq, at, actor, action, instance_id, lease_id, outcome,
+                                  reason, detail, prev_hash, hash)
+        VALUES (s, p_at, p_actor[i], p_action[i], p_instance[i], p_lease[i], p_outcome[i],
+                p_reason[i], p_detail[i]::json, h, d);
+        h := d;
+    END LOOP;
+    UPDATE audit_head SET seq = s, hash = h WHERE id = 1;
+    RETURN s;
+END
+$$
+"""
 
 
 # The audit table as this revision knows it (not the model, which follows later revisions).
@@ -160,6 +194,8 @@ def _chain_existing_events() -> tuple[int, str]:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS audit_append")
     op.drop_index("ix_jobs_created", table_name="revocation_jobs")
     op.drop_index("ix_instances_created", table_name="instances")
     with op.batch_alter_table("revocation_jobs", schema=None) as batch_op:

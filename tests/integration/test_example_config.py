@@ -12,7 +12,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "broker.example.yaml"
 
 def test_the_documented_example_config_loads():
     env = {"BROKER_DB_PASSWORD": "pw", "BROKER_APPROLE_SECRET_ID": "sid",
-           "BROKER_WEBHOOK_SECRET": "w" * 40}
+           "BROKER_WEBHOOK_SECRET": "w" * 40, "BROKER_AUDIT_HASH_KEY": "a" * 40}
     s = load_settings_file(EXAMPLE, env=env)
     assert s.store.url == "postgresql://broker:pw@db.internal:5432/broker"
     assert isinstance(s.vault.auth, AppRoleAuth)
@@ -26,6 +26,7 @@ def test_the_documented_example_config_loads():
     assert s.policy.rules[0].max_ttl == 1800
     assert "sid" not in repr(s)
     assert "w" * 40 not in repr(s)
+    assert s.audit.hash_key is not None and "a" * 40 not in repr(s)
     assert s.identity.issuers[0].liveness.check == "kubernetes"
     assert s.identity.issuers[0].liveness.unseen_grace == 86400
     assert s.kubernetes is not None and s.kubernetes.watch and s.kubernetes.issuer == "k8s-prod"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -36,6 +37,11 @@ _MOVE_HEAD = (
     AUDIT_HEAD.update()
     .where(AUDIT_HEAD.c.id == 1)
     .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+)
+# PostgreSQL: the whole append server-side (``audit_append``, created by migration 0005).
+_APPEND = text(
+    "SELECT audit_append(:tag, :at, :actor, :action, :instance, :lease, :outcome, :reason, "
+    ":detail, :unsequenced)"
 )
 # Keys in ``conn.info``: the events a transaction recorded, and its clock.
 AUDIT_PENDING = "broker.audit.pending"
@@ -110,30 +116,52 @@ def discard_audit(conn: AsyncConnection) -> None:
 async def flush_audit(conn: AsyncConnection) -> int:
     """Append the transaction's recorded events to the chain, under the ``audit_head`` row
     lock (held until the commit that follows), so sequence numbers have no gaps and
-    replicas cannot fork the chain. Their time is the append's: ``at`` never goes back
-    along the chain. Returns how many were appended."""
+    replicas cannot fork the chain. The events of one transaction share its time. Returns
+    how many were appended."""
     pending: list[_Pending] = conn.info.pop(AUDIT_PENDING, None) or []
     clock: Clock | None = conn.info.pop(AUDIT_CLOCK, None)
     if not pending or clock is None:
         return 0
+    at = clock.now()
+    documents = [
+        chain.event_document(
+            seq=0,  # assigned under the lock
+            at=at,
+            actor=e.actor,
+            action=e.action,
+            instance_id=e.instance_id,
+            lease_id=e.lease_id,
+            outcome=e.outcome,
+            reason=e.reason,
+            detail=e.detail,
+        )
+        for e in pending
+    ]
+    if conn.dialect.name == "postgresql":
+        # One round trip: the head row is locked from here to the commit, and on a busy
+        # broker every hop back to Python in between would keep it locked longer.
+        await conn.execute(
+            _APPEND,
+            {
+                "tag": chain.TAG,
+                "at": at,
+                "actor": [e.actor for e in pending],
+                "action": [e.action for e in pending],
+                "instance": [e.instance_id for e in pending],
+                "lease": [e.lease_id for e in pending],
+                "outcome": [e.outcome for e in pending],
+                "reason": [e.reason for e in pending],
+                "detail": [json.dumps(d["detail"]) for d in documents],
+                "unsequenced": [chain.unsequenced(d) for d in documents],
+            },
+        )
+        return len(pending)
     head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
     seq, prev = int(head[0]), str(head[1])
-    at = clock.now()
     rows = []
-    for event in pending:
+    for event, document in zip(pending, documents, strict=True):
         seq += 1
-        document = chain.event_document(
-            seq=seq,
-            at=at,
-            actor=event.actor,
-            action=event.action,
-            instance_id=event.instance_id,
-            lease_id=event.lease_id,
-            outcome=event.outcome,
-            reason=event.reason,
-            detail=event.detail,
-        )
-        digest = chain.link_hash(prev, document)
+        digest = chain.link_hash(prev, {**document, "seq": seq})
         rows.append(
             {
                 "seq": seq,

@@ -136,7 +136,6 @@ async def request_termination(
             issuer=owner or issuer,
             workload=owner_workload or workload,
             previous_state=state,
-            self_terminated=token_id is not None,
             **({"incident": incident} if incident else {}),
         )
     elif job.state == JobState.FAILED.value:
@@ -230,7 +229,6 @@ async def request_terminations(
             issuer=owners[instance_id][0],
             workload=owners[instance_id][1],
             previous_state=InstanceState.ACTIVE.value,
-            self_terminated=False,
             **({"incident": incident} if incident else {}),
         )
     return created
