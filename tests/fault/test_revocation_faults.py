@@ -581,7 +581,7 @@ async def test_three_replicas_terminating_the_same_instances_at_once_revoke_each
         job_of = {i: j for i, j, _, _ in jobs}
         instance_of = {x.lease_id: x.instance_id for x in issued}
         wrong = [(actor, lid) for actor, _, d in events for lid in d["lease_ids"]
-                 if pid_to_replica.get(actor.split(":")[1], -1)
+                 if pid_to_replica.get(actor.split(":")[2], -1)
                  not in holders[job_of[instance_of[lid]]]]
         assert not wrong, f"leases.revoked recorded by a worker without the job: {wrong[:5]}"
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.leases import models as m
@@ -96,10 +96,16 @@ async def list_events(
     for col, value in (
         (e.instance_id, selection.instance),
         (e.action, selection.action),
-        (e.actor, selection.actor),
     ):
         if value is not None:
             stmt = stmt.where(col == value)
+    if selection.actor is not None:
+        # An actor or every actor of its kind: ``operator`` finds ``operator:alice`` too,
+        # ``revocation`` every revocation worker's events.
+        kind = selection.actor.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(
+            or_(e.actor == selection.actor, e.actor.like(kind + ":%", escape="\\"))
+        )
     if selection.since is not None:
         stmt = stmt.where(e.at >= selection.since)
     if selection.workload is not None:

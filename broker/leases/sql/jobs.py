@@ -442,7 +442,12 @@ async def finish_job(conn: AsyncConnection, clock: Clock, job: JobView, *, worke
         .values(state=InstanceState.TERMINATED.value, terminated_at=now, updated_at=now)
     )
     await audit(
-        conn, clock, worker, "instance.terminated", instance_id=job.instance_id, job_id=job.job_id
+        conn,
+        clock,
+        f"revocation:{worker}",
+        "instance.terminated",
+        instance_id=job.instance_id,
+        job_id=job.job_id,
     )
     return True
 
@@ -478,7 +483,7 @@ async def reschedule_job(
         await audit(
             conn,
             clock,
-            worker,
+            f"revocation:{worker}",
             "revocation.failed" if give_up else "revocation.retry_scheduled",
             instance_id=job.instance_id,
             outcome="failed" if give_up else "error",

@@ -65,6 +65,15 @@ async def test_events_by_selector_with_a_cursor(make_broker, http, store):
     assert {e["instance_id"] for e in billing["events"]} == {"i-aud-2"}
     status, by_action = await get(http, b, action="test.event", actor="reconciler")
     assert len(by_action["events"]) == 5
+    # An actor's kind selects all of its kind: every operator, every revocation worker.
+    status, by_kind = await get(http, b, actor="operator")
+    assert {e["actor"] for e in by_kind["events"]} == {"operator:admin"}
+    status, revocation = await get(http, b, actor="revocation")
+    actors = {e["actor"].split(":")[0] for e in revocation["events"]}
+    assert actors == {"revocation"} and "instance.terminated" in {
+        e["action"] for e in revocation["events"]}
+    status, literal = await get(http, b, actor="operator%")
+    assert literal["events"] == []  # a wildcard is a character, not a pattern
     status, since = await get(http, b, since=first["at"])
     assert len(since["events"]) == len(seqs)
 
