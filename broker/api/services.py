@@ -5,6 +5,7 @@ them, encodes."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -45,8 +46,8 @@ class Credentials(Protocol):
     async def terminate_self(self, identity: Identity, reason: str | None) -> JobView: ...
 
 
-class Admin(Protocol):
-    """Admin endpoints: what the broker holds, and the operator's actions on it."""
+class AdminReads(Protocol):
+    """Admin listings: what the broker holds (instances, leases, jobs), read."""
 
     async def instance(
         self, instance_id: str
@@ -82,14 +83,6 @@ class Admin(Protocol):
         after: tuple[datetime, str] | None,
     ) -> list[InstanceListing]: ...
 
-    async def never_seen(self, instance_id: str) -> bool: ...
-
-    async def selection(self, selection: Selection) -> BlastRadius: ...
-
-    async def terminate_selection(
-        self, order: TerminationOrder, operator: Operator
-    ) -> TerminationBatch: ...
-
     async def jobs(
         self,
         *,
@@ -100,6 +93,12 @@ class Admin(Protocol):
         after: tuple[datetime, str] | None,
     ) -> list[JobView]: ...
 
+
+class AdminActions(Protocol):
+    """An operator's actions on instances and jobs: terminate one (saying whether the
+    broker never saw it), a selection's blast radius and its bulk termination, retry a
+    failed job, reconcile now."""
+
     async def terminate(
         self,
         instance_id: str,
@@ -108,6 +107,14 @@ class Admin(Protocol):
         reason: str | None = None,
         incident: str | None = None,
     ) -> JobView: ...
+
+    async def never_seen(self, instance_id: str) -> bool: ...
+
+    async def selection(self, selection: Selection) -> BlastRadius: ...
+
+    async def terminate_selection(
+        self, order: TerminationOrder, operator: Operator
+    ) -> TerminationBatch: ...
 
     async def retry(
         self,
@@ -127,11 +134,20 @@ class Admin(Protocol):
         incident: str | None = None,
     ) -> ReconcileReport: ...
 
+
+class PolicyQuestions(Protocol):
+    """Why a token would get a role or not, and what claims would get: answers that
+    issue, record and use up nothing."""
+
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]: ...
 
     async def preview(
         self, issuer: str, claims: Mapping[str, Any], roles: Sequence[str], ttl: int | None
     ) -> dict[str, Any]: ...
+
+
+class LockControl(Protocol):
+    """Locks: an operator's create, list and remove."""
 
     async def create_lock(
         self,
@@ -150,6 +166,17 @@ class Admin(Protocol):
     async def remove_lock(
         self, lock_id: str, operator: Operator, *, reason: str | None, incident: str | None
     ) -> LockView: ...
+
+
+@dataclass(frozen=True)
+class Admin:
+    """Admin endpoints: what the broker holds, and the operator's actions on it, one
+    service per concern; each handler reaches the one it needs."""
+
+    reads: AdminReads
+    actions: AdminActions
+    policy: PolicyQuestions
+    locks: LockControl
 
 
 class Authenticator(Protocol):

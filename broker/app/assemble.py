@@ -20,8 +20,15 @@ from aiohttp import web
 from broker.api.app import build_app
 from broker.api.auth import OperatorAuthenticator
 from broker.api.metrics import Metrics, Scraper
+from broker.api.services import Admin
 from broker.app.http import HttpServer
-from broker.app.services import AdminService, Readiness
+from broker.app.services import (
+    ActionService,
+    ListingService,
+    LockService,
+    PolicyService,
+    Readiness,
+)
 from broker.app.supervisor import Tick
 from broker.app.ticks import (
     MAINTENANCE_S,
@@ -196,25 +203,31 @@ def assemble(
             clock=clock,
             issuer_names=frozenset(i.name for i in settings.identity.issuers),
         )
-    admin = AdminService(
-        ledgers.admin,
-        terminate=terminate,
-        reconcile=reconcile,
-        verifier=verifier,
-        roles=settings.roles,
-        rules=settings.policy.rules,
-        issuers=settings.identity.issuers,
-        audience=settings.identity.audience,
-        vault=vault,
-        locks=ledgers.admin,
-        bulk=BulkTerminator(
-            ledgers.selection,
-            tokens,
-            revocation.kick,
-            {name: role.engine for name, role in settings.roles.items()},
+    admin = Admin(
+        reads=ListingService(ledgers.admin, vault=vault, clock=clock),
+        actions=ActionService(
+            ledgers.admin,
+            terminate=terminate,
+            reconcile=reconcile,
+            bulk=BulkTerminator(
+                ledgers.selection,
+                tokens,
+                revocation.kick,
+                {name: role.engine for name, role in settings.roles.items()},
+            ),
+            seen=ledgers.selection,
         ),
-        seen=ledgers.selection,
-        clock=clock,
+        policy=PolicyService(
+            ledgers.admin,
+            verifier=verifier,
+            roles=settings.roles,
+            rules=settings.policy.rules,
+            issuers=settings.identity.issuers,
+            audience=settings.identity.audience,
+            locks=ledgers.admin,
+            clock=clock,
+        ),
+        locks=LockService(ledgers.admin, clock=clock),
     )
     signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
     checkpoints = CheckpointWriter(settings.audit.checkpoint, ledgers.audit, signing, clock)

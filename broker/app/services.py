@@ -1,5 +1,6 @@
 """The admin and readiness services the HTTP API calls (``broker.api.services``), over the
-ledgers, the terminator, the reconciler and the probes."""
+ledgers, the terminator, the reconciler and the probes: one admin service per concern
+(listings, actions, policy questions, locks), each over the ledger methods it uses."""
 
 from __future__ import annotations
 
@@ -36,16 +37,12 @@ from broker.vault import VaultClient
 from broker.vault.client import LeaseInfo
 
 
-class AdminQueries(Protocol):
-    """The admin endpoints' reads of the lease ledgers, and their retry of a failed job."""
+class AdminReadRecords(Protocol):
+    """The admin listings' reads of the lease ledgers."""
 
     async def get_instance(
         self, instance_id: str
     ) -> tuple[InstanceView, list[LeaseView], JobView | None]: ...
-
-    async def instance_standing(
-        self, instance_id: str
-    ) -> tuple[InstanceView, JobView | None] | None: ...
 
     async def get_lease(self, lease_id: str) -> LeaseView: ...
 
@@ -85,6 +82,11 @@ class AdminQueries(Protocol):
         after: tuple[datetime, str] | None = None,
     ) -> list[JobView]: ...
 
+
+class ActionRecords(Protocol):
+    """An operator's retry of a failed job, and the audit event of a reconcile they asked
+    for."""
+
     async def retry_job(
         self, job_id: str, *, actor: str, reason: str | None = None, incident: str | None = None
     ) -> JobView: ...
@@ -92,8 +94,16 @@ class AdminQueries(Protocol):
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
 
 
+class InstanceStanding(Protocol):
+    """An instance and its job, as ``policy explain`` reads them."""
+
+    async def instance_standing(
+        self, instance_id: str
+    ) -> tuple[InstanceView, JobView | None] | None: ...
+
+
 class AdminLocks(Protocol):
-    """Locks: an operator's create, list and remove, and the active ones."""
+    """Locks: an operator's create, list and remove."""
 
     async def create_lock(
         self,
@@ -109,11 +119,15 @@ class AdminLocks(Protocol):
 
     async def list_locks(self, *, include_inactive: bool = False) -> list[LockView]: ...
 
-    async def active_locks(self) -> list[LockView]: ...
-
     async def remove_lock(
         self, lock_id: str, *, actor: str, reason: str | None, incident: str | None
     ) -> LockView: ...
+
+
+class ActiveLocks(Protocol):
+    """The locks in force now, which ``policy explain`` and ``preview`` show."""
+
+    async def active_locks(self) -> list[LockView]: ...
 
 
 class LeaseLookup(Protocol):
@@ -153,41 +167,13 @@ class BulkTermination(Protocol):
     ) -> TerminationBatch: ...
 
 
-class AdminService:
-    """What an operator asks of the broker; every action is recorded as its operator."""
+class ListingService:
+    """What the broker holds, as the admin listings read it; a lease with Vault's view of it."""
 
-    def __init__(
-        self,
-        queries: AdminQueries,
-        *,
-        terminate: Terminate,
-        reconcile: Callable[[bool | None], Awaitable[ReconcileReport]],
-        verifier: IdentityVerifier,
-        roles: Mapping[str, RoleSettings],
-        rules: tuple[Rule, ...],
-        issuers: Sequence[IssuerSettings],
-        audience: str,
-        vault: LeaseLookup,
-        locks: AdminLocks,
-        bulk: BulkTermination,
-        seen: NeverSeen,
-        clock: Clock,
-        explain_checks: Sequence[ExplainCheck] = (),
-    ) -> None:
-        self._bulk = bulk
-        self._seen = seen
+    def __init__(self, queries: AdminReadRecords, *, vault: LeaseLookup, clock: Clock) -> None:
         self._queries = queries
-        self._locks = locks
-        self._clock = clock
-        self._terminate = terminate
-        self._reconcile = reconcile
-        self._verifier = verifier
-        self._roles = roles
-        self._rules = rules
-        self._issuers = {issuer.name: issuer for issuer in issuers}
-        self._audience = audience
         self._vault = vault
-        self._explain_checks = tuple(explain_checks)
+        self._clock = clock
 
     async def instance(
         self, instance_id: str
@@ -268,6 +254,25 @@ class AdminService:
             state=state, instance=instance, since=since, limit=limit, after=after
         )
 
+
+class ActionService:
+    """An operator's actions on instances and jobs; every one is recorded as its operator."""
+
+    def __init__(
+        self,
+        queries: ActionRecords,
+        *,
+        terminate: Terminate,
+        reconcile: Callable[[bool | None], Awaitable[ReconcileReport]],
+        bulk: BulkTermination,
+        seen: NeverSeen,
+    ) -> None:
+        self._queries = queries
+        self._terminate = terminate
+        self._reconcile = reconcile
+        self._bulk = bulk
+        self._seen = seen
+
     async def terminate(
         self,
         instance_id: str,
@@ -332,37 +337,33 @@ class AdminService:
         )
         return await self._reconcile(revoke_orphans)
 
-    async def create_lock(
+
+class PolicyService:
+    """``policy explain`` and ``policy preview``: the policy's answer, the instance's tombstone
+    and the locks, for a token or for claims; verifies what it is given and records nothing."""
+
+    def __init__(
         self,
-        operator: Operator,
+        queries: InstanceStanding,
         *,
-        kind: str,
-        value: str,
-        claim: str | None,
-        ttl: int | None,
-        reason: str,
-        incident: str | None,
-    ) -> LockView:
-        expires_at = self._clock.now() + timedelta(seconds=ttl) if ttl else None
-        return await self._locks.create_lock(
-            kind=kind,
-            value=value,
-            claim=claim,
-            reason=reason,
-            incident=incident,
-            expires_at=expires_at,
-            actor=operator.actor,
-        )
-
-    async def locks(self, *, include_inactive: bool) -> list[LockView]:
-        return await self._locks.list_locks(include_inactive=include_inactive)
-
-    async def remove_lock(
-        self, lock_id: str, operator: Operator, *, reason: str | None, incident: str | None
-    ) -> LockView:
-        return await self._locks.remove_lock(
-            lock_id, actor=operator.actor, reason=reason, incident=incident
-        )
+        verifier: IdentityVerifier,
+        roles: Mapping[str, RoleSettings],
+        rules: tuple[Rule, ...],
+        issuers: Sequence[IssuerSettings],
+        audience: str,
+        locks: ActiveLocks,
+        clock: Clock,
+        explain_checks: Sequence[ExplainCheck] = (),
+    ) -> None:
+        self._queries = queries
+        self._verifier = verifier
+        self._roles = roles
+        self._rules = rules
+        self._issuers = {issuer.name: issuer for issuer in issuers}
+        self._audience = audience
+        self._locks = locks
+        self._clock = clock
+        self._explain_checks = tuple(explain_checks)
 
     def _refusing_lock(
         self,
@@ -475,6 +476,46 @@ class AdminService:
                     lock_id=lock["lock_id"],
                 )
         return answer
+
+
+class LockService:
+    """Locks an operator creates, lists and removes; each is recorded as its operator."""
+
+    def __init__(self, locks: AdminLocks, *, clock: Clock) -> None:
+        self._locks = locks
+        self._clock = clock
+
+    async def create_lock(
+        self,
+        operator: Operator,
+        *,
+        kind: str,
+        value: str,
+        claim: str | None,
+        ttl: int | None,
+        reason: str,
+        incident: str | None,
+    ) -> LockView:
+        expires_at = self._clock.now() + timedelta(seconds=ttl) if ttl else None
+        return await self._locks.create_lock(
+            kind=kind,
+            value=value,
+            claim=claim,
+            reason=reason,
+            incident=incident,
+            expires_at=expires_at,
+            actor=operator.actor,
+        )
+
+    async def locks(self, *, include_inactive: bool) -> list[LockView]:
+        return await self._locks.list_locks(include_inactive=include_inactive)
+
+    async def remove_lock(
+        self, lock_id: str, operator: Operator, *, reason: str | None, incident: str | None
+    ) -> LockView:
+        return await self._locks.remove_lock(
+            lock_id, actor=operator.actor, reason=reason, incident=incident
+        )
 
 
 class LedgerCounts(Protocol):

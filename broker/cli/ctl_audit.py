@@ -20,7 +20,7 @@ from typing import Any
 
 from broker import __version__
 from broker.audit.ocsf import to_ocsf
-from broker.cli.ctl import EXIT_OK, EXIT_TAMPERED, Client, command, table
+from broker.cli.ctlbase import EXIT_OK, EXIT_TAMPERED, Client, command, table
 
 
 def audit_group(sub: Any) -> Any:

@@ -12,7 +12,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker.cli.ctl import LEASE_COLUMNS, Client, Listing, command, said, said_flags, table
+from broker.cli.ctlbase import LEASE_COLUMNS, Client, Listing, command, said, said_flags, table
 from broker.durations import parse_duration
 
 # The broker's states (``broker.leases.states``), spelled out so that the CLI imports

@@ -7,7 +7,7 @@ import argparse
 import urllib.parse
 from typing import Any
 
-from broker.cli.ctl import EXIT_USAGE, Client, CtlError, command, table
+from broker.cli.ctlbase import EXIT_USAGE, Client, CtlError, command, table
 
 LOCK_COLUMNS = ["lock_id", "kind", "target", "reason", "incident", "created_by", "expires_at"]
 

@@ -19,7 +19,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker.cli.ctl import (
+from broker.cli.ctlbase import (
     EXIT_FAILED,
     EXIT_NEVER_SEEN,
     EXIT_OK,

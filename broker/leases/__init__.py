@@ -5,17 +5,15 @@ jobs and the audit log. Never a token or a credential value.
 (``IssuanceRecords``, ``RevocationJobRecords``...) and the value types below. Consumers
 import from here, not from the modules inside."""
 
+from broker.leases.admin_records import AdminRecords, SelectionRecords
+from broker.leases.audit_records import AuditRecords, ChainRecords
 from broker.leases.database import Database
+from broker.leases.ledgers import Ledgers
 from broker.leases.records import (
-    AdminRecords,
-    AuditRecords,
-    ChainRecords,
     IssuanceRecords,
-    Ledgers,
     ReconcileRecords,
     ReplayRecords,
     RevocationJobRecords,
-    SelectionRecords,
     SightingRecords,
     TerminationRecords,
 )

@@ -1,6 +1,9 @@
-"""The ledgers: one small class per consumer, each method one transaction on the
-``Database`` running that consumer's SQL (``broker.leases.sql``). A consumer is handed
-only its own ledger and declares what it uses as a ``Protocol`` next to its code.
+"""The ledgers of issuance, termination and revocation: one small class per consumer,
+each method one transaction on the ``Database`` running that consumer's SQL
+(``broker.leases.sql``). A consumer is handed only its own ledger and declares what it
+uses as a ``Protocol`` next to its code. The admin API's ledgers are in
+``broker.leases.admin_records``, the audit's in ``broker.leases.audit_records``; every one
+of them is gathered in ``broker.leases.ledgers.Ledgers``.
 
 Operations that span tables (``begin_issue``, ``request_termination``, ``finish_job``...)
 stay one transaction, so their locking and ordering invariants are those of the SQL.
@@ -8,9 +11,8 @@ stay one transaction, so their locking and ordering invariants are those of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,34 +22,21 @@ from broker.clock import Clock
 from broker.leases import chain as chain_math
 from broker.leases.database import Database
 from broker.leases.locks import LockSubject
-from broker.leases.selection import BlastRadius, Selection, TerminationBatch
 from broker.leases.sql import (
-    admin,
-    chain,
-    checkpoints,
     common,
     issuance,
     jobs,
     locks,
     reconcile,
     replay,
-    selection,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import (
-    AuditEventView,
-    AuditSelection,
-    CheckpointView,
-    InstanceListing,
-    InstanceView,
     IssueTicket,
     JobView,
-    LeaseGroups,
     LeaseLimit,
     LeaseView,
-    LockView,
     RevocationWork,
-    StoreCounts,
     new_id,
 )
 
@@ -455,333 +444,11 @@ class ReplayRecords:
             return await replay.forget_expired(conn, self._clock.now() - grace)
 
 
-class AdminRecords:
-    """The admin API's reads, its retry of a failed job, and the metrics' counts."""
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
-
-    async def get_instance(
-        self, instance_id: str
-    ) -> tuple[InstanceView, list[LeaseView], JobView | None]:
-        """The instance, its leases and its job, read job first: each statement sees what
-        was committed when it ran, and a job marked done commits with its instance's
-        ``terminated`` and after its leases' final states, so a done job is never shown
-        beside a ``terminating`` instance or a live lease."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.get_instance(conn, instance_id)
-
-    async def list_leases(
-        self,
-        *,
-        instance: str | None = None,
-        workload: str | None = None,
-        role: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[LeaseView]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.list_leases(
-                conn,
-                instance=instance,
-                workload=workload,
-                role=role,
-                state=state,
-                limit=limit,
-                after=after,
-            )
-
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        limit: int = 100,
-        instance: str | None = None,
-        since: datetime | None = None,
-        after: tuple[datetime, str] | None = None,
-    ) -> list[JobView]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.list_jobs(
-                conn, state=state, limit=limit, instance=instance, since=since, after=after
-            )
-
-    async def list_instances(
-        self,
-        *,
-        state: str | None = None,
-        workload: str | None = None,
-        issuer: str | None = None,
-        since: datetime | None = None,
-        limit: int = 100,
-        after: tuple[datetime, str] | None = None,
-    ) -> list[InstanceListing]:
-        """Instances with their lease counts by state, page and counts read together."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.list_instances(
-                conn,
-                state=state,
-                workload=workload,
-                issuer=issuer,
-                since=since,
-                limit=limit,
-                after=after,
-            )
-
-    async def count_leases(
-        self, *, group_by: str, states: Sequence[str], top: int
-    ) -> LeaseGroups:
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.count_leases(conn, group_by=group_by, states=states, top=top)
-
-    async def get_lease(self, lease_id: str) -> LeaseView:
-        async with self._db.transaction(readonly=True) as conn:
-            return await issuance.get_lease(conn, lease_id)
-
-    async def instance_standing(
-        self, instance_id: str
-    ) -> tuple[InstanceView, JobView | None] | None:
-        """The instance and its job (no leases), or None if the broker never saw it."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.instance_standing(conn, instance_id)
-
-    async def retry_job(
-        self,
-        job_id: str,
-        *,
-        actor: str,
-        reason: str | None = None,
-        incident: str | None = None,
-    ) -> JobView:
-        """Put a ``failed`` job back in the queue, with its attempts counted from zero."""
-        async with self._db.transaction() as conn:
-            return await jobs.retry_job(
-                conn, self._clock, job_id, actor=actor, reason=reason, incident=incident
-            )
-
-    async def record_audit(self, actor: str, action: str, **detail: Any) -> None:
-        """One audit event of its own (an admin refusal, a reconcile an operator asked for)."""
-        async with self._db.transaction() as conn:
-            await common.audit(conn, self._clock, actor, action, **detail)
-
-    async def create_lock(
-        self,
-        *,
-        kind: str,
-        value: str,
-        claim: str | None,
-        reason: str,
-        incident: str | None,
-        expires_at: datetime | None,
-        actor: str,
-    ) -> LockView:
-        async with self._db.transaction() as conn:
-            return await locks.create_lock(
-                conn,
-                self._clock,
-                kind=kind,
-                value=value,
-                claim=claim,
-                reason=reason,
-                incident=incident,
-                expires_at=expires_at,
-                actor=actor,
-            )
-
-    async def list_locks(self, *, include_inactive: bool = False) -> list[LockView]:
-        """Active locks; with ``include_inactive`` also removed and expired ones."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await locks.list_locks(
-                conn, self._clock.now(), include_inactive=include_inactive
-            )
-
-    async def active_locks(self) -> list[LockView]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await locks.active_locks(conn, self._clock.now())
-
-    async def remove_lock(
-        self, lock_id: str, *, actor: str, reason: str | None, incident: str | None
-    ) -> LockView:
-        async with self._db.transaction() as conn:
-            return await locks.remove_lock(
-                conn, self._clock, lock_id, actor=actor, reason=reason, incident=incident
-            )
-
-    async def counts(self) -> StoreCounts:
-        now = self._clock.now()
-        async with self._db.transaction(readonly=True) as conn:
-            return await admin.counts(conn, now)
-
-
-class AuditRecords:
-    """The audit trail read out, and its signed checkpoints (the checkpoint writer, the
-    audit listing)."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
-        return self._db.try_exclusive(key)  # one replica checkpoints at a time
-
-    async def head(self) -> tuple[int, str]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.head(conn)
-
-    async def last_checkpoint(self) -> CheckpointView | None:
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.last_checkpoint(conn)
-
-    async def add_checkpoint(self, checkpoint: CheckpointView) -> bool:
-        """Record a checkpoint; False if one of that seq is there already (another replica
-        wrote it: only on SQLite, where ``try_exclusive`` does not exclude processes)."""
-        try:
-            async with self._db.transaction() as conn:
-                await checkpoints.add_checkpoint(conn, checkpoint)
-        except IntegrityError:
-            return False
-        return True
-
-    async def checkpoints(self, *, after: int = 0, limit: int = 1000) -> list[CheckpointView]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.list_checkpoints(conn, after=after, limit=limit)
-
-    async def table_end(self) -> int:
-        """The newest stored event's seq (0: none), read from the events themselves."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.last_event_seq(conn)
-
-    async def hashes_at(self, seqs: Sequence[int]) -> dict[int, str]:
-        """The stored hash of each of these events the table holds."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.hashes_at(conn, seqs)
-
-    async def events(
-        self, selection: AuditSelection, *, after: int = 0, limit: int = 100, newest: bool = False
-    ) -> list[AuditEventView]:
-        """Events after seq ``after`` matching ``selection``, oldest first: the first
-        ``limit``, or with ``newest`` the last ``limit``."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await checkpoints.list_events(
-                conn, selection, after=after, limit=limit, newest=newest
-            )
-
-
-class ChainRecords:
-    """The audit chain as its verification reads it. Each read is its own (read-only)
-    transaction: a verification of a long chain holds no lock and no snapshot for long."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    async def head(self) -> tuple[int, str]:
-        """(seq, hash) of the chain's head row."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await chain.head(conn)
-
-    async def checkpoints(self) -> list[CheckpointView]:
-        async with self._db.transaction(readonly=True) as conn:
-            return await chain.checkpoints(conn)
-
-    async def event_hash(self, seq: int) -> str | None:
-        async with self._db.transaction(readonly=True) as conn:
-            return await chain.event_hash(conn, seq)
-
-    async def events_page(self, *, after: int, upto: int, limit: int) -> list[AuditEventView]:
-        """Events with ``after < seq <= upto``, in seq order, at most ``limit``."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await chain.events_page(conn, after=after, upto=upto, limit=limit)
-
-
-class SelectionRecords:
-    """Bulk termination: a selection's blast radius, and its termination in bounded
-    batches, one transaction per batch (never one for the whole set)."""
-
-    def __init__(self, db: Database, clock: Clock) -> None:
-        self._db = db
-        self._clock = clock
-
-    async def blast_radius(self, chosen: Selection, *, top: int, sample: int) -> BlastRadius:
-        """Aggregates over the selection, in one read transaction."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await selection.blast_radius(conn, chosen, top=top, sample=sample)
-
-    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]:
-        """Of these ids, those the broker never saw (no row, or only a tombstone)."""
-        async with self._db.transaction(readonly=True) as conn:
-            return await selection.never_seen(conn, instance_ids)
-
-    async def terminate_next(
-        self,
-        chosen: Selection,
-        *,
-        after: str | None,
-        limit: int,
-        actor: str,
-        reason: str | None,
-        incident: str | None,
-        check: Callable[[int], None],
-    ) -> TerminationBatch:
-        """Tombstone the next ``limit`` active instances of the selection past ``after``,
-        each with its revocation job and audit event, in one transaction. ``check`` sees
-        how many instances the selection still reaches first, and may refuse (raise)."""
-        async with self._db.transaction() as conn:
-            return await selection.terminate_next(
-                conn,
-                self._clock,
-                chosen,
-                after=after,
-                limit=limit,
-                actor=actor,
-                reason=reason,
-                incident=incident,
-                check=check,
-            )
-
-
-@dataclass(frozen=True)
-class Ledgers:
-    """Every ledger on one database: the broker hands each consumer only its own."""
-
-    database: Database
-    issuance: IssuanceRecords
-    termination: TerminationRecords
-    jobs: RevocationJobRecords
-    reconcile: ReconcileRecords
-    replay: ReplayRecords
-    sightings: SightingRecords
-    admin: AdminRecords
-    audit: AuditRecords
-    chain: ChainRecords
-    selection: SelectionRecords
-
-    @classmethod
-    def on(cls, database: Database, clock: Clock, *, token_key: bytes | None = None) -> Ledgers:
-        return cls(
-            database=database,
-            issuance=IssuanceRecords(database, clock, token_key),
-            termination=TerminationRecords(database, clock),
-            jobs=RevocationJobRecords(database, clock),
-            reconcile=ReconcileRecords(database, clock),
-            replay=ReplayRecords(database, clock),
-            sightings=SightingRecords(database),
-            admin=AdminRecords(database, clock),
-            audit=AuditRecords(database),
-            chain=ChainRecords(database),
-            selection=SelectionRecords(database, clock),
-        )
-
-
 __all__ = [
-    "Ledgers",
-    "AdminRecords",
-    "AuditRecords",
-    "ChainRecords",
     "IssuanceRecords",
     "ReconcileRecords",
     "ReplayRecords",
     "RevocationJobRecords",
-    "SelectionRecords",
     "SightingRecords",
     "TerminationRecords",
 ]

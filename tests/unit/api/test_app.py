@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.api.app import LEASE_ID_PATTERN, ROLE_PATTERN
+from broker.api.decode import LEASE_ID_PATTERN, ROLE_PATTERN
 
 
 @pytest.mark.parametrize(("pattern", "good"), [(ROLE_PATTERN, "dev-cert"),

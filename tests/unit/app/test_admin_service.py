@@ -1,6 +1,6 @@
-"""AdminService over small fakes of what it reads: ``leases show --vault``'s view of
-Vault (each way it can have none), and ``policy explain``'s verdict from every refusal,
-including the checks plugged in for locks."""
+"""The admin services over small fakes of what they read: ``leases show --vault``'s view
+of Vault (each way it can have none, ``ListingService``), and ``policy explain``'s verdict
+from every refusal, including the checks plugged in for locks (``PolicyService``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.app.services import AdminService
+from broker.app.services import ListingService, PolicyService
 from broker.clock import FixedClock
 from broker.engines.role import RoleSettings
 from broker.errors import TokenInvalid, UpstreamUnavailable
@@ -70,16 +70,15 @@ class NoLocks:
         return []
 
 
-def service(queries: Any = None, vault: Any = None, verifier: Any = None,
-            checks: tuple[Any, ...] = ()) -> AdminService:
-    async def nothing(*a: Any, **k: Any) -> Any:
-        raise AssertionError("not called")
+def listings(queries: Any = None, vault: Any = None) -> ListingService:
+    return ListingService(queries or Queries(), vault=vault or Vault(None), clock=FixedClock(NOW))
 
-    return AdminService(queries or Queries(), terminate=nothing, reconcile=nothing,
-                        verifier=verifier or Verifier(IDENTITY), roles=ROLES, rules=RULES,
-                        issuers=(), audience="a", vault=vault or Vault(None), locks=NoLocks(),
-                        bulk=None, seen=None,
-                        clock=FixedClock(NOW), explain_checks=checks)
+
+def service(queries: Any = None, verifier: Any = None,
+            checks: tuple[Any, ...] = ()) -> PolicyService:
+    return PolicyService(queries or Queries(), verifier=verifier or Verifier(IDENTITY),
+                         roles=ROLES, rules=RULES, issuers=(), audience="a", locks=NoLocks(),
+                         clock=FixedClock(NOW), explain_checks=checks)
 
 
 @pytest.mark.parametrize("the_lease,answer,expected", [
@@ -95,7 +94,7 @@ def service(queries: Any = None, vault: Any = None, verifier: Any = None,
     (lease(None), AssertionError("Vault is not asked"), {"error": "no_vault_lease"}),
 ], ids=["live", "past_expiry", "unknown_to_vault", "vault_down", "no_vault_lease"])
 async def test_a_lease_with_vaults_view(the_lease, answer, expected):
-    admin = service(Queries(the_lease=the_lease), Vault(answer))
+    admin = listings(Queries(the_lease=the_lease), Vault(answer))
     assert await admin.lease("l-1", vault=True) == (the_lease, expected)
     assert await admin.lease("l-1", vault=False) == (the_lease, None)
 
