@@ -301,7 +301,9 @@ async def test_brokerctl_whoami_lock_and_revoke_with_a_reason(make_broker, http,
     code, out, err = await run("broker.cli.ctl", "revoke", "--instance", "i-ctl-op",
                                "--reason", "stolen laptop", "--incident", "INC-6", "-o", "json",
                                env=ctl_env(b.url, REVOKER))
-    assert code == 0, err
+    # Never seen by this broker: tombstoned all the same, and said with its own exit code.
+    assert code == 9, err
+    assert json.loads(out)["never_seen"] is True
     job = json.loads(out)["job"]
     assert (job["requested_by"], job["reason"], job["incident"]) == (
         "operator:revoker", "stolen laptop", "INC-6")
