@@ -153,9 +153,7 @@ class CheckpointWriter:
         now = self._clock.now()
         candidate = await self._newest_trusted(seq, now)
         try:
-            await self._check_chain(seq, head_hash)
-            if candidate is not None and await self._agrees(candidate):
-                self.last = candidate
+            await self._check_chain(seq, head_hash, candidate)
         except ChainBroken as broken:
             self.refusals += 1
             log.error(
@@ -165,6 +163,8 @@ class CheckpointWriter:
             return None
         self.refusals = 0
         self._checked = (seq, head_hash)
+        if candidate is not None:
+            self.last = candidate
         last = self.last
         if not due(
             head_seq=seq,
@@ -245,28 +245,23 @@ class CheckpointWriter:
         """Stored checkpoints ignored since start (forged, or signed by another key)."""
         return len(self._ignored)
 
-    async def _agrees(self, cp: Checkpoint) -> bool:
-        """Whether the chain (checked up to the head) holds ``cp``'s hash at its seq."""
-        stored = (await self._ledger.hashes_at([cp.seq])).get(cp.seq)
-        if stored == cp.hash:
-            return True
-        self._ignored.add(cp.seq)
-        log.error(
-            "a signed audit checkpoint names another hash than the chain's: "
-            "history before it was rewritten, or another replica signed a forged head",
-            extra={"seq": cp.seq, "key_id": cp.key_id},
-        )
-        return False
-
-    async def _check_chain(self, head_seq: int, head_hash: str) -> None:
+    async def _check_chain(
+        self, head_seq: int, head_hash: str, candidate: Checkpoint | None
+    ) -> None:
         """Recompute the events from the anchor to the head (``ChainBroken`` if they do
         not hold): the anchor's event must still have its hash, each event after it must
-        hash right and link to the one before, and the last one must be the head."""
+        hash right and link to the one before, and the last one must be the head. The
+        anchor is what this process knows (its last checkpoint, the head it checked last);
+        a newly stored ``candidate`` must name the hash the chain holds at its seq, and is
+        the anchor only of a process that knows nothing yet (else a replica that signed
+        a forged head would launder it for this one)."""
         anchors = [(0, GENESIS)]
         if self.last is not None:
             anchors.append((self.last.seq, self.last.hash))
         if self._checked is not None:
             anchors.append(self._checked)
+        if len(anchors) == 1 and candidate is not None:
+            anchors.append((candidate.seq, candidate.hash))
         anchor_seq, anchor_hash = max(anchors)
         if head_seq < anchor_seq:
             raise ChainBroken(head_seq, f"the head went back from seq {anchor_seq} to {head_seq}")
@@ -300,3 +295,11 @@ class CheckpointWriter:
             raise ChainBroken(anchor_seq, "the event checked before is missing")
         if (prev_seq, prev_hash) != (head_seq, head_hash):
             raise ChainBroken(prev_seq, "the chain's head row does not match its last event")
+        if candidate is not None and candidate.seq != anchor_seq:
+            stored = (await self._ledger.hashes_at([candidate.seq])).get(candidate.seq)
+            if stored != candidate.hash:
+                raise ChainBroken(
+                    candidate.seq,
+                    "a signed checkpoint names another hash: the chain was rewritten, or "
+                    "another replica signed a forged head",
+                )
