@@ -1,10 +1,10 @@
 """``brokerctl audit``: the audit trail. ``verify`` recomputes the chain on the broker and
 names each finding with its seq; exit 0 only when everything holds, 8 (``EXIT_TAMPERED``)
 when not, 5 (``EXIT_UNAVAILABLE``) when it holds as far as it could be checked but some
-signature could not be (Vault unreachable, the key rotated just now). ``list`` and ``tail`` show events by the selectors leases take (plus action,
-actor and since); ``export`` writes them as JSON lines or OCSF records for a SIEM.
-``tail --follow`` and ``export --follow`` poll for new events until ``--timeout`` or
-Ctrl-C.
+signature could not be (Vault unreachable, the key rotated just now). ``list`` and
+``tail`` show events by the selectors leases take (plus action, actor and since);
+``export`` writes them as JSON lines or OCSF records for a SIEM. ``tail --follow`` and
+``export --follow`` poll for new events until ``--timeout`` or Ctrl-C.
 
 The group is made by ``audit_group``; each leaf is added by its own function
 (``add_verify``), so other leaves (list, tail, export) join the same group beside it."""
