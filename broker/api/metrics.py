@@ -159,8 +159,8 @@ class Metrics:
         )
         self.checkpoints_ignored = Gauge(
             "broker_audit_checkpoints_ignored",
-            "Stored audit checkpoints ignored since start: ahead of the head or the clock, a "
-            "signature that does not verify, or a hash the chain does not hold (alert on any)",
+            "Stored audit checkpoints ignored since start as not genuine: ahead of the head "
+            "or the clock, or a signature that does not verify (alert on any)",
             registry=r,
         )
 
