@@ -247,3 +247,48 @@ async def test_verify_with_the_external_file_still_catches_a_laundered_table(
     ).verify()
     assert not report.ok and report.tampered
     assert [f.kind for f in report.findings] == ["checkpoint_mismatch"]
+
+
+async def test_a_replica_that_signed_a_forged_head_does_not_launder_it_for_another(
+    ledgers, tmp_path  # noqa: F811
+):
+    """Replica a checked the head; the chain is rewritten; replica b, just started (it
+    checked nothing), signs the forged head. Replica a must not take b's checkpoint as
+    its anchor: it still refuses."""
+    s = await ledgers()
+    clock, key = ledgers.clock, FileSigner(Ed25519PrivateKey.generate())
+    a = writer_on(s, clock, key, tmp_path)
+    await append(s, 5)
+    assert (await a.run_once()).seq == 5
+    await append(s, 1, "operator:mallory", "lock.removed")
+    await append(s, 1)
+    assert await a.run_once() is None  # checked seq 7, not due
+    await rewrite(s, from_seq=6, forge=mallory_to_alice)
+    clock.advance(EVERY + 1)
+    b = writer_on(s, clock, key, tmp_path)
+    assert (await b.run_once()).seq == 7  # b knew nothing past the checkpoint at 5
+    await append(s, 1)
+    clock.advance(EVERY + 1)
+    assert await a.run_once() is None and a.refusals == 1
+    assert a.last is not None and a.last.seq == 5
+
+
+async def test_a_deleted_tail_or_anchor_event_is_refused(ledgers, tmp_path):  # noqa: F811
+    s = await ledgers()
+    clock, key = ledgers.clock, FileSigner(Ed25519PrivateKey.generate())
+    writer = writer_on(s, clock, key, tmp_path)
+    await append(s, 5)
+    assert (await writer.run_once()).seq == 5
+    await append(s, 3)
+    assert await writer.run_once() is None  # checked seq 8
+    async with s.database.transaction() as conn:  # the tail cut, the head moved back
+        await conn.execute(text("DELETE FROM audit_events WHERE seq > 6"))
+        head = (await conn.execute(text("SELECT hash FROM audit_events WHERE seq = 6"))).scalar()
+        await conn.execute(text("UPDATE audit_head SET seq = 6, hash = :h WHERE id = 1"),
+                           {"h": head})
+    clock.advance(EVERY + 1)
+    assert await writer.run_once() is None and writer.refusals == 1
+    fresh = writer_on(s, clock, key, tmp_path)  # anchored on the checkpoint at seq 5
+    async with s.database.transaction() as conn:  # and the checkpointed event itself gone
+        await conn.execute(text("DELETE FROM audit_events WHERE seq = 5"))
+    assert await fresh.run_once() is None and fresh.refusals == 1
