@@ -21,9 +21,14 @@ class Counted(Protocol):
 
 
 class CheckpointStatus(Protocol):
-    """The audit checkpoint writer: the newest checkpoint it saw and its failures in a row."""
+    """The audit checkpoint writer: the newest trusted checkpoint, its signing failures
+    and its refusals (a chain that does not hold) in a row, stored checkpoints ignored."""
 
     failures: int
+    refusals: int
+
+    @property
+    def ignored(self) -> int: ...
 
     def age_s(self) -> float | None: ...
 
@@ -146,11 +151,26 @@ class Metrics:
             registry=r,
         )
 
+        self.checkpoint_refusals = Gauge(
+            "broker_audit_checkpoint_refusals",
+            "Ticks in a row this replica refused to sign because the audit chain does not "
+            "hold (alert on any: the chain was rewritten; run brokerctl audit verify)",
+            registry=r,
+        )
+        self.checkpoints_ignored = Gauge(
+            "broker_audit_checkpoints_ignored",
+            "Stored audit checkpoints ignored since start as not genuine: ahead of the head "
+            "or the clock, or a signature that does not verify (alert on any)",
+            registry=r,
+        )
+
     def observe_checkpoints(self, status: CheckpointStatus) -> None:
         age = status.age_s()
         self.checkpoint_seq.set(status.last_seq)
         self.checkpoint_age.set(-1 if age is None else age)
         self.checkpoint_failures.set(status.failures)
+        self.checkpoint_refusals.set(status.refusals)
+        self.checkpoints_ignored.set(status.ignored)
 
     def observe_store(self, counts: StoreCounts) -> None:
         self.leases.clear()

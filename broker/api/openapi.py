@@ -54,6 +54,8 @@ _AUDIT_REPORT: dict[str, Any] = {
     "required": ["ok", "from_seq", "events", "findings", "signatures_checked"],
     "properties": {
         "ok": {"type": "boolean"},
+        # false while ok is false: only signatures that could not be checked now
+        "tampered": {"type": "boolean"},
         "from_seq": {"type": "integer"},
         "last_seq": _SEQ,
         "events": {"type": "integer"},

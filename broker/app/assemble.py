@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -38,6 +39,7 @@ from broker.app.ticks import (
     Revocation,
     SightingsFlush,
 )
+from broker.audit.checkpoint import uncovered_limit
 from broker.audit.external import file_checkpoints
 from broker.audit.service import AuditVerification
 from broker.audit.signing import CheckpointSigning
@@ -236,6 +238,8 @@ def assemble(
         ledgers.chain,
         check_signature=signing.signatures.check_async,
         external_checkpoints=file_checkpoints(checkpoint_file) if checkpoint_file else None,
+        clock=clock,
+        max_uncovered=uncovered_limit(timedelta(seconds=settings.audit.checkpoint.every)),
     )
     readiness = Readiness(database=database, vault=vault, counts=ledgers.admin)
     scraper = Scraper(

@@ -64,6 +64,18 @@ def due(
     return last_at is None or now - last_at >= every
 
 
+# How late a checkpoint may come beyond ``every`` before the events it would cover count
+# as uncovered: the writer's tick, a slow signer, clocks of replicas a little apart.
+SLACK = timedelta(seconds=120)
+
+
+def uncovered_limit(every: timedelta) -> timedelta:
+    """The age past which an event no checkpoint covers is a finding of verification:
+    with the writer working, each event is covered at most ``every`` (plus a tick) after
+    the checkpoint before it was signed."""
+    return every + SLACK
+
+
 def file_line(cp: Checkpoint) -> str:
     """One line of the external checkpoint file (JSON, no newline inside)."""
     return json.dumps(document(cp), separators=(",", ":"), sort_keys=True)

@@ -24,8 +24,10 @@ from broker.audit.signers import Signatures
 class ExternalFinding:
     """``truncated``: the table ends before ``seq``; ``mismatch``: the event at ``seq``
     has another hash; ``bad_signature``: the file's checkpoint does not verify (the file
-    was edited, or signed by a key not trusted); ``unreadable``: a line is not a
-    checkpoint (a torn last line after a crash is only that)."""
+    was edited, or signed by a key not trusted); ``signature_unchecked``: its signature
+    cannot be checked now (Vault unreachable, a key version not read yet): no evidence of
+    tampering; ``unreadable``: a line is not a checkpoint (a torn last line after a crash
+    is only that)."""
 
     problem: str
     seq: int | None
@@ -60,7 +62,7 @@ def check_external(
     *,
     table_end: int,
     hash_at: Mapping[int, str],
-    check_signature: Callable[[Checkpoint], bool],
+    check_signature: Callable[[Checkpoint], bool | None],
     unreadable_lines: Iterable[int] = (),
 ) -> list[ExternalFinding]:
     """Findings, ``truncated`` first (the newest external checkpoint past ``table_end``,
@@ -68,7 +70,8 @@ def check_external(
     event hashes at (at least) the external checkpoints' seqs that the table holds."""
     findings: list[ExternalFinding] = []
     checkpoints = sorted(external, key=lambda cp: cp.seq)
-    trusted = [cp for cp in checkpoints if check_signature(cp)]
+    verdicts = {id(cp): check_signature(cp) for cp in checkpoints}
+    trusted = [cp for cp in checkpoints if verdicts[id(cp)]]
     past_end = [cp for cp in trusted if cp.seq > table_end]
     if past_end:
         newest = past_end[-1]
@@ -81,7 +84,16 @@ def check_external(
             )
         )
     for cp in checkpoints:
-        if cp not in trusted:
+        if verdicts[id(cp)] is None:
+            findings.append(
+                ExternalFinding(
+                    "signature_unchecked",
+                    cp.seq,
+                    f"the external checkpoint of event {cp.seq} could not be checked now "
+                    f"(key {cp.key_id} could not be read: Vault unreachable?)",
+                )
+            )
+        elif cp not in trusted:
             findings.append(
                 ExternalFinding(
                     "bad_signature",

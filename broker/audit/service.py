@@ -4,15 +4,19 @@ hands each page to the pure verifier (``broker.audit.verify``).
 Checkpoints come from the store's table and, where configured, from outside the database
 (``external``: the file or log the signer also writes), so a table truncated together with
 its checkpoints is still caught. Signatures are checked by an injected ``check_signature``
-(the checkpoint signer's); without one the report says they were not checked.
+(the checkpoint signer's); without one the report says they were not checked. Given a
+``clock`` and ``max_uncovered`` (``checkpoint.uncovered_limit`` of the configured
+interval), events older than that which no checkpoint covers are a finding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Protocol
 
 from broker.audit.verify import Report, Verifier
+from broker.clock import Clock
 from broker.errors import BadRequest
 from broker.leases import AuditEventView, CheckpointView
 
@@ -31,7 +35,8 @@ class ChainLedger(Protocol):
     async def events_page(self, *, after: int, upto: int, limit: int) -> list[AuditEventView]: ...
 
 
-SignatureCheck = Callable[[CheckpointView], Awaitable[bool]]
+# True: verifies; False: does not; None: cannot be checked now (Vault unreachable).
+SignatureCheck = Callable[[CheckpointView], Awaitable[bool | None]]
 ExternalCheckpoints = Callable[[], Awaitable[Sequence[CheckpointView]]]
 
 
@@ -43,8 +48,12 @@ class AuditVerification:
         check_signature: SignatureCheck | None = None,
         external_checkpoints: ExternalCheckpoints | None = None,
         page: int = PAGE,
+        clock: Clock | None = None,
+        max_uncovered: timedelta | None = None,
     ) -> None:
         self._ledger = ledger
+        self._clock = clock
+        self._max_uncovered = max_uncovered
         self._check_signature = check_signature
         self._external = external_checkpoints
         self._page = page
@@ -69,7 +78,7 @@ class AuditVerification:
             # Asked here (the signer may call out), answered to the pure verifier from memory.
             valid = {id(cp): await self._check_signature(cp) for cp in checkpoints}
 
-            def check(cp: CheckpointView) -> bool:
+            def check(cp: CheckpointView) -> bool | None:
                 return valid[id(cp)]
 
         verifier = Verifier(
@@ -78,6 +87,8 @@ class AuditVerification:
             checkpoints=checkpoints,
             check_signature=check,
             head=head,
+            now=self._clock.now() if self._clock is not None else None,
+            max_uncovered=self._max_uncovered,
         )
         after = from_seq - 1
         # Bounded: every page moves ``after`` forward, up to the head read above.

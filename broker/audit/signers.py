@@ -11,6 +11,11 @@ seen yet: the key was rotated).
 A checkpoint's ``key_id`` says which key: ``transit:<key>:v<N>`` or
 ``file:<first 16 hex of SHA-256 of the raw public key>``. Only the configured keys are
 trusted: a checkpoint re-signed by any other key does not verify.
+
+A check answers ``True`` (verifies), ``False`` (does not: a forged or re-signed
+checkpoint) or ``None``: it cannot be told now, because the transit key's versions could
+not be read (Vault down or sealed) or the version named is newer than the ones read less
+than ``REFRESH_S`` ago (the key was just rotated). ``None`` is not evidence of tampering.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from broker.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 REFRESH_S = 10.0
+
+
+# True: verifies; False: does not; None: cannot be checked now (see the module's doc).
+Verdict = bool | None
 
 
 class CheckpointSigner(Protocol):
@@ -83,11 +92,24 @@ class FileSigner:
     async def sign(self, message: bytes) -> tuple[str, str, str]:
         return "file", self.key_id, base64.b64encode(self._key.sign(message)).decode("ascii")
 
+    async def check(self, checkpoint: Checkpoint) -> Verdict:
+        """Whether this key signed ``checkpoint`` (the writer trusts no other)."""
+        if checkpoint.signer != "file" or checkpoint.key_id != self.key_id:
+            return False
+        return _valid(self.public, signed_message(checkpoint), checkpoint.signature)
+
 
 class TransitSigner:
     def __init__(self, transit: TransitKeys, key: str) -> None:
         self._transit = transit
         self._key = key
+        self._signatures = Signatures(transit=transit, transit_key=key)
+
+    async def check(self, checkpoint: Checkpoint) -> Verdict:
+        """Whether this transit key (any of its versions) signed ``checkpoint``."""
+        if checkpoint.signer != "transit":
+            return False
+        return await self._signatures.check_async(checkpoint)
 
     async def sign(self, message: bytes) -> tuple[str, str, str]:
         signature, version = await self._transit.sign(self._key, message)
@@ -138,16 +160,19 @@ class Signatures:
         """Check ``file`` checkpoints against this Ed25519 public key (raw, 32 bytes)."""
         self._file_public = public
 
-    async def _refresh(self) -> None:
+    async def _refresh(self) -> bool:
+        """Read the transit key's versions; True when they were read just now."""
         if self._transit is None or self._transit_key is None:
-            return
+            return False
         if self._monotonic() - self._fetched_at < REFRESH_S:
-            return
+            return False
         self._fetched_at = self._monotonic()
         try:
             self._transit_public = await self._transit.public_keys(self._transit_key)
         except BrokerError as exc:
             log.warning("could not read the transit key's public keys", extra={"code": exc.code})
+            return False
+        return True
 
     async def prefetch(self, checkpoints: Iterable[Checkpoint]) -> None:
         """Fetch the transit public keys if any checkpoint names a version not cached."""
@@ -157,30 +182,36 @@ class Signatures:
                 await self._refresh()
                 return
 
-    async def verify(self, signer: str, key_id: str, message: bytes, signature: str) -> bool:
+    async def verify(self, signer: str, key_id: str, message: bytes, signature: str) -> Verdict:
         version = self._transit_version(signer, key_id)
         if version is not None and version not in self._transit_public:
-            await self._refresh()
+            if await self._refresh() and version not in self._transit_public:
+                return False  # read just now, and the key has no such version
         return self._verify_known(signer, key_id, message, signature)
 
-    def _verify_known(self, signer: str, key_id: str, message: bytes, signature: str) -> bool:
+    def _verify_known(self, signer: str, key_id: str, message: bytes, signature: str) -> Verdict:
         if signer == "file":
             public = self._file_public
             if public is None or key_id != file_key_id(public):
                 return False
             return _valid(public, message, signature)
         version = self._transit_version(signer, key_id)
-        if version is None or version not in self._transit_public:
-            return False
+        if version is None:
+            return False  # not the configured transit key
+        if version not in self._transit_public:
+            # Versions only grow: one below the newest read is not the key's (False); one
+            # above it, or none read (Vault down), may be a rotation not seen yet (None).
+            newest = max(self._transit_public, default=None)
+            return False if newest is not None and version < newest else None
         return _valid(self._transit_public[version], message, signature)
 
-    def check(self, checkpoint: Checkpoint) -> bool:
+    def check(self, checkpoint: Checkpoint) -> Verdict:
         """``check_signature`` for the chain's verification (keys prefetched)."""
         return self._verify_known(
             checkpoint.signer, checkpoint.key_id, signed_message(checkpoint), checkpoint.signature
         )
 
-    async def check_async(self, checkpoint: Checkpoint) -> bool:
+    async def check_async(self, checkpoint: Checkpoint) -> Verdict:
         return await self.verify(
             checkpoint.signer, checkpoint.key_id, signed_message(checkpoint), checkpoint.signature
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from broker.audit.checkpoint import Checkpoint
 from broker.audit.settings import AuditSettings
 from broker.audit.signers import (
     CheckpointSigner,
@@ -17,6 +18,7 @@ from broker.audit.signers import (
     Signatures,
     TransitKeys,
     TransitSigner,
+    Verdict,
     load_private_key,
 )
 from broker.errors import UpstreamUnavailable
@@ -53,3 +55,7 @@ class CheckpointSigning:
 
     async def sign(self, message: bytes) -> tuple[str, str, str]:
         return await self._signer.sign(message)
+
+    async def check(self, checkpoint: Checkpoint) -> Verdict:
+        """Whether a trusted key signed ``checkpoint`` (None: cannot be told now)."""
+        return await self.signatures.check_async(checkpoint)

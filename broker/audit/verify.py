@@ -12,7 +12,14 @@ Each event's hash is recomputed from its stored fields (``broker.leases.chain``)
 - two events whose places were swapped are named ``moved`` (the content of seq M found at
   seq N) or ``reordered`` (rows stored in another order than their seqs);
 - a deleted tail leaves the newest checkpoint past the end (``truncated``), and so does a
-  head row (``audit_head``) ahead of the last event.
+  head row (``audit_head``) ahead of the last event;
+- events older than ``max_uncovered`` (the checkpoint interval and a slack: event times
+  are in the hash) that no checkpoint covers are ``uncovered``: the checkpoints were
+  deleted (and the chain perhaps rewritten), or none was signed for that long.
+
+A signature that cannot be checked now (Vault unreachable, a key version newer than the
+ones read) is ``signature_unchecked``: not ok, but no evidence of tampering
+(``Report.tampered`` is false when it is the only kind of finding).
 
 Memory is bounded by the page, not the chain: only the previous event and a window of
 recent hashes are kept (``Verifier.feed`` one page at a time). Signatures are checked by
@@ -25,6 +32,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from broker.leases import chain
@@ -42,6 +50,10 @@ CHECKPOINT_MISMATCH = "checkpoint_mismatch"
 CHECKPOINT_MISSING_EVENT = "checkpoint_missing_event"
 BAD_SIGNATURE = "bad_signature"
 HEAD_MISMATCH = "head_mismatch"
+UNCOVERED = "uncovered"
+SIGNATURE_UNCHECKED = "signature_unchecked"
+# Findings that say the chain could not be fully checked, not that it was altered.
+NOT_TAMPERING = frozenset({SIGNATURE_UNCHECKED})
 KINDS = (
     ALTERED,
     MOVED,
@@ -54,6 +66,8 @@ KINDS = (
     CHECKPOINT_MISSING_EVENT,
     BAD_SIGNATURE,
     HEAD_MISMATCH,
+    UNCOVERED,
+    SIGNATURE_UNCHECKED,
 )
 # A report lists this many findings at most (a rewritten table would otherwise list one
 # per event); ``findings_omitted`` counts the rest.
@@ -89,6 +103,11 @@ class Report:
         return not self.findings
 
     @property
+    def tampered(self) -> bool:
+        """Some finding is evidence of tampering (not only signatures left unchecked)."""
+        return any(f.kind not in NOT_TAMPERING for f in self.findings)
+
+    @property
     def first_bad_seq(self) -> int | None:
         return min((f.seq for f in self.findings), default=None)
 
@@ -103,6 +122,7 @@ class Report:
             )
         return {
             "ok": self.ok,
+            "tampered": self.tampered,
             "from_seq": self.from_seq,
             "last_seq": self.last_seq,
             "events": self.events,
@@ -140,13 +160,17 @@ class Verifier:
     ``anchor``: (seq, hash) of the event just before ``from_seq`` as stored (verification
     from a later seq trusts it); ``None`` from the start of the chain (the genesis hash).
     ``checkpoints``: every checkpoint known, from the table and from outside it.
-    ``head``: the chain's head row (seq, hash), compared with the last event when given."""
+    ``head``: the chain's head row (seq, hash), compared with the last event when given.
+    ``now`` and ``max_uncovered``: when both are given, an event older than ``max_uncovered``
+    after the last checkpoint that holds is ``uncovered``."""
 
     from_seq: int = 1
     anchor: tuple[int, str] | None = None
     checkpoints: Iterable[CheckpointView] = ()
-    check_signature: Callable[[CheckpointView], bool] | None = None
+    check_signature: Callable[[CheckpointView], bool | None] | None = None
     head: tuple[int, str] | None = None
+    now: datetime | None = None
+    max_uncovered: timedelta | None = None
     _findings: list[Finding] = field(default_factory=list)
     _omitted: int = 0
     _prev: tuple[int, str, int | None] | None = None  # (seq, hash, row id) of the last event
@@ -154,6 +178,8 @@ class Verifier:
     _by_seq: dict[int, list[CheckpointView]] = field(default_factory=dict)
     _hashes: OrderedDict[str, int] = field(default_factory=OrderedDict)  # stored hash → seq
     _suspects: list[AuditEventView] = field(default_factory=list)  # altered, maybe moved
+    # The oldest event after the last checkpoint that held so far: (its time, its seq).
+    _uncovered: tuple[datetime, int] | None = None
 
     def __post_init__(self) -> None:
         self.checkpoints = tuple(self.checkpoints)
@@ -209,8 +235,11 @@ class Verifier:
                 f"seq {event.seq} does not link to seq {prev[0]}: the event before it was "
                 "replaced or removed",
             )
-        for cp in self._by_seq.pop(event.seq, []):
-            self._checkpoint(cp, event.hash)
+        held = [self._checkpoint(cp, event.hash) for cp in self._by_seq.pop(event.seq, [])]
+        if any(held):
+            self._uncovered = None
+        elif self._uncovered is None or event.at < self._uncovered[0]:
+            self._uncovered = (event.at, event.seq)
         self._hashes[event.hash] = event.seq
         if len(self._hashes) > _WINDOW:
             self._hashes.popitem(last=False)
@@ -238,16 +267,32 @@ class Verifier:
         # Kept one page longer: the predecessor of a moved event may come later.
         self._suspects = keep if len(keep) <= _WINDOW else []
 
-    def _checkpoint(self, cp: CheckpointView, event_hash: str | None) -> None:
+    def _checkpoint(self, cp: CheckpointView, event_hash: str | None) -> bool:
+        """Compare a checkpoint with the event it names; whether it holds (its signature
+        verifies, when signatures are checked, and it names the event's hash)."""
         where = f"checkpoint at seq {cp.seq} ({cp.source})"
+        held = True
         if event_hash is not None and cp.hash != event_hash:
+            held = False
             self._find(
                 CHECKPOINT_MISMATCH,
                 cp.seq,
                 f"{where} says hash {cp.hash[:16]}…, the event has {event_hash[:16]}…",
             )
-        if self.check_signature is not None and not self.check_signature(cp):
-            self._find(BAD_SIGNATURE, cp.seq, f"{where}: its signature does not verify")
+        if self.check_signature is not None:
+            verdict = self.check_signature(cp)
+            if verdict is None:
+                held = False
+                self._find(
+                    SIGNATURE_UNCHECKED,
+                    cp.seq,
+                    f"{where}: its signature could not be checked (key {cp.key_id} could not "
+                    "be read: Vault unreachable, or the key was rotated just now); run again",
+                )
+            elif not verdict:
+                held = False
+                self._find(BAD_SIGNATURE, cp.seq, f"{where}: its signature does not verify")
+        return held
 
     def finish(self) -> Report:
         self._resolve_suspects(final=True)
@@ -283,6 +328,17 @@ class Verifier:
                 self._find(
                     HEAD_MISMATCH, end, f"the chain's head hash differs from seq {end}'s hash"
                 )
+        if self._uncovered is not None and self.now is not None and self.max_uncovered is not None:
+            at, seq = self._uncovered
+            if self.now - at > self.max_uncovered:
+                self._find(
+                    UNCOVERED,
+                    seq,
+                    f"events from seq {seq} on (the oldest at {at.isoformat()}) are older than "
+                    f"{int(self.max_uncovered.total_seconds())}s and no checkpoint that holds "
+                    "covers them: checkpoints were deleted (the events may have been rewritten), "
+                    "or none was signed for that long (see broker_audit_checkpoint_failures)",
+                )
         last_cp = max((cp.seq for cp in self.checkpoints if cp.seq <= end), default=None)
         after = end - max(last_cp or 0, self.from_seq - 1) if self._count else 0
         findings = sorted(self._findings, key=lambda f: (f.seq, KINDS.index(f.kind)))
@@ -305,8 +361,10 @@ def verify(
     *,
     from_seq: int = 1,
     anchor: tuple[int, str] | None = None,
-    check_signature: Callable[[CheckpointView], bool] | None = None,
+    check_signature: Callable[[CheckpointView], bool | None] | None = None,
     head: tuple[int, str] | None = None,
+    now: datetime | None = None,
+    max_uncovered: timedelta | None = None,
 ) -> Report:
     """Verify a whole sequence of events at once (``Verifier`` for pages)."""
     verifier = Verifier(
@@ -315,6 +373,8 @@ def verify(
         checkpoints=tuple(checkpoints),
         check_signature=check_signature,
         head=head,
+        now=now,
+        max_uncovered=max_uncovered,
     )
     verifier.feed(events)
     return verifier.finish()

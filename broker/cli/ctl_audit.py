@@ -1,9 +1,10 @@
 """``brokerctl audit``: the audit trail. ``verify`` recomputes the chain on the broker and
 names each finding with its seq; exit 0 only when everything holds, 8 (``EXIT_TAMPERED``)
-when not. ``list`` and ``tail`` show events by the selectors leases take (plus action,
-actor and since); ``export`` writes them as JSON lines or OCSF records for a SIEM.
-``tail --follow`` and ``export --follow`` poll for new events until ``--timeout`` or
-Ctrl-C.
+when not, 5 (``EXIT_UNAVAILABLE``) when it holds as far as it could be checked but some
+signature could not be (Vault unreachable, the key rotated just now). ``list`` and
+``tail`` show events by the selectors leases take (plus action, actor and since);
+``export`` writes them as JSON lines or OCSF records for a SIEM. ``tail --follow`` and
+``export --follow`` poll for new events until ``--timeout`` or Ctrl-C.
 
 The group is made by ``audit_group``; each leaf is added by its own function
 (``add_verify``), so other leaves (list, tail, export) join the same group beside it."""
@@ -20,7 +21,7 @@ from typing import Any
 
 from broker import __version__
 from broker.audit.ocsf import to_ocsf
-from broker.cli.ctlbase import EXIT_OK, EXIT_TAMPERED, Client, command, table
+from broker.cli.ctlbase import EXIT_OK, EXIT_TAMPERED, EXIT_UNAVAILABLE, Client, command, table
 
 
 def audit_group(sub: Any) -> Any:
@@ -70,7 +71,9 @@ def cmd_verify(c: Client, args: argparse.Namespace) -> Any:
 
 
 def verify_verdict(report: Any) -> int:
-    return EXIT_OK if report.get("ok") else EXIT_TAMPERED
+    if report.get("ok"):
+        return EXIT_OK
+    return EXIT_TAMPERED if report.get("tampered", True) else EXIT_UNAVAILABLE
 
 
 def show_verify(report: Any) -> str:
@@ -85,6 +88,12 @@ def show_verify(report: Any) -> str:
     lines = [f"{span}: {report['events']} event(s), {cps}"]
     if report["ok"]:
         lines.append("chain OK: every link and checkpoint holds")
+    elif not report.get("tampered", True):
+        lines.append(
+            "chain NOT FULLY CHECKED: no sign of tampering, but some checkpoint signatures "
+            "could not be checked (Vault unreachable, or its key rotated just now): run again"
+        )
+        lines.append(table(report["findings"], ["seq", "kind", "message"]))
     else:
         lines.append(f"chain BROKEN: first bad seq {report['first_bad_seq']}")
         lines.append(table(report["findings"], ["seq", "kind", "message"]))
