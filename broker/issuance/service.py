@@ -546,6 +546,7 @@ class CredentialService:
             workload=identity.workload,
             token_id=self._used_once(identity),
             reason=reason,
+            self_terminated=True,
         )
 
     async def release(self, identity: Identity, lease_id: str) -> None:

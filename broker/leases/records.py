@@ -225,6 +225,7 @@ class TerminationRecords:
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
         incident: str | None = None,
+        self_terminated: bool = False,
     ) -> JobView:
         """Tombstone the instance and create its revocation job, in one transaction.
         Idempotent: a second call returns the existing job (re-queued if it had failed).
@@ -245,6 +246,7 @@ class TerminationRecords:
                 token_id=token_id,
                 reason=reason,
                 incident=incident,
+                self_terminated=self_terminated,
             )
 
     async def active_instance_ids(self, issuer_name: str) -> set[str]:

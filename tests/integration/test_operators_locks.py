@@ -165,8 +165,10 @@ async def test_an_oidc_operator_gets_the_scope_its_claims_earn(make_broker, http
     workload = b.token("i-ops-w")  # a workload's token is no operator's
     status, body = await call(http, "GET", f"{b.url}/v1/admin/whoami", workload)
     assert (status, body["error"]["code"]) == (401, "operator_token_invalid")
+    # The two unauthenticated refusals share route, code and source: one kind, whatever
+    # the token, so the second is counted for the window's end, not written at once.
     actors = [e["actor"] for e in events(b, "admin.refused")]
-    assert actors == ["operator:dave@example.org", "unknown", "unknown"]
+    assert actors == ["operator:dave@example.org", "unknown"]
 
 
 async def test_a_lock_refuses_exchange_and_renewal_on_every_replica_at_once(

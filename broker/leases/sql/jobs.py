@@ -85,7 +85,10 @@ async def request_termination(
     token_id: tuple[str, datetime] | None = None,
     reason: str | None = None,
     incident: str | None = None,
+    self_terminated: bool = False,
 ) -> JobView:
+    """``self_terminated``: the instance ends itself (its own token), said by the caller:
+    whether a token id is used once depends on the issuer's replay rule, not on who asks."""
     now = clock.now()
     state, owner, owner_workload = await ensure_instance(
         conn, clock, instance_id, issuer, workload, InstanceState.TERMINATING
@@ -136,7 +139,7 @@ async def request_termination(
             issuer=owner or issuer,
             workload=owner_workload or workload,
             previous_state=state,
-            self_terminated=token_id is not None,
+            self_terminated=self_terminated,
             **({"incident": incident} if incident else {}),
         )
     elif job.state == JobState.FAILED.value:
