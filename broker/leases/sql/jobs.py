@@ -239,6 +239,56 @@ async def request_terminations(
     return created
 
 
+async def requeue_failed(
+    conn: AsyncConnection,
+    clock: Clock,
+    instances: Any,
+    *,
+    limit: int,
+    actor: str,
+    reason: str | None = None,
+    incident: str | None = None,
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` failed jobs of ``instances`` (a subquery of instance ids) back in
+    the queue, as ``request_termination`` does for one instance: rows locked in instance id
+    order, one update, a ``revocation.requeued`` event each. Returns (instance id, job id)."""
+    now = clock.now()
+    failed = m.RevocationJob.state == JobState.FAILED.value
+    rows = (
+        await conn.execute(
+            select(m.RevocationJob.instance_id, m.RevocationJob.job_id)
+            .where(failed, m.RevocationJob.instance_id.in_(instances))
+            .order_by(m.RevocationJob.instance_id)
+            .limit(limit)
+            .with_for_update()
+        )
+    ).all()
+    found = [(str(iid), str(job_id)) for iid, job_id in rows]
+    if not found:
+        return []
+    await conn.execute(
+        update(m.RevocationJob)
+        .where(
+            m.RevocationJob.job_id.in_([j for _, j in found]),
+            _job_in(JobState.FAILED, JobState.PENDING),
+        )
+        .values(state=JobState.PENDING.value, next_attempt_at=now, attempts=0, updated_at=now)
+    )
+    said = {"incident": incident} if incident else {}
+    for instance_id, job_id in found:
+        await audit(
+            conn,
+            clock,
+            actor,
+            "revocation.requeued",
+            instance_id=instance_id,
+            reason=reason,
+            job_id=job_id,
+            **said,
+        )
+    return found
+
+
 async def _requeue(
     conn: AsyncConnection,
     clock: Clock,
