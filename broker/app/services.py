@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from broker.api.locks import check_lock_target
 from broker.api.operators import Operator
 from broker.api.selection import TerminationOrder
 from broker.api.views import lock_public
@@ -343,6 +344,8 @@ class AdminService:
         reason: str,
         incident: str | None,
     ) -> LockView:
+        issuers = {name: i.issuer for name, i in self._issuers.items()}
+        check_lock_target(kind, value, roles=list(self._roles), issuers=issuers)
         expires_at = self._clock.now() + timedelta(seconds=ttl) if ttl else None
         return await self._locks.create_lock(
             kind=kind,

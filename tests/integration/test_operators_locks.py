@@ -268,8 +268,13 @@ async def test_a_lock_with_a_ttl_lifts_by_itself_and_explain_and_preview_report_
     ({"kind": "role", "value": "x", "claim": "c", "reason": "r"}, "kind claim only"),
     ({"kind": "role", "value": "x", "reason": "r", "ttl": "soon"}, "ttl"),
     ({"kind": "role", "value": "x", "reason": "r", "incident": 5}, "incident"),
+    # Finding 8a: locks that could never match.
+    ({"kind": "role", "value": "Payments DB", "reason": "r"}, "configured roles: dev-cert"),
+    ({"kind": "role", "value": "payments", "reason": "r"}, "no role 'payments'"),
+    ({"kind": "issuer", "value": "https://issuer.example", "reason": "r"},
+     "configured issuers: dev"),
 ], ids=["kind", "no-value", "padded-value", "no-reason", "claim-unnamed", "claim-on-role",
-        "ttl", "incident"])
+        "ttl", "incident", "role-not-a-name", "role-unknown", "issuer-unknown"])
 async def test_a_bad_lock_is_refused_and_changes_nothing(broker, http, body, message):
     status, answer = await call(http, "POST", f"{broker.url}/v1/admin/locks", ADMIN_TOKEN, body)
     assert (status, answer["error"]["code"]) == (400, "invalid_lock")
