@@ -51,7 +51,7 @@ from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.identity.recorded import recorded_claims
 from broker.issuance.ledger import IssuanceLedger
-from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject
+from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject, refuse_renewal
 from broker.issuance.settle import (
     Obtained,
     Outcome,
@@ -503,14 +503,8 @@ class CredentialService:
         locked = await self._ledger.set_lease_expiry(
             lease_id, expires_at, renewable, lock_subject(identity, lease.role)
         )
-        if locked is not None:
-            # A lock created while Vault renewed: the renewal is recorded (Vault holds it)
-            # and refused to the caller, as it would have been a moment later.
-            refused = Locked(locked)
-            await audit_locked(
-                self._refusals, identity, lease.role, refused, "renew", lease_id=lease_id
-            )
-            raise refused
+        if locked is not None:  # a lock created while Vault renewed: recorded, refused
+            await refuse_renewal(self._refusals, identity, lease.role, locked, lease_id)
         self._sightings.note(identity.instance_id)
         return {
             "lease_id": lease_id,
