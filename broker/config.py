@@ -128,6 +128,7 @@ class Settings(Frozen):
         ):
             if named is not None and named not in issuer_names:
                 raise ValueError(f"{where}: unknown issuer {named!r}")
+        self._operators_apart()
         for idx, rule in enumerate(self.policy.rules):
             for role in rule.allow:
                 if role not in self.roles:
@@ -141,6 +142,26 @@ class Settings(Frozen):
                     f"policy.rules.{idx}.issuer: required when more than one issuer is configured"
                 )
         return self
+
+    def _operators_apart(self) -> None:
+        """An operator's token must never be a workload's: the operator issuer's audience is
+        not the workloads' audience, and it is not one of the workload issuers (any of whose
+        workloads could then ask it for a token with the admin audience)."""
+        oidc = self.admin.oidc
+        if oidc is None:
+            return
+        if oidc.audience == self.identity.audience:
+            raise ValueError(
+                "admin.oidc.audience: must differ from identity.audience (a workload's token "
+                "must never pass as an operator's)"
+            )
+        url = oidc.issuer.rstrip("/")
+        same = [i.name for i in self.identity.issuers if i.issuer.rstrip("/") == url]
+        if same:
+            raise ValueError(
+                f"admin.oidc.issuer: is also the workload issuer {same[0]!r}; operators need "
+                "an issuer of their own (its workloads could obtain operator tokens)"
+            )
 
     def _engine_needs(self) -> None:
         for name, role in self.roles.items():

@@ -22,6 +22,7 @@ from broker.api.operators import (
     ScopeRule,
     StaticOperator,
     fingerprint,
+    fingerprint_key,
     looks_like_jwt,
     operator_name,
     scope_from_claims,
@@ -39,12 +40,12 @@ class OperatorRefused(BrokerError):
     ``token`` fingerprint (never the token)."""
 
     def __init__(
-        self, error: BrokerError, *, operator: str | None = None, token: str | None = None
+        self, error: BrokerError, *, operator: str | None = None, fingerprint: str | None = None
     ) -> None:
         super().__init__(error.message, code=error.code)
         self.status = error.status
         self.operator = operator
-        self.fingerprint = fingerprint(token) if token is not None else None
+        self.fingerprint = fingerprint
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,11 @@ class OperatorAuthenticator:
         oidc: OperatorIssuerSettings | None = None,
         session: aiohttp.ClientSession | None = None,
         clock: Clock | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self._static = tuple(static)
-        self._static_names = frozenset(o.name for o in self._static)
+        self._fingerprint_key = fingerprint_key(secret)
+        self._static_names = frozenset(o.name.casefold() for o in self._static)
         self._oidc = oidc
         self._rules = tuple(
             ScopeRule(r.claim, r.value, SCOPES[r.scope]) for r in (oidc.scopes if oidc else ())
@@ -77,13 +80,22 @@ class OperatorAuthenticator:
 
     @classmethod
     def from_settings(
-        cls, settings: AdminSettings, *, session: aiohttp.ClientSession, clock: Clock
+        cls,
+        settings: AdminSettings,
+        *,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        secret: bytes | None = None,
     ) -> OperatorAuthenticator:
+        """``secret``: ``audit.hash_key``, which keys refusals' token fingerprints."""
         static = [
             StaticOperator(o.name, o.token_sha256, SCOPES[o.scope])
             for o in settings.static_operators()
         ]
-        return cls(static, oidc=settings.oidc, session=session, clock=clock)
+        return cls(static, oidc=settings.oidc, session=session, clock=clock, secret=secret)
+
+    def _fingerprint(self, presented: str) -> str:
+        return fingerprint(presented, self._fingerprint_key)
 
     @property
     def key_cache(self) -> JwksCache | None:
@@ -110,7 +122,8 @@ class OperatorAuthenticator:
         if self._keys is not None and looks_like_jwt(presented):
             return await self._from_jwt(presented)
         raise OperatorRefused(
-            AdminForbidden("this call needs an operator's admin token"), token=presented
+            AdminForbidden("this call needs an operator's admin token"),
+            fingerprint=self._fingerprint(presented),
         )
 
     async def _from_jwt(self, raw: str) -> Operator:
@@ -133,27 +146,27 @@ class OperatorAuthenticator:
                 AdminUnauthorized(
                     f"the operator token was refused ({exc.code})", code="operator_token_invalid"
                 ),
-                token=raw,
+                fingerprint=self._fingerprint(raw),
             ) from None
         name = operator_name(claims, self._oidc.name_claim)
         if name is None:
             raise OperatorRefused(
                 AdminUnauthorized(
                     f"the operator token names nobody: no usable '{self._oidc.name_claim}' "
-                    "or 'sub' claim",
+                    "claim (an e-mail must come with email_verified: true)",
                     code="operator_token_invalid",
                 ),
-                token=raw,
+                fingerprint=self._fingerprint(raw),
             )
-        if name in self._static_names:
+        if name.casefold() in self._static_names:
             # "operator:admin" must mean one person in the audit, not whoever the issuer
-            # calls admin.
+            # calls admin (or ADMIN).
             raise OperatorRefused(
                 AdminUnauthorized(
                     f"the operator token names {name}, a static-token operator",
                     code="operator_token_invalid",
                 ),
-                token=raw,
+                fingerprint=self._fingerprint(raw),
             )
         scope = scope_from_claims(claims, self._rules)
         if scope is None:

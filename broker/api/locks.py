@@ -5,12 +5,15 @@ with the helpers every admin action shares)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from broker.errors import BadRequest
 from broker.leases.locks import LOCK_KINDS
 
 LOCK_ID_PATTERN = re.compile(r"^k-[0-9a-f]{32}\Z")
+ROLE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+NAMES_SHOWN = 20
 MAX_LOCK_VALUE = 255
 MAX_CLAIM_NAME = 128
 
@@ -50,3 +53,31 @@ def lock_request(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(reason, str) or not reason.strip():
         raise bad("'reason' is required: why the lock is in place")
     return {"kind": kind, "value": value, "claim": claim if kind == "claim" else None}
+
+
+def _named(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN]) or "none"
+    return shown + (f" … ({len(names)} in all)" if len(names) > NAMES_SHOWN else "")
+
+
+def check_lock_target(
+    kind: str, value: str, *, roles: Sequence[str], issuers: Mapping[str, str]
+) -> None:
+    """A role or issuer lock must name what can match: a configured role (a role name's
+    pattern, exactly as configured), a configured issuer's *name* (``issuers``: name to its
+    URL; a lock given the URL is told the name). Refused with ``invalid_lock`` naming what
+    exists; a lock that could never match would only look like protection."""
+    if kind == "role" and value not in roles:
+        hint = "" if ROLE_PATTERN.match(value) else " (a role name is lower-case: a-z 0-9 _ -)"
+        raise BadRequest(
+            f"no role {value!r} is configured{hint}; configured roles: {_named(sorted(roles))}",
+            code="invalid_lock",
+        )
+    if kind == "issuer" and value not in issuers:
+        url = value.rstrip("/")
+        by_url = sorted(n for n, u in issuers.items() if u.rstrip("/") == url)
+        hint = f"; that is the URL of issuer {by_url[0]!r}: lock its name" if by_url else ""
+        raise BadRequest(
+            f"no issuer named {value!r}{hint}; configured issuers: {_named(sorted(issuers))}",
+            code="invalid_lock",
+        )

@@ -48,7 +48,9 @@ SCOPES = {"read": Scope.READ, "revoke": Scope.REVOKE, "admin": Scope.ADMIN}
 # A name an OIDC claim gives an operator: an e-mail address or a subject, printable, short.
 _CLAIMED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+:|/-]{0,127}\Z")
 # The domain tag of refusal fingerprints: the same token gives the same fingerprint on every
-# replica (refusals can be correlated), truncated so that it identifies, never reveals.
+# replica (refusals can be correlated), truncated so that it identifies, never reveals. Alone
+# it is public (anyone can test a guessed token against an audit's fingerprint), so the
+# deployment's secret ``audit.hash_key``, when configured, keys it (``fingerprint_key``).
 _FINGERPRINT_KEY = b"ephemeral-broker/admin-refusal/v1"
 
 
@@ -107,12 +109,16 @@ def scope_from_claims(claims: Mapping[str, Any], rules: Sequence[ScopeRule]) -> 
 
 
 def operator_name(claims: Mapping[str, Any], name_claim: str) -> str | None:
-    """The operator's name from ``name_claim`` (default e-mail), falling back to ``sub``;
-    None if neither is a short printable name."""
-    for claim in (name_claim, "sub"):
-        value = claims.get(claim)
-        if isinstance(value, str) and _CLAIMED_NAME.match(value):
-            return value
+    """The operator's name from ``name_claim`` (default e-mail) and from nothing else; None if
+    it is not a short printable name. An e-mail names someone only when the issuer says it
+    verified it (``email_verified``); there is no fallback to ``sub``, whose values live in
+    another namespace (a subject may well look like somebody's e-mail address)."""
+    value = claims.get(name_claim)
+    verified = claims.get("email_verified")
+    if name_claim == "email" and verified is not True and verified != "true":
+        return None
+    if isinstance(value, str) and _CLAIMED_NAME.match(value):
+        return value
     return None
 
 
@@ -121,9 +127,17 @@ def looks_like_jwt(presented: str) -> bool:
     return len(parts) == 3 and all(parts[:2])
 
 
-def fingerprint(presented: str) -> str:
+def fingerprint_key(secret: bytes | None) -> bytes:
+    """The key of refusal fingerprints: derived from the deployment's secret (its own
+    domain, so a fingerprint is never a token-id hash), or the public tag without one."""
+    if secret is None:
+        return _FINGERPRINT_KEY
+    return hmac.new(secret, _FINGERPRINT_KEY, "sha256").digest()
+
+
+def fingerprint(presented: str, key: bytes = _FINGERPRINT_KEY) -> str:
     """A short, keyed, irreversible fingerprint of a refused token: the same token gives the
     same fingerprint, and the audit never holds the token or its plain SHA-256 (which is
-    what the configuration stores)."""
-    mac = hmac.new(_FINGERPRINT_KEY, presented.encode("utf-8", "surrogateescape"), "sha256")
+    what the configuration stores). ``key`` from ``fingerprint_key``."""
+    mac = hmac.new(key, presented.encode("utf-8", "surrogateescape"), "sha256")
     return "fp:" + mac.hexdigest()[:12]

@@ -219,7 +219,11 @@ def batch_public(batch: TerminationBatch) -> dict[str, Any]:
             "terminated": terminated,
             "leases": sum(t.leases for t in batch.terminated),
             "never_seen": len(batch.never_seen),
-            "remaining": max(batch.reachable - terminated, 0),
+            # The last batch counts what is left (instances that appeared behind the
+            # cursor, failed jobs); others estimate from the count before the batch.
+            "remaining": batch.left
+            if batch.left is not None
+            else max(batch.reachable - terminated, 0),
         },
     }
 

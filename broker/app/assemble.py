@@ -178,7 +178,12 @@ def assemble(
     verifier = IdentityVerifier(settings.identity, http, clock)
     # Admin refusals and lock refusals, audited, aggregated per minute per kind and source.
     refusals = BoundedRefusals(ledgers.admin, clock)
-    operators = OperatorAuthenticator.from_settings(settings.admin, session=http, clock=clock)
+    operators = OperatorAuthenticator.from_settings(
+        settings.admin,
+        session=http,
+        clock=clock,
+        secret=key.get_secret_value().encode() if key is not None else None,
+    )
     kubernetes = _kubernetes_client(settings)
     liveness = _liveness_checks(settings, clock, kubernetes)
     sources = _termination_sources(settings, terminate, ledgers.termination, kubernetes)
@@ -229,7 +234,12 @@ def assemble(
             locks=ledgers.admin,
             clock=clock,
         ),
-        locks=LockService(ledgers.admin, clock=clock),
+        locks=LockService(
+            ledgers.admin,
+            clock=clock,
+            roles=list(settings.roles),
+            issuers={i.name: i.issuer for i in settings.identity.issuers},
+        ),
     )
     signing = CheckpointSigning(settings.audit, Transit(vault, settings.audit.transit.mount))
     checkpoints = CheckpointWriter(settings.audit.checkpoint, ledgers.audit, signing, clock)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from broker.api.locks import check_lock_target
 from broker.api.operators import Operator
 from broker.api.selection import TerminationOrder
 from broker.api.views import lock_public
@@ -481,9 +482,18 @@ class PolicyService:
 class LockService:
     """Locks an operator creates, lists and removes; each is recorded as its operator."""
 
-    def __init__(self, locks: AdminLocks, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        locks: AdminLocks,
+        *,
+        clock: Clock,
+        roles: Sequence[str],
+        issuers: Mapping[str, str],
+    ) -> None:
         self._locks = locks
         self._clock = clock
+        self._roles = list(roles)
+        self._issuers = dict(issuers)  # configured name → issuer URL
 
     async def create_lock(
         self,
@@ -496,6 +506,9 @@ class LockService:
         reason: str,
         incident: str | None,
     ) -> LockView:
+        # A lock that could never match is refused, not silently kept (a role or issuer
+        # named as the operator remembered it, not as the broker is configured).
+        check_lock_target(kind, value, roles=self._roles, issuers=self._issuers)
         expires_at = self._clock.now() + timedelta(seconds=ttl) if ttl else None
         return await self._locks.create_lock(
             kind=kind,

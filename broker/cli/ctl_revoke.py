@@ -37,6 +37,10 @@ from broker.durations import parse_duration
 DEFAULT_BATCH = 200
 MAX_BATCH = 1000
 MAX_BATCHES = 10_000
+# Passes over the selection: a pass ends with what is still left in it (an instance that
+# appeared behind the cursor, a failed job); another pass starts from the beginning, and
+# what is left after the last is reported with EXIT_FAILED.
+MAX_PASSES = 3
 POLL_S = 0.5
 # Selector flag -> the selection field it fills.
 LISTS = {
@@ -186,6 +190,7 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
     terminated: list[dict[str, Any]] = []
     never_seen: list[str] = []
     after = None
+    passes, left = 1, 0
     for _ in range(MAX_BATCHES):
         batch = c.call("POST", "/v1/admin/terminations", body={**body, "after": after})
         terminated += batch["terminated"]
@@ -193,8 +198,19 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
         after = batch["next"]
         if args.wait or len(terminated) > len(batch["terminated"]):
             print(f"brokerctl: {len(terminated)} instance(s) terminated so far", file=sys.stderr)
-        if after is None:
+        left = batch["counts"]["remaining"]
+        if after is not None:
+            continue
+        if not left or passes >= MAX_PASSES:
             break
+        passes += 1
+        print(
+            f"brokerctl: {left} instance(s) of the selection still untouched "
+            f"(appeared while the batches ran, or a job failed): pass {passes}",
+            file=sys.stderr,
+        )
+    else:
+        left = max(left, 1)  # batches ran out with a cursor still to follow
     result: dict[str, Any] = {
         "terminated": terminated,
         "never_seen": never_seen,
@@ -202,6 +218,7 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> Any:
             "instances": len(terminated),
             "leases": sum(t["leases"] for t in terminated),
             "never_seen": len(never_seen),
+            "left": left,
         },
     }
     if args.wait:
@@ -230,6 +247,12 @@ def show_revoke(result: Any) -> str:
         "queued for revocation"
     ]
     lines += [f"{i}: never seen: tombstoned, 0 leases" for i in result["never_seen"]]
+    if counts.get("left"):
+        lines.append(
+            f"NOT DONE: {counts['left']} instance(s) of the selection still active or with a "
+            "failed job (new instances keep appearing?): lock the workload first "
+            "(brokerctl lock create), then run this revoke again"
+        )
     if "progress" in result:
         jobs, leases = result["progress"]["jobs"], result["progress"]["leases"]
         earlier = sum(jobs.values()) - counts["instances"]
@@ -279,9 +302,10 @@ def show_radius(radius: dict[str, Any]) -> str:
 
 
 def revoke_exit(result: Any) -> int:
-    """Failures first, then ids the broker never saw (a typo is noticed)."""
+    """Failures first (a failed job, or instances the run left untouched), then ids the
+    broker never saw (a typo is noticed)."""
     jobs = result.get("progress", {}).get("jobs", {}) if isinstance(result, dict) else {}
-    if jobs.get("failed"):
+    if jobs.get("failed") or result.get("counts", {}).get("left"):
         return EXIT_FAILED
     if result.get("never_seen"):
         return EXIT_NEVER_SEEN

@@ -30,7 +30,7 @@ class Terminate(Protocol):
     ``instance_workload_mismatch``) and, where its issuer's replay rule applies, its
     token's ``token_id`` (jti, expiry), used once in the same transaction
     (``token_replayed``); a ``reason`` and an ``incident`` reference are kept on the job
-    and in the audit event. Raises
+    and in the audit event, which says ``self_terminated`` as the caller does. Raises
     ``StoreUnavailable`` when the job could not be recorded: the event must not be
     acknowledged then."""
 
@@ -44,6 +44,7 @@ class Terminate(Protocol):
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
         incident: str | None = None,
+        self_terminated: bool = False,
     ) -> JobView: ...
 
 

@@ -42,6 +42,7 @@ class IssuanceLedger(Protocol):
         created_after: datetime | None = None,
         engine: str | None = None,
         token_id: tuple[str, str] | None = None,
+        lock_subject: LockSubject | None = None,
     ) -> bool: ...
 
     async def fail_issue(
@@ -53,7 +54,11 @@ class IssuanceLedger(Protocol):
     async def instance_state(self, instance_id: str) -> tuple[str, str | None] | None: ...
 
     async def set_lease_expiry(
-        self, lease_id: str, expires_at: datetime, renewable: bool
-    ) -> None: ...
+        self,
+        lease_id: str,
+        expires_at: datetime,
+        renewable: bool,
+        lock_subject: LockSubject | None = None,
+    ) -> str | None: ...
 
     async def end_lease(self, lease_id: str, state: LeaseState, actor: str) -> bool: ...

@@ -7,7 +7,7 @@ that writes the ``issuing`` row (an exchange) or just before Vault is asked (a r
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from broker.errors import Locked
 from broker.identity.model import Identity
@@ -62,3 +62,13 @@ async def audit_locked(
             role=role,
             **more,
         )
+
+
+async def refuse_renewal(
+    refusals: RefusalAudit | None, identity: Identity, role: str, lock_id: str, lease_id: str
+) -> NoReturn:
+    """A lock created while Vault renewed the lease: the renewal is recorded (Vault holds
+    it) and refused to the caller, as it would have been a moment later; audited."""
+    refused = Locked(lock_id)
+    await audit_locked(refusals, identity, role, refused, "renew", lease_id=lease_id)
+    raise refused

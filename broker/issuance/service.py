@@ -51,7 +51,7 @@ from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.identity.recorded import recorded_claims
 from broker.issuance.ledger import IssuanceLedger
-from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject
+from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject, refuse_renewal
 from broker.issuance.settle import (
     Obtained,
     Outcome,
@@ -269,7 +269,12 @@ class CredentialService:
                 state=LeaseState(settlement.record.value),
                 engine=self._roles[plan.role_name].engine,
                 token_id=self._token_id(identity),
+                lock_subject=lock_subject(identity, plan.role_name),
             )
+        except Locked as exc:
+            # A lock created while Vault was asked: not recorded, taken back now.
+            await audit_locked(self._refusals, identity, plan.role_name, exc, "issue")
+            await self._withhold(identity, plan, lease_id, exc, Step.LOCKED, vault_lease_id)
         except BrokerError as exc:
             # Not recorded, so not handed out: taken back from Vault now. If that fails
             # too, the ``issuing`` row and the recorded token let the reconciler find it.
@@ -495,7 +500,11 @@ class CredentialService:
         increment = min(granted, room)
         duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
         expires_at = now + timedelta(seconds=duration)
-        await self._ledger.set_lease_expiry(lease_id, expires_at, renewable)
+        locked = await self._ledger.set_lease_expiry(
+            lease_id, expires_at, renewable, lock_subject(identity, lease.role)
+        )
+        if locked is not None:  # a lock created while Vault renewed: recorded, refused
+            await refuse_renewal(self._refusals, identity, lease.role, locked, lease_id)
         self._sightings.note(identity.instance_id)
         return {
             "lease_id": lease_id,
@@ -546,6 +555,7 @@ class CredentialService:
             workload=identity.workload,
             token_id=self._used_once(identity),
             reason=reason,
+            self_terminated=True,
         )
 
     async def release(self, identity: Identity, lease_id: str) -> None:

@@ -51,6 +51,7 @@ class Step(Enum):
     SHAPE = "shape"  # the answer is not one the broker can hand out
     RECORD = "record"  # the ledger could not complete the row
     TERMINATED = "terminated"  # completed, but the instance was terminated meanwhile
+    LOCKED = "locked"  # not completed: a lock that matches appeared meanwhile
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def settle(outcome: Outcome, *, lease_expected: bool, external: bool) -> Settlem
     fails = not outcome.outcome_unknown and (
         outcome.step is Step.FIT
         # A cloud session cannot be taken back: its row waits for termination's deny.
-        or (outcome.step is Step.SHAPE and not external)
+        or (outcome.step in (Step.SHAPE, Step.LOCKED) and not external)
     )
     if fails:
         return Settlement(Record.FAILED, code=outcome.error.code, take_back=take_back)

@@ -141,6 +141,7 @@ class IssuanceRecords:
         created_after: datetime | None = None,
         engine: str | None = None,
         token_id: tuple[str, str] | None = None,
+        lock_subject: LockSubject | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
@@ -165,6 +166,7 @@ class IssuanceRecords:
                 created_after=created_after,
                 engine=engine,
                 token_ref=ref,
+                lock_subject=lock_subject,
             )
 
     async def fail_issue(
@@ -186,9 +188,18 @@ class IssuanceRecords:
         async with self._db.transaction(readonly=True) as conn:
             return await issuance.instance_state(conn, instance_id)
 
-    async def set_lease_expiry(self, lease_id: str, expires_at: datetime, renewable: bool) -> None:
+    async def set_lease_expiry(
+        self,
+        lease_id: str,
+        expires_at: datetime,
+        renewable: bool,
+        lock_subject: LockSubject | None = None,
+    ) -> str | None:
+        """The id of a lock matching ``lock_subject`` that appeared meanwhile, or None."""
         async with self._db.transaction() as conn:
-            await issuance.set_lease_expiry(conn, self._clock, lease_id, expires_at, renewable)
+            return await issuance.set_lease_expiry(
+                conn, self._clock, lease_id, expires_at, renewable, lock_subject
+            )
 
     async def end_lease(self, lease_id: str, state: LeaseState, actor: str) -> bool:
         """Move a live lease to a final state. False if it was no longer live."""
@@ -214,6 +225,7 @@ class TerminationRecords:
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
         incident: str | None = None,
+        self_terminated: bool = False,
     ) -> JobView:
         """Tombstone the instance and create its revocation job, in one transaction.
         Idempotent: a second call returns the existing job (re-queued if it had failed).
@@ -234,6 +246,7 @@ class TerminationRecords:
                 token_id=token_id,
                 reason=reason,
                 incident=incident,
+                self_terminated=self_terminated,
             )
 
     async def active_instance_ids(self, issuer_name: str) -> set[str]:

@@ -8,8 +8,18 @@ address) and per window (a minute by default): the first of a kind in a window i
 at once with ``count: 1``, so a single refusal appears immediately; repeats in the same
 window are only counted, and written as one event with ``count: N`` and the window's
 bounds when the window closes (``flush``, called by a periodic tick, or the first
-refusal after it). Kinds tracked per window are capped (``max_kinds``): beyond it, refusals
-are counted under one ``overflow`` kind, so memory stays bounded too.
+refusal after it).
+
+A caller who is not authenticated (actor ``unknown``) chooses its token freely, so its
+refusals are grouped by what it cannot vary for free (action, reason, method, route, scope,
+source), never by the token: the ``token_fingerprint`` of the first is written with it, and
+the repeats' event says how many distinct fingerprints the window saw
+(``distinct_fingerprints``, counted up to ``MAX_FINGERPRINTS``). Kinds tracked per window are
+capped, and separately for the authenticated (an operator, a workload: ``max_named_kinds``)
+and the unauthenticated (``max_kinds``), so a flood of junk tokens never pushes out who made
+a refused call. Beyond the cap, unauthenticated refusals are counted under one ``overflow``
+kind; an authenticated caller's under an ``overflow`` kind that still names it, so memory
+stays bounded too.
 
 An audit write that fails is logged and dropped: the caller is refused all the same.
 """
@@ -27,6 +37,10 @@ from broker.errors import BrokerError
 
 log = logging.getLogger(__name__)
 Kind = tuple[str, str, str, str | None, tuple[tuple[str, str], ...]]
+UNAUTHENTICATED = "unknown"
+# Detail that an unauthenticated caller varies at will: not part of its refusal's kind.
+_VARYING = "token_fingerprint"
+MAX_FINGERPRINTS = 1000
 
 
 class RefusalLedger(Protocol):
@@ -39,6 +53,11 @@ class RefusalLedger(Protocol):
 class _Window:
     start: datetime
     repeats: dict[Kind, int] = field(default_factory=dict)
+    fingerprints: dict[Kind, set[str]] = field(default_factory=dict)
+    named: int = 0  # kinds of authenticated callers in ``repeats``
+
+    def unnamed(self) -> int:
+        return len(self.repeats) - self.named
 
 
 class BoundedRefusals:
@@ -49,11 +68,13 @@ class BoundedRefusals:
         *,
         window_s: float = 60.0,
         max_kinds: int = 1000,
+        max_named_kinds: int = 10_000,
     ) -> None:
         self._ledger = ledger
         self._clock = clock
         self._window = timedelta(seconds=window_s)
         self._max_kinds = max_kinds
+        self._max_named_kinds = max_named_kinds
         self._current: _Window | None = None
         self._lock = asyncio.Lock()
 
@@ -67,6 +88,8 @@ class BoundedRefusals:
         **detail: str,
     ) -> None:
         """Count one refusal; write it now if it is the first of its kind in this window."""
+        named = actor != UNAUTHENTICATED
+        varying = None if named else detail.pop(_VARYING, None)
         kind: Kind = (actor, action, outcome, reason, tuple(sorted(detail.items())))
         now = self._clock.now()
         closed: _Window | None = None
@@ -76,17 +99,25 @@ class BoundedRefusals:
                 closed, window = window, _Window(start=now)
                 self._current = window
             first = kind not in window.repeats
-            if first and len(window.repeats) >= self._max_kinds:
-                kind = ("unknown", action, outcome, None, (("overflow", "true"),))
+            if first and named and window.named >= self._max_named_kinds:
+                kind = (actor, action, outcome, None, (("overflow", "true"),))
+                first = kind not in window.repeats
+            elif first and not named and window.unnamed() >= self._max_kinds:
+                kind = (UNAUTHENTICATED, action, outcome, None, (("overflow", "true"),))
                 first = kind not in window.repeats
             if first:
                 window.repeats[kind] = 0
+                window.named += named
             else:
                 window.repeats[kind] += 1
+            if varying is not None:
+                seen = window.fingerprints.setdefault(kind, set())
+                if len(seen) < MAX_FINGERPRINTS:
+                    seen.add(varying)
         if closed is not None:
             await self._write_repeats(closed, closed.start + self._window)
         if first:
-            await self._write(kind, count=1)
+            await self._write(kind, count=1, **({_VARYING: varying} if varying else {}))
 
     async def flush(self) -> int:
         """Write the repeats of a window that has closed; returns how many events."""
@@ -107,11 +138,15 @@ class BoundedRefusals:
         written = 0
         for kind, count in window.repeats.items():
             if count:
-                await self._write(kind, count=count, since=iso_z(window.start), until=iso_z(end))
+                seen = window.fingerprints.get(kind)
+                distinct = {"distinct_fingerprints": len(seen)} if seen else {}
+                await self._write(
+                    kind, count=count, since=iso_z(window.start), until=iso_z(end), **distinct
+                )
                 written += 1
         return written
 
-    async def _write(self, kind: Kind, *, count: int, **bounds: str) -> None:
+    async def _write(self, kind: Kind, *, count: int, **bounds: str | int) -> None:
         actor, action, outcome, reason, detail = kind
         try:
             await self._ledger.record_audit(

@@ -118,11 +118,17 @@ class Terminated:
 
 @dataclass(frozen=True)
 class TerminationBatch:
-    """One batch of a bulk termination: the instances whose jobs it recorded, the explicit
-    ids the broker never saw (tombstoned; reported on the first batch), and the cursor of
-    the next batch (None: this was the last)."""
+    """One batch of a bulk termination: the instances whose jobs it recorded (or whose
+    failed job it queued again), the explicit ids the broker never saw (tombstoned; reported
+    on the first batch), and the cursor of the next batch (None: this was the last).
+
+    ``left``, on the last batch only: what the selection still holds untouched after it,
+    its active instances (one that appeared behind the cursor while the batches ran) and
+    its failed jobs. Not zero: start again from no cursor (``brokerctl revoke`` does, a
+    bounded number of passes)."""
 
     terminated: tuple[Terminated, ...]
     never_seen: tuple[str, ...]
     next: str | None
     reachable: int  # active instances selected before this batch (never-seen ids included)
+    left: int | None = None

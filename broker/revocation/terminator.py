@@ -24,6 +24,7 @@ class TerminationLedger(Protocol):
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
         incident: str | None = None,
+        self_terminated: bool = False,
     ) -> JobView: ...
 
 
@@ -55,6 +56,7 @@ class Terminator:
         token_id: tuple[str, datetime] | None = None,
         reason: str | None = None,
         incident: str | None = None,
+        self_terminated: bool = False,
     ) -> JobView:
         job = await self._ledger.request_termination(
             instance_id,
@@ -64,6 +66,7 @@ class Terminator:
             token_id=token_id,
             reason=reason,
             incident=incident,
+            self_terminated=self_terminated,
         )
         self._tokens.forget(instance_id)
         if job.state in (JobState.PENDING, JobState.RUNNING):

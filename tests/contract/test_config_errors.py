@@ -153,6 +153,13 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
                                              "scope": "read"}]}),
     "operator issuer without scopes or keys": put("admin.oidc", {
         "issuer": "https://sso.example.org", "audience": "brokerctl", "scopes": []}),
+    "operator issuer with the workloads' audience": put("admin.oidc", {
+        "issuer": "https://sso.example.org", "discovery": True,
+        "audience": "ephemeral-broker",
+        "scopes": [{"claim": "groups", "value": "sec", "scope": "read"}]}),
+    "operator issuer that is a workload issuer": put("admin.oidc", {
+        "issuer": "https://issuer.example/", "discovery": True, "audience": "brokerctl",
+        "scopes": [{"claim": "groups", "value": "sec", "scope": "read"}]}),
     "several problems at once": both(put("server.port", "eighty"), drop("vault.addr"),
                                      put("roles.dev-db.max_ttl", "forever")),
 }

@@ -56,6 +56,13 @@ ATTACKS = {
                                                 ttl=86400), "operator_token_invalid"),
     "names a static operator": (lambda ops: operator_jwt(ops, "admin", ["sec-oncall"]),
                                 "operator_token_invalid"),
+    "names a static operator in capitals": (
+        lambda ops: operator_jwt(ops, "ADMIN", ["sec-oncall"]), "operator_token_invalid"),
+    "unverified email": (lambda ops: ops.mint(instance="-", workload="op", claims={
+        "email": "c@example.org", "groups": ["sec-oncall"]}), "operator_token_invalid"),
+    "email claimed false": (lambda ops: ops.mint(instance="-", workload="op", claims={
+        "email": "c@example.org", "email_verified": False, "groups": ["sec-oncall"]}),
+        "operator_token_invalid"),
     "zero signature": (lambda ops: operator_jwt(ops, "c@example.org", ["sec-oncall"])
                        .rsplit(".", 1)[0] + "." + b64(bytes(64)), "operator_token_invalid"),
 }

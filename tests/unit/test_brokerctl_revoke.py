@@ -9,8 +9,10 @@ import pytest
 
 from broker.cli.ctl import EXIT_FAILED, EXIT_NEVER_SEEN, EXIT_OK, EXIT_USAGE, CtlError, _parser
 from broker.cli.ctl_revoke import (
+    MAX_PASSES,
     _progress_line,
     bulk_refusal,
+    cmd_revoke,
     revoke_exit,
     selection_of,
     show_revoke,
@@ -107,3 +109,41 @@ def test_progress_counts_the_selection_s_jobs_earlier_ones_included():
     alone = {**result, "progress": {"jobs": {"done": 1}, "leases": {"live": 0, "ended": 1}}}
     assert show_revoke(alone).splitlines()[1] == (
         "done: 1 job(s) done, 0 failed; leases 1 ended, 0 still live")
+
+
+class Batches:
+    """The admin API as ``cmd_revoke`` sees it: a blast radius, then the batches given."""
+
+    def __init__(self, batches):
+        self.batches, self.afters = list(batches), []
+
+    def call(self, method, path, body=None):
+        if path == "/v1/admin/selection":
+            return {"instances": 3, "never_seen": []}
+        self.afters.append(body["after"])
+        return self.batches.pop(0)
+
+
+def batch(ids, nxt, remaining):
+    return {"terminated": [{"instance_id": i, "job_id": "j-" + i, "leases": 1} for i in ids],
+            "never_seen": [], "next": nxt, "counts": {"remaining": remaining}}
+
+
+def test_what_appears_behind_the_cursor_gets_another_pass():
+    """Finding 6: the last batch said 1 left (an instance created behind the cursor); the
+    CLI reported success. It now starts again from no cursor."""
+    api = Batches([batch(["m1", "m2"], "m2", 2), batch(["m3"], None, 1),
+                   batch(["a0"], None, 0)])
+    result = cmd_revoke(api, parse("--workload", "w", "--yes", "--reason", "INC"))
+    assert api.afters == [None, "m2", None]
+    assert [t["instance_id"] for t in result["terminated"]] == ["m1", "m2", "m3", "a0"]
+    assert result["counts"]["left"] == 0 and revoke_exit(result) == EXIT_OK
+
+
+def test_what_is_still_left_after_the_last_pass_is_said_and_fails():
+    api = Batches([batch([f"n{i}"], None, 1) for i in range(MAX_PASSES)])
+    result = cmd_revoke(api, parse("--workload", "w", "--yes", "--reason", "INC"))
+    assert api.afters == [None] * MAX_PASSES and api.batches == []
+    assert result["counts"]["left"] == 1 and revoke_exit(result) == EXIT_FAILED
+    assert "NOT DONE: 1 instance(s) of the selection" in show_revoke(result)
+    assert "lock the workload first" in show_revoke(result)

@@ -17,7 +17,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.leases import models as m
-from broker.leases.locks import LockSubject
+from broker.leases.locks import LockSubject, refusing_lock
 from broker.leases.sql.common import (
     LEASES,
     SEEN_TOKENS,
@@ -31,7 +31,7 @@ from broker.leases.sql.common import (
     require_owner,
     use_token_once,
 )
-from broker.leases.sql.locks import refuse_if_locked
+from broker.leases.sql.locks import active_locks, refuse_if_locked
 from broker.leases.states import (
     COUNTED_LEASE_STATES,
     LIVE_LEASE_STATES,
@@ -246,7 +246,13 @@ async def complete_issue(
     created_after: datetime | None,
     engine: str | None = None,
     token_ref: str | None = None,
+    lock_subject: LockSubject | None = None,
 ) -> bool:
+    """Complete the ``issuing`` row; whether the instance is still active. A lock that
+    matches ``lock_subject`` now (created while Vault was asked) refuses it (``Locked``):
+    nothing is written, and the caller takes the credential back."""
+    if lock_subject is not None:
+        await refuse_if_locked(conn, lock_subject, clock.now())
     row = (
         await conn.execute(
             _COMPLETE_LEASE,
@@ -356,8 +362,22 @@ async def instance_state(conn: AsyncConnection, instance_id: str) -> tuple[str, 
 
 
 async def set_lease_expiry(
-    conn: AsyncConnection, clock: Clock, lease_id: str, expires_at: datetime, renewable: bool
-) -> None:
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_id: str,
+    expires_at: datetime,
+    renewable: bool,
+    lock_subject: LockSubject | None = None,
+) -> str | None:
+    """Record a renewal Vault made. The expiry is recorded whatever happens (it is what
+    Vault holds); if a lock matching ``lock_subject`` appeared while Vault was asked, the
+    event says the renewal was withheld and its lock id is returned (the caller refuses)."""
+    now = clock.now()
+    locked = (
+        refusing_lock(await active_locks(conn, now), lock_subject, now)
+        if lock_subject is not None
+        else None
+    )
     row = (
         await conn.execute(
             update(m.Lease)
@@ -373,12 +393,15 @@ async def set_lease_expiry(
         "lease.renewed",
         instance_id=row[0],
         lease_id=lease_id,
+        outcome="ok" if locked is None else "withheld",
+        reason=None if locked is None else f"lock {locked.lock_id} created while renewing",
         workload=row[1],
         role=row[2],
         vault_lease_id=row[3],
         renewable=renewable,
         expires_at=iso(expires_at),
     )
+    return None if locked is None else locked.lock_id
 
 
 async def end_lease(

@@ -85,7 +85,10 @@ async def request_termination(
     token_id: tuple[str, datetime] | None = None,
     reason: str | None = None,
     incident: str | None = None,
+    self_terminated: bool = False,
 ) -> JobView:
+    """``self_terminated``: the instance ends itself (its own token), said by the caller:
+    whether a token id is used once depends on the issuer's replay rule, not on who asks."""
     now = clock.now()
     state, owner, owner_workload = await ensure_instance(
         conn, clock, instance_id, issuer, workload, InstanceState.TERMINATING
@@ -136,6 +139,7 @@ async def request_termination(
             issuer=owner or issuer,
             workload=owner_workload or workload,
             previous_state=state,
+            self_terminated=self_terminated,
             **({"incident": incident} if incident else {}),
         )
     elif job.state == JobState.FAILED.value:
@@ -232,6 +236,56 @@ async def request_terminations(
             **({"incident": incident} if incident else {}),
         )
     return created
+
+
+async def requeue_failed(
+    conn: AsyncConnection,
+    clock: Clock,
+    instances: Any,
+    *,
+    limit: int,
+    actor: str,
+    reason: str | None = None,
+    incident: str | None = None,
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` failed jobs of ``instances`` (a subquery of instance ids) back in
+    the queue, as ``request_termination`` does for one instance: rows locked in instance id
+    order, one update, a ``revocation.requeued`` event each. Returns (instance id, job id)."""
+    now = clock.now()
+    failed = m.RevocationJob.state == JobState.FAILED.value
+    rows = (
+        await conn.execute(
+            select(m.RevocationJob.instance_id, m.RevocationJob.job_id)
+            .where(failed, m.RevocationJob.instance_id.in_(instances))
+            .order_by(m.RevocationJob.instance_id)
+            .limit(limit)
+            .with_for_update()
+        )
+    ).all()
+    found = [(str(iid), str(job_id)) for iid, job_id in rows]
+    if not found:
+        return []
+    await conn.execute(
+        update(m.RevocationJob)
+        .where(
+            m.RevocationJob.job_id.in_([j for _, j in found]),
+            _job_in(JobState.FAILED, JobState.PENDING),
+        )
+        .values(state=JobState.PENDING.value, next_attempt_at=now, attempts=0, updated_at=now)
+    )
+    said = {"incident": incident} if incident else {}
+    for instance_id, job_id in found:
+        await audit(
+            conn,
+            clock,
+            actor,
+            "revocation.requeued",
+            instance_id=instance_id,
+            reason=reason,
+            job_id=job_id,
+            **said,
+        )
+    return found
 
 
 async def _requeue(

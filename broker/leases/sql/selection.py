@@ -34,8 +34,8 @@ from broker.leases.selection import (
     TerminationBatch,
 )
 from broker.leases.sql.common import INSTANCES, JOBS, LEASES, LIVE
-from broker.leases.sql.jobs import request_termination, request_terminations
-from broker.leases.states import InstanceState
+from broker.leases.sql.jobs import request_termination, request_terminations, requeue_failed
+from broker.leases.states import InstanceState, JobState
 
 _ACTIVE = InstanceState.ACTIVE.value
 # Their columns, for short.
@@ -250,6 +250,13 @@ async def terminate_next(
     created = dict(
         await request_terminations(conn, clock, ids, actor=actor, reason=reason, incident=incident)
     )
+    # A failed job of a selected instance goes again, as it would terminated alone; each
+    # leaves the failed state, so a later batch does not find it again (no cursor needed).
+    of_selection = select(Ic.instance_id).where(where)
+    requeued = await requeue_failed(
+        conn, clock, of_selection, limit=limit, actor=actor, reason=reason, incident=incident
+    )
+    created.update(requeued)
     held = (
         set(
             (await conn.execute(select(Ic.instance_id).where(Ic.instance_id.in_(unseen)))).scalars()
@@ -275,12 +282,33 @@ async def terminate_next(
                 )
             ).all()
         )
+    last = len(ids) < limit and len(requeued) < limit
     return TerminationBatch(
         terminated=tuple(
             Terminated(iid, job_id, int(live.get(iid, 0)))
             for iid, job_id in sorted(created.items())
         ),
         never_seen=tuple(unseen),
-        next=ids[-1] if len(ids) == limit else None,
+        # Not last for failed jobs alone: any cursor will do (a re-queued job is not failed
+        # any more), the last active id, else the one given, else the last re-queued.
+        next=None if last else (ids[-1] if ids else after or requeued[-1][0]),
         reachable=count,
+        left=await untouched(conn, where) if last else None,
     )
+
+
+async def untouched(conn: AsyncConnection, where: Any) -> int:
+    """What a bulk termination has still to do in the selection: its active instances
+    (one may have appeared behind the cursor while batches ran) and its failed jobs."""
+    active = (
+        await conn.execute(select(func.count()).where(where, Ic.state == _ACTIVE))
+    ).scalar_one()
+    failed = (
+        await conn.execute(
+            select(func.count()).where(
+                Jc.state == JobState.FAILED.value,
+                Jc.instance_id.in_(select(Ic.instance_id).where(where)),
+            )
+        )
+    ).scalar_one()
+    return int(active) + int(failed)

@@ -184,3 +184,62 @@ async def test_token_ids_are_refused_twice_and_forgotten_after_expiry(ledgers):
     assert await s.replay.prune_seen_tokens(grace=timedelta(seconds=60)) == 0
     ledgers.clock.advance(5 * 60 + 61)
     assert await s.replay.prune_seen_tokens(grace=timedelta(seconds=60)) == 2
+
+
+async def test_a_lock_created_while_vault_is_asked_refuses_the_completion(ledgers):
+    """Finding 7 (PoC poc_lockrace): a lock committed between begin_issue and complete_issue
+    (the Vault round trip) did not stop that credential. complete_issue reads the locks in
+    its transaction: refused, nothing written (the caller takes the credential back)."""
+    from broker.errors import Locked
+    from broker.leases.locks import LockSubject
+    from tests.integration.leases.support import audit_events
+
+    s = await ledgers()
+    subject = LockSubject(issuer="dev", workload="w", role="r", claims={})
+    other = LockSubject(issuer="dev", workload="x", role="r", claims={})
+    ticket = await s.issuance.begin_issue(instance_id="pod-1", issuer_name="dev", workload="w",
+                                          role="r", kind="k", lock_subject=subject)
+    free = await s.issuance.begin_issue(instance_id="pod-2", issuer_name="dev", workload="x",
+                                        role="r", kind="k", lock_subject=other)
+    lock = await s.admin.create_lock(kind="workload", value="w", claim=None, reason="INC-1",
+                                     incident=None, expires_at=None, actor="operator:alice")
+    with pytest.raises(Locked) as info:
+        await s.issuance.complete_issue(ticket.lease_id, vault_lease_id="v/1", accessor="acc",
+                                        renewable=True, issued_at=T0, expires_at=T0,
+                                        lock_subject=subject)
+    assert info.value.lock_id == lock.lock_id
+    assert (await s.issuance.get_lease(ticket.lease_id)).state == "issuing"
+    assert [e["action"] for e in await audit_events(s, "pod-1")] == []
+    # Another workload's request completes.
+    assert await s.issuance.complete_issue(free.lease_id, vault_lease_id="v/2", accessor="acc",
+                                           renewable=True, issued_at=T0, expires_at=T0,
+                                           lock_subject=other) is True
+
+
+async def test_a_lock_created_while_vault_renews_is_said_and_the_expiry_kept(ledgers):
+    """A renewal Vault made is recorded (Vault holds it); a lock that appeared meanwhile is
+    returned for the caller to refuse, and the event says the renewal was withheld."""
+    from broker.leases.locks import LockSubject
+    from tests.integration.leases.support import complete
+
+    s = await ledgers()
+    subject = LockSubject(issuer="dev", workload="w", role="r", claims={})
+    lease_id = await issue(s, "pod-r")
+    await complete(s, lease_id)
+    later = T0 + timedelta(hours=2)
+    assert await s.issuance.set_lease_expiry(lease_id, later, True, subject) is None
+    lock = await s.admin.create_lock(kind="role", value="r", claim=None, reason="INC-2",
+                                     incident=None, expires_at=None, actor="operator:alice")
+    latest = T0 + timedelta(hours=3)
+    assert await s.issuance.set_lease_expiry(lease_id, latest, True, subject) == lock.lock_id
+    assert (await s.issuance.get_lease(lease_id)).expires_at == latest
+    from sqlalchemy import select
+
+    from broker.leases import models as m
+
+    query = (select(m.AuditEvent.outcome, m.AuditEvent.reason)
+             .where(m.AuditEvent.action == "lease.renewed").order_by(m.AuditEvent.id))
+    async with s.database.transaction(readonly=True) as conn:
+        renewed = [tuple(r) for r in (await conn.execute(query)).all()]
+    assert renewed == [("ok", None),
+                       ("withheld", f"lock {lock.lock_id} created while renewing")]

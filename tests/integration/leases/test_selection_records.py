@@ -182,3 +182,75 @@ async def test_claims_recorded_at_first_issuance_only(ledgers):
     async with s.database.transaction(readonly=True) as conn:
         rows = dict((await conn.execute(select(m.Instance.instance_id, m.Instance.claims))).all())
     assert rows == {"k1": {"team": "a"}, "k2": None}
+
+
+async def test_an_instance_appearing_behind_the_cursor_is_left_and_said(ledgers):
+    """Finding 6 (PoC poc_cursor): an instance of the workload that first exchanges while
+    the batches run, its id sorting before the cursor, was never visited and the last batch
+    said nothing. The last batch now says what is left; a pass from no cursor ends it."""
+    s = await ledgers()
+    for iid in ("pod-m1", "pod-m2", "pod-m3", "pod-m4"):
+        await complete(s, await issue(s, iid))
+    chosen = pick(workloads=["w"])
+
+    async def batch(after):
+        return await s.selection.terminate_next(
+            chosen, after=after, limit=2, actor="operator:alice", reason="INC",
+            incident=None, check=no_check)
+
+    b1 = await batch(None)
+    assert ([t.instance_id for t in b1.terminated], b1.next, b1.left) == (
+        ["pod-m1", "pod-m2"], "pod-m2", None)
+    await complete(s, await issue(s, "pod-a0"))  # the compromised workload spawns a pod
+    b2 = await batch(b1.next)
+    assert [t.instance_id for t in b2.terminated] == ["pod-m3", "pod-m4"]
+    b3 = await batch(b2.next)
+    assert (b3.terminated, b3.next, b3.left) == ((), None, 1)
+    again = await batch(None)  # the next pass
+    assert ([t.instance_id for t in again.terminated], again.next, again.left) == (
+        ["pod-a0"], None, 0)
+    assert (await s.selection.blast_radius(chosen, top=5, sample=5)).instances == 0
+
+
+async def test_a_bulk_rerun_queues_failed_jobs_again(ledgers):
+    """As terminating one instance again does: its failed job goes back to pending, with a
+    revocation.requeued event; jobs not failed are left as they are."""
+    s = await ledgers()
+    for iid in ("f1", "f2", "f3"):
+        await complete(s, await issue(s, iid))
+    chosen = pick(workloads=["w"])
+    first = await s.selection.terminate_next(
+        chosen, after=None, limit=10, actor="operator:alice", reason="INC", incident=None,
+        check=no_check)
+    assert len(first.terminated) == 3 and first.left == 0
+    for _ in range(2):
+        [job] = await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+        await s.jobs.reschedule_job(job, worker="w", error="vault_unavailable",
+                                    next_attempt_at=T0, give_up=True)
+    failed = {j.instance_id: j.job_id for j in await s.admin.list_jobs(state="failed")}
+    assert len(failed) == 2
+    radius = await s.selection.blast_radius(chosen, top=5, sample=5)
+    assert radius.progress.jobs == {"failed": 2, "pending": 1}
+
+    # Batches of one: each re-queues one failed job, the last says nothing is left.
+    done: list[tuple[str, str]] = []
+    after = None
+    for _ in range(5):
+        batch = await s.selection.terminate_next(
+            chosen, after=after, limit=1, actor="operator:bob", reason="again",
+            incident="INC-2", check=no_check)
+        done += [(t.instance_id, t.job_id) for t in batch.terminated]
+        after = batch.next
+        if after is None:
+            break
+    assert sorted(done) == sorted(failed.items()) and batch.left == 0
+    radius = await s.selection.blast_radius(chosen, top=5, sample=5)
+    assert radius.progress.jobs == {"pending": 3}
+    for iid in failed:
+        event = (await audit_events(s, iid))[-1]
+        assert (event["action"], event["detail"]["job_id"], event["detail"]["incident"]) == (
+            "revocation.requeued", failed[iid], "INC-2")
+    rerun = await s.selection.terminate_next(
+        chosen, after=None, limit=10, actor="operator:bob", reason="again", incident=None,
+        check=no_check)
+    assert (rerun.terminated, rerun.left) == ((), 0)

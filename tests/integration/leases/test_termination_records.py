@@ -53,3 +53,22 @@ async def test_active_instance_ids_by_issuer(ledgers):
     await s.termination.request_termination("i-b", actor="admin")
     assert await s.termination.active_instance_ids("dev") == {"i-a", "i-c"}
     assert await s.termination.active_instance_ids("other") == set()
+
+
+async def test_self_termination_is_said_by_the_caller_not_by_a_token_id(ledgers):
+    """Finding 8b: an issuer without a jti replay rule uses no token id, and the event said
+    self_terminated False; the caller says it now."""
+    from tests.integration.leases.support import audit_events
+
+    s = await ledgers()
+    await issue(s, "i-self")
+    await issue(s, "i-admin")
+    await s.termination.request_termination("i-self", actor="workload:dev", issuer="dev",
+                                            workload="w", self_terminated=True)
+    await s.termination.request_termination("i-admin", actor="operator:alice")
+    said = {}
+    for iid in ("i-self", "i-admin"):
+        [event] = [e for e in await audit_events(s, iid)
+                   if e["action"] == "instance.terminate_requested"]
+        said[iid] = event["detail"]["self_terminated"]
+    assert said == {"i-self": True, "i-admin": False}

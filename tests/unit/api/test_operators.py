@@ -14,6 +14,7 @@ from broker.api.operators import (
     ScopeRule,
     StaticOperator,
     fingerprint,
+    fingerprint_key,
     looks_like_jwt,
     operator_name,
     scope_from_claims,
@@ -78,18 +79,28 @@ def test_claims_map_to_the_highest_scope_a_rule_grants(
     assert scope_from_claims(claims, RULES) == scope
 
 
+V = {"email_verified": True}
+
+
 @pytest.mark.parametrize(("claims", "name_claim", "name"), [
-    ({"email": "alice@example.org", "sub": "123"}, "email", "alice@example.org"),
-    ({"sub": "123"}, "email", "123"),  # fallback to sub
-    ({"email": "", "sub": "123"}, "email", "123"),
-    ({"email": "a b@example.org", "sub": "123"}, "email", "123"),  # not a printable name
+    ({"email": "alice@example.org", "sub": "123", **V}, "email", "alice@example.org"),
+    ({"email": "alice@example.org", "email_verified": "true"}, "email", "alice@example.org"),
+    ({"email": "alice@example.org", "sub": "123"}, "email", None),  # not verified
+    ({"email": "alice@example.org", "email_verified": False}, "email", None),
+    ({"email": "alice@example.org", "email_verified": "false"}, "email", None),
+    ({"email": "alice@example.org", "email_verified": 1}, "email", None),
+    ({"sub": "123", **V}, "email", None),  # no fallback to sub
+    ({"email": "", "sub": "123", **V}, "email", None),
+    ({"email": "a b@example.org", "sub": "123", **V}, "email", None),  # not a printable name
     ({"preferred_username": "alice"}, "preferred_username", "alice"),
-    ({"email": 5}, "email", None),
+    ({"sub": "123"}, "sub", "123"),
+    ({"email": 5, **V}, "email", None),
     ({}, "email", None),
-    ({"sub": "x" * 200}, "email", None),
-], ids=["email", "sub-fallback", "empty-email", "spaces", "other-claim", "not-text",
-        "nothing", "too-long"])
-def test_an_operator_is_named_by_its_name_claim_or_sub(
+    ({"sub": "x" * 200}, "sub", None),
+], ids=["email", "verified-as-text", "unverified", "verified-false", "verified-false-text",
+        "verified-number", "no-sub-fallback", "empty-email", "spaces", "other-claim",
+        "sub-claim", "not-text", "nothing", "too-long"])
+def test_an_operator_is_named_by_its_name_claim_alone(
         claims: dict[str, Any], name_claim: str, name: str | None) -> None:
     assert operator_name(claims, name_claim) == name
 
@@ -108,6 +119,16 @@ def test_a_fingerprint_identifies_a_token_without_revealing_it() -> None:
     assert fp == fingerprint(token) and fp != fingerprint(token + "1")
     assert fp.startswith("fp:") and len(fp) == 15
     assert token not in fp and sha(token)[:12] not in fp  # not the configuration's hash
+
+
+def test_a_configured_secret_keys_the_fingerprint() -> None:
+    """With audit.hash_key, a fingerprint is not computable from the public tag alone, and
+    differs between deployments."""
+    token = "tok-secret-" + "z" * 30
+    keyed = fingerprint(token, fingerprint_key(b"k" * 32))
+    assert keyed != fingerprint(token) and keyed != fingerprint(token, fingerprint_key(b"j" * 32))
+    assert keyed == fingerprint(token, fingerprint_key(b"k" * 32))
+    assert fingerprint(token, fingerprint_key(None)) == fingerprint(token)
 
 
 @pytest.mark.parametrize(("presented", "jwt"), [

@@ -12,6 +12,7 @@ import pytest
 from broker.aws import StsSession
 from broker.errors import (
     InstanceTerminated,
+    Locked,
     StoreUnavailable,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -128,12 +129,18 @@ WITHHELD_TABLE = {
     (Step.TERMINATED, False, True): KEEP,
     (Step.TERMINATED, True, False): KEEP,
     (Step.TERMINATED, True, True): KEEP,
+    # A lock appeared while Vault was asked: not recorded, taken back, the row closed.
+    (Step.LOCKED, False, False): FAILED,
+    (Step.LOCKED, False, True): KEEP,  # a cloud session cannot be taken back
+    (Step.LOCKED, True, False): KEEP,
+    (Step.LOCKED, True, True): KEEP,
 }
 ERRORS = {
     Step.FIT: UpstreamRejected("no", code="vault_invalid_request"),
     Step.SHAPE: UpstreamRejected("bad", code="vault_bad_response"),
     Step.RECORD: StoreUnavailable("late", code="lease_state_conflict"),
     Step.TERMINATED: InstanceTerminated("gone"),
+    Step.LOCKED: Locked("k-1"),
 }
 WITHHELD_CASES = [
     (step, unknown, external, lease, lease_expected)

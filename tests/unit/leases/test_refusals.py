@@ -8,7 +8,7 @@ from typing import Any
 
 from broker.clock import FixedClock
 from broker.errors import StoreUnavailable
-from broker.leases.refusals import BoundedRefusals
+from broker.leases.refusals import MAX_FINGERPRINTS, BoundedRefusals
 
 T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
@@ -77,3 +77,67 @@ async def test_kinds_are_capped_per_window() -> None:
 async def test_a_store_that_fails_drops_the_event_and_refuses_all_the_same() -> None:
     refusals = BoundedRefusals(Ledger(fail=True), FixedClock(T0))
     await refusals.refused("unknown", "admin.refused", source="a")  # no exception
+
+
+async def test_junk_tokens_neither_make_kinds_nor_push_out_who_was_refused() -> None:
+    """Review finding 4 (PoC poc_overflow): 1000 random bearer tokens from one source used
+    to fill max_kinds, and the next operator's refusal was written as ('unknown', overflow),
+    its name, route and scope gone. Unauthenticated refusals are one kind per (route, code,
+    source), counting distinct fingerprints; an operator's refusal is its own kind."""
+    ledger, clock = Ledger(), FixedClock(T0)
+    refusals = BoundedRefusals(ledger, clock, window_s=60, max_kinds=1000)
+    for i in range(1000):
+        await refusals.refused("unknown", "admin.refused", reason="admin_forbidden",
+                               method="POST", route="/v1/admin/locks", scope="revoke",
+                               source="10.0.0.66", token_fingerprint=f"fp:{i:012x}")
+    assert ledger.events == [{
+        "actor": "unknown", "action": "admin.refused", "outcome": "refused",
+        "reason": "admin_forbidden", "count": 1, "method": "POST", "route": "/v1/admin/locks",
+        "scope": "revoke", "source": "10.0.0.66", "token_fingerprint": "fp:000000000000"}]
+    await refusals.refused("operator:injector", "admin.refused",
+                           reason="operator_scope_insufficient", method="DELETE",
+                           route="/v1/admin/locks/{lock_id}", scope="revoke",
+                           source="10.0.0.66")
+    assert ledger.events[1] == {
+        "actor": "operator:injector", "action": "admin.refused", "outcome": "refused",
+        "reason": "operator_scope_insufficient", "count": 1, "method": "DELETE",
+        "route": "/v1/admin/locks/{lock_id}", "scope": "revoke", "source": "10.0.0.66"}
+    clock.advance(60)
+    assert await refusals.flush() == 1
+    assert ledger.events[2] == {
+        "actor": "unknown", "action": "admin.refused", "outcome": "refused",
+        "reason": "admin_forbidden", "count": 999, "method": "POST",
+        "route": "/v1/admin/locks", "scope": "revoke", "source": "10.0.0.66",
+        "distinct_fingerprints": 1000,
+        "since": "2026-03-01T12:00:00Z", "until": "2026-03-01T12:01:00Z"}
+
+
+async def test_unauthenticated_sources_cannot_overflow_the_named_callers() -> None:
+    """Many sources overflow the unauthenticated kinds; operators and workloads keep theirs
+    (a separate cap), and beyond that cap still keep their name."""
+    ledger, clock = Ledger(), FixedClock(T0)
+    refusals = BoundedRefusals(ledger, clock, max_kinds=2, max_named_kinds=2)
+    for source in ("a", "b", "c", "d"):
+        await refusals.refused("unknown", "admin.refused", source=source,
+                               token_fingerprint="fp:" + source)
+    for route in ("/r1", "/r2", "/r3", "/r4"):
+        await refusals.refused("operator:alice", "admin.refused", route=route)
+    assert [(e["actor"], e.get("source") or e.get("route") or e.get("overflow"))
+            for e in ledger.events] == [
+        ("unknown", "a"), ("unknown", "b"), ("unknown", "true"),
+        ("operator:alice", "/r1"), ("operator:alice", "/r2"), ("operator:alice", "true")]
+    assert ledger.events[0]["token_fingerprint"] == "fp:a"
+    assert await refusals.flush_all() == 2
+    assert {(e["actor"], e["count"], e.get("distinct_fingerprints")) for e in ledger.events[6:]} \
+        == {("unknown", 1, 2), ("operator:alice", 1, None)}
+
+
+async def test_distinct_fingerprints_are_counted_up_to_a_bound() -> None:
+    ledger, clock = Ledger(), FixedClock(T0)
+    refusals = BoundedRefusals(ledger, clock)
+    for i in range(MAX_FINGERPRINTS + 50):
+        await refusals.refused("unknown", "admin.refused", source="a",
+                               token_fingerprint=f"fp:{i}")
+    await refusals.flush_all()
+    assert ledger.events[-1]["count"] == MAX_FINGERPRINTS + 49
+    assert ledger.events[-1]["distinct_fingerprints"] == MAX_FINGERPRINTS

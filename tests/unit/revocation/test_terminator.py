@@ -30,8 +30,11 @@ class Recorder:
                                   issuer: str | None = None, workload: str | None = None,
                                   token_id: tuple[str, datetime] | None = None,
                                   reason: str | None = None,
-                                  incident: str | None = None) -> JobView:
+                                  incident: str | None = None,
+                                  self_terminated: bool = False) -> JobView:
         self.calls.append(f"job {instance_id} {actor} {issuer}")
+        if self_terminated:
+            self.calls.append("self")
         if (workload, token_id, reason) != (None, None, None):
             self.calls.append(f"as {workload} {token_id} {reason}")
         if incident is not None:
@@ -75,8 +78,8 @@ async def test_an_instance_ending_itself_hands_its_workload_token_id_and_reason_
     rec = Recorder()
     await Terminator(rec, rec, rec.wake)("i-1", actor="workload:k8s", issuer="k8s",
                                          workload="ns/sa", token_id=("jti-1", NOW),
-                                         reason="pod stopping")
-    assert rec.calls == ["job i-1 workload:k8s k8s",
+                                         reason="pod stopping", self_terminated=True)
+    assert rec.calls == ["job i-1 workload:k8s k8s", "self",
                          f"as ns/sa ('jti-1', {NOW!r}) pod stopping", "forget i-1", "wake"]
 
 
