@@ -100,7 +100,7 @@ async def no_agent_left():
 
 
 def _settings(issuer, bao, store_url: str, database: PostgresTarget,
-              pki: Mount) -> dict[str, Any]:
+              pki: Mount, checkpoint_file: Path) -> dict[str, Any]:
     roles = {
         "soak-db": database.side.broker_role(default_ttl="6s", max_ttl="18s",
                                              max_leases_per_instance=10),
@@ -111,7 +111,8 @@ def _settings(issuer, bao, store_url: str, database: PostgresTarget,
     data = dev_settings_dict(
         vault_addr=bao.addr, broker_token="", issuer=issuer.issuer,
         jwks_uri=f"{issuer.issuer}/.well-known/jwks.json", store_url=store_url,
-        admin_token_sha256=ADMIN_SHA, with_database=False, port=0)
+        admin_token_sha256=ADMIN_SHA, with_database=False, port=0,
+        checkpoint_file=checkpoint_file)  # as deployed: no start-up warning to count
     data["roles"] = roles
     policy = kubernetes_broker(roles)["overrides"]["policy"]
     policy["rules"][0]["allow"] = sorted(roles)  # the soak's roles only
@@ -253,7 +254,8 @@ async def test_fifty_agents_renew_reissue_and_give_everything_back(
     try:
         await asyncio.to_thread(migrate, store_url)
         broker = BrokerProcess.configure(
-            tmp_path, "soak", _settings(issuer, bao, store_url, database, pki),
+            tmp_path, "soak", _settings(issuer, bao, store_url, database, pki,
+                                       tmp_path / "audit-checkpoints.jsonl"),
             Secret(vault_setup.broker_token))
         async with asyncio.timeout(SOAK_BOUND_S + 600):  # a bound for a wedged run only
             await broker.start()

@@ -153,7 +153,7 @@ async def test_brokerctl_trusts_the_ca_it_is_given(tls: TlsBroker) -> None:
     env = {"BROKER_URL": tls.b.url, "BROKER_ADMIN_TOKEN": ADMIN_TOKEN}
     code, out, err = await _brokerctl("-o", "json", "jobs", "list",
                                       env={**env, "BROKER_CA_FILE": str(tls.volume.ca_file)})
-    assert (code, json.loads(out), err) == (0, [], "")
+    assert (code, json.loads(out), err) == (0, {"jobs": [], "next": None}, "")
     code, out, err = await _brokerctl("--ca-file", str(tls.volume.ca_file), "jobs", "list",
                                       env=env)
     assert (code, out, err) == (0, "(none)\n", "")

@@ -1,7 +1,7 @@
 """An operator's listings during an incident, as brokerctl shows them from a real broker
 (OpenBao, PostgreSQL): a lease explosion counted, instances and jobs listed a page at a
 time with a notice wherever a list is cut, a lease shown with Vault's live view, and
-``policy explain`` refusing (exit 8) for a terminated instance."""
+``policy explain`` refusing (exit 10) for a terminated instance."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ async def test_jobs_listed_a_page_at_a_time_with_a_notice(broker, http):
     assert json.loads(out) == {"jobs": [], "next": None}
 
 
-async def test_explain_refuses_a_terminated_instance_and_exits_8(broker, http, tmp_path):
+async def test_explain_refuses_a_terminated_instance_and_exits_10(broker, http, tmp_path):
     b = broker
     token_file = tmp_path / "token"
     token_file.write_text(b.token("i-explain-dead", "payments") + "\n")
@@ -141,7 +141,7 @@ async def test_explain_refuses_a_terminated_instance_and_exits_8(broker, http, t
     code, out, err = await ctl(b, "policy", "explain", "--token", str(token_file), "--role",
                                "dev-cert")
     lines = out.splitlines()
-    assert code == 8, (out, err)
+    assert code == 10, (out, err)
     assert lines[0] == "verdict   REFUSED"
     assert lines[1].startswith(
         "refused   instance i-explain-dead is terminated: the broker issues and renews "
@@ -151,7 +151,7 @@ async def test_explain_refuses_a_terminated_instance_and_exits_8(broker, http, t
     code, out, _ = await ctl(b, "policy", "explain", "--token", str(token_file), "--role",
                              "dev-cert", "-o", "json")
     answer = json.loads(out)
-    assert code == 8 and answer["verdict"] == "refused"
+    assert code == 10 and answer["verdict"] == "refused"
     assert [r["code"] for r in answer["refusals"]] == ["instance_terminated"]
     assert answer["decision"]["allowed"] is True  # the policy alone would allow it
 
@@ -164,7 +164,7 @@ async def test_explain_refuses_a_terminated_instance_and_exits_8(broker, http, t
                              stdin=b"not-a-token")
     lines = out.splitlines()
     assert (code, lines[0], lines[1].endswith("(token_malformed)"), len(lines)) == (
-        8, "verdict   REFUSED", True, 3), out
+        10, "verdict   REFUSED", True, 3), out
     assert lines[2].startswith("token     REFUSED by no configured issuer: ")
 
 

@@ -62,7 +62,7 @@ async def test_a_failed_job_is_listed_and_retried(make_broker, bao, http):
 
         code, out, _ = await run("broker.cli.ctl", "-o", "json", "jobs", "list", "--state",
                                  "failed", env=env)
-        [job] = json.loads(out)
+        [job] = json.loads(out)["jobs"]
         assert (job["instance_id"], job["last_error"]) == ("i-fails", "vault_unavailable")
 
         code, out, err = await run("broker.cli.ctl", "jobs", "retry", "j-" + "0" * 32, env=env)
