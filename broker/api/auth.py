@@ -97,11 +97,6 @@ class OperatorAuthenticator:
     def _fingerprint(self, presented: str) -> str:
         return fingerprint(presented, self._fingerprint_key)
 
-    @property
-    def key_cache(self) -> JwksCache | None:
-        """The operator issuer's key cache (for the maintenance tick), if configured."""
-        return self._keys
-
     async def authenticate(self, presented: str, needed: Scope) -> Operator:
         operator = await self._who(presented)
         if not operator.may(needed):

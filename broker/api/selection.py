@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from broker.api.decode import ROLE_PATTERN, said
 from broker.errors import BadRequest
 from broker.identity.verify import WORKLOAD_PATTERN, valid_instance_id
 from broker.leases import BlastRadius, Selection, TerminationBatch
@@ -36,15 +37,13 @@ SELECTION_FIELDS = frozenset(
     }
 )
 TERMINATION_FIELDS = frozenset({"selection", "reason", "incident", "max", "after", "batch"})
-# As the app's: a role name, a lease id, an issuer name (``IssuerSettings.name``).
-_ROLE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
+# A lease id, an issuer name (``IssuerSettings.name``); a role name is the app's.
+_ROLE = ROLE_PATTERN
 _LEASE = re.compile(r"^l-[0-9a-f]{32}\Z")
 _ISSUER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # A claim key as a selector names it: no '"' (it is quoted in a JSON path), no '='.
 CLAIM_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/@-]{0,127}\Z")
 MAX_CLAIM_VALUE = 255
-MAX_REASON = 200
-MAX_INCIDENT = 128
 
 
 def _bad(message: str) -> BadRequest:
@@ -136,17 +135,6 @@ class TerminationOrder:
     batch: int
 
 
-def _text(body: dict[str, Any], field: str, limit: int, code: str) -> str | None:
-    value = body.get(field)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > limit or not value.isprintable():
-        raise BadRequest(
-            f"'{field}' must be printable text of at most {limit} characters", code=code
-        )
-    return value
-
-
 def _count(body: dict[str, Any], field: str, low: int, high: int | None) -> int | None:
     value = body.get(field)
     if value is None:
@@ -170,10 +158,11 @@ def termination_order(body: dict[str, Any]) -> TerminationOrder:
         raise BadRequest(
             "'after' must be the cursor a previous batch answered", code="invalid_field"
         )
+    reason, incident = said(body)  # as every admin action takes them
     return TerminationOrder(
         selection=selection,
-        reason=_text(body, "reason", MAX_REASON, "invalid_reason"),
-        incident=_text(body, "incident", MAX_INCIDENT, "invalid_incident"),
+        reason=reason,
+        incident=incident,
         max_instances=_count(body, "max", 1, None),
         after=after,
         batch=_count(body, "batch", 1, MAX_BATCH) or DEFAULT_BATCH,

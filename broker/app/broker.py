@@ -59,8 +59,10 @@ class Broker:
             close_later(check.close)
         for source in c.sources:
             close_later(source.close)
-        # Closed first: the last sightings are written while the database is still open.
+        # Closed first: the last sightings, and the refusals counted in the minute that has
+        # not closed yet, are written while the database is still open.
         close_later(c.flush_sightings.run_once)
+        close_later(c.refusals.flush_all)
         self.url = await c.server.bind()
         close_later(c.server.close)  # a no-op once the server part has stopped
         parts: list[Part] = [c.server]

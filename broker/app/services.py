@@ -16,7 +16,7 @@ from broker.clock import Clock, iso_z
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
 from broker.events import Terminate
-from broker.identity import Identity, IdentityVerifier
+from broker.identity import IdentityVerifier
 from broker.identity.settings import IssuerSettings
 from broker.leases import (
     BlastRadius,
@@ -135,12 +135,6 @@ class LeaseLookup(Protocol):
     """What Vault says of a lease now (``sys/leases/lookup``): None when it does not know it."""
 
     async def lookup_lease(self, lease_id: str) -> LeaseInfo | None: ...
-
-
-# More reasons ``policy explain`` may refuse, beyond the token, the policy and the
-# instance's tombstone: each returns refusals ({"code", "message", ...}) for the identity
-# and role, empty when it has none. Locks plug in here.
-ExplainCheck = Callable[[Identity, str], Awaitable[list[dict[str, Any]]]]
 
 
 class NeverSeen(Protocol):
@@ -354,7 +348,6 @@ class PolicyService:
         audience: str,
         locks: ActiveLocks,
         clock: Clock,
-        explain_checks: Sequence[ExplainCheck] = (),
     ) -> None:
         self._queries = queries
         self._verifier = verifier
@@ -364,7 +357,6 @@ class PolicyService:
         self._audience = audience
         self._locks = locks
         self._clock = clock
-        self._explain_checks = tuple(explain_checks)
 
     def _refusing_lock(
         self,
@@ -385,7 +377,7 @@ class PolicyService:
     async def explain(self, token: str, role: str, ttl: int | None) -> dict[str, Any]:
         """Which issuer verified the token, the identity it produced, which rule matched,
         and the verdict: ``granted`` only when nothing refuses, each refusal listed (the
-        token, the policy, the instance's tombstone, the ``explain_checks``). Issues
+        token, the policy, the instance's tombstone, a lock). Issues
         nothing, records nothing, and does not use up the token's jti."""
         try:
             identity = await self._verifier.verify(token)
@@ -411,8 +403,6 @@ class PolicyService:
             by=job.requested_by if job else None,
         )
         refusals = [r for r in (decision_refusal(decision), terminated) if r is not None]
-        for check in self._explain_checks:
-            refusals += await check(identity, role)
         # A lock refuses whatever the rules say: shown, and the decision says so.
         lock = self._refusing_lock(
             await self._locks.active_locks(),

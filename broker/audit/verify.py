@@ -30,7 +30,7 @@ an injected ``check_signature`` (no signer here); without one the report says
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -379,7 +379,3 @@ def verify(
     verifier.feed(events)
     return verifier.finish()
 
-
-def report_from_dict(data: Mapping[str, Any]) -> list[Finding]:
-    """The findings of a report as the API served it (for the CLI's table)."""
-    return [Finding(f["kind"], int(f["seq"]), f["message"]) for f in data.get("findings", [])]

@@ -3,13 +3,15 @@ scripts. Reads ``BROKER_URL``, ``BROKER_ADMIN_TOKEN`` and ``BROKER_CA_FILE`` (th
 broker whose certificate a private CA signed) from the environment or flags.
 
 Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
-4 not authorized (missing or wrong admin token) · 5 broker unreachable or unavailable ·
-6 ``--wait`` timed out · 7 ``reconcile`` found something that needs a person (orphans left
-in Vault, leases past expiry that Vault keeps, stuck rows it could not settle, a failed
-step) · 8 ``audit verify`` found the audit chain altered, cut or not matching its
-checkpoints · 9 ``revoke`` named an instance the broker has never seen (tombstoned, 0
-leases: a typo?) · 10 the answer is a refusal (``policy explain``: token invalid, role
-refused by policy, instance terminated, locked).
+4 not authorized (missing or wrong token, or a scope too small) · 5 broker unreachable or
+unavailable (also ``audit verify`` when a checkpoint signature could not be checked: Vault
+unreachable, or its key rotated seconds ago) · 6 ``--wait`` timed out · 7 ``reconcile``
+found something that needs a person (orphans left in Vault, leases past expiry that Vault
+keeps, stuck rows it could not settle, a failed step) · 8 ``audit verify`` found the audit
+chain altered, cut or not matching its checkpoints, or old events no checkpoint covers ·
+9 ``revoke`` named an instance the broker has never seen (tombstoned, 0 leases: a typo?) ·
+10 the answer is a refusal (``policy explain``: token invalid, role refused by policy,
+instance terminated, locked). A bulk ``revoke`` that left something exits 1.
 
 A list that stops short of everything says so: on stderr in a table or ``-o jsonl``
 ("… more results: pass --limit N or --after CURSOR"), as ``next`` in ``-o json``.

@@ -16,12 +16,20 @@ import json
 import re
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from broker import __version__
 from broker.audit.ocsf import to_ocsf
-from broker.cli.ctlbase import EXIT_OK, EXIT_TAMPERED, EXIT_UNAVAILABLE, Client, command, table
+from broker.cli.ctlbase import (
+    EXIT_OK,
+    EXIT_TAMPERED,
+    EXIT_UNAVAILABLE,
+    Client,
+    command,
+    moment,
+    table,
+)
 
 
 def audit_group(sub: Any) -> Any:
@@ -113,19 +121,12 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _since(text: str) -> str:
-    """--since: an RFC 3339 time, or a duration ago (30m, 2h, 7d)."""
-    if m := _AGO.match(text):
-        ago = timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
-        return (datetime.now(UTC) - ago).isoformat().replace("+00:00", "Z")
+    """--since (``ctlbase.moment``): a time, or a duration ago (30m, 2h, 7d)."""
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        at = None
-    if at is None or at.tzinfo is None:
-        raise argparse.ArgumentTypeError(
-            f"expected a time like 2026-01-01T00:00:00Z or a duration ago like 2h, got {text!r}"
-        )
-    return text
+        at = moment(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _count(text: str) -> int:

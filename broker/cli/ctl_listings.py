@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import argparse
 import urllib.parse
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from broker.cli.ctlbase import LEASE_COLUMNS, Client, Listing, command, said, said_flags, table
-from broker.durations import parse_duration
+from broker.cli.ctlbase import (
+    LEASE_COLUMNS,
+    Client,
+    Listing,
+    command,
+    moment,
+    said,
+    said_flags,
+    table,
+)
 
 # The broker's states (``broker.leases.states``), spelled out so that the CLI imports
 # nothing of the service; a unit test keeps them equal.
@@ -55,21 +63,11 @@ def positive(text: str) -> int:
 
 
 def since(text: str, now: datetime | None = None) -> str:
-    """``--since``: a duration back from now (``90m``, ``2h``, ``1d``) or an ISO 8601
-    time (``2026-12-02T10:00:00Z``; without a zone, UTC), as the ISO time the broker takes."""
+    """``--since`` (``ctlbase.moment``), as the ISO time the broker takes."""
     try:
-        ago = parse_duration(text)
-    except ValueError:
-        pass
-    else:
-        return ((now or datetime.now(UTC)) - timedelta(seconds=ago)).isoformat()
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 2h or a time like 2026-12-02T10:00:00Z, got {text[:40]!r}"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
+        return moment(text, now or datetime.now(UTC)).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def collect(

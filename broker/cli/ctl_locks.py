@@ -7,7 +7,7 @@ import argparse
 import urllib.parse
 from typing import Any
 
-from broker.cli.ctlbase import EXIT_USAGE, Client, CtlError, command, table
+from broker.cli.ctlbase import EXIT_USAGE, Client, CtlError, Listing, command, table
 
 LOCK_COLUMNS = ["lock_id", "kind", "target", "reason", "incident", "created_by", "expires_at"]
 
@@ -57,9 +57,22 @@ def show_lock(lock: dict[str, Any]) -> str:
     )
 
 
+# The most locks the broker lists (``broker.leases.sql.locks.MAX_LISTED``).
+MAX_LISTED = 1000
+
+
 def cmd_lock_list(c: Client, args: argparse.Namespace) -> Any:
     locks = c.call("GET", "/v1/admin/locks", {"all": "true" if args.all else None})["locks"]
-    return [{**lock, "target": _target(lock)} for lock in locks]
+    cut = len(locks) >= MAX_LISTED
+    return Listing(
+        "locks",
+        [{**lock, "target": _target(lock)} for lock in locks],
+        {"complete": not cut},
+        f"{len(locks)} locks shown, the most the broker lists; more may exist"
+        + ("" if not args.all else ": list without --all for the active ones")
+        if cut
+        else None,
+    )
 
 
 def cmd_lock_rm(c: Client, args: argparse.Namespace) -> Any:

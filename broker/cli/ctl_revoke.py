@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 import urllib.parse
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.cli.ctlbase import (
@@ -28,9 +28,9 @@ from broker.cli.ctlbase import (
     Client,
     CtlError,
     command,
+    moment,
     table,
 )
-from broker.durations import parse_duration
 
 # The API's bounds (``broker.revocation.bulk``): a batch, and how many batches one run
 # may take (10,000 instances at the default batch is 50).
@@ -54,22 +54,9 @@ LISTS = {
 
 
 def when(text: str, now: datetime) -> str:
-    """An RFC 3339 time (``2026-01-01T12:00:00Z``) or a duration ago (``2h``, ``1d``), as
-    the RFC 3339 time the API takes. Raises ``ValueError`` saying what was expected."""
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            ago = parse_duration(text)
-        except ValueError:
-            raise ValueError(
-                f"expected an RFC 3339 time (2026-01-01T12:00:00Z) or a duration ago "
-                f"(30m, 2h, 1d), got {text[:40]!r}"
-            ) from None
-        at = now - timedelta(seconds=ago)
-    if at.tzinfo is None:
-        raise ValueError(f"{text[:40]!r} names no time zone: add Z (UTC) or an offset")
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    """``--issued-after/--issued-before`` (``ctlbase.moment``), as the RFC 3339 time the
+    API takes. Raises ``ValueError`` saying what was expected."""
+    return moment(text, now).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def selection_of(args: argparse.Namespace, now: datetime) -> dict[str, Any]:

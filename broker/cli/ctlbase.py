@@ -18,7 +18,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from broker.durations import parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_TIMEOUT = (
     0,
@@ -217,3 +220,23 @@ def command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
 def said_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", help="why: recorded with the action and in the audit")
     p.add_argument("--incident", help="an incident reference (e.g. INC-1234)")
+
+
+def moment(text: str, now: datetime) -> datetime:
+    """A time as every ``--since`` / ``--issued-after`` takes it: a duration back from
+    ``now`` (``90m``, ``2h``, ``1d``) or an ISO 8601 time (``2026-12-02T10:00:00Z``;
+    without a zone, UTC, as the broker reads it). Raises ``ValueError`` saying what was
+    expected."""
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return now - timedelta(seconds=ago)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"expected a duration like 2h or a time like 2026-12-02T10:00:00Z, got {text[:40]!r}"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

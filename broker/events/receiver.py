@@ -69,7 +69,7 @@ class WebhookReceiver:
         for instance_id in event.instance_ids:
             try:
                 job = await self._terminate(
-                    instance_id, actor="events:webhook", issuer=event.issuer
+                    instance_id, actor="events:webhook", issuer=event.issuer, reason=event.reason
                 )
             except NotPermitted as exc:
                 results.append((instance_id, exc.code))

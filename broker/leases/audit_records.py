@@ -77,7 +77,7 @@ class ChainRecords:
     async def head(self) -> tuple[int, str]:
         """(seq, hash) of the chain's head row."""
         async with self._db.transaction(readonly=True) as conn:
-            return await chain.head(conn)
+            return await checkpoints.head(conn)
 
     async def checkpoints(self) -> list[CheckpointView]:
         async with self._db.transaction(readonly=True) as conn:

@@ -17,7 +17,10 @@ BROKER_HELP = [[], ["serve"], ["migrate"], ["dev"], ["dev", "token"], ["hash-adm
 BROKERCTL_HELP = [[], ["revoke"], ["leases"], ["leases", "list"], ["leases", "count"],
                   ["leases", "show"], ["instances"], ["instances", "list"],
                   ["instances", "show"], ["policy"], ["policy", "explain"], ["jobs"],
-                  ["jobs", "list"], ["jobs", "retry"], ["reconcile"]]
+                  ["jobs", "list"], ["jobs", "retry"], ["reconcile"], ["whoami"], ["lock"],
+                  ["lock", "create"], ["lock", "list"], ["lock", "rm"], ["audit"],
+                  ["audit", "verify"], ["audit", "list"], ["audit", "tail"],
+                  ["audit", "export"]]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

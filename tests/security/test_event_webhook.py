@@ -43,6 +43,7 @@ async def test_a_signed_event_terminates_and_revokes(b, http, vault):
     assert status == 202, body
     assert [r["instance_id"] for r in body["results"]] == ["i-hook", "i-never-seen"]
     assert all(r["job"]["requested_by"] == "events:webhook" for r in body["results"])
+    assert all(r["job"]["reason"] == "scale-in" for r in body["results"])  # kept, not dropped
     shown = await wait_job(http, b, "i-hook")
     assert shown["state"] == "terminated"
     assert [x["state"] for x in shown["leases"]] == ["revoked"]

@@ -58,13 +58,6 @@ async def event_hash(conn: AsyncConnection, seq: int) -> str | None:
     return (await conn.execute(select(_E.hash).where(_E.seq == seq))).scalar()
 
 
-async def head(conn: AsyncConnection) -> tuple[int, str]:
-    row = (
-        await conn.execute(select(m.AuditHead.seq, m.AuditHead.hash).where(m.AuditHead.id == 1))
-    ).one()
-    return int(row[0]), str(row[1])
-
-
 async def checkpoints(conn: AsyncConnection) -> list[CheckpointView]:
     c = m.AuditCheckpoint
     rows = await conn.execute(

@@ -143,7 +143,7 @@ async def request_termination(
             **({"incident": incident} if incident else {}),
         )
     elif job.state == JobState.FAILED.value:
-        await _requeue(conn, clock, job.job_id, instance_id, actor, now)
+        await _requeue(conn, clock, job.job_id, instance_id, actor, now, reason, incident)
     return await _the_job(conn, instance_id)
 
 
@@ -233,6 +233,7 @@ async def request_terminations(
             issuer=owners[instance_id][0],
             workload=owners[instance_id][1],
             previous_state=InstanceState.ACTIVE.value,
+            self_terminated=False,
             **({"incident": incident} if incident else {}),
         )
     return created

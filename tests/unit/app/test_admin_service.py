@@ -1,6 +1,6 @@
 """The admin services over small fakes of what they read: ``leases show --vault``'s view
 of Vault (each way it can have none, ``ListingService``), and ``policy explain``'s verdict
-from every refusal, including the checks plugged in for locks (``PolicyService``)."""
+from every refusal, a lock's included (``PolicyService``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from broker.clock import FixedClock
 from broker.engines.role import RoleSettings
 from broker.errors import TokenInvalid, UpstreamUnavailable
 from broker.identity import Identity
-from broker.leases import InstanceView, JobView, LeaseView
+from broker.leases import InstanceView, JobView, LeaseView, LockView
 from broker.policy.settings import Rule
 from broker.vault.client import LeaseInfo
 
@@ -70,15 +70,21 @@ class NoLocks:
         return []
 
 
+class WorkloadLocked:
+    async def active_locks(self) -> list[Any]:
+        return [LockView(lock_id="k-1", kind="workload", value="payments", claim=None,
+                         reason="leaked", incident="INC-1", created_by="operator:alice",
+                         created_at=NOW, expires_at=None)]
+
+
 def listings(queries: Any = None, vault: Any = None) -> ListingService:
     return ListingService(queries or Queries(), vault=vault or Vault(None), clock=FixedClock(NOW))
 
 
-def service(queries: Any = None, verifier: Any = None,
-            checks: tuple[Any, ...] = ()) -> PolicyService:
+def service(queries: Any = None, verifier: Any = None, locks: Any = None) -> PolicyService:
     return PolicyService(queries or Queries(), verifier=verifier or Verifier(IDENTITY),
-                         roles=ROLES, rules=RULES, issuers=(), audience="a", locks=NoLocks(),
-                         clock=FixedClock(NOW), explain_checks=checks)
+                         roles=ROLES, rules=RULES, issuers=(), audience="a",
+                         locks=locks or NoLocks(), clock=FixedClock(NOW))
 
 
 @pytest.mark.parametrize("the_lease,answer,expected", [
@@ -136,14 +142,9 @@ async def test_an_invalid_token_is_the_only_refusal():
         "refused", [{"code": "token_expired", "message": "expired"}], None)
 
 
-async def test_explain_checks_add_their_refusals():
-    seen: list[Any] = []
-
-    async def lock(identity: Identity, role: str) -> list[dict[str, Any]]:
-        seen.append((identity.workload, role))
-        return [{"code": "locked", "message": "workload payments is locked", "lock_id": "k-1"}]
-
-    answer = await service(checks=(lock,)).explain("t", "cert", None)
-    assert seen == [("payments", "cert")]
+async def test_a_lock_is_one_of_explains_refusals():
+    answer = await service(locks=WorkloadLocked()).explain("t", "cert", None)
     assert (answer["verdict"], [r["code"] for r in answer["refusals"]]) == ("refused",
                                                                             ["locked"])
+    assert answer["refusals"][0]["lock_id"] == "k-1"
+    assert answer["decision"]["allowed"] is False
