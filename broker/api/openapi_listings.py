@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.api.openapi_parts import ADMIN, err, ok
 from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 _BAD_QUERY = (
     "unknown query parameter (unknown_query, naming the ones the endpoint takes), "
     "a repeated or invalid one (invalid_query)"
@@ -21,14 +20,6 @@ _BAD_QUERY = (
 _LEASE_STATES = sorted(s.value for s in LeaseState)
 _TIME = {"type": "string", "format": "date-time"}
 _NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
-
-
-def _err(desc: str) -> dict[str, Any]:
-    return {"description": desc, "content": {"application/json": {"schema": _ERROR}}}
-
-
-def _ok(desc: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
 def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,9 +35,9 @@ _LIMIT = _q("limit", "page size (default 100)", {"type": "integer", "minimum": 1
 _AFTER = _q("after", "the 'next' of the page before (an opaque cursor)")
 _SINCE = _q("since", "created at or after this time (ISO 8601; without a zone, UTC)", _TIME)
 _ERRS = {
-    "400": _err(_BAD_QUERY),
-    "401": _err("admin token missing"),
-    "403": _err("not the admin token"),
+    "400": err(_BAD_QUERY),
+    "401": err("admin token missing"),
+    "403": err("not the admin token"),
 }
 
 
@@ -119,7 +110,7 @@ def listing_paths() -> dict[str, Any]:
         "/v1/admin/leases": {
             "get": {
                 "summary": "Leases, filtered, a page at a time (ordered by lease id)",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     _q("instance", "an instance id"),
                     _q("workload", "a workload name"),
@@ -128,14 +119,14 @@ def listing_paths() -> dict[str, Any]:
                     _LIMIT,
                     _q("after", "the 'next' of the page before (a lease id)"),
                 ],
-                "responses": {"200": _ok("a page of leases", _page("leases", _LEASE)), **_ERRS},
+                "responses": {"200": ok("a page of leases", _page("leases", _LEASE)), **_ERRS},
             }
         },
         "/v1/admin/leases/count": {
             "get": {
                 "summary": "Leases counted by role, engine (the role's kind), workload or "
                 "issuer (the instance's), largest first: a lease explosion at a glance",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     {
                         **_q("group_by", "what to count by"),
@@ -159,7 +150,7 @@ def listing_paths() -> dict[str, Any]:
                     ),
                 ],
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "the largest groups; total, group_count and others (leases in "
                         "the groups 'top' left out) cover every group",
                         {
@@ -191,7 +182,7 @@ def listing_paths() -> dict[str, Any]:
             "get": {
                 "summary": "One lease as the store holds it; with vault=true, also what "
                 "Vault says of it now",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     {
                         "name": "lease_id",
@@ -202,11 +193,11 @@ def listing_paths() -> dict[str, Any]:
                     _q("vault", "ask Vault too", {"type": "string", "enum": ["false", "true"]}),
                 ],
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "the lease (and 'vault' when asked)",
                         {**_LEASE, "properties": {**_LEASE["properties"], "vault": _VAULT}},
                     ),
-                    "404": _err("no such lease"),
+                    "404": err("no such lease"),
                     **_ERRS,
                 },
             }
@@ -215,7 +206,7 @@ def listing_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Instances in the order the broker first saw them, with their "
                 "lease counts, a page at a time",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     _q(
                         "state",
@@ -229,7 +220,7 @@ def listing_paths() -> dict[str, Any]:
                     _AFTER,
                 ],
                 "responses": {
-                    "200": _ok("a page of instances", _page("instances", _INSTANCE)),
+                    "200": ok("a page of instances", _page("instances", _INSTANCE)),
                     **_ERRS,
                 },
             }
@@ -238,7 +229,7 @@ def listing_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Revocation jobs in the order they were requested (created_at, "
                 "then job id), a page at a time",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     _q(
                         "state",
@@ -251,7 +242,7 @@ def listing_paths() -> dict[str, Any]:
                     _AFTER,
                 ],
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "a page of jobs", _page("jobs", {"$ref": "#/components/schemas/Job"})
                     ),
                     **_ERRS,

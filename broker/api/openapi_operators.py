@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+from broker.api.openapi_parts import ADMIN, ERROR, err, ok
+
 _SAID = {
     "reason": {"type": "string", "maxLength": 200},
     "incident": {"type": "string", "maxLength": 128, "description": "an incident reference"},
@@ -15,11 +15,11 @@ _SAID = {
 ADMIN_ERRORS = {
     "401": {
         "description": "admin token missing, or an operator JWT refused",
-        "content": {"application/json": {"schema": _ERROR}},
+        "content": {"application/json": {"schema": ERROR}},
     },
     "403": {
         "description": "not an operator's token, or the operator's scope is too small",
-        "content": {"application/json": {"schema": _ERROR}},
+        "content": {"application/json": {"schema": ERROR}},
     },
 }
 SAID_BODY = {
@@ -50,22 +50,14 @@ LOCK: dict[str, Any] = {
 }
 
 
-def _ok(desc: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": desc, "content": {"application/json": {"schema": schema}}}
-
-
-def _err(desc: str) -> dict[str, Any]:
-    return {"description": desc, "content": {"application/json": {"schema": _ERROR}}}
-
-
 def operator_paths() -> dict[str, Any]:
     return {
         "/v1/admin/whoami": {
             "get": {
                 "summary": "The operator the presented token is (scope read)",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "name, scope (read, revoke, admin) and how it authenticated",
                         {
                             "type": "object",
@@ -84,7 +76,7 @@ def operator_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Lock: refuse every new credential and renewal that matches, on "
                 "every replica at once, terminating nothing (scope revoke)",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -110,26 +102,26 @@ def operator_paths() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "201": _ok("the lock", {"type": "object", "properties": {"lock": LOCK}}),
-                    "400": _err("invalid_lock"),
+                    "201": ok("the lock", {"type": "object", "properties": {"lock": LOCK}}),
+                    "400": err("invalid_lock"),
                     **ADMIN_ERRORS,
                 },
             },
             "get": {
                 "summary": "Active locks; all=true adds removed and expired ones (scope read)",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     {"name": "all", "in": "query", "schema": {"enum": ["true", "false"]}}
                 ],
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "locks",
                         {
                             "type": "object",
                             "properties": {"locks": {"type": "array", "items": LOCK}},
                         },
                     ),
-                    "400": _err("bad query"),
+                    "400": err("bad query"),
                     **ADMIN_ERRORS,
                 },
             },
@@ -137,7 +129,7 @@ def operator_paths() -> dict[str, Any]:
         "/v1/admin/locks/{lock_id}": {
             "delete": {
                 "summary": "Remove a lock (idempotent; scope revoke)",
-                "security": _ADMIN,
+                "security": ADMIN,
                 "parameters": [
                     {
                         "name": "lock_id",
@@ -148,11 +140,11 @@ def operator_paths() -> dict[str, Any]:
                 ],
                 "requestBody": SAID_BODY,
                 "responses": {
-                    "200": _ok(
+                    "200": ok(
                         "the lock, removed", {"type": "object", "properties": {"lock": LOCK}}
                     ),
-                    "400": _err("malformed body"),
-                    "404": _err("lock_not_found"),
+                    "400": err("malformed body"),
+                    "404": err("lock_not_found"),
                     **ADMIN_ERRORS,
                 },
             }

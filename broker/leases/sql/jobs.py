@@ -114,33 +114,20 @@ async def request_termination(
     if job is None:
         job_id = new_id("j")
         await conn.execute(
-            JOBS.insert().values(
-                job_id=job_id,
-                instance_id=instance_id,
-                state=JobState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                requested_by=actor[:64],
-                reason=reason[:200] if reason else None,
-                incident=incident,
-                created_at=now,
-                updated_at=now,
-            )
+            JOBS.insert().values(_job_row(job_id, instance_id, actor, reason, incident, now))
         )
         # Whose instance, as far as the broker knows (never seen: the caller's word).
-        await audit(
+        await _audit_requested(
             conn,
             clock,
             actor,
-            "instance.terminate_requested",
-            instance_id=instance_id,
-            reason=reason,
-            job_id=job_id,
-            issuer=owner or issuer,
-            workload=owner_workload or workload,
+            instance_id,
+            job_id,
+            (owner or issuer, owner_workload or workload),
             previous_state=state,
             self_terminated=self_terminated,
-            **({"incident": incident} if incident else {}),
+            reason=reason,
+            incident=incident,
         )
     elif job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now, reason, incident)
@@ -204,37 +191,24 @@ async def request_terminations(
     await conn.execute(
         JOBS.insert(),
         [
-            {
-                "job_id": job_id,
-                "instance_id": instance_id,
-                "state": JobState.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "requested_by": actor[:64],
-                "reason": reason[:200] if reason else None,
-                "incident": incident,
-                "created_at": now,
-                "updated_at": now,
-            }
+            _job_row(job_id, instance_id, actor, reason, incident, now)
             for instance_id, job_id in created
         ],
     )
     # One event each, as one at a time would record it; the transaction appends them to
     # the chain together, under one lock of its head and with one insert.
     for instance_id, job_id in created:
-        await audit(
+        await _audit_requested(
             conn,
             clock,
             actor,
-            "instance.terminate_requested",
-            instance_id=instance_id,
-            reason=reason,
-            job_id=job_id,
-            issuer=owners[instance_id][0],
-            workload=owners[instance_id][1],
+            instance_id,
+            job_id,
+            owners[instance_id],
             previous_state=InstanceState.ACTIVE.value,
             self_terminated=False,
-            **({"incident": incident} if incident else {}),
+            reason=reason,
+            incident=incident,
         )
     return created
 
@@ -287,6 +261,60 @@ async def requeue_failed(
             **said,
         )
     return found
+
+
+def _job_row(
+    job_id: str,
+    instance_id: str,
+    actor: str,
+    reason: str | None,
+    incident: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A new revocation job's row, as one termination and a bulk batch both insert it."""
+    return {
+        "job_id": job_id,
+        "instance_id": instance_id,
+        "state": JobState.PENDING.value,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "requested_by": actor[:64],
+        "reason": reason[:200] if reason else None,
+        "incident": incident,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def _audit_requested(
+    conn: AsyncConnection,
+    clock: Clock,
+    actor: str,
+    instance_id: str,
+    job_id: str,
+    owner: tuple[str | None, str | None],
+    *,
+    previous_state: str,
+    self_terminated: bool,
+    reason: str | None,
+    incident: str | None,
+) -> None:
+    """The ``instance.terminate_requested`` event: who asked, why, whose instance (its
+    issuer and workload) and the job, the same for one termination and for a bulk batch."""
+    await audit(
+        conn,
+        clock,
+        actor,
+        "instance.terminate_requested",
+        instance_id=instance_id,
+        reason=reason,
+        job_id=job_id,
+        issuer=owner[0],
+        workload=owner[1],
+        previous_state=previous_state,
+        self_terminated=self_terminated,
+        **({"incident": incident} if incident else {}),
+    )
 
 
 async def _requeue(

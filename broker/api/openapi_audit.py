@@ -1,0 +1,124 @@
+"""The OpenAPI paths of the audit trail: its events read out, and its verification
+(``broker.api.openapi`` puts them in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.api.openapi_operators import ADMIN_ERRORS
+from broker.api.openapi_parts import ADMIN, body, err, ok
+
+_ADMIN_ERRS = ADMIN_ERRORS
+_SEQ = {"type": ["integer", "null"]}
+_AUDIT_REPORT: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "from_seq", "events", "findings", "signatures_checked"],
+    "properties": {
+        "ok": {"type": "boolean"},
+        # false while ok is false: only signatures that could not be checked now
+        "tampered": {"type": "boolean"},
+        "from_seq": {"type": "integer"},
+        "last_seq": _SEQ,
+        "events": {"type": "integer"},
+        "first_bad_seq": _SEQ,
+        "checkpoints": {"type": "integer"},
+        "last_checkpoint_seq": _SEQ,
+        "after_last_checkpoint": {"type": "integer"},
+        "signatures_checked": {"type": "boolean"},
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "kind": {"type": "string"},
+                    "seq": {"type": "integer"},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+        "findings_omitted": {"type": "integer"},
+        "notices": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def audit_paths() -> dict[str, Any]:
+    return {
+        "/v1/admin/audit/events": {
+            "get": {
+                "summary": "Audit events after a sequence number that match every "
+                "selector given, oldest first (read scope); follow ``next`` for more",
+                "security": ADMIN,
+                "parameters": [
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                    {
+                        "name": "newest",
+                        "in": "query",
+                        "description": "true: the last `limit` events (a tail)",
+                        "schema": {"type": "boolean", "default": False},
+                    },
+                    *(
+                        {"name": name, "in": "query", "schema": {"type": "string"}}
+                        for name in ("instance", "workload", "role", "action", "actor")
+                    ),
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                ],
+                "responses": {
+                    "200": ok(
+                        "events, and the cursor of the next page (null: no more)",
+                        {
+                            "type": "object",
+                            "required": ["events", "next"],
+                            "properties": {
+                                "events": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/AuditEvent"},
+                                },
+                                "next": {"type": ["integer", "null"]},
+                            },
+                        },
+                    ),
+                    "400": err("a bad (invalid_query) or unknown (unknown_query) query parameter"),
+                    **_ADMIN_ERRS,
+                },
+            }
+        },
+        "/v1/admin/audit/verify": {
+            "post": {
+                "summary": "Recompute the audit chain from a seq (or its start) to its "
+                "head: every link, checkpoint and signature; findings name their seq",
+                "security": ADMIN,
+                "requestBody": body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"from": {"type": "integer", "minimum": 1}},
+                    },
+                    required=False,
+                ),
+                "responses": {
+                    "200": ok("the verification report (ok: every check held)", _AUDIT_REPORT),
+                    "400": err("'from' is not a sequence number"),
+                    **_ADMIN_ERRS,
+                },
+            }
+        },
+    }
