@@ -337,8 +337,13 @@ async def _rotate(b, pod, database, vault, marker, hups, app_name, command) -> N
     await eventually(lambda: not vault.lease_exists(first["vault_lease_id"]),
                      "the old lease gone in Vault", 30, 0.2)
     await eventually(lambda: not database.role_exists(first_user), "the old login dropped")
-    [old] = [x for x in _leases(b, pod, None) if x["lease_id"] == first["lease_id"]]
-    assert old["state"] in ("revoked", "released"), old
+    # The broker revokes in Vault first and records the release after: wait for the record.
+    def old_state() -> str:
+        [old] = [x for x in _leases(b, pod, None) if x["lease_id"] == first["lease_id"]]
+        return old["state"]
+
+    await eventually(lambda: old_state() in ("revoked", "released"),
+                     lambda: f"the old lease recorded gone, still {old_state()}")
     assert (await agent.status())["ready"] is True
     assert await agent.stop() == 0
     assert "rotation command ran" in agent.log_text()
