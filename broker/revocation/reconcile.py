@@ -165,6 +165,10 @@ class ReconcileReport:
     unseen_terminated: list[str] = field(default_factory=list)  # instance ids
     errors: dict[str, str] = field(default_factory=dict)  # step → error code
 
+    def found_nothing(self) -> bool:
+        """Nothing for an operator: every figure zero, every sample empty, no error."""
+        return not any(v for k, v in vars(self).items() if k not in ("started_at", "skipped"))
+
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
@@ -263,7 +267,9 @@ class Reconciler:
                     report.errors[name] = type(exc).__name__
                     log.exception("reconcile step crashed", extra={"step": name})
         self.last = report
-        log.info(
+        # A healthy pass is silent above debug; one that found something says so at info.
+        log.log(
+            logging.DEBUG if report.found_nothing() else logging.INFO,
             "reconcile pass",
             extra={
                 "expired": report.expired,

@@ -121,6 +121,19 @@ def test_report_public_caps_lists_and_writes_utc() -> None:
     assert len(shown["orphan_sample"]) == 50 and shown["orphans"] == 60
 
 
+def test_report_found_nothing_only_when_every_figure_is_empty() -> None:
+    """A healthy pass logs at debug only: nothing found means every field but the start
+    time and the skip flag is zero or empty, whatever fields the report grows."""
+    assert ReconcileReport(started_at=T0).found_nothing()
+    assert ReconcileReport(started_at=T0, skipped=True).found_nothing()
+    for name, value in vars(ReconcileReport(started_at=T0)).items():
+        if name in ("started_at", "skipped"):
+            continue
+        found = (1 if isinstance(value, int) else {"step": "x"} if isinstance(value, dict)
+                 else ["x"])
+        assert not ReconcileReport(started_at=T0, **{name: found}).found_nothing(), name
+
+
 @pytest.mark.parametrize(("raw", "expected"), [
     ("2024-03-07T20:34:02.005655614+01:00",
      datetime(2024, 3, 7, 19, 34, 2, 5655, tzinfo=UTC)),
