@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL for the dev-db role (default: postgres@127.0.0.1:5432)",
     )
     d.add_argument("--no-postgres", action="store_true", help="do not configure dev-db")
+    d.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="the broker's log level (default: warning; info shows every request's outcome)",
+    )
     dsub = d.add_subparsers(dest="dev_command")
     t = dsub.add_parser("token", help="print an identity token signed by the dev issuer")
     t.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, dest="token_dir")
@@ -121,7 +127,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from broker.dev.environment import DEFAULT_POSTGRES_URL, DevEnvironment
     from broker.logs import configure_logging
 
-    configure_logging("warning")
+    configure_logging(args.log_level)
     pg = None if args.no_postgres else (args.postgres_url or DEFAULT_POSTGRES_URL)
     env = DevEnvironment(args.dir, port=args.port, postgres_url=pg)
     _run_until_signal(env.run)
