@@ -1,5 +1,10 @@
 """Structured (JSON) log lines. Callers pass identifiers in ``extra``; never a token or a
-credential value. As a last guard, values that look like Vault tokens or JWTs are masked."""
+credential value. As a last guard, values that look like Vault tokens or JWTs are masked.
+
+A request's identifiers are gathered while it is served (``request_fields``, ``note``):
+the HTTP layer opens the set and writes the request's one outcome line from it, and code
+deeper down adds what only it learns (a lease's role, why policy refused) without logging
+a line of its own."""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +24,33 @@ _LOOKS_SECRET = re.compile(
     r"(?<![A-Za-z0-9])(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{20,}"
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+"
 )
+
+
+# The identifiers of the request being served in this task (None outside a request).
+_REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("broker_request_fields", default=None)
+
+
+@contextmanager
+def request_fields(**known: Any) -> Iterator[dict[str, Any]]:
+    """The identifiers of one request, starting with ``known``, gathered until it ends."""
+    fields = dict(known)
+    token = _REQUEST.set(fields)
+    try:
+        yield fields
+    finally:
+        _REQUEST.reset(token)
+
+
+def note(**fields: Any) -> None:
+    """Add identifiers (never a secret) to the request being served; nothing outside one."""
+    current = _REQUEST.get()
+    if current is not None:
+        current.update(fields)
+
+
+def noted() -> dict[str, Any]:
+    """What the request being served has gathered so far (a copy; empty outside one)."""
+    return dict(_REQUEST.get() or {})
 
 
 def _mask(value: Any) -> Any:

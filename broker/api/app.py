@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.api import decode
+from broker.api import decode, requestlog
 from broker.api.admin import add_admin_routes
 from broker.api.context import API, AUDIT, AUDIT_EVENTS, COUNTS, READINESS, Api, Cached, identity_of
 from broker.api.errors import make_middleware
@@ -24,10 +24,12 @@ from broker.api.services import (
     RefusalAudit,
 )
 from broker.api.views import job_public
+from broker.clock import iso_z
 from broker.errors import BadRequest, NotFound
 from broker.events import webhook
 from broker.identity import IdentityVerifier
 from broker.leases import JobView
+from broker.logs import note
 
 # -- workload endpoints ------------------------------------------------------------------
 
@@ -41,10 +43,17 @@ async def create_credential(request: web.Request) -> web.Response:
     role = body.pop("role", None)
     if not isinstance(role, str) or not decode.ROLE_PATTERN.match(role):
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
+    note(role=role)
     ttl = decode.ttl(body)
     body.pop("ttl", None)
     credential = await api.credentials.issue(identity, role, ttl, body)
     api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
+    requestlog.served(
+        requestlog.ISSUED,
+        lease_id=credential.lease_id,
+        kind=credential.kind,
+        expires_at=iso_z(credential.expires_at),
+    )
     return web.json_response(
         credential.response(), status=201, headers={"Cache-Control": "no-store"}
     )
@@ -54,14 +63,20 @@ async def renew_lease(request: web.Request) -> web.Response:
     credentials = request.app[API].credentials
     identity = await identity_of(request)
     lease_id = decode.lease_id(request)
+    note(lease_id=lease_id)
     body = await decode.json_object(request, {"ttl"})
-    return web.json_response(await credentials.renew(identity, lease_id, decode.ttl(body)))
+    renewed = await credentials.renew(identity, lease_id, decode.ttl(body))
+    requestlog.served(requestlog.RENEWED, expires_at=renewed.get("expires_at"))
+    return web.json_response(renewed)
 
 
 async def release_lease(request: web.Request) -> web.Response:
     credentials = request.app[API].credentials
     identity = await identity_of(request)
-    await credentials.release(identity, decode.lease_id(request))
+    lease_id = decode.lease_id(request)
+    note(lease_id=lease_id)
+    await credentials.release(identity, lease_id)
+    requestlog.served(requestlog.RELEASED)
     return web.Response(status=204)
 
 
@@ -71,6 +86,7 @@ async def terminate_self(request: web.Request) -> web.Response:
     identity = await identity_of(request)
     reason = decode.reason(await decode.json_object(request, {"reason"}))
     job = await credentials.terminate_self(identity, reason)
+    requestlog.served(requestlog.SELF_TERMINATED, job_id=job.job_id)
     return web.json_response(
         {"instance_id": identity.instance_id, "job": job_public(job)}, status=202
     )

@@ -28,6 +28,7 @@ from broker.api.services import (
 )
 from broker.errors import AdminForbidden, AdminUnauthorized, TokenInvalid
 from broker.identity import Identity, IdentityVerifier
+from broker.logs import note
 
 MAX_AUTH_HEADER = 70 * 1024
 
@@ -92,7 +93,14 @@ def _bearer(request: web.Request, *, admin: bool) -> str:
 
 
 async def identity_of(request: web.Request) -> Identity:
-    return await request.app[API].verifier.verify(_bearer(request, admin=False))
+    """The verified caller; its identifiers join the request's log line."""
+    identity = await request.app[API].verifier.verify(_bearer(request, admin=False))
+    note(
+        issuer=identity.issuer_name,
+        instance_id=identity.instance_id,
+        workload=identity.workload,
+    )
+    return identity
 
 
 async def operator_of(request: web.Request, needed: Scope) -> Operator:
@@ -101,13 +109,16 @@ async def operator_of(request: web.Request, needed: Scope) -> Operator:
     fingerprint of the token), what (method, route, scope needed), and from where."""
     try:
         presented = _bearer(request, admin=True)
-        return await request.app[API].operators.authenticate(presented, needed)
+        operator = await request.app[API].operators.authenticate(presented, needed)
     except OperatorRefused as exc:
+        note(operator=exc.operator)
         await _audit_refusal(request, needed, exc.code, exc.operator, exc.fingerprint)
         raise
     except AdminUnauthorized as exc:
         await _audit_refusal(request, needed, exc.code)
         raise
+    note(operator=operator.name)
+    return operator
 
 
 async def require_scope(request: web.Request, operator: Operator, needed: Scope) -> None:

@@ -1,4 +1,5 @@
-"""One middleware maps every error to a status, a JSON body and a log level."""
+"""One middleware maps every error to a status, a JSON body and a log line
+(``broker.api.requestlog``), and gathers each request's identifiers for that line."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from broker.api import requestlog
 from broker.api.metrics import Metrics
 from broker.errors import BrokerError
+from broker.logs import request_fields
 
 log = logging.getLogger("broker.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -41,33 +44,8 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
         started = time.perf_counter()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        try:
-            response = await handler(request)
-        except BrokerError as exc:
-            response = error_response(exc.status, exc.code, exc.message, exc.details())
-            metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
-            level = logging.WARNING if exc.status >= 500 else logging.INFO
-            log.log(
-                level,
-                "request refused",
-                extra={"route": route, "status": exc.status, "code": exc.code},
-            )
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = _HTTP_CODES.get(exc.status, "http_error")
-            message = (
-                "the request body is too large"
-                if exc.status == 413
-                else exc.reason or "request refused"
-            )
-            response = error_response(exc.status, code, message)
-            metrics.refused.labels(code=code, issuer="").inc()
-        except Exception:
-            log.exception("unhandled error", extra={"route": route})
-            response = error_response(
-                500, "internal_error", "the broker failed unexpectedly; see its log"
-            )
+        with request_fields(client=request.remote or "unknown"):
+            response = await _answer(request, handler, route, metrics)
         metrics.requests.labels(
             route=route, method=request.method, status=str(response.status)
         ).inc()
@@ -75,3 +53,27 @@ def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamRespo
         return response
 
     return middleware
+
+
+async def _answer(
+    request: web.Request, handler: Handler, route: str, metrics: Metrics
+) -> web.StreamResponse:
+    """The handler's response, or the refusal its error maps to (logged, counted)."""
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
+        requestlog.refused(route, exc.status, exc.code, issuer=exc.issuer_name, **exc.details())
+        return error_response(exc.status, exc.code, exc.message, exc.details())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        too_large = exc.status == 413
+        message = "the request body is too large" if too_large else exc.reason or "request refused"
+        metrics.refused.labels(code=code, issuer="").inc()
+        requestlog.refused(route, exc.status, code)
+        return error_response(exc.status, code, message)
+    except Exception:
+        log.exception("unhandled error", extra={"route": route})
+        return error_response(500, "internal_error", "the broker failed unexpectedly; see its log")

@@ -6,14 +6,11 @@ that writes the ``issuing`` row (an exchange) or just before Vault is asked (a r
 
 from __future__ import annotations
 
-import logging
 from typing import NoReturn, Protocol
 
 from broker.errors import Locked
 from broker.identity.model import Identity
 from broker.leases.locks import LockSubject
-
-log = logging.getLogger(__name__)
 
 
 class RefusalAudit(Protocol):
@@ -45,11 +42,8 @@ async def audit_locked(
     **more: str,
 ) -> None:
     """A lock refused the request: ``credential.refused`` with outcome ``locked``, bounded
-    like every refusal; nothing else changes (a lock never terminates anything)."""
-    log.info(
-        "refused by a lock",
-        extra={"lock_id": exc.lock_id, "instance_id": identity.instance_id, "role": role},
-    )
+    like every refusal; nothing else changes (a lock never terminates anything). The
+    refusal's log line is the HTTP layer's, with the lock's id."""
     if refusals is not None:
         await refusals.refused(
             f"workload:{identity.issuer_name}",

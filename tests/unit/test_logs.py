@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.logs import JsonFormatter
+from broker.logs import JsonFormatter, note, noted, request_fields
 from broker.secret import Secret
 
 
@@ -148,3 +149,33 @@ def test_nested_extra_keeps_structure_and_plain_values() -> None:
     assert out["headers"] == {"Authorization": "Bearer ***", "X-Lease": "l-1"}
     assert out["attempts"] == [1, 2]
     assert out["ok"] is True
+
+
+def test_request_fields_gather_notes_until_the_request_ends() -> None:
+    note(role="ignored")  # outside a request: nothing to add to, nothing kept
+    assert noted() == {}
+    with request_fields(client="127.0.0.1") as fields:
+        note(instance_id="i-1", role="dev-db")
+        note(role="dev-cert")
+        assert noted() == {"client": "127.0.0.1", "instance_id": "i-1", "role": "dev-cert"}
+        assert fields == noted()
+        noted()["lease_id"] = "changed"  # a copy: the request's own set is not changed
+        assert "lease_id" not in fields
+    assert noted() == {}
+
+
+async def test_request_fields_are_per_task() -> None:
+    """Two requests served at once never mix their identifiers (sleep(0): each yields
+    to the other between its notes)."""
+
+    async def request(instance: str) -> dict[str, Any]:
+        with request_fields(client=instance):
+            note(instance_id=instance)
+            await asyncio.sleep(0)
+            note(role=f"role-{instance}")
+            await asyncio.sleep(0)
+            return noted()
+
+    a, b = await asyncio.gather(request("i-a"), request("i-b"))
+    assert a == {"client": "i-a", "instance_id": "i-a", "role": "role-i-a"}
+    assert b == {"client": "i-b", "instance_id": "i-b", "role": "role-i-b"}
