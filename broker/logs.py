@@ -1,10 +1,10 @@
 """Structured (JSON) log lines. Callers pass identifiers in ``extra``; never a token or a
 credential value. As a last guard, values that look like Vault tokens or JWTs are masked.
 
-A request's identifiers are gathered while it is served (``request_fields``, ``note``):
-the HTTP layer opens the set and writes the request's one outcome line from it, and code
-deeper down adds what only it learns (a lease's role, why policy refused) without logging
-a line of its own."""
+A request's identifiers are gathered while it is served (``request_fields``,
+``note_request``): the HTTP layer opens the set and writes the request's one outcome line
+from it, and code deeper down adds what only it learns (a lease's role, why policy
+refused) without logging a line of its own."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def request_fields(**known: Any) -> Iterator[dict[str, Any]]:
         _REQUEST.reset(token)
 
 
-def note(**fields: Any) -> None:
+def note_request(**fields: Any) -> None:
     """Add identifiers (never a secret) to the request being served; nothing outside one."""
     current = _REQUEST.get()
     if current is not None:

@@ -29,7 +29,7 @@ from broker.errors import BadRequest, NotFound
 from broker.events import webhook
 from broker.identity import IdentityVerifier
 from broker.leases import JobView
-from broker.logs import note
+from broker.logs import note_request
 
 # -- workload endpoints ------------------------------------------------------------------
 
@@ -43,7 +43,7 @@ async def create_credential(request: web.Request) -> web.Response:
     role = body.pop("role", None)
     if not isinstance(role, str) or not decode.ROLE_PATTERN.match(role):
         raise BadRequest("'role' is required: the name of a credential role", code="invalid_role")
-    note(role=role)
+    note_request(role=role)
     ttl = decode.ttl(body)
     body.pop("ttl", None)
     credential = await api.credentials.issue(identity, role, ttl, body)
@@ -63,7 +63,7 @@ async def renew_lease(request: web.Request) -> web.Response:
     credentials = request.app[API].credentials
     identity = await identity_of(request)
     lease_id = decode.lease_id(request)
-    note(lease_id=lease_id)
+    note_request(lease_id=lease_id)
     body = await decode.json_object(request, {"ttl"})
     renewed = await credentials.renew(identity, lease_id, decode.ttl(body))
     requestlog.served(requestlog.RENEWED, expires_at=renewed.get("expires_at"))
@@ -74,7 +74,7 @@ async def release_lease(request: web.Request) -> web.Response:
     credentials = request.app[API].credentials
     identity = await identity_of(request)
     lease_id = decode.lease_id(request)
-    note(lease_id=lease_id)
+    note_request(lease_id=lease_id)
     await credentials.release(identity, lease_id)
     requestlog.served(requestlog.RELEASED)
     return web.Response(status=204)

@@ -28,7 +28,7 @@ from broker.api.services import (
 )
 from broker.errors import AdminForbidden, AdminUnauthorized, TokenInvalid
 from broker.identity import Identity, IdentityVerifier
-from broker.logs import note
+from broker.logs import note_request
 
 MAX_AUTH_HEADER = 70 * 1024
 
@@ -95,7 +95,7 @@ def _bearer(request: web.Request, *, admin: bool) -> str:
 async def identity_of(request: web.Request) -> Identity:
     """The verified caller; its identifiers join the request's log line."""
     identity = await request.app[API].verifier.verify(_bearer(request, admin=False))
-    note(
+    note_request(
         issuer=identity.issuer_name,
         instance_id=identity.instance_id,
         workload=identity.workload,
@@ -111,13 +111,13 @@ async def operator_of(request: web.Request, needed: Scope) -> Operator:
         presented = _bearer(request, admin=True)
         operator = await request.app[API].operators.authenticate(presented, needed)
     except OperatorRefused as exc:
-        note(operator=exc.operator)
+        note_request(operator=exc.operator)
         await _audit_refusal(request, needed, exc.code, exc.operator, exc.fingerprint)
         raise
     except AdminUnauthorized as exc:
         await _audit_refusal(request, needed, exc.code)
         raise
-    note(operator=operator.name)
+    note_request(operator=operator.name)
     return operator
 
 

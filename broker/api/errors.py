@@ -12,7 +12,7 @@ from aiohttp import web
 from broker.api import requestlog
 from broker.api.metrics import Metrics
 from broker.errors import BrokerError
-from broker.logs import request_fields
+from broker.logs import noted, request_fields
 
 log = logging.getLogger("broker.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,5 +75,5 @@ async def _answer(
         requestlog.refused(route, exc.status, code)
         return error_response(exc.status, code, message)
     except Exception:
-        log.exception("unhandled error", extra={"route": route})
+        log.exception("unhandled error", extra={**noted(), "route": route})
         return error_response(500, "internal_error", "the broker failed unexpectedly; see its log")

@@ -2,9 +2,10 @@
 workload's credential issued, lease renewed or released, instance ending itself;
 ``refused`` (from the error middleware) for every refusal, whatever the door.
 
-Each line carries what the request gathered while it was served (``broker.logs.note``):
-``client`` (the peer address), ``issuer``, ``instance_id``, ``workload`` once the token is
-verified, ``role``, ``lease_id``, and on a refusal ``route``, ``status``, ``code`` (the
+Each line carries what the request gathered while it was served
+(``broker.logs.note_request``): ``client`` (the peer address), ``issuer``,
+``instance_id``, ``workload`` once the token is verified, ``role``, ``lease_id``,
+``operator`` on admin endpoints, and on a refusal ``route``, ``status``, ``code`` (the
 error body's code) and what the body itself shows (``lock_id``), with policy's ``reason``
 that the body does not. Identifiers only: never a token or a credential."""
 

@@ -68,7 +68,7 @@ from broker.leases import JobView, LeaseLimit, LeaseView
 from broker.leases.states import LeaseState
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
-from broker.logs import note
+from broker.logs import note_request
 from broker.policy import decide, render_params
 from broker.policy.settings import Rule
 from broker.vault import VaultClient
@@ -168,7 +168,7 @@ class CredentialService:
     def _permit(self, identity: Identity, role: str, ttl: int | None) -> tuple[RoleSettings, int]:
         decision = decide(identity, role, ttl, roles=self._roles, rules=self._rules)
         if not decision.allowed:
-            note(reason=decision.reason)  # for the refusal's log line; the caller is not told
+            note_request(reason=decision.reason)  # for the refusal's log line, not the caller
             raise NotPermitted(f"role {role!r} is not permitted for this identity")
         return self._roles[role], decision.ttl
 
@@ -202,6 +202,7 @@ class CredentialService:
         except Locked as exc:
             await audit_locked(self._refusals, identity, role_name, exc, "issue")
             raise
+        note_request(lease_id=ticket.lease_id)
         try:
             credential = await self._issue_recorded(identity, plan, ticket.lease_id)
         finally:
@@ -456,7 +457,7 @@ class CredentialService:
             or instance[1] != identity.issuer_name
         ):
             raise NotFound("no such lease", code="lease_not_found")
-        note(role=lease.role)
+        note_request(role=lease.role)
         return lease, instance[0]
 
     async def renew(self, identity: Identity, lease_id: str, ttl: int | None) -> dict[str, Any]:

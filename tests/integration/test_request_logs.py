@@ -51,7 +51,12 @@ async def test_one_line_per_outcome_with_who_what_and_from_where_and_no_secret(
     if not vault_setup.database_configured:
         pytest.skip("needs the database engine for a password and a renewable lease")
     caplog.set_level(logging.DEBUG)
-    b = await make_broker()
+    # A role Vault refuses (no such Vault role, no policy for it): a refusal that comes
+    # after the lease row is written, so it can name the lease.
+    b = await make_broker(extra_roles={"logs-refused": {
+        "engine": "pki", "mount": "pki", "vault_role": _unique("no-such-role"),
+        "default_ttl": "10m", "max_ttl": "1h",
+        "params": {"common_name": "{workload}.workload.internal"}}})
     instance, other = _unique("i-logs"), _unique("i-logs-other")
     token = b.token(instance)
     base = f"{b.url}/v1"
@@ -66,7 +71,7 @@ async def test_one_line_per_outcome_with_who_what_and_from_where_and_no_secret(
     async with http.delete(f"{base}/leases/{db['lease_id']}", headers=bearer(token)) as resp:
         assert resp.status == 204
     # Refusals: a token that fails its signature, a workload policy refuses, someone
-    # else's lease, a lock.
+    # else's lease, a lock, Vault.
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     status, body = await _post(http, f"{base}/credentials", forged, {"role": "dev-db"})
     assert status == 401, body
@@ -84,6 +89,9 @@ async def test_one_line_per_outcome_with_who_what_and_from_where_and_no_secret(
     status, body = await _post(http, f"{base}/credentials",
                                b.token(other, workload=locked_workload), {"role": "dev-cert"})
     assert (status, body["error"]["code"]) == (403, "locked"), body
+    status, body = await _post(http, f"{base}/credentials", b.token(other),
+                               {"role": "logs-refused"})
+    assert status == 502, body
     status, ended = await _post(http, f"{base}/instances/self/terminate", token)
     assert status == 202, ended
 
@@ -103,7 +111,10 @@ async def test_one_line_per_outcome_with_who_what_and_from_where_and_no_secret(
     assert line | me == line and line["job_id"] == ended["job"]["job_id"]
 
     refused = _lines(caplog, "request refused")
-    assert {line["level"] for line in refused} == {"info"}
+    assert {line["level"] for line in refused if line["status"] < 500} == {"info"}
+    upstream = _one(refused, status=502)  # Vault failed, not the caller: warning
+    assert upstream["level"] == "warning" and upstream["role"] == "logs-refused"
+    assert upstream["lease_id"].startswith("l-") and upstream["instance_id"] == other
     bad_token = _one(refused, status=401)
     assert bad_token["route"] == "/v1/credentials" and bad_token["client"] == "127.0.0.1"
     assert bad_token["code"] and "instance_id" not in bad_token  # nobody verified

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.logs import JsonFormatter, note, noted, request_fields
+from broker.logs import JsonFormatter, note_request, noted, request_fields
 from broker.secret import Secret
 
 
@@ -152,11 +152,11 @@ def test_nested_extra_keeps_structure_and_plain_values() -> None:
 
 
 def test_request_fields_gather_notes_until_the_request_ends() -> None:
-    note(role="ignored")  # outside a request: nothing to add to, nothing kept
+    note_request(role="ignored")  # outside a request: nothing to add to, nothing kept
     assert noted() == {}
     with request_fields(client="127.0.0.1") as fields:
-        note(instance_id="i-1", role="dev-db")
-        note(role="dev-cert")
+        note_request(instance_id="i-1", role="dev-db")
+        note_request(role="dev-cert")
         assert noted() == {"client": "127.0.0.1", "instance_id": "i-1", "role": "dev-cert"}
         assert fields == noted()
         noted()["lease_id"] = "changed"  # a copy: the request's own set is not changed
@@ -170,9 +170,9 @@ async def test_request_fields_are_per_task() -> None:
 
     async def request(instance: str) -> dict[str, Any]:
         with request_fields(client=instance):
-            note(instance_id=instance)
+            note_request(instance_id=instance)
             await asyncio.sleep(0)
-            note(role=f"role-{instance}")
+            note_request(role=f"role-{instance}")
             await asyncio.sleep(0)
             return noted()
 
