@@ -1,7 +1,8 @@
 """The broker's application: the workload endpoints (a credential, a lease's renewal and
 release, an instance ending itself), the signed event webhook, the operations endpoints,
 and ``build_app``, which routes them with the admin endpoints (``broker.api.admin``).
-Each handler authenticates, decodes, calls one function, encodes."""
+Each handler authenticates, decodes, calls one function, encodes; a workload handler
+ends with its outcome's log line (``broker.api.requestlog``)."""
 
 from __future__ import annotations
 
