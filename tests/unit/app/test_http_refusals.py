@@ -147,10 +147,15 @@ async def test_the_broker_sizes_its_header_limit_from_the_largest_token_it_accep
         issuer="http://127.0.0.1:2", jwks_uri="http://127.0.0.1:2/jwks.json",
         store_url=f"sqlite:///{tmp_path / 'broker.db'}", admin_token_sha256="0" * 64,
         with_database=False, port=0)
-    for size in (16 * 1024, 40_000):
+    operators = {"issuer": "https://sso.example.org", "discovery": True,
+                 "audience": "brokerctl", "max_token_bytes": 60_000,
+                 "scopes": [{"claim": "groups", "value": "sec", "scope": "read"}]}
+    for size, oidc, limit in ((16 * 1024, None, 16 * 1024), (40_000, None, 40_000),
+                              (40_000, operators, 60_000)):
         data["identity"]["issuers"][0]["max_token_bytes"] = size
+        data["admin"]["oidc"] = oidc
         parts = assemble(load_settings(data))
         try:
-            assert parts.server.max_header_bytes == header_limit(size)
+            assert parts.server.max_header_bytes == header_limit(limit)
         finally:
             await parts.http.close()
