@@ -203,7 +203,7 @@ def _expand_env(node: Any, path: str, env: dict[str, str], missing: list[str]) -
     return node
 
 
-def expand_env(data: dict[str, Any], source: str, env: dict[str, str] | None) -> dict[str, Any]:
+def _expand_all(data: dict[str, Any], source: str, env: dict[str, str] | None) -> dict[str, Any]:
     """``data`` with ``${ENV}`` references expanded from ``env`` (None: the process
     environment); ``ConfigError`` naming the file and every unset variable at once."""
     missing: list[str] = []
@@ -273,7 +273,7 @@ def load_settings(
 ) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    expanded = expand_env(data, source, env)
+    expanded = _expand_all(data, source, env)
     try:
         return Settings.model_validate(expanded)
     except ValidationError as exc:
@@ -367,7 +367,7 @@ def load_yaml_model(
     checked exactly like the key it replaces."""
     source = "defaults" if path is None else str(path)
     data = {} if path is None else _read_yaml(Path(path))
-    expanded = expand_env(data, source, env)
+    expanded = _expand_all(data, source, env)
     expanded.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return model.model_validate(expanded)
