@@ -179,21 +179,78 @@ class Settings(Frozen):
                 )
 
 
-def _expand_env(node: Any, path: str, env: dict[str, str]) -> Any:
+def _expand_env(node: Any, path: str, env: dict[str, str], missing: list[str]) -> Any:
+    """``node`` with every ``${NAME}`` replaced; each reference to an unset variable is
+    appended to ``missing`` (as ``path: environment variable NAME is not set``) and left
+    as written, so one pass finds all of them."""
     if isinstance(node, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+        return {
+            k: _expand_env(v, f"{path}.{k}" if path else str(k), env, missing)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_expand_env(v, f"{path}.{i}", env) for i, v in enumerate(node)]
+        return [_expand_env(v, f"{path}.{i}", env, missing) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
             if name not in env:
-                raise ConfigError(f"{path}: environment variable {name} is not set")
+                missing.append(f"{path or '(top level)'}: environment variable {name} is not set")
+                return m.group(0)
             return env[name]
 
         return _ENV_REF.sub(sub, node)
     return node
+
+
+def _expand_all(data: dict[str, Any], source: str, env: dict[str, str] | None) -> dict[str, Any]:
+    """``data`` with ``${ENV}`` references expanded from ``env`` (None: the process
+    environment); ``ConfigError`` naming the file and every unset variable at once."""
+    missing: list[str] = []
+    expanded = _expand_env(data, "", dict(os.environ) if env is None else env, missing)
+    if missing:
+        count = "" if len(missing) == 1 else f"{len(missing)} "
+        plural = "" if len(missing) == 1 else "s"
+        lines = [f"{source}: {count}environment variable{plural} not set"]
+        lines += [f"  {m}" for m in missing]
+        raise ConfigError("\n".join(lines))
+    assert isinstance(expanded, dict)
+    return expanded
+
+
+_LIST_TYPES = {"list_type", "tuple_type", "set_type", "frozen_set_type"}
+_MAPPING_TYPES = {"dict_type", "model_type", "model_attributes_type"}
+
+
+def _yaml_kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words (the value itself is never shown: it may be
+    a secret put under the wrong key)."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    """Pydantic's message for one error, in the configuration file's terms where
+    pydantic's are Python's ("a valid tuple", "a valid dictionary")."""
+    kind = err["type"]
+    if kind in _LIST_TYPES:
+        got = _yaml_kind(err.get("input"))
+        hint = " (one '- item' line per entry, or [a, b])" if got != "a mapping" else ""
+        return f"expected a list, got {got}{hint}"
+    if kind in _MAPPING_TYPES:
+        return f"expected a mapping (key: value lines), got {_yaml_kind(err.get('input'))}"
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def _describe(exc: ValidationError, source: str) -> str:
@@ -207,8 +264,7 @@ def _describe(exc: ValidationError, source: str) -> str:
         ):
             continue  # a list came out short only because one of its items was refused
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '(top level)'}: {msg}")
+        lines.append(f"  {loc or '(top level)'}: {_message(err)}")
     return "\n".join(lines)
 
 
@@ -217,11 +273,62 @@ def load_settings(
 ) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    expanded = _expand_env(data, "", dict(os.environ) if env is None else env)
+    expanded = _expand_all(data, source, env)
     try:
         return Settings.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+
+
+def _repeated_keys(
+    loader: yaml.SafeLoader, node: yaml.Node, path: str, walked: set[int]
+) -> list[tuple[int, str]]:
+    """(line, "key.path: given twice (lines a and b)") for every mapping under ``node``
+    that names a key more than once; YAML itself would silently keep the last one."""
+    if id(node) in walked:  # an alias: already looked at where its anchor is
+        return []
+    walked.add(id(node))
+    found: list[tuple[int, str]] = []
+    if isinstance(node, yaml.SequenceNode):
+        for idx, item in enumerate(node.value):
+            found += _repeated_keys(loader, item, f"{path}.{idx}", walked)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[Any, list[int]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<": keys merged in may be overridden, that is what it is for
+            try:
+                key = loader.construct_object(key_node, deep=True)
+                hash(key)
+            except (yaml.YAMLError, TypeError):
+                key = (key_node.tag, repr(key_node.value))
+            lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+            shown = f"{path}.{key}" if path else str(key)
+            found += _repeated_keys(loader, value_node, shown, walked)
+        for key, at in lines.items():
+            if len(at) > 1:
+                shown = f"{path}.{key}" if path else str(key)
+                times = "twice" if len(at) == 2 else f"{len(at)} times"
+                listed = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+                found.append((at[1], f"{shown}: given {times} (lines {listed})"))
+    return found
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """The YAML document in ``text``; ``ConfigError`` listing every key given twice."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        repeated = sorted(_repeated_keys(loader, node, "", set()))
+        if repeated:
+            lines = [f"{path}: a key is given more than once (YAML would keep only the last)"]
+            lines += [f"  {message}" for _, message in repeated]
+            raise ConfigError("\n".join(lines))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -230,7 +337,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _parse_yaml(text, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -260,7 +367,7 @@ def load_yaml_model(
     checked exactly like the key it replaces."""
     source = "defaults" if path is None else str(path)
     data = {} if path is None else _read_yaml(Path(path))
-    expanded = _expand_env(data, "", dict(os.environ) if env is None else env)
+    expanded = _expand_all(data, source, env)
     expanded.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return model.model_validate(expanded)

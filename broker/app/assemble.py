@@ -23,6 +23,7 @@ from broker.api.auth import OperatorAuthenticator
 from broker.api.metrics import Metrics, Scraper
 from broker.api.services import Admin
 from broker.app.http import HttpServer
+from broker.app.http_refusals import header_limit
 from broker.app.services import (
     ActionService,
     ListingService,
@@ -307,12 +308,25 @@ def assemble(
         operators=operators,
         app=app,
         server=HttpServer(
-            app, settings.server.host, settings.server.port, settings.server.tls
+            app,
+            settings.server.host,
+            settings.server.port,
+            settings.server.tls,
+            max_header_bytes=header_limit(_max_token_bytes(settings)),
         ),
         ticks=ticks,
         signing=signing,
         checkpoints=checkpoints,
     )
+
+
+def _max_token_bytes(settings: Settings) -> int:
+    """The largest token any issuer (a workload's, the operators') accepts: the HTTP
+    server's header limit must let it through to the verifier."""
+    sizes = [issuer.max_token_bytes for issuer in settings.identity.issuers]
+    if settings.admin.oidc is not None:
+        sizes.append(settings.admin.oidc.max_token_bytes)
+    return max(sizes)
 
 
 def _kubernetes_client(settings: Settings) -> KubernetesClient | None:

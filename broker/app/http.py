@@ -17,13 +17,15 @@ import socket
 
 from aiohttp import web
 
+from broker.app.http_refusals import JsonRefusalsRunner, header_limit
 from broker.config import ServerTlsSettings
 from broker.settings import is_loopback
 from broker.tls import CertificateReloader
 
 log = logging.getLogger(__name__)
-# Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB.
-MAX_HEADER_BYTES = 72 * 1024
+# Identity tokens up to 64 KiB travel in a header; aiohttp's default limit is 8 KiB. The
+# broker passes the limit its issuers' max_token_bytes need (``header_limit``).
+MAX_HEADER_BYTES = header_limit(64 * 1024)
 MAX_LINE_BYTES = 16 * 1024
 # A request in flight when the broker stops may be between Vault and the ledger: it gets
 # this long to record what Vault issued (or take it back) before the database and the
@@ -37,16 +39,25 @@ class HttpServer:
     stop_s = DRAIN_S + 5.0  # the drain, and a margin to close the listening socket
 
     def __init__(
-        self, app: web.Application, host: str, port: int, tls: ServerTlsSettings | None = None
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        tls: ServerTlsSettings | None = None,
+        *,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self._host = host
         self._port = port
         self._tls_settings = tls
-        self._runner = web.AppRunner(
+        self.max_header_bytes = max_header_bytes
+        # A request aiohttp cannot parse (a header over max_header_bytes) gets the broker's
+        # JSON refusal, not aiohttp's plain text (``broker.app.http_refusals``).
+        self._runner = JsonRefusalsRunner(
             app,
             access_log=None,
             handler_cancellation=False,
-            max_field_size=MAX_HEADER_BYTES,
+            max_field_size=max_header_bytes,
             max_line_size=MAX_LINE_BYTES,
             shutdown_timeout=DRAIN_S,
         )

@@ -5,7 +5,11 @@ Rules that keep an attacker from steering this cache:
   requests share one fetch, so a spray of random ``kid``s costs the issuer one request;
 - an empty or unparsable key set is never cached: the last good one stays in use;
 - the last good keys keep serving while the issuer is down, up to ``jwks_stale_max_s``;
-- responses are bounded in size and time; symmetric (``oct``) keys are ignored.
+- responses are bounded in size and time; symmetric (``oct``) keys are ignored, and so is a
+  key published for another use (``use`` other than ``sig``, or ``key_ops`` present without
+  ``verify``: RFC 7517 §4.2, §4.3) or with its private part;
+- a key set with no usable key at all is the issuer's (or its configuration's) problem, and
+  the log and the refusal say so rather than "cannot be fetched".
 """
 
 from __future__ import annotations
@@ -53,19 +57,45 @@ class FetchStats:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
+class NoUsableKey(ValueError):
+    """A key set that parsed but holds no key the broker may verify a signature with."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def unusable(entry: Any, *, use: str = "sig") -> str | None:
+    """Why one JWKS entry is not a key to verify signatures with, or None if it may be one
+    (whether it loads is PyJWT's to say)."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    kty = entry.get("kty")
+    if kty == "oct":
+        return "a symmetric (oct) key"
+    if kty not in ("RSA", "EC", "OKP"):
+        return f"key type {_shown(kty)} is not RSA, EC or OKP"
+    if entry.get("use", "sig" if use == "sig" else None) != use:
+        return f"use is {_shown(entry.get('use'))}, not {use!r}"
+    if "key_ops" in entry:
+        ops = entry["key_ops"]
+        if not isinstance(ops, list) or "verify" not in ops:
+            return f"key_ops {_shown(ops)} does not include 'verify'"
+    if any(k in entry for k in ("d", "p", "q")):
+        return "it holds a private key"  # published by mistake: not used as a public one
+    return None
+
+
 def parse_jwks(document: Any, *, use: str = "sig") -> tuple[SigningKey, ...]:
-    """Usable signature keys of a JWKS document; oct keys and keys for another use dropped.
+    """Usable signature keys of a JWKS document (``unusable`` says which are not).
     A SPIFFE bundle is a JWKS whose JWT-SVID keys say ``use: jwt-svid`` (and must)."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("not a JWKS document")
     out = []
     for entry in document["keys"]:
-        if not isinstance(entry, dict) or entry.get("kty") not in ("RSA", "EC", "OKP"):
+        if unusable(entry, use=use) is not None:
             continue
-        if entry.get("use", "sig" if use == "sig" else None) != use:
-            continue
-        if any(k in entry for k in ("d", "p", "q")):
-            continue  # a private key published by mistake is not used as a public one
         try:
             key = jwt.PyJWK(entry).key
         except Exception:  # noqa: BLE001, S112 — one bad entry (alg none, odd curve) is skipped
@@ -74,6 +104,21 @@ def parse_jwks(document: Any, *, use: str = "sig") -> tuple[SigningKey, ...]:
         alg = entry.get("alg") if isinstance(entry.get("alg"), str) else None
         out.append(SigningKey(kid=kid, alg=alg, key=key))
     return tuple(out)
+
+
+def why_no_usable_key(document: Any, *, use: str = "sig", at_most: int = 5) -> str:
+    """For an operator: why each entry of a JWKS document (that ``parse_jwks`` found no
+    usable key in) was passed over, the first ``at_most`` of them."""
+    entries = document.get("keys", []) if isinstance(document, dict) else []
+    if not entries:
+        return "the key set is empty"
+    reasons = []
+    for idx, entry in enumerate(entries[:at_most]):
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        name = f"kid {_shown(kid)}" if isinstance(kid, str) else f"key {idx}"
+        reasons.append(f"{name}: {unusable(entry, use=use) or 'does not load as a public key'}")
+    more = f"; and {len(entries) - at_most} more" if len(entries) > at_most else ""
+    return f"{len(entries)} key(s), none usable: " + "; ".join(reasons) + more
 
 
 class JwksCache:
@@ -90,6 +135,7 @@ class JwksCache:
         self._set: _KeySet | None = None
         self._last_attempt: float | None = None
         self._lock = asyncio.Lock()
+        self._no_usable_key: str | None = None  # why the last fetched set had no usable key
         self.stats = FetchStats()
 
     @property
@@ -108,6 +154,13 @@ class JwksCache:
         elif self._find(kid, alg) is None:
             await self._refresh(reason="unknown_kid")
         current = self._set
+        if current is None and self._no_usable_key is not None:
+            raise UpstreamUnavailable(
+                f"the key set of issuer {self._issuer.name} holds no usable signing key: "
+                "an issuer configuration problem (see the broker's log)",
+                code="jwks_unavailable",
+                issuer_name=self._issuer.name,
+            )
         if current is None:
             raise UpstreamUnavailable(
                 f"the signing keys of issuer {self._issuer.name} cannot be fetched",
@@ -154,6 +207,15 @@ class JwksCache:
             except Exception as exc:  # noqa: BLE001 — any failure keeps the last good set
                 self.stats.failures += 1
                 self.stats.outcomes["failure"] = self.stats.outcomes.get("failure", 0) + 1
+                self._no_usable_key = str(exc) if isinstance(exc, NoUsableKey) else None
+                if isinstance(exc, NoUsableKey):
+                    log.warning(
+                        "jwks holds no usable signing key: an issuer configuration problem "
+                        "(the issuer publishes no key for signatures, or the broker's issuer "
+                        "settings point at the wrong key set)",
+                        extra={"issuer": self._issuer.name, "reason": reason, "keys": str(exc)},
+                    )
+                    return
                 log.warning(
                     "jwks fetch failed",
                     extra={
@@ -164,6 +226,7 @@ class JwksCache:
                 )
                 return
             self.stats.outcomes["success"] = self.stats.outcomes.get("success", 0) + 1
+            self._no_usable_key = None
             fetched = self._now()
             self._set = _KeySet(keys=keys, fetched_at=fetched, fresh_until=fetched + ttl)
 
@@ -194,9 +257,10 @@ class JwksCache:
             hint = document.get("spiffe_refresh_hint")
             if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
                 ttl = min(ttl, max(MIN_CACHE_SECONDS, hint))
-        keys = parse_jwks(document, use="jwt-svid" if spiffe else "sig")
+        use = "jwt-svid" if spiffe else "sig"
+        keys = parse_jwks(document, use=use)
         if not keys:
-            raise ValueError("key set holds no usable signing key")
+            raise NoUsableKey(why_no_usable_key(document, use=use))
         return keys, ttl
 
     async def _discover(self) -> str:

@@ -132,6 +132,13 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "store url scheme": put("store.url", "mysql://db"),
     "admin token instead of its hash": put("admin.token_sha256", "adm-plaintext-token"),
     "missing environment variable": put("vault.auth.token", "${BROKER_TEST_UNSET}"),
+    "several missing environment variables": both(
+        put("vault.auth.token", "${BROKER_TEST_UNSET}"),
+        put("vault.addr", "https://${BROKER_TEST_HOST}:${BROKER_TEST_PORT}"),
+        put("admin.token_sha256", "${BROKER_TEST_UNSET}")),
+    "a string where a list is expected": put("vault.instance_policies", "broker-instance"),
+    "a mapping where a list is expected": put("identity.issuers", {"name": "dev"}),
+    "a string where a mapping is expected": put("server.tls", "on"),
     "audit file signer without a key": put("audit", {"checkpoint": {"signer": "file"}}),
     "audit unknown signer": put("audit", {"checkpoint": {"signer": "kms"}}),
     "audit checkpoint every zero": put("audit", {"checkpoint": {"every": "0s",
@@ -165,6 +172,10 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 RAW = {
     "not YAML": "server: [unclosed\n",
+    "a key given twice": BASE_YAML.replace(
+        "  token_role: broker-instance\n",
+        "  token_role: broker-instance\n  addr: http://127.0.0.1:8201\n",
+    ) + "revocation:\n  tick_s: 2.0\n",
     "empty file": "",
     "top level is a list": "- a\n- b\n",
 }

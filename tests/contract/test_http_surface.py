@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from broker.app.http_refusals import header_limit
 from tests.contract.golden import GOLDEN_DIR, assert_golden
 from tests.harness.api import bearer
 
@@ -197,6 +198,13 @@ def refusals(b: Any) -> dict[str, tuple[str, str, dict[str, Any]]]:
                                            "roles": []}}),
         "payload_too_large": ("POST", "/v1/credentials",
                               {"headers": workload(), "json": {"role": "dev-cert", "csr": BIG}}),
+        # Past the issuer's max_token_bytes (16 KiB): the verifier refuses it. Past the HTTP
+        # server's header limit (sized from max_token_bytes): the server refuses it, in the
+        # same JSON shape.
+        "token_too_large": ("POST", "/v1/credentials",
+                            {"headers": bearer("e" * (16 * 1024 + 1))}),
+        "header_too_large": ("POST", "/v1/credentials",
+                             {"headers": bearer("e" * header_limit(16 * 1024))}),
         "not_found_unknown_path": ("GET", "/v1/nothing-here", {}),
         "not_found_webhook_not_configured": ("POST", "/v1/events/terminate", {"json": {}}),
         "method_not_allowed": ("POST", "/healthz", {}),

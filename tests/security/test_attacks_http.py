@@ -7,7 +7,10 @@ The broker trusts three issuers:
   issuer accepts ES256 only.
 - ``other``: a second dev issuer (another key, another kid), as in test_issuer_scoping.py.
 - ``lab``: an issuer whose JWKS entry names no ``alg`` and which accepts ES256 *and* RS256,
-  so that a key/algorithm confusion gets as far as the key-type check.
+  so that a key/algorithm confusion gets as far as the key-type check. Its JWKS also
+  publishes keys that are not for verifying signatures (``key_ops: ["encrypt"]``,
+  ``use: enc``), whose private halves the attacker holds.
+- ``sealed``: an issuer whose JWKS holds only such keys: no usable key at all.
 
 Every token below is otherwise valid and signed by the real key unless the attack says
 otherwise; ``test_genuine_tokens_of_each_issuer_are_accepted`` proves the baseline.
@@ -35,6 +38,11 @@ from tests.unit.identity.tokenkit import RSA2048, b64, seg, sign_input
 LAB_ISS = "https://lab.example.org"
 LAB_KEY = ec.generate_private_key(ec.SECP256R1())
 LAB_KID = "lab-ec"
+# Published for another purpose than verifying signatures (RFC 7517 §4.2, §4.3): a token
+# signed with one of them must never verify, whoever holds the private half.
+ENC_KEY = ec.generate_private_key(ec.SECP256R1())
+ENC_OPS_KID, ENC_USE_KID, BAD_OPS_KID = "lab-key-ops-encrypt", "lab-use-enc", "lab-key-ops-text"
+SEALED_ISS = "https://sealed.example.org"
 CYRILLIC_A = "\u0430"  # looks like Latin 'a'
 
 
@@ -52,16 +60,29 @@ async def lab_env(issuer: DevIssuer) -> AsyncIterator[Env]:
     lab_jwk = json.loads(ECAlgorithm.to_jwk(LAB_KEY.public_key()))
     lab_jwk.pop("key_ops", None)
     lab_jwk["kid"] = LAB_KID  # no "alg": any algorithm the issuer accepts may select it
+    enc_jwk = json.loads(ECAlgorithm.to_jwk(ENC_KEY.public_key()))
+    enc_jwk.pop("key_ops", None)
+    not_for_signatures = [
+        {**enc_jwk, "kid": ENC_OPS_KID, "key_ops": ["encrypt"]},
+        {**enc_jwk, "kid": ENC_USE_KID, "use": "enc"},
+        {**enc_jwk, "kid": BAD_OPS_KID, "key_ops": "verify"},  # must be a list
+    ]
+    for entry in not_for_signatures:
+        entry.pop("alg", None)
 
     async def other_jwks(_: web.Request) -> web.Response:
         return web.json_response(other.jwks())
 
     async def lab_jwks(_: web.Request) -> web.Response:
-        return web.json_response({"keys": [lab_jwk]})
+        return web.json_response({"keys": [lab_jwk, *not_for_signatures]})
+
+    async def sealed_jwks(_: web.Request) -> web.Response:
+        return web.json_response({"keys": not_for_signatures})
 
     app = web.Application()
     app.router.add_get("/.well-known/jwks.json", other_jwks)
     app.router.add_get("/lab/jwks", lab_jwks)
+    app.router.add_get("/sealed/jwks", sealed_jwks)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -84,9 +105,11 @@ async def atk(make_broker, lab_env: Env):
             _issuer_entry("other", other.issuer, f"{other.issuer}/.well-known/jwks.json",
                           ["ES256"]),
             _issuer_entry("lab", LAB_ISS, lab_env.lab_jwks_uri, ["ES256", "RS256"]),
+            _issuer_entry("sealed", SEALED_ISS,
+                          lab_env.lab_jwks_uri.replace("/lab/", "/sealed/"), ["ES256"]),
         ]},
         "policy": {"rules": [{"name": f"all-{i}", "issuer": i, "allow": ["dev-cert"]}
-                             for i in ("dev", "other", "lab")]},
+                             for i in ("dev", "other", "lab", "sealed")]},
     })
 
 
@@ -117,6 +140,12 @@ def lab_token(env: Env, *, payload: Any = None, **over: Any) -> str:
     if payload is None:
         payload = claims(LAB_ISS, env.dev.audience, **over)
     return signed({"alg": "ES256", "typ": "JWT", "kid": LAB_KID}, payload, LAB_KEY, "ES256")
+
+
+def enc_key_token(env: Env, kid: str, iss: str = LAB_ISS) -> str:
+    """Signed with the private half of a key the issuer published for another use."""
+    return signed({"alg": "ES256", "typ": "JWT", "kid": kid}, claims(iss, env.dev.audience),
+                  ENC_KEY, "ES256")
 
 
 def rs256_with_ec_kid(env: Env, iss: str, kid: str) -> str:
@@ -196,6 +225,11 @@ CASES: list[tuple[str, Callable[[Env], str], str]] = [
     ("rs256-with-lab-ec-kid", lambda e: rs256_with_ec_kid(e, LAB_ISS, LAB_KID),
      "token_key_mismatch"),
     ("kid-of-another-issuer", other_key_with_dev_iss, "token_unknown_key"),
+    # Keys the issuer published, but not for verifying signatures: never candidates.
+    ("key-with-key-ops-encrypt", lambda e: enc_key_token(e, ENC_OPS_KID), "token_unknown_key"),
+    ("key-with-use-enc", lambda e: enc_key_token(e, ENC_USE_KID), "token_unknown_key"),
+    ("key-with-key-ops-not-a-list", lambda e: enc_key_token(e, BAD_OPS_KID),
+     "token_unknown_key"),
     ("ecdsa-zero-signature", zero_signature, "token_bad_signature"),
     ("duplicate-claim-instance-id", duplicate_instance, "token_malformed"),
     ("duplicate-claim-iss", duplicate_iss, "token_malformed"),
@@ -253,3 +287,20 @@ async def test_genuine_tokens_of_each_issuer_are_accepted(atk, lab_env, http):
         status, body = await _post(http, atk, token)
         assert status == 201, body
     assert len(atk.rows("leases")) == 3
+
+
+async def test_an_issuer_with_no_key_for_signatures_is_a_configuration_problem(
+        atk, lab_env, http):
+    """An issuer whose key set holds only keys for other uses verifies nothing, even a
+    token signed with one of those keys, and the refusal says it is the issuer's key set
+    (configuration), not the token or the network."""
+    before = atk.store_snapshot()
+    async with http.post(f"{atk.url}/v1/credentials", json={"role": "dev-cert"},
+                         headers={"Authorization":
+                                  f"Bearer {enc_key_token(lab_env, ENC_OPS_KID, SEALED_ISS)}"}
+                         ) as resp:
+        status, body = resp.status, await resp.json()
+    assert (status, body["error"]["code"]) == (503, "jwks_unavailable"), body
+    assert "holds no usable signing key" in body["error"]["message"]
+    assert "configuration" in body["error"]["message"]
+    assert atk.store_snapshot() == before

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.app.http_refusals import header_limit
 from broker.logs import JsonFormatter
 from tests.harness.api import terminate
 
@@ -118,6 +119,23 @@ async def test_each_forged_or_invalid_token_is_refused_and_changes_nothing(sec, 
                                      headers={"Authorization": f"Bearer {token}"},
                                      json_body={"role": "dev-cert"})
         assert token[:40] not in body["error"]["message"], name
+
+
+@pytest.mark.parametrize("size,status,code", [
+    (16 * 1024, 401, "token_malformed"),  # the largest size the verifier looks into
+    (16 * 1024 + 1, 401, "token_too_large"),
+    (header_limit(16 * 1024) - len("Authorization") - len("Bearer "), 401, "token_too_large"),
+    (header_limit(16 * 1024), 431, "header_too_large"),
+], ids=["at_max_token_bytes", "past_max_token_bytes", "at_header_limit", "past_header_limit"])
+async def test_an_over_long_token_is_refused_in_json_at_either_limit(sec, http, vault, size,
+                                                                      status, code):
+    """The HTTP server's header limit is sized from max_token_bytes (16 KiB here): every
+    token up to it reaches the verifier, a longer one up to the header limit is the
+    verifier's token_too_large, and a header past the limit is refused by the server in
+    the same JSON shape (not aiohttp's plain-text 400). Nothing changes either way."""
+    body = await _assert_refused(http, sec, vault, "POST", "/v1/credentials", status=status,
+                                 code=code, headers={"Authorization": f"Bearer {'e' * size}"})
+    assert "eeee" not in body["error"]["message"]
 
 
 @pytest.mark.parametrize("headers,code", [

@@ -162,8 +162,8 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
      "server-tls-reload-zero"),
     (_set(["server", "tls"], {"cert_file": "/a", "key_file": "/b", "ca_file": "/c"}),
      "server.tls.ca_file: Extra inputs are not permitted", "server-tls-unknown-key"),
-    (_set(["server", "tls"], True), "server.tls: Input should be a valid dictionary or "
-     "instance of ServerTlsSettings", "server-tls-not-a-section"),
+    (_set(["server", "tls"], True), "server.tls: expected a mapping (key: value lines), "
+     "got a boolean", "server-tls-not-a-section"),
     # vault
     (_set(["vault", "addr"], "http://127.0.0.1:8200/v1"),
      "vault.addr: expected http(s)://host:port with no path", "vault-addr-with-path"),
@@ -483,8 +483,25 @@ def test_missing_env_variable_names_key_path(path: list[Any], raw: str, message:
     data = base()
     _set(path, raw)(data)
     with pytest.raises(ConfigError) as info:
-        load_settings(data, env={})
-    assert str(info.value) == message
+        load_settings(data, env={}, source="broker.yaml")
+    assert str(info.value).splitlines() == [
+        "broker.yaml: environment variable not set", f"  {message}"]
+
+
+def test_every_missing_env_variable_is_reported_at_once() -> None:
+    """Not the first only: an operator fixes the environment once, not once per run."""
+    data = base()
+    data["vault"]["auth"]["token"] = "${A}"
+    data["vault"]["addr"] = "https://${HOST}:${PORT}"
+    data["identity"]["issuers"][0]["jwks_uri"] = "${A}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(data, env={"PORT": "8200"}, source="broker.yaml")
+    assert str(info.value).splitlines() == [
+        "broker.yaml: 3 environment variables not set",
+        "  vault.addr: environment variable HOST is not set",
+        "  vault.auth.token: environment variable A is not set",
+        "  identity.issuers.0.jwks_uri: environment variable A is not set",
+    ]
 
 
 def test_explicit_env_replaces_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -584,6 +601,85 @@ def test_load_settings_file_error_names_file_and_key(tmp_path: Path) -> None:
     lines = str(info.value).splitlines()
     assert lines[0] == f"{p}: invalid configuration"
     assert "  identity.issuers.0.leeway_s: Input should be less than or equal to 60" in lines
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    """YAML would silently keep the last value; the loader names every repeated key with
+    its path and the lines it is on, and loads nothing."""
+    text = yaml.safe_dump(base(), sort_keys=False)
+    text = text.replace("vault:\n", "vault:\n  addr: http://127.0.0.1:9999\n", 1)
+    text += "log_level: debug\nlog_level: info\nlog_level: warning\n"
+    p = tmp_path / "broker.yaml"
+    p.write_text(text)
+    numbered = text.splitlines()
+    first_addr = numbered.index("  addr: http://127.0.0.1:9999") + 1
+    second_addr = numbered.index("  addr: http://127.0.0.1:8200") + 1
+    levels = [i + 1 for i, line in enumerate(numbered) if line.startswith("log_level:")]
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value).splitlines() == [
+        f"{p}: a key is given more than once (YAML would keep only the last)",
+        f"  vault.addr: given twice (lines {first_addr} and {second_addr})",
+        f"  log_level: given 3 times (lines {levels[0]}, {levels[1]} and {levels[2]})",
+    ]
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("a:\n- x: 1\n  y: 2\n  x: 3\n", "  a.0.x: given twice (lines 2 and 4)"),
+    ("a:\n  b:\n    c: 1\n    c: 2\n", "  a.b.c: given twice (lines 3 and 4)"),
+    ("a: {x: 1, x: 2}\n", "  a.x: given twice (lines 1 and 1)"),
+    ("1: a\n'1': b\n1: c\n", "  1: given twice (lines 1 and 3)"),
+], ids=["in-a-list-item", "nested", "flow-mapping", "int-and-string-keys-differ"])
+def test_repeated_keys_are_found_at_any_depth(tmp_path: Path, text: str, where: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert str(info.value).splitlines()[1:] == [where]
+
+
+def test_merge_keys_and_aliases_are_not_repeats(tmp_path: Path) -> None:
+    """``<<`` merges keys that the mapping may override, and an alias is the same node
+    seen again: neither is a key given twice."""
+    data = base()
+    text = yaml.safe_dump(data, sort_keys=False)
+    text += "x-defaults: &d {default_ttl: 10m, max_ttl: 1h}\nx-again: *d\n"
+    p = tmp_path / "broker.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:  # unknown top-level keys, not repeats
+        load_settings_file(p)
+    assert "given" not in str(info.value)
+    p.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings_file(p)
+    assert "given" not in str(info.value)
+
+
+LIST_CASES = [
+    (["vault", "instance_policies"], "broker-instance", "a string"),
+    (["policy", "rules", 0, "allow"], "dev-cert", "a string"),
+    (["identity", "issuers", 0, "algorithms"], 256, "a number"),
+    (["identity", "issuers"], {"name": "dev"}, "a mapping"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "kind"), LIST_CASES,
+                         ids=[".".join(map(str, c[0])) for c in LIST_CASES])
+def test_a_scalar_where_a_list_is_expected_says_a_list(path: list[Any], value: Any,
+                                                        kind: str) -> None:
+    data = base()
+    _set(path, value)(data)
+    (line,) = errors_of(data)
+    where = ".".join(map(str, path))
+    assert line.startswith(f"  {where}: expected a list, got {kind}")
+
+
+def test_a_wrongly_typed_value_is_not_echoed() -> None:
+    """A secret put under a list key is described, never shown."""
+    data = base()
+    data["vault"]["instance_policies"] = BROKER_TOKEN
+    (line,) = errors_of(data)
+    assert BROKER_TOKEN not in line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from broker.clock import FixedClock
 from broker.errors import TokenInvalid, UpstreamUnavailable
-from broker.identity.jwks import MIN_CACHE_SECONDS, JwksCache, parse_jwks
+from broker.identity.jwks import (
+    MIN_CACHE_SECONDS,
+    JwksCache,
+    parse_jwks,
+    unusable,
+    why_no_usable_key,
+)
 from broker.identity.settings import IdentitySettings, IssuerSettings
 from broker.identity.verifier import IdentityVerifier
 from tests.unit.identity.tokenkit import (
@@ -387,8 +393,9 @@ async def test_first_fetch_failing_is_jwks_unavailable_and_retried_after_cooldow
 
 @pytest.mark.parametrize(
     "bad",
-    [doc(), doc(OCT), doc(private_jwk(K2, "k2")), doc(jwk(K2, "k2", use="enc"))],
-    ids=["empty", "only-oct", "only-private", "only-enc"],
+    [doc(), doc(OCT), doc(private_jwk(K2, "k2")), doc(jwk(K2, "k2", use="enc")),
+     doc(jwk(K2, "k2", key_ops=["encrypt"]))],
+    ids=["empty", "only-oct", "only-private", "only-enc", "only-key-ops-encrypt"],
 )
 async def test_key_set_without_usable_keys_is_never_cached(
         bad: dict[str, Any], server: JwksServer, session: aiohttp.ClientSession,
@@ -617,3 +624,83 @@ async def test_one_alg_none_entry_does_not_poison_the_key_set(
     server.document = doc(jwk(K1, "k1"), jwk(K2, "k2", alg="none"))
     cache = make_cache(server, session, clock)
     assert same_key(await cache.key_for("k1", "ES256"), K1)
+
+
+# ------------------------------------------------------------------ key_ops (RFC 7517 §4.3)
+
+
+@pytest.mark.parametrize(("extra", "kept"), [
+    ({}, True),
+    ({"key_ops": ["verify"]}, True),
+    ({"key_ops": ["sign", "verify"]}, True),
+    ({"key_ops": ["verify"], "use": "sig"}, True),
+    ({"key_ops": ["encrypt"]}, False),
+    ({"key_ops": ["encrypt", "wrapKey"]}, False),
+    ({"key_ops": ["sign"]}, False),
+    ({"key_ops": []}, False),
+    ({"key_ops": "verify"}, False),
+    ({"key_ops": None}, False),
+    ({"key_ops": ["VERIFY"]}, False),
+    ({"key_ops": ["encrypt"], "use": "sig"}, False),
+    ({"key_ops": ["verify"], "use": "enc"}, False),
+], ids=["absent", "verify", "sign-and-verify", "verify-and-use-sig", "encrypt",
+        "encrypt-wrap", "sign-only", "empty", "a-string", "null", "upper-case",
+        "encrypt-despite-use-sig", "verify-despite-use-enc"])
+def test_a_key_whose_key_ops_lack_verify_is_never_used(extra: dict[str, Any],
+                                                       kept: bool) -> None:
+    keys = parse_jwks(doc(jwk(K1, "k1", **extra)))
+    assert bool(keys) is kept
+    assert (unusable(jwk(K1, "k1", **extra)) is None) is kept
+
+
+def test_key_ops_applies_to_spiffe_bundles_too() -> None:
+    bundle = doc(jwk(K1, "a", use="jwt-svid", key_ops=["encrypt"]),
+                 jwk(K2, "b", use="jwt-svid", key_ops=["verify"]))
+    assert [k.kid for k in parse_jwks(bundle, use="jwt-svid")] == ["b"]
+
+
+def test_unusable_says_why() -> None:
+    assert unusable(jwk(K1, "k", key_ops=["encrypt"])) == (
+        "key_ops ['encrypt'] does not include 'verify'")
+    assert unusable(jwk(K1, "k", use="enc")) == "use is 'enc', not 'sig'"
+    assert unusable(OCT) == "a symmetric (oct) key"
+    assert unusable(private_jwk(K2, "p")) == "it holds a private key"
+    assert unusable({"kty": "x" * 100}).startswith("key type 'xxxxx")
+    assert len(unusable({"kty": "x" * 100}) or "") < 80
+    assert unusable("nope") == "not a JSON object"
+
+
+def test_why_no_usable_key_lists_each_entry_and_bounds_the_list() -> None:
+    assert why_no_usable_key(doc()) == "the key set is empty"
+    document = doc(jwk(K1, "a", key_ops=["encrypt"]), jwk(K2, None, use="enc"),
+                   jwk(K3, "c", alg="none"))
+    assert why_no_usable_key(document) == (
+        "3 key(s), none usable: kid 'a': key_ops ['encrypt'] does not include 'verify'; "
+        "key 1: use is 'enc', not 'sig'; kid 'c': does not load as a public key")
+    many = doc(*[jwk(K1, f"k{i}", use="enc") for i in range(8)])
+    assert why_no_usable_key(many, at_most=2).endswith("; and 6 more")
+
+
+async def test_a_set_with_no_usable_key_is_reported_as_configuration(
+        server: JwksServer, session: aiohttp.ClientSession, clock: Monotonic,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server.document = doc(jwk(K1, "k1", key_ops=["encrypt"]))
+    cache = make_cache(server, session, clock)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await cache.key_for("k1", "ES256")
+    assert caught.value.code == "jwks_unavailable"
+    assert "holds no usable signing key" in caught.value.message
+    assert "configuration" in caught.value.message
+    (record,) = [r for r in caplog.records if "no usable signing key" in r.getMessage()]
+    assert "configuration" in record.getMessage()
+    assert "key_ops ['encrypt']" in record.__dict__["keys"]
+
+    server.document = doc(jwk(K1, "k1"))  # the issuer is fixed: the next fetch serves
+    clock.advance(30)
+    assert same_key(await cache.key_for("k1", "ES256"), K1)
+
+    server.status = 503  # and a later outage says so, not "no usable key"
+    fresh = make_cache(server, session, Monotonic())
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await fresh.key_for("k1", "ES256")
+    assert "cannot be fetched" in caught.value.message

@@ -124,7 +124,8 @@ def test_errors_name_the_key(tmp_path: Path, text: str, line: str | None) -> Non
     path = tmp_path / "injector.yaml"
     got = errors(path, text)
     if line is None:
-        assert got == ["audience: environment variable MISSING is not set"]
+        assert got == [f"{path}: environment variable not set",
+                       "  audience: environment variable MISSING is not set"]
     else:
         assert got == [f"{path}: invalid configuration", line]
 
