@@ -65,7 +65,7 @@ def needs(token_role: str) -> tuple[Need, ...]:
         Need("sys/leases/revoke", ("update",), "revoke leases", True),
         Need("sys/leases/lookup", ("update",), "confirm revocations (look up leases)", True),
         Need("sys/leases/renew", ("update",), "renew leases", False),
-        Need("sys/leases/lookup/", ("list", "sudo"), "list Vault's leases (reconcile)", False),
+        Need("sys/leases/lookup/*", ("list", "sudo"), "list Vault's leases (reconcile)", False),
         Need("sys/leases", ("read", "sudo"), "list irrevocable leases (reconcile)", False),
     )
 

@@ -31,7 +31,7 @@ def test_the_needed_paths_name_the_token_role_and_every_call_the_broker_makes() 
         "sys/leases/revoke": (("update",), True),
         "sys/leases/lookup": (("update",), True),
         "sys/leases/renew": (("update",), False),
-        "sys/leases/lookup/": (("list", "sudo"), False),
+        "sys/leases/lookup/*": (("list", "sudo"), False),
         "sys/leases": (("read", "sudo"), False),
     }
 
