@@ -259,6 +259,7 @@ def assemble(
         jwks_fetches={cache.issuer.name: cache for cache in verifier.caches},
         liveness=service.liveness_outcomes,
         checkpoints=checkpoints,
+        vault_token=vault.own,
     )
     app = build_app(
         service,

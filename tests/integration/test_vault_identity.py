@@ -89,6 +89,12 @@ async def test_the_broker_logs_in_with_a_jwt_from_a_file_and_again_with_the_newe
                          headers={"Authorization": f"Bearer {b.token('i-jwt-login')}"}) as r:
         assert r.status == 201, await r.text()
 
+    async with http.get(f"{b.url}/metrics") as r:
+        text = await r.text()
+    [left] = [line.split()[1] for line in text.splitlines()
+              if line.startswith("broker_vault_token_expires_seconds ")]
+    assert 0 < float(left) <= 9
+
     # The projected token rotates: the next login (at 2/3 of the 9 s TTL) reads the new one.
     second = service_account_jwt(issuer)
     token_file.write_text(second)
