@@ -111,6 +111,32 @@ async def test_the_broker_logs_in_with_a_jwt_from_a_file_and_again_with_the_newe
         assert r.status == 201, await r.text()
 
 
+async def test_a_login_vault_no_longer_accepts_is_replaced_at_once(
+        make_broker, http, vault, bao, issuer, jwt_mount, tmp_path):
+    """The broker's login token revoked in Vault: the refused call makes readiness look it
+    up, and a login method logs in again there and then instead of failing every exchange
+    until the next renewal."""
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(service_account_jwt(issuer))
+    auth = {"method": "jwt", "role": "broker", "mount": jwt_mount, "token_path": str(token_file)}
+    b = await make_broker(overrides={"vault": {"addr": bao.addr, "auth": auth}})
+    own = own_token(b)
+    first = own.token.reveal()
+    assert vault.call("POST", "auth/token/revoke", {"token": first})[0] == 204
+    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-cert"},
+                         headers={"Authorization": f"Bearer {b.token('i-relogin-1')}"}) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (502, "vault_permission_denied")
+
+    async def ready_again() -> bool:
+        async with http.get(f"{b.url}/readyz") as resp:
+            return resp.status == 200 and own.token.reveal() != first
+
+    await eventually(ready_again, "the broker logged in again after its token was revoked")
+    async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-cert"},
+                         headers={"Authorization": f"Bearer {b.token('i-relogin-2')}"}) as r:
+        assert r.status == 201, await r.text()
+
+
 def issuer_jti(token: str) -> str:
     return str(jwt.decode(token, options={"verify_signature": False})["jti"])
 
