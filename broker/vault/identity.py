@@ -257,7 +257,10 @@ class OwnToken:
         self._suspect = True
 
     async def valid(self) -> bool:
-        """False only on Vault's word that the token is not valid (readiness)."""
+        """False only on Vault's word that the token is not valid (readiness). While a
+        login or a lookup is under way, the last answer: a probe does not wait for Vault."""
+        if self._lock.locked():
+            return self._valid
         if self._suspect or time.monotonic() - self._checked_at >= RECHECK_S:
             async with self._lock:
                 if self._suspect or time.monotonic() - self._checked_at >= RECHECK_S:

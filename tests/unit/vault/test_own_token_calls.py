@@ -164,3 +164,14 @@ async def test_a_refused_login_says_which_login_and_what_vault_said() -> None:
     assert refused.value.code == "vault_invalid_request"
     assert refused.value.message == ("Vault refused the broker's login (auth method approle at "
                                      f"approle, Vault {ADDR}): invalid role or secret ID")
+
+
+async def test_readiness_does_not_wait_for_a_login_under_way() -> None:
+    token, transport = own(STATIC, dict(FINE))
+    await token.login()
+    await token.check()
+    transport.calls.clear()
+    token.refused()
+    async with token._lock:  # noqa: SLF001 — a login or lookup under way
+        assert await token.valid()
+    assert transport.calls == []
