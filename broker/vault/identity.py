@@ -144,6 +144,7 @@ class OwnToken:
         self._suspect = False
         self._warned_at = float("-inf")
         self._lock = asyncio.Lock()
+        self._unchecked = False  # Vault was out of reach at start-up: check at upkeep
 
     @property
     def token(self) -> Secret | None:
@@ -207,7 +208,9 @@ class OwnToken:
             data = await self._lookup()
         except UpstreamUnavailable:
             log.warning("could not check the broker's Vault token: Vault is unreachable")
+            self._unchecked = True
             return
+        self._unchecked = False
         if data is None:
             raise UpstreamRejected(
                 f"Vault refused the broker's own token ({self.describe()}): it is wrong, "
@@ -278,6 +281,13 @@ class OwnToken:
         """Periodic: log in again or renew when due; look again after a refusal; report
         a token that nears its end and cannot be extended."""
         async with self._lock:
+            if self._unchecked:
+                try:
+                    await self.check()  # its TTL and capabilities, as at start-up
+                except BrokerError as exc:
+                    log.warning(
+                        "could not check the broker's Vault token", extra={"error": _why(exc)}
+                    )
             if self._suspect or not self._valid:
                 await self._recheck()
             if self._upkeep_at is not None and time.monotonic() >= self._upkeep_at:

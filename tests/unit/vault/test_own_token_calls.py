@@ -175,3 +175,19 @@ async def test_readiness_does_not_wait_for_a_login_under_way() -> None:
     async with token._lock:  # noqa: SLF001 — a login or lookup under way
         assert await token.valid()
     assert transport.calls == []
+
+
+async def test_a_start_up_check_vault_missed_is_done_at_the_next_upkeep(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("broker.vault.identity.time.monotonic", lambda: now[0])
+    token, transport = own(STATIC, {**FINE, "auth/token/lookup-self": UpstreamUnavailable("x")})
+    await token.login()
+    await token.check()
+    transport.answers["auth/token/lookup-self"] = {
+        "data": {"ttl": 300, "creation_ttl": 300, "renewable": True}}
+    await token.maintain()
+    assert transport.calls == ["auth/token/lookup-self", "auth/token/lookup-self",
+                               "sys/capabilities-self"]
+    assert token.expires_in() == 300
+    await token.maintain()
+    assert len(transport.calls) == 3  # checked once: nothing more until renewal is due
