@@ -123,11 +123,13 @@ async def readyz(request: web.Request) -> web.Response:
     checks = await request.app[READINESS].get()
     if all(v == "ok" for v in checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
+    message = "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
+    code = "not_ready"
+    if checks.get("vault") == "token_invalid":  # every exchange would get a 502
+        code = "vault_token_invalid"
+        message += ": Vault no longer accepts the broker's own token (expired or revoked)"
     body = {
-        "error": {
-            "code": "not_ready",
-            "message": "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
-        },
+        "error": {"code": code, "message": message},
         "checks": checks,
     }
     return web.json_response(body, status=503)

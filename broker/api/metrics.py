@@ -43,6 +43,13 @@ class CheckpointStatus(Protocol):
     def last_seq(self) -> int: ...
 
 
+class TokenLife(Protocol):
+    """The broker's own Vault token (``broker.vault.identity.OwnToken``): seconds left,
+    as last learnt (None: it does not expire)."""
+
+    def expires_in(self) -> float | None: ...
+
+
 class Metrics:
     def __init__(self, engine_of: Mapping[str, str] | None = None) -> None:
         self._engine_of = dict(engine_of or {})  # role → engine, for the leases gauge
@@ -181,6 +188,13 @@ class Metrics:
             registry=r,
         )
 
+        self.vault_token_expires = Gauge(
+            "broker_vault_token_expires_seconds",
+            "Seconds the broker's own Vault token has left, as last learnt (-1: it does not "
+            "expire); a login is renewed before it runs out, alert when a static token's is low",
+            registry=r,
+        )
+
     def observe_checkpoints(self, status: CheckpointStatus) -> None:
         age = status.age_s()
         self.checkpoint_seq.set(status.last_seq)
@@ -276,9 +290,11 @@ class Scraper:
         liveness: Mapping[str, Counted],
         checkpoints: CheckpointStatus | None = None,
         lost: CountedByKey | None = None,
+        vault_token: TokenLife | None = None,
     ) -> None:
         self._metrics = metrics
         self._lost = lost
+        self._vault_token = vault_token
         self._checkpoints = checkpoints
         self._revocations = revocations
         self._events = events
@@ -298,4 +314,7 @@ class Scraper:
             self._metrics.observe_checkpoints(self._checkpoints)
         if self._lost is not None:
             self._metrics.observe_lost(self._lost)
+        if self._vault_token is not None:
+            left = self._vault_token.expires_in()
+            self._metrics.vault_token_expires.set(-1 if left is None else left)
         return self._metrics.render()

@@ -274,6 +274,7 @@ def assemble(
         liveness=service.liveness_outcomes,
         checkpoints=checkpoints,
         lost=ender.lost,
+        vault_token=vault.own,
     )
     app = build_app(
         service,

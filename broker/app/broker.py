@@ -45,8 +45,8 @@ class Broker:
                 "the lease store is not migrated to this version: "
                 "run `broker migrate --config FILE` first"
             )
+        close_later(c.vault.close)  # also when its start-up check refuses the token
         await c.vault.start()
-        close_later(c.vault.close)
         await c.signing.start()  # a file key that does not load stops start-up
         if c.aws is not None:
             await c.aws.start()

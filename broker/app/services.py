@@ -551,7 +551,7 @@ class Readiness:
             checks["store"] = "unavailable"
         health = await self._vault.health()
         checks["vault"] = (
-            "ok"
+            ("ok" if await self._vault.own.valid() else "token_invalid")
             if health.ready
             else "sealed"
             if health.reachable and health.sealed

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import ssl
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,8 +15,9 @@ import aiohttp
 from broker.clock import Clock
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 from broker.secret import Secret
+from broker.vault.identity import OwnToken
 from broker.vault.paths import vault_path
-from broker.vault.settings import AppRoleAuth, VaultSettings
+from broker.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 _GONE = ("invalid lease",)  # Vault's word, on a lease lookup, that the lease does not exist
@@ -76,9 +75,9 @@ class VaultClient:
         self._settings = settings
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self._token: Secret | None = None
-        self._token_renew_at: float | None = None
-        self._login_lock = asyncio.Lock()
+        # The broker's own token: logged in, checked at start-up, kept alive, asked
+        # about by readiness.
+        self.own = OwnToken(settings, self._call)
 
     async def start(self) -> None:
         ssl_ctx: ssl.SSLContext | bool = True
@@ -91,38 +90,19 @@ class VaultClient:
             timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
             raise_for_status=False,
         )
-        await self.login()
+        await self.own.login()
+        await self.own.check()
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    # -- the broker's own identity ---------------------------------------------------
-
-    async def login(self) -> None:
-        auth = self._settings.auth
-        if isinstance(auth, AppRoleAuth):
-            body = await self._call(
-                "POST",
-                f"/v1/{vault_path('auth', auth.mount, 'login')}",
-                token=None,
-                json={"role_id": auth.role_id, "secret_id": auth.secret_id.get_secret_value()},
-            )
-            info = body.get("auth") or {}
-            self._token = Secret(info["client_token"])
-            ttl = int(info.get("lease_duration") or 0)
-            self._token_renew_at = time.monotonic() + ttl * 2 / 3 if ttl else None
-        else:
-            self._token = Secret(auth.token.get_secret_value())
-            self._token_renew_at = None
+    # -- the broker's own identity (broker.vault.identity) ------------------------------
 
     async def maintain_login(self) -> None:
-        """Periodic: log in again before an AppRole token's TTL runs out."""
-        if self._token_renew_at is not None and time.monotonic() >= self._token_renew_at:
-            async with self._login_lock:
-                if self._token_renew_at is not None and time.monotonic() >= self._token_renew_at:
-                    await self.login()
+        """Periodic: log in again or renew the broker's own token when due."""
+        await self.own.maintain()
 
     # -- calls -----------------------------------------------------------------------
 
@@ -283,9 +263,10 @@ class VaultClient:
             raise UpstreamUnavailable("the Vault client is not started")
         headers = {}
         if token is True:
-            if self._token is None:
+            own = self.own.token
+            if own is None:
                 raise UpstreamUnavailable("the broker is not logged in to Vault")
-            headers["X-Vault-Token"] = self._token.reveal()
+            headers["X-Vault-Token"] = own.reveal()
         elif isinstance(token, Secret):
             headers["X-Vault-Token"] = token.reveal()
         try:
@@ -308,7 +289,9 @@ class VaultClient:
             return payload or {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
         first = str(errors[0])[:200] if errors else ""
-        quiet = bool(expected) and tuple(str(e) for e in errors or ()) == expected
+        quiet = bool(errors) and all(str(e) in expected for e in errors or ())
+        if status == 403:
+            raise self._denied(path, token, quiet=quiet)
         log.log(
             logging.DEBUG if quiet else logging.WARNING,
             "vault refused a call",
@@ -320,12 +303,6 @@ class VaultClient:
                 "Vault is unavailable or sealed; retry shortly",
                 outcome_unknown=status in (502, 504),
             )
-        if status == 403:
-            raise UpstreamRejected(
-                "Vault refused the broker's request (permission denied); "
-                "check the broker's Vault policy",
-                code="vault_permission_denied",
-            )
         if status == 400:
             err = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
             err.vault_errors = tuple(str(e) for e in errors or ())
@@ -333,6 +310,24 @@ class VaultClient:
         err = UpstreamRejected(f"Vault answered {status}", code="vault_rejected")
         err.http_status = status
         raise err
+
+    def _denied(self, path: str, token: Secret | None | bool, *, quiet: bool) -> UpstreamRejected:
+        """A 403, saying whose policy refused which path (a path carries no secret: the
+        broker never puts one in a path); the log line has the full path."""
+        shown = path.removeprefix("/v1/")
+        if token is True:
+            self.own.refused()  # perhaps the token itself is no longer valid: look again
+            whose, fix = "broker", "the broker's own token (its Vault policy)"
+        elif isinstance(token, Secret):
+            policies = ", ".join(self._settings.instance_policies)
+            whose, fix = "instance", f"the instance token (vault.instance_policies: {policies})"
+        else:
+            whose, fix = "none", "no token"
+        if not quiet:
+            log.warning("vault denied a call", extra={"vault_path": shown, "policy_of": whose})
+        return UpstreamRejected(
+            f"Vault refused {shown} (permission denied) to {fix}", code="vault_permission_denied"
+        )
 
 
 def _vault_time(value: Any) -> datetime | None:

@@ -16,6 +16,12 @@ from broker.vault.paths import NAME_SEGMENT
 TOKEN_REUSE_MARGIN_S = 60
 
 
+def _name_segment(v: str) -> str:
+    if not NAME_SEGMENT.match(v):
+        raise ValueError("expected a Vault name (letters, digits, _ . -; no '/')")
+    return v
+
+
 class TokenAuth(Frozen):
     method: Literal["token"] = "token"
     token: SecretStr
@@ -28,9 +34,42 @@ class AppRoleAuth(Frozen):
     mount: str = "approle"
 
 
+# Where Kubernetes projects a pod's service-account token by default.
+KUBERNETES_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+class KubernetesAuth(Frozen):
+    """Log in with the pod's own service-account token (``auth/<mount>/login`` with
+    ``role`` and ``jwt``). The file is read afresh at each login: projected tokens rotate."""
+
+    method: Literal["kubernetes"]
+    role: str
+    mount: str = "kubernetes"
+    token_path: Path = KUBERNETES_TOKEN_PATH
+
+    _names = field_validator("role", "mount")(_name_segment)
+
+
+class JwtAuth(Frozen):
+    """Log in with a JWT read from ``token_path`` (e.g. a projected service-account token
+    with the Vault audience) at OpenBao/Vault's ``jwt`` auth method."""
+
+    method: Literal["jwt"]
+    role: str
+    mount: str = "jwt"
+    token_path: Path
+
+    _names = field_validator("role", "mount")(_name_segment)
+
+
+LoginAuth = AppRoleAuth | KubernetesAuth | JwtAuth
+
+
 class VaultSettings(Frozen):
     addr: str
-    auth: Annotated[TokenAuth | AppRoleAuth, Field(discriminator="method")]
+    auth: Annotated[
+        TokenAuth | AppRoleAuth | KubernetesAuth | JwtAuth, Field(discriminator="method")
+    ]
     token_role: str = "broker-instance"
     instance_policies: tuple[str, ...] = ("broker-instance",)
     instance_token_ttl: Duration = 24 * 3600
