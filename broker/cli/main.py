@@ -15,7 +15,7 @@ from pathlib import Path
 
 from broker.agent.options import add_arguments as add_agent_arguments
 from broker.durations import parse_duration
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, StartupFailure
 
 DEFAULT_DEV_DIR = Path(".broker-dev")
 
@@ -111,10 +111,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from broker.config import load_settings_file
     from broker.leases.migrations import migrate
 
-    url = load_settings_file(args.config).store.url if args.config else args.store_url
+    url = load_settings_file(args.config).store.url if args.config else _store_url(args.store_url)
     migrate(url)
     print("lease store migrated to the newest schema")
     return 0
+
+
+def _store_url(url: str) -> str:
+    from broker.leases.reach import scheme_problem
+
+    problem = scheme_problem(url)
+    if problem is not None:
+        raise ConfigError(f"--store-url: {problem}")
+    return url
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -202,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    except StartupFailure as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
     except BrokerError as exc:
         print(f"broker: {exc.message} ({exc.code})", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from broker.dev import write_private
 from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
+from broker.listen import ensure_free
 from broker.vault.bootstrap import AUDIT_KEY, TRANSIT_MOUNT, bootstrap_dev
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -141,6 +142,7 @@ class DevEnvironment:
     postgres_url: str | None = DEFAULT_POSTGRES_URL
 
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
+        ensure_free("127.0.0.1", self.port)  # a port in use stops us before OpenBao starts
         d = self.directory.resolve()
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         bao = OpenBaoDevServer(d / "openbao")
