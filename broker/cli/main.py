@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker.agent.options import add_arguments as add_agent_arguments
-from broker.durations import parse_duration
 from broker.errors import BrokerError, ConfigError, StartupFailure
 
 DEFAULT_DEV_DIR = Path(".broker-dev")
@@ -43,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-postgres", action="store_true", help="do not configure dev-db")
     dsub = d.add_subparsers(dest="dev_command")
     t = dsub.add_parser("token", help="print an identity token signed by the dev issuer")
-    t.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, dest="token_dir")
+    # Also given before ``token`` (``broker dev --dir D token``): the nearer one wins.
+    t.add_argument("--dir", type=Path, default=None, dest="token_dir")
     t.add_argument("--instance", required=True)
     t.add_argument("--workload", required=True)
     t.add_argument(
@@ -139,13 +139,18 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_token(args: argparse.Namespace) -> int:
-    from broker.dev.issuer import DevIssuer
+    from broker.dev.issuer import DevIssuer, dev_token_ttl
 
+    directory = args.token_dir or args.dir
     try:
-        issuer = DevIssuer.load(args.token_dir)
+        ttl = dev_token_ttl(args.ttl)
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+    try:
+        issuer = DevIssuer.load(directory)
     except FileNotFoundError:
         raise ConfigError(
-            f"{args.token_dir}: no dev issuer here; start `broker dev` first (or pass --dir)"
+            f"{directory}: no dev issuer here; start `broker dev` first (or pass --dir)"
         ) from None
     claims = {}
     for item in args.claim:
@@ -153,10 +158,6 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"--claim {item!r}: expected KEY=VALUE")
         claims[key] = value
-    try:
-        ttl = parse_duration(args.ttl)
-    except ValueError as exc:
-        raise ConfigError(f"--ttl: {exc}") from None
     print(issuer.mint(instance=args.instance, workload=args.workload, ttl=ttl, claims=claims))
     return 0
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev import write_private
-from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
+from broker.dev.issuer import DEV_AUDIENCE, DEV_MAX_TOKEN_LIFETIME_S, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
 from broker.listen import ensure_free
@@ -82,7 +82,7 @@ def dev_settings_dict(
                     "instance_claim": "instance_id",
                     "workload_claim": "workload",
                     "leeway_s": 30,
-                    "max_token_lifetime": "1h",
+                    "max_token_lifetime": DEV_MAX_TOKEN_LIFETIME_S,
                     # One dev token drives the whole walk-through; configured issuers
                     # default to jti_once (a token is good for one exchange).
                     "replay": "off",
