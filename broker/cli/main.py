@@ -110,8 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from broker.config import load_settings_file
     from broker.leases.migrations import migrate
+    from broker.logs import configure_logging
 
-    url = load_settings_file(args.config).store.url if args.config else _store_url(args.store_url)
+    settings = load_settings_file(args.config) if args.config else None
+    if settings is not None and settings.log_level == "debug":
+        configure_logging("debug")  # a failure's traceback, which stderr's one line omits
+    url = settings.store.url if settings is not None else _store_url(args.store_url)
     migrate(url)
     print("lease store migrated to the newest schema")
     return 0
