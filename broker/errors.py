@@ -156,3 +156,9 @@ class RevocationWaiting(BrokerError):
 
 class ConfigError(Exception):
     """A configuration file or flag is wrong; the message names the key and what was expected."""
+
+
+class StartupFailure(Exception):
+    """The broker cannot start for a reason outside its configuration file: a port already
+    in use, a lease store that does not answer. The message is the one line an operator
+    reads; it says what is wrong where, and whether retrying can help."""

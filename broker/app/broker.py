@@ -36,6 +36,8 @@ class Broker:
         c, close_later = self.components, self._supervisor.on_close
         close_later(c.http.close)
         c.server.load_certificate()  # a bad pair stops start-up before anything is opened
+        c.server.claim_address()  # so does a port in use
+        close_later(c.server.close)  # frees the address if start-up stops before serving
         database = c.ledgers.database
         await database.start()
         close_later(database.close)

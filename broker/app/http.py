@@ -19,6 +19,7 @@ from aiohttp import web
 
 from broker.app.http_refusals import JsonRefusalsRunner, header_limit
 from broker.config import ServerTlsSettings
+from broker.listen import bind_socket
 from broker.settings import is_loopback
 from broker.tls import CertificateReloader
 
@@ -64,6 +65,7 @@ class HttpServer:
         self.tls: CertificateReloader | None = None
         self.url: str | None = None
         self._bound = False
+        self._socket: socket.socket | None = None
 
     def load_certificate(self) -> None:
         """Read the serving certificate, if one is configured: ``ConfigError`` naming the
@@ -73,14 +75,21 @@ class HttpServer:
             files = self._tls_settings
             self.tls = CertificateReloader(files.cert_file, files.key_file, where="server.tls")
 
+    def claim_address(self) -> None:
+        """Bind the address now (``StartupFailure`` naming it when it is taken), so a port
+        in use stops start-up before the store, Vault and the rest are opened; ``bind``
+        then serves on this socket. ``close`` releases it if serving never started."""
+        if self._socket is None:
+            self._socket = bind_socket(self._host, self._port)
+
     async def bind(self) -> str:
         """Listen, and return the URL (with the port the system chose for port 0)."""
         self.load_certificate()
+        self.claim_address()
         await self._runner.setup()
         self._bound = True
-        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
+        sock, self._socket = self._socket, None
+        assert sock is not None
         context = self.tls.server_context if self.tls is not None else None
         await web.SockSite(self._runner, sock, ssl_context=context).start()
         host, port = sock.getsockname()[:2]
@@ -107,6 +116,9 @@ class HttpServer:
 
     async def close(self) -> None:
         """Stop listening and finish the requests in flight. Idempotent."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         if self._bound:
             self._bound = False
             await self._runner.cleanup()

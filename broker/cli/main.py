@@ -14,8 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker.agent.options import add_arguments as add_agent_arguments
-from broker.durations import parse_duration
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, StartupFailure
 
 DEFAULT_DEV_DIR = Path(".broker-dev")
 
@@ -49,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     dsub = d.add_subparsers(dest="dev_command")
     t = dsub.add_parser("token", help="print an identity token signed by the dev issuer")
-    t.add_argument("--dir", type=Path, default=DEFAULT_DEV_DIR, dest="token_dir")
+    # Also given before ``token`` (``broker dev --dir D token``): the nearer one wins.
+    t.add_argument("--dir", type=Path, default=None, dest="token_dir")
     t.add_argument("--instance", required=True)
     t.add_argument("--workload", required=True)
     t.add_argument(
@@ -116,11 +116,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from broker.config import load_settings_file
     from broker.leases.migrations import migrate
+    from broker.logs import configure_logging
 
-    url = load_settings_file(args.config).store.url if args.config else args.store_url
+    settings = load_settings_file(args.config) if args.config else None
+    if settings is not None and settings.log_level == "debug":
+        configure_logging("debug")  # a failure's traceback, which stderr's one line omits
+    url = settings.store.url if settings is not None else _store_url(args.store_url)
     migrate(url)
     print("lease store migrated to the newest schema")
     return 0
+
+
+def _store_url(url: str) -> str:
+    from broker.leases.reach import scheme_problem
+
+    problem = scheme_problem(url)
+    if problem is not None:
+        raise ConfigError(f"--store-url: {problem}")
+    return url
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -136,13 +149,18 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_token(args: argparse.Namespace) -> int:
-    from broker.dev.issuer import DevIssuer
+    from broker.dev.issuer import DevIssuer, dev_token_ttl
 
+    directory = args.token_dir or args.dir
     try:
-        issuer = DevIssuer.load(args.token_dir)
+        ttl = dev_token_ttl(args.ttl)
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+    try:
+        issuer = DevIssuer.load(directory)
     except FileNotFoundError:
         raise ConfigError(
-            f"{args.token_dir}: no dev issuer here; start `broker dev` first (or pass --dir)"
+            f"{directory}: no dev issuer here; start `broker dev` first (or pass --dir)"
         ) from None
     claims = {}
     for item in args.claim:
@@ -150,10 +168,6 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"--claim {item!r}: expected KEY=VALUE")
         claims[key] = value
-    try:
-        ttl = parse_duration(args.ttl)
-    except ValueError as exc:
-        raise ConfigError(f"--ttl: {exc}") from None
     print(issuer.mint(instance=args.instance, workload=args.workload, ttl=ttl, claims=claims))
     return 0
 
@@ -208,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    except StartupFailure as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
     except BrokerError as exc:
         print(f"broker: {exc.message} ({exc.code})", file=sys.stderr)
         return 1

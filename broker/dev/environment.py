@@ -18,9 +18,10 @@ from aiohttp import web
 from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev import write_private
-from broker.dev.issuer import DEV_AUDIENCE, DevIssuer
+from broker.dev.issuer import DEV_AUDIENCE, DEV_MAX_TOKEN_LIFETIME_S, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
+from broker.listen import ensure_free
 from broker.vault.bootstrap import AUDIT_KEY, TRANSIT_MOUNT, bootstrap_dev
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -81,7 +82,7 @@ def dev_settings_dict(
                     "instance_claim": "instance_id",
                     "workload_claim": "workload",
                     "leeway_s": 30,
-                    "max_token_lifetime": "1h",
+                    "max_token_lifetime": DEV_MAX_TOKEN_LIFETIME_S,
                     # One dev token drives the whole walk-through; configured issuers
                     # default to jti_once (a token is good for one exchange).
                     "replay": "off",
@@ -141,6 +142,7 @@ class DevEnvironment:
     postgres_url: str | None = DEFAULT_POSTGRES_URL
 
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
+        ensure_free("127.0.0.1", self.port)  # a port in use stops us before OpenBao starts
         d = self.directory.resolve()
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         bao = OpenBaoDevServer(d / "openbao")

@@ -16,8 +16,30 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.dev import write_private
+from broker.durations import parse_duration
 
 DEV_AUDIENCE = "ephemeral-broker"
+# The longest identity token the dev broker accepts (its issuer's max_token_lifetime).
+DEV_MAX_TOKEN_LIFETIME_S = 3600
+
+
+def dev_token_ttl(text: str) -> int:
+    """``--ttl`` of ``broker dev token`` in seconds; ``ValueError`` saying the range when
+    the dev broker would refuse the token (0 s, or longer than its issuer allows)."""
+    ttl = parse_duration(text)
+    if not 1 <= ttl <= DEV_MAX_TOKEN_LIFETIME_S:
+        raise ValueError(
+            f"{text!r} is out of range: the dev broker accepts tokens valid for 1s to "
+            f"{_short(DEV_MAX_TOKEN_LIFETIME_S)}"
+        )
+    return ttl
+
+
+def _short(seconds: int) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from broker.injector.mutate import preview_query
 from broker.injector.preview import PreviewClient
 from broker.injector.review import MalformedReview, Outcome, admit, answer, decode
 from broker.injector.settings import InjectorSettings, parse_listen
+from broker.listen import bind_socket
 from broker.settings import is_loopback
 from broker.tls import CaBundle, CertificateReloader
 
@@ -166,13 +166,11 @@ class InjectorServer:
         )
 
     async def start(self) -> str:
+        # Bound first: a port in use stops start-up with one line, before anything opens.
+        sock = bind_socket(self._host, self._port)
         app = build_app(Injector(self.config, self.metrics, self._preview(), self.ca))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_S)
         await self._runner.setup()
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
         context = self.tls.server_context if self.tls is not None else None
         await web.SockSite(self._runner, sock, ssl_context=context).start()
         host, port = sock.getsockname()[:2]

@@ -9,7 +9,9 @@ purpose turns it into the broker's answer).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,9 +21,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from broker.errors import BrokerError, StoreUnavailable
-from broker.leases.migrations import async_url, head_revision
+from broker.leases.migrations import async_url, head_revision, probe
+from broker.leases.reach import unreachable
 from broker.leases.settings import StoreSettings
 from broker.leases.sql.common import discard_audit, flush_audit
+
+log = logging.getLogger(__name__)
 
 
 def _lock_id(key: str) -> int:
@@ -132,7 +137,24 @@ class Database:
                 return None
         return row[0] if row else None
 
+    async def reach(self) -> None:
+        """Connect once (at start-up): a store that cannot be reached raises the one line
+        that names it and says whether retrying can help (``broker.leases.reach``)."""
+        if self._engine is None:
+            raise StoreUnavailable("the lease store is not started")
+        if self.is_sqlite:
+            # Opened with the standard library first: aiosqlite, failing to open a file,
+            # leaves its worker thread to report to an event loop that may have closed.
+            await asyncio.to_thread(probe, self._settings.url)
+        try:
+            async with self._engine.connect():
+                pass
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.debug("the lease store cannot be reached", exc_info=True)
+            raise unreachable(self._settings.url, exc, self._settings.connect_timeout_s) from None
+
     async def is_migrated(self) -> bool:
+        await self.reach()
         try:
             return await self.current_revision() == head_revision()
         except StoreUnavailable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from broker.leases.reach import scheme_problem
 from broker.settings import Frozen
 
 
@@ -15,6 +16,7 @@ class StoreSettings(Frozen):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not (v.startswith("sqlite://") or v.startswith("postgresql")):
-            raise ValueError("expected a sqlite:///PATH or postgresql://… URL")
+        problem = scheme_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v

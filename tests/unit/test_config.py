@@ -250,7 +250,8 @@ BAD_CASES: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_set(["server", "port"], 70000), "server.port: Input should be less than or equal to "
      "65535", "server-port"),
     (_set(["store", "url"], "mysql://db"),
-     "store.url: expected a sqlite:///PATH or postgresql://… URL", "store-url-scheme"),
+     "store.url: unsupported scheme 'mysql': the lease store is SQLite or PostgreSQL "
+     "(sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE)", "store-url-scheme"),
     # roles
     (_set(["roles"], {}), "roles: Dictionary should have at least 1 item after validation, "
      "not 0", "roles-empty"),
