@@ -36,6 +36,8 @@ def lease_public(lease: LeaseView) -> dict[str, Any]:
     d.pop("token_accessor")
     d.pop("external_ref")
     d.pop("vault_path")
+    d.pop("credential_ref")
+    d.pop("revoke_sent_at")
     return d
 
 
@@ -44,6 +46,11 @@ def lease_admin(lease: LeaseView) -> dict[str, Any]:
     d["vault_lease_id"] = lease.vault_lease_id
     if lease.external_ref is not None:
         d["external_ref"] = lease.external_ref
+    # What an operator needs to end a ``lost`` credential by hand: where Vault issued it
+    # and its non-secret identifier.
+    d["vault_path"] = lease.vault_path
+    d["credential_ref"] = lease.credential_ref
+    d["revoke_sent_at"] = _iso(lease.revoke_sent_at)
     return d
 
 

@@ -35,6 +35,7 @@ LEASE_STATES = [
     "revoked",
     "abandoned",
     "expired",
+    "lost",
 ]
 INSTANCE_STATES = ["active", "terminating", "terminated"]
 JOB_STATES = ["pending", "running", "done", "failed"]

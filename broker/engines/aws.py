@@ -47,7 +47,7 @@ from broker.aws import (
     iso_seconds,
     session_name_for,
 )
-from broker.engines.base import Engine, Mode, VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest, text_ref
 from broker.errors import BadRequest, UpstreamRejected
 from broker.secret import Secret
 from broker.vault.paths import vault_path
@@ -284,6 +284,10 @@ class AwsEngine(Engine):
         if not sts and token is not None:
             raise _bad("an iam_user credential came with a session token")
         return credential_process(access_key, secret_key, token, expires_at)
+
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        # An access key id names the key in IAM and CloudTrail; its secret key is not named.
+        return text_ref(data, access_key_id="access_key")
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError(

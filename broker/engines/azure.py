@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from broker.engines.base import Engine, Mode, VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest, text_ref
 from broker.errors import UpstreamRejected
 from broker.vault.paths import vault_path
 
@@ -57,6 +57,9 @@ class AzureEngine(Engine):
         self, role: RoleSettings, params: Mapping[str, str], caller: Mapping[str, Any], ttl: int
     ) -> VaultRequest:
         return VaultRequest("GET", vault_path(role.mount, "creds", role.vault_role), None, False)
+
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        return text_ref(data, client_id="client_id")  # the application's id: no secret
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         out = {

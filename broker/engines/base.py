@@ -61,6 +61,9 @@ class Plan:
     def expires_at(self, answer: Mapping[str, Any]) -> datetime | None:
         return self.engine.expires_at(self.role, answer)
 
+    def identifier(self, answer: Mapping[str, Any]) -> dict[str, str] | None:
+        return self.engine.identifier(self.role, answer)
+
     def shape(
         self, answer: Mapping[str, Any], session: StsSession | None, expires_at: datetime
     ) -> dict[str, Any]:
@@ -141,6 +144,13 @@ class Engine:
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        """The credential's non-secret identifier in Vault's answer (a database username, a
+        certificate serial), recorded with the lease: what an operator ends by hand if
+        Vault forgets the lease, and what a direct check looks for. Never a secret; None
+        (the default) when the engine has nothing to name."""
+        return None
+
     def shape_expiring(
         self, role: RoleSettings, data: Mapping[str, Any], expires_at: datetime
     ) -> dict[str, Any]:
@@ -185,6 +195,17 @@ class Engine:
         """When a credential without a Vault lease stops being valid, if it says so itself
         (an SSH certificate's ``valid_before``); None: the broker's grant says."""
         return None
+
+
+def text_ref(data: Mapping[str, Any], **keys: str) -> dict[str, str] | None:
+    """``{name: data[key]}`` for each ``name=key`` whose value is a non-empty string (at
+    most 256 characters); None when none is. For ``Engine.identifier``."""
+    out = {
+        name: value
+        for name, key in keys.items()
+        if isinstance(value := data.get(key), str) and value and len(value) <= 256
+    }
+    return out or None
 
 
 def validate_role(engine: Engine, role: RoleSettings) -> None:

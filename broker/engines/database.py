@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from broker.engines.base import Engine, Mode, VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest, text_ref
 from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
@@ -32,3 +32,6 @@ class DatabaseEngine(Engine):
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         return {"username": data.get("username"), "password": data.get("password")}
+
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        return text_ref(data, username="username")

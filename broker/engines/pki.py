@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from broker.engines.base import Engine, Mode, VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest, text_ref
 from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
@@ -215,6 +215,9 @@ class PkiEngine(Engine):
             body["csr"] = caller["csr"].pem
             return VaultRequest("POST", vault_path(role.mount, "sign", role.vault_role), body, True)
         return VaultRequest("POST", vault_path(role.mount, "issue", role.vault_role), body, True)
+
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        return text_ref(data, serial_number="serial_number")
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         keep = _KEEP_SIGNED if self._signs(role) else _KEEP

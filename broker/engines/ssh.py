@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from broker.engines.base import Engine, Mode, VaultRequest
+from broker.engines.base import Engine, Mode, VaultRequest, text_ref
 from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
@@ -121,6 +121,9 @@ class SshEngine(Engine):
             "ttl": f"{ttl}s",
         }
         return VaultRequest("POST", vault_path(role.mount, "sign", role.vault_role), body, True)
+
+    def identifier(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, str] | None:
+        return text_ref(data, serial_number="serial_number")
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: data[k] for k in ("signed_key", "serial_number") if k in data}

@@ -43,6 +43,7 @@ class IssuanceLedger(Protocol):
         engine: str | None = None,
         token_id: tuple[str, str] | None = None,
         lock_subject: LockSubject | None = None,
+        credential_ref: dict[str, str] | None = None,
     ) -> bool: ...
 
     async def fail_issue(

@@ -270,6 +270,7 @@ class CredentialService:
                 engine=self._roles[plan.role_name].engine,
                 token_id=self._token_id(identity),
                 lock_subject=lock_subject(identity, plan.role_name),
+                credential_ref=plan.identifier(outcome.answer),
             )
         except Locked as exc:
             # A lock created while Vault was asked: not recorded, taken back now.

@@ -9,6 +9,7 @@ from broker.clock import Clock
 from broker.leases.admin_records import AdminRecords, SelectionRecords
 from broker.leases.audit_records import AuditRecords, ChainRecords
 from broker.leases.database import Database
+from broker.leases.ending_records import EndingRecords
 from broker.leases.records import (
     IssuanceRecords,
     ReconcileRecords,
@@ -34,6 +35,7 @@ class Ledgers:
     audit: AuditRecords
     chain: ChainRecords
     selection: SelectionRecords
+    ending: EndingRecords
 
     @classmethod
     def on(cls, database: Database, clock: Clock, *, token_key: bytes | None = None) -> Ledgers:
@@ -49,6 +51,7 @@ class Ledgers:
             audit=AuditRecords(database),
             chain=ChainRecords(database),
             selection=SelectionRecords(database, clock),
+            ending=EndingRecords(database, clock),
         )
 
 

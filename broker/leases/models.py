@@ -114,6 +114,14 @@ class Lease(Base):
     # with the ``issuing`` row: Vault names the lease under it, which is how the reconciler
     # finds the lease of a request that died before recording Vault's answer.
     vault_path: Mapped[str | None] = mapped_column(String(512))
+    # The credential's non-secret identifier (a database username, a certificate serial),
+    # written when the lease is recorded active: what an operator ends by hand if Vault
+    # forgets the lease (``lost``), and what a direct check looks for.
+    credential_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Set (committed) just before the broker first sends a revocation that covers this
+    # lease, once Vault confirmed it still knew the lease: from then on Vault not knowing
+    # it is the broker's own doing (``revoked``), never a loss.
+    revoke_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class RevocationJob(Base):

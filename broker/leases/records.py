@@ -142,13 +142,15 @@ class IssuanceRecords:
         engine: str | None = None,
         token_id: tuple[str, str] | None = None,
         lock_subject: LockSubject | None = None,
+        credential_ref: dict[str, str] | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
         its way and the credential must not be handed out. ``created_after``: a row written
         before then (its request outlived the issuing bound) is not completed.
         The ``lease.issued`` audit event is written with it: the issuer, workload, role,
-        ``engine``, and the token id (issuer, jti) only as a keyed hash."""
+        ``engine``, and the token id (issuer, jti) only as a keyed hash. ``credential_ref``:
+        the credential's non-secret identifier (``Engine.identifier``)."""
         ref = None
         if token_id is not None and self._token_key is not None:
             ref = chain_math.token_ref(self._token_key, token_id[0], token_id[1])
@@ -167,6 +169,7 @@ class IssuanceRecords:
                 engine=engine,
                 token_ref=ref,
                 lock_subject=lock_subject,
+                credential_ref=credential_ref,
             )
 
     async def fail_issue(

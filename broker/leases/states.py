@@ -19,6 +19,11 @@ class LeaseState(StrEnum):
     ABANDONED = "abandoned"  # stuck in issuing past the bound; covered by the token revocation
     # Past its expiry, and Vault confirmed it gone (the reconciler's expiry pass).
     EXPIRED = "expired"
+    # Vault no longer knew the lease before the broker revoked it, and before its expiry
+    # (Vault restored from an older snapshot, storage replaced, a mount re-enabled): the
+    # credential may still work, and only an operator can end it (engine, Vault path and
+    # ``credential_ref`` say where). Terminal for the broker; never taken for ``revoked``.
+    LOST = "lost"
 
 
 class InstanceState(StrEnum):
@@ -39,15 +44,22 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
         {LeaseState.ACTIVE, LeaseState.DELIVERED, LeaseState.FAILED, LeaseState.ABANDONED}
     ),
     LeaseState.ACTIVE: frozenset(
-        {LeaseState.RELEASED, LeaseState.REVOKED, LeaseState.REVOKING, LeaseState.EXPIRED}
+        {
+            LeaseState.RELEASED,
+            LeaseState.REVOKED,
+            LeaseState.REVOKING,
+            LeaseState.EXPIRED,
+            LeaseState.LOST,
+        }
     ),
-    LeaseState.REVOKING: frozenset({LeaseState.REVOKED, LeaseState.EXPIRED}),
+    LeaseState.REVOKING: frozenset({LeaseState.REVOKED, LeaseState.EXPIRED, LeaseState.LOST}),
     LeaseState.DELIVERED: frozenset(),
     LeaseState.FAILED: frozenset(),
     LeaseState.RELEASED: frozenset(),
     LeaseState.REVOKED: frozenset(),
     LeaseState.ABANDONED: frozenset(),
     LeaseState.EXPIRED: frozenset(),
+    LeaseState.LOST: frozenset(),
 }
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -49,6 +49,10 @@ class LeaseView:
     # What termination acts on outside Vault (an STS session it denies in IAM), or None.
     external_ref: dict[str, Any] | None = None
     vault_path: str | None = None  # where the credential was asked for
+    # The credential's non-secret identifier (``{"username": ...}``), or None.
+    credential_ref: dict[str, str] | None = None
+    # When the broker first sent a revocation covering this lease (Vault knew it then).
+    revoke_sent_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,8 @@ def lease_view(r: m.Lease) -> LeaseView:
         r.token_accessor,
         r.external_ref,
         r.vault_path,
+        r.credential_ref,
+        r.revoke_sent_at,
     )
 
 

@@ -77,6 +77,7 @@ _COMPLETE_LEASE = (
         issued_at=bindparam("b_iss"),
         expires_at=bindparam("b_exp"),
         updated_at=bindparam("b_now"),
+        credential_ref=bindparam("b_ref"),
     )
     .returning(LEASES.c.instance_id, LEASES.c.workload, LEASES.c.role, LEASES.c.kind)
 )
@@ -247,6 +248,7 @@ async def complete_issue(
     engine: str | None = None,
     token_ref: str | None = None,
     lock_subject: LockSubject | None = None,
+    credential_ref: dict[str, str] | None = None,
 ) -> bool:
     """Complete the ``issuing`` row; whether the instance is still active. A lock that
     matches ``lock_subject`` now (created while Vault was asked) refuses it (``Locked``):
@@ -266,6 +268,7 @@ async def complete_issue(
                 "b_exp": expires_at,
                 "b_now": clock.now(),
                 "b_stale": created_after or _EPOCH,
+                "b_ref": credential_ref,
             },
         )
     ).first()
@@ -299,6 +302,7 @@ async def complete_issue(
         engine=engine,
         state=state.value,
         vault_lease_id=vault_lease_id,
+        credential_ref=credential_ref,
         renewable=renewable,
         expires_at=iso(expires_at),
     )

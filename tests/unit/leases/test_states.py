@@ -24,8 +24,8 @@ EXPECTED_LEASE_MOVES = {
     (L.ISSUING, L.ACTIVE), (L.ISSUING, L.DELIVERED), (L.ISSUING, L.FAILED),
     (L.ISSUING, L.ABANDONED),
     (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING),
-    (L.ACTIVE, L.EXPIRED),
-    (L.REVOKING, L.REVOKED), (L.REVOKING, L.EXPIRED),
+    (L.ACTIVE, L.EXPIRED), (L.ACTIVE, L.LOST),
+    (L.REVOKING, L.REVOKED), (L.REVOKING, L.EXPIRED), (L.REVOKING, L.LOST),
 }
 EXPECTED_JOB_MOVES = {
     (J.PENDING, J.RUNNING),
@@ -39,7 +39,7 @@ JOB_PAIRS = list(itertools.product(JobState, JobState))
 def test_state_values() -> None:
     assert [s.value for s in LeaseState] == ["issuing", "active", "revoking", "delivered",
                                              "failed", "released", "revoked", "abandoned",
-                                             "expired"]
+                                             "expired", "lost"]
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
 
 
@@ -63,11 +63,11 @@ def test_every_state_has_a_transition_entry() -> None:
 def test_live_and_final_lease_states() -> None:
     assert LIVE_LEASE_STATES == {L.ISSUING, L.ACTIVE, L.REVOKING}
     assert FINAL_LEASE_STATES == {L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
-                                  L.EXPIRED}
+                                  L.EXPIRED, L.LOST}
 
 
 @pytest.mark.parametrize("state", [L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
-                                   L.EXPIRED],
+                                   L.EXPIRED, L.LOST],
                          ids=lambda s: s.value)
 def test_final_lease_states_have_no_exits(state: LeaseState) -> None:
     assert LEASE_TRANSITIONS[state] == frozenset()

@@ -1,0 +1,221 @@
+"""How a lease ends when Vault says it does not know it: revoked by the broker, expired,
+or ``lost`` (Vault forgot it: restored from an older snapshot, storage replaced, a mount
+re-enabled). "Vault does not know it" is never taken as proof of revocation by itself.
+
+The decision (``decide``) is pure; ``LeaseEnder`` is the I/O shell every path that ends a
+lease shares (the revocation worker, a workload's release, the lease-limit replacement and
+its sweep, renewal, the reconciler): it looks a lease up before revoking it, records
+``revoke_sent_at`` before the first revocation that covers it, asks a direct check
+(``CredentialCheck``) when one can tell, and records the outcome with its audit event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from broker.clock import Clock
+from broker.leases.states import LeaseState
+from broker.leases.views import LeaseView
+
+log = logging.getLogger(__name__)
+
+# The broker records a lease's expiry a little after Vault's (it stamps ``issued_at`` once
+# Vault answered): a lease Vault forgot this close to the recorded expiry expired.
+EXPIRY_MARGIN = timedelta(seconds=5)
+
+# Why a lease is lost, as the audit says it.
+UNKNOWN_BEFORE_REVOCATION = "vault_unknown_before_revocation"
+MISSING_FROM_LISTING = "missing_from_vault_listing"
+UNKNOWN_AT_RENEWAL = "vault_unknown_at_renewal"
+
+
+class CredentialCheck(Protocol):
+    """A direct look at the credential, without Vault and without holding a secret (a
+    certificate serial against its CRL, a database username against the database)."""
+
+    name: str  # "crl", "database"
+
+    async def gone(self, lease: LeaseView) -> bool | None:
+        """True: the credential is confirmed dead; False: confirmed still valid; None:
+        this check cannot tell for this lease."""
+        ...
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What became of a lease Vault does not know."""
+
+    state: LeaseState  # the state to record: ours (revoked, released), expired or lost
+    confirmed_by: str | None = None  # the direct check that confirmed it dead
+
+
+def past_expiry(lease: LeaseView, now: datetime) -> bool:
+    return lease.expires_at is not None and now >= lease.expires_at - EXPIRY_MARGIN
+
+
+def worth_checking(lease: LeaseView, now: datetime) -> bool:
+    """Whether only a direct check can tell revoked from lost: no revocation of ours was
+    sent and the lease was not past its expiry."""
+    return lease.revoke_sent_at is None and not past_expiry(lease, now)
+
+
+def decide(
+    lease: LeaseView,
+    now: datetime,
+    *,
+    confirmed: bool | None = None,
+    by: str | None = None,
+    ours: LeaseState = LeaseState.REVOKED,
+) -> Ending:
+    """A lease Vault says it does not know. ``ours``: the state the path records for a
+    lease it ended itself (``revoked``; ``released`` for a workload's release);
+    ``confirmed``/``by``: a direct check's answer and its name."""
+    if lease.revoke_sent_at is not None:
+        return Ending(ours)  # we revoked it: Vault not knowing it is our doing
+    if past_expiry(lease, now):
+        return Ending(LeaseState.EXPIRED)
+    if confirmed is True:
+        return Ending(ours, confirmed_by=by)
+    return Ending(LeaseState.LOST)
+
+
+class VaultLeases(Protocol):
+    """What the shell asks Vault (``broker.vault.VaultClient``)."""
+
+    async def lease_exists(self, lease_id: str) -> bool: ...
+
+    async def revoke_lease(self, lease_id: str) -> None: ...
+
+
+class EndingLedger(Protocol):
+    """What the shell records (``broker.leases.ending_records.EndingRecords``)."""
+
+    async def mark_revoke_sent(self, lease_ids: Sequence[str]) -> int: ...
+
+    async def end_decided(
+        self,
+        lease: LeaseView,
+        ending: Ending,
+        *,
+        actor: str,
+        engine: str | None,
+        found_by: str,
+        why: str,
+    ) -> bool: ...
+
+
+class LostLeases:
+    """Leases found lost by this replica since start, by (role, found_by), for the metric
+    ``broker_leases_lost_total``."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def record(self, role: str, found_by: str) -> None:
+        self._counts[(role, found_by)] += 1
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(self._counts)
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """A lease a path ended in Vault itself: the caller records it as its own."""
+
+
+class LeaseEnder:
+    """The I/O shell around ``decide``, shared by every path that ends a lease."""
+
+    def __init__(
+        self,
+        vault: VaultLeases,
+        ledger: EndingLedger,
+        clock: Clock,
+        *,
+        engine_of: Mapping[str, str] | None = None,
+        checks: CredentialCheck | None = None,
+        lost: LostLeases | None = None,
+    ) -> None:
+        self._vault = vault
+        self._ledger = ledger
+        self._clock = clock
+        self._engine_of = dict(engine_of or {})
+        self._checks = checks
+        self.lost = lost or LostLeases()
+
+    async def settle_unknown(
+        self,
+        leases: Sequence[LeaseView],
+        *,
+        actor: str,
+        found_by: str,
+        why: str = UNKNOWN_BEFORE_REVOCATION,
+        ours: LeaseState = LeaseState.REVOKED,
+    ) -> dict[str, Ending]:
+        """Record what became of leases Vault said it does not know; by lease id, the
+        ending of each (one already ended elsewhere meanwhile stays as it was)."""
+        out: dict[str, Ending] = {}
+        for lease in leases:
+            ending = await self._decide(lease, ours)
+            moved = await self._ledger.end_decided(
+                lease,
+                ending,
+                actor=actor,
+                engine=self._engine_of.get(lease.role),
+                found_by=found_by,
+                why=why,
+            )
+            out[lease.lease_id] = ending
+            if moved and ending.state is LeaseState.LOST:
+                self.lost.record(lease.role, found_by)
+                log.error(
+                    "a lease was lost: Vault no longer knew it before the broker revoked it; "
+                    "the credential may still work until it is ended by hand",
+                    extra={
+                        "lease_id": lease.lease_id,
+                        "instance_id": lease.instance_id,
+                        "role": lease.role,
+                        "vault_path": lease.vault_path,
+                        "found_by": found_by,
+                    },
+                )
+        return out
+
+    async def _decide(self, lease: LeaseView, ours: LeaseState) -> Ending:
+        now = self._clock.now()
+        if self._checks is None or not worth_checking(lease, now):
+            return decide(lease, now, ours=ours)
+        try:
+            confirmed = await self._checks.gone(lease)
+        except Exception:  # noqa: BLE001 — a check that fails cannot tell
+            log.warning(
+                "a direct credential check failed", extra={"lease_id": lease.lease_id}
+            )
+            confirmed = None
+        return decide(lease, now, confirmed=confirmed, by=self._checks.name, ours=ours)
+
+    async def end_one(
+        self, lease: LeaseView, *, actor: str, found_by: str, ours: LeaseState
+    ) -> Ending | Revoked | None:
+        """Revoke one recorded lease, looking it up first. An ``Ending``: Vault did not know
+        it, and the decision is recorded; ``Revoked``: revoked and confirmed gone, for the
+        caller to record as its own; None: Vault still holds it after revoking (retry).
+        Raises ``BrokerError`` when Vault fails."""
+        vault_lease_id = lease.vault_lease_id
+        assert vault_lease_id is not None
+        if lease.revoke_sent_at is None:
+            if not await self._vault.lease_exists(vault_lease_id):
+                decided = await self.settle_unknown(
+                    [lease], actor=actor, found_by=found_by, ours=ours
+                )
+                return decided[lease.lease_id]
+            await self._ledger.mark_revoke_sent([lease.lease_id])
+        await self._vault.revoke_lease(vault_lease_id)
+        if await self._vault.lease_exists(vault_lease_id):
+            return None
+        return Revoked()

@@ -1,0 +1,94 @@
+"""The SQL of ending a lease Vault does not know (``broker.leases.ending``): when the
+broker first sent a revocation, and the decided ending with its audit event."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from broker.clock import Clock
+from broker.leases import models as m
+from broker.leases.ending import Ending
+from broker.leases.sql.common import audit
+from broker.leases.states import LIVE_LEASE_STATES, LeaseState, lease_can_move
+from broker.leases.views import LeaseView
+
+
+async def mark_revoke_sent(conn: AsyncConnection, clock: Clock, lease_ids: Sequence[str]) -> int:
+    """Stamp ``revoke_sent_at`` on the live leases that have none; how many were stamped.
+    Kept once set: the first revocation is what makes Vault's silence ours."""
+    now = clock.now()
+    stamped = 0
+    for start in range(0, len(lease_ids), 500):
+        chunk = list(lease_ids[start : start + 500])
+        res = await conn.execute(
+            update(m.Lease)
+            .where(
+                m.Lease.lease_id.in_(chunk),
+                m.Lease.revoke_sent_at.is_(None),
+                m.Lease.state.in_([s.value for s in LIVE_LEASE_STATES]),
+            )
+            .values(revoke_sent_at=now, updated_at=now)
+        )
+        stamped += res.rowcount or 0
+    return stamped
+
+
+async def end_decided(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease: LeaseView,
+    ending: Ending,
+    *,
+    actor: str,
+    engine: str | None,
+    found_by: str,
+    why: str,
+) -> bool:
+    """Move the lease to the decided state (only from a live state that may lead there)
+    and write its event: ``lease.lost`` with what an operator needs to end the credential
+    by hand, or ``lease.<state>`` saying Vault did not know it. False if it had ended."""
+    now = clock.now()
+    state = ending.state
+    sources = [s.value for s in LIVE_LEASE_STATES if lease_can_move(s, state)]
+    row = (
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease.lease_id, m.Lease.state.in_(sources))
+            .values(state=state.value, ended_at=now, updated_at=now)
+            .returning(m.Lease.lease_id)
+        )
+    ).first()
+    if row is None:
+        return False
+    detail: dict[str, Any] = {
+        "workload": lease.workload,
+        "role": lease.role,
+        "engine": engine,
+        "vault_lease_id": lease.vault_lease_id,
+        "vault_path": lease.vault_path,
+        "credential_ref": lease.credential_ref,
+        "found_by": found_by,
+        "vault_knew": False,
+    }
+    if ending.confirmed_by is not None:
+        detail["confirmed_by"] = ending.confirmed_by
+    if state is LeaseState.LOST:
+        detail["why"] = why
+    await audit(
+        conn,
+        clock,
+        actor,
+        f"lease.{state.value}",
+        instance_id=lease.instance_id,
+        lease_id=lease.lease_id,
+        outcome="lost" if state is LeaseState.LOST else "ok",
+        reason="Vault no longer knew the lease before the broker revoked it"
+        if state is LeaseState.LOST
+        else None,
+        **detail,
+    )
+    return True
