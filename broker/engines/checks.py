@@ -126,7 +126,10 @@ class DirectChecks:
     """The one object the lease-ending decision asks: dispatches by the lease's role to
     the check its engine has, if any (``broker.leases.ending.CredentialCheck``)."""
 
-    name = "direct"
+    # The name of the check that gave the latest answer ("crl", "database"; "direct"
+    # before any), for the audit's ``confirmed_by``: the decision reads it right after
+    # ``gone`` returns, with no await in between, so no other lease's answer can come first.
+    name: str = "direct"
 
     def __init__(self, roles: Mapping[str, RoleSettings], vault: VaultClient) -> None:
         crl = CrlCheck(Crl(vault))
@@ -145,8 +148,10 @@ class DirectChecks:
     async def gone(self, lease: CheckedLease) -> bool | None:
         check = self.check_for(lease)
         if check is None:
+            self.name = "direct"
             return None
         answer = await check.gone(lease)
+        self.name = check.name
         log.info(
             "direct check answered",
             extra={

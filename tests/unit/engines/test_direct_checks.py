@@ -266,3 +266,7 @@ async def test_dispatch_goes_by_the_lease_role_to_its_engines_check() -> None:
     checks._by_role["web-cert"] = fake
     assert await checks.gone(Lease(lease_id="l-9", role="web-cert")) is True
     assert fake.asked == ["l-9"]
+    assert checks.name == "crl"  # what confirmed it, for the audit's confirmed_by
+    checks._by_role["app-db"] = Answer("database", True)
+    assert await checks.gone(Lease(role="app-db")) is True and checks.name == "database"
+    assert await checks.gone(Lease(role="kv")) is None and checks.name == "direct"
