@@ -111,6 +111,14 @@ class InstanceTerminated(BrokerError):
     code = "instance_terminated"
 
 
+class LeaseEnded(BrokerError):
+    """Vault no longer knows the lease: it expired (``lease_expired``), or Vault forgot it
+    before its expiry (``lease_lost``). Either way, a new credential is the way on."""
+
+    status = 409
+    code = "lease_expired"
+
+
 class LeaseLimitReached(BrokerError):
     status = 409
     code = "lease_limit_reached"

@@ -122,6 +122,8 @@ class Outcome(enum.StrEnum):
 _LEASE_ENDED = frozenset(
     {"lease_at_max_ttl", "lease_not_renewable", "lease_not_active", "lease_not_found"}
 )
+# 409: Vault no longer knows the lease (expired, or forgotten: ``lost``); only a new one helps.
+_LEASE_GONE = frozenset({"lease_expired", "lease_lost"})
 
 
 def _unavailable(status: int | None) -> bool:
@@ -142,8 +144,12 @@ def classify_renew(status: int | None, code: str | None, *, expired: bool = Fals
     """``expired``: the lease is past the expiry the agent last saw. Renewing it again is
     pointless whatever the answer said (a 502 because Vault no longer knows it, a timeout):
     the credential in the files is dead, so the next step is a new one, not a retry. Only
-    a refusal (401/403/409) stays a refusal: issuing would be refused the same way."""
+    a refusal (401/403/409) stays a refusal: issuing would be refused the same way, except
+    the broker's word that Vault no longer knows the lease (409 ``lease_expired``,
+    ``lease_lost``)."""
     if status in (400, 404) and code in _LEASE_ENDED:
+        return Outcome.REISSUE
+    if status == 409 and code in _LEASE_GONE:
         return Outcome.REISSUE
     if _unavailable(status):
         return Outcome.REISSUE if expired else Outcome.UNAVAILABLE
@@ -158,6 +164,8 @@ class Release(enum.StrEnum):
 
 def classify_release(status: int | None, code: str | None) -> Release:
     if status == 204 or (status in (400, 404) and code in _LEASE_ENDED):
+        return Release.DONE
+    if status == 409 and code in _LEASE_GONE:
         return Release.DONE
     if _unavailable(status):
         return Release.RETRY

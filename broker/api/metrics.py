@@ -20,6 +20,13 @@ class Counted(Protocol):
     def counts(self) -> Mapping[str, int]: ...
 
 
+class CountedByKey(Protocol):
+    """A part that counts since start by a key of several labels (lost leases by role and
+    the path that found them)."""
+
+    def counts(self) -> Mapping[tuple[str, str], int]: ...
+
+
 class CheckpointStatus(Protocol):
     """The audit checkpoint writer: the newest trusted checkpoint, its signing failures
     and its refusals (a chain that does not hold) in a row, stored checkpoints ignored."""
@@ -75,6 +82,15 @@ class Metrics:
             ["role", "engine", "state"],
             registry=r,
         )
+        self.leases_lost = Counter(
+            "broker_leases_lost",
+            "Leases Vault no longer knew before the broker revoked them and before their "
+            "expiry (their credentials may still work: alert on any increase), by the path "
+            "that found them: revocation, release, lease_limit, renewal, reconciler",
+            ["engine", "role", "found_by"],
+            registry=r,
+        )
+        self._lost_seen: dict[tuple[str, str], int] = {}
         self.queue_depth = Gauge(
             "broker_revocation_queue_depth", "Revocation jobs pending or running", registry=r
         )
@@ -103,7 +119,7 @@ class Metrics:
             "broker_reconcile_findings_total",
             "What reconciliation found and did: expired, expiry_corrected, past_expiry_held, "
             "stuck_settled, stuck_revoked_in_vault, stuck_waiting, orphans, orphans_revoked, "
-            "unseen_terminated",
+            "unseen_terminated, lost",
             ["finding"],
             registry=r,
         )
@@ -196,6 +212,7 @@ class Metrics:
             ("orphans", report.orphans),
             ("orphans_revoked", report.orphans_revoked),
             ("unseen_terminated", len(report.unseen_terminated)),
+            ("lost", len(report.lost)),
         ):
             if n:
                 self.reconcile_found.labels(finding=finding).inc(n)
@@ -228,6 +245,15 @@ class Metrics:
             for outcome, n in counted.counts().items():
                 self.liveness.labels(issuer=issuer, outcome=outcome).set(n)
 
+    def observe_lost(self, lost: CountedByKey) -> None:
+        """The lost leases counted since the last scrape, by (role, found_by)."""
+        for (role, found_by), n in lost.counts().items():
+            seen = self._lost_seen.get((role, found_by), 0)
+            if n > seen:
+                engine = self._engine_of.get(role, "unknown")
+                self.leases_lost.labels(engine=engine, role=role, found_by=found_by).inc(n - seen)
+                self._lost_seen[(role, found_by)] = n
+
     def source_restarted(self, source: str) -> None:
         self.events.labels(source=source, outcome="restarted").inc()
 
@@ -248,8 +274,10 @@ class Scraper:
         jwks_fetches: Mapping[str, Counted],
         liveness: Mapping[str, Counted],
         checkpoints: CheckpointStatus | None = None,
+        lost: CountedByKey | None = None,
     ) -> None:
         self._metrics = metrics
+        self._lost = lost
         self._checkpoints = checkpoints
         self._revocations = revocations
         self._events = events
@@ -267,4 +295,6 @@ class Scraper:
         )
         if self._checkpoints is not None:
             self._metrics.observe_checkpoints(self._checkpoints)
+        if self._lost is not None:
+            self._metrics.observe_lost(self._lost)
         return self._metrics.render()

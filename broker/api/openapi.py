@@ -220,7 +220,11 @@ def openapi_document() -> dict[str, Any]:
                         "200": ok("renewed", {"$ref": "#/components/schemas/Renewal"}),
                         "400": err("not renewable / at max TTL"),
                         "404": err("no such lease for this instance"),
-                        "409": err("instance terminated"),
+                        "409": err(
+                            "instance terminated (instance_terminated), or Vault no longer "
+                            "knows the lease: lease_expired, or lease_lost (Vault forgot it "
+                            "before its expiry); on either, request a new credential"
+                        ),
                         **_COMMON,
                     },
                 }
@@ -231,7 +235,10 @@ def openapi_document() -> dict[str, Any]:
                     "security": _WORKLOAD,
                     "parameters": [_LEASE_PARAM],
                     "responses": {
-                        "204": ok("revoked in Vault"),
+                        "204": ok(
+                            "revoked in Vault; or already ended (a lease Vault no longer "
+                            "knew is recorded expired or lost, for the operator)"
+                        ),
                         "404": err("no such lease for this instance"),
                         **_COMMON,
                     },
@@ -446,6 +453,7 @@ def openapi_document() -> dict[str, Any]:
                                         "stuck_waiting",
                                         "orphan_sample",
                                         "unseen_terminated",
+                                        "lost",
                                     )
                                 }
                                 | {

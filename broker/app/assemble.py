@@ -52,6 +52,7 @@ from broker.identity import IdentityVerifier
 from broker.issuance import CredentialService
 from broker.issuance.tokens import InstanceTokens
 from broker.leases import Database, Ledgers, TerminationRecords
+from broker.leases.ending import CredentialCheck, LeaseEnder
 from broker.leases.refusals import BoundedRefusals
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
@@ -108,6 +109,7 @@ class Assembly:
     kubernetes: KubernetesClient | None
     http: aiohttp.ClientSession
     metrics: Metrics
+    ender: LeaseEnder
     tokens: InstanceTokens
     verifier: IdentityVerifier
     sightings: Sightings
@@ -129,11 +131,16 @@ class Assembly:
 
 
 def assemble(
-    settings: Settings, *, clock: Clock | None = None, worker_id: str | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    worker_id: str | None = None,
+    checks: CredentialCheck | None = None,
 ) -> Assembly:
     """The broker's components from ``settings``. Call it from a coroutine: the identity
     verifier's ``aiohttp.ClientSession`` belongs to the running loop (constructing one
-    opens nothing; its connections open on the first JWKS fetch)."""
+    opens nothing; its connections open on the first JWKS fetch). ``checks``: the direct
+    credential checks that tell a lease Vault forgot from one that is dead (None: none)."""
     clock = clock or SystemClock()
     database = Database(settings.store)
     key = settings.audit.hash_key
@@ -141,7 +148,10 @@ def assemble(
         database, clock, token_key=key.get_secret_value().encode() if key is not None else None
     )
     vault = VaultClient(settings.vault, clock)
-    metrics = Metrics({name: role.engine for name, role in settings.roles.items()})
+    engine_of = {name: role.engine for name, role in settings.roles.items()}
+    metrics = Metrics(engine_of)
+    # Every path that ends a lease tells "Vault forgot it" from "we revoked it" through it.
+    ender = LeaseEnder(vault, ledgers.ending, clock, engine_of=engine_of, checks=checks)
     tokens = InstanceTokens(vault, ledgers.issuance, clock)
     aws = None
     if settings.aws is not None:
@@ -156,6 +166,7 @@ def assemble(
         on_terminated=tokens.forget,
         worker_id=worker_id,
         cloud=aws,
+        ender=ender,
     )
     revocation = Tick(
         "revocation", settings.revocation.tick_s, Revocation(worker).run_once, at_start=True
@@ -172,6 +183,7 @@ def assemble(
         vault=vault,
         clock=clock,
         terminate=terminate,
+        ender=ender,
     )
     reconcile = Reconciliation(reconciler, flush, metrics)
     http = aiohttp.ClientSession()
@@ -200,6 +212,7 @@ def assemble(
         terminate=terminate,
         sightings=sightings,
         refusals=refusals,
+        ender=ender,
     )
     events = None
     if settings.events.webhook is not None:
@@ -259,6 +272,7 @@ def assemble(
         jwks_fetches={cache.issuer.name: cache for cache in verifier.caches},
         liveness=service.liveness_outcomes,
         checkpoints=checkpoints,
+        lost=ender.lost,
     )
     app = build_app(
         service,
@@ -292,6 +306,7 @@ def assemble(
         kubernetes=kubernetes,
         http=http,
         metrics=metrics,
+        ender=ender,
         tokens=tokens,
         verifier=verifier,
         sightings=sightings,

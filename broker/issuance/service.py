@@ -51,6 +51,7 @@ from broker.events import Terminate
 from broker.identity.model import Identity
 from broker.identity.recorded import recorded_claims
 from broker.issuance.ledger import IssuanceLedger
+from broker.issuance.lifecycle import LeaseEnds
 from broker.issuance.locks import RefusalAudit, audit_locked, lock_subject, refuse_renewal
 from broker.issuance.settle import (
     Obtained,
@@ -65,6 +66,7 @@ from broker.issuance.settle import (
 )
 from broker.issuance.tokens import InstanceTokens
 from broker.leases import JobView, LeaseLimit, LeaseView
+from broker.leases.ending import LeaseEnder
 from broker.leases.states import LeaseState
 from broker.liveness import LivenessCheck
 from broker.liveness.sightings import Sightings
@@ -114,6 +116,15 @@ class IssuedCredential:
         return f"IssuedCredential(lease_id={self.lease_id!r}, role={self.role!r}, data=***)"
 
 
+def _ended_otherwise(replaced: list[tuple[str, LeaseState | None]]) -> dict[str, Any]:
+    """Replaced leases Vault no longer knew, by the state recorded (``lost``, ``expired``)."""
+    out: dict[str, list[str]] = {}
+    for lease_id, state in replaced:
+        if state is not None and state is not LeaseState.REVOKED:
+            out.setdefault(state.value, []).append(lease_id)
+    return out
+
+
 class LivenessOutcomes:
     """One issuer's liveness answers at renewal since start: alive, gone, unknown."""
 
@@ -143,8 +154,10 @@ class CredentialService:
         cloud: CloudExchange | None = None,
         liveness: Mapping[str, LivenessCheck] | None = None,
         refusals: RefusalAudit | None = None,
+        ender: LeaseEnder,
     ) -> None:
         self._roles = roles
+        self._ends = LeaseEnds(roles=roles, ledger=ledger, vault=vault, ender=ender)
         self._refusals = refusals
         self._rules = rules
         self._ledger = ledger
@@ -214,7 +227,7 @@ class CredentialService:
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
-            replaced = await self._revoke_superseded(ticket.superseded)
+            replaced = await self._ends.revoke_superseded(ticket.superseded)
         self._sightings.note(identity.instance_id)
         if limit is not None:
             credential = replace(
@@ -222,8 +235,10 @@ class CredentialService:
                 lease_limit={
                     "max_leases": limit.max_leases,
                     "on_limit": limit.on_limit,
-                    "revoked": [lid for lid, done in replaced if done],
-                    "revocation_pending": [lid for lid, done in replaced if not done],
+                    "revoked": [lid for lid, st in replaced if st is LeaseState.REVOKED],
+                    "revocation_pending": [lid for lid, st in replaced if st is None],
+                    # Vault had forgotten them: ended, but not by this revocation.
+                    **_ended_otherwise(replaced),
                 },
             )
         return credential
@@ -402,28 +417,8 @@ class CredentialService:
 
     async def _take_back_for(self, settlement: Settlement, outcome: Outcome) -> bool:
         if settlement.take_back and isinstance(outcome, Withheld) and outcome.vault_lease_id:
-            return await self._take_back(outcome.vault_lease_id)
+            return await self._ends.take_back(outcome.vault_lease_id)
         return False
-
-    async def _revoke_superseded(
-        self, superseded: tuple[tuple[str, str], ...]
-    ) -> list[tuple[str, bool]]:
-        """Revoke leases replaced under a role's lease limit; (lease id, confirmed gone).
-        One that is not confirmed stays ``revoking`` for the revocation worker's sweep."""
-        out = []
-        for lease_id, vault_lease_id in superseded:
-            try:
-                gone = await self._vault.revoke_confirmed(vault_lease_id)
-                if gone:
-                    await self._ledger.end_lease(lease_id, LeaseState.REVOKED, actor="lease_limit")
-            except BrokerError as exc:
-                log.warning(
-                    "a replaced lease is not revoked yet; the sweep retries",
-                    extra={"lease_id": lease_id, "error": exc.code},
-                )
-                gone = False
-            out.append((lease_id, gone))
-        return out
 
     @staticmethod
     def _used_once(identity: Identity) -> tuple[str, datetime] | None:
@@ -438,19 +433,6 @@ class CredentialService:
         if identity.replay_key is None:
             return None
         return identity.issuer_name, identity.replay_key
-
-    async def _take_back(self, vault_lease_id: str) -> bool:
-        """Revoke a credential that is not being handed out. False if Vault still may
-        hold it (then the instance token and the reconciler cover it)."""
-        try:
-            await self._vault.revoke_lease(vault_lease_id)
-            return True
-        except BrokerError:
-            log.warning(
-                "could not revoke a credential that was not handed out",
-                extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
-            )
-            return False
 
     async def _own_lease(self, identity: Identity, lease_id: str) -> tuple[LeaseView, str]:
         """The caller's own lease and its instance's state. Another instance's lease, or
@@ -499,7 +481,11 @@ class CredentialService:
                 code="lease_at_max_ttl",
             )
         increment = min(granted, room)
-        duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
+        try:
+            duration, renewable = await self._vault.renew_lease(lease.vault_lease_id, increment)
+        except UpstreamRejected:
+            await self._ends.renewal_refused(lease)  # Vault forgot it: 409, recorded
+            raise
         expires_at = now + timedelta(seconds=duration)
         locked = await self._ledger.set_lease_expiry(
             lease_id, expires_at, renewable, lock_subject(identity, lease.role)
@@ -561,37 +547,4 @@ class CredentialService:
 
     async def release(self, identity: Identity, lease_id: str) -> None:
         lease, _ = await self._own_lease(identity, lease_id)
-        if lease.state in (
-            LeaseState.RELEASED,
-            LeaseState.REVOKED,
-            LeaseState.FAILED,
-            LeaseState.ABANDONED,
-        ):
-            return  # idempotent: already gone
-        if lease.state == LeaseState.ISSUING:
-            raise BadRequest("the lease is still being issued", code="lease_not_active")
-        role = self._roles.get(lease.role)
-        if lease.external_ref is not None or (
-            role is not None and not ENGINES[role.engine].revocable(role)
-        ):
-            # Revoking one STS session is impossible (Vault's lease revocation does nothing
-            # at AWS), and denying its name would end every session of the instance on that
-            # role: only termination acts, and releasing must not free a lease-limit slot.
-            raise BadRequest(
-                "an AWS STS session cannot be revoked on its own; it stays valid until "
-                f"{iso_z(lease.expires_at) if lease.expires_at else 'its expiry'}",
-                code="lease_not_revocable",
-            )
-        if lease.vault_lease_id is None:
-            raise BadRequest(
-                f"lease is {lease.state}; it holds no Vault lease, so there is nothing to release",
-                code="lease_not_active",
-            )
-        await self._vault.revoke_lease(lease.vault_lease_id)
-        if await self._vault.lease_exists(lease.vault_lease_id):
-            raise UpstreamRejected(
-                "Vault still holds the lease after revoking it; retry",
-                code="revocation_unconfirmed",
-            )
-        await self._ledger.end_lease(lease_id, LeaseState.RELEASED, actor="workload")
-
+        await self._ends.release(lease)

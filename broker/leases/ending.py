@@ -186,6 +186,12 @@ class LeaseEnder:
                 )
         return out
 
+    async def mark_revoke_sent(self, lease_ids: Sequence[str]) -> int:
+        """Committed before the first revocation that covers these leases is sent."""
+        if not lease_ids:
+            return 0
+        return await self._ledger.mark_revoke_sent(lease_ids)
+
     async def _decide(self, lease: LeaseView, ours: LeaseState) -> Ending:
         now = self._clock.now()
         if self._checks is None or not worth_checking(lease, now):

@@ -403,6 +403,16 @@ class ReconcileRecords:
         async with self._db.transaction(readonly=True) as conn:
             return await reconcile.vault_paths(conn)
 
+    async def unsent_live_under(
+        self, path: str, *, expiring_after: datetime, limit: int
+    ) -> list[LeaseView]:
+        """Live leases directly under ``path`` with no revocation sent, expiring after
+        ``expiring_after``: the ones Vault's listing of ``path`` must show."""
+        async with self._db.transaction(readonly=True) as conn:
+            return await reconcile.unsent_live_under(
+                conn, path, expiring_after=expiring_after, limit=limit
+            )
+
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None:
         async with self._db.transaction() as conn:
             await common.audit(conn, self._clock, actor, action, **detail)

@@ -46,6 +46,13 @@ from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
 from broker.identity.settings import IssuerSettings
 from broker.leases import LeaseState, LeaseView
+from broker.leases.ending import (
+    EXPIRY_MARGIN,
+    MISSING_FROM_LISTING,
+    UNKNOWN_BEFORE_REVOCATION,
+    LeaseEnder,
+    decide,
+)
 from broker.leases.states import LIVE_LEASE_STATES
 from broker.revocation.bounded import Bounded
 from broker.revocation.settings import ReconcileSettings, RevocationSettings
@@ -58,6 +65,7 @@ SAMPLE = 50  # ids listed in a report; the counts are complete
 # reported (``reconcile_too_many``) and nothing under it is settled from a partial view.
 MAX_LOOKUPS = 20_000
 _LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
+EXPIRY_STEP = UNKNOWN_BEFORE_REVOCATION
 
 
 # -- pure decisions ------------------------------------------------------------------
@@ -163,6 +171,9 @@ class ReconcileReport:
     orphan_sample: list[str] = field(default_factory=list)  # Vault lease ids
     irrevocable: list[str] = field(default_factory=list)  # Vault lease ids Vault gave up on
     unseen_terminated: list[str] = field(default_factory=list)  # instance ids
+    # Leases Vault had forgotten before their expiry and before any revocation of ours
+    # (``lost``): their credentials may still work; an operator ends them by hand.
+    lost: list[str] = field(default_factory=list)  # lease ids
     errors: dict[str, str] = field(default_factory=dict)  # step → error code
 
     def public(self) -> dict[str, Any]:
@@ -174,6 +185,7 @@ class ReconcileReport:
             "orphan_sample",
             "unseen_terminated",
             "irrevocable",
+            "lost",
         ):
             d[key] = d[key][:SAMPLE]
         return d
@@ -205,6 +217,10 @@ class ReconcileLedger(Protocol):
 
     async def vault_paths(self) -> set[str]: ...
 
+    async def unsent_live_under(
+        self, path: str, *, expiring_after: datetime, limit: int
+    ) -> list[LeaseView]: ...
+
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
 
     async def unseen_instances(
@@ -224,8 +240,10 @@ class Reconciler:
         vault: VaultClient,
         clock: Clock,
         terminate: Terminate,
+        ender: LeaseEnder,
     ) -> None:
         self._settings = settings
+        self._ender = ender
         self._issuing_timeout_s = revocation.issuing_timeout_s
         self._roles = roles
         self._issuers = issuers
@@ -294,10 +312,14 @@ class Reconciler:
         leased = [r for r in rows if r.vault_lease_id is not None]
         infos = await self._lookup_all([r.vault_lease_id for r in leased])  # type: ignore[misc]
         to_revoke = []
+        unknown = []
         for row, info in zip(leased, infos, strict=True):
             action = expiry_action(info, now)
             if action == "expired":
-                expired.append(row.lease_id)
+                if decide(row, now).state is LeaseState.EXPIRED:
+                    expired.append(row.lease_id)  # the common case: ended in bulk below
+                else:
+                    unknown.append(row)  # a revocation of ours was sent: as the decision says
             elif action == "extend":
                 assert info is not None and info.expire_time is not None
                 await self._ledger.correct_expiry(row.lease_id, info.expire_time)
@@ -320,6 +342,7 @@ class Reconciler:
         report.expired += await self._ledger.mark_leases_ended(
             expired, LeaseState.EXPIRED, actor="reconciler"
         )
+        await self._settle_unknown(report, unknown, EXPIRY_STEP)
 
     # -- 2. stuck issuing --------------------------------------------------------------
 
@@ -409,13 +432,18 @@ class Reconciler:
         except Exception:  # noqa: BLE001 — a hint only
             return None
 
-    async def _unrecorded_under(self, prefix: str) -> list[LeaseInfo]:
+    async def _unrecorded_under(
+        self, prefix: str, *, missing: ReconcileReport | None = None
+    ) -> list[LeaseInfo]:
         """The leases under ``prefix`` (a Vault path as a row stores it, escaped) that no
         live row holds, with their times. Raises ``UpstreamRejected`` (code
-        ``reconcile_too_many``) rather than judge from part of them."""
+        ``reconcile_too_many``) rather than judge from part of them. With ``missing`` (the
+        orphans step's report), recorded leases the listing lacks are settled too."""
         path = "/".join(unquote(seg) for seg in prefix.strip("/").split("/"))
         keys = await self._vault.list_lease_keys(path)
         ids = [f"{path}/{k}" for k in keys if not k.endswith("/")]
+        if missing is not None:
+            await self._missing(missing, path, set(ids))
         states = await self._ledger.vault_lease_states(ids)
         unrecorded = unheld(ids, states)
         if len(unrecorded) > MAX_LOOKUPS:
@@ -443,6 +471,38 @@ class Reconciler:
         )
         return self._pass_prefixes
 
+    async def _settle_unknown(
+        self, report: ReconcileReport, leases: Sequence[LeaseView], why: str
+    ) -> None:
+        endings = await self._ender.settle_unknown(
+            leases, actor="reconciler", found_by="reconciler", why=why
+        )
+        for lease_id, ending in endings.items():
+            if ending.state is LeaseState.LOST:
+                report.lost.append(lease_id)
+            elif ending.state is LeaseState.EXPIRED:
+                report.expired += 1
+
+    async def _missing(self, report: ReconcileReport, path: str, listed: set[str]) -> None:
+        """Recorded live leases under ``path``, no revocation of ours sent, not near their
+        expiry, that Vault's listing (taken before they were read) does not show: each is
+        looked up once, and one Vault does not know is settled (``lost`` unless a direct
+        check confirms it dead)."""
+        now = self._clock.now()
+        rows = await self._ledger.unsent_live_under(
+            path,
+            expiring_after=now + EXPIRY_MARGIN + timedelta(seconds=self._settings.clock_skew_s),
+            limit=self._settings.batch,
+        )
+        absent = [r for r in rows if r.vault_lease_id not in listed]
+        if not absent:
+            return
+        known = await asyncio.gather(
+            *(self._bounded(self._vault.lease_exists, str(r.vault_lease_id)) for r in absent)
+        )
+        forgotten = [r for r, exists in zip(absent, known, strict=True) if not exists]
+        await self._settle_unknown(report, forgotten, MISSING_FROM_LISTING)
+
     async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
         now = self._clock.now()
         prefixes = await self._prefixes()
@@ -450,7 +510,7 @@ class Reconciler:
         orphans: list[str] = []
         for prefix in sorted(prefixes):
             try:
-                unrecorded = await self._unrecorded_under(prefix)
+                unrecorded = await self._unrecorded_under(prefix, missing=report)
             except BrokerError as exc:  # one path's trouble does not hide the others
                 report.errors["orphans"] = exc.code
                 log.warning(

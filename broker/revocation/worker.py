@@ -1,6 +1,11 @@
 """The revocation worker: claims jobs from its ledger and makes Vault forget an instance.
 
 For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
+0. look up the recorded leases no revocation of ours covered yet: one Vault does not know
+   is not taken for revoked (``broker.leases.ending``: expired, confirmed dead by a direct
+   check, else ``lost``); the others, and the leases still issuing, get ``revoke_sent_at``
+   (committed) before anything is revoked, so that a retry after a crash or an outage
+   takes Vault's silence about them for our own revocation, never for a loss;
 1. revoke every recorded live lease explicitly, synchronously (16 at a time; Vault
    refusing one does not stop the others);
 2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
@@ -38,6 +43,7 @@ from broker.backoff import retry_delay
 from broker.clock import Clock
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork
+from broker.leases.ending import LeaseEnder, Revoked
 from broker.revocation.bounded import Bounded
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
@@ -105,8 +111,10 @@ class RevocationWorker:
         worker_id: str | None = None,
         jitter: Callable[[], float] = random.random,
         cloud: SessionRevoker | None = None,
+        ender: LeaseEnder,
     ) -> None:
         self._settings = settings
+        self._ender = ender
         self._ledger = ledger
         self._vault = vault
         self._clock = clock
@@ -242,21 +250,28 @@ class RevocationWorker:
 
     async def sweep_superseded(self) -> int:
         """Finish leases left ``revoking`` by a request that died before it revoked them
-        (replaced under a role's lease limit). Returns how many were confirmed gone."""
+        (replaced under a role's lease limit). Returns how many were confirmed gone (a
+        lease Vault had forgotten is recorded ``lost`` or ``expired``, not counted)."""
         leases = await self._ledger.superseded_leases(
             older_than=timedelta(seconds=self._settings.issuing_timeout_s)
         )
         recorded = [lease for lease in leases if lease.vault_lease_id]
+
+        async def one(lease: LeaseView) -> object:
+            return await self._ender.end_one(
+                lease, actor="lease_limit", found_by="lease_limit", ours=LeaseState.REVOKED
+            )
+
         results = await asyncio.gather(
-            *(
-                self._bounded(self._vault.revoke_confirmed, lease.vault_lease_id)
-                for lease in recorded
-            ),
-            return_exceptions=True,
+            *(self._bounded(one, lease) for lease in recorded), return_exceptions=True
         )
-        gone = [lease.lease_id for lease, ok in zip(recorded, results, strict=True) if ok is True]
+        gone = [
+            lease.lease_id
+            for lease, ok in zip(recorded, results, strict=True)
+            if isinstance(ok, Revoked)
+        ]
         for lease, ok in zip(recorded, results, strict=True):
-            if ok is not True:
+            if ok is None or isinstance(ok, BaseException):
                 log.warning(
                     "a replaced lease is still not revoked",
                     extra={
@@ -331,6 +346,12 @@ class RevocationWorker:
             if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
         ]
 
+        recorded = await self._settle_forgotten(recorded)
+        # Every lease a revocation below may cover, the issuing ones included (the token's
+        # revocation takes whatever Vault issued for them), is stamped first.
+        await self._ender.mark_revoke_sent(
+            [lease.lease_id for lease in (*recorded, *issuing) if lease.revoke_sent_at is None]
+        )
         first = await self._each(self._revoke, [str(lease.vault_lease_id) for lease in recorded])
         for token in work.tokens:
             if token.revoked_at is None:
@@ -364,6 +385,26 @@ class RevocationWorker:
             await self._deny_sessions(external)
         if issuing:
             await self._settle_issuing(issuing)
+
+    async def _settle_forgotten(self, recorded: list[LeaseView]) -> list[LeaseView]:
+        """Step 0: the recorded leases Vault still knows, or that a revocation of ours
+        already covers; those no revocation covered and Vault does not know are settled
+        (expired, confirmed dead, else lost) and left out. An STS session's lease is left
+        to its deny in IAM, whatever Vault knows."""
+        fresh = [
+            lease
+            for lease in recorded
+            if lease.revoke_sent_at is None and lease.external_ref is None
+        ]
+        if not fresh:
+            return recorded
+        known = await self._still_held([str(lease.vault_lease_id) for lease in fresh])
+        forgotten = [lease for lease in fresh if lease.vault_lease_id not in known]
+        if not forgotten:
+            return recorded
+        await self._ender.settle_unknown(forgotten, actor=self.actor, found_by="revocation")
+        settled = {lease.lease_id for lease in forgotten}
+        return [lease for lease in recorded if lease.lease_id not in settled]
 
     def _wait_for_issuing(self, issuing: list[LeaseView]) -> None:
         bound = timedelta(seconds=self._settings.issuing_timeout_s)

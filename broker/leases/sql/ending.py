@@ -50,14 +50,20 @@ async def end_decided(
 ) -> bool:
     """Move the lease to the decided state (only from a live state that may lead there)
     and write its event: ``lease.lost`` with what an operator needs to end the credential
-    by hand, or ``lease.<state>`` saying Vault did not know it. False if it had ended."""
+    by hand, or ``lease.<state>`` saying Vault did not know it. False if it had ended, or
+    (for ``lost``) if a revocation was sent for it meanwhile."""
     now = clock.now()
     state = ending.state
     sources = [s.value for s in LIVE_LEASE_STATES if lease_can_move(s, state)]
+    guard = [m.Lease.lease_id == lease.lease_id, m.Lease.state.in_(sources)]
+    if state is LeaseState.LOST:
+        # Decided from a view read before the lookup: a revocation another path sent since
+        # (its revoke_sent_at is committed before it is sent) makes Vault's silence ours.
+        guard.append(m.Lease.revoke_sent_at.is_(None))
     row = (
         await conn.execute(
             update(m.Lease)
-            .where(m.Lease.lease_id == lease.lease_id, m.Lease.state.in_(sources))
+            .where(*guard)
             .values(state=state.value, ended_at=now, updated_at=now)
             .returning(m.Lease.lease_id)
         )

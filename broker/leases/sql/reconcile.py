@@ -168,3 +168,33 @@ async def mark_seen(conn: AsyncConnection, instance_ids: Sequence[str], at: date
             )
             .values(last_seen_at=at)
         )
+
+
+async def unsent_live_under(
+    conn: AsyncConnection, path: str, *, expiring_after: datetime, limit: int
+) -> list[LeaseView]:
+    """Live leases Vault named directly under ``path`` (``path/<id>``), with no revocation
+    of ours sent and an expiry after ``expiring_after``: Vault's listing of ``path`` must
+    show each of them."""
+    rows = (
+        await conn.execute(
+            select(m.Lease)
+            .where(
+                m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
+                m.Lease.vault_lease_id.like(f"{path}/%"),
+                m.Lease.revoke_sent_at.is_(None),
+                m.Lease.expires_at > expiring_after,
+            )
+            .order_by(m.Lease.created_at)
+            .limit(limit)
+        )
+    ).all()
+    views = [lease_view(m.Lease(**r._mapping)) for r in rows]
+    root = f"{path}/"
+    return [
+        v
+        for v in views
+        if v.vault_lease_id is not None
+        and v.vault_lease_id.startswith(root)
+        and "/" not in v.vault_lease_id[len(root) :]
+    ]

@@ -159,6 +159,9 @@ RENEW_ANSWERS = [
     (401, "token_expired", Outcome.REFUSED, "401"),
     (403, "role_not_permitted", Outcome.REFUSED, "role-withdrawn"),
     (409, "instance_terminated", Outcome.REFUSED, "terminated"),
+    (409, "lease_expired", Outcome.REISSUE, "vault-forgot-expired"),
+    (409, "lease_lost", Outcome.REISSUE, "vault-forgot-lost"),
+    (400, "lease_lost", Outcome.REFUSED, "lost-code-not-409"),
 ]
 
 

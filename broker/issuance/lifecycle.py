@@ -1,0 +1,150 @@
+"""How issuance ends leases in Vault: a workload's release, the leases a role's lease limit
+replaces, a credential taken back because it is not handed out, and a renewal Vault
+refuses because it no longer knows the lease. Every one that finds Vault not knowing a
+lease decides through ``broker.leases.ending`` (ours, expired, or ``lost``): "Vault does
+not know it" is never recorded as a release or a revocation by itself."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from broker.clock import iso_z
+from broker.engines import ENGINES
+from broker.engines.role import RoleSettings
+from broker.errors import BadRequest, BrokerError, LeaseEnded, UpstreamRejected
+from broker.issuance.ledger import IssuanceLedger
+from broker.leases import LeaseView
+from broker.leases.ending import UNKNOWN_AT_RENEWAL, Ending, LeaseEnder, Revoked
+from broker.leases.states import LeaseState
+from broker.vault import VaultClient
+
+log = logging.getLogger(__name__)
+
+# A release of a lease in one of these states answers as done: nothing is left to release.
+_ENDED = frozenset(
+    {
+        LeaseState.RELEASED,
+        LeaseState.REVOKED,
+        LeaseState.FAILED,
+        LeaseState.ABANDONED,
+        LeaseState.EXPIRED,
+        LeaseState.LOST,
+    }
+)
+
+
+class LeaseEnds:
+    def __init__(
+        self,
+        *,
+        roles: Mapping[str, RoleSettings],
+        ledger: IssuanceLedger,
+        vault: VaultClient,
+        ender: LeaseEnder,
+    ) -> None:
+        self._roles = roles
+        self._ledger = ledger
+        self._vault = vault
+        self._ender = ender
+
+    async def release(self, lease: LeaseView) -> None:
+        """A workload gives its lease back. Done (idempotent) once Vault confirmed it gone,
+        or once Vault is found not to know it: then it is recorded as the decision says
+        (``lost`` when Vault forgot it before its expiry, which the audit and the metric
+        report; the workload has nothing more to do either way)."""
+        if lease.state in _ENDED:
+            return  # idempotent: already gone
+        if lease.state == LeaseState.ISSUING:
+            raise BadRequest("the lease is still being issued", code="lease_not_active")
+        role = self._roles.get(lease.role)
+        if lease.external_ref is not None or (
+            role is not None and not ENGINES[role.engine].revocable(role)
+        ):
+            # Revoking one STS session is impossible (Vault's lease revocation does nothing
+            # at AWS), and denying its name would end every session of the instance on that
+            # role: only termination acts, and releasing must not free a lease-limit slot.
+            raise BadRequest(
+                "an AWS STS session cannot be revoked on its own; it stays valid until "
+                f"{iso_z(lease.expires_at) if lease.expires_at else 'its expiry'}",
+                code="lease_not_revocable",
+            )
+        if lease.vault_lease_id is None:
+            raise BadRequest(
+                f"lease is {lease.state}; it holds no Vault lease, so there is nothing to release",
+                code="lease_not_active",
+            )
+        ended = await self._ender.end_one(
+            lease, actor="workload", found_by="release", ours=LeaseState.RELEASED
+        )
+        if ended is None:
+            raise UpstreamRejected(
+                "Vault still holds the lease after revoking it; retry",
+                code="revocation_unconfirmed",
+            )
+        if isinstance(ended, Revoked):
+            await self._ledger.end_lease(lease.lease_id, LeaseState.RELEASED, actor="workload")
+
+    async def revoke_superseded(
+        self, superseded: tuple[tuple[str, str], ...]
+    ) -> list[tuple[str, LeaseState | None]]:
+        """Revoke leases replaced under a role's lease limit; (lease id, its final state, or
+        None while not confirmed). One not confirmed stays ``revoking`` for the revocation
+        worker's sweep; one Vault had forgotten is recorded as the decision says."""
+        out: list[tuple[str, LeaseState | None]] = []
+        for lease_id, _ in superseded:
+            state: LeaseState | None = None
+            try:
+                lease = await self._ledger.get_lease(lease_id)
+                ended = await self._ender.end_one(
+                    lease, actor="lease_limit", found_by="lease_limit", ours=LeaseState.REVOKED
+                )
+                if isinstance(ended, Revoked):
+                    await self._ledger.end_lease(lease_id, LeaseState.REVOKED, actor="lease_limit")
+                    state = LeaseState.REVOKED
+                elif isinstance(ended, Ending):
+                    state = ended.state
+            except BrokerError as exc:
+                log.warning(
+                    "a replaced lease is not revoked yet; the sweep retries",
+                    extra={"lease_id": lease_id, "error": exc.code},
+                )
+            out.append((lease_id, state))
+        return out
+
+    async def take_back(self, vault_lease_id: str) -> bool:
+        """Revoke a credential that is not being handed out (never recorded as handed
+        out, so not a lease anyone can lose). False if Vault still may hold it (then the
+        instance token and the reconciler cover it)."""
+        try:
+            await self._vault.revoke_lease(vault_lease_id)
+            return True
+        except BrokerError:
+            log.warning(
+                "could not revoke a credential that was not handed out",
+                extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
+            )
+            return False
+
+    async def renewal_refused(self, lease: LeaseView) -> None:
+        """Vault refused to renew the lease. If Vault does not know it any more, it is
+        recorded as the decision says and the workload is told to get a new credential
+        (409 ``lease_expired`` or ``lease_lost``); otherwise returns (the refusal stands)."""
+        assert lease.vault_lease_id is not None
+        if await self._vault.lease_exists(lease.vault_lease_id):
+            return
+        endings = await self._ender.settle_unknown(
+            [lease], actor="workload", found_by="renewal", why=UNKNOWN_AT_RENEWAL
+        )
+        state = endings[lease.lease_id].state
+        if state is LeaseState.LOST:
+            raise LeaseEnded(
+                "Vault no longer knows this lease (it was lost before its expiry); "
+                "request a new credential",
+                code="lease_lost",
+            )
+        if state is LeaseState.EXPIRED:
+            raise LeaseEnded("the lease has expired; request a new credential")
+        raise BadRequest(
+            f"lease is {state.value}; request a new credential", code="lease_not_active"
+        )
