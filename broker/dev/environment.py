@@ -196,7 +196,7 @@ class DevEnvironment:
                 source="dev",
             )
             await asyncio.to_thread(migrate, store_url)
-            broker = Broker(assemble(settings))
+            broker = Broker(assemble(settings, checks="direct"))
             await broker.start()
             write_private(
                 d / "dev.env",

@@ -252,11 +252,17 @@ async def test_every_lease_vault_forgot_is_lost_and_every_one_it_knew_is_revoked
                 cred["data"]["serial_number"]), name
     # ... and in the audit: one lease.lost event per lost lease.
     with psycopg.connect(run.store_url) as conn:
-        lost_events = conn.execute(
-            "SELECT detail FROM audit_events WHERE action = 'lease.lost'").fetchall()
-    lost_ids = {(d if isinstance(d, dict) else json.loads(d))["lease_id"]
-                for (d,) in lost_events}
+        events = conn.execute(
+            "SELECT action, lease_id, detail FROM audit_events WHERE lease_id IS NOT NULL"
+        ).fetchall()
+    detail = {(a, lid): d if isinstance(d, dict) else json.loads(d) for a, lid, d in events}
+    lost_ids = {lid for a, lid in detail if a == "lease.lost"}
     assert lost_ids == {c["lease_id"] for c in forgotten.values()}
+    for cred in forgotten.values():
+        assert detail[("lease.lost", cred["lease_id"])]["credential_ref"] == leases[
+            cred["lease_id"]]["credential_ref"]
+    # ... and which check confirmed the dropped login dead.
+    assert detail[("lease.revoked", dropped["lease_id"])]["confirmed_by"] == "database"
     assert CHECKER_PASSWORD not in run.broker.log.read_text(errors="replace")
 
 
