@@ -78,7 +78,8 @@ class Metrics:
         )
         self.leases = Gauge(
             "broker_leases",
-            "Live leases by role, engine and state",
+            "Live leases by role, engine and state, and lost ones (state lost: Vault forgot "
+            "them; their credentials may still work)",
             ["role", "engine", "state"],
             registry=r,
         )

@@ -189,7 +189,11 @@ def radius_public(radius: BlastRadius) -> dict[str, Any]:
         "sample": list(radius.sample),
         "progress": {
             "jobs": dict(progress.jobs),
-            "leases": {"live": progress.leases_live, "ended": progress.leases_ended},
+            "leases": {
+                "live": progress.leases_live,
+                "ended": progress.leases_ended,
+                "lost": progress.leases_lost,
+            },
         },
     }
 

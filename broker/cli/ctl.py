@@ -7,11 +7,13 @@ Exit codes: 0 ok · 1 the broker refused or failed · 2 usage · 3 not found ·
 unavailable (also ``audit verify`` when a checkpoint signature could not be checked: Vault
 unreachable, or its key rotated seconds ago) · 6 ``--wait`` timed out · 7 ``reconcile``
 found something that needs a person (orphans left in Vault, leases past expiry that Vault
-keeps, stuck rows it could not settle, a failed step) · 8 ``audit verify`` found the audit
-chain altered, cut or not matching its checkpoints, or old events no checkpoint covers ·
-9 ``revoke`` named an instance the broker has never seen (tombstoned, 0 leases: a typo?) ·
-10 the answer is a refusal (``policy explain``: token invalid, role refused by policy,
-instance terminated, locked). A bulk ``revoke`` that left something exits 1.
+keeps, stuck rows it could not settle, leases lost, a failed step) · 8 ``audit verify``
+found the audit chain altered, cut or not matching its checkpoints, or old events no
+checkpoint covers · 9 ``revoke`` named an instance the broker has never seen
+(tombstoned, 0 leases: a typo?) · 10 the answer is a refusal (``policy explain``: token
+invalid, role refused by policy, instance terminated, locked). A bulk ``revoke`` that left
+something exits 1, and so does ``revoke --wait`` when a lease was lost (Vault had
+forgotten it: not revoked).
 
 A list that stops short of everything says so: on stderr in a table or ``-o jsonl``
 ("… more results: pass --limit N or --after CURSOR"), as ``next`` in ``-o json``.
@@ -113,6 +115,7 @@ def reconcile_needs_attention(report: Any) -> bool:
         or report.get("past_expiry_held")
         or report.get("stuck_waiting")
         or report.get("irrevocable")
+        or report.get("lost")
     )
 
 
@@ -129,7 +132,11 @@ def show_reconcile(report: Any) -> str:
         f"orphans            {report['orphans']} found, {report['orphans_revoked']} revoked",
         f"irrevocable        {len(report.get('irrevocable', []))} (Vault gave up revoking)",
         f"unseen instances   {len(report['unseen_terminated'])} terminated",
+        f"lost               {len(report.get('lost', []))} lease(s) Vault had forgotten "
+        "(their credentials may still work: end them by hand)",
     ]
+    for lease in report.get("lost", []):
+        lines.append(f"  lost    {lease}  (brokerctl leases show {lease})")
     for lease in report["orphan_sample"]:
         lines.append(f"  orphan  {lease}")
     for lease in report["past_expiry_held"]:

@@ -139,8 +139,17 @@ def show_lease(lease: Any) -> str:
         "expires_at",
         "ended_at",
         "vault_lease_id",
+        "vault_path",
+        "revoke_sent_at",
     ]
     lines = [f"{k:<15} {'' if lease.get(k) is None else lease[k]}" for k in keys]
+    ref = lease.get("credential_ref") or {}
+    lines.append(f"{'credential_ref':<15} {', '.join(f'{k}={v}' for k, v in sorted(ref.items()))}")
+    if lease.get("state") == "lost":
+        lines.append(
+            "LOST: Vault no longer knew this lease before the broker revoked it; the "
+            "credential may still work: end it by hand (README: Lost leases and alerting)"
+        )
     vault = lease.get("vault")
     if vault is not None:
         if "error" in vault:

@@ -124,6 +124,8 @@ def _single(c: Client, instance_id: str, args: argparse.Namespace) -> dict[str, 
             raise CtlError(
                 f"revocation of {instance_id} failed: {result['job']['last_error']}", EXIT_FAILED
             )
+        shown = c.call("GET", path)
+        result["lost"] = [x for x in shown.get("leases", []) if x.get("state") == "lost"]
     return result
 
 
@@ -220,12 +222,13 @@ def show_revoke(result: Any) -> str:
         head = f"instance {result['instance_id']}: "
         if result.get("never_seen"):
             head += "never seen: tombstoned, 0 leases; "
-        return (
+        line = (
             head
             + f"revocation job {job['job_id']} is {job['state']} (attempts {job['attempts']}"
             + (f", last error {job['last_error']}" if job.get("last_error") else "")
             + ")"
         )
+        return "\n".join([line, *_lost_lines(result.get("lost") or [])])
     if result.get("dry_run"):
         return show_radius(result)
     counts = result["counts"]
@@ -248,7 +251,30 @@ def show_revoke(result: Any) -> str:
             f"leases {leases['ended']} ended, {leases['live']} still live"
             + (f" ({earlier} of the jobs from earlier terminations)" if earlier > 0 else "")
         )
+        if leases.get("lost"):
+            lines.append(
+                f"NOT DONE: {leases['lost']} lease(s) LOST: Vault no longer knew them, so "
+                "their credentials may still work; end them by hand "
+                "(brokerctl leases list --state lost, then leases show LEASE_ID)"
+            )
     return "\n".join(lines)
+
+
+def _lost_lines(lost: list[dict[str, Any]]) -> list[str]:
+    """One instance's lost leases, with what an operator needs to end each by hand."""
+    if not lost:
+        return []
+    lines = [
+        f"NOT DONE: {len(lost)} lease(s) LOST: Vault no longer knew them before the broker "
+        "revoked them, so their credentials may still work; end them by hand:"
+    ]
+    for lease in lost:
+        ref = ", ".join(f"{k}={v}" for k, v in sorted((lease.get("credential_ref") or {}).items()))
+        lines.append(
+            f"  lost  {lease['lease_id']}  role {lease['role']}  vault path "
+            f"{lease.get('vault_path') or '-'}  {ref or '(no identifier recorded)'}"
+        )
+    return lines
 
 
 def show_radius(radius: dict[str, Any]) -> str:
@@ -292,8 +318,9 @@ def revoke_exit(result: Any) -> int:
     """Failures first (a failed job, or instances the run left untouched), then ids the
     broker never saw (a typo is noticed)."""
     jobs = result.get("progress", {}).get("jobs", {}) if isinstance(result, dict) else {}
-    if jobs.get("failed") or result.get("counts", {}).get("left"):
-        return EXIT_FAILED
+    lost = result.get("lost") or result.get("progress", {}).get("leases", {}).get("lost")
+    if jobs.get("failed") or result.get("counts", {}).get("left") or lost:
+        return EXIT_FAILED  # a lost lease is not revoked: not done in the safe sense
     if result.get("never_seen"):
         return EXIT_NEVER_SEEN
     return EXIT_OK

@@ -87,6 +87,7 @@ class Progress:
     jobs: Mapping[str, int] = field(default_factory=dict)
     leases_live: int = 0
     leases_ended: int = 0
+    leases_lost: int = 0  # of the ended: Vault had forgotten them (``lost``)
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,10 @@ class RevocationWorker:
             if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
         ]
 
-        recorded = await self._settle_forgotten(recorded)
+        # A lease whose instance token was revoked already (by an earlier pass, or before
+        # revoke_sent_at existed) was covered by a revocation of ours.
+        covered = {token.accessor for token in work.tokens if token.revoked_at is not None}
+        recorded = await self._settle_forgotten(recorded, covered)
         # Every lease a revocation below may cover, the issuing ones included (the token's
         # revocation takes whatever Vault issued for them), is stamped first.
         await self._ender.mark_revoke_sent(
@@ -386,7 +389,9 @@ class RevocationWorker:
         if issuing:
             await self._settle_issuing(issuing)
 
-    async def _settle_forgotten(self, recorded: list[LeaseView]) -> list[LeaseView]:
+    async def _settle_forgotten(
+        self, recorded: list[LeaseView], covered: set[str]
+    ) -> list[LeaseView]:
         """Step 0: the recorded leases Vault still knows, or that a revocation of ours
         already covers; those no revocation covered and Vault does not know are settled
         (expired, confirmed dead, else lost) and left out. An STS session's lease is left
@@ -394,7 +399,9 @@ class RevocationWorker:
         fresh = [
             lease
             for lease in recorded
-            if lease.revoke_sent_at is None and lease.external_ref is None
+            if lease.revoke_sent_at is None
+            and lease.external_ref is None
+            and lease.token_accessor not in covered
         ]
         if not fresh:
             return recorded

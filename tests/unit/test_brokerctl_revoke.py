@@ -147,3 +147,26 @@ def test_what_is_still_left_after_the_last_pass_is_said_and_fails():
     assert result["counts"]["left"] == 1 and revoke_exit(result) == EXIT_FAILED
     assert "NOT DONE: 1 instance(s) of the selection" in show_revoke(result)
     assert "lock the workload first" in show_revoke(result)
+
+
+def test_a_lost_lease_is_not_done_and_exits_1():
+    """Vault had forgotten a lease before the broker revoked it: its credential may still
+    work, so ``revoke --wait`` says so, names what to end by hand, and exits 1."""
+    job = {"job_id": "j-1", "state": "done", "attempts": 1, "last_error": None}
+    lost = [{"lease_id": "l-1", "role": "dev-db", "vault_path": "database/creds/dev-db",
+             "credential_ref": {"username": "v-dev-db-x"}, "state": "lost"}]
+    one = {"instance_id": "i-1", "job": job, "lost": lost}
+    shown = show_revoke(one).splitlines()
+    assert shown[1].startswith("NOT DONE: 1 lease(s) LOST")
+    assert shown[2] == ("  lost  l-1  role dev-db  vault path database/creds/dev-db  "
+                        "username=v-dev-db-x")
+    assert revoke_exit(one) == EXIT_FAILED
+    assert revoke_exit({**one, "lost": []}) == EXIT_OK
+    bulk = {"terminated": [{"instance_id": "i-1", "leases": 2}], "never_seen": [],
+            "counts": {"instances": 1, "leases": 2, "never_seen": 0},
+            "progress": {"jobs": {"done": 1}, "leases": {"live": 0, "ended": 2, "lost": 1}}}
+    assert show_revoke(bulk).splitlines()[2].startswith("NOT DONE: 1 lease(s) LOST")
+    assert revoke_exit(bulk) == EXIT_FAILED
+    clean = {**bulk, "progress": {"jobs": {"done": 1}, "leases": {"live": 0, "ended": 2,
+                                                                    "lost": 0}}}
+    assert revoke_exit(clean) == EXIT_OK

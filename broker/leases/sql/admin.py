@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from broker.errors import NotFound
 from broker.leases import models as m
 from broker.leases.sql.common import LIVE, instance_view, job_view, lease_view
-from broker.leases.states import JobState
+from broker.leases.states import JobState, LeaseState
 from broker.leases.views import (
     InstanceListing,
     InstanceView,
@@ -204,7 +204,8 @@ async def counts(conn: AsyncConnection, now: datetime) -> StoreCounts:
     lease_rows = (
         await conn.execute(
             select(m.Lease.role, m.Lease.state, func.count())
-            .where(m.Lease.state.in_(LIVE))
+            # Lost ones too: each is a credential that may still work until ended by hand.
+            .where(m.Lease.state.in_([*LIVE, LeaseState.LOST.value]))
             .group_by(m.Lease.role, m.Lease.state)
         )
     ).all()

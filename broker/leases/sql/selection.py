@@ -35,7 +35,7 @@ from broker.leases.selection import (
 )
 from broker.leases.sql.common import INSTANCES, JOBS, LEASES, LIVE
 from broker.leases.sql.jobs import request_termination, request_terminations, requeue_failed
-from broker.leases.states import InstanceState, JobState
+from broker.leases.states import InstanceState, JobState, LeaseState
 
 _ACTIVE = InstanceState.ACTIVE.value
 # Their columns, for short.
@@ -122,7 +122,9 @@ async def _progress(conn: AsyncConnection, where: Any) -> Progress:
             .group_by(Jc.state)
         )
     ).all()
-    is_live = case((Lc.state.in_(LIVE), "live"), else_="ended")
+    is_live = case(
+        (Lc.state.in_(LIVE), "live"), (Lc.state == LeaseState.LOST.value, "lost"), else_="ended"
+    )
     leases: dict[str, int] = dict(
         (
             await conn.execute(
@@ -139,7 +141,8 @@ async def _progress(conn: AsyncConnection, where: Any) -> Progress:
     return Progress(
         jobs={str(s): int(n) for s, n in jobs},
         leases_live=int(leases.get("live", 0)),
-        leases_ended=int(leases.get("ended", 0)),
+        leases_ended=int(leases.get("ended", 0)) + int(leases.get("lost", 0)),
+        leases_lost=int(leases.get("lost", 0)),
     )
 
 

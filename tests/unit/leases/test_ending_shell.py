@@ -1,0 +1,134 @@
+"""The shell around the decision, with a fake Vault and ledger: it looks a lease up before
+revoking it, stamps revoke_sent_at before the revocation, asks the direct check only when
+it can matter, and counts what it records lost."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from broker.leases.ending import (
+    Ending,
+    LeaseEnder,
+    Revoked,
+)
+from broker.leases.states import LeaseState
+from broker.leases.views import LeaseView
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+L = LeaseState
+
+
+class Clock:
+    def now(self) -> datetime:
+        return NOW
+
+
+class Vault:
+    def __init__(self, known: set[str], *, keeps: bool = False) -> None:
+        self.known, self.keeps, self.calls = set(known), keeps, []
+
+    async def lease_exists(self, lease_id: str) -> bool:
+        self.calls.append(("lookup", lease_id))
+        return lease_id in self.known
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        self.calls.append(("revoke", lease_id))
+        if not self.keeps:
+            self.known.discard(lease_id)
+
+
+class Ledger:
+    def __init__(self, vault: Vault) -> None:
+        self.vault, self.sent, self.ended = vault, [], []
+
+    async def mark_revoke_sent(self, lease_ids):
+        self.vault.calls.append(("stamp", tuple(lease_ids)))
+        self.sent.extend(lease_ids)
+        return len(lease_ids)
+
+    async def end_decided(self, lease, ending, *, actor, engine, found_by, why):
+        self.ended.append((lease.lease_id, ending, engine, found_by, why))
+        return True
+
+
+class Check:
+    name = "crl"
+
+    def __init__(self, answer: bool | None) -> None:
+        self.answer, self.asked = answer, 0
+
+    async def gone(self, lease: LeaseView) -> bool | None:
+        self.asked += 1
+        return self.answer
+
+
+def _lease(**kw) -> LeaseView:
+    base = LeaseView("l-1", "i-1", "w", "cert", "x509_certificate", "active", False,
+                     NOW - timedelta(hours=1), NOW - timedelta(hours=1), NOW + timedelta(hours=1),
+                     None, "pki/issue/r/abc", "acc", None, "pki/issue/r", {"serial_number": "1a"})
+    return replace(base, **kw)
+
+
+def _ender(vault: Vault, check: Check | None = None) -> tuple[LeaseEnder, Ledger]:
+    ledger = Ledger(vault)
+    return LeaseEnder(vault, ledger, Clock(), engine_of={"cert": "pki"}, checks=check), ledger
+
+
+async def test_a_known_lease_is_stamped_before_it_is_revoked() -> None:
+    vault = Vault({"pki/issue/r/abc"})
+    ender, ledger = _ender(vault)
+    got = await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED)
+    assert isinstance(got, Revoked)
+    assert vault.calls == [("lookup", "pki/issue/r/abc"), ("stamp", ("l-1",)),
+                           ("revoke", "pki/issue/r/abc"), ("lookup", "pki/issue/r/abc")]
+    assert ledger.ended == []
+
+
+async def test_a_forgotten_lease_is_lost_counted_and_never_revoked() -> None:
+    vault = Vault(set())
+    ender, ledger = _ender(vault)
+    got = await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED)
+    assert got == Ending(L.LOST)
+    assert ("revoke", "pki/issue/r/abc") not in vault.calls and ledger.sent == []
+    assert ledger.ended == [("l-1", Ending(L.LOST), "pki", "release",
+                             "vault_unknown_before_revocation")]
+    assert ender.lost.counts() == {("cert", "release"): 1}
+
+
+async def test_one_we_sent_a_revocation_for_is_not_looked_up_first_and_is_ours() -> None:
+    vault = Vault(set())
+    ender, ledger = _ender(vault)
+    got = await ender.end_one(_lease(revoke_sent_at=NOW - timedelta(seconds=5)), actor="a",
+                              found_by="lease_limit", ours=L.REVOKED)
+    assert isinstance(got, Revoked)
+    assert vault.calls[0] == ("revoke", "pki/issue/r/abc") and ledger.ended == []
+
+
+async def test_a_lease_vault_keeps_after_revoking_is_unconfirmed() -> None:
+    vault = Vault({"pki/issue/r/abc"}, keeps=True)
+    ender, _ = _ender(vault)
+    assert await ender.end_one(_lease(), actor="a", found_by="x", ours=L.REVOKED) is None
+
+
+async def test_the_check_is_asked_only_when_it_can_matter() -> None:
+    check = Check(True)
+    ender, ledger = _ender(Vault(set()), check)
+    out = await ender.settle_unknown(
+        [_lease(), _lease(lease_id="l-2", expires_at=NOW - timedelta(minutes=1)),
+         _lease(lease_id="l-3", revoke_sent_at=NOW)], actor="a", found_by="revocation")
+    assert check.asked == 1
+    assert out == {"l-1": Ending(L.REVOKED, confirmed_by="crl"), "l-2": Ending(L.EXPIRED),
+                   "l-3": Ending(L.REVOKED)}
+    assert ender.lost.counts() == {}
+
+
+async def test_a_check_that_fails_or_cannot_tell_leaves_it_lost() -> None:
+    class Broken(Check):
+        async def gone(self, lease):
+            raise RuntimeError("checker down")
+
+    for check in (Check(None), Check(False), Broken(None)):
+        ender, _ = _ender(Vault(set()), check)
+        out = await ender.settle_unknown([_lease()], actor="a", found_by="reconciler")
+        assert out == {"l-1": Ending(L.LOST)}
