@@ -149,6 +149,9 @@ async def amnesia(workdir: Path, pg: PgServer, issuer: DevIssuer,
             "url": pg.url("postgres", user=checker), "password": "${" + CHECKER_ENV + "}"}
         data["revocation"] = {"tick_s": 0.2, "backoff_base_s": 0.2, "backoff_max_s": 2.0,
                               "claim_timeout_s": 5, "issuing_timeout_s": 5}
+        # The termination paths find the forgotten leases, not a reconcile pass that
+        # happens to fall between the restore and the termination on a slow machine.
+        data["reconcile"] = {"tick_s": 3600}
         base.mkdir(parents=True, exist_ok=True)
         broker = BrokerProcess.configure(base, "broker", data, Secret(setup.broker_token))
         await broker.start(timeout=60)
