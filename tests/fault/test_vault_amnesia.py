@@ -269,3 +269,49 @@ async def test_every_lease_vault_forgot_is_lost_and_every_one_it_knew_is_revoked
     assert CHECKER_PASSWORD not in run.broker.log.read_text(errors="replace")
 
 
+
+
+async def test_a_reconcile_pass_finds_the_leases_vault_forgot_before_anyone_terminates(
+        amnesia: Amnesia, pg: PgServer) -> None:
+    """No termination at all: Vault's own listing of the broker's paths no longer has the
+    forgotten leases, and ``brokerctl reconcile`` says so (exit 7) and records them lost;
+    the ones Vault kept stay active, and are revoked as usual afterwards."""
+    run = amnesia
+    kept = [await run.issue("i-amn-r", "dev-db"), await run.issue("i-amn-r", "dev-cert")]
+    await asyncio.to_thread(run.bao.stop)
+    copy = await asyncio.to_thread(run.bao.copy_storage, "before-r2")
+    await run.vault_restarted()
+    forgotten = [await run.issue("i-amn-r", "dev-db"), await run.issue("i-amn-r2", "dev-cert")]
+    await run.vault_restarted(restore=copy)
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli.ctl", "reconcile",
+        env={**os.environ, "BROKER_URL": run.broker.url, "BROKER_ADMIN_TOKEN": ADMIN_TOKEN},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 7, (proc.returncode, out.decode(), err.decode())
+    for cred in forgotten:
+        assert cred["lease_id"] in out.decode()
+    for cred in kept:
+        assert cred["lease_id"] not in out.decode()
+
+    states = {x["lease_id"]: x["state"] for i in ("i-amn-r", "i-amn-r2")
+              for x in (await run.instance(i))["leases"]}
+    assert [states[c["lease_id"]] for c in forgotten] == ["lost", "lost"]
+    assert [states[c["lease_id"]] for c in kept] == ["active", "active"]
+    assert can_log_in(pg, forgotten[0])  # lost: it does still work
+
+    assert run.http is not None
+    async with run.http.post(f"{run.broker.url}/v1/instances/i-amn-r/terminate",
+                             headers=ADMIN) as resp:
+        assert resp.status == 202, await resp.text()
+
+    async def kept_revoked() -> bool:
+        shown = {x["lease_id"]: x["state"] for x in (await run.instance("i-amn-r"))["leases"]}
+        return all(shown[c["lease_id"]] == "revoked" for c in kept)
+
+    await eventually(kept_revoked, "the leases Vault kept revoked", timeout=90)
+    assert not can_log_in(pg, kept[0])
+    assert parse_serial(kept[1]["data"]["serial_number"]) in crl_serials(run.vault)
+    shown = {x["lease_id"]: x["state"] for x in (await run.instance("i-amn-r"))["leases"]}
+    assert shown[forgotten[0]["lease_id"]] == "lost"  # still lost: termination changes nothing
