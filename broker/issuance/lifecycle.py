@@ -131,8 +131,11 @@ class LeaseEnds:
         recorded as the decision says and the workload is told to get a new credential
         (409 ``lease_expired`` or ``lease_lost``); otherwise returns (the refusal stands)."""
         assert lease.vault_lease_id is not None
-        if await self._vault.lease_exists(lease.vault_lease_id):
-            return
+        try:
+            if await self._vault.lease_exists(lease.vault_lease_id):
+                return
+        except BrokerError:
+            return  # Vault cannot say: the renewal's own refusal stands
         endings = await self._ender.settle_unknown(
             [lease], actor="workload", found_by="renewal", why=UNKNOWN_AT_RENEWAL
         )

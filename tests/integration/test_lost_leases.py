@@ -226,3 +226,24 @@ async def test_renewal_of_a_forgotten_lease_answers_409_lease_lost(make_broker, 
     assert body["error"]["code"] == "lease_lost"
     assert _lease(b, lease["lease_id"])["state"] == "lost"
     assert _events(b, "lease.lost")[0]["detail"]["found_by"] == "renewal"
+
+
+async def test_the_sweep_of_a_replaced_lease_vault_forgot_records_lost(b, http, vault):
+    """A request marked the old lease for replacement and died before revoking it; Vault
+    forgot the lease meanwhile: the worker's sweep records it lost, not revoked."""
+    from broker.leases import LeaseLimit
+
+    old = await _issued(http, b, "i-sweep", "one-cert")
+    store = b.broker.components.ledgers.issuance
+    ticket = await store.begin_issue(instance_id="i-sweep", issuer_name="dev",
+                                     workload="payments", role="one-cert",
+                                     kind="x509_certificate", limit=LeaseLimit(1, "revoke_oldest"))
+    assert ticket.superseded == ((old["lease_id"], old["vault_lease_id"]),)
+    await store.fail_issue(ticket.lease_id, "test_crash")
+    forget(vault, old["vault_lease_id"])
+    _sql(b, "UPDATE leases SET updated_at = :t WHERE lease_id = :lid",
+         t=datetime.now(UTC) - timedelta(hours=1), lid=old["lease_id"])
+    assert await b.broker.components.worker.sweep_superseded() == 0  # none revoked by us
+    assert _lease(b, old["lease_id"])["state"] == "lost"
+    [event] = _events(b, "lease.lost")
+    assert event["detail"]["found_by"] == "lease_limit"
