@@ -244,7 +244,7 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
         Broker dev environment is ready.
           broker   : {url}
           OpenBao  : {vault}   (root token in {where}/dev.env)
-          store    : {where}/broker.db (SQLite)
+          store    : {where}/broker.db (SQLite; fresh on every start, like OpenBao dev)
           audit    : checkpoints signed by OpenBao transit (key {AUDIT_KEY}) every 10s,
                      also appended to {where}/audit-checkpoints.jsonl
         Roles:
