@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +47,7 @@ from broker.audit.signing import CheckpointSigning
 from broker.audit.writer import CheckpointWriter
 from broker.clock import Clock, SystemClock
 from broker.config import Settings
+from broker.engines.checks import DirectChecks
 from broker.events import TerminationSource
 from broker.events.receiver import WebhookReceiver
 from broker.identity import IdentityVerifier
@@ -136,12 +137,14 @@ def assemble(
     *,
     clock: Clock | None = None,
     worker_id: str | None = None,
-    checks: CredentialCheck | None = None,
+    checks: CredentialCheck | Literal["direct"] | None = None,
 ) -> Assembly:
     """The broker's components from ``settings``. Call it from a coroutine: the identity
     verifier's ``aiohttp.ClientSession`` belongs to the running loop (constructing one
     opens nothing; its connections open on the first JWKS fetch). ``checks``: the direct
-    credential checks that tell a lease Vault forgot from one that is dead (None: none)."""
+    credential checks that tell a lease Vault forgot from one that is dead: ``"direct"``
+    (what ``broker serve`` and ``broker dev`` run: PKI against the CRL, PostgreSQL roles
+    with a configured checker, on this broker's Vault client), one of its own, or None."""
     clock = clock or SystemClock()
     database = Database(settings.store)
     key = settings.audit.hash_key
@@ -152,6 +155,8 @@ def assemble(
     engine_of = {name: role.engine for name, role in settings.roles.items()}
     metrics = Metrics(engine_of)
     # Every path that ends a lease tells "Vault forgot it" from "we revoked it" through it.
+    if checks == "direct":
+        checks = DirectChecks(settings.roles, vault)
     ender = LeaseEnder(vault, ledgers.ending, clock, engine_of=engine_of, checks=checks)
     tokens = InstanceTokens(vault, ledgers.issuance, clock)
     aws = None

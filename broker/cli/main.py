@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
 
     async def serve(stop: asyncio.Event) -> None:
-        await Broker(assemble(settings)).run(stop)  # assembled on the running loop
+        await Broker(assemble(settings, checks="direct")).run(stop)  # on the running loop
 
     _run_until_signal(serve)
     return 0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import secrets
 import socket
 import textwrap
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +20,7 @@ from aiohttp import web
 from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev import write_private
+from broker.dev.fresh import fresh_start_line, hold_directory, set_aside_previous_run
 from broker.dev.issuer import DEV_AUDIENCE, DEV_MAX_TOKEN_LIFETIME_S, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
@@ -145,10 +148,18 @@ class DevEnvironment:
         ensure_free("127.0.0.1", self.port)  # a port in use stops us before OpenBao starts
         d = self.directory.resolve()
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = hold_directory(d)
         bao = OpenBaoDevServer(d / "openbao")
         issuer_runner: web.AppRunner | None = None
         broker: Broker | None = None
         try:
+            # A new OpenBao dev server knows nothing of a previous run: its store goes too,
+            # and a dev.env a killed run left (the dead OpenBao's address and token).
+            with suppress(FileNotFoundError):
+                (d / "dev.env").unlink()
+            moved = set_aside_previous_run(d, datetime.now(UTC))
+            if moved is not None:
+                print(fresh_start_line(shown(moved)), flush=True)
             await asyncio.to_thread(bao.start)
             issuer_port = free_port()
             issuer = DevIssuer.generate(f"http://127.0.0.1:{issuer_port}")
@@ -187,7 +198,7 @@ class DevEnvironment:
                 source="dev",
             )
             await asyncio.to_thread(migrate, store_url)
-            broker = Broker(assemble(settings))
+            broker = Broker(assemble(settings, checks="direct"))
             await broker.start()
             write_private(
                 d / "dev.env",
@@ -213,13 +224,19 @@ class DevEnvironment:
             await asyncio.to_thread(bao.stop)
             with suppress(FileNotFoundError):
                 (d / "dev.env").unlink()
+            os.close(lock)
+
+
+def shown(path: Path) -> Path:
+    """A path as the user typed it, relative to the working directory when inside it."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | None) -> str:
-    try:
-        shown = d.relative_to(Path.cwd())
-    except ValueError:
-        shown = d
+    where = shown(d)
     db = (
         "  dev-db  : a dynamic PostgreSQL login (OpenBao database engine)"
         if with_db
@@ -228,17 +245,17 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
     return textwrap.dedent(f"""
         Broker dev environment is ready.
           broker   : {url}
-          OpenBao  : {vault}   (root token in {shown}/dev.env)
-          store    : {shown}/broker.db (SQLite)
+          OpenBao  : {vault}   (root token in {where}/dev.env)
+          store    : {where}/broker.db (SQLite; fresh on every start, like OpenBao dev)
           audit    : checkpoints signed by OpenBao transit (key {AUDIT_KEY}) every 10s,
-                     also appended to {shown}/audit-checkpoints.jsonl
+                     also appended to {where}/audit-checkpoints.jsonl
         Roles:
           dev-cert : an X.509 workload certificate (OpenBao PKI)
         {db}
 
         Try it, in another shell:
-          . .venv/bin/activate && set -a && . {shown}/dev.env && set +a
-          TOKEN=$(broker dev token --dir {shown} --instance i-123 --workload payments)
+          . .venv/bin/activate && set -a && . {where}/dev.env && set +a
+          TOKEN=$(broker dev token --dir {where} --instance i-123 --workload payments)
           curl -s -H "Authorization: Bearer $TOKEN" -d '{{"role":"dev-cert"}}' \\
                $BROKER_URL/v1/credentials
           brokerctl leases list --instance i-123

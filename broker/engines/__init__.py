@@ -19,8 +19,9 @@ from broker.engines.base import (
     validate_role,
 )
 
-# The interface, and the role settings (which check a role against this registry).
-_NOT_ENGINES = frozenset({"base", "role"})
+# The interface, the role settings (which check a role against this registry), and the
+# direct checks of a lost lease's credential (I/O, asked by the lease-ending decision).
+_NOT_ENGINES = frozenset({"base", "role", "checks"})
 
 
 def _discover() -> dict[str, Engine]:

@@ -1,12 +1,14 @@
 """A role of the configuration (``roles.<name>``): which engine, mount and Vault role it
-uses, its TTLs, the parameters templated from the identity, and its lease limit. Checked
-at load against its engine (``broker.engines.validate_role``)."""
+uses, its TTLs, the parameters templated from the identity, its lease limit, and (for a
+PostgreSQL database role) the read-only login that checks a lost lease's credential
+directly. Checked at load against its engine (``broker.engines.validate_role``)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from broker.engines import ENGINES, validate_role
 from broker.settings import Duration, Frozen, seconds, template_fields
@@ -14,6 +16,46 @@ from broker.vault.paths import NAME_SEGMENT
 
 # The identity values a role-parameter template may use.
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+
+
+class DatabaseCheck(Frozen):
+    """A read-only PostgreSQL login (it only reads ``pg_roles``) with which the broker
+    confirms, when Vault no longer knows a lease of this role, whether its database role
+    still exists. The password comes apart from the URL (``${ENV}``), so the URL can be
+    shown and logged and the password never is."""
+
+    url: str  # postgresql://checker@db.internal:5432/postgres?sslmode=verify-full
+    password: SecretStr | None = None
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            _ = parts.port  # a port that is no number raises here
+        except ValueError:
+            raise ValueError("expected a URL like postgresql://checker@db:5432/postgres") from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "expected a postgresql:// URL (only PostgreSQL roles can be checked directly)"
+            )
+        if not parts.hostname:
+            raise ValueError("expected a host, e.g. postgresql://checker@db:5432/postgres")
+        if parts.password is not None:  # the value is never echoed
+            raise ValueError(
+                "the URL carries a password: give it as check.password (e.g. "
+                "${PG_CHECKER_PASSWORD}), never in the URL, which is logged"
+            )
+        if not parts.username:
+            raise ValueError("expected a user, e.g. postgresql://checker@db:5432/postgres")
+        return v
+
+    @property
+    def where(self) -> str:
+        """The login and server, for a log line (no password: the URL has none)."""
+        parts = urlsplit(self.url)
+        return f"{parts.username}@{parts.hostname}:{parts.port or 5432}"
 
 
 class RoleSettings(Frozen):
@@ -31,6 +73,9 @@ class RoleSettings(Frozen):
     # asks again and again replaces its oldest lease, or is refused.
     max_leases_per_instance: int = Field(3, ge=1, le=1000)
     on_limit: Literal["revoke_oldest", "refuse"] = "revoke_oldest"
+    # database engine, PostgreSQL only: how to confirm directly that a lost lease's login
+    # is gone (see broker.engines.checks). PKI roles need nothing: the CRL is public.
+    check: DatabaseCheck | None = None
 
     _ttls = field_validator("default_ttl", "max_ttl", mode="before")(seconds)
 
@@ -47,6 +92,11 @@ class RoleSettings(Frozen):
         if engine is None:
             raise ValueError(f"engine: expected one of {', '.join(sorted(ENGINES))}")
         validate_role(engine, self)
+        if self.check is not None and self.engine != "database":
+            raise ValueError(
+                "check: only a database role takes a direct check (a PKI certificate is "
+                "checked against its mount's CRL with no setting)"
+            )
         for name, template in self.params.items():
             try:
                 fields = template_fields(template)

@@ -80,3 +80,19 @@ async def test_a_configured_sqs_queue_is_a_termination_source_calling_the_termin
         assert parts.aws is not None
     finally:
         await parts.http.close()
+
+
+async def test_serve_and_dev_end_leases_with_the_direct_checks(tmp_path: Path) -> None:
+    from broker.engines.checks import DirectChecks
+    parts = assemble(settings(tmp_path), checks="direct")
+    try:
+        checks = parts.ender._checks
+        assert isinstance(checks, DirectChecks)
+        assert checks._by_role["dev-cert"].name == "crl"  # the PKI role: its mount's CRL
+    finally:
+        await parts.http.close()
+    parts = assemble(settings(tmp_path))
+    try:
+        assert parts.ender._checks is None  # by default none: a test's own choice
+    finally:
+        await parts.http.close()
