@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
@@ -23,9 +22,10 @@ from broker.app import Broker, assemble
 from broker.config import Settings, load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import OpenBaoDevServer, free_port
+from broker.dev.openbao import OpenBaoDevServer
 from broker.leases.migrations import migrate, sync_url
 from broker.vault.bootstrap import DevVault, bootstrap_dev
+from tests.harness.ports import held_socket, port_of, serve_app, started_openbao
 from tests.harness.postgres import PgServer, find_or_start_postgres
 from tests.harness.services import STRICT_ENV, strict
 from tests.harness.vault import VaultProbe
@@ -67,8 +67,7 @@ def pg(workdir: Path) -> Iterator[PgServer]:
 
 @pytest.fixture(scope="session")
 def bao(workdir: Path) -> Iterator[OpenBaoDevServer]:
-    server = OpenBaoDevServer(workdir / "openbao")
-    server.start()
+    server = started_openbao(workdir / "openbao")
     yield server
     server.stop()
 
@@ -88,11 +87,9 @@ def vault_setup(bao: OpenBaoDevServer, pg: PgServer, vault: VaultProbe) -> Itera
 
 @pytest.fixture(scope="session")
 async def issuer() -> AsyncIterator[DevIssuer]:
-    port = free_port()
-    dev = DevIssuer.generate(f"http://127.0.0.1:{port}")
-    runner = web.AppRunner(dev.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sock = held_socket()
+    dev = DevIssuer.generate(f"http://127.0.0.1:{port_of(sock)}")
+    runner, _ = await serve_app(dev.app(), sock, access_log=None)
     yield dev
     await runner.cleanup()
 

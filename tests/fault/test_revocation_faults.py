@@ -35,12 +35,12 @@ from broker.app import Broker, assemble
 from broker.config import load_settings
 from broker.dev.environment import dev_settings_dict
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import OpenBaoDevServer
 from broker.leases.migrations import migrate
 from broker.secret import Secret
 from broker.vault.bootstrap import bootstrap_dev
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
 from tests.harness.brokers import BrokerProcess
+from tests.harness.ports import started_openbao
 from tests.harness.postgres import PgServer
 from tests.harness.proxy import FaultProxy
 from tests.harness.vault import VaultProbe
@@ -49,6 +49,10 @@ from tests.harness.wait import eventually
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The bound on a whole scenario, there to end a wedged run only: every wait inside it ends
+# as soon as its condition holds. On two cores shared with other test runs (and a CPU
+# hog), broker starts alone took more than 30 s, so the bounds are generous.
+WEDGED_S = 600
 # dev-db twice and dev-cert once per instance: within the roles' default limit of 3.
 ROLES = ("dev-db", "dev-cert", "dev-db")
 # Small revocation settings, so that a dead worker's claim lapses (5 s is the least the
@@ -76,7 +80,17 @@ def settings_dict(issuer: DevIssuer, *, vault_addr: str, broker_token: str, stor
     # Three replicas with the default pool (20 + 20 overflow) could take more connections
     # than a stock PostgreSQL allows (100), shared with every other test.
     data["store"]["pool_size"] = 8
+    # Sixteen issuances at a time queue up in OpenBao's database engine: on a busy machine
+    # one took past the default 10 s and came back vault_unavailable. A test that means
+    # Vault to time out sets its own.
+    data["vault"]["timeout_s"] = 30
     return data
+
+
+# For a test that issues many leases at once: an issuance's deadline is half the issuing
+# bound, and REVOCATION's 5 s (short, for tests that wait a stuck row out) left 2.5 s for
+# Vault, which a busy machine passed (503 vault_unavailable).
+MANY_AT_ONCE = {"issuing_timeout_s": 60}
 
 
 @dataclass(frozen=True)
@@ -293,9 +307,9 @@ async def test_kill9_at_random_moments_during_revocation_revokes_every_lease_onc
     try:
         await asyncio.to_thread(migrate, store_url)
         data = settings_dict(issuer, vault_addr=bao.addr, broker_token="",
-                             store_url=store_url)
+                             store_url=store_url, revocation=MANY_AT_ONCE)
         broker = BrokerProcess.configure(workdir, f"kill9-{name}", data, broker_token)
-        async with asyncio.timeout(150):
+        async with asyncio.timeout(WEDGED_S):
             await broker.start()
             instances = unique_instances("k9", 200)
             t0 = time.monotonic()
@@ -333,7 +347,7 @@ async def test_kill9_at_random_moments_during_revocation_revokes_every_lease_onc
                 at_kill.append((round(delay, 2), dict(states)))
                 print(f"kill -9 after {delay:.2f}s: jobs {dict(states)}")
                 await broker.start()
-            waited = await wait_jobs_done(store_url, len(instances), timeout=90)
+            waited = await wait_jobs_done(store_url, len(instances), timeout=270)
             print(f"all jobs done {waited:.1f}s after the last restart, "
                   f"{time.monotonic() - t0:.1f}s after termination was asked")
         # At least one kill landed while jobs were still to do: otherwise the test
@@ -369,8 +383,8 @@ PAUSE_S = 30.0
 async def own_bao(workdir: Path, pg: PgServer):  # type: ignore[no-untyped-def]
     """An OpenBao of this test's own, so that pausing it stalls no other test, set up like
     the session one (PKI, and the database engine on the test PostgreSQL)."""
-    server = OpenBaoDevServer(workdir / f"openbao-paused-{uuid.uuid4().hex[:8]}")
-    await asyncio.to_thread(server.start)
+    server = await asyncio.to_thread(
+        started_openbao, workdir / f"openbao-paused-{uuid.uuid4().hex[:8]}")
     try:
         setup = await asyncio.to_thread(bootstrap_dev, server.addr, server.root_token,
                                         postgres_url=pg.admin_url)
@@ -401,7 +415,7 @@ async def test_openbao_stopped_30s_mid_revocation_jobs_wait_and_issuance_fails_c
         await broker.start()
         url = broker.url
         assert url is not None
-        async with asyncio.timeout(150):
+        async with asyncio.timeout(WEDGED_S):
             instances = unique_instances("paused", 20)
             issued = await issue_all(http, [url], issuer, instances, concurrency=8)
             doomed, kept = instances[:10], instances[10:]
@@ -467,7 +481,7 @@ async def test_openbao_stopped_30s_mid_revocation_jobs_wait_and_issuance_fails_c
                 assert attempts >= 2 and attempts > first[instance][1], (instance, attempts)
                 assert error == "vault_unavailable", (instance, error)
 
-            waited = await wait_jobs_done(store_url, len(doomed), timeout=60)
+            waited = await wait_jobs_done(store_url, len(doomed), timeout=180)
             print(f"jobs done {waited:.1f}s after OpenBao resumed")
         doomed_issued = [x for x in issued if x.instance_id in doomed]
         await assert_all_revoked(store_url, pg, probe, doomed_issued, doomed)
@@ -483,10 +497,10 @@ async def test_openbao_stopped_30s_mid_revocation_jobs_wait_and_issuance_fails_c
         # issuing_timeout_s and is abandoned, and the instance token's revocation takes
         # whatever Vault issued under it.
         settled = [kept[0], f"{kept[0]}-new"]
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(WEDGED_S):
             for instance in settled:
                 await terminate(http, url, instance)
-            await wait_jobs_done(store_url, len(doomed) + 2, timeout=40)
+            await wait_jobs_done(store_url, len(doomed) + 2, timeout=120)
         rows = await asyncio.to_thread(
             query, store_url, "SELECT instance_id, state, count(*) FROM leases "
                               "WHERE instance_id = ANY(%s) GROUP BY 1, 2 ORDER BY 1, 2",
@@ -525,12 +539,13 @@ async def test_three_replicas_terminating_the_same_instances_at_once_revoke_each
         # No worker dies here, so claims need not lapse quickly: a claim taken twice
         # below is then a job done twice, not a slow machine.
         data = settings_dict(issuer, vault_addr=bao.addr, broker_token="",
-                             store_url=store_url, revocation={"claim_timeout_s": 30})
+                             store_url=store_url,
+                             revocation={**MANY_AT_ONCE, "claim_timeout_s": 30})
         replicas = [BrokerProcess.configure(workdir, f"replica{k}-{name}", data, broker_token)
                     for k in range(3)]
-        urls = [r.url for r in replicas]
-        async with asyncio.timeout(150):
+        async with asyncio.timeout(WEDGED_S):
             await asyncio.gather(*(r.start() for r in replicas))
+            urls = [r.url for r in replicas]  # known once started (a taken port moves one)
             instances = unique_instances("replicas", 60)
             # Each instance's three leases through three replicas: three instance tokens.
             issued = await issue_all(http, urls, issuer, instances)
@@ -546,7 +561,7 @@ async def test_three_replicas_terminating_the_same_instances_at_once_revoke_each
                 assert len(set(ids)) == 1, f"{instance} got jobs {ids}"
 
             await asyncio.gather(*(everywhere(i) for i in instances))
-            waited = await wait_jobs_done(store_url, len(instances), timeout=90)
+            waited = await wait_jobs_done(store_url, len(instances), timeout=270)
             print(f"60 instances revoked {waited:.1f}s after termination was asked")
         events = await assert_all_revoked(store_url, pg, vault, issued, instances)
 
@@ -610,7 +625,7 @@ async def test_store_cut_during_termination_fails_issuance_closed_then_the_job_f
     try:
         b = await make_broker(store_url=f"postgresql://postgres@127.0.0.1:{store_proxy.port}"
                                         f"/{name}", vault_addr=vault_proxy.url)
-        async with asyncio.timeout(90):
+        async with asyncio.timeout(WEDGED_S):
             doomed, other = unique_instances("nostore", 2)
             issued = await issue_all(http, [b.url], b.issuer, [doomed, other])
             ours = [x for x in issued if x.instance_id == doomed]
@@ -619,7 +634,7 @@ async def test_store_cut_during_termination_fails_issuance_closed_then_the_job_f
             # at its token revocation, after every lease is revoked and confirmed gone.
             vault_proxy.hold_on = b"/v1/auth/token/revoke-accessor"
             await terminate(http, b.url, doomed)
-            await asyncio.wait_for(vault_proxy.held.wait(), timeout=15)
+            await asyncio.wait_for(vault_proxy.held.wait(), timeout=60)
             store_proxy.cut()
             [job] = await asyncio.to_thread(
                 query, direct, "SELECT state, attempts FROM revocation_jobs")
@@ -651,7 +666,7 @@ async def test_store_cut_during_termination_fails_issuance_closed_then_the_job_f
             assert gone == []  # revoked in Vault before the cut
 
             store_proxy.restore()
-            waited = await wait_jobs_done(direct, 1, timeout=30)
+            waited = await wait_jobs_done(direct, 1, timeout=90)
             print(f"job done {waited:.1f}s after the store came back")
             [job] = await asyncio.to_thread(
                 query, direct, "SELECT state, attempts FROM revocation_jobs")
@@ -688,7 +703,7 @@ async def test_a_job_that_outlasts_its_claim_is_not_taken_over_while_its_worker_
             replicas.append(replica)
         url = replicas[0].url
         assert url is not None
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(WEDGED_S):
             [instance] = unique_instances("outlast", 1)
             await issue_all(http, [url], issuer, [instance])
             server.pause()
@@ -709,7 +724,7 @@ async def test_a_job_that_outlasts_its_claim_is_not_taken_over_while_its_worker_
                 assert job == ("running", 1, first), "claimed again while its worker ran it"
             finally:
                 server.resume()
-            await wait_jobs_done(store_url, 1, timeout=30)
+            await wait_jobs_done(store_url, 1, timeout=90)
     finally:
         server.resume()
         for replica in replicas:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ import aiohttp
 
 from broker.dev.issuer import DevIssuer
 from broker.dev.openbao import free_port
+from tests.harness.ports import ATTEMPTS, port_taken
 from tests.harness.wait import eventually
 
 KUBERNETES_ISSUER = {
@@ -143,28 +145,46 @@ class AgentProcess:
 
     started: ClassVar[list[AgentProcess]] = []
 
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int,
-                 started: float) -> None:
-        self.proc = proc
+    def __init__(self, args: Callable[[int], list[str]], log: Path) -> None:
+        self._args = args  # the command line for a probe port
         self.log = log
-        self.port = port
-        self.started = started  # time.monotonic() just before the process was started
+        self.port = 0
+        self.proc: asyncio.subprocess.Process
+        self.started = 0.0  # time.monotonic() just before the process was started
+        self._launches = 0
+        self._logged = 0  # the log's size when the current process was started
 
     @classmethod
     async def start(cls, pod: Pod, broker_url: str, credentials: Iterable[str],
                     *extra: str) -> AgentProcess:
-        port = free_port()
-        log = pod.root / f"agent-{pod.uid[:8]}-{port}.log"
-        args = agent_args(pod, broker_url, credentials, "--ready-listen", f"127.0.0.1:{port}",
-                          *extra)
-        with open(log, "ab") as out:
-            started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                preexec_fn=_die_with_parent)
-        agent = cls(proc, log, port, started)
+        def args(port: int) -> list[str]:
+            return agent_args(pod, broker_url, credentials, "--ready-listen",
+                              f"127.0.0.1:{port}", *extra)
+
+        agent = cls(args, pod.root / f"agent-{pod.uid[:8]}-{secrets.token_hex(3)}.log")
+        await agent._launch()
         cls.started.append(agent)
         return agent
+
+    async def _launch(self) -> None:
+        """Start the agent with its probe on a newly chosen port."""
+        self.port = free_port()
+        self._launches += 1
+        self._logged = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.started = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                *self._args(self.port), stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=out, preexec_fn=_die_with_parent)
+
+    def _lost_its_port(self) -> bool:
+        """Whether the agent exited because another process bound its probe port between
+        the choosing and the binding (it binds before it issues anything: a new start on
+        another port changes nothing else)."""
+        with open(self.log, "rb") as f:
+            f.seek(self._logged)
+            said = f.read().decode(errors="replace")
+        return "--ready-listen" in said and port_taken(said) and self._launches < ATTEMPTS
 
     @classmethod
     async def kill_all(cls) -> None:
@@ -186,6 +206,9 @@ class AgentProcess:
         """Until GET /ready answers 200; the seconds since the process was started."""
         async def ready() -> bool:
             if self.proc.returncode is not None:
+                if self._lost_its_port():
+                    await self._launch()
+                    return False
                 raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.log_text()}")
             answer = await self.probe()
             return answer is not None and answer[0] == 200

@@ -1,6 +1,7 @@
 """AWS played by moto in server mode on loopback, and a recording door in front of its STS.
 
-``MotoServer`` runs moto's whole API (IAM, STS, S3, …) on 127.0.0.1 and a free port.
+``MotoServer`` runs moto's whole API (IAM, STS, S3, …) on 127.0.0.1 and a port the
+kernel chose when it bound.
 ``StsDoor`` is a small loopback HTTP server that forwards each request to moto and
 records the form it carried (so a test can check the OIDC token the broker sent), or
 answers with an STS error instead when told to.
@@ -17,7 +18,7 @@ import boto3
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 
-from broker.dev.openbao import free_port
+from tests.harness.ports import serve_app
 
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "us-east-1"
@@ -28,8 +29,11 @@ SECRET_ACCESS_KEY = "moto-not-a-real-secret"
 
 class MotoServer:
     def __init__(self) -> None:
-        self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        # Port 0: the server binds a port the kernel chooses, read back once it is up. (A
+        # number chosen beforehand may be taken by then, and moto's start() would then
+        # wait forever for a server that failed to bind.)
+        self.port = 0
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 
     @property
     def url(self) -> str:
@@ -38,6 +42,7 @@ class MotoServer:
     def start(self) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
+        self.port = self._server.get_host_and_port()[1]
 
     def stop(self) -> None:
         self._server.stop()
@@ -74,10 +79,7 @@ class StsDoor:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner, self.port = await serve_app(app, access_log=None)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
 
     async def stop(self) -> None:

@@ -188,8 +188,9 @@ async def test_broker_dev_runs_everything_and_ctrl_c_leaves_nothing(tmp_path: Pa
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
-    # OpenBao goes with it: a short grace for the process table, not a long wait.
-    await eventually(lambda: _bao_pids(env["VAULT_ADDR"]) == [], "OpenBao stopped", timeout=5)
+    # OpenBao goes with it (the bound is the harness's: a busy machine may take a while to
+    # reap it, and a leftover OpenBao would still fail the test).
+    await eventually(lambda: _bao_pids(env["VAULT_ADDR"]) == [], "OpenBao stopped")
     assert not (d / "dev.env").exists()
 
 

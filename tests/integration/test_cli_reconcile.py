@@ -72,7 +72,7 @@ async def test_a_failed_job_is_listed_and_retried(make_broker, bao, http):
         code, out, err = await run("broker.cli.ctl", "jobs", "retry", job["job_id"], env=env)
         assert code == 0, err
         assert out.strip() == f"job {job['job_id']} of instance i-fails is pending again"
-        shown = await wait_job(http, b, "i-fails", timeout=20)
+        shown = await wait_job(http, b, "i-fails")
         assert shown["job"]["state"] == "done"
         assert [x["state"] for x in shown["leases"]] == ["revoked"]
 

@@ -12,14 +12,15 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.dev.openbao import free_port
+from tests.harness.ports import held_socket, port_of, serve_app
 
 AUD = "ephemeral-broker"
 
 
 class RotatingIssuer:
     def __init__(self) -> None:
-        self.port = free_port()
+        self.sock = held_socket()
+        self.port = port_of(self.sock)
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.keys: dict[str, ec.EllipticCurvePrivateKey] = {}
         self.fetches = 0
@@ -50,9 +51,7 @@ class RotatingIssuer:
 
         app = web.Application()
         app.router.add_get("/jwks", jwks)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner, _ = await serve_app(app, self.sock, access_log=None)
 
 
 async def _post(http, b, token):

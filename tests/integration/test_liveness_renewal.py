@@ -104,11 +104,11 @@ async def test_the_watch_configured_in_settings_terminates_a_deleted_pod(make_br
     async with http.post(f"{b.url}/v1/credentials", json={"role": "dev-db"},
                          headers=bearer(token)) as resp:
         assert resp.status == 201, await resp.text()
-    await eventually(lambda: bool(kube.watch_queries()), "the watch started", timeout=10)
+    await eventually(lambda: bool(kube.watch_queries()), "the watch started")
     deleted = copy.deepcopy(POD)
     deleted["metadata"]["resourceVersion"] = "201"
     await kube.emit([json.dumps({"type": "DELETED", "object": deleted}).encode() + b"\n"])
-    shown = await wait_job(http, b, UID, timeout=20)
+    shown = await wait_job(http, b, UID)
     assert shown["job"]["requested_by"] == "events:kubernetes"
     assert [x["state"] for x in shown["leases"]] == ["revoked"]
     assert not vault.lease_exists(shown["leases"][0]["vault_lease_id"])

@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import free_port
 from tests.conftest import ADMIN_SHA, ADMIN_TOKEN
 from tests.harness.api import bearer, issue
+from tests.harness.ports import held_socket, port_of, serve_app
 from tests.harness.wait import eventually
 
 READER, REVOKER = "rdr-" + "r" * 30, "rvk-" + "v" * 30
@@ -31,11 +30,9 @@ def sha(token: str) -> str:
 @pytest.fixture(scope="module")
 async def ops_issuer() -> AsyncIterator[DevIssuer]:
     """The operators' identity provider: its own key, its own audience."""
-    port = free_port()
-    ops = DevIssuer.generate(f"http://127.0.0.1:{port}", audience=OPS_AUDIENCE)
-    runner = web.AppRunner(ops.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sock = held_socket()
+    ops = DevIssuer.generate(f"http://127.0.0.1:{port_of(sock)}", audience=OPS_AUDIENCE)
+    runner, _ = await serve_app(ops.app(), sock, access_log=None)
     yield ops
     await runner.cleanup()
 

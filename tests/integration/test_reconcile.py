@@ -163,7 +163,8 @@ async def test_orphans_are_reported_then_revoked_on_request(b, http, vault, pki,
     assert not vault.lease_exists(stray)
     [live] = b.rows("leases")
     assert live["state"] == "active" and vault.lease_exists(live["vault_lease_id"])
-    assert [e["detail"]["revoked"] for e in b.rows("audit_events")
+    # In the order they were written: a SELECT without ORDER BY promises none.
+    assert [e["detail"]["revoked"] for e in sorted(b.rows("audit_events"), key=lambda e: e["seq"])
             if e["action"] == "reconcile.orphans"] == [0, 1]
 
     async with http.get(f"{b.url}/metrics") as resp:

@@ -306,23 +306,36 @@ async def test_an_instance_of_another_issuer_is_refused_and_left_alone(
 # -- the loop -----------------------------------------------------------------------------
 
 async def test_run_handles_events_and_stops_promptly_during_a_long_poll(
-        make_broker, http, vault, moto, queue, sources):
+        make_broker, http, vault, moto, queue, sources, monkeypatch):
     b = await make_broker()
     instance, vault_lease = await leased_instance(http, b)
     source = new_source(sources, sqs_settings(moto, queue, wait_time_s=20),
                         b.broker.components.terminate)
+    # Count the receives the loop starts, to wait for a long poll to be in flight rather
+    # than sleep and hope it is (on a busy machine it may not have started yet).
+    receives = 0
+    receive = source._queue.receive
+
+    def counted(*args: Any) -> Any:
+        nonlocal receives
+        receives += 1
+        return receive(*args)
+
+    monkeypatch.setattr(source._queue, "receive", counted)
     stop = asyncio.Event()
     task = asyncio.create_task(source.run(stop))
     try:
-        await asyncio.sleep(0.3)  # a long poll is in flight
+        await eventually(lambda: receives >= 1, "a long poll in flight")
         queue.send(state_change(instance, "terminated"))
-        await eventually(lambda: source.stats["terminated"] == 1, "event handled", timeout=10)
-        await asyncio.sleep(0.3)  # the next 20 s long poll is in flight
+        await eventually(lambda: source.stats["terminated"] == 1, "event handled")
+        await eventually(lambda: receives >= 2, "the next 20 s long poll in flight")
         loop = asyncio.get_running_loop()
         stopped_at = loop.time()
         stop.set()
-        await asyncio.wait_for(task, 2)
-        assert loop.time() - stopped_at < 1
+        # Prompt is well within the 20 s the long poll would hold; the bound leaves room
+        # for a busy machine.
+        await asyncio.wait_for(task, 10)
+        assert loop.time() - stopped_at < 10
     finally:
         stop.set()
         # Let moto answer the abandoned long poll now rather than in 20 s.
@@ -348,10 +361,10 @@ async def test_a_failing_poll_backs_off_and_the_loop_survives(sources):
         await source.run_once()
     stop = asyncio.Event()
     task = asyncio.create_task(source.run(stop))
-    await eventually(lambda: source.errors["receive"] >= 3, "polls retried", timeout=15)
+    await eventually(lambda: source.errors["receive"] >= 3, "polls retried")
     assert not task.done()
     stop.set()
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 30)
     assert task.exception() is None
 
 
@@ -379,7 +392,7 @@ async def test_the_broker_runs_the_source_from_its_settings(make_broker, http, v
     instance, vault_lease = await leased_instance(http, b)
     queue.send(state_change(instance, "terminated"))
 
-    shown = await wait_job(http, b, instance, timeout=15)
+    shown = await wait_job(http, b, instance)
     assert shown["job"]["state"] == "done"
     assert jobs_of(b, instance)[0]["requested_by"] == "events:sqs"
     assert not vault.lease_exists(vault_lease)

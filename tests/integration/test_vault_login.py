@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from broker.dev.openbao import OpenBaoDevServer
 from broker.errors import UpstreamRejected
 from broker.vault.bootstrap import bootstrap_dev
 from broker.vault.settings import AppRoleAuth
+from tests.harness.ports import started_openbao
 from tests.harness.vault import VaultProbe
 
 
@@ -48,8 +48,7 @@ async def test_broker_logs_in_with_approle_and_issues(make_broker, http, approle
 
 async def test_sealed_vault_is_not_ready_and_issuance_fails_closed(make_broker, http, workdir,
                                                                    pg, issuer):
-    own = OpenBaoDevServer(workdir / "sealed-openbao")
-    await asyncio.to_thread(own.start)
+    own = await asyncio.to_thread(started_openbao, workdir / "sealed-openbao")
     try:
         setup = await asyncio.to_thread(bootstrap_dev, own.addr, own.root_token,
                                         postgres_url=None)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import free_port
+from tests.harness.ports import held_socket, port_of, serve_app
 from tests.unit.identity.tokenkit import RSA2048, b64, seg, sign_input
 
 LAB_ISS = "https://lab.example.org"
@@ -55,7 +55,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 async def lab_env(issuer: DevIssuer) -> AsyncIterator[Env]:
-    port = free_port()
+    sock = held_socket()
+    port = port_of(sock)
     other = DevIssuer.generate(f"http://127.0.0.1:{port}")
     lab_jwk = json.loads(ECAlgorithm.to_jwk(LAB_KEY.public_key()))
     lab_jwk.pop("key_ops", None)
@@ -83,9 +84,7 @@ async def lab_env(issuer: DevIssuer) -> AsyncIterator[Env]:
     app.router.add_get("/.well-known/jwks.json", other_jwks)
     app.router.add_get("/lab/jwks", lab_jwks)
     app.router.add_get("/sealed/jwks", sealed_jwks)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, _ = await serve_app(app, sock, access_log=None)
     yield Env(dev=issuer, other=other, lab_jwks_uri=f"http://127.0.0.1:{port}/lab/jwks")
     await runner.cleanup()
 

@@ -3,19 +3,15 @@ tokens happen to carry the same id cannot draw on, renew or release its leases."
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import free_port
+from tests.harness.ports import held_socket, port_of, serve_app
 
 
 async def test_a_second_issuer_cannot_use_an_instance_id_it_does_not_own(make_broker, http,
                                                                          issuer, vault):
-    port = free_port()
-    other = DevIssuer.generate(f"http://127.0.0.1:{port}")
-    runner = web.AppRunner(other.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sock = held_socket()
+    other = DevIssuer.generate(f"http://127.0.0.1:{port_of(sock)}")
+    runner, _ = await serve_app(other.app(), sock, access_log=None)
     try:
         issuers = [{"name": name, "issuer": i.issuer,
                     "jwks_uri": f"{i.issuer}/.well-known/jwks.json", "algorithms": ["ES256"],

@@ -11,11 +11,10 @@ import time
 from typing import Any
 
 import psycopg
-from aiohttp import web
 
 from broker.dev.issuer import DevIssuer
-from broker.dev.openbao import free_port
 from tests.harness.api import bearer, issue, wait_job
+from tests.harness.ports import held_socket, port_of, serve_app
 from tests.harness.wait import eventually
 
 TABLES = ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events",
@@ -196,6 +195,15 @@ async def test_an_expired_forged_misaddressed_or_missing_token_ends_nothing(
         "token_missing": {},
         "token_malformed": bearer("not-a-jwt"),
     }
+    # The issuance noted a sighting that a tick writes (last_seen_at) every few seconds:
+    # write it now, or it may land between the snapshots and look like a refusal's doing.
+    components = b.broker.components
+
+    async def sightings_written() -> bool:
+        await components.flush_sightings.run_once()
+        return len(components.sightings) == 0
+
+    await eventually(sightings_written, "the issuance's sighting written")
     before = everything(b, vault)
     for code, headers in cases.items():
         async with http.post(f"{b.url}{SELF}", headers=headers,
@@ -209,11 +217,9 @@ async def test_an_expired_forged_misaddressed_or_missing_token_ends_nothing(
 
 async def test_an_instance_id_another_workload_or_issuer_owns_is_refused_and_left_alone(
         make_broker, http, issuer, vault):
-    port = free_port()
-    other = DevIssuer.generate(f"http://127.0.0.1:{port}")
-    runner = web.AppRunner(other.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sock = held_socket()
+    other = DevIssuer.generate(f"http://127.0.0.1:{port_of(sock)}")
+    runner, _ = await serve_app(other.app(), sock, access_log=None)
     try:
         b = await make_broker(overrides=replay_on(issuer, ("other", other)))
         status, cred = await issue_with(
