@@ -564,12 +564,21 @@ def lifetime_s(cred: dict[str, Any]) -> float:
 STORE_TABLES = ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
 
 
-def assert_nowhere_recorded(b: Any, records: list[logging.LogRecord], *values: str) -> None:
-    """None of ``values`` (a password, a login name) is in the lease store or a log line."""
-    store = repr([b.rows(table) for table in STORE_TABLES])
+def assert_nowhere_recorded(
+    b: Any, records: list[logging.LogRecord], secret: str, login: str
+) -> None:
+    """The password is in neither the lease store nor a log line; the login name (the
+    credential's non-secret identifier) is in the store only as its lease's
+    ``credential_ref`` (what an operator needs to clean up a lease Vault forgot), and in no
+    log line."""
+    rows = {table: b.rows(table) for table in STORE_TABLES}
+    refs = [lease.pop("credential_ref", None) for lease in rows["leases"]]
+    assert {"username": login} in refs
+    store = repr(rows)
     fmt = JsonFormatter()
     logs = "\n".join(fmt.format(r) for r in records)
     assert records, "expected the broker to log something"
-    for value in values:
+    for value in (secret, login):
         assert value not in store
         assert value not in logs
+    assert secret not in repr(refs)
