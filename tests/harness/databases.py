@@ -564,13 +564,10 @@ def lifetime_s(cred: dict[str, Any]) -> float:
 STORE_TABLES = ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
 
 
-def assert_nowhere_recorded(
-    b: Any, records: list[logging.LogRecord], secret: str, login: str
-) -> None:
-    """The password is in neither the lease store nor a log line; the login name (the
-    credential's non-secret identifier) is in the store only as ``credential_ref`` (its
-    lease's, and the ``lease.issued`` event's: what an operator needs to clean up a lease
-    Vault forgot), and in no log line."""
+def store_without_refs(b: Any) -> tuple[str, list[Any]]:
+    """The lease store as text with every ``credential_ref`` taken out, and those refs.
+    A credential's non-secret identifier (a login name, a serial) is recorded there on
+    purpose: what an operator needs to clean up a lease Vault forgot."""
     refs: list[Any] = []
 
     def without_refs(value: Any) -> Any:
@@ -587,7 +584,16 @@ def assert_nowhere_recorded(
                 return value
         return value
 
-    store = repr([without_refs(b.rows(table)) for table in STORE_TABLES])
+    return repr([without_refs(b.rows(table)) for table in STORE_TABLES]), refs
+
+
+def assert_nowhere_recorded(
+    b: Any, records: list[logging.LogRecord], secret: str, login: str
+) -> None:
+    """The password is in neither the lease store nor a log line; the login name is in the
+    store only as ``credential_ref`` (its lease's, and the ``lease.issued`` event's), and
+    in no log line."""
+    store, refs = store_without_refs(b)
     assert {"username": login} in refs
     fmt = JsonFormatter()
     logs = "\n".join(fmt.format(r) for r in records)

@@ -90,6 +90,8 @@ async def test_every_step_is_audited_and_nothing_secret_is(make_broker, http, pg
         "role": "dev-db", "kind": "database_login", "engine": "database", "state": "active",
         "vault_lease_id": issued["detail"]["vault_lease_id"], "renewable": True,
         "expires_at": issued["detail"]["expires_at"],
+        # The login's name, not a secret: what cleans up a lease Vault forgot.
+        "credential_ref": {"username": db_cred["data"]["username"]},
     }
     mine = next(e for e in trail if e["instance_id"] == "i-self")
     assert (mine["actor"], mine["action"], mine["reason"]) == (

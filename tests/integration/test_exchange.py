@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness.api import bearer, issue, wait_job
+from tests.harness.databases import store_without_refs
 from tests.harness.pgauth import scram_password_matches
 
 
@@ -48,9 +49,9 @@ async def test_database_login_lives_until_the_instance_is_terminated(
         "database/creds/dev-db/")
     [tok] = b.rows("instance_tokens")
     assert vault.token_meta(tok["accessor"])["instance_id"] == "i-db-1"
-    dump = repr([b.rows(t) for t in ("instances", "instance_tokens", "leases",
-                                    "revocation_jobs", "audit_events")])
+    dump, refs = store_without_refs(b)
     assert password not in dump and user not in dump
+    assert {"username": user} in refs and password not in repr(refs)
 
     async with http.post(f"{b.url}/v1/instances/i-db-1/terminate", headers=b.admin()) as resp:
         assert resp.status == 202

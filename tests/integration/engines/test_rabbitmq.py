@@ -15,6 +15,7 @@ import pika.exceptions
 import pytest
 
 from tests.harness.api import bearer, issue, wait_job
+from tests.harness.databases import store_without_refs
 from tests.harness.rabbitmq import (
     AMQP_PORT,
     HOST,
@@ -143,14 +144,11 @@ async def test_login_may_use_its_granted_vhost_and_nothing_else(make_broker, htt
         await asyncio.to_thread(_connect, rabbit.granted_vhost, user, password + "x")
     assert wrong.value.args == (LOGIN_REFUSED,)
 
-    # The store keeps the lease, never the login.
-    dump = repr(
-        [
-            b.rows(t)
-            for t in ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
-        ]
-    )
+    # The store keeps the lease and the login's name as its credential_ref, never the
+    # password.
+    dump, refs = store_without_refs(b)
     assert password not in dump and user not in dump
+    assert {"username": user} in refs and password not in repr(refs)
 
 
 async def test_termination_deletes_the_user_and_cuts_its_open_connection(
