@@ -9,7 +9,8 @@ anything else leaves it ``lost`` for an operator. Which engines can be checked:
 - ``pki``: the certificate's serial against its mount's CRL (``<mount>/cert/crl``, public;
   no setting). On the CRL: dead. Not on it: still valid until it expires.
 - ``database`` with PostgreSQL, when the role sets ``check`` (a read-only login that reads
-  ``pg_roles``): no role of that name: dead; the role exists: still valid.
+  ``pg_roles``): no role of that name in any case: dead; one exists: still valid; the
+  server is a replica, or lacks the role ``check.expect_role`` names: cannot tell.
 - every other engine: cannot tell.
 
 The check never holds the credential itself: it looks the identifier
