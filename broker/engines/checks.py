@@ -136,6 +136,7 @@ class PostgresRoleCheck:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._used = 0.0
         self._closer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # held: a task is weakly referenced
 
     async def gone(self, lease: CheckedLease) -> bool | None:
         username = _ref(lease, "username")
@@ -145,6 +146,11 @@ class PostgresRoleCheck:
         async with self._lock:
             try:
                 row = await asyncio.wait_for(self._ask(username), s.timeout_s)
+            except asyncio.CancelledError:  # mid-query: never reused, closed aside
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    self._closing = asyncio.get_running_loop().create_task(conn.close())
+                raise
             except Exception as exc:  # psycopg, OSError, timeouts: the check cannot tell
                 await self._drop()
                 log.warning(

@@ -215,3 +215,22 @@ async def test_the_checkers_connection_is_closed_once_idle(pg: PgServer, checker
                      "the idle checker connection is closed")
     assert await check.gone(db_lease(name)) is True  # opened again when needed
     await check.close()
+
+
+async def test_a_cancelled_answer_leaves_no_connection_behind(pg: PgServer,
+                                                               checker: str) -> None:
+    import asyncio
+
+    from broker.engines.checks import PostgresRoleCheck
+    check = PostgresRoleCheck(DatabaseCheck(url=pg.url("postgres", user=checker),
+                                            password=CHECKER_PASSWORD))
+    assert await check.gone(db_lease(checker)) is False  # the connection is open now
+    asking = asyncio.create_task(check.gone(db_lease(checker)))
+    await asyncio.sleep(0)
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    await eventually(lambda: checker_sessions(pg, checker) == 0,
+                     "the cancelled answer's connection is closed")
+    assert await check.gone(db_lease(checker)) is False  # a new one when asked again
+    await check.close()
