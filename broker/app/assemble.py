@@ -130,6 +130,7 @@ class Assembly:
     ticks: Ticks
     signing: CheckpointSigning
     checkpoints: CheckpointWriter
+    direct_checks: DirectChecks | None = None  # closed at stop (its checker connections)
 
 
 def assemble(
@@ -155,8 +156,9 @@ def assemble(
     engine_of = {name: role.engine for name, role in settings.roles.items()}
     metrics = Metrics(engine_of)
     # Every path that ends a lease tells "Vault forgot it" from "we revoked it" through it.
+    direct_checks = None
     if checks == "direct":
-        checks = DirectChecks(settings.roles, vault)
+        checks = direct_checks = DirectChecks(settings.roles, vault)
     ender = LeaseEnder(vault, ledgers.ending, clock, engine_of=engine_of, checks=checks)
     tokens = InstanceTokens(vault, ledgers.issuance, clock)
     aws = None
@@ -338,6 +340,7 @@ def assemble(
         ticks=ticks,
         signing=signing,
         checkpoints=checkpoints,
+        direct_checks=direct_checks,
     )
 
 

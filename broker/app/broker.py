@@ -48,6 +48,8 @@ class Broker:
                 "run `broker migrate --config FILE` first"
             )
         close_later(c.vault.close)  # also when its start-up check refuses the token
+        if c.direct_checks is not None:
+            close_later(c.direct_checks.close)  # its idle checker connections
         await c.vault.start()
         await c.signing.start()  # a file key that does not load stops start-up
         if c.aws is not None:

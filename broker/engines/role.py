@@ -6,7 +6,7 @@ directly. Checked at load against its engine (``broker.engines.validate_role``).
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -16,6 +16,10 @@ from broker.vault.paths import NAME_SEGMENT
 
 # The identity values a role-parameter template may use.
 TEMPLATE_FIELDS = frozenset({"instance_id", "workload", "issuer_name"})
+
+# libpq parameters a checker URL's query may not set: they would override the login,
+# server or port the URL names (and the log shows), or carry the password.
+_URL_ONLY = frozenset({"password", "host", "hostaddr", "port", "user", "service"})
 
 
 class DatabaseCheck(Frozen):
@@ -27,6 +31,10 @@ class DatabaseCheck(Frozen):
     url: str  # postgresql://checker@db.internal:5432/postgres?sslmode=verify-full
     password: SecretStr | None = None
     timeout_s: float = Field(5.0, gt=0, le=60)
+    # Optional positive control: a role that exists only on the server the Vault role
+    # creates its logins on (e.g. Vault's own account). Not there: wrong server, the
+    # check cannot tell (rather than read every login as gone).
+    expect_role: str | None = Field(None, min_length=1, max_length=63)
 
     @field_validator("url")
     @classmethod
@@ -49,6 +57,16 @@ class DatabaseCheck(Frozen):
             )
         if not parts.username:
             raise ValueError("expected a user, e.g. postgresql://checker@db:5432/postgres")
+        if "," in parts.netloc:
+            raise ValueError("expected one host: the server the Vault role's logins live on")
+        given = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        overriding = sorted(given & _URL_ONLY)
+        if overriding:  # names only: a value (a password) is never echoed
+            raise ValueError(
+                f"the URL's query sets {', '.join(overriding)}: the login, host and port "
+                "are the URL's own (they are logged as the checker), the password is "
+                "check.password"
+            )
         return v
 
     @property

@@ -34,16 +34,26 @@ MISSING_FROM_LISTING = "missing_from_vault_listing"
 UNKNOWN_AT_RENEWAL = "vault_unknown_at_renewal"
 
 
+class CheckAnswer(Protocol):
+    """A direct check's answer for one lease, with the name of the check that gave it."""
+
+    @property
+    def gone(self) -> bool | None:
+        """True: the credential is confirmed dead; False: confirmed still valid; None:
+        no check could tell for this lease."""
+        ...
+
+    @property
+    def by(self) -> str:
+        """The check that answered ("crl", "database"): the audit's ``confirmed_by``."""
+        ...
+
+
 class CredentialCheck(Protocol):
     """A direct look at the credential, without Vault and without holding a secret (a
     certificate serial against its CRL, a database username against the database)."""
 
-    name: str  # "crl", "database"
-
-    async def gone(self, lease: LeaseView) -> bool | None:
-        """True: the credential is confirmed dead; False: confirmed still valid; None:
-        this check cannot tell for this lease."""
-        ...
+    async def gone(self, lease: LeaseView) -> CheckAnswer: ...
 
 
 @dataclass(frozen=True)
@@ -197,13 +207,13 @@ class LeaseEnder:
         if self._checks is None or not worth_checking(lease, now):
             return decide(lease, now, ours=ours)
         try:
-            confirmed = await self._checks.gone(lease)
+            answer = await self._checks.gone(lease)
         except Exception:  # noqa: BLE001 — a check that fails cannot tell
             log.warning(
                 "a direct credential check failed", extra={"lease_id": lease.lease_id}
             )
-            confirmed = None
-        return decide(lease, now, confirmed=confirmed, by=self._checks.name, ours=ours)
+            return decide(lease, now, ours=ours)
+        return decide(lease, now, confirmed=answer.gone, by=answer.by, ours=ours)
 
     async def end_one(
         self, lease: LeaseView, *, actor: str, found_by: str, ours: LeaseState

@@ -12,7 +12,10 @@ class of its own keeps the client's surface to the credential calls.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Callable
 
 from cryptography import x509
 
@@ -74,12 +77,41 @@ def revoked_serials(crl_pem: str) -> frozenset[int]:
         raise ValueError("not a PEM certificate revocation list") from None
 
 
+# How long a fetched CRL answers for its mount: a pass that meets many lost leases of one
+# mount downloads and parses it once. A stale CRL can only miss a recent revocation (a
+# serial never leaves the CRL before its certificate expires), which leaves a lease `lost`,
+# never wrongly `revoked`.
+CRL_MAX_AGE_S = 5.0
+
+
 class Crl:
-    def __init__(self, vault: VaultClient) -> None:
+    def __init__(
+        self,
+        vault: VaultClient,
+        *,
+        max_age_s: float = CRL_MAX_AGE_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._vault = vault
+        self._max_age_s = max_age_s
+        self._now = monotonic
+        self._cached: dict[str, tuple[float, frozenset[int]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def revoked(self, mount: str) -> frozenset[int]:
-        """The serials on ``mount``'s (default issuer's) CRL, fetched now."""
+        """The serials on ``mount``'s (default issuer's) CRL, fetched at most
+        ``max_age_s`` ago; concurrent askers of one mount share one fetch. A failed fetch
+        is not remembered."""
+        lock = self._locks.setdefault(mount, asyncio.Lock())
+        async with lock:
+            cached = self._cached.get(mount)
+            if cached is not None and self._now() - cached[0] < self._max_age_s:
+                return cached[1]
+            serials = await self._fetch(mount)
+            self._cached[mount] = (self._now(), serials)
+            return serials
+
+    async def _fetch(self, mount: str) -> frozenset[int]:
         body = await self._vault._call(  # noqa: SLF001 — the package's own transport
             "GET", f"/v1/{vault_path(*mount.split('/'), 'cert', 'crl')}"
         )

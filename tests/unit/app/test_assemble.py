@@ -89,6 +89,7 @@ async def test_serve_and_dev_end_leases_with_the_direct_checks(tmp_path: Path) -
         checks = parts.ender._checks
         assert isinstance(checks, DirectChecks)
         assert checks._by_role["dev-cert"].name == "crl"  # the PKI role: its mount's CRL
+        assert parts.direct_checks is checks  # closed when the broker stops
     finally:
         await parts.http.close()
     parts = assemble(settings(tmp_path))

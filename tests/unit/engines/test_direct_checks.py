@@ -4,6 +4,7 @@ database checker's setting) and the dispatch by role, with fakes for the I/O."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,10 +20,17 @@ from pydantic import ValidationError
 
 from broker.config import ConfigError, load_settings
 from broker.dev.environment import dev_settings_dict
-from broker.engines.checks import CrlCheck, DirectChecks, PostgresRoleCheck, check_name
+from broker.engines.checks import (
+    CrlCheck,
+    DirectChecks,
+    PostgresRoleCheck,
+    Verdict,
+    check_name,
+    role_answer,
+)
 from broker.engines.role import DatabaseCheck, RoleSettings
 from broker.errors import UpstreamUnavailable
-from broker.vault.crl import format_serial, parse_serial, pki_mount, revoked_serials
+from broker.vault.crl import Crl, format_serial, parse_serial, pki_mount, revoked_serials
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,13 @@ def test_the_checker_password_comes_from_the_environment() -> None:
     ("postgresql:///postgres", "host"),
     ("postgresql://db/postgres", "user"),
     ("postgresql://checker@db:notaport/postgres", "URL like"),
+    ("postgresql://checker@db/postgres?password=hunter22", "sets password"),
+    ("postgresql://checker@db/postgres?sslmode=require&PassWord=hunter22", "sets password"),
+    ("postgresql://checker@db/postgres?host=replica.internal", "sets host"),
+    ("postgresql://checker@db/postgres?hostaddr=10.0.0.9&port=6432", "sets hostaddr, port"),
+    ("postgresql://checker@db/postgres?user=postgres", "sets user"),
+    ("postgresql://checker@db/postgres?service=other", "sets service"),
+    ("postgresql://checker@db1,db2/postgres", "one host"),
 ])
 def test_a_bad_checker_url_is_refused_without_echoing_a_password(url: str, says: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -210,6 +225,15 @@ def test_a_bad_checker_url_is_refused_without_echoing_a_password(url: str, says:
     assert lines[1].startswith("  roles.dev-db.check.url: ")
     assert says in lines[1]
     assert "hunter22" not in str(info.value)
+
+
+def test_a_checker_url_may_set_other_connection_options() -> None:
+    check = DatabaseCheck(url="postgresql://checker@db/postgres?sslmode=verify-full"
+                          "&sslrootcert=/etc/ca.pem&application_name=broker-check",
+                          expect_role="vault_orders")
+    assert check.where == "checker@db:5432" and check.expect_role == "vault_orders"
+    with pytest.raises(ValidationError):
+        DatabaseCheck(url="postgresql://checker@db/postgres", expect_role="")
 
 
 def test_only_a_database_role_takes_a_check() -> None:
@@ -261,12 +285,72 @@ async def test_dispatch_goes_by_the_lease_role_to_its_engines_check() -> None:
     assert checks.check_for(Lease(role="app-db")).name == "database"  # type: ignore[union-attr]
     for role in ("plain-db", "kv", "no-longer-configured"):
         assert checks.check_for(Lease(role=role)) is None
-        assert await checks.gone(Lease(role=role)) is None
+        assert await checks.gone(Lease(role=role)) == Verdict(None, "direct")
+    assert await checks.gone(Lease(role="kv")) == Verdict(None, "direct")
     fake = Answer("crl", True)
     checks._by_role["web-cert"] = fake
-    assert await checks.gone(Lease(lease_id="l-9", role="web-cert")) is True
+    # the answer carries the name of the check that gave it: the audit's confirmed_by
+    assert await checks.gone(Lease(lease_id="l-9", role="web-cert")) == Verdict(True, "crl")
     assert fake.asked == ["l-9"]
-    assert checks.name == "crl"  # what confirmed it, for the audit's confirmed_by
-    checks._by_role["app-db"] = Answer("database", True)
-    assert await checks.gone(Lease(role="app-db")) is True and checks.name == "database"
-    assert await checks.gone(Lease(role="kv")) is None and checks.name == "direct"
+    checks._by_role["app-db"] = Answer("database", False)
+    assert await checks.gone(Lease(role="app-db")) == Verdict(False, "database")
+    assert await checks.gone(Lease(role="kv")) == Verdict(None, "direct")
+    await checks.close()
+
+
+# -- the CRL is fetched once per mount for a few seconds --------------------------------------
+
+class CrlVault:
+    def __init__(self, pem: str) -> None:
+        self.pem, self.calls, self.fail = pem, [], False
+
+    async def _call(self, method: str, path: str) -> dict[str, Any]:
+        self.calls.append(path)
+        await asyncio.sleep(0)
+        if self.fail:
+            raise UpstreamUnavailable("Vault is unreachable; retry shortly")
+        return {"data": {"certificate": self.pem}}
+
+
+async def test_a_crl_is_fetched_once_per_mount_while_it_is_fresh() -> None:
+    vault = CrlVault(crl_pem([0x1A2B]))
+    now = [100.0]
+    crl = Crl(vault, max_age_s=5, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    # many lost leases of one mount at once: one download
+    got = await asyncio.gather(*(crl.revoked("pki") for _ in range(10)))
+    assert all(serials == {0x1A2B} for serials in got)
+    assert vault.calls == ["/v1/pki/cert/crl"]
+    await crl.revoked("team/pki")
+    assert vault.calls == ["/v1/pki/cert/crl", "/v1/team/pki/cert/crl"]
+    now[0] += 4.9
+    await crl.revoked("pki")
+    assert len(vault.calls) == 2
+    now[0] += 0.2  # stale: fetched again
+    vault.pem = crl_pem([0x1A2B, 7])
+    assert await crl.revoked("pki") == {0x1A2B, 7}
+    assert len(vault.calls) == 3
+
+
+async def test_a_failed_crl_fetch_is_not_remembered() -> None:
+    vault = CrlVault(crl_pem([7]))
+    vault.fail = True
+    crl = Crl(vault, monotonic=lambda: 0.0)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamUnavailable):
+        await crl.revoked("pki")
+    vault.fail = False
+    assert await crl.revoked("pki") == {7}
+    assert len(vault.calls) == 2
+
+
+# -- what PostgreSQL's answer means ---------------------------------------------------------
+
+@pytest.mark.parametrize("in_recovery", [False, True])
+@pytest.mark.parametrize("exists", [False, True])
+@pytest.mark.parametrize("control", [None, False, True])
+def test_only_the_primary_with_no_such_role_in_any_case_says_gone(
+        in_recovery: bool, exists: bool, control: bool | None) -> None:
+    answer = role_answer(in_recovery, exists, control)
+    if in_recovery or control is False:
+        assert answer is None  # a replica, or not the server the logins live on
+    else:
+        assert answer is (not exists)

@@ -4,7 +4,7 @@ it can matter, and counts what it records lost."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from broker.leases.ending import (
@@ -52,15 +52,21 @@ class Ledger:
         return True
 
 
+@dataclass(frozen=True)
+class Answer:
+    gone: bool | None
+    by: str
+
+
 class Check:
     name = "crl"
 
     def __init__(self, answer: bool | None) -> None:
         self.answer, self.asked = answer, 0
 
-    async def gone(self, lease: LeaseView) -> bool | None:
+    async def gone(self, lease: LeaseView) -> Answer:
         self.asked += 1
-        return self.answer
+        return Answer(self.answer, self.name)
 
 
 def _lease(**kw) -> LeaseView:
