@@ -2,7 +2,7 @@
 fake Vault, ledger and direct check. Every recorded row is compared with the listing over
 successive passes, however many; a lease the listing lacks is looked up before it is
 settled; a lease past its expiry Vault does not know is lost only when a direct check finds
-its credential still valid."""
+its credential still valid. And the worker confirms a lease a LIST lacks with a lookup."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from broker.revocation.amnesia import (
     worth_asking,
 )
 from broker.revocation.bounded import Bounded
+from broker.revocation.settings import RevocationSettings
+from broker.revocation.worker import LIST_CONFIRM_MIN, RevocationWorker
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 L = LeaseState
@@ -258,6 +260,37 @@ async def test_past_expiry_a_certificate_is_not_asked_and_ours_stays_revoked() -
     assert check.asked == []
     assert (found.lost, expired) == ([], ["l-00001"])
     assert ledger.ended == [("l-00002", (L.REVOKED, None, "vault_unknown_before_revocation"))]
+
+
+# -- the worker: a lease a LIST lacks is looked up before it counts as forgotten ------
+
+
+class ListingVault(Vault):
+    def __init__(self, known: set[str], listed: set[str]) -> None:
+        super().__init__(known)
+        self.listed = listed
+
+    async def list_lease_keys(self, path: str) -> list[str]:
+        return sorted(i.removeprefix(path + "/") for i in self.listed if i.startswith(path))
+
+
+def _worker(vault: Vault) -> RevocationWorker:
+    return RevocationWorker(RevocationSettings(), None, vault, Clock(),  # type: ignore[arg-type]
+                            ender=None)  # type: ignore[arg-type]
+
+
+async def test_the_worker_looks_up_what_the_listing_lacks_before_calling_it_forgotten() -> None:
+    ids = [f"database/creds/app/v{n}" for n in range(LIST_CONFIRM_MIN + 2)]
+    listed = set(ids) - {ids[0], ids[1]}
+    vault = ListingVault(set(ids) - {ids[1]}, listed)  # Vault knows ids[0]; LIST lacks it
+    worker = _worker(vault)
+    held = await worker._still_held(ids, confirm_absent=True)
+    assert held == set(ids) - {ids[1]}
+    assert sorted(vault.lookups) == sorted([ids[0], ids[1]])
+    # After our own revocation a listing is enough: no lookups.
+    vault.lookups.clear()
+    assert await worker._still_held(ids) == listed
+    assert vault.lookups == []
 
 
 def test_the_budget_is_many_pages() -> None:
