@@ -235,3 +235,48 @@ class LeaseEnder:
         if await self._vault.lease_exists(vault_lease_id):
             return None
         return Revoked()
+
+    async def lost_past_expiry(
+        self, leases: Sequence[LeaseView], *, actor: str, found_by: str, why: str
+    ) -> tuple[list[str], set[str]]:
+        """Leases past their expiry that Vault does not know and no revocation of ours
+        covers: each one whose credential a direct check finds still valid (False) was
+        never ended by Vault, which forgot it: it is recorded ``lost``. Returns the lease
+        ids recorded lost, and those found still valid (recorded or, ended meanwhile, not);
+        the others are the caller's to record ``expired``."""
+        lost: list[str] = []
+        alive: set[str] = set()
+        if self._checks is None:
+            return lost, alive
+        for lease in leases:
+            try:
+                answer = await self._checks.gone(lease)
+            except Exception:  # noqa: BLE001 — a check that fails cannot tell
+                log.warning("a direct credential check failed", extra={"lease_id": lease.lease_id})
+                answer = None
+            if answer is not False:
+                continue
+            alive.add(lease.lease_id)
+            moved = await self._ledger.end_decided(
+                lease,
+                Ending(LeaseState.LOST),
+                actor=actor,
+                engine=self._engine_of.get(lease.role),
+                found_by=found_by,
+                why=why,
+            )
+            if moved:
+                lost.append(lease.lease_id)
+                self.lost.record(lease.role, found_by)
+                log.error(
+                    "a lease was lost: Vault no longer knew it although its credential still "
+                    "works past its expiry; it works until it is ended by hand",
+                    extra={
+                        "lease_id": lease.lease_id,
+                        "instance_id": lease.instance_id,
+                        "role": lease.role,
+                        "vault_path": lease.vault_path,
+                        "found_by": found_by,
+                    },
+                )
+        return lost, alive

@@ -404,13 +404,19 @@ class ReconcileRecords:
             return await reconcile.vault_paths(conn)
 
     async def unsent_live_under(
-        self, path: str, *, expiring_after: datetime, limit: int
-    ) -> list[LeaseView]:
+        self,
+        path: str,
+        *,
+        expiring_after: datetime,
+        after: tuple[datetime, str] | None = None,
+        limit: int,
+    ) -> tuple[list[LeaseView], tuple[datetime, str] | None]:
         """Live leases directly under ``path`` with no revocation sent, expiring after
-        ``expiring_after``: the ones Vault's listing of ``path`` must show."""
+        ``expiring_after``: the ones Vault's listing of ``path`` must show. A page from
+        the cursor ``after``, with the next page's cursor (None: that was the last)."""
         async with self._db.transaction(readonly=True) as conn:
             return await reconcile.unsent_live_under(
-                conn, path, expiring_after=expiring_after, limit=limit
+                conn, path, expiring_after=expiring_after, after=after, limit=limit
             )
 
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None:

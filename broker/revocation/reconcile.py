@@ -3,8 +3,10 @@
 One pass, four steps, each on its own (one failing does not skip the others):
 
 1. **expiry**: leases the ledger still counts live past their expiry are looked up in Vault
-   (``sys/leases/lookup``); gone → ``expired``; renewed meanwhile → the ledger's expiry is
-   corrected; still there past expiry → revoked now, and reported if Vault keeps it.
+   (``sys/leases/lookup``); gone → ``expired`` (``lost`` when a direct check finds the
+   credential still valid: Vault forgot the lease, ``broker.revocation.amnesia``); renewed
+   meanwhile → the ledger's expiry is corrected; still there past expiry → revoked now,
+   and reported if Vault keeps it.
 2. **stuck issuing**: an ``issuing`` row older than ``issuing_timeout_s`` belongs to a
    request that died (or gave up) between asking Vault and recording the answer. The
    lease Vault may have issued for it is under the row's Vault path, unknown to the ledger,
@@ -20,7 +22,8 @@ One pass, four steps, each on its own (one failing does not skip the others):
    every path a lease row names) that no live row holds, older than the issuing bound,
    are reported, and revoked when ``revoke_orphans`` is set. Leases under those paths
    that Vault itself marked *irrevocable* (its own revocation retries ran out) are
-   reported too: only an operator can deal with them.
+   reported too: only an operator can deal with them. Recorded live leases the listing
+   lacks are looked up, and the ones Vault forgot settled (``broker.revocation.amnesia``).
 4. **unseen**: for issuers with ``liveness.unseen_grace``, active instances that neither
    exchanged nor renewed for that long are terminated.
 
@@ -46,14 +49,9 @@ from broker.errors import BrokerError, UpstreamRejected
 from broker.events import Terminate
 from broker.identity.settings import IssuerSettings
 from broker.leases import LeaseState, LeaseView
-from broker.leases.ending import (
-    EXPIRY_MARGIN,
-    MISSING_FROM_LISTING,
-    UNKNOWN_BEFORE_REVOCATION,
-    LeaseEnder,
-    decide,
-)
+from broker.leases.ending import LeaseEnder
 from broker.leases.states import LIVE_LEASE_STATES
+from broker.revocation.amnesia import Amnesia, AmnesiaLedger, Found
 from broker.revocation.bounded import Bounded
 from broker.revocation.settings import ReconcileSettings, RevocationSettings
 from broker.vault import VaultClient
@@ -65,7 +63,6 @@ SAMPLE = 50  # ids listed in a report; the counts are complete
 # reported (``reconcile_too_many``) and nothing under it is settled from a partial view.
 MAX_LOOKUPS = 20_000
 _LIVE = frozenset(s.value for s in LIVE_LEASE_STATES)
-EXPIRY_STEP = UNKNOWN_BEFORE_REVOCATION
 
 
 # -- pure decisions ------------------------------------------------------------------
@@ -198,7 +195,7 @@ class ReconcileReport:
 # -- the I/O shell -------------------------------------------------------------------
 
 
-class ReconcileLedger(Protocol):
+class ReconcileLedger(AmnesiaLedger, Protocol):
     """What a reconcile pass reads and writes of the lease ledgers (``ReconcileRecords``)."""
 
     def try_exclusive(self, key: str) -> AbstractAsyncContextManager[bool]: ...
@@ -220,10 +217,6 @@ class ReconcileLedger(Protocol):
     async def vault_lease_states(self, vault_lease_ids: Sequence[str]) -> dict[str, str]: ...
 
     async def vault_paths(self) -> set[str]: ...
-
-    async def unsent_live_under(
-        self, path: str, *, expiring_after: datetime, limit: int
-    ) -> list[LeaseView]: ...
 
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
 
@@ -256,6 +249,16 @@ class Reconciler:
         self._clock = clock
         self._terminate = terminate
         self._bounded = Bounded()
+        self._amnesia = Amnesia(
+            ledger,
+            vault,
+            clock,
+            ender,
+            self._bounded,
+            engine_of={name: role.engine for name, role in roles.items()},
+            batch=settings.batch,
+            clock_skew_s=settings.clock_skew_s,
+        )
         self._running = asyncio.Lock()
         self._pass_prefixes: set[str] | None = None  # the broker's paths, once per pass
         self.last: ReconcileReport | None = None
@@ -322,10 +325,7 @@ class Reconciler:
         for row, info in zip(leased, infos, strict=True):
             action = expiry_action(info, now)
             if action == "expired":
-                if decide(row, now).state is LeaseState.EXPIRED:
-                    expired.append(row.lease_id)  # the common case: ended in bulk below
-                else:
-                    unknown.append(row)  # a revocation of ours was sent: as the decision says
+                unknown.append(row)  # Vault does not know it: expired, unless (below)
             elif action == "extend":
                 assert info is not None and info.expire_time is not None
                 await self._ledger.correct_expiry(row.lease_id, info.expire_time)
@@ -345,10 +345,13 @@ class Reconciler:
                     "a lease past its expiry is still held by Vault",
                     extra={"lease_id": row.lease_id, "role": row.role},
                 )
+        # A revocation of ours covers it: as the decision says; else expired, unless a
+        # direct check finds its credential still valid (Vault forgot it: lost).
+        found, gone_by_expiry = await self._amnesia.past_expiry(unknown)
+        self._add(report, found)
         report.expired += await self._ledger.mark_leases_ended(
-            expired, LeaseState.EXPIRED, actor="reconciler"
+            [*expired, *gone_by_expiry], LeaseState.EXPIRED, actor="reconciler"
         )
-        await self._settle_unknown(report, unknown, EXPIRY_STEP)
 
     # -- 2. stuck issuing --------------------------------------------------------------
 
@@ -449,7 +452,7 @@ class Reconciler:
         keys = await self._vault.list_lease_keys(path)
         ids = [f"{path}/{k}" for k in keys if not k.endswith("/")]
         if missing is not None:
-            await self._missing(missing, path, set(ids))
+            self._add(missing, await self._amnesia.missing(path, set(ids)))
         states = await self._ledger.vault_lease_states(ids)
         unrecorded = unheld(ids, states)
         if len(unrecorded) > MAX_LOOKUPS:
@@ -477,37 +480,10 @@ class Reconciler:
         )
         return self._pass_prefixes
 
-    async def _settle_unknown(
-        self, report: ReconcileReport, leases: Sequence[LeaseView], why: str
-    ) -> None:
-        endings = await self._ender.settle_unknown(
-            leases, actor="reconciler", found_by="reconciler", why=why
-        )
-        for lease_id, ending in endings.items():
-            if ending.state is LeaseState.LOST:
-                report.lost.append(lease_id)
-            elif ending.state is LeaseState.EXPIRED:
-                report.expired += 1
-
-    async def _missing(self, report: ReconcileReport, path: str, listed: set[str]) -> None:
-        """Recorded live leases under ``path``, no revocation of ours sent, not near their
-        expiry, that Vault's listing (taken before they were read) does not show: each is
-        looked up once, and one Vault does not know is settled (``lost`` unless a direct
-        check confirms it dead)."""
-        now = self._clock.now()
-        rows = await self._ledger.unsent_live_under(
-            path,
-            expiring_after=now + EXPIRY_MARGIN + timedelta(seconds=self._settings.clock_skew_s),
-            limit=self._settings.batch,
-        )
-        absent = [r for r in rows if r.vault_lease_id not in listed]
-        if not absent:
-            return
-        known = await asyncio.gather(
-            *(self._bounded(self._vault.lease_exists, str(r.vault_lease_id)) for r in absent)
-        )
-        forgotten = [r for r, exists in zip(absent, known, strict=True) if not exists]
-        await self._settle_unknown(report, forgotten, MISSING_FROM_LISTING)
+    @staticmethod
+    def _add(report: ReconcileReport, found: Found) -> None:
+        report.lost.extend(found.lost)
+        report.expired += found.expired
 
     async def _orphans(self, report: ReconcileReport, revoke: bool) -> None:
         now = self._clock.now()

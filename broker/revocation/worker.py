@@ -311,11 +311,15 @@ class RevocationWorker:
         await self._vault.revoke_lease(vault_lease_id)  # sync: done when it returns
         return True
 
-    async def _still_held(self, vault_lease_ids: list[str]) -> set[str]:
+    async def _still_held(
+        self, vault_lease_ids: list[str], *, confirm_absent: bool = False
+    ) -> set[str]:
         """The leases Vault still holds, by its own word. Many leases under one path are
         checked with one LIST of that path (an instance with 1,000 leases costs Vault one
         listing, not 1,000 lookups); a few, or a path that cannot be listed, one lookup
-        each. A lease Vault will not answer for counts as held."""
+        each. A lease Vault will not answer for counts as held. ``confirm_absent``: a lease
+        the LIST lacks is looked up too before it counts as gone (a listing is no proof
+        that Vault forgot a lease nobody revoked)."""
         by_path: dict[str, list[str]] = {}
         for lease_id in vault_lease_ids:
             by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)
@@ -331,6 +335,8 @@ class RevocationWorker:
                 lookups.extend(ids)  # not listable (policy, path): ask one by one
                 continue
             held.update(i for i in ids if i in listed)
+            if confirm_absent:
+                lookups.extend(i for i in ids if i not in listed)
         answers = await self._each(self._vault.lease_exists, lookups)
         held.update(i for i, exists in zip(lookups, answers, strict=True) if exists is not False)
         return held
@@ -405,7 +411,9 @@ class RevocationWorker:
         ]
         if not fresh:
             return recorded
-        known = await self._still_held([str(lease.vault_lease_id) for lease in fresh])
+        known = await self._still_held(
+            [str(lease.vault_lease_id) for lease in fresh], confirm_absent=True
+        )
         forgotten = [lease for lease in fresh if lease.vault_lease_id not in known]
         if not forgotten:
             return recorded

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock, iso_z
@@ -170,26 +170,53 @@ async def mark_seen(conn: AsyncConnection, instance_ids: Sequence[str], at: date
         )
 
 
+# ``!`` escapes LIKE's wildcards in a Vault path (``_`` and ``%`` are common in role names).
+_LIKE_ESCAPE = "!"
+
+
+def like_prefix(path: str) -> str:
+    """A LIKE pattern matching what starts with ``path/``, the path taken literally."""
+    for char in (_LIKE_ESCAPE, "%", "_"):
+        path = path.replace(char, _LIKE_ESCAPE + char)
+    return f"{path}/%"
+
+
 async def unsent_live_under(
-    conn: AsyncConnection, path: str, *, expiring_after: datetime, limit: int
-) -> list[LeaseView]:
+    conn: AsyncConnection,
+    path: str,
+    *,
+    expiring_after: datetime,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> tuple[list[LeaseView], tuple[datetime, str] | None]:
     """Live leases Vault named directly under ``path`` (``path/<id>``), with no revocation
     of ours sent and an expiry after ``expiring_after``: Vault's listing of ``path`` must
-    show each of them."""
+    show each of them. One page of at most ``limit`` rows, by (created_at, lease_id), from
+    after the cursor ``after``; with the cursor of its last row, or None at the end."""
+    where = [
+        m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
+        m.Lease.vault_lease_id.like(like_prefix(path), escape=_LIKE_ESCAPE),
+        m.Lease.revoke_sent_at.is_(None),
+        m.Lease.expires_at > expiring_after,
+    ]
+    if after is not None:
+        created, lease_id = after
+        where.append(
+            or_(
+                m.Lease.created_at > created,
+                and_(m.Lease.created_at == created, m.Lease.lease_id > lease_id),
+            )
+        )
     rows = (
         await conn.execute(
             select(m.Lease)
-            .where(
-                m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
-                m.Lease.vault_lease_id.like(f"{path}/%"),
-                m.Lease.revoke_sent_at.is_(None),
-                m.Lease.expires_at > expiring_after,
-            )
-            .order_by(m.Lease.created_at)
+            .where(*where)
+            .order_by(m.Lease.created_at, m.Lease.lease_id)
             .limit(limit)
         )
     ).all()
     views = [lease_view(m.Lease(**r._mapping)) for r in rows]
+    cursor = (views[-1].created_at, views[-1].lease_id) if len(views) == limit else None
     root = f"{path}/"
     return [
         v
@@ -197,4 +224,4 @@ async def unsent_live_under(
         if v.vault_lease_id is not None
         and v.vault_lease_id.startswith(root)
         and "/" not in v.vault_lease_id[len(root) :]
-    ]
+    ], cursor

@@ -54,3 +54,43 @@ async def test_sightings_and_unseen_instances(ledgers):
         "dev", seen_before=clock.now() - timedelta(minutes=30), limit=10
     ) == ["i-old"]
     assert await s.reconcile.unseen_instances("other", seen_before=clock.now(), limit=10) == []
+
+
+async def test_unsent_live_under_pages_every_row_and_takes_the_path_literally(ledgers):
+    """The rows Vault's listing of a path must show, page by page with a cursor (ties on
+    created_at broken by lease id), and only directly under that very path: ``_`` and
+    ``%`` in it are no wildcards."""
+    s = await ledgers()
+    path = "db/creds/my_app%"
+    mine = []
+    for vault_lease_id in [f"{path}/v{n}" for n in range(5)] + [
+        "db/creds/myXappX/v9",  # what ``_`` and ``%`` would match as wildcards
+        f"{path}/deeper/v8",  # not directly under the path
+    ]:
+        lease_id = await issue(s, "i-under")
+        await s.issuance.complete_issue(
+            lease_id,
+            vault_lease_id=vault_lease_id,
+            accessor="acc",
+            renewable=True,
+            issued_at=T0,
+            expires_at=T0 + timedelta(hours=1),
+        )
+        if vault_lease_id.startswith(f"{path}/v"):
+            mine.append(lease_id)
+    seen, after, pages = [], None, 0
+    while True:
+        rows, after = await s.reconcile.unsent_live_under(
+            path, expiring_after=T0, after=after, limit=2
+        )
+        pages += 1
+        seen.extend(r.lease_id for r in rows)
+        if after is None:
+            break
+    assert sorted(seen) == sorted(mine) and len(seen) == len(set(seen))
+    assert pages == 4  # 6 rows match the pattern (one deeper), 2 a page, one empty at the end
+    assert (
+        await s.reconcile.unsent_live_under(
+            path, expiring_after=T0 + timedelta(hours=2), limit=10
+        )
+    ) == ([], None)
