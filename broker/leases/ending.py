@@ -254,7 +254,7 @@ class LeaseEnder:
             except Exception:  # noqa: BLE001 — a check that fails cannot tell
                 log.warning("a direct credential check failed", extra={"lease_id": lease.lease_id})
                 answer = None
-            if answer is not False:
+            if answer is None or answer.gone is not False:
                 continue
             alive.add(lease.lease_id)
             moved = await self._ledger.end_decided(

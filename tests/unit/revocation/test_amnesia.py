@@ -6,7 +6,7 @@ its credential still valid. And the worker confirms a lease a LIST lacks with a 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -133,17 +133,21 @@ class Ledger:
         return True
 
 
-class Check:
-    name = "database"
+@dataclass(frozen=True)
+class Answer:
+    gone: bool | None
+    by: str = "database"
 
+
+class Check:
     def __init__(self, answer: bool | None | Exception) -> None:
         self.answer, self.asked = answer, []
 
-    async def gone(self, lease: LeaseView) -> bool | None:
+    async def gone(self, lease: LeaseView) -> Answer:
         self.asked.append(lease.lease_id)
         if isinstance(self.answer, Exception):
             raise self.answer
-        return self.answer
+        return Answer(self.answer)
 
 
 def _amnesia(rows, known, *, check=None, batch=3):
