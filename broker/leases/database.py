@@ -91,6 +91,8 @@ class Database:
         except IntegrityError:
             raise
         except (DBAPIError, SQLAlchemyError, OSError, TimeoutError) as exc:
+            # The driver's text may quote a statement's values: its cause at debug only.
+            log.debug("a store transaction failed", exc_info=True)
             raise StoreUnavailable(
                 f"the lease store is unavailable ({type(exc).__name__}); retry shortly",
                 code="store_unavailable",

@@ -21,6 +21,7 @@ from broker.vault.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 _GONE = ("invalid lease",)  # Vault's word, on a lease lookup, that the lease does not exist
+_ENDED = (*_GONE, "lease expired", "lease not found")  # ... and on a renewal
 
 
 def entity_alias_name(issuer: str, workload: str) -> str:
@@ -174,7 +175,12 @@ class VaultClient:
 
     async def renew_lease(self, lease_id: str, increment: int) -> tuple[int, bool]:
         body = await self._call(
-            "PUT", "/v1/sys/leases/renew", json={"lease_id": lease_id, "increment": increment}
+            "PUT",
+            "/v1/sys/leases/renew",
+            json={"lease_id": lease_id, "increment": increment},
+            # A lease Vault no longer holds: the renewal's caller decides what it means
+            # (expired, or lost), and says so itself.
+            expected=_ENDED,
         )
         return int(body.get("lease_duration") or 0), bool(body.get("renewable"))
 
@@ -290,6 +296,8 @@ class VaultClient:
         errors = payload.get("errors") if isinstance(payload, dict) else None
         first = str(errors[0])[:200] if errors else ""
         quiet = bool(errors) and all(str(e) in expected for e in errors or ())
+        # An empty listing is a 404 with no errors: an answer, not a refusal.
+        quiet = quiet or (method == "LIST" and status == 404 and not errors)
         if status == 403:
             raise self._denied(path, token, quiet=quiet)
         log.log(
