@@ -14,6 +14,7 @@ amnesia (a credential that still works) is tests/fault/test_vault_amnesia.py."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -181,7 +182,9 @@ async def test_a_retry_after_our_revocation_was_sent_records_revoked_not_lost(b,
     assert _events(b, "lease.lost") == []
 
 
-async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http, vault):
+async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http, vault,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="broker.api")
     lease = await _issued(http, b, "i-release")
     forget(vault, lease["vault_lease_id"])
     async with http.delete(f"{b.url}/v1/leases/{lease['lease_id']}",
@@ -190,6 +193,7 @@ async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http
     assert _lease(b, lease["lease_id"])["state"] == "lost"
     [event] = _events(b, "lease.lost")
     assert event["detail"]["found_by"] == "release"
+    assert _released_states(caplog) == ["lost"]  # the log line says so, not "released" alone
     # Idempotent: the workload's retry is answered the same.
     async with http.delete(f"{b.url}/v1/leases/{lease['lease_id']}",
                            headers=bearer(b.token("i-release"))) as resp:
@@ -201,6 +205,11 @@ async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http
         assert resp.status == 204
     assert _lease(b, kept["lease_id"])["state"] == "released"
     assert not vault.lease_exists(kept["vault_lease_id"])
+    assert _released_states(caplog) == ["lost", "already ended", "released"]
+
+
+def _released_states(caplog: Any) -> list[str]:
+    return [r.__dict__["state"] for r in caplog.records if r.getMessage() == "lease released"]
 
 
 async def test_lease_limit_replacement_of_a_forgotten_lease_records_lost(b, http, vault):
