@@ -238,7 +238,7 @@ class OwnToken:
             log.log(
                 logging.ERROR if gap.need.essential else logging.WARNING,
                 gap.line(),
-                extra={"path": gap.need.path, "capabilities": ",".join(gap.lacking)},
+                extra={"vault_path": gap.need.path, "capabilities": ",".join(gap.lacking)},
             )
 
     async def _lookup(self) -> dict[str, Any] | None:
