@@ -32,8 +32,10 @@ def bind_problem(host: str, port: int, code: int | None, strerror: str | None) -
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: any free port), not yet listening; a
-    ``StartupFailure`` that says why when the address cannot be had."""
+    """A TCP socket bound to ``host:port`` (0: any free port) and listening, so no other
+    socket can take the port meanwhile (a bound socket that does not listen leaves it to
+    any other ``SO_REUSEADDR`` socket); a ``StartupFailure`` that says why when the address
+    cannot be had. Serving on it later (aiohttp listens again) is harmless."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
@@ -50,6 +52,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen()
     except OSError as exc:
         sock.close()
         raise StartupFailure(bind_problem(host, port, exc.errno, exc.strerror)) from None

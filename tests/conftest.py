@@ -168,7 +168,10 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
     databases: list[str] = []
 
     async def make(store: str = "postgresql", store_url: str | None = None,
-                   clock: Any = None, **kw: Any) -> RunningBroker:
+                   clock: Any = None, checks: Any = "direct", **kw: Any) -> RunningBroker:
+        """A started broker on a fresh store. ``checks`` as ``broker serve`` runs them
+        ("direct": the PKI CRL, PostgreSQL roles with a checker) unless a test says
+        otherwise (None: no direct check, every lease Vault forgot is lost)."""
         if store_url is not None:
             pass
         elif store == "sqlite":
@@ -180,7 +183,7 @@ async def make_broker(workdir: Path, pg: PgServer, bao: OpenBaoDevServer,
         await asyncio.to_thread(migrate, store_url)
         settings = broker_settings(store_url=store_url, bao=bao, setup=vault_setup,
                                    issuer=issuer, **kw)
-        broker = Broker(assemble(settings, clock=clock))
+        broker = Broker(assemble(settings, clock=clock, checks=checks))
         try:
             await broker.start()
         except BaseException:

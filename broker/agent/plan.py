@@ -163,9 +163,9 @@ class Release(enum.StrEnum):
 
 
 def classify_release(status: int | None, code: str | None) -> Release:
+    # The broker answers a release of a lease Vault no longer knew with 204 (recorded
+    # expired or lost for the operator), never 409.
     if status == 204 or (status in (400, 404) and code in _LEASE_ENDED):
-        return Release.DONE
-    if status == 409 and code in _LEASE_GONE:
         return Release.DONE
     if _unavailable(status):
         return Release.RETRY

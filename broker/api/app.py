@@ -76,8 +76,8 @@ async def release_lease(request: web.Request) -> web.Response:
     identity = await identity_of(request)
     lease_id = decode.lease_id(request)
     note_request(lease_id=lease_id)
-    await credentials.release(identity, lease_id)
-    requestlog.served(requestlog.RELEASED)
+    state = await credentials.release(identity, lease_id)
+    requestlog.served(requestlog.RELEASED, state=state)  # a lost one is not "released"
     return web.Response(status=204)
 
 

@@ -30,8 +30,6 @@ from broker.errors import AdminForbidden, AdminUnauthorized, TokenInvalid
 from broker.identity import Identity, IdentityVerifier
 from broker.logs import note_request
 
-MAX_AUTH_HEADER = 70 * 1024
-
 
 @dataclass(frozen=True)
 class Api:

@@ -12,7 +12,7 @@ from broker.api.openapi_audit import audit_paths
 from broker.api.openapi_bulk import bulk_paths
 from broker.api.openapi_listings import listing_paths
 from broker.api.openapi_operators import ADMIN_ERRORS, SAID_BODY, operator_paths
-from broker.api.openapi_parts import ADMIN, body, err, ok
+from broker.api.openapi_parts import ADMIN, body, err, ok, with_refusals_before_routing
 from broker.engines import ENGINES
 
 _WORKLOAD: list[dict[str, list[str]]] = [{"identityToken": []}]
@@ -36,6 +36,12 @@ _ADMIN_ERRS = ADMIN_ERRORS
 
 
 def openapi_document() -> dict[str, Any]:
+    document = _described()
+    with_refusals_before_routing(document["paths"])
+    return document
+
+
+def _described() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ephemeral credential broker", "version": __version__},
@@ -132,6 +138,18 @@ def openapi_document() -> dict[str, Any]:
                                 "revocation_pending": {
                                     "type": "array",
                                     "items": {"type": "string"},
+                                },
+                                "lost": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "replaced leases Vault had forgotten "
+                                    "before their expiry, recorded lost (only when any)",
+                                },
+                                "expired": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "replaced leases Vault no longer knew "
+                                    "past their expiry, recorded expired (only when any)",
                                 },
                             },
                         },
@@ -519,7 +537,14 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "summary": "Store and Vault reachable, Vault unsealed",
-                    "responses": {"200": ok("ready"), "503": err("not ready")},
+                    "responses": {
+                        "200": ok("ready"),
+                        "503": err(
+                            "not ready (not_ready), or Vault no longer accepts the broker's "
+                            "own token (vault_token_invalid: expired or revoked; every "
+                            "exchange would fail with 502 until it is replaced)"
+                        ),
+                    },
                 }
             },
             "/metrics": {

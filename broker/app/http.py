@@ -19,7 +19,8 @@ from aiohttp import web
 
 from broker.app.http_refusals import JsonRefusalsRunner, header_limit
 from broker.config import ServerTlsSettings
-from broker.listen import bind_socket
+from broker.errors import StartupFailure
+from broker.listen import bind_problem, bind_socket
 from broker.settings import is_loopback
 from broker.tls import CertificateReloader
 
@@ -91,7 +92,13 @@ class HttpServer:
         sock, self._socket = self._socket, None
         assert sock is not None
         context = self.tls.server_context if self.tls is not None else None
-        await web.SockSite(self._runner, sock, ssl_context=context).start()
+        try:
+            await web.SockSite(self._runner, sock, ssl_context=context).start()
+        except OSError as exc:  # the same one line as a bind that fails
+            sock.close()
+            raise StartupFailure(
+                bind_problem(self._host, self._port, exc.errno, exc.strerror)
+            ) from None
         host, port = sock.getsockname()[:2]
         scheme = "https" if self.tls is not None else "http"
         self.url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"

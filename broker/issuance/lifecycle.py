@@ -21,6 +21,8 @@ from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
 
+ALREADY_ENDED = "already ended"  # what a release of an ended lease reports
+
 # A release of a lease in one of these states answers as done: nothing is left to release.
 _ENDED = frozenset(
     {
@@ -48,13 +50,15 @@ class LeaseEnds:
         self._vault = vault
         self._ender = ender
 
-    async def release(self, lease: LeaseView) -> None:
+    async def release(self, lease: LeaseView) -> str:
         """A workload gives its lease back. Done (idempotent) once Vault confirmed it gone,
         or once Vault is found not to know it: then it is recorded as the decision says
         (``lost`` when Vault forgot it before its expiry, which the audit and the metric
-        report; the workload has nothing more to do either way)."""
+        report; the workload has nothing more to do either way). Returns what became of
+        it, for the request's log line: ``released``, ``lost``, ``expired`` (the state
+        recorded now), or ``already ended``."""
         if lease.state in _ENDED:
-            return  # idempotent: already gone
+            return ALREADY_ENDED  # idempotent: already gone
         if lease.state == LeaseState.ISSUING:
             raise BadRequest("the lease is still being issued", code="lease_not_active")
         role = self._roles.get(lease.role)
@@ -84,6 +88,8 @@ class LeaseEnds:
             )
         if isinstance(ended, Revoked):
             await self._ledger.end_lease(lease.lease_id, LeaseState.RELEASED, actor="workload")
+            return LeaseState.RELEASED.value
+        return ended.state.value
 
     async def revoke_superseded(
         self, superseded: tuple[tuple[str, str], ...]

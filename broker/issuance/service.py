@@ -540,6 +540,7 @@ class CredentialService:
             self_terminated=True,
         )
 
-    async def release(self, identity: Identity, lease_id: str) -> None:
+    async def release(self, identity: Identity, lease_id: str) -> str:
+        """What became of it: ``released``, ``lost``, ``expired`` or ``already ended``."""
         lease, _ = await self._own_lease(identity, lease_id)
-        await self._ends.release(lease)
+        return await self._ends.release(lease)

@@ -283,7 +283,8 @@ class VaultClient:
                 payload = await resp.json(content_type=None) if status != 204 else {}
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             log.warning(
-                "vault call failed", extra={"path": _log_path(path), "error": type(exc).__name__}
+                "vault call failed",
+                extra={"vault_path": _log_path(path), "error": type(exc).__name__},
             )
             # A refused connection sent nothing; a timeout or a dropped connection may
             # have reached Vault, which may have acted on it.
@@ -303,7 +304,7 @@ class VaultClient:
         log.log(
             logging.DEBUG if quiet else logging.WARNING,
             "vault refused a call",
-            extra={"path": _log_path(path), "status": status, "vault_error": first},
+            extra={"vault_path": _log_path(path), "status": status, "vault_error": first},
         )
         if status in (429, 500, 502, 503, 504):
             # 502/504 come from something in front of Vault, after Vault may have acted.

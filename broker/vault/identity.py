@@ -202,8 +202,10 @@ class OwnToken:
 
     async def check(self) -> None:
         """Start-up: the token is valid (else ``vault_token_invalid``, one line), and may
-        do what the broker needs (each gap logged). Vault unreachable: logged, and the
-        broker starts (readiness reports Vault)."""
+        do what the broker needs (each gap logged). Vault unreachable here: logged, and the
+        broker starts (readiness reports Vault). Only a static token (auth method
+        ``token``) gets this far with Vault unreachable: a login method must log in first
+        (``login``), which fails start-up when Vault does not answer."""
         try:
             data = await self._lookup()
         except UpstreamUnavailable:
@@ -236,7 +238,7 @@ class OwnToken:
             log.log(
                 logging.ERROR if gap.need.essential else logging.WARNING,
                 gap.line(),
-                extra={"path": gap.need.path, "capabilities": ",".join(gap.lacking)},
+                extra={"vault_path": gap.need.path, "capabilities": ",".join(gap.lacking)},
             )
 
     async def _lookup(self) -> dict[str, Any] | None:

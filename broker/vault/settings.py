@@ -62,9 +62,6 @@ class JwtAuth(Frozen):
     _names = field_validator("role", "mount")(_name_segment)
 
 
-LoginAuth = AppRoleAuth | KubernetesAuth | JwtAuth
-
-
 class VaultSettings(Frozen):
     addr: str
     auth: Annotated[

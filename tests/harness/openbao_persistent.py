@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import urllib.error
@@ -25,10 +27,30 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from broker.dev.openbao import bao_binary, free_port
+from broker.dev.openbao import bao_binary
 from tests.harness.wait import eventually_sync
 
 PR_SET_PDEATHSIG = 1
+# Below Linux's ephemeral range (32768-60999): a port the kernel hands to bind(0) callers
+# and outgoing connections could be taken while OpenBao is stopped between restarts.
+PORTS = (20000, 30000)
+
+
+def _quiet_port(taken: tuple[int, ...] = ()) -> int:
+    """A port outside the ephemeral range that nothing holds now (checked by binding it):
+    OpenBao restarts on the same one, so it must not be one bind(0) may give out."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORTS)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port in {PORTS[0]}-{PORTS[1] - 1}")
 
 
 def _die_with_parent() -> None:
@@ -43,8 +65,8 @@ class PersistentOpenBao:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.storage = workdir / "storage"
-        self.port = free_port()
-        self.cluster_port = free_port()
+        self.port = _quiet_port()
+        self.cluster_port = _quiet_port((self.port,))
         self.addr = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "openbao.hcl"
         self.log = workdir / "openbao.log"
@@ -86,7 +108,7 @@ class PersistentOpenBao:
         eventually_sync(lambda: self.health() is not None, self._why("OpenBao listening"), 60)
 
     def stop(self) -> None:
-        """SIGTERM, and wait: the file storage is complete once the process is gone."""
+        """SIGTERM, and wait: the raft storage is complete once the process is gone."""
         if self.proc is None:
             return
         if self.proc.poll() is None:

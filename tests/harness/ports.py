@@ -31,11 +31,13 @@ _TAKEN = re.compile(r"already in use|\[Errno 98\]|EADDRINUSE", re.IGNORECASE)
 
 
 def held_socket(host: str = HOST) -> socket.socket:
-    """A TCP socket bound to a port the kernel chose, kept bound until it is served on
-    (``serve_app``) or closed: nothing else can take that port meanwhile."""
+    """A TCP socket bound to a port the kernel chose and listening, kept until it is served
+    on (``serve_app``) or closed: nothing else can take that port meanwhile (a socket that
+    is only bound leaves it to any other ``SO_REUSEADDR`` socket that binds and listens)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
+    sock.listen()
     return sock
 
 

@@ -223,7 +223,7 @@ def _broker_explained(record: dict[str, Any]) -> bool:
             record.get("code"), record.get("route")) == (
             "vault_invalid_request", "/v1/leases/{lease_id}/renew")
     if msg == "vault refused a call":
-        return (record.get("path"), record.get("vault_error")) == (
+        return (record.get("vault_path"), record.get("vault_error")) == (
             "/v1/sys/leases/renew", "lease not found")
     return msg == "issuance passed its deadline; outcome in Vault unknown"
 

@@ -1,14 +1,20 @@
 """Leases Vault forgot, on real OpenBao and PostgreSQL: never recorded as revoked.
 
-Vault forgetting a lease is made realistic without the broker: the test revokes it in
-Vault directly with the root token, before the broker acts, which the broker cannot tell
-from amnesia (a restored snapshot, replaced storage). Every path that ends a lease must
-then record ``lost`` (with its audit event and metric), never ``revoked`` or
+Vault forgetting a lease is simulated without the broker: the test revokes it in Vault
+directly with the root token, before the broker acts. Vault then answers as it would after
+amnesia (a restored snapshot, replaced storage): it does not know the lease. That revocation
+is real, though: for PKI it puts the serial on the CRL, so a broker with its direct checks
+(what ``broker serve`` runs) would find the credential dead and record ``revoked``
+(confirmed by the CRL), as one test here shows. The others run the broker without direct
+checks (``checks=None``), where Vault's silence is all there is: every path that ends a
+lease must then record ``lost`` (with its audit event and metric), never ``revoked`` or
 ``released``, while a lease Vault still knows is revoked as before, one the broker itself
-sent a revocation for is revoked on a retry, and one past its expiry is ``expired``."""
+sent a revocation for is revoked on a retry, and one past its expiry is ``expired``. True
+amnesia (a credential that still works) is tests/fault/test_vault_amnesia.py."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,8 +57,11 @@ async def b(make_broker, pki: Mount, clock: OffsetClock):
             "max_ttl": "1h", "params": PARAMS}
     roles = {"probe-cert": base,
              "one-cert": {**base, "max_leases_per_instance": 1, "on_limit": "revoke_oldest"}}
+    # No direct checks: the test's stand-in for amnesia (a root-token revocation) puts the
+    # serial on the CRL, which the CRL check would rightly call dead (revoked, not lost).
     return await make_broker(
         clock=clock,
+        checks=None,
         instance_policies=(pki.policy,),
         overrides={
             "roles": roles,
@@ -136,6 +145,30 @@ async def test_termination_records_a_forgotten_lease_lost_and_revokes_the_known_
         (forgotten["lease_id"], forgotten["vault_path"], forgotten["credential_ref"])]
 
 
+async def test_with_direct_checks_a_pki_lease_revoked_behind_our_back_is_revoked_by_crl(
+        make_broker, pki, http, vault):
+    """What ``broker serve`` runs: a PKI lease revoked in Vault by someone else has its
+    serial on the CRL, so it is dead, not lost: recorded revoked, confirmed by the CRL."""
+    base = {"engine": "pki", "mount": pki.path, "vault_role": "probe", "default_ttl": "10m",
+            "max_ttl": "1h", "params": PARAMS}
+    b = await make_broker(
+        instance_policies=(pki.policy,),
+        overrides={"roles": {"probe-cert": base},
+                   "policy": {"rules": [{"name": "all", "allow": ["probe-cert"]}]},
+                   "reconcile": {"tick_s": 3600, "expiry_margin_s": 0}},
+    )
+    lease = await _issued(http, b, "i-crl")
+    forget(vault, lease["vault_lease_id"])
+
+    shown = await terminate(http, b, "i-crl")
+    assert shown["job"]["state"] == "done"
+    assert _lease(b, lease["lease_id"])["state"] == "revoked"
+    assert _events(b, "lease.lost") == []
+    [event] = [e for e in _events(b, "lease.revoked") if e["lease_id"] == lease["lease_id"]]
+    assert event["detail"]["confirmed_by"] == "crl"
+    assert event["detail"]["vault_knew"] is False
+
+
 async def test_a_retry_after_our_revocation_was_sent_records_revoked_not_lost(b, http, vault):
     """A worker that stamped revoke_sent_at and sent the revocation, then died (or Vault
     went away before it confirmed): on the retry Vault not knowing the lease is ours."""
@@ -149,7 +182,9 @@ async def test_a_retry_after_our_revocation_was_sent_records_revoked_not_lost(b,
     assert _events(b, "lease.lost") == []
 
 
-async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http, vault):
+async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http, vault,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="broker.api")
     lease = await _issued(http, b, "i-release")
     forget(vault, lease["vault_lease_id"])
     async with http.delete(f"{b.url}/v1/leases/{lease['lease_id']}",
@@ -158,6 +193,7 @@ async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http
     assert _lease(b, lease["lease_id"])["state"] == "lost"
     [event] = _events(b, "lease.lost")
     assert event["detail"]["found_by"] == "release"
+    assert _released_states(caplog) == ["lost"]  # the log line says so, not "released" alone
     # Idempotent: the workload's retry is answered the same.
     async with http.delete(f"{b.url}/v1/leases/{lease['lease_id']}",
                            headers=bearer(b.token("i-release"))) as resp:
@@ -169,6 +205,11 @@ async def test_release_of_a_forgotten_lease_answers_204_and_records_lost(b, http
         assert resp.status == 204
     assert _lease(b, kept["lease_id"])["state"] == "released"
     assert not vault.lease_exists(kept["vault_lease_id"])
+    assert _released_states(caplog) == ["lost", "already ended", "released"]
+
+
+def _released_states(caplog: Any) -> list[str]:
+    return [r.__dict__["state"] for r in caplog.records if r.getMessage() == "lease released"]
 
 
 async def test_lease_limit_replacement_of_a_forgotten_lease_records_lost(b, http, vault):
@@ -215,7 +256,7 @@ async def test_a_lease_gone_past_its_expiry_is_expired_not_lost(b, http, vault, 
 
 
 async def test_renewal_of_a_forgotten_lease_answers_409_lease_lost(make_broker, http, vault):
-    b = await make_broker()
+    b = await make_broker(checks=None)  # as ``b``: the stand-in for amnesia is a revocation
     lease = await _issued(http, b, "i-renew", "dev-db")
     assert lease["renewable"] and lease["credential_ref"]["username"]
     forget(vault, lease["vault_lease_id"])

@@ -107,6 +107,7 @@ async def test_one_line_per_outcome_with_who_what_and_from_where_and_no_secret(
     assert (line["role"], line["expires_at"]) == ("dev-db", renewed["expires_at"])
     line = _one(_lines(caplog, "lease released"), lease_id=db["lease_id"])
     assert line | me == line and line["level"] == "info" and line["role"] == "dev-db"
+    assert line["state"] == "released"
     line = _one(_lines(caplog, "instance terminating itself"), instance_id=instance)
     assert line | me == line and line["job_id"] == ended["job"]["job_id"]
 

@@ -48,3 +48,16 @@ def test_port_zero_binds_any_free_port_and_is_never_checked() -> None:
 def test_a_host_that_does_not_resolve_says_so() -> None:
     with pytest.raises(StartupFailure, match="the host name does not resolve"):
         bind_socket("no-such-host.invalid", 0)
+
+
+def test_a_claimed_port_cannot_be_taken_by_another_reuseaddr_socket() -> None:
+    """Bound alone, the port would still go to any other SO_REUSEADDR socket that binds and
+    listens; the claim listens, so that bind fails."""
+    with bind_socket("127.0.0.1", 0) as claimed:
+        port = claimed.getsockname()[1]
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError) as caught:
+                other.bind(("127.0.0.1", port))
+                other.listen()
+            assert caught.value.errno == errno.EADDRINUSE
