@@ -388,7 +388,8 @@ async def _soak(broker: BrokerProcess, store_url: str, vault, database: Postgres
     for r in _records(broker.log.read_text(errors="replace")):
         if r.get("level") in ("warning", "error", "critical"):
             if not _broker_explained(r):
-                said = " ".join(str(r[k]) for k in ("code", "path", "vault_error") if r.get(k))
+                said = " ".join(
+                    str(r[k]) for k in ("code", "vault_path", "vault_error") if r.get(k))
                 problems[f"broker: {r.get('msg')} {said}".strip()] += 1
             elif r.get("logger") == "apscheduler.scheduler":
                 skipped_ticks += 1
