@@ -6,6 +6,7 @@ not know it" is never recorded as a release or a revocation by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -15,7 +16,14 @@ from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, LeaseEnded, UpstreamRejected
 from broker.issuance.ledger import IssuanceLedger
 from broker.leases import LeaseView
-from broker.leases.ending import UNKNOWN_AT_RENEWAL, Ending, LeaseEnder, Revoked
+from broker.leases.ending import (
+    UNKNOWN_AT_RENEWAL,
+    Ending,
+    LeaseEnder,
+    Revoked,
+    Stamp,
+    sent_for_certain_not,
+)
 from broker.leases.states import LeaseState
 from broker.vault import VaultClient
 
@@ -118,18 +126,35 @@ class LeaseEnds:
             out.append((lease_id, state))
         return out
 
-    async def take_back(self, vault_lease_id: str) -> bool:
-        """Revoke a credential that is not being handed out (never recorded as handed
-        out, so not a lease anyone can lose). False if Vault still may hold it (then the
-        instance token and the reconciler cover it)."""
+    async def take_back(self, vault_lease_id: str, *, lease_id: str | None = None) -> bool:
+        """Revoke a credential that is not being handed out. False if Vault still may hold
+        it (then the instance token and the reconciler cover it). ``lease_id``: its row may
+        hold the Vault lease id (recorded while its instance was terminated, or a record
+        whose commit is in doubt), so it is stamped (``revoke_sent_at``) before the
+        revocation, or Vault's silence about it later would read as ``lost``; if the store
+        cannot be written, the take-back is left to the revocation worker."""
+        stamp = Stamp(None)
+        if lease_id is not None:
+            try:
+                stamp = await self._ender.stamp([lease_id])
+            except BrokerError:
+                log.warning(
+                    "could not record a revocation before taking a credential back; "
+                    "the revocation worker and the reconciler end it",
+                    extra={"lease_id": lease_id},
+                )
+                return False
         try:
             await self._vault.revoke_lease(vault_lease_id)
             return True
-        except BrokerError:
+        except BrokerError as exc:
             log.warning(
                 "could not revoke a credential that was not handed out",
-                extra={"vault_lease_path": vault_lease_id.rsplit("/", 1)[0]},
+                extra={"vault_path": vault_lease_id.rsplit("/", 1)[0], "code": exc.code},
             )
+            if sent_for_certain_not(exc):
+                with contextlib.suppress(BrokerError):
+                    await self._ender.unstamp(stamp)
             return False
 
     async def renewal_refused(self, lease: LeaseView) -> None:
@@ -145,6 +170,12 @@ class LeaseEnds:
         endings = await self._ender.settle_unknown(
             [lease], actor="workload", found_by="renewal", why=UNKNOWN_AT_RENEWAL
         )
+        if lease.lease_id not in endings:
+            # Ended (or its revocation sent) by another path meanwhile: not ours to name.
+            raise BadRequest(
+                "the lease is no longer active; request a new credential",
+                code="lease_not_active",
+            )
         state = endings[lease.lease_id].state
         if state is LeaseState.LOST:
             raise LeaseEnded(

@@ -246,7 +246,7 @@ class CredentialService:
                 outcome = await self._obtain(identity, plan)
                 settlement = self._settle(plan, outcome)
                 # Within the deadline, as the request that obtained the lease.
-                taken_back = await self._take_back_for(settlement, outcome)
+                taken_back = await self._take_back_for(settlement, outcome, lease_id)
         except TimeoutError:
             log.warning(
                 "issuance passed its deadline; outcome in Vault unknown",
@@ -379,7 +379,7 @@ class CredentialService:
         """A credential obtained that is not handed out: settled, and its error raised."""
         outcome = Withheld(error, step, vault_lease_id)
         settlement = self._settle(plan, outcome)
-        taken_back = await self._take_back_for(settlement, outcome)
+        taken_back = await self._take_back_for(settlement, outcome, lease_id)
         await self._give_up(identity, plan, lease_id, outcome, settlement, taken_back)
 
     async def _give_up(
@@ -409,9 +409,15 @@ class CredentialService:
             )
         raise outcome.error
 
-    async def _take_back_for(self, settlement: Settlement, outcome: Outcome) -> bool:
+    async def _take_back_for(self, settlement: Settlement, outcome: Outcome, lease_id: str) -> bool:
         if settlement.take_back and isinstance(outcome, Withheld) and outcome.vault_lease_id:
-            return await self._ends.take_back(outcome.vault_lease_id)
+            # After RECORD or TERMINATED the row may hold the Vault lease id (recorded, or
+            # a commit in doubt): it is stamped before the take-back, or a path that later
+            # finds Vault not knowing it would call it lost.
+            recorded = outcome.step in (Step.RECORD, Step.TERMINATED)
+            return await self._ends.take_back(
+                outcome.vault_lease_id, lease_id=lease_id if recorded else None
+            )
         return False
 
     @staticmethod

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from broker.clock import Clock
+from broker.errors import BrokerError
 from broker.leases.states import LeaseState
 from broker.leases.views import LeaseView
 
@@ -105,7 +106,9 @@ class VaultLeases(Protocol):
 class EndingLedger(Protocol):
     """What the shell records (``broker.leases.ending_records.EndingRecords``)."""
 
-    async def mark_revoke_sent(self, lease_ids: Sequence[str]) -> int: ...
+    async def mark_revoke_sent(self, lease_ids: Sequence[str], at: datetime) -> int: ...
+
+    async def clear_revoke_sent(self, lease_ids: Sequence[str], at: datetime) -> int: ...
 
     async def end_decided(
         self,
@@ -138,6 +141,24 @@ class Revoked:
     """A lease a path ended in Vault itself: the caller records it as its own."""
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """``revoke_sent_at`` written by one path just before it sends a revocation: the time
+    it wrote (None when there was nothing to stamp) and the leases it asked for. Only a
+    stamp of this very time is cleared again (``LeaseEnder.unstamp``), never another
+    path's."""
+
+    at: datetime | None
+    lease_ids: tuple[str, ...] = ()
+
+
+def sent_for_certain_not(exc: object) -> bool:
+    """Whether a failed revocation certainly did not take effect: Vault answered and
+    refused, or the connection was refused (nothing was sent). A timeout, a dropped
+    connection or a proxy's 502/504 may have reached Vault: the stamp stays."""
+    return isinstance(exc, BrokerError) and not exc.outcome_unknown
+
+
 class LeaseEnder:
     """The I/O shell around ``decide``, shared by every path that ends a lease."""
 
@@ -168,7 +189,9 @@ class LeaseEnder:
         ours: LeaseState = LeaseState.REVOKED,
     ) -> dict[str, Ending]:
         """Record what became of leases Vault said it does not know; by lease id, the
-        ending of each (one already ended elsewhere meanwhile stays as it was)."""
+        ending recorded for each. One that another path ended meanwhile (or sent a
+        revocation for, before ``lost`` was recorded) stays as it was and is left out:
+        only endings actually recorded are reported."""
         out: dict[str, Ending] = {}
         for lease in leases:
             ending = await self._decide(lease, ours)
@@ -180,8 +203,10 @@ class LeaseEnder:
                 found_by=found_by,
                 why=why,
             )
+            if not moved:
+                continue
             out[lease.lease_id] = ending
-            if moved and ending.state is LeaseState.LOST:
+            if ending.state is LeaseState.LOST:
                 self.lost.record(lease.role, found_by)
                 log.error(
                     "a lease was lost: Vault no longer knew it before the broker revoked it; "
@@ -196,11 +221,37 @@ class LeaseEnder:
                 )
         return out
 
-    async def mark_revoke_sent(self, lease_ids: Sequence[str]) -> int:
-        """Committed before the first revocation that covers these leases is sent."""
-        if not lease_ids:
+    async def stamp(self, lease_ids: Sequence[str]) -> Stamp:
+        """``revoke_sent_at``, committed right before a revocation that covers these leases
+        is sent (a lease stamped already keeps its first stamp)."""
+        ids = tuple(lease_ids)
+        if not ids:
+            return Stamp(None)
+        at = self._clock.now()
+        await self._ledger.mark_revoke_sent(ids, at)
+        return Stamp(at, ids)
+
+    async def unstamp(self, stamp: Stamp, lease_ids: Sequence[str] | None = None) -> int:
+        """Take back ``stamp`` (on ``lease_ids`` of it, default all) when the revocation it
+        announced certainly did not take effect (``sent_for_certain_not``) and no other
+        revocation of ours covered these leases: Vault not knowing them later is then not
+        our doing. Raises ``BrokerError`` when the store cannot be written."""
+        ids = stamp.lease_ids
+        if lease_ids is not None:  # only leases this stamp was asked to stamp
+            asked = set(stamp.lease_ids)
+            ids = tuple(lid for lid in lease_ids if lid in asked)
+        if stamp.at is None or not ids:
             return 0
-        return await self._ledger.mark_revoke_sent(lease_ids)
+        return await self._ledger.clear_revoke_sent(ids, stamp.at)
+
+    async def _unstamp_quietly(self, stamp: Stamp) -> None:
+        try:
+            await self.unstamp(stamp)
+        except BrokerError:
+            log.warning(
+                "could not clear revoke_sent_at after a revocation Vault refused",
+                extra={"lease_ids": list(stamp.lease_ids)},
+            )
 
     async def _decide(self, lease: LeaseView, ours: LeaseState) -> Ending:
         now = self._clock.now()
@@ -220,18 +271,26 @@ class LeaseEnder:
     ) -> Ending | Revoked | None:
         """Revoke one recorded lease, looking it up first. An ``Ending``: Vault did not know
         it, and the decision is recorded; ``Revoked``: revoked and confirmed gone, for the
-        caller to record as its own; None: Vault still holds it after revoking (retry).
-        Raises ``BrokerError`` when Vault fails."""
+        caller to record as its own; None: not ended by this call (Vault still holds it
+        after revoking, or another path ended it meanwhile): look again. Raises
+        ``BrokerError`` when Vault fails; a revocation that certainly did not take effect
+        takes its ``revoke_sent_at`` back first."""
         vault_lease_id = lease.vault_lease_id
         assert vault_lease_id is not None
+        stamp = Stamp(None)
         if lease.revoke_sent_at is None:
             if not await self._vault.lease_exists(vault_lease_id):
                 decided = await self.settle_unknown(
                     [lease], actor=actor, found_by=found_by, ours=ours
                 )
-                return decided[lease.lease_id]
-            await self._ledger.mark_revoke_sent([lease.lease_id])
-        await self._vault.revoke_lease(vault_lease_id)
+                return decided.get(lease.lease_id)
+            stamp = await self.stamp([lease.lease_id])
+        try:
+            await self._vault.revoke_lease(vault_lease_id)
+        except BrokerError as exc:
+            if sent_for_certain_not(exc):
+                await self._unstamp_quietly(stamp)
+            raise
         if await self._vault.lease_exists(vault_lease_id):
             return None
         return Revoked()

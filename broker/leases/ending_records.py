@@ -4,6 +4,7 @@ ending of a lease Vault does not know, each one transaction."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from broker.clock import Clock
 from broker.leases.database import Database
@@ -17,12 +18,19 @@ class EndingRecords:
         self._db = db
         self._clock = clock
 
-    async def mark_revoke_sent(self, lease_ids: Sequence[str]) -> int:
+    async def mark_revoke_sent(self, lease_ids: Sequence[str], at: datetime) -> int:
         """Committed before the first revocation covering these leases is sent."""
         if not lease_ids:
             return 0
         async with self._db.transaction() as conn:
-            return await sql.mark_revoke_sent(conn, self._clock, lease_ids)
+            return await sql.mark_revoke_sent(conn, self._clock, lease_ids, at=at)
+
+    async def clear_revoke_sent(self, lease_ids: Sequence[str], at: datetime) -> int:
+        """Take back the stamp ``at`` when its revocation certainly did not take effect."""
+        if not lease_ids:
+            return 0
+        async with self._db.transaction() as conn:
+            return await sql.clear_revoke_sent(conn, self._clock, lease_ids, at=at)
 
     async def end_decided(
         self,

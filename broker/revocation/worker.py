@@ -3,13 +3,18 @@
 For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
 0. look up the recorded leases no revocation of ours covered yet: one Vault does not know
    is not taken for revoked (``broker.leases.ending``: expired, confirmed dead by a direct
-   check, else ``lost``); the others, and the leases still issuing, get ``revoke_sent_at``
-   (committed) before anything is revoked, so that a retry after a crash or an outage
-   takes Vault's silence about them for our own revocation, never for a loss;
-1. revoke every recorded live lease explicitly, synchronously (16 at a time; Vault
-   refusing one does not stop the others);
+   check, else ``lost``);
+1. revoke every recorded live lease explicitly, synchronously, 16 at a time: each chunk
+   gets ``revoke_sent_at`` (committed) right before its revocations are sent, so that a
+   retry takes Vault's silence about them for our own revocation, never for a loss; a
+   revocation that certainly did not take effect (Vault refused it, the connection was
+   refused) takes its stamp back; Vault refusing one lease does not stop the others, Vault
+   away ends the pass before the next chunk is stamped;
 2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
-   never managed to record;
+   never managed to record; the leases it covers that carry no stamp (the still issuing
+   ones, one whose own revocation was refused) are stamped right before, and unstamped
+   when it certainly did not take effect; a token Vault no longer knows counts as
+   revoked (retrying cannot change that) but covered nothing;
 3. confirm with Vault that each lease is gone (one LIST of a path that holds many of the
    job's leases, else ``sys/leases/lookup`` per lease), and only then mark it ``revoked``;
 4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
@@ -42,9 +47,9 @@ from broker.aws import SessionRef
 from broker.backoff import retry_delay
 from broker.clock import Clock
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
-from broker.leases import JobView, LeaseState, LeaseView, RevocationWork
-from broker.leases.ending import LeaseEnder, Revoked
-from broker.revocation.bounded import Bounded
+from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
+from broker.leases.ending import LeaseEnder, Revoked, Stamp, sent_for_certain_not
+from broker.revocation.bounded import VAULT_CONCURRENCY, Bounded
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
 
@@ -311,6 +316,96 @@ class RevocationWorker:
         await self._vault.revoke_lease(vault_lease_id)  # sync: done when it returns
         return True
 
+    async def _revoke_leases(self, recorded: list[LeaseView]) -> list[bool | BrokerError]:
+        """Step 1, one bounded chunk at a time: the chunk's leases are stamped
+        (``revoke_sent_at``) right before their revocations are sent, and a lease whose
+        revocation certainly did not take effect (Vault refused it, or the connection was
+        refused) has its stamp taken back. Vault away ends the pass after its chunk: the
+        leases of later chunks were never stamped, so a retry still looks them up first."""
+        outcomes: list[bool | BrokerError] = []
+        for start in range(0, len(recorded), VAULT_CONCURRENCY):
+            chunk = recorded[start : start + VAULT_CONCURRENCY]
+            stamp = await self._ender.stamp(
+                [lease.lease_id for lease in chunk if lease.revoke_sent_at is None]
+            )
+            answers = await asyncio.gather(
+                *(self._bounded(self._revoke, str(lease.vault_lease_id)) for lease in chunk),
+                return_exceptions=True,
+            )
+            await self._ender.unstamp(
+                stamp,
+                [
+                    lease.lease_id
+                    for lease, answer in zip(chunk, answers, strict=True)
+                    if sent_for_certain_not(answer)
+                ],
+            )
+            for answer in answers:
+                if isinstance(answer, UpstreamUnavailable) or (
+                    isinstance(answer, BaseException) and not isinstance(answer, BrokerError)
+                ):
+                    raise answer  # Vault away (or a crash): the pass ends after this chunk
+                # Vault refusing one lease is that lease's outcome; the others go on.
+                outcomes.append(answer if isinstance(answer, BrokerError) else True)
+        return outcomes
+
+    async def _revoke_tokens(
+        self,
+        tokens: Sequence[TokenView],
+        recorded: list[LeaseView],
+        issuing: list[LeaseView],
+        first: list[bool | BrokerError],
+    ) -> None:
+        """Step 2: the instance's tokens by accessor. The leases their revocation may
+        cover and no stamp covers yet (one whose own revocation certainly failed, the
+        ones still issuing) are stamped right before; the stamp is taken back when no
+        token revocation took effect for them (Vault refused it, the connection was
+        refused, or Vault no longer knew the token)."""
+        live = [token for token in tokens if token.revoked_at is None]
+        if not live:
+            return
+        unstamped = [
+            lease
+            for lease, outcome in zip(recorded, first, strict=True)
+            if lease.revoke_sent_at is None and isinstance(outcome, BrokerError)
+        ]
+        stamp = await self._ender.stamp(
+            [lease.lease_id for lease in (*unstamped, *issuing) if lease.revoke_sent_at is None]
+        )
+        revoked_any = any(token.revoked_at is not None for token in tokens)
+        for token in live:
+            try:
+                known = await self._vault.revoke_accessor(token.accessor)
+            except BrokerError as exc:
+                if sent_for_certain_not(exc):
+                    await self._unstamp_token(stamp, token.accessor, revoked_any, unstamped)
+                raise
+            if known:
+                revoked_any = True
+            else:
+                # Vault no longer knows the token: nothing it held is revoked by this
+                # call, and retrying cannot change that; its leases are looked at alone.
+                log.warning(
+                    "Vault no longer knew an instance token; its leases are checked one by one",
+                    extra={"token_accessor": token.accessor},
+                )
+                await self._unstamp_token(stamp, token.accessor, revoked_any, unstamped)
+            await self._ledger.mark_token_revoked(token.accessor)
+
+    async def _unstamp_token(
+        self, stamp: Stamp, accessor: str, revoked_any: bool, leases: list[LeaseView]
+    ) -> None:
+        """Take back the stamp made for a token revocation that did not take effect: all of
+        it while no token revocation of this instance took effect yet, else only on the
+        leases issued under that very token (an issuing lease names no token yet: another
+        token's revocation may cover it, and it keeps the stamp)."""
+        if not revoked_any:
+            await self._ender.unstamp(stamp)
+            return
+        await self._ender.unstamp(
+            stamp, [lease.lease_id for lease in leases if lease.token_accessor == accessor]
+        )
+
     async def _still_held(
         self, vault_lease_ids: list[str], *, confirm_absent: bool = False
     ) -> set[str]:
@@ -352,20 +447,13 @@ class RevocationWorker:
             if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
         ]
 
-        # A lease whose instance token was revoked already (by an earlier pass, or before
-        # revoke_sent_at existed) was covered by a revocation of ours.
-        covered = {token.accessor for token in work.tokens if token.revoked_at is not None}
-        recorded = await self._settle_forgotten(recorded, covered)
-        # Every lease a revocation below may cover, the issuing ones included (the token's
-        # revocation takes whatever Vault issued for them), is stamped first.
-        await self._ender.mark_revoke_sent(
-            [lease.lease_id for lease in (*recorded, *issuing) if lease.revoke_sent_at is None]
-        )
-        first = await self._each(self._revoke, [str(lease.vault_lease_id) for lease in recorded])
-        for token in work.tokens:
-            if token.revoked_at is None:
-                await self._vault.revoke_accessor(token.accessor)
-                await self._ledger.mark_token_revoked(token.accessor)
+        # Every revocation this worker sends is preceded by its stamp (a token's included:
+        # it stamps the leases it covers), and migration 0006 stamped what older code had
+        # sent: a lease without a stamp was covered by no revocation of ours. (A token
+        # recorded revoked is no proof: Vault may not have known it any more.)
+        recorded = await self._settle_forgotten(recorded)
+        first = await self._revoke_leases(recorded)
+        await self._revoke_tokens(work.tokens, recorded, issuing, first)
         # Then Vault's word on each: a lease it no longer holds is gone (the token's
         # revocation may also have taken one whose own revocation was refused).
         held = await self._still_held([str(lease.vault_lease_id) for lease in recorded])
@@ -395,19 +483,15 @@ class RevocationWorker:
         if issuing:
             await self._settle_issuing(issuing)
 
-    async def _settle_forgotten(
-        self, recorded: list[LeaseView], covered: set[str]
-    ) -> list[LeaseView]:
+    async def _settle_forgotten(self, recorded: list[LeaseView]) -> list[LeaseView]:
         """Step 0: the recorded leases Vault still knows, or that a revocation of ours
-        already covers; those no revocation covered and Vault does not know are settled
-        (expired, confirmed dead, else lost) and left out. An STS session's lease is left
-        to its deny in IAM, whatever Vault knows."""
+        already covers (stamped); those no revocation covered and Vault does not know are
+        settled (expired, confirmed dead, else lost) and left out. An STS session's lease
+        is left to its deny in IAM, whatever Vault knows."""
         fresh = [
             lease
             for lease in recorded
-            if lease.revoke_sent_at is None
-            and lease.external_ref is None
-            and lease.token_accessor not in covered
+            if lease.revoke_sent_at is None and lease.external_ref is None
         ]
         if not fresh:
             return recorded

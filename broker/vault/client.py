@@ -22,6 +22,7 @@ from broker.vault.settings import VaultSettings
 log = logging.getLogger(__name__)
 _GONE = ("invalid lease",)  # Vault's word, on a lease lookup, that the lease does not exist
 _ENDED = (*_GONE, "lease expired", "lease not found")  # ... and on a renewal
+_NO_TOKEN = ("invalid accessor",)  # older Vault's word that it does not know a token
 
 
 def entity_alias_name(issuer: str, workload: str) -> str:
@@ -247,9 +248,26 @@ class VaultClient:
         await self.revoke_lease(lease_id)
         return not await self.lease_exists(lease_id)
 
-    async def revoke_accessor(self, accessor: str) -> None:
-        """Revoke an instance token; its leases are queued for revocation by Vault."""
-        await self._call("POST", "/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+    async def revoke_accessor(self, accessor: str) -> bool:
+        """Revoke an instance token; its leases are queued for revocation by Vault. False
+        when Vault does not know the token (OpenBao and recent Vault answer 200 with the
+        warning "No token found with this accessor", older Vault 400 "invalid accessor"):
+        nothing was revoked, and asking again cannot change that."""
+        try:
+            body = await self._call(
+                "POST",
+                "/v1/auth/token/revoke-accessor",
+                json={"accessor": accessor},
+                expected=_NO_TOKEN,
+            )
+        except UpstreamRejected as exc:
+            if exc.code == "vault_invalid_request" and any(
+                "invalid accessor" in e for e in exc.vault_errors
+            ):
+                return False
+            raise
+        warnings = body.get("warnings") or []
+        return not any("No token found" in str(w) for w in warnings)
 
     # -- transport -------------------------------------------------------------------
 

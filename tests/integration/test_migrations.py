@@ -27,3 +27,64 @@ async def test_upgrade_head_then_check_finds_no_drift(backend, pg, workdir):
     finally:
         if name:
             await asyncio.to_thread(pg.drop_database, name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_0006_stamps_leases_older_code_may_have_sent_a_revocation_for(backend, pg, workdir):
+    """Upgraded with a revocation in flight: a lease left ``revoking``, a live lease of an
+    instance whose job is not done, one whose instance token was revoked get
+    ``revoke_sent_at`` (or Vault not knowing them would read as ``lost``); a live lease of
+    an instance no one terminates, and an ended one, do not."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, text
+
+    from broker.leases.migrations import sync_url
+
+    name = None
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir / ('mig-' + secrets.token_hex(6) + '.db')}"
+    else:
+        name = await asyncio.to_thread(pg.create_database)
+        url = pg.url(name)
+    t = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    engine = create_engine(sync_url(url))
+    try:
+        await asyncio.to_thread(command.upgrade, alembic_config(url), "0005")
+        with engine.begin() as conn:
+            for inst, state in (("i-job", "terminating"), ("i-tok", "active"),
+                                ("i-live", "active"), ("i-done", "terminated")):
+                conn.execute(text(
+                    "INSERT INTO instances (instance_id, state, created_at, updated_at) "
+                    "VALUES (:i, :s, :t, :t)"), {"i": inst, "s": state, "t": t})
+            conn.execute(text(
+                "INSERT INTO instance_tokens (accessor, instance_id, created_at, expires_at, "
+                "revoked_at) VALUES ('acc-tok', 'i-tok', :t, :t, :t), "
+                "('acc-live', 'i-live', :t, :t, NULL)"), {"t": t})
+            for job, inst, state in (("j-1", "i-job", "failed"), ("j-2", "i-done", "done")):
+                conn.execute(text(
+                    "INSERT INTO revocation_jobs (job_id, instance_id, state, attempts, "
+                    "next_attempt_at, requested_by, created_at, updated_at) "
+                    "VALUES (:j, :i, :s, 1, :t, 'admin', :t, :t)"),
+                    {"j": job, "i": inst, "s": state, "t": t})
+            for lid, inst, state, acc in (
+                    ("l-revoking", "i-live", "revoking", "acc-live"),
+                    ("l-job", "i-job", "active", None),
+                    ("l-tok", "i-tok", "active", "acc-tok"),
+                    ("l-live", "i-live", "active", "acc-live"),
+                    ("l-ended", "i-done", "revoked", None)):
+                conn.execute(text(
+                    "INSERT INTO leases (lease_id, instance_id, workload, role, kind, state, "
+                    "vault_lease_id, token_accessor, renewable, created_at, updated_at) "
+                    "VALUES (:l, :i, 'w', 'r', 'k', :s, :v, :a, false, :t, :t)"),
+                    {"l": lid, "i": inst, "s": state, "v": f"db/creds/r/{lid}", "a": acc,
+                     "t": t})
+        await asyncio.to_thread(migrate, url)
+        with engine.begin() as conn:
+            rows = conn.execute(text("SELECT lease_id, revoke_sent_at FROM leases")).all()
+        stamped = {lid for lid, at in rows if at is not None}
+        assert stamped == {"l-revoking", "l-job", "l-tok"}
+    finally:
+        engine.dispose()
+        if name:
+            await asyncio.to_thread(pg.drop_database, name)

@@ -4,6 +4,7 @@ broker first sent a revocation, and the decided ending with its audit event."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import update
@@ -17,9 +18,12 @@ from broker.leases.states import LIVE_LEASE_STATES, LeaseState, lease_can_move
 from broker.leases.views import LeaseView
 
 
-async def mark_revoke_sent(conn: AsyncConnection, clock: Clock, lease_ids: Sequence[str]) -> int:
-    """Stamp ``revoke_sent_at`` on the live leases that have none; how many were stamped.
-    Kept once set: the first revocation is what makes Vault's silence ours."""
+async def mark_revoke_sent(
+    conn: AsyncConnection, clock: Clock, lease_ids: Sequence[str], *, at: datetime | None = None
+) -> int:
+    """Stamp ``revoke_sent_at`` (``at``, default now) on the live leases that have none;
+    how many were stamped. Kept once set: the first revocation is what makes Vault's
+    silence ours (unless that revocation certainly failed: ``clear_revoke_sent``)."""
     now = clock.now()
     stamped = 0
     for start in range(0, len(lease_ids), 500):
@@ -31,10 +35,28 @@ async def mark_revoke_sent(conn: AsyncConnection, clock: Clock, lease_ids: Seque
                 m.Lease.revoke_sent_at.is_(None),
                 m.Lease.state.in_([s.value for s in LIVE_LEASE_STATES]),
             )
-            .values(revoke_sent_at=now, updated_at=now)
+            .values(revoke_sent_at=at or now, updated_at=now)
         )
         stamped += res.rowcount or 0
     return stamped
+
+
+async def clear_revoke_sent(
+    conn: AsyncConnection, clock: Clock, lease_ids: Sequence[str], *, at: datetime
+) -> int:
+    """Clear ``revoke_sent_at`` where it is still the stamp ``at`` (another path's stamp
+    stays): the revocation it announced certainly did not take effect."""
+    now = clock.now()
+    cleared = 0
+    for start in range(0, len(lease_ids), 500):
+        chunk = list(lease_ids[start : start + 500])
+        res = await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id.in_(chunk), m.Lease.revoke_sent_at == at)
+            .values(revoke_sent_at=None, updated_at=now)
+        )
+        cleared += res.rowcount or 0
+    return cleared
 
 
 async def end_decided(

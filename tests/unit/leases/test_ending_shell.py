@@ -7,10 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 from broker.leases.ending import (
     Ending,
     LeaseEnder,
     Revoked,
+    sent_for_certain_not,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import LeaseView
@@ -25,8 +29,9 @@ class Clock:
 
 
 class Vault:
-    def __init__(self, known: set[str], *, keeps: bool = False) -> None:
-        self.known, self.keeps, self.calls = set(known), keeps, []
+    def __init__(self, known: set[str], *, keeps: bool = False,
+                 fails: BrokerError | None = None) -> None:
+        self.known, self.keeps, self.calls, self.fails = set(known), keeps, [], fails
 
     async def lease_exists(self, lease_id: str) -> bool:
         self.calls.append(("lookup", lease_id))
@@ -34,20 +39,34 @@ class Vault:
 
     async def revoke_lease(self, lease_id: str) -> None:
         self.calls.append(("revoke", lease_id))
+        if self.fails is not None:
+            raise self.fails
         if not self.keeps:
             self.known.discard(lease_id)
 
 
 class Ledger:
-    def __init__(self, vault: Vault) -> None:
-        self.vault, self.sent, self.ended = vault, [], []
+    def __init__(self, vault: Vault, *, moves: bool = True) -> None:
+        self.vault, self.sent, self.ended, self.moves = vault, [], [], moves
+        self.stamps: dict[str, datetime] = {}
 
-    async def mark_revoke_sent(self, lease_ids):
+    async def mark_revoke_sent(self, lease_ids, at):
         self.vault.calls.append(("stamp", tuple(lease_ids)))
         self.sent.extend(lease_ids)
+        for lid in lease_ids:
+            self.stamps.setdefault(lid, at)
         return len(lease_ids)
 
+    async def clear_revoke_sent(self, lease_ids, at):
+        self.vault.calls.append(("unstamp", tuple(lease_ids)))
+        gone = [lid for lid in lease_ids if self.stamps.get(lid) == at]
+        for lid in gone:
+            del self.stamps[lid]
+        return len(gone)
+
     async def end_decided(self, lease, ending, *, actor, engine, found_by, why):
+        if not self.moves:
+            return False
         self.ended.append((lease.lease_id, ending, engine, found_by, why))
         return True
 
@@ -76,8 +95,9 @@ def _lease(**kw) -> LeaseView:
     return replace(base, **kw)
 
 
-def _ender(vault: Vault, check: Check | None = None) -> tuple[LeaseEnder, Ledger]:
-    ledger = Ledger(vault)
+def _ender(vault: Vault, check: Check | None = None, *,
+           moves: bool = True) -> tuple[LeaseEnder, Ledger]:
+    ledger = Ledger(vault, moves=moves)
     return LeaseEnder(vault, ledger, Clock(), engine_of={"cert": "pki"}, checks=check), ledger
 
 
@@ -138,3 +158,66 @@ async def test_a_check_that_fails_or_cannot_tell_leaves_it_lost() -> None:
         ender, _ = _ender(Vault(set()), check)
         out = await ender.settle_unknown([_lease()], actor="a", found_by="reconciler")
         assert out == {"l-1": Ending(L.LOST)}
+
+
+REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
+CONN_REFUSED = UpstreamUnavailable("Vault is unreachable", outcome_unknown=False)
+SEALED = UpstreamUnavailable("Vault is sealed", outcome_unknown=False)  # 503: answered
+TIMED_OUT = UpstreamUnavailable("Vault is unreachable", outcome_unknown=True)  # or 502/504
+
+
+@pytest.mark.parametrize(("error", "certain"), [
+    (REFUSED, True), (CONN_REFUSED, True), (SEALED, True), (TIMED_OUT, False),
+    (ValueError("x"), False), (True, False),
+])
+def test_only_an_answered_or_unsent_failure_is_certain(error: object, certain: bool) -> None:
+    assert sent_for_certain_not(error) is certain
+
+
+@pytest.mark.parametrize("error", [REFUSED, CONN_REFUSED, SEALED])
+async def test_a_revocation_that_certainly_failed_takes_its_stamp_back(error) -> None:
+    vault = Vault({"pki/issue/r/abc"}, fails=error)
+    ender, ledger = _ender(vault)
+    with pytest.raises(BrokerError) as raised:
+        await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED)
+    assert raised.value is error
+    assert vault.calls == [("lookup", "pki/issue/r/abc"), ("stamp", ("l-1",)),
+                           ("revoke", "pki/issue/r/abc"), ("unstamp", ("l-1",))]
+    assert ledger.stamps == {}  # Vault forgetting it later is not our doing: lost
+
+
+async def test_a_revocation_that_may_have_reached_vault_keeps_its_stamp() -> None:
+    vault = Vault({"pki/issue/r/abc"}, fails=TIMED_OUT)
+    ender, ledger = _ender(vault)
+    with pytest.raises(UpstreamUnavailable):
+        await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED)
+    assert ledger.stamps == {"l-1": NOW} and ("unstamp", ("l-1",)) not in vault.calls
+
+
+async def test_a_stamp_another_revocation_made_is_never_taken_back() -> None:
+    vault = Vault({"pki/issue/r/abc"}, fails=REFUSED)
+    ender, ledger = _ender(vault)
+    ledger.stamps["l-1"] = NOW - timedelta(minutes=1)
+    with pytest.raises(UpstreamRejected):
+        await ender.end_one(_lease(revoke_sent_at=NOW - timedelta(minutes=1)), actor="a",
+                            found_by="lease_limit", ours=L.REVOKED)
+    assert ledger.stamps == {"l-1": NOW - timedelta(minutes=1)}
+    assert [c for c in vault.calls if c[0] in ("stamp", "unstamp")] == []
+
+
+async def test_an_unstamp_only_clears_its_own_time() -> None:
+    ender, ledger = _ender(Vault(set()))
+    stamp = await ender.stamp(["l-1", "l-2"])
+    ledger.stamps["l-3"] = NOW - timedelta(seconds=1)  # another path's
+    assert await ender.unstamp(stamp, ["l-2", "l-3"]) == 1
+    assert ledger.stamps == {"l-1": NOW, "l-3": NOW - timedelta(seconds=1)}
+    assert await ender.unstamp(await ender.stamp([])) == 0
+
+
+async def test_only_endings_actually_recorded_are_reported() -> None:
+    """Another path ended the lease (or sent its revocation) meanwhile: the decision was
+    not recorded, so it is not reported, and nothing is counted lost."""
+    ender, _ = _ender(Vault(set()), moves=False)
+    assert await ender.settle_unknown([_lease()], actor="a", found_by="reconciler") == {}
+    assert ender.lost.counts() == {}
+    assert await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED) is None

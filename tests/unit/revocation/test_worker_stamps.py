@@ -1,0 +1,212 @@
+"""When the revocation worker stamps ``revoke_sent_at``: each chunk of leases right before
+its own revocations, the leases a token revocation covers right before it; a stamp whose
+revocation certainly did not take effect (Vault refused, connection refused, a token Vault
+no longer knows) is taken back, one that may have reached Vault (a timeout) stays. With a
+fake Vault and ledger, and the real ``LeaseEnder``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
+from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
+from broker.leases.ending import LeaseEnder
+from broker.revocation.settings import RevocationSettings
+from broker.revocation.worker import RevocationWorker
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
+CONN_REFUSED = UpstreamUnavailable("Vault is unreachable", outcome_unknown=False)
+TIMED_OUT = UpstreamUnavailable("Vault is unreachable", outcome_unknown=True)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = NOW
+
+    def now(self) -> datetime:
+        self.t += timedelta(microseconds=1)  # every stamp its own time
+        return self.t
+
+
+class Vault:
+    """Knows ``known``; ``fail`` maps a Vault lease id to the error its revocation gets;
+    after ``away_after`` revocations every later one is refused a connection."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = set(known)
+        self.fail: dict[str, BaseException] = {}
+        self.away_after: int | None = None
+        self.revoked = 0
+        self.token_error: BrokerError | None = None
+        self.token_known = True
+        self.log: list[tuple[str, str]] = []
+
+    async def lease_exists(self, lease_id: str) -> bool:
+        return lease_id in self.known
+
+    async def list_lease_keys(self, prefix: str) -> list[str]:
+        return [k.rsplit("/", 1)[1] for k in self.known if k.startswith(prefix + "/")]
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        self.log.append(("revoke", lease_id))
+        if self.away_after is not None and self.revoked >= self.away_after:
+            raise CONN_REFUSED
+        if lease_id in self.fail:
+            raise self.fail[lease_id]
+        self.revoked += 1
+        self.known.discard(lease_id)
+
+    async def revoke_accessor(self, accessor: str) -> bool:
+        self.log.append(("revoke_accessor", accessor))
+        if self.token_error is not None:
+            raise self.token_error
+        if self.token_known:
+            self.known.clear()  # the token's revocation takes every lease under it
+        return self.token_known
+
+
+class Ledger:
+    """The worker's ledger and the ender's, in one: stamps by lease id."""
+
+    def __init__(self, vault: Vault, leases: list[LeaseView], tokens: list[TokenView]) -> None:
+        self.vault, self.tokens = vault, tokens
+        self.leases = {lease.lease_id: lease for lease in leases}
+        self.stamps: dict[str, datetime] = {}
+        self.token_revoked: list[str] = []
+        self.ended: dict[str, LeaseState] = {}
+
+    async def revocation_work(self, instance_id: str) -> RevocationWork:
+        live = [replace(lease, revoke_sent_at=self.stamps.get(lease.lease_id))
+                for lease in self.leases.values() if lease.lease_id not in self.ended]
+        return RevocationWork(tuple(self.tokens), tuple(live))
+
+    async def mark_revoke_sent(self, lease_ids, at):
+        self.vault.log.append(("stamp", ",".join(lease_ids)))
+        for lid in lease_ids:
+            self.stamps.setdefault(lid, at)
+        return len(lease_ids)
+
+    async def clear_revoke_sent(self, lease_ids, at):
+        gone = [lid for lid in lease_ids if self.stamps.get(lid) == at]
+        for lid in gone:
+            del self.stamps[lid]
+        return len(gone)
+
+    async def end_decided(self, lease, ending, **_):
+        self.ended[lease.lease_id] = ending.state
+        return True
+
+    async def mark_token_revoked(self, accessor: str) -> None:
+        self.token_revoked.append(accessor)
+
+    async def mark_leases_ended(self, lease_ids, state, *, actor):
+        for lid in lease_ids:
+            self.ended[lid] = state
+        return len(lease_ids)
+
+
+def _lease(n: int, **kw) -> LeaseView:
+    return LeaseView(f"l-{n}", "i-1", "w", "db", "database", "active", False,
+                     NOW - timedelta(hours=1), NOW - timedelta(hours=1), NOW + timedelta(hours=1),
+                     None, f"database/creds/r/v{n:03}", "acc-1", None, "database/creds/r", **kw)
+
+
+def _setup(n: int, *, issuing: int = 0) -> tuple[RevocationWorker, Vault, Ledger]:
+    leases = [_lease(i) for i in range(n)]
+    leases += [replace(_lease(100 + i), vault_path=None, state="issuing", vault_lease_id=None,
+                       token_accessor=None, created_at=NOW - timedelta(hours=1))
+               for i in range(issuing)]
+    vault = Vault({str(lease.vault_lease_id) for lease in leases if lease.vault_lease_id})
+    ledger = Ledger(vault, leases, [TokenView("acc-1", NOW + timedelta(hours=1), None)])
+    clock = Clock()
+    ender = LeaseEnder(vault, ledger, clock)  # type: ignore[arg-type]
+    worker = RevocationWorker(RevocationSettings(), ledger, vault, clock,  # type: ignore[arg-type]
+                              ender=ender)
+    return worker, vault, ledger
+
+
+JOB = JobView("j-1", "i-1", "running", 1, NOW, None, "admin", NOW, None)
+
+
+async def test_a_clean_pass_stamps_each_chunk_right_before_its_revocations() -> None:
+    worker, vault, ledger = _setup(20)
+    await worker._revoke_instance(JOB)
+    kinds = [k for k, _ in vault.log]
+    # 16, then 4, each stamped first; the token last, with nothing left to stamp.
+    assert kinds == ["stamp", *["revoke"] * 16, "stamp", *["revoke"] * 4, "revoke_accessor"]
+    assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}
+    assert set(ledger.ended) == set(ledger.stamps)
+    assert ledger.token_revoked == ["acc-1"]
+
+
+async def test_vault_away_leaves_no_stamp_on_leases_it_never_revoked() -> None:
+    worker, vault, ledger = _setup(40)
+    vault.away_after = 20  # the second chunk meets a refused connection from its 5th lease
+    with pytest.raises(UpstreamUnavailable):
+        await worker._revoke_instance(JOB)
+    assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}  # revoked: ours
+    assert ("revoke_accessor", "acc-1") not in vault.log and not ledger.token_revoked
+    # The third chunk was never stamped nor sent.
+    assert ("revoke", "database/creds/r/v032") not in vault.log
+
+
+async def test_a_timeout_keeps_the_stamp_for_a_revocation_that_may_have_been_done() -> None:
+    worker, vault, ledger = _setup(3)
+    vault.fail["database/creds/r/v001"] = TIMED_OUT
+    with pytest.raises(UpstreamUnavailable):
+        await worker._revoke_instance(JOB)
+    assert set(ledger.stamps) == {"l-0", "l-1", "l-2"}
+    assert not ledger.token_revoked
+
+
+async def test_a_lease_vault_refused_is_unstamped_then_stamped_for_the_token() -> None:
+    worker, vault, ledger = _setup(3, issuing=1)
+    vault.fail["database/creds/r/v001"] = REFUSED
+    await worker._revoke_instance(JOB)  # the token's revocation took it: confirmed gone
+    stamps = [ids for k, ids in vault.log if k == "stamp"]
+    assert stamps == ["l-0,l-1,l-2", "l-1,l-100"]
+    assert vault.log.index(("stamp", "l-1,l-100")) < vault.log.index(("revoke_accessor", "acc-1"))
+    assert {"l-0", "l-1", "l-2", "l-100"} <= set(ledger.stamps)
+    assert ledger.ended["l-1"] is LeaseState.REVOKED
+
+
+@pytest.mark.parametrize("error", [REFUSED, CONN_REFUSED])
+async def test_a_token_revocation_that_certainly_failed_takes_its_stamps_back(error) -> None:
+    worker, vault, ledger = _setup(2, issuing=1)
+    vault.fail["database/creds/r/v001"] = REFUSED
+    vault.token_error = error
+    with pytest.raises(BrokerError):
+        await worker._revoke_instance(JOB)
+    assert set(ledger.stamps) == {"l-0"}  # revoked on its own; l-1 and l-100: nothing sent
+    assert not ledger.token_revoked
+
+
+async def test_a_token_revocation_that_may_have_been_done_keeps_its_stamps() -> None:
+    worker, vault, ledger = _setup(2, issuing=1)
+    vault.fail["database/creds/r/v001"] = REFUSED
+    vault.token_error = TIMED_OUT
+    with pytest.raises(UpstreamUnavailable):
+        await worker._revoke_instance(JOB)
+    assert set(ledger.stamps) == {"l-0", "l-1", "l-100"}
+
+
+async def test_a_token_vault_no_longer_knows_is_done_but_covers_nothing() -> None:
+    worker, vault, ledger = _setup(2)
+    vault.fail["database/creds/r/v001"] = REFUSED
+    vault.token_known = False
+    with pytest.raises(UpstreamRejected):  # l-1 still held: the job retries it alone
+        await worker._revoke_instance(JOB)
+    assert ledger.token_revoked == ["acc-1"]  # not asked again
+    assert set(ledger.stamps) == {"l-0"}
+    # Next pass: l-1 is looked up again (no stamp); Vault forgot it meanwhile → lost.
+    ledger.tokens = [TokenView("acc-1", NOW + timedelta(hours=1), NOW)]
+    vault.known.discard("database/creds/r/v001")
+    vault.fail.clear()
+    before = len(vault.log)
+    await worker._revoke_instance(JOB)
+    assert ledger.ended["l-1"] is LeaseState.LOST
+    assert vault.log[before:] == []  # nothing sent: the token is not revoked again
