@@ -20,8 +20,16 @@ async def test_terminate_in_the_middle_of_concurrent_issuance(make_broker, http,
     five_issued = asyncio.Event()
     count = 0
 
+    terminated = asyncio.Event()
+
     async def issue(k: int):
         nonlocal count
+        if k >= 35:
+            # The last five arrive after the terminate was answered: some are refused
+            # however fast this machine served the others (all of them, when it is fast).
+            await terminated.wait()
+        elif k >= 30:
+            await five_issued.wait()  # these five race the terminate
         await asyncio.sleep(rng.random() * 0.6)
         role = "dev-db" if k % 2 else "dev-cert"
         async with http.post(f"{b.url}/v1/credentials", json={"role": role},
@@ -39,6 +47,7 @@ async def test_terminate_in_the_middle_of_concurrent_issuance(make_broker, http,
         async with http.post(f"{b.url}/v1/instances/i-race/terminate",
                              headers=b.admin()) as resp:
             assert resp.status == 202
+        terminated.set()
 
     results = await asyncio.gather(*(issue(k) for k in range(40)), terminate())
     answers = results[:40]
