@@ -214,10 +214,13 @@ def _agent_retry(record: dict[str, Any]) -> str | None:
 
 def _broker_explained(record: dict[str, Any]) -> bool:
     """The broker's side of an explained retry, and the scheduler skipping a tick whose
-    previous run had not finished (the 0.2 s revocation tick on a busy machine)."""
+    previous run had not finished (the 0.2 s revocation tick on a busy machine) or running
+    one late (a maintenance tick whose time passed while the machine was busy: it runs at
+    the next one)."""
     msg = record.get("msg", "")
     if record.get("logger") == "apscheduler.scheduler":
-        return "skipped: maximum number of running instances" in msg
+        return "skipped: maximum number of running instances" in msg or (
+            "Run time of job" in msg and "was missed by" in msg)
     if msg == "request refused":
         return record.get("code") == "vault_unavailable" or (
             record.get("code"), record.get("route")) == (
