@@ -218,9 +218,10 @@ def _broker_explained(record: dict[str, Any]) -> bool:
     one late (a maintenance tick whose time passed while the machine was busy: it runs at
     the next one)."""
     msg = record.get("msg", "")
+    if "Run time of job" in msg and "was missed by" in msg:  # apscheduler.executors.*
+        return str(record.get("logger", "")).startswith("apscheduler.")
     if record.get("logger") == "apscheduler.scheduler":
-        return "skipped: maximum number of running instances" in msg or (
-            "Run time of job" in msg and "was missed by" in msg)
+        return "skipped: maximum number of running instances" in msg
     if msg == "request refused":
         return record.get("code") == "vault_unavailable" or (
             record.get("code"), record.get("route")) == (
