@@ -332,4 +332,6 @@ class OwnToken:
 
 
 def _why(exc: BaseException) -> str:
-    return exc.code if isinstance(exc, BrokerError) else str(exc)
+    """A failure's name for a log line: a broker error's code, else the exception's type
+    (never its text, which could quote what was sent)."""
+    return exc.code if isinstance(exc, BrokerError) else type(exc).__name__
