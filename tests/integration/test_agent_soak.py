@@ -415,13 +415,16 @@ async def _soak(broker: BrokerProcess, store_url: str, vault, database: Postgres
     [(given_late,)] = await asyncio.to_thread(
         _query, store_url,
         "SELECT count(*) FROM audit_events WHERE action = 'lease.expired' AND actor = 'workload'")
-    # Those the termination found already expired in Vault (a replaced lease the agent had
-    # not yet given back at SIGTERM, or a current one near its end): Vault confirmed them
-    # gone, past their expiry, so the revocation worker recorded them ``expired``.
+    # Those still unexpired at SIGTERM that the termination found already expired in Vault
+    # (a replaced lease the agent had not yet given back, or a current one near its end):
+    # Vault confirmed them gone, past their expiry, so the revocation worker recorded them
+    # ``expired``. One that had expired before SIGTERM is not counted here: it must be
+    # explained as below.
     at_exit = {str(i) for (i,) in await asyncio.to_thread(
         _query, store_url,
-        "SELECT lease_id FROM audit_events WHERE action = 'lease.expired' "
-        "AND actor LIKE 'revocation:%%' AND at >= %s", (sent_wall,))}
+        "SELECT e.lease_id FROM audit_events e JOIN leases l ON l.lease_id = e.lease_id "
+        "WHERE e.action = 'lease.expired' AND e.actor LIKE 'revocation:%%' "
+        "AND e.at >= %s AND l.expires_at >= %s", (sent_wall, sent_wall))}
     reissues = {r: sum(n - 1 for (_, role), n in issued.items() if role == r) for r in ROLES}
     in_vault = await asyncio.to_thread(_in_vault, vault, database, pki)
     logins_left = await asyncio.to_thread(
