@@ -8,17 +8,20 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from broker.config import load_settings
+from broker.dev.environment import dev_settings_dict, walkthrough
 from broker.engines import ENGINES, read_caller_params
 from broker.engines.oidc import identity_token, read_token, token_claims
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, ConfigError, UpstreamRejected
 from broker.secret import Secret
+from broker.vault.bootstrap import OidcRole
 from tests.unit.aws.settingskit import settings_with
 
 OIDC = ENGINES["oidc"]
@@ -200,3 +203,41 @@ def test_the_token_travels_as_a_secret():
     token = identity_token(answer())
     assert isinstance(token, Secret) and "***" == f"{token}"
     assert token_claims(token)["sub"] == CLAIMS["sub"]
+
+
+# -- broker dev -------------------------------------------------------------------------
+
+
+def test_broker_dev_allows_dev_oidc_to_its_workloads_with_an_entity_per_workload():
+    common = {
+        "vault_addr": "http://127.0.0.1:8200",
+        "broker_token": "t",
+        "issuer": "https://issuer.example",
+        "jwks_uri": "https://issuer.example/jwks.json",
+        "store_url": "sqlite:///broker.db",
+        "admin_token_sha256": "ab" * 32,
+        "with_database": True,
+    }
+    s = load_settings(dev_settings_dict(**common, with_oidc=True))
+    oidc = s.roles["dev-oidc"]
+    assert (oidc.engine, oidc.mount, oidc.vault_role, oidc.max_ttl) == (
+        "oidc",
+        "identity",
+        "dev-oidc",
+        300,
+    )
+    assert s.vault.entity_alias == "workload"
+    assert s.policy.rules[0].allow == ("dev-cert", "dev-db", "dev-oidc")
+    # The harness's brokers (and any caller that does not ask) stay without it.
+    plain = load_settings(dev_settings_dict(**common))
+    assert ("dev-oidc" in plain.roles, plain.vault.entity_alias) == (False, "none")
+
+
+def test_the_dev_walkthrough_names_dev_oidc_and_its_jwks():
+    role = OidcRole("dev-oidc", "cid123", "http://127.0.0.1:8200/v1/identity/oidc")
+    text = walkthrough(Path("/tmp/d"), "http://b", "http://127.0.0.1:8200", True, None, oidc=role)
+    assert "dev-oidc : an OIDC token (JWT)" in text
+    assert "aud cid123" in text and "iss http://127.0.0.1:8200/v1/identity/oidc" in text
+    assert "http://127.0.0.1:8200/v1/identity/oidc/.well-known/keys" in text
+    assert '{"role":"dev-oidc"}' in text
+    assert "dev-oidc :" not in walkthrough(Path("/tmp/d"), "http://b", "http://v", True, None)
