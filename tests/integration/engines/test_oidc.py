@@ -9,8 +9,10 @@ and records the token ``delivered``, not revoked: a JWT cannot be recalled."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import signal
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +21,8 @@ import pytest
 
 from broker.vault.bootstrap import OIDC_ROLE
 from tests.harness.api import issue, terminate
+from tests.integration.test_cli import run
+from tests.integration.test_dev_fresh import start_dev
 
 TABLES = ("instances", "instance_tokens", "leases", "revocation_jobs", "audit_events")
 ROLE = {
@@ -250,3 +254,49 @@ async def test_termination_ends_the_instance_token_and_records_the_jwt_delivered
     )
     [revoked] = [e for e in events if e["action"] == "leases.revoked"]
     assert revoked["detail"]["lease_ids"] == [cert["lease_id"]]
+
+
+async def test_broker_dev_issues_dev_oidc_and_names_its_jwks(tmp_path, pg, http):
+    """``broker dev`` as a user starts it: the walk-through names dev-oidc, its audience,
+    issuer and JWKS URL, and the token it issues verifies against that JWKS."""
+    d = tmp_path / "dev"
+    proc, env = await start_dev(d, pg)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not lines or not lines[-1].startswith("Ctrl-C stops"):
+            lines.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip())
+            assert len(lines) < 100, lines
+        text = "\n".join(lines)
+        jwks_url = f"{env['VAULT_ADDR']}/v1/identity/oidc/.well-known/keys"
+        assert "dev-oidc : an OIDC token (JWT)" in text and jwks_url in text, text
+        audience = text.split("aud ", 1)[1].split(",", 1)[0]
+        issuer = f"{env['VAULT_ADDR']}/v1/identity/oidc"
+
+        code, token, _ = await run(
+            "broker.cli.main",
+            "dev",
+            "token",
+            "--dir",
+            str(d),
+            "--instance",
+            "i-dev-oidc",
+            "--workload",
+            "payments",
+        )
+        assert code == 0
+        async with http.post(
+            f"{env['BROKER_URL']}/v1/credentials",
+            json={"role": "dev-oidc"},
+            headers={"Authorization": f"Bearer {token.strip()}"},
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            cred = await resp.json()
+        async with http.get(jwks_url) as resp:
+            keys = jwt.PyJWKSet.from_dict(await resp.json())
+        claims = verified(cred["data"]["token"], keys, audience, issuer)
+        assert (cred["kind"], cred["data"]["subject"]) == ("oidc_token", claims["sub"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0
