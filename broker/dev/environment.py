@@ -25,7 +25,14 @@ from broker.dev.issuer import DEV_AUDIENCE, DEV_MAX_TOKEN_LIFETIME_S, DevIssuer
 from broker.dev.openbao import OpenBaoDevServer, free_port
 from broker.leases.migrations import migrate
 from broker.listen import ensure_free
-from broker.vault.bootstrap import AUDIT_KEY, TRANSIT_MOUNT, bootstrap_dev
+from broker.vault.bootstrap import (
+    AUDIT_KEY,
+    OIDC_ROLE,
+    OIDC_TTL,
+    TRANSIT_MOUNT,
+    OidcRole,
+    bootstrap_dev,
+)
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -42,10 +49,13 @@ def dev_settings_dict(
     host: str = "127.0.0.1",
     port: int = 8300,
     checkpoint_file: Path | None = None,
+    with_oidc: bool = False,
 ) -> dict[str, Any]:
     """The configuration `broker dev` runs with; the test harness uses it too. Audit
     checkpoints are signed by OpenBao transit (``bootstrap_dev`` creates the key) and,
-    with ``checkpoint_file``, also appended there."""
+    with ``checkpoint_file``, also appended there. ``with_oidc`` adds the ``dev-oidc``
+    role (``bootstrap_dev`` creates its identity OIDC role), whose tokens need instance
+    tokens with an identity entity: one per workload (``vault.entity_alias``)."""
     roles: dict[str, Any] = {
         "dev-cert": {
             "engine": "pki",
@@ -64,6 +74,16 @@ def dev_settings_dict(
             "default_ttl": "10m",
             "max_ttl": "1h",
         }
+    if with_oidc:
+        roles[OIDC_ROLE] = {
+            "engine": "oidc",
+            "mount": "identity",
+            "vault_role": OIDC_ROLE,
+            # The token lives as long as the OpenBao OIDC role says (5m); a JWT cannot
+            # be recalled, so one living longer than max_ttl is refused.
+            "default_ttl": OIDC_TTL,
+            "max_ttl": OIDC_TTL,
+        }
     return {
         "server": {"host": host, "port": port},
         "store": {"url": store_url},
@@ -73,6 +93,7 @@ def dev_settings_dict(
             "token_role": "broker-instance",
             "instance_policies": ["broker-instance"],
             "instance_token_ttl": "24h",
+            **({"entity_alias": "workload"} if with_oidc else {}),
         },
         "identity": {
             "audience": DEV_AUDIENCE,
@@ -194,6 +215,7 @@ class DevEnvironment:
                     with_database=setup.database_configured,
                     port=self.port,
                     checkpoint_file=d / "audit-checkpoints.jsonl",
+                    with_oidc=True,
                 ),
                 source="dev",
             )
@@ -210,7 +232,14 @@ class DevEnvironment:
                 """),
             )
             print(
-                walkthrough(d, broker.url or "", bao.addr, setup.database_configured, db_problem),
+                walkthrough(
+                    d,
+                    broker.url or "",
+                    bao.addr,
+                    setup.database_configured,
+                    db_problem,
+                    oidc=setup.oidc,
+                ),
                 flush=True,
             )
             if ready is not None:
@@ -235,8 +264,26 @@ def shown(path: Path) -> Path:
         return path
 
 
-def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | None) -> str:
+def walkthrough(
+    d: Path,
+    url: str,
+    vault: str,
+    with_db: bool,
+    db_problem: str | None,
+    *,
+    oidc: OidcRole | None = None,
+) -> str:
     where = shown(d)
+    oidc_lines = (
+        f"""
+          dev-oidc : an OIDC token (JWT) for the instance's workload entity, signed by
+                     OpenBao's identity engine: aud {oidc.client_id},
+                     iss {oidc.issuer}; verify it with the JWKS at
+                     {vault}/v1/identity/oidc/.well-known/keys
+                     (a JWT cannot be recalled: it lives its {OIDC_TTL} whatever happens)"""
+        if oidc is not None
+        else ""
+    )
     db = (
         "  dev-db  : a dynamic PostgreSQL login (OpenBao database engine)"
         if with_db
@@ -251,13 +298,15 @@ def walkthrough(d: Path, url: str, vault: str, with_db: bool, db_problem: str | 
                      also appended to {where}/audit-checkpoints.jsonl
         Roles:
           dev-cert : an X.509 workload certificate (OpenBao PKI)
-        {db}
+        {db}{oidc_lines}
 
         Try it, in another shell:
           . .venv/bin/activate && set -a && . {where}/dev.env && set +a
           TOKEN=$(broker dev token --dir {where} --instance i-123 --workload payments)
           curl -s -H "Authorization: Bearer $TOKEN" -d '{{"role":"dev-cert"}}' \\
                $BROKER_URL/v1/credentials
+          curl -s -H "Authorization: Bearer $TOKEN" -d '{{"role":"dev-oidc"}}' \\
+               $BROKER_URL/v1/credentials      # data.token: a JWT, data.audience, ...
           brokerctl leases list --instance i-123
           brokerctl revoke --instance i-123 --wait
           brokerctl instances show i-123

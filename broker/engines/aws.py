@@ -34,6 +34,7 @@ import json
 import re
 import string
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,8 @@ from broker.aws import (
     session_name_for,
 )
 from broker.engines.base import Engine, Mode, VaultRequest, text_ref
+from broker.engines.oidc import identity_token, identity_token_request
 from broker.errors import BadRequest, UpstreamRejected
-from broker.secret import Secret
 from broker.vault.paths import vault_path
 
 if TYPE_CHECKING:
@@ -212,8 +213,8 @@ class AwsEngine(Engine):
                 code="ttl_below_minimum",
             )
         if mode == "web_identity":
-            path = vault_path(role.mount, "oidc", "token", role.vault_role)
-            return VaultRequest("GET", path, None, True)
+            # The token is only exchanged: the session's duration is set at STS.
+            return replace(identity_token_request(role), ttl_applied=True)
         body: dict[str, Any] = {"ttl": f"{STS_MIN_DURATION_S}s"}
         if mode == "assumed_role":
             if "role_arn" in role.options:
@@ -242,18 +243,12 @@ class AwsEngine(Engine):
         credential."""
         if self._mode_name(role) != "web_identity":
             return None
-        token = data.get("token")
-        if not isinstance(token, str) or token.count(".") != 2:
-            raise UpstreamRejected(
-                "Vault's identity engine returned no OIDC token; check the OIDC role and "
-                "that instance tokens carry an entity",
-                code="vault_bad_response",
-            )
+        token = identity_token(data)
         policy = role.options.get("session_policy")
         return WebIdentityRequest(
             role_arn=role.options["role_arn"],
             session_name=session_name_for(instance_id),
-            token=Secret(token),
+            token=token,
             duration_s=STS_MIN_DURATION_S,
             policy=json.dumps(policy, separators=(",", ":")) if policy is not None else None,
             policy_arns=tuple(role.options.get("policy_arns", ())),

@@ -23,6 +23,9 @@ DB_CONNECTION = "dev-postgres"
 DB_ROLE = "dev-db"
 TRANSIT_MOUNT = "transit"
 AUDIT_KEY = "broker-audit"
+OIDC_KEY = "broker"
+OIDC_ROLE = "dev-oidc"  # an identity OIDC role: tokens for the instance's entity
+OIDC_TTL = "5m"
 
 
 def broker_policy(
@@ -50,7 +53,15 @@ def instance_policy(pki_mount: str = PKI_MOUNT, db_mount: str = DB_MOUNT) -> str
     return f"""
 path "{pki_mount}/issue/{PKI_ROLE}" {{ capabilities = ["update"] }}
 path "{db_mount}/creds/{DB_ROLE}" {{ capabilities = ["read"] }}
+path "identity/oidc/token/{OIDC_ROLE}" {{ capabilities = ["read"] }}
 """
+
+
+@dataclass(frozen=True)
+class OidcRole:
+    name: str
+    client_id: str  # the ``aud`` of its tokens: what an IAM OIDC provider lists
+    issuer: str  # the ``iss`` of its tokens: <issuer>/v1/identity/oidc
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class DevVault:
     broker_token: str = field(repr=False)  # never in a test's failure output
     database_configured: bool
     ca_pem: str
+    oidc: OidcRole  # the dev-oidc role's audience and issuer
 
 
 def _vault_connection_url(postgres_url: str) -> tuple[str, str | None, str | None]:
@@ -144,6 +156,7 @@ def bootstrap_dev(
         database_configured = True
 
     ensure_audit_key(client)
+    oidc = _oidc_role(client, addr, OIDC_ROLE, key=OIDC_KEY, ttl=OIDC_TTL)
     client.sys.create_or_update_policy(INSTANCE_POLICY, instance_policy())
     client.sys.create_or_update_policy(BROKER_POLICY, broker_policy())
     client.write(
@@ -174,6 +187,7 @@ def bootstrap_dev(
         broker_token=created["auth"]["client_token"],
         database_configured=database_configured,
         ca_pem=ca_pem,
+        oidc=oidc,
     )
 
 
@@ -183,13 +197,6 @@ def ensure_audit_key(client: hvac.Client, mount: str = TRANSIT_MOUNT, key: str =
     if f"{mount}/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("transit", path=mount)
     client.write(f"{mount}/keys/{key}", type="ed25519")
-
-
-@dataclass(frozen=True)
-class OidcRole:
-    name: str
-    client_id: str  # the ``aud`` of its tokens: what an IAM OIDC provider lists
-    issuer: str  # the ``iss`` of its tokens: <issuer>/v1/identity/oidc
 
 
 def configure_oidc_role(
@@ -205,6 +212,12 @@ def configure_oidc_role(
     (with an entity) reads at ``identity/oidc/token/<role>`` to federate with a cloud.
     ``issuer`` is the URL the cloud fetches keys from (default: Vault's own address)."""
     client = hvac.Client(url=addr, token=token, timeout=30)
+    return _oidc_role(client, addr, role, key=key, ttl=ttl, issuer=issuer)
+
+
+def _oidc_role(
+    client: hvac.Client, addr: str, role: str, *, key: str, ttl: str, issuer: str | None = None
+) -> OidcRole:
     if issuer is not None:
         client.write("identity/oidc/config", issuer=issuer)
     client.write(
@@ -214,6 +227,7 @@ def configure_oidc_role(
         rotation_period="24h",
         verification_ttl="24h",
     )
+    # Vault sets ``aud`` to the role's generated client_id, and the key must allow it.
     client.write(f"identity/oidc/role/{role}", key=key, ttl=ttl)
     data = client.read(f"identity/oidc/role/{role}")["data"]
     config = client.read("identity/oidc/config")["data"]

@@ -76,8 +76,9 @@ class VaultSettings(Frozen):
     # workload: every instance token is bound to one identity entity per workload, through
     # the entity alias ``<issuer_name>:<workload>`` on the token auth mount (the token role
     # must list it in allowed_entity_aliases). Reading ``identity/oidc/token/<role>`` (the
-    # aws engine's web_identity mode) needs an entity; one per workload keeps Vault's
-    # identity store bounded and gives a stable ``sub`` an IAM trust policy can pin.
+    # oidc engine, and the aws engine's web_identity mode) needs an entity; one per
+    # workload keeps Vault's identity store bounded and gives a stable ``sub`` an IAM
+    # trust policy can pin.
     entity_alias: Literal["none", "workload"] = "none"
 
     _ttl = field_validator("instance_token_ttl", mode="before")(seconds)

@@ -71,6 +71,7 @@ WEB_IDENTITY = role(engine="aws", mode="web_identity", mount="identity", vault_r
                     options={"role_arn": ARN}, **STS)
 GCP_TOKEN = role(engine="gcp", mode="roleset_token", mount="gcp", vault_role="rs")
 GCP_KEY = role(engine="gcp", mode="roleset_key", mount="gcp", vault_role="rs")
+OIDC = role(engine="oidc", mount="identity", vault_role="cloud")
 AZURE = role(engine="azure", mount="azure", vault_role="app",
              options={"tenant_id": "contoso.onmicrosoft.com"})
 
@@ -120,11 +121,13 @@ CASES = [
      True, None),
     (("az", AZURE, {}, 600),
      VaultRequest("GET", "azure/creds/app", None, False), True, None),
+    (("oidc", OIDC, {}, 600),
+     VaultRequest("GET", "identity/oidc/token/cloud", None, False), False, None),
 ]
 IDS = ["database", "rabbitmq", "pki-issue", "pki-sign", "ssh-sign", "kv-v2", "kv-v1",
        "aws-iam-user", "aws-assumed-role", "aws-assumed-role-deny-on-revoke",
        "aws-federation-token", "aws-web-identity", "gcp-roleset-token", "gcp-roleset-key",
-       "azure"]
+       "azure", "oidc"]
 
 
 @pytest.mark.parametrize("given,request_,leased,session_ref", CASES, ids=IDS)
