@@ -189,7 +189,12 @@ def read_request(content_type: str, raw: bytes) -> TokenRequest:
             "requested_token_type is not a type the broker issues",
             "unsupported_token_type",
         )
-    return TokenRequest(given["subject_token"], given["subject_token_type"], role, requested)
+    # Surrounding whitespace is not part of a token, as in a bearer header: a token file
+    # written with `echo` ends in a newline that file-sourced clients send as read.
+    subject_token = given["subject_token"].strip()
+    if not subject_token:
+        raise _invalid("subject_token is required", "missing_parameter")
+    return TokenRequest(subject_token, given["subject_token_type"], role, requested)
 
 
 def target(role: str) -> str:

@@ -174,7 +174,7 @@ async def test_google_auth_gets_the_credential_and_its_expiry(make_broker, http,
     pytest.importorskip("google.auth")
     b = await make_broker()
     token_file = tmp_path / "token"
-    token_file.write_text(b.token("i-tx-google"))
+    token_file.write_text(b.token("i-tx-google") + "\n")  # as `echo $TOKEN > file` writes it
     credentials = _google_credentials(b, "dev-cert", token_file)
     started = datetime.now(UTC)
     # google-auth is synchronous; the broker serves on this event loop.

@@ -7,6 +7,7 @@ refused one and a locked one get byte-identical answers, so roles cannot be prob
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -14,6 +15,7 @@ from urllib.parse import urlencode
 import pytest
 
 from broker.api.oauth import GRANT_TYPE, JWT, TARGET_REFUSED
+from broker.logs import JsonFormatter
 from tests.security.test_attacks_http import CASES, atk, lab_env  # noqa: F401 (fixtures)
 from tests.security.test_refusals import _token_cases
 from tests.security.test_replay import identity_cfg
@@ -164,3 +166,22 @@ async def test_an_expired_subject_token_says_why_without_quoting_it(sec, http, v
     token = issuer.mint(instance="i-tx-exp", workload="payments", now=time.time() - 900)
     body = await _assert_refused(http, sec, vault, _form(token), code="token_expired")
     assert body["error_description"] and token[:20] not in body["error_description"]
+
+
+async def test_a_refusal_is_logged_and_counted_as_at_the_other_door(sec, http, vault, issuer,
+                                                                    caplog):
+    caplog.set_level(logging.INFO)
+    token = issuer.mint(instance="i-tx-log", workload="payments", now=time.time() - 900)
+    await _assert_refused(http, sec, vault, _form(token), code="token_expired")
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records
+             if r.getMessage() == "request refused"]
+    [line] = [x for x in lines if x.get("route") == "/v1/token"]
+    assert {k: line.get(k) for k in ("route", "status", "code", "issuer", "level")} == {
+        "route": "/v1/token", "status": 400, "code": "token_expired", "issuer": "dev",
+        "level": "info"}
+    text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert token not in text and token.split(".")[2] not in text
+    async with http.get(f"{sec.url}/metrics") as resp:
+        metrics = await resp.text()
+    assert 'broker_requests_refused_total{code="token_expired",issuer="dev"} 1.0' in metrics
+    assert 'broker_http_requests_total{method="POST",route="/v1/token",status="400"}' in metrics

@@ -79,6 +79,14 @@ def test_an_empty_parameter_counts_as_not_sent() -> None:
     assert (got.role, got.requested_token_type) == ("dev-db", None)
 
 
+def test_whitespace_around_the_subject_token_is_not_part_of_it() -> None:
+    """As a bearer header's value: a token file written with ``echo`` ends in a newline,
+    which google-auth's file source sends as read."""
+    got = oauth.read_request(FORM, _form({**BASE, "subject_token": " eyJ.a.b\n"}))
+    assert got.subject_token == "eyJ.a.b"
+    assert _refused(_form({**BASE, "subject_token": " \n"})).code == "missing_parameter"
+
+
 def test_unknown_parameters_are_ignored_even_repeated() -> None:
     body = _form([*BASE.items(), ("x-extra", "1"), ("x-extra", "2")])
     assert oauth.read_request(FORM, body).role == "dev-db"
