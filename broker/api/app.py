@@ -1,16 +1,27 @@
-"""The broker's application: the workload endpoints (a credential, a lease's renewal and
-release, an instance ending itself), the signed event webhook, the operations endpoints,
-and ``build_app``, which routes them with the admin endpoints (``broker.api.admin``).
-Each handler authenticates, decodes, calls one function, encodes; a workload handler
-ends with its outcome's log line (``broker.api.requestlog``)."""
+"""The broker's application: the workload endpoints (a credential, by the broker's own
+request or by RFC 8693 token exchange; a lease's renewal and release; an instance ending
+itself), the signed event webhook, the operations endpoints, and ``build_app``, which
+routes them with the admin endpoints (``broker.api.admin``). Each handler authenticates,
+decodes, calls one function, encodes; a workload handler ends with its outcome's log
+line (``broker.api.requestlog``)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from broker.api import decode, requestlog
+from broker.api import decode, oauth, requestlog
 from broker.api.admin import add_admin_routes
-from broker.api.context import API, AUDIT, AUDIT_EVENTS, COUNTS, READINESS, Api, Cached, identity_of
+from broker.api.context import (
+    API,
+    AUDIT,
+    AUDIT_EVENTS,
+    COUNTS,
+    READINESS,
+    Api,
+    Cached,
+    identity_of,
+    verified,
+)
 from broker.api.errors import make_middleware
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
@@ -26,7 +37,7 @@ from broker.api.services import (
 )
 from broker.api.views import job_public
 from broker.clock import iso_z
-from broker.errors import BadRequest, NotFound
+from broker.errors import BadRequest, BrokerError, NotFound
 from broker.events import webhook
 from broker.identity import IdentityVerifier
 from broker.leases import JobView
@@ -58,6 +69,51 @@ async def create_credential(request: web.Request) -> web.Response:
     return web.json_response(
         credential.response(), status=201, headers={"Cache-Control": "no-store"}
     )
+
+
+async def exchange_token(request: web.Request) -> web.Response:
+    """RFC 8693 token exchange (``broker.api.oauth``): the subject token verified as
+    ``create_credential`` verifies its bearer token, the credential issued by the same
+    service call, counted and logged the same; answers and refusals in OAuth's shapes."""
+    api = request.app[API]
+    try:
+        exchange = oauth.read_request(request.content_type, await request.read())
+        identity = await verified(request, exchange.subject_token)
+        role = oauth.target(exchange.role)
+        note_request(role=role)
+        if oauth.needs_kind(exchange.requested_token_type):
+            kind = api.credentials.issued_kind(identity, role)
+            oauth.check_requested(exchange.requested_token_type, kind)
+        credential = await api.credentials.issue(identity, role, None, {})
+    except BrokerError as exc:
+        answer = oauth.refusal(exc)
+        # The middleware's count and log line for a refusal, with the broker's own code.
+        api.metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
+        requestlog.refused(
+            _route(request), answer.status, exc.code, issuer=exc.issuer_name, **exc.details()
+        )
+        return _oauth_error(answer)
+    except web.HTTPRequestEntityTooLarge:  # the body is past client_max_size
+        api.metrics.refused.labels(code="payload_too_large", issuer="").inc()
+        requestlog.refused(_route(request), 413, "payload_too_large")
+        return _oauth_error(oauth.too_large())
+    api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
+    requestlog.served(
+        requestlog.ISSUED,
+        lease_id=credential.lease_id,
+        kind=credential.kind,
+        expires_at=iso_z(credential.expires_at),
+    )
+    return web.json_response(oauth.token_response(credential), headers=oauth.NO_STORE)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _oauth_error(answer: oauth.OAuthRefusal) -> web.Response:
+    return web.json_response(answer.body(), status=answer.status, headers=oauth.NO_STORE)
 
 
 async def renew_lease(request: web.Request) -> web.Response:
@@ -176,6 +232,7 @@ def build_app(
         app[AUDIT] = audit
     r = app.router
     r.add_post("/v1/credentials", create_credential)
+    r.add_post("/v1/token", exchange_token)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
     # Before the admin route, whose {instance_id} would match "self".

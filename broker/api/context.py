@@ -1,7 +1,8 @@
 """The request context every handler works in: the services it reaches (``Api``, under
-the application key ``API``), who is calling (``identity_of`` for a workload,
-``operator_of`` and ``require_scope`` for an operator, a refusal audited), and ``Cached``
-for the unauthenticated probes."""
+the application key ``API``), who is calling (``identity_of`` for a workload by its
+bearer token, ``verified`` for one by a token sent otherwise, ``operator_of`` and
+``require_scope`` for an operator, a refusal audited), and ``Cached`` for the
+unauthenticated probes."""
 
 from __future__ import annotations
 
@@ -91,8 +92,17 @@ def _bearer(request: web.Request, *, admin: bool) -> str:
 
 
 async def identity_of(request: web.Request) -> Identity:
-    """The verified caller; its identifiers join the request's log line."""
-    identity = await request.app[API].verifier.verify(_bearer(request, admin=False))
+    """The verified caller, from its bearer token; its identifiers join the request's log
+    line."""
+    return await verified(request, _bearer(request, admin=False))
+
+
+async def verified(request: web.Request, raw: str) -> Identity:
+    """The identity ``raw`` proves, by the one verifier every workload door uses (the
+    bearer token of ``/v1/credentials``, the ``subject_token`` of ``/v1/token``): same
+    issuers, keys and claims; the replay rule applies where the token is used up, in
+    issuance. Its identifiers join the request's log line."""
+    identity = await request.app[API].verifier.verify(raw)
     note_request(
         issuer=identity.issuer_name,
         instance_id=identity.instance_id,

@@ -185,6 +185,15 @@ class CredentialService:
             raise NotPermitted(f"role {role!r} is not permitted for this identity")
         return self._roles[role], decision.ttl
 
+    def issued_kind(self, identity: Identity, role_name: str) -> str | None:
+        """The kind of credential ``role_name`` gives ``identity``, or None where policy
+        refuses it (an unknown role alike): asked before ``issue`` by a door that must
+        refuse a request for another kind without issuing. No I/O; a lock, which only the
+        store knows, still refuses in ``issue``."""
+        if not decide(identity, role_name, None, roles=self._roles, rules=self._rules).allowed:
+            return None
+        return ENGINES[self._roles[role_name].engine].kind
+
     async def issue(
         self,
         identity: Identity,
