@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from broker.api.openapi_operators import ADMIN_ERRORS
-from broker.api.openapi_parts import ADMIN, body, err, ok
+from broker.api.openapi_parts import ADMIN, body, err, ok, or_empty
+from broker.api.queries import MAX_VALUE, TEXT_PATTERN
 
 _ADMIN_ERRS = ADMIN_ERRORS
+_TEXT = {"type": "string", "maxLength": MAX_VALUE, "pattern": TEXT_PATTERN}
 _SEQ = {"type": ["integer", "null"]}
 _AUDIT_REPORT: dict[str, Any] = {
     "type": "object",
@@ -53,29 +55,26 @@ def audit_paths() -> dict[str, Any]:
                     {
                         "name": "after",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "schema": or_empty({"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
                     },
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": 1000,
-                            "default": 100,
-                        },
+                        "schema": or_empty(
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+                        ),
                     },
                     {
                         "name": "newest",
                         "in": "query",
                         "description": "true: the last `limit` events (a tail)",
-                        "schema": {"type": "boolean", "default": False},
+                        "schema": or_empty({"type": "boolean", "default": False}),
                     },
                     *(
                         {
                             "name": name,
                             "in": "query",
-                            "schema": {"type": "string", "maxLength": 255},
+                            "schema": _TEXT,
                         }
                         for name in ("instance", "workload", "role", "action", "actor")
                     ),

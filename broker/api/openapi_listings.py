@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from broker.api.openapi_operators import ADMIN_ERRORS
-from broker.api.openapi_parts import ADMIN, LEASE_ID, NULL_TIME, TIME, err, ok
+from broker.api.openapi_parts import ADMIN, LEASE_ID, NULL_TIME, TIME, err, ok, or_empty
+from broker.api.queries import MAX_VALUE, TEXT_PATTERN
 from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 
 _BAD_QUERY = (
@@ -28,11 +29,13 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
         "name": name,
         "in": "query",
         "description": desc,
-        "schema": schema or {"type": "string", "maxLength": 255},
+        "schema": schema or {"type": "string", "maxLength": MAX_VALUE, "pattern": TEXT_PATTERN},
     }
 
 
-_LIMIT = _q("limit", "page size (default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
+_LIMIT = _q(
+    "limit", "page size (default 100)", or_empty({"type": "integer", "minimum": 1, "maximum": 1000})
+)
 _AFTER = _q(
     "after",
     "the 'next' of the page before (an opaque cursor; one the broker did not give out is "
@@ -177,7 +180,7 @@ def listing_paths() -> dict[str, Any]:
                     _q(
                         "top",
                         "the N largest groups (default 20)",
-                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                        or_empty({"type": "integer", "minimum": 1, "maximum": 1000}),
                     ),
                 ],
                 "responses": {

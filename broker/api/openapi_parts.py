@@ -41,6 +41,11 @@ INCIDENT = {
 }
 
 
+def or_empty(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema, or empty: an admin GET takes ``x=`` as if x were absent."""
+    return {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
+
+
 def err(desc: str) -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": ERROR}}}
 
