@@ -460,7 +460,11 @@ def _described() -> dict[str, Any]:
                                     "items": _INSTANCE_PARAM["schema"],
                                 },
                                 "issuer": {"type": ["string", "null"], "pattern": ROLE["pattern"]},
-                                "reason": {"type": ["string", "null"], "maxLength": 200},
+                                "reason": {
+                                    "type": ["string", "null"],
+                                    "maxLength": 200,
+                                    "pattern": "^[^\\u0000]*$",
+                                },
                             },
                         }
                     ),
