@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN
@@ -45,6 +46,9 @@ STATE_DEPENDENT_400 = [
     ("POST", "/v1/admin/policy/preview"),  # invalid_issuer, invalid_claims
     ("POST", "/v1/admin/selection"),  # empty_selection: every selector empty
     ("POST", "/v1/admin/terminations"),  # empty_selection, reason_required
+    # RFC 8693: a subject token schemathesis cannot mint is 400 invalid_request, an unknown
+    # role 400 invalid_target (in effect once the route is merged: see PENDING_ROUTES)
+    ("POST", "/v1/token"),
 ]
 # A role the workload is granted, so that credentials are issued and the stateful phase
 # follows their links to renew and release (a generated role name is refused with 403).
@@ -53,6 +57,8 @@ GRANTED_ROLE = {"POST /v1/credentials": 'parameters = { "body.role" = "dev-db" }
 
 def config() -> str:
     text = 'headers = { Authorization = "Bearer ${BROKER_SCHEMATHESIS_TOKEN}" }\n'
+    # Enough stateful scenarios that the links from a credential reach both of its leads.
+    text += "phases.stateful.generation.max-examples = 30\n"
     for method, path in STATE_DEPENDENT_400:
         text += (
             f'\n[[operations]]\ninclude-path = "{path}"\ninclude-method = "{method}"\n'
@@ -94,14 +100,28 @@ async def schemathesis(url: str, token: str, workdir: Path, *selection: str) -> 
     return text
 
 
+async def answered(url: str, method: str, route: str, status: str) -> float:
+    """How many requests the broker answered so on ``route`` (its request counter)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    labels = (f'method="{method}"', f'route="{route}"', f'status="{status}"')
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("broker_http_requests_total{") and all(x in line for x in labels)
+    )
+
+
 async def test_workload_operations_hold_to_the_document(make_broker, vault_setup, tmp_path):
     if not vault_setup.database_configured:
         pytest.skip("the dev-db role needs the test PostgreSQL configured in Vault")
     b = await make_broker(overrides=WEBHOOK)
     workload = ["--exclude-path-regex", ADMIN_PATHS, "--exclude-path", SELF_TERMINATE]
     out = await schemathesis(b.url, b.token("i-schemathesis"), tmp_path, *workload)
-    # The links from a credential reached its renewal and its release.
-    assert "API Links:    2 covered" in out, out[-6000:]
+    # The links from a credential reached its renewal and its release: the broker says so.
+    renewed = await answered(b.url, "POST", "/v1/leases/{lease_id}/renew", "200")
+    released = await answered(b.url, "DELETE", "/v1/leases/{lease_id}", "204")
+    assert renewed > 0 and released > 0, out[-6000:]
 
 
 async def test_a_workload_ending_itself_holds_to_the_document(make_broker, tmp_path):
