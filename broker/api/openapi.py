@@ -389,6 +389,14 @@ def _described() -> dict[str, Any]:
                             "the pass's report (skipped: another replica was reconciling)",
                             {
                                 "type": "object",
+                                "required": [
+                                    "started_at",
+                                    "skipped",
+                                    "expired",
+                                    "orphans",
+                                    "lost",
+                                    "errors",
+                                ],
                                 "properties": {
                                     k: {"type": "integer"}
                                     for k in (
@@ -406,6 +414,7 @@ def _described() -> dict[str, Any]:
                                         "past_expiry_held",
                                         "stuck_waiting",
                                         "orphan_sample",
+                                        "irrevocable",
                                         "unseen_terminated",
                                         "lost",
                                     )

@@ -67,6 +67,16 @@ def bulk_paths() -> dict[str, Any]:
                         "the blast radius",
                         {
                             "type": "object",
+                            "required": [
+                                "instances",
+                                "already_terminated",
+                                "never_seen",
+                                "leases",
+                                "workloads",
+                                "issuers",
+                                "sample",
+                                "progress",
+                            ],
                             "properties": {
                                 "instances": {"type": "integer"},
                                 "already_terminated": {"type": "integer"},
@@ -114,8 +124,20 @@ def bulk_paths() -> dict[str, Any]:
                         "the batch: jobs recorded, never-seen ids, the next cursor",
                         {
                             "type": "object",
+                            "required": ["terminated", "never_seen", "next", "counts"],
                             "properties": {
-                                "terminated": {"type": "array", "items": {"type": "object"}},
+                                "terminated": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["instance_id", "job_id", "leases"],
+                                        "properties": {
+                                            "instance_id": {"type": "string"},
+                                            "job_id": {"type": "string"},
+                                            "leases": {"type": "integer"},
+                                        },
+                                    },
+                                },
                                 "never_seen": _NAMES,
                                 "next": {"type": ["string", "null"]},
                                 "counts": _COUNTS,
