@@ -19,6 +19,22 @@ LEASE_ID_PATTERN = re.compile(r"^l-[0-9a-f]{32}\Z")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{32}\Z")
 MAX_REASON = 200
 MAX_INCIDENT = 128
+# Printable text (a reason, an incident reference): no control character (C0, C1), no
+# invisible format or separator character (soft hyphen, bidi controls, zero-width and
+# odd spaces, line and paragraph separators, BOM). One pattern for the check and for the
+# OpenAPI document, so a request the document allows is never refused for it. Lone
+# surrogates are refused besides (not UTF-8; JSON Schema patterns cannot name them).
+PRINTABLE_CLASS = (
+    "\\u0000-\\u001f\\u007f-\\u00a0\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u1680\\u180e"
+    "\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb"
+)
+PRINTABLE_PATTERN = f"^[^{PRINTABLE_CLASS}]*$"
+_PRINTABLE = re.compile(f"^[^{PRINTABLE_CLASS}\\ud800-\\udfff]*\\Z")
+
+
+def printable(text: str) -> bool:
+    """``text`` holds no character ``PRINTABLE_PATTERN`` excludes (nor a lone surrogate)."""
+    return _PRINTABLE.match(text) is not None
 
 
 async def json_object(request: web.Request, allowed: set[str] | None) -> dict[str, Any]:
@@ -47,6 +63,8 @@ def ttl(body: dict[str, Any]) -> int | None:
     if "ttl" not in body or body["ttl"] is None:
         return None
     value = body["ttl"]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 60.0 is JSON Schema's integer 60, as the document says
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise BadRequest(
             "ttl must be a duration like '10m' or a number of seconds", code="invalid_ttl"
@@ -67,7 +85,7 @@ def reason(body: dict[str, Any]) -> str | None:
     reason = body.get("reason")
     if reason is None or reason == "":
         return None
-    if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
+    if not isinstance(reason, str) or len(reason) > MAX_REASON or not printable(reason):
         raise BadRequest(
             f"'reason' must be printable text of at most {MAX_REASON} characters",
             code="invalid_reason",
@@ -83,7 +101,7 @@ def said(body: dict[str, Any]) -> tuple[str | None, str | None]:
     if (
         not isinstance(incident, str)
         or len(incident) > MAX_INCIDENT
-        or not incident.isprintable()
+        or not printable(incident)
         or incident != incident.strip()
     ):
         raise BadRequest(

@@ -33,9 +33,13 @@ def error_body(
 
 
 def error_response(
-    status: int, code: str, message: str, details: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return web.json_response(error_body(code, message, details), status=status)
+    return web.json_response(error_body(code, message, details), status=status, headers=headers)
 
 
 def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -73,7 +77,9 @@ async def _answer(
         message = "the request body is too large" if too_large else exc.reason or "request refused"
         metrics.refused.labels(code=code, issuer="").inc()
         requestlog.refused(route, exc.status, code)
-        return error_response(exc.status, code, message)
+        # A 405 says which methods the resource takes (RFC 9110 §15.5.6): aiohttp's Allow.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, message, headers=allow)
     except Exception:
         log.exception("unhandled error", extra={**noted(), "route": route})
         return error_response(500, "internal_error", "the broker failed unexpectedly; see its log")

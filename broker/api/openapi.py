@@ -10,29 +10,48 @@ from typing import Any
 from broker import __version__
 from broker.api.openapi_audit import audit_paths
 from broker.api.openapi_bulk import bulk_paths
-from broker.api.openapi_listings import listing_paths
+from broker.api.openapi_components import SCHEMAS
+from broker.api.openapi_listings import LEASE, listing_paths
 from broker.api.openapi_operators import ADMIN_ERRORS, SAID_BODY, operator_paths
-from broker.api.openapi_parts import ADMIN, body, err, ok, with_refusals_before_routing
-from broker.engines import ENGINES
+from broker.api.openapi_parts import (
+    ADMIN,
+    INCIDENT,
+    JOB_ID,
+    LEASE_ID,
+    NULL_TIME,
+    REASON,
+    ROLE,
+    TIME,
+    TTL,
+    VAULT_ERRORS,
+    body,
+    err,
+    obj,
+    ok,
+    with_refusals_before_routing,
+)
+from broker.api.openapi_token import LEASE_LINKS, token_paths
+from broker.leases import InstanceState
 
 _WORKLOAD: list[dict[str, list[str]]] = [{"identityToken": []}]
-_LEASE_PARAM = {
-    "name": "lease_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^l-[0-9a-f]{32}$"},
+_NO_STORE = {
+    "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}, "required": True}
 }
+_LEASE_PARAM = {"name": "lease_id", "in": "path", "required": True, "schema": LEASE_ID}
 _INSTANCE_PARAM = {
     "name": "instance_id",
     "in": "path",
     "required": True,
+    "description": "1-254 of [A-Za-z0-9._:@/-], starting with a letter or digit, with no "
+    "'.' or '..' segment; percent-encode '/' (anything else: 400 invalid_instance_id)",
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$"},
 }
 _COMMON = {
-    "401": err("identity token missing or invalid"),
-    "503": err("Vault or the lease store is unavailable"),
+    "401": err("identity token missing or invalid (token_*)"),
+    **VAULT_ERRORS,
 }
 _ADMIN_ERRS = ADMIN_ERRORS
+_JOB_REF = {"$ref": "#/components/schemas/Job"}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -44,187 +63,47 @@ def openapi_document() -> dict[str, Any]:
 def _described() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Ephemeral credential broker", "version": __version__},
+        "info": {
+            "title": "Ephemeral credential broker",
+            "version": __version__,
+            "description": "Every refusal is JSON: {error: {code, message}} (POST /v1/token: "
+            "the OAuth shape). A method a path does not take is answered 405 "
+            "method_not_allowed with an Allow header naming the ones it does.",
+        },
         "components": {
             "securitySchemes": {
                 "identityToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
                 "adminToken": {"type": "http", "scheme": "bearer"},
             },
-            "schemas": {
-                "AuditEvent": {
-                    "type": "object",
-                    "description": "one link of the audit chain: hash = SHA-256(tag, "
-                    "prev_hash, RFC 8785 JSON of the event without its hashes)",
-                    "required": [
-                        "seq",
-                        "at",
-                        "actor",
-                        "action",
-                        "outcome",
-                        "detail",
-                        "prev_hash",
-                        "hash",
-                    ],
-                    "properties": {
-                        "seq": {"type": "integer"},
-                        "at": {"type": "string", "format": "date-time"},
-                        "actor": {"type": "string"},
-                        "action": {"type": "string"},
-                        "instance_id": {"type": ["string", "null"]},
-                        "lease_id": {"type": ["string", "null"]},
-                        "outcome": {"type": "string"},
-                        "reason": {"type": ["string", "null"]},
-                        "detail": {"type": "object"},
-                        "prev_hash": {"type": "string"},
-                        "hash": {"type": "string"},
-                    },
-                },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                            },
-                        }
-                    },
-                },
-                "CredentialRequest": {
-                    "type": "object",
-                    "description": (
-                        "Besides role and ttl, only the parameters the role lets a caller "
-                        "send (e.g. csr for a PKI sign role, public_key for an SSH role); "
-                        "any other field is refused with 400 unknown_parameter."
-                    ),
-                    "additionalProperties": {"type": "string"},
-                    "required": ["role"],
-                    "properties": {
-                        "role": {"type": "string"},
-                        "ttl": {"type": ["string", "integer"]},
-                    },
-                },
-                "Credential": {
-                    "type": "object",
-                    "properties": {
-                        "lease_id": {"type": "string"},
-                        "instance_id": {"type": "string"},
-                        "workload": {"type": "string"},
-                        "role": {"type": "string"},
-                        "kind": {
-                            "type": "string",
-                            "enum": sorted({e.kind for e in ENGINES.values()}),
-                        },
-                        "data": {"type": "object"},
-                        "issued_at": {"type": "string", "format": "date-time"},
-                        "expires_at": {"type": "string", "format": "date-time"},
-                        "renewable": {"type": "boolean"},
-                        "leased": {
-                            "type": "boolean",
-                            "description": "false: no Vault lease (e.g. a kv secret); "
-                            "termination cannot take it back",
-                        },
-                        "lease_limit": {
-                            "type": "object",
-                            "description": "the role's per-instance lease limit and the "
-                            "leases this request replaced under it",
-                            "properties": {
-                                "max_leases": {"type": "integer"},
-                                "on_limit": {"type": "string", "enum": ["revoke_oldest", "refuse"]},
-                                "revoked": {"type": "array", "items": {"type": "string"}},
-                                "revocation_pending": {
-                                    "type": "array",
-                                    "items": {"type": "string"},
-                                },
-                                "lost": {
-                                    "type": "array",
-                                    "items": {"type": "string"},
-                                    "description": "replaced leases Vault had forgotten "
-                                    "before their expiry, recorded lost (only when any)",
-                                },
-                                "expired": {
-                                    "type": "array",
-                                    "items": {"type": "string"},
-                                    "description": "replaced leases Vault no longer knew "
-                                    "past their expiry, recorded expired (only when any)",
-                                },
-                            },
-                        },
-                    },
-                },
-                "Renewal": {
-                    "type": "object",
-                    "properties": {
-                        "lease_id": {"type": "string"},
-                        "expires_at": {"type": "string", "format": "date-time"},
-                        "max_expires_at": {"type": "string", "format": "date-time"},
-                        "near_max_ttl": {"type": "boolean"},
-                        "renewable": {"type": "boolean"},
-                    },
-                },
-                "PolicyPreview": {
-                    "type": "object",
-                    "properties": {
-                        "issuer": {"type": "string"},
-                        "identity": {
-                            "type": "object",
-                            "properties": {
-                                k: {"type": "string"}
-                                for k in ("subject", "workload", "instance_id")
-                            },
-                        },
-                        "roles": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "role": {"type": "string"},
-                                    "granted": {"type": "boolean"},
-                                    "code": {
-                                        "type": ["string", "null"],
-                                        "description": "what POST /v1/credentials would "
-                                        "answer: role_not_permitted, template_value_refused",
-                                    },
-                                    "reason": {"type": "string"},
-                                    "rule": {"type": ["string", "null"]},
-                                    "ttl": {"type": ["integer", "null"]},
-                                },
-                            },
-                        },
-                    },
-                },
-                "Job": {
-                    "type": "object",
-                    "properties": {
-                        "job_id": {"type": "string"},
-                        "instance_id": {"type": "string"},
-                        "state": {
-                            "type": "string",
-                            "enum": ["pending", "running", "done", "failed"],
-                        },
-                        "attempts": {"type": "integer"},
-                        "last_error": {"type": ["string", "null"]},
-                    },
-                },
-            },
+            "schemas": SCHEMAS,
         },
         "paths": {
             "/v1/credentials": {
                 "post": {
                     "summary": "Exchange an identity token for a credential",
+                    "operationId": "createCredential",
                     "security": _WORKLOAD,
                     "requestBody": body({"$ref": "#/components/schemas/CredentialRequest"}),
                     "responses": {
-                        "201": ok(
-                            "issued and recorded", {"$ref": "#/components/schemas/Credential"}
+                        "201": {
+                            **ok(
+                                "issued and recorded", {"$ref": "#/components/schemas/Credential"}
+                            ),
+                            "headers": _NO_STORE,
+                            "links": LEASE_LINKS,
+                        },
+                        "400": err(
+                            "malformed_json, invalid_role, invalid_ttl, unknown_parameter, "
+                            "missing_parameter, invalid_parameter"
                         ),
-                        "400": err("malformed request"),
-                        "403": err("role not permitted for this identity"),
-                        "409": err("instance terminated, or the role's lease limit reached"),
-                        "413": err("request too large"),
+                        "403": err(
+                            "role not permitted for this identity (role_not_permitted, "
+                            "template_value_refused, locked, instance_*_mismatch)"
+                        ),
+                        "409": err(
+                            "instance terminated (instance_terminated), or the role's lease "
+                            "limit reached (lease_limit_reached)"
+                        ),
                         **_COMMON,
                     },
                 }
@@ -232,12 +111,25 @@ def _described() -> dict[str, Any]:
             "/v1/leases/{lease_id}/renew": {
                 "post": {
                     "summary": "Renew one of the caller's own leases",
+                    "operationId": "renewLease",
                     "security": _WORKLOAD,
                     "parameters": [_LEASE_PARAM],
+                    "requestBody": body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"ttl": TTL},
+                        },
+                        required=False,
+                    ),
                     "responses": {
                         "200": ok("renewed", {"$ref": "#/components/schemas/Renewal"}),
-                        "400": err("not renewable / at max TTL"),
-                        "404": err("no such lease for this instance"),
+                        "400": err(
+                            "not renewable (lease_not_renewable, lease_not_active), at max TTL "
+                            "(lease_at_max_ttl); malformed_json, unknown_field, invalid_ttl"
+                        ),
+                        "403": err("a lock matches the lease (locked)"),
+                        "404": err("no such lease for this instance (lease_not_found)"),
                         "409": err(
                             "instance terminated (instance_terminated), or Vault no longer "
                             "knows the lease: lease_expired, or lease_lost (Vault forgot it "
@@ -250,6 +142,7 @@ def _described() -> dict[str, Any]:
             "/v1/leases/{lease_id}": {
                 "delete": {
                     "summary": "Return one of the caller's own leases early",
+                    "operationId": "releaseLease",
                     "security": _WORKLOAD,
                     "parameters": [_LEASE_PARAM],
                     "responses": {
@@ -257,7 +150,7 @@ def _described() -> dict[str, Any]:
                             "revoked in Vault; or already ended (a lease Vault no longer "
                             "knew is recorded expired or lost, for the operator)"
                         ),
-                        "404": err("no such lease for this instance"),
+                        "404": err("no such lease for this instance (lease_not_found)"),
                         **_COMMON,
                     },
                 }
@@ -273,30 +166,20 @@ def _described() -> dict[str, Any]:
                         {
                             "type": "object",
                             "additionalProperties": False,
-                            "properties": {
-                                "reason": {
-                                    "type": "string",
-                                    "maxLength": 200,
-                                    "description": "printable; kept in the audit event",
-                                }
-                            },
+                            "properties": {"reason": REASON},
                         },
                         required=False,
                     ),
                     "responses": {
                         "202": ok(
                             "revocation job queued (or the one already queued)",
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "instance_id": {"type": "string"},
-                                    "job": {"$ref": "#/components/schemas/Job"},
-                                },
-                            },
+                            obj({"instance_id": {"type": "string"}, "job": _JOB_REF}),
                         ),
-                        "400": err("malformed body, unknown field or bad reason"),
-                        "403": err("the instance id belongs to another issuer or workload"),
-                        "413": err("request too large"),
+                        "400": err("malformed_json, unknown_field, invalid_reason"),
+                        "403": err(
+                            "the instance id belongs to another issuer or workload "
+                            "(instance_issuer_mismatch, instance_workload_mismatch)"
+                        ),
                         **_COMMON,
                     },
                 }
@@ -311,9 +194,19 @@ def _described() -> dict[str, Any]:
                     "responses": {
                         "202": ok(
                             "revocation job queued; never_seen: the broker never saw the id "
-                            "(tombstoned all the same, 0 leases)"
+                            "(tombstoned all the same, 0 leases)",
+                            obj(
+                                {
+                                    "instance_id": {"type": "string"},
+                                    "job": _JOB_REF,
+                                    "never_seen": {"type": "boolean"},
+                                }
+                            ),
                         ),
-                        "400": err("malformed body"),
+                        "400": err(
+                            "invalid_instance_id, malformed_json, unknown_field, "
+                            "invalid_reason, invalid_incident"
+                        ),
                         **_ADMIN_ERRS,
                     },
                 }
@@ -324,9 +217,29 @@ def _described() -> dict[str, Any]:
                     "security": ADMIN,
                     "parameters": [_INSTANCE_PARAM],
                     "responses": {
-                        "200": ok("the instance"),
-                        "400": err("bad instance id, or a query parameter (unknown_query)"),
-                        "404": err("unknown instance"),
+                        "200": ok(
+                            "the instance",
+                            obj(
+                                {
+                                    "instance_id": {"type": "string"},
+                                    "state": {
+                                        "type": "string",
+                                        "enum": sorted(s.value for s in InstanceState),
+                                    },
+                                    "issuer_name": {"type": ["string", "null"]},
+                                    "workload": {"type": ["string", "null"]},
+                                    "created_at": TIME,
+                                    "terminated_at": NULL_TIME,
+                                    "leases": {"type": "array", "items": LEASE},
+                                    "job": {"oneOf": [_JOB_REF, {"type": "null"}]},
+                                }
+                            ),
+                        ),
+                        "400": err(
+                            "a bad instance id (invalid_instance_id), or a query parameter "
+                            "(it takes none: unknown_query)"
+                        ),
+                        "404": err("unknown instance (instance_not_found)"),
                         **_ADMIN_ERRS,
                     },
                 }
@@ -342,9 +255,9 @@ def _described() -> dict[str, Any]:
                             "additionalProperties": False,
                             "required": ["token", "role"],
                             "properties": {
-                                "token": {"type": "string"},
-                                "role": {"type": "string"},
-                                "ttl": {"type": ["string", "integer"]},
+                                "token": {"type": "string", "minLength": 1},
+                                "role": ROLE,
+                                "ttl": TTL,
                             },
                         }
                     ),
@@ -354,9 +267,28 @@ def _described() -> dict[str, Any]:
                             "applying, the policy decision, and 'verdict' (granted or "
                             "refused) with every 'refusals' entry ({code, message, ...}: "
                             "token invalid, role refused, instance_terminated with since "
-                            "and by, locked)"
+                            "and by, locked)",
+                            {
+                                "type": "object",
+                                "required": ["verdict", "refusals"],
+                                "properties": {
+                                    "verdict": {"type": "string", "enum": ["granted", "refused"]},
+                                    "refusals": {
+                                        "type": "array",
+                                        "items": obj(
+                                            {
+                                                "code": {"type": "string"},
+                                                "message": {"type": "string"},
+                                            }
+                                        ),
+                                    },
+                                },
+                            },
                         ),
-                        "400": err("malformed request"),
+                        "400": err(
+                            "malformed_json, unknown_field, invalid_token_field, "
+                            "invalid_role, invalid_ttl"
+                        ),
                         **_ADMIN_ERRS,
                     },
                 }
@@ -375,7 +307,9 @@ def _described() -> dict[str, Any]:
                             "properties": {
                                 "issuer": {
                                     "type": "string",
-                                    "description": "an issuer's name in the broker's configuration",
+                                    "minLength": 1,
+                                    "description": "an issuer's name in the broker's "
+                                    "configuration (another: 400 invalid_issuer)",
                                 },
                                 "claims": {
                                     "type": "object",
@@ -387,9 +321,9 @@ def _described() -> dict[str, Any]:
                                     "type": "array",
                                     "minItems": 1,
                                     "maxItems": 32,
-                                    "items": {"type": "string"},
+                                    "items": ROLE,
                                 },
-                                "ttl": {"type": ["string", "integer"]},
+                                "ttl": TTL,
                             },
                         }
                     ),
@@ -398,7 +332,11 @@ def _described() -> dict[str, Any]:
                             "the identity the claims map to, and a verdict per role",
                             {"$ref": "#/components/schemas/PolicyPreview"},
                         ),
-                        "400": err("unknown issuer, claims that do not map, bad roles"),
+                        "400": err(
+                            "an issuer not configured (invalid_issuer), claims the issuer's "
+                            "mapping refuses (invalid_claims), bad roles (invalid_role), "
+                            "invalid_ttl, malformed_json, unknown_field"
+                        ),
                         **_ADMIN_ERRS,
                     },
                 }
@@ -411,17 +349,15 @@ def _described() -> dict[str, Any]:
                     "security": ADMIN,
                     "requestBody": SAID_BODY,
                     "parameters": [
-                        {
-                            "name": "job_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": "^j-[0-9a-f]{32}$"},
-                        }
+                        {"name": "job_id", "in": "path", "required": True, "schema": JOB_ID}
                     ],
                     "responses": {
-                        "202": ok("queued"),
-                        "400": err("the job has not failed (job_not_failed)"),
-                        "404": err("no such job"),
+                        "202": ok("queued", obj({"job": _JOB_REF})),
+                        "400": err(
+                            "the job has not failed (job_not_failed); malformed_json, "
+                            "unknown_field, invalid_reason, invalid_incident"
+                        ),
+                        "404": err("no such job (job_not_found)"),
                         **_ADMIN_ERRS,
                     },
                 }
@@ -439,11 +375,11 @@ def _described() -> dict[str, Any]:
                             "additionalProperties": False,
                             "properties": {
                                 "revoke_orphans": {
-                                    "type": "boolean",
+                                    "type": ["boolean", "null"],
                                     "description": "needs scope admin (otherwise revoke)",
                                 },
-                                "reason": {"type": "string", "maxLength": 200},
-                                "incident": {"type": "string", "maxLength": 128},
+                                "reason": REASON,
+                                "incident": INCIDENT,
                             },
                         },
                         required=False,
@@ -453,6 +389,14 @@ def _described() -> dict[str, Any]:
                             "the pass's report (skipped: another replica was reconciling)",
                             {
                                 "type": "object",
+                                "required": [
+                                    "started_at",
+                                    "skipped",
+                                    "expired",
+                                    "orphans",
+                                    "lost",
+                                    "errors",
+                                ],
                                 "properties": {
                                     k: {"type": "integer"}
                                     for k in (
@@ -470,6 +414,7 @@ def _described() -> dict[str, Any]:
                                         "past_expiry_held",
                                         "stuck_waiting",
                                         "orphan_sample",
+                                        "irrevocable",
                                         "unseen_terminated",
                                         "lost",
                                     )
@@ -477,10 +422,15 @@ def _described() -> dict[str, Any]:
                                 | {
                                     "skipped": {"type": "boolean"},
                                     "errors": {"type": "object"},
-                                    "started_at": {"type": "string", "format": "date-time"},
+                                    "started_at": TIME,
                                 },
                             },
                         ),
+                        "400": err(
+                            "malformed_json, unknown_field, invalid_field (revoke_orphans), "
+                            "invalid_reason, invalid_incident"
+                        ),
+                        **VAULT_ERRORS,
                         **_ADMIN_ERRS,
                     },
                 }
@@ -513,16 +463,44 @@ def _described() -> dict[str, Any]:
                                 "instance_ids": {
                                     "type": "array",
                                     "minItems": 1,
-                                    "items": {"type": "string"},
+                                    "maxItems": 1000,
+                                    "description": "at most events.webhook.max_instances "
+                                    "(default 100; more: 400 invalid_instance_ids)",
+                                    "items": _INSTANCE_PARAM["schema"],
                                 },
-                                "issuer": {"type": "string"},
-                                "reason": {"type": "string", "maxLength": 200},
+                                "issuer": {"type": ["string", "null"], "pattern": ROLE["pattern"]},
+                                "reason": {
+                                    "type": ["string", "null"],
+                                    "maxLength": 200,
+                                    "pattern": "^[^\\u0000]*$",
+                                },
                             },
                         }
                     ),
                     "responses": {
-                        "202": ok("a revocation job (or a refusal) per instance"),
-                        "400": err("malformed body"),
+                        "202": ok(
+                            "a revocation job (or a refusal) per instance",
+                            obj(
+                                {
+                                    "results": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["instance_id"],
+                                            "properties": {
+                                                "instance_id": {"type": "string"},
+                                                "job": _JOB_REF,
+                                                "error": obj({"code": {"type": "string"}}),
+                                            },
+                                        },
+                                    }
+                                }
+                            ),
+                        ),
+                        "400": err(
+                            "malformed_json, unknown_field, invalid_instance_ids, "
+                            "invalid_instance_id, invalid_issuer, invalid_reason"
+                        ),
                         "401": err(
                             "signature missing or wrong, timestamp outside the window, "
                             "or the request was already accepted"
@@ -533,12 +511,30 @@ def _described() -> dict[str, Any]:
                 }
             },
             **operator_paths(),
-            "/healthz": {"get": {"summary": "Process is up", "responses": {"200": ok("up")}}},
+            "/healthz": {
+                "get": {
+                    "summary": "Process is up",
+                    "responses": {
+                        "200": ok("up", obj({"status": {"type": "string", "enum": ["ok"]}}))
+                    },
+                }
+            },
             "/readyz": {
                 "get": {
                     "summary": "Store and Vault reachable, Vault unsealed",
                     "responses": {
-                        "200": ok("ready"),
+                        "200": ok(
+                            "ready",
+                            obj(
+                                {
+                                    "status": {"type": "string", "enum": ["ready"]},
+                                    "checks": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                }
+                            ),
+                        ),
                         "503": err(
                             "not ready (not_ready), or Vault no longer accepts the broker's "
                             "own token (vault_token_invalid: expired or revoked; every "
@@ -550,8 +546,20 @@ def _described() -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
-                    "responses": {"200": ok("text exposition format")},
+                    "responses": {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
                 }
             },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": ok("the OpenAPI document", {"type": "object"})},
+                }
+            },
+            **token_paths(),
         },
     }

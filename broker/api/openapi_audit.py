@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from broker.api.openapi_operators import ADMIN_ERRORS
-from broker.api.openapi_parts import ADMIN, body, err, ok
+from broker.api.openapi_parts import ADMIN, body, err, ok, or_empty
+from broker.api.queries import MAX_VALUE, TEXT_PATTERN
 
 _ADMIN_ERRS = ADMIN_ERRORS
+_TEXT = {"type": "string", "maxLength": MAX_VALUE, "pattern": TEXT_PATTERN}
 _SEQ = {"type": ["integer", "null"]}
 _AUDIT_REPORT: dict[str, Any] = {
     "type": "object",
@@ -53,32 +55,37 @@ def audit_paths() -> dict[str, Any]:
                     {
                         "name": "after",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0},
+                        "schema": or_empty({"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
                     },
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": 1000,
-                            "default": 100,
-                        },
+                        "schema": or_empty(
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+                        ),
                     },
                     {
                         "name": "newest",
                         "in": "query",
                         "description": "true: the last `limit` events (a tail)",
-                        "schema": {"type": "boolean", "default": False},
+                        "schema": or_empty({"type": "boolean", "default": False}),
                     },
                     *(
-                        {"name": name, "in": "query", "schema": {"type": "string"}}
+                        {
+                            "name": name,
+                            "in": "query",
+                            "schema": _TEXT,
+                        }
                         for name in ("instance", "workload", "role", "action", "actor")
                     ),
                     {
                         "name": "since",
                         "in": "query",
-                        "schema": {"type": "string", "format": "date-time"},
+                        "description": "an RFC 3339 time; empty: as if absent",
+                        "schema": {
+                            "type": "string",
+                            "anyOf": [{"format": "date-time"}, {"maxLength": 0}],
+                        },
                     },
                 ],
                 "responses": {
@@ -97,6 +104,7 @@ def audit_paths() -> dict[str, Any]:
                         },
                     ),
                     "400": err("a bad (invalid_query) or unknown (unknown_query) query parameter"),
+                    "404": err("this broker does not serve its audit events (not_found)"),
                     **_ADMIN_ERRS,
                 },
             }
@@ -111,12 +119,17 @@ def audit_paths() -> dict[str, Any]:
                         "type": "object",
                         "additionalProperties": False,
                         "properties": {"from": {"type": "integer", "minimum": 1}},
+                        "description": "from: a sequence number, 1 or more (default 1)",
                     },
                     required=False,
                 ),
                 "responses": {
                     "200": ok("the verification report (ok: every check held)", _AUDIT_REPORT),
-                    "400": err("'from' is not a sequence number"),
+                    "400": err(
+                        "'from' is not a sequence number (invalid_field); malformed_json, "
+                        "unknown_field"
+                    ),
+                    "404": err("this broker does not verify its audit chain (not_found)"),
                     **_ADMIN_ERRS,
                 },
             }

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.api.decode import PRINTABLE_CLASS
 from broker.api.openapi_operators import ADMIN_ERRORS
-from broker.api.openapi_parts import ADMIN, body, err, ok
+from broker.api.openapi_parts import ADMIN, INCIDENT, LEASE_ID, REASON, ROLE, body, err, ok
 
 _ADMIN_ERRS = ADMIN_ERRORS
 
 _NAMES = {"type": "array", "maxItems": 1000, "items": {"type": "string"}}
+
+
+def _list(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": ["array", "null"], "maxItems": 1000, "items": item}
+
+
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}$"}
+_NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
 _SELECTION = {
     "type": "object",
     "additionalProperties": False,
@@ -18,18 +27,20 @@ _SELECTION = {
     "OR, different keys AND). role, leases and the issued window select an active instance "
     "holding a live lease that matches them all. At least one selector (empty_selection).",
     "properties": {
-        "instances": _NAMES,
-        "workloads": _NAMES,
-        "issuers": _NAMES,
-        "roles": _NAMES,
-        "leases": _NAMES,
-        "claims": {
-            "type": "array",
-            "maxItems": 1000,
-            "items": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.:/@-]{0,127}=.+$"},
-        },
-        "issued_after": {"type": "string", "format": "date-time"},
-        "issued_before": {"type": "string", "format": "date-time"},
+        "instances": _list({"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$"}),
+        "workloads": _list(_NAME),
+        "issuers": _list({"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}),
+        "roles": _list(ROLE),
+        "leases": _list(LEASE_ID),
+        "claims": _list(
+            {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.:/@-]{0,127}="
+                + f"[^{PRINTABLE_CLASS}]{{1,255}}$",
+            }
+        ),
+        "issued_after": _NULL_TIME,
+        "issued_before": _NULL_TIME,
     },
 }
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
@@ -56,6 +67,16 @@ def bulk_paths() -> dict[str, Any]:
                         "the blast radius",
                         {
                             "type": "object",
+                            "required": [
+                                "instances",
+                                "already_terminated",
+                                "never_seen",
+                                "leases",
+                                "workloads",
+                                "issuers",
+                                "sample",
+                                "progress",
+                            ],
                             "properties": {
                                 "instances": {"type": "integer"},
                                 "already_terminated": {"type": "integer"},
@@ -86,11 +107,15 @@ def bulk_paths() -> dict[str, Any]:
                         "required": ["selection"],
                         "properties": {
                             "selection": _SELECTION,
-                            "reason": {"type": "string", "maxLength": 200},
-                            "incident": {"type": "string", "maxLength": 128},
-                            "max": {"type": "integer", "minimum": 1},
-                            "after": {"type": "string"},
-                            "batch": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "reason": REASON,
+                            "incident": INCIDENT,
+                            "max": {"type": ["integer", "null"], "minimum": 1},
+                            "after": {
+                                "type": ["string", "null"],
+                                "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,253}$",
+                                "description": "the 'next' of the batch before",
+                            },
+                            "batch": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000},
                         },
                     }
                 ),
@@ -99,8 +124,20 @@ def bulk_paths() -> dict[str, Any]:
                         "the batch: jobs recorded, never-seen ids, the next cursor",
                         {
                             "type": "object",
+                            "required": ["terminated", "never_seen", "next", "counts"],
                             "properties": {
-                                "terminated": {"type": "array", "items": {"type": "object"}},
+                                "terminated": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["instance_id", "job_id", "leases"],
+                                        "properties": {
+                                            "instance_id": {"type": "string"},
+                                            "job_id": {"type": "string"},
+                                            "leases": {"type": "integer"},
+                                        },
+                                    },
+                                },
                                 "never_seen": _NAMES,
                                 "next": {"type": ["string", "null"]},
                                 "counts": _COUNTS,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.api.openapi_parts import ADMIN, err, ok
+from broker.api.openapi_operators import ADMIN_ERRORS
+from broker.api.openapi_parts import ADMIN, LEASE_ID, NULL_TIME, TIME, err, ok, or_empty
+from broker.api.queries import MAX_VALUE, TEXT_PATTERN
 from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 
 _BAD_QUERY = (
@@ -18,8 +20,8 @@ _BAD_QUERY = (
     "a repeated or invalid one (invalid_query)"
 )
 _LEASE_STATES = sorted(s.value for s in LeaseState)
-_TIME = {"type": "string", "format": "date-time"}
-_NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
+_TIME = TIME
+_NULL_TIME = NULL_TIME
 
 
 def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -27,18 +29,30 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
         "name": name,
         "in": "query",
         "description": desc,
-        "schema": schema or {"type": "string", "maxLength": 255},
+        "schema": schema or {"type": "string", "maxLength": MAX_VALUE, "pattern": TEXT_PATTERN},
     }
 
 
-_LIMIT = _q("limit", "page size (default 100)", {"type": "integer", "minimum": 1, "maximum": 1000})
-_AFTER = _q("after", "the 'next' of the page before (an opaque cursor)")
-_SINCE = _q("since", "created at or after this time (ISO 8601; without a zone, UTC)", _TIME)
-_ERRS = {
-    "400": err(_BAD_QUERY),
-    "401": err("admin token missing"),
-    "403": err("not the admin token"),
-}
+_LIMIT = _q(
+    "limit", "page size (default 100)", or_empty({"type": "integer", "minimum": 1, "maximum": 1000})
+)
+_AFTER = _q(
+    "after",
+    "the 'next' of the page before (an opaque cursor; one the broker did not give out is "
+    "refused: invalid_query)",
+    {"type": "string", "pattern": "^[A-Za-z0-9_-]{0,255}$"},
+)
+_SINCE = _q(
+    "since",
+    "created at or after this time (ISO 8601; without a zone, UTC; empty: as if absent)",
+    {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]},
+)
+_ERRS = {"400": err(_BAD_QUERY), **ADMIN_ERRORS}
+
+
+def _choice(values: Any) -> dict[str, Any]:
+    """A query parameter taking one of ``values``; empty is as if it were absent."""
+    return {"type": "string", "enum": [*sorted(values), ""]}
 
 
 def _page(key: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +71,20 @@ def _page(key: str, item: dict[str, Any]) -> dict[str, Any]:
 
 _LEASE: dict[str, Any] = {
     "type": "object",
+    "required": [
+        "lease_id",
+        "instance_id",
+        "workload",
+        "role",
+        "kind",
+        "state",
+        "renewable",
+        "created_at",
+        "issued_at",
+        "expires_at",
+        "ended_at",
+        "vault_lease_id",
+    ],
     "properties": {
         "lease_id": {"type": "string"},
         "instance_id": {"type": "string"},
@@ -72,8 +100,10 @@ _LEASE: dict[str, Any] = {
         "vault_lease_id": {"type": ["string", "null"]},
     },
 }
+LEASE = _LEASE
 _INSTANCE = {
     "type": "object",
+    "required": ["instance_id", "state", "created_at", "terminated_at", "leases", "live_leases"],
     "properties": {
         "instance_id": {"type": "string"},
         "state": {"type": "string", "enum": sorted(s.value for s in InstanceState)},
@@ -115,9 +145,13 @@ def listing_paths() -> dict[str, Any]:
                     _q("instance", "an instance id"),
                     _q("workload", "a workload name"),
                     _q("role", "a role name"),
-                    _q("state", "a lease state", {"type": "string", "enum": _LEASE_STATES}),
+                    _q("state", "a lease state", _choice(_LEASE_STATES)),
                     _LIMIT,
-                    _q("after", "the 'next' of the page before (a lease id)"),
+                    _q(
+                        "after",
+                        "the 'next' of the page before (a lease id; empty: as if absent)",
+                        {"type": "string", "pattern": "^(l-[0-9a-f]{32})?$"},
+                    ),
                 ],
                 "responses": {"200": ok("a page of leases", _page("leases", _LEASE)), **_ERRS},
             }
@@ -141,12 +175,12 @@ def listing_paths() -> dict[str, Any]:
                         "count leases in this state (default: the live states, "
                         + ", ".join(sorted(s.value for s in LIVE_LEASE_STATES))
                         + ")",
-                        {"type": "string", "enum": _LEASE_STATES},
+                        _choice(_LEASE_STATES),
                     ),
                     _q(
                         "top",
                         "the N largest groups (default 20)",
-                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                        or_empty({"type": "integer", "minimum": 1, "maximum": 1000}),
                     ),
                 ],
                 "responses": {
@@ -155,6 +189,14 @@ def listing_paths() -> dict[str, Any]:
                         "the groups 'top' left out) cover every group",
                         {
                             "type": "object",
+                            "required": [
+                                "group_by",
+                                "states",
+                                "groups",
+                                "total",
+                                "group_count",
+                                "others",
+                            ],
                             "properties": {
                                 "group_by": {"type": "string"},
                                 "states": {"type": "array", "items": {"type": "string"}},
@@ -188,9 +230,9 @@ def listing_paths() -> dict[str, Any]:
                         "name": "lease_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string", "pattern": "^l-[0-9a-f]{32}$"},
+                        "schema": LEASE_ID,
                     },
-                    _q("vault", "ask Vault too", {"type": "string", "enum": ["false", "true"]}),
+                    _q("vault", "ask Vault too", _choice(["false", "true"])),
                 ],
                 "responses": {
                     "200": ok(
@@ -211,7 +253,7 @@ def listing_paths() -> dict[str, Any]:
                     _q(
                         "state",
                         "an instance state",
-                        {"type": "string", "enum": sorted(s.value for s in InstanceState)},
+                        _choice(s.value for s in InstanceState),
                     ),
                     _q("workload", "a workload name"),
                     _q("issuer", "an issuer's name"),
@@ -234,7 +276,7 @@ def listing_paths() -> dict[str, Any]:
                     _q(
                         "state",
                         "a job state",
-                        {"type": "string", "enum": sorted(s.value for s in JobState)},
+                        _choice(s.value for s in JobState),
                     ),
                     _q("instance", "an instance id"),
                     _SINCE,

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.api.openapi_parts import ADMIN, ERROR, err, ok
+from broker.api.openapi_parts import (
+    ADMIN,
+    ERROR,
+    INCIDENT,
+    NULL_TIME,
+    REASON,
+    STORE_DOWN,
+    TIME,
+    TTL,
+    err,
+    ok,
+)
 
-_SAID = {
-    "reason": {"type": "string", "maxLength": 200},
-    "incident": {"type": "string", "maxLength": 128, "description": "an incident reference"},
-}
+_SAID = {"reason": REASON, "incident": INCIDENT}
 # Admin calls are refused with 401 (no token, an operator JWT refused) or 403 (a token of
 # nobody, a scope too small); every refusal is audited as admin.refused.
 ADMIN_ERRORS = {
@@ -21,6 +29,7 @@ ADMIN_ERRORS = {
         "description": "not an operator's token, or the operator's scope is too small",
         "content": {"application/json": {"schema": ERROR}},
     },
+    "503": STORE_DOWN,
 }
 SAID_BODY = {
     "required": False,
@@ -34,6 +43,19 @@ _LOCK_ID = {"type": "string", "pattern": "^k-[0-9a-f]{32}$"}
 _KIND = {"type": "string", "enum": ["workload", "issuer", "role", "claim"]}
 LOCK: dict[str, Any] = {
     "type": "object",
+    "required": [
+        "lock_id",
+        "kind",
+        "value",
+        "claim",
+        "reason",
+        "incident",
+        "created_by",
+        "created_at",
+        "expires_at",
+        "removed_at",
+        "removed_by",
+    ],
     "properties": {
         "lock_id": _LOCK_ID,
         "kind": _KIND,
@@ -42,9 +64,9 @@ LOCK: dict[str, Any] = {
         "reason": {"type": "string"},
         "incident": {"type": ["string", "null"]},
         "created_by": {"type": "string"},
-        "created_at": {"type": "string", "format": "date-time"},
-        "expires_at": {"type": ["string", "null"], "format": "date-time"},
-        "removed_at": {"type": ["string", "null"], "format": "date-time"},
+        "created_at": TIME,
+        "expires_at": NULL_TIME,
+        "removed_at": NULL_TIME,
         "removed_by": {"type": ["string", "null"]},
     },
 }
@@ -61,6 +83,7 @@ def operator_paths() -> dict[str, Any]:
                         "name, scope (read, revoke, admin) and how it authenticated",
                         {
                             "type": "object",
+                            "required": ["name", "scope", "via"],
                             "properties": {
                                 "name": {"type": "string"},
                                 "scope": {"type": "string", "enum": ["read", "revoke", "admin"]},
@@ -68,6 +91,7 @@ def operator_paths() -> dict[str, Any]:
                             },
                         },
                     ),
+                    "400": err("a query parameter (it takes none: unknown_query)"),
                     **ADMIN_ERRORS,
                 },
             }
@@ -87,14 +111,14 @@ def operator_paths() -> dict[str, Any]:
                                 "required": ["kind", "value", "reason"],
                                 "properties": {
                                     "kind": _KIND,
-                                    "value": {"type": "string", "maxLength": 255},
+                                    "value": {"type": "string", "minLength": 1, "maxLength": 255},
                                     "claim": {
                                         "type": "string",
                                         "description": "kind claim: the claim's name "
                                         "(nested: a.b); a list claim matches when it holds "
                                         "the value",
                                     },
-                                    "ttl": {"type": ["string", "integer"]},
+                                    "ttl": TTL,
                                     **_SAID,
                                 },
                             }
@@ -102,8 +126,15 @@ def operator_paths() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "201": ok("the lock", {"type": "object", "properties": {"lock": LOCK}}),
-                    "400": err("invalid_lock"),
+                    "201": ok(
+                        "the lock",
+                        {"type": "object", "required": ["lock"], "properties": {"lock": LOCK}},
+                    ),
+                    "400": err(
+                        "invalid_lock: a lock that could never match (no such role or issuer "
+                        "configured), a value or claim that is not printable, a bad ttl, "
+                        "reason or incident; malformed_json, unknown_field"
+                    ),
                     **ADMIN_ERRORS,
                 },
             },
@@ -111,17 +142,23 @@ def operator_paths() -> dict[str, Any]:
                 "summary": "Active locks; all=true adds removed and expired ones (scope read)",
                 "security": ADMIN,
                 "parameters": [
-                    {"name": "all", "in": "query", "schema": {"enum": ["true", "false"]}}
+                    {
+                        "name": "all",
+                        "in": "query",
+                        "description": "empty: as if absent",
+                        "schema": {"type": "string", "enum": ["true", "false", ""]},
+                    }
                 ],
                 "responses": {
                     "200": ok(
                         "locks",
                         {
                             "type": "object",
+                            "required": ["locks"],
                             "properties": {"locks": {"type": "array", "items": LOCK}},
                         },
                     ),
-                    "400": err("bad query"),
+                    "400": err("an unknown (unknown_query) or bad (invalid_query) parameter"),
                     **ADMIN_ERRORS,
                 },
             },
@@ -141,9 +178,10 @@ def operator_paths() -> dict[str, Any]:
                 "requestBody": SAID_BODY,
                 "responses": {
                     "200": ok(
-                        "the lock, removed", {"type": "object", "properties": {"lock": LOCK}}
+                        "the lock, removed",
+                        {"type": "object", "required": ["lock"], "properties": {"lock": LOCK}},
                     ),
-                    "400": err("malformed body"),
+                    "400": err("malformed_json, unknown_field, invalid_reason, invalid_incident"),
                     "404": err("lock_not_found"),
                     **ADMIN_ERRORS,
                 },

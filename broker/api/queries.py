@@ -20,6 +20,8 @@ from aiohttp import web
 from broker.errors import BadRequest
 
 MAX_VALUE = 255
+# What a text query parameter may be, for the OpenAPI document: up to 255 characters, no NUL.
+TEXT_PATTERN = "^[^\\u0000]*$"
 MAX_PAGE = 1000
 
 
@@ -65,7 +67,9 @@ class Query:
         value = self._values.get(name)
         if value is None or value == "":
             return None
-        if len(value) > MAX_VALUE or (choices is not None and value not in choices):
+        # NUL: no store can hold it (PostgreSQL refuses the query: it was a 503).
+        bad = len(value) > MAX_VALUE or "\x00" in value
+        if bad or (choices is not None and value not in choices):
             hint = f"; one of {', '.join(sorted(choices))}" if choices else ""
             raise _invalid(f"query parameter {name!r} is not valid{hint}")
         return value

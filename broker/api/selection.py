@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from broker.api.decode import ROLE_PATTERN, said
+from broker.api.decode import ROLE_PATTERN, printable, said
 from broker.errors import BadRequest
 from broker.identity.verify import WORKLOAD_PATTERN, valid_instance_id
 from broker.leases import BlastRadius, Selection, TerminationBatch
@@ -67,7 +67,7 @@ def _claim(text: Any) -> tuple[str, str]:
     if isinstance(text, str):
         key, sep, value = text.partition("=")
         if sep and CLAIM_KEY.match(key) and 0 < len(value) <= MAX_CLAIM_VALUE:
-            if value.isprintable():
+            if printable(value):
                 return key, value
     raise _bad(
         "selection.claims must be a list of 'key=value' (a top-level claim recorded at first "
@@ -103,7 +103,8 @@ def selection_of(raw: Any) -> Selection:
     unknown = set(raw) - SELECTION_FIELDS
     if unknown:
         raise _bad(f"selection has fields the broker does not take: {', '.join(sorted(unknown))}")
-    claims = raw.get("claims") or []
+    claims = raw.get("claims")
+    claims = [] if claims is None else claims  # false, 0 or "" is not an empty list
     if not isinstance(claims, list) or len(claims) > MAX_SELECTOR_VALUES:
         raise _bad(f"selection.claims must be a list of at most {MAX_SELECTOR_VALUES} 'key=value'")
     selection = Selection(

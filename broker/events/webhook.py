@@ -126,8 +126,12 @@ def parse(body: bytes, *, max_instances: int) -> TerminateEvent:
     if issuer is not None and (not isinstance(issuer, str) or not _ISSUER.match(issuer)):
         raise BadRequest("'issuer' must be the name of a configured issuer", code="invalid_issuer")
     reason = data.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+    # A NUL is refused here: the store cannot hold one (it was a 503, sent again forever).
+    if reason is not None and (
+        not isinstance(reason, str) or len(reason) > MAX_REASON or "\x00" in reason
+    ):
         raise BadRequest(
-            f"'reason' must be a string of at most {MAX_REASON} characters", code="invalid_reason"
+            f"'reason' must be a string of at most {MAX_REASON} characters, without NUL",
+            code="invalid_reason",
         )
     return TerminateEvent(tuple(dict.fromkeys(ids)), issuer, reason)

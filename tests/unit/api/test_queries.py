@@ -56,6 +56,13 @@ def test_values_read_with_their_checks():
         q("/x?state=" + "x" * 256).text("state")
 
 
+def test_a_nul_in_a_value_is_refused_before_it_reaches_the_store():
+    """PostgreSQL refuses a NUL in a query: it was answered 503 store_unavailable."""
+    with pytest.raises(BadRequest) as caught:
+        q("/x?state=a%00b").text("state")
+    assert caught.value.code == "invalid_query"
+
+
 @pytest.mark.parametrize("value,expected", [
     ("2026-12-02T10:00:00Z", datetime(2026, 12, 2, 10, tzinfo=UTC)),
     ("2026-12-02T10:00:00", datetime(2026, 12, 2, 10, tzinfo=UTC)),

@@ -43,12 +43,15 @@ def test_a_full_selection_decodes():
     ({"claims": ['k"ey=v']}, "invalid_selection"),
     ({"claims": ["k="]}, "invalid_selection"),
     ({"claims": "k=v"}, "invalid_selection"),
+    ({"instances": ["i-1"], "claims": False}, "invalid_selection"),
+    ({"claims": ["k=\u202ev"]}, "invalid_selection"),
     ({"issued_after": "yesterday"}, "invalid_selection"),
     ({"issued_after": "2026-01-01T00:00:00"}, "invalid_selection"),
     ({"issued_after": 5}, "invalid_selection"),
 ], ids=["missing", "empty", "empty_list", "not_object", "unknown_field", "not_list",
         "dot_segment", "too_many", "bad_role", "bad_lease", "claim_no_eq", "claim_quote",
-        "claim_empty_value", "claims_not_list", "bad_time", "naive_time", "time_not_text"])
+        "claim_empty_value", "claims_not_list", "claims_false", "claim_bidi", "bad_time",
+        "naive_time", "time_not_text"])
 def test_bad_selections_are_refused(raw, code):
     with pytest.raises(BadRequest) as info:
         selection_of(raw)

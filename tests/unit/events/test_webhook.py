@@ -108,10 +108,12 @@ def test_parse_takes_ids_issuer_and_reason_and_drops_duplicates() -> None:
     (b'{"instance_ids": ["i-1"], "issuer": 3}', "invalid_issuer"),
     (b'{"instance_ids": ["i-1"], "reason": 3}', "invalid_reason"),
     (json.dumps({"instance_ids": ["i-1"], "reason": "x" * 201}).encode(), "invalid_reason"),
+    (b'{"instance_ids": ["i-1"], "reason": "a\\u0000b"}', "invalid_reason"),
     (b'{"instance_ids": ["i-1"], "admin": true}', "unknown_field"),
 ], ids=["text", "binary", "array", "string", "empty", "no-ids", "ids-string", "ids-number",
         "too-many", "dotdot", "dotdot-segment", "empty-id", "space", "too-long",
-        "issuer-case", "issuer-number", "reason-number", "reason-long", "unknown-field"])
+        "issuer-case", "issuer-number", "reason-number", "reason-long", "reason-nul",
+        "unknown-field"])
 def test_parse_refusals(body: bytes, code: str) -> None:
     with pytest.raises(BadRequest) as info:
         parse(body, max_instances=10)
