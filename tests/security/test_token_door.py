@@ -1,7 +1,8 @@
 """The token-exchange door (``POST /v1/token``) under a security review: every answer it
 gives is uncacheable (the middleware's 405 and 500 too, not only the handler's), a body
 is a form and nothing else however it is dressed, the subject token comes from the form
-alone."""
+alone, and ``requested_token_type`` cannot tell a role the caller may have from one that
+does not exist (a locked workload learning its roles and their kinds that way)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 
 from broker.api import oauth
-from broker.api.oauth import GRANT_TYPE, JWT
+from broker.api.oauth import BROKER_TOKEN_TYPE, GRANT_TYPE, JWT, TARGET_REFUSED
 from tests.security.test_token_refusals import _assert_refused, _exchange, _form
 
 FORM = "application/x-www-form-urlencoded"
@@ -104,6 +105,27 @@ async def test_the_subject_token_comes_from_the_form_only(sec, http, vault):
                          headers={"Authorization": f"Bearer {good}"}) as resp:
         assert (resp.status, (await resp.json())["error"]) == (400, "invalid_request")
     assert (sec.store_snapshot(), vault.snapshot()) == before
+
+
+async def test_a_requested_token_type_cannot_tell_a_permitted_role_from_an_unknown_one(
+        sec, http, vault):
+    """``requested_token_type`` naming another kind must not answer differently for a role
+    the subject may have than for one that does not exist: else a caller (a locked workload
+    too, whose every exchange is refused) lists the roles policy gives it and their kinds."""
+    async with http.post(f"{sec.url}/v1/admin/locks", headers=sec.admin(),
+                         json={"kind": "workload", "value": "payments",
+                               "reason": "token door review"}) as resp:
+        assert resp.status == 201, await resp.text()
+    wrong = BROKER_TOKEN_TYPE + "database_login"  # dev-cert issues x509_certificate
+    answers = []
+    for role in ("dev-cert", "no-such-role"):
+        before = (sec.store_snapshot(), vault.snapshot())
+        status, raw, headers = await _exchange(
+            http, sec, _form(sec.token("i-tx-kind"), role, requested_token_type=wrong))
+        assert (sec.store_snapshot(), vault.snapshot()) == before
+        answers.append((status, raw, headers["Cache-Control"], headers["Pragma"]))
+    assert len(set(answers)) == 1, answers
+    assert json.loads(answers[0][1])["error_description"] == TARGET_REFUSED
 
 
 async def test_a_subject_token_type_does_not_change_what_is_verified(sec, http, vault, issuer):
