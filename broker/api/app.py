@@ -86,7 +86,11 @@ async def exchange_token(request: web.Request) -> web.Response:
         if oauth.needs_kind(exchange.requested_token_type):
             kind = api.credentials.issued_kind(identity, role)
             oauth.check_requested(exchange.requested_token_type, kind)
-        credential = await api.credentials.issue(identity, role, None, {})
+        try:
+            credential = await api.credentials.issue(identity, role, None, {})
+        except BadRequest as exc:  # the role needs what a form cannot carry (a CSR)
+            note_request(reason=exc.message)  # for the log line, not the caller
+            raise oauth.unservable(exc) from None
     except BrokerError as exc:
         answer = oauth.refusal(exc)
         # The middleware's count and log line for a refusal, with the broker's own code.

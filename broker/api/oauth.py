@@ -227,6 +227,15 @@ def check_requested(requested: str | None, kind: str | None) -> None:
         )
 
 
+def unservable(exc: BadRequest) -> NotPermitted:
+    """A role this door cannot serve, refused by the role's engine once policy allowed it
+    (it needs a caller parameter the form cannot carry: a PKI ``sign`` role's CSR, an SSH
+    role's public key), answered as a role that does not exist: else the answer tells a
+    role the subject may have from one that does not exist, to a locked workload too,
+    whose lock is only checked after. The log line keeps the engine's code."""
+    return NotPermitted(TARGET_REFUSED, code=exc.code)
+
+
 def _compact(value: Any) -> str:
     if isinstance(value, str):
         return value

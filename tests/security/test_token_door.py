@@ -139,3 +139,26 @@ async def test_a_subject_token_type_does_not_change_what_is_verified(sec, http, 
               "grant_type": GRANT_TYPE}
     status, raw, _ = await _exchange(http, sec, forged)
     assert (status, json.loads(raw)["error"]) == (400, "invalid_request")
+
+
+async def test_a_role_this_door_cannot_serve_answers_as_an_unknown_one(make_broker, http,
+                                                                       vault):
+    """A role that needs a caller parameter (a PKI ``sign`` role's CSR) is never served here;
+    its refusal must not differ from an unknown role's, or a workload (a locked one too:
+    the parameters are checked before the lock) tells the roles it may have by it."""
+    b = await make_broker(extra_roles={"dev-sign": {
+        "engine": "pki", "mode": "sign", "mount": "pki", "vault_role": "dev-cert",
+        "default_ttl": "10m", "max_ttl": "1h",
+        "params": {"common_name": "{workload}.workload.internal"}}})
+    async with http.post(f"{b.url}/v1/admin/locks", headers=b.admin(),
+                         json={"kind": "workload", "value": "payments",
+                               "reason": "token door review"}) as resp:
+        assert resp.status == 201, await resp.text()
+    answers = []
+    for role in ("dev-sign", "no-such-role"):
+        before = (b.store_snapshot(), vault.snapshot())
+        status, raw, headers = await _exchange(http, b, _form(b.token("i-tx-sign"), role))
+        assert (b.store_snapshot(), vault.snapshot()) == before
+        answers.append((status, raw, headers["Cache-Control"], headers["Pragma"]))
+    assert len(set(answers)) == 1, answers
+    assert json.loads(answers[0][1])["error"] == "invalid_target"

@@ -189,6 +189,13 @@ def test_a_requested_type_the_role_does_not_issue_is_refused(requested: str, kin
     assert oauth.refusal(caught.value) == oauth.refusal(NotPermitted("no such role"))
 
 
+def test_a_role_this_door_cannot_serve_is_answered_as_an_unknown_one() -> None:
+    got = oauth.unservable(BadRequest("this role needs csr in the request",
+                                      code="missing_parameter"))
+    assert got.code == "missing_parameter"
+    assert oauth.refusal(got) == oauth.refusal(NotPermitted("no such role"))
+
+
 def test_a_requested_type_for_a_role_not_permitted_is_invalid_target() -> None:
     with pytest.raises(NotPermitted) as caught:
         oauth.check_requested(JWT, None)
