@@ -33,6 +33,9 @@ def _refused_and_failed(b: Any, status: int, body: Any) -> None:
     assert "eyJ" not in body["error"]["message"]
     [row] = [r for r in b.rows("leases") if r["role"] == "dev-oidc"]
     assert (row["state"], row["error_code"]) == ("failed", "token_outlives_grant")
+    # Nothing of the JWT withheld is kept (any JWT's header starts eyJ).
+    dump = repr([b.rows(t) for t in ("leases", "audit_events", "instance_tokens")])
+    assert "eyJ" not in dump
 
 
 async def test_a_policy_rules_ttl_cap_holds_for_an_oidc_token(make_broker, bao, vault_setup,
