@@ -43,6 +43,8 @@ from broker.identity import IdentityVerifier
 from broker.leases import JobView
 from broker.logs import note_request
 
+TOKEN_PATH = "/v1/token"
+
 # -- workload endpoints ------------------------------------------------------------------
 
 
@@ -84,7 +86,11 @@ async def exchange_token(request: web.Request) -> web.Response:
         if oauth.needs_kind(exchange.requested_token_type):
             kind = api.credentials.issued_kind(identity, role)
             oauth.check_requested(exchange.requested_token_type, kind)
-        credential = await api.credentials.issue(identity, role, None, {})
+        try:
+            credential = await api.credentials.issue(identity, role, None, {})
+        except BadRequest as exc:  # the role needs what a form cannot carry (a CSR)
+            note_request(reason=exc.message)  # for the log line, not the caller
+            raise oauth.unservable(exc) from None
     except BrokerError as exc:
         answer = oauth.refusal(exc)
         # The middleware's count and log line for a refusal, with the broker's own code.
@@ -114,6 +120,13 @@ def _route(request: web.Request) -> str:
 
 def _oauth_error(answer: oauth.OAuthRefusal) -> web.Response:
     return web.json_response(answer.body(), status=answer.status, headers=oauth.NO_STORE)
+
+
+async def _token_answers_never_cached(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer at ``/v1/token`` is uncacheable (RFC 6749 §5.1), the middleware's too:
+    a 405 for another method and a 500 for a failure after a credential was issued."""
+    if request.path == TOKEN_PATH:
+        response.headers.update(oauth.NO_STORE)
 
 
 async def renew_lease(request: web.Request) -> web.Response:
@@ -221,6 +234,7 @@ def build_app(
     """The application over its services; ``events`` is None without a webhook section
     (the endpoint then answers 404)."""
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=max_body_bytes)
+    app.on_response_prepare.append(_token_answers_never_cached)
     app[API] = Api(
         credentials, admin, events, readiness, verifier, metrics, scraper, operators, refusals
     )
@@ -232,7 +246,7 @@ def build_app(
         app[AUDIT] = audit
     r = app.router
     r.add_post("/v1/credentials", create_credential)
-    r.add_post("/v1/token", exchange_token)
+    r.add_post(TOKEN_PATH, exchange_token)
     r.add_post("/v1/leases/{lease_id}/renew", renew_lease)
     r.add_delete("/v1/leases/{lease_id}", release_lease)
     # Before the admin route, whose {instance_id} would match "self".

@@ -214,15 +214,26 @@ def needs_kind(requested: str | None) -> bool:
 
 def check_requested(requested: str | None, kind: str | None) -> None:
     """Refuse before issuing when the role (of ``kind``; None: not permitted, or unknown)
-    does not issue the ``requested`` type."""
+    does not issue the ``requested`` type. Both are one ``invalid_target`` answer: a
+    different one for another kind would tell a role the subject may have (and its kind)
+    from one that does not exist, to a workload under a lock too, which is asked nothing
+    before ``issue``. The log line keeps the code ``requested_token_type_unavailable``."""
     if kind is None:
         raise NotPermitted(TARGET_REFUSED)
     if needs_kind(requested) and requested != ISSUED[kind].issued_token_type:
-        raise _invalid(
-            "the role does not issue the requested_token_type; leave it out, or send "
-            f"{ACCESS_TOKEN}, to get the role's credential",
-            "requested_token_type_unavailable",
+        raise NotPermitted(
+            "the role does not issue the requested_token_type",
+            code="requested_token_type_unavailable",
         )
+
+
+def unservable(exc: BadRequest) -> NotPermitted:
+    """A role this door cannot serve, refused by the role's engine once policy allowed it
+    (it needs a caller parameter the form cannot carry: a PKI ``sign`` role's CSR, an SSH
+    role's public key), answered as a role that does not exist: else the answer tells a
+    role the subject may have from one that does not exist, to a locked workload too,
+    whose lock is only checked after. The log line keeps the engine's code."""
+    return NotPermitted(TARGET_REFUSED, code=exc.code)
 
 
 def _compact(value: Any) -> str:

@@ -69,6 +69,7 @@ class Plan:
     ) -> dict[str, Any]:
         if session is not None:
             return self.engine.shape_session(self.role, session)
+        self.engine.check_granted(self.role, answer, self.ttl)
         return self.engine.shape_expiring(self.role, answer, expires_at)
 
 
@@ -150,6 +151,11 @@ class Engine:
         Vault forgets the lease, and what a direct check looks for. Never a secret; None
         (the default) when the engine has nothing to name."""
         return None
+
+    def check_granted(self, role: RoleSettings, data: Mapping[str, Any], ttl: int) -> None:
+        """Refuse (``NotPermitted``) a credential that would outlive the granted ``ttl``
+        (the role's, a policy rule's cap, or the caller's) where nothing can end it sooner
+        and Vault took no TTL (an OIDC token); by default there is nothing to check."""
 
     def shape_expiring(
         self, role: RoleSettings, data: Mapping[str, Any], expires_at: datetime

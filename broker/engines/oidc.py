@@ -14,7 +14,9 @@ A JWT cannot be recalled: Vault has no lease for it and the relying party checks
 signature and expiry. It is recorded as ``delivered``, with the token's own ``exp`` as its
 expiry, and termination revokes nothing of it (the instance token's revocation stops
 further reads). So a token that would outlive the role's ``max_ttl`` is refused rather
-than handed out: keep the Vault OIDC role's ``ttl`` short, and at most ``max_ttl``.
+than handed out: keep the Vault OIDC role's ``ttl`` short, and at most ``max_ttl``. Nor is
+one handed out that outlives the TTL granted for it (a policy rule's ``max_ttl`` cap, a
+ttl the caller asked for): the path takes no TTL, so the grant can only be checked.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from broker.engines.base import Engine, Mode, VaultRequest
-from broker.errors import UpstreamRejected
+from broker.errors import NotPermitted, UpstreamRejected
 from broker.secret import Secret
 from broker.vault.paths import vault_path
 
@@ -99,6 +101,24 @@ def read_token(data: Mapping[str, Any], max_ttl: int) -> tuple[dict[str, Any], d
     """The credential (``token``, ``audience``, ``subject``, ``issuer``) and its expiry
     from Vault's answer. A token living longer than ``max_ttl`` seconds (``exp - iat``)
     is refused: it could not be taken back before then."""
+    credential, exp, _ = _read(data, max_ttl)
+    return credential, exp
+
+
+def check_granted(data: Mapping[str, Any], max_ttl: int, granted: int) -> None:
+    """Refuse a token (Vault's answer, checked as ``read_token`` checks it) that lives
+    longer than the ``granted`` seconds: NotPermitted, never quoting the token."""
+    lives = _read(data, max_ttl)[2]
+    if lives > granted:
+        raise NotPermitted(
+            f"the role's OIDC tokens live {lives}s, longer than the {granted}s granted (the "
+            "ttl asked for, or a policy rule's max_ttl), and an OIDC token cannot be "
+            "revoked; ask for no ttl, or set the Vault OIDC role's ttl to at most the grant",
+            code="token_outlives_grant",
+        )
+
+
+def _read(data: Mapping[str, Any], max_ttl: int) -> tuple[dict[str, Any], datetime, int]:
     token = identity_token(data)
     claims = token_claims(token)
     texts: dict[str, str] = {}
@@ -124,7 +144,7 @@ def read_token(data: Mapping[str, Any], max_ttl: int) -> tuple[dict[str, Any], d
         "subject": texts["sub"],
         "issuer": texts["iss"],
     }
-    return credential, datetime.fromtimestamp(exp, UTC)
+    return credential, datetime.fromtimestamp(exp, UTC), exp - iat
 
 
 class OidcEngine(Engine):
@@ -146,6 +166,9 @@ class OidcEngine(Engine):
         self, role: RoleSettings, params: Mapping[str, str], caller: Mapping[str, Any], ttl: int
     ) -> VaultRequest:
         return identity_token_request(role)
+
+    def check_granted(self, role: RoleSettings, data: Mapping[str, Any], ttl: int) -> None:
+        check_granted(data, role.max_ttl, ttl)
 
     def shape(self, role: RoleSettings, data: Mapping[str, Any]) -> dict[str, Any]:
         return read_token(data, role.max_ttl)[0]

@@ -181,9 +181,19 @@ def test_a_requested_type_the_role_issues_is_accepted(requested: str | None, kin
     (ID_TOKEN, "oidc_token"),
 ], ids=["jwt_for_a_login", "certificate_for_a_login", "broker_urn_for_oidc", "id_token"])
 def test_a_requested_type_the_role_does_not_issue_is_refused(requested: str, kind: str) -> None:
-    with pytest.raises(BadRequest) as caught:
+    """As an unknown role is, byte for byte: else the answer names the roles a caller may
+    have and their kinds; the code stays for the log line."""
+    with pytest.raises(NotPermitted) as caught:
         oauth.check_requested(requested, kind)
     assert caught.value.code == "requested_token_type_unavailable"
+    assert oauth.refusal(caught.value) == oauth.refusal(NotPermitted("no such role"))
+
+
+def test_a_role_this_door_cannot_serve_is_answered_as_an_unknown_one() -> None:
+    got = oauth.unservable(BadRequest("this role needs csr in the request",
+                                      code="missing_parameter"))
+    assert got.code == "missing_parameter"
+    assert oauth.refusal(got) == oauth.refusal(NotPermitted("no such role"))
 
 
 def test_a_requested_type_for_a_role_not_permitted_is_invalid_target() -> None:

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from broker.config import load_settings
 from broker.dev.environment import dev_settings_dict, walkthrough
 from broker.engines import ENGINES, read_caller_params
-from broker.engines.oidc import identity_token, read_token, token_claims
+from broker.engines.oidc import check_granted, identity_token, read_token, token_claims
 from broker.engines.role import RoleSettings
-from broker.errors import BadRequest, ConfigError, UpstreamRejected
+from broker.errors import BadRequest, ConfigError, NotPermitted, UpstreamRejected
 from broker.secret import Secret
 from broker.vault.bootstrap import OidcRole
 from tests.unit.aws.settingskit import settings_with
@@ -156,6 +156,23 @@ def test_a_token_may_live_exactly_max_ttl_and_no_longer():
     with pytest.raises(UpstreamRejected):
         OIDC.shape(role(max_ttl="1h", default_ttl="10m"), long)
     assert OIDC.expires_at(role(max_ttl="1h", default_ttl="10m"), long) is None
+
+
+def test_a_token_may_live_exactly_the_granted_ttl_and_no_longer():
+    """A policy rule's cap or a ttl asked for is a grant too: a token that cannot be
+    revoked never outlives it."""
+    check_granted(answer(), 300, 300)
+    with pytest.raises(NotPermitted) as err:
+        check_granted(answer(), 300, 299)
+    assert err.value.code == "token_outlives_grant"
+    assert "live 300s, longer than the 299s granted" in err.value.message
+    assert "eyJ" not in err.value.message
+    plan = OIDC.plan("cloud", role(max_ttl="5m", default_ttl="5m"), {}, {}, 60, "i-1")
+    with pytest.raises(NotPermitted):
+        plan.shape(answer(), None, datetime.fromtimestamp(IAT + 300, UTC))
+    # The role's max_ttl is checked first: Vault's misconfiguration stays a 502.
+    with pytest.raises(UpstreamRejected):
+        check_granted(answer(), 299, 60)
 
 
 def _without(name: str) -> dict[str, Any]:
