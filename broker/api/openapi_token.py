@@ -153,7 +153,14 @@ def token_paths() -> dict[str, Any]:
                         "invalid_target (unknown role, policy refusal or lock: one answer), "
                         "unsupported_grant_type"
                     ),
-                    "429": _oauth_error("the role's lease limit (invalid_request)"),
+                    "409": _oauth_error(
+                        "invalid_request: the instance has been terminated "
+                        "(instance_terminated) or its lease limit for the role is reached "
+                        "(lease_limit_reached)"
+                    ),
+                    "413": _oauth_error(
+                        "invalid_request: the body is too large (payload_too_large)"
+                    ),
                     "502": _oauth_error("Vault refused (temporarily_unavailable)"),
                     "503": _oauth_error(
                         "Vault or the store is unavailable (temporarily_unavailable)"
