@@ -1,8 +1,10 @@
 """deploy/kubernetes: every manifest valid against the Kubernetes schema of every version
 from 1.29 on (strict), the kustomizations complete, the cross-references whole (selectors,
 ports, service accounts, volumes, the webhook's service and certificate), the
-configurations loadable by the code that reads them, `restricted` Pod Security met, and
-the webhook's choices as documented.
+configurations loadable by the code that reads them, `restricted` Pod Security met, the
+webhook's choices as documented, and the broker's Vault login: its own projected
+service-account token, with the audience and account the documented Vault role binds
+(AppRole only as the documented alternative, which must stay loadable too).
 
 The two variants (with cert-manager, without) are assembled here from the kustomizations
 by a reader of the few kustomize features they use; where kubectl is installed, its
@@ -33,18 +35,20 @@ from broker.durations import parse_duration
 from broker.identity.model import Identity
 from broker.injector.settings import InjectorSettings
 from broker.policy.rules import decide
+from broker.vault.settings import AppRoleAuth, KubernetesAuth
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 README = DEPLOY / "README.md"
+VAULT_SETUP = ROOT / "deploy" / "vault-setup.md"
 CERT_SCRIPT = DEPLOY / "no-cert-manager" / "webhook-certs.sh"
 NS = "ephemeral-broker"
 KUSTOMIZE_KINDS = {"Kustomization", "Component"}
 VERSIONS = sorted({v for v in all_versions() if Version(v) >= Version("1.29")}, key=Version)
-# What a test gives the broker configuration's ${NAME} references.
+# What a test gives the broker configuration's ${NAME} references. No Vault secret: the
+# broker logs in with its own service-account token.
 SECRET_VALUES = {
     "BROKER_DB_PASSWORD": "db-pass",
-    "BROKER_APPROLE_SECRET_ID": "approle-secret",
     "BROKER_ADMIN_TOKEN_SHA256": "ab" * 32,
     "BROKER_INJECTOR_TOKEN_SHA256": "cd" * 32,
 }
@@ -553,8 +557,9 @@ def test_the_broker_config_map_loads_with_the_broker_s_own_loader():
     settings = broker_settings()
     assert settings.store.url == (
         "postgresql://broker:db-pass@postgres.example.internal:5432/broker")
-    assert settings.vault.auth.method == "approle"
-    assert settings.vault.auth.secret_id.get_secret_value() == "approle-secret"
+    assert settings.vault.auth == KubernetesAuth(
+        method="kubernetes", role="broker", mount="kubernetes",
+        token_path=Path("/var/run/secrets/vault/token"))
     assert settings.admin.token_sha256 == "ab" * 32
     assert [(o.name, o.scope) for o in settings.admin.operators] == [("injector", "read")]
     (issuer,) = settings.identity.issuers
@@ -564,7 +569,6 @@ def test_the_broker_config_map_loads_with_the_broker_s_own_loader():
     assert settings.kubernetes is not None
     assert settings.kubernetes.watch and settings.kubernetes.issuer == "k8s-prod"
     assert settings.server.host == "0.0.0.0"
-    assert "approle-secret" not in repr(settings)
 
 
 def test_the_broker_config_map_needs_every_variable_it_names():
@@ -595,10 +599,21 @@ def _volume_paths(volume: dict[str, Any]) -> set[str]:
     return out
 
 
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def env_refs(node: Any) -> set[str]:
+    """The ${NAME}s in a parsed configuration's values: what the loader expands (a
+    commented-out line names nothing)."""
+    if isinstance(node, dict):
+        return set().union(*(env_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(env_refs(v) for v in node))
+    return set(ENV_REF.findall(node)) if isinstance(node, str) else set()
+
+
 def test_every_variable_and_file_the_broker_config_names_reaches_its_containers():
-    raw_text = one(WITH_CERT_MANAGER, "ConfigMap", "ephemeral-broker-config").body["data"][
-        "config.yaml"]
-    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", raw_text))
+    names = env_refs(config_of(WITH_CERT_MANAGER, "ephemeral-broker-config"))
     assert names == set(SECRET_VALUES)
     for w in [d for d in workloads(WITH_CERT_MANAGER) if d.namespace == NS
               and d.name in ("ephemeral-broker", "ephemeral-broker-migrate")]:
@@ -618,6 +633,127 @@ def test_every_variable_and_file_the_broker_config_names_reaches_its_containers(
     svc = one(WITH_CERT_MANAGER, "Service", "ephemeral-broker").body["spec"]["ports"][0]
     (port,) = broker.body["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert port["containerPort"] == settings.server.port == svc["port"]
+
+
+# -- the broker's Vault login ------------------------------------------------------------
+
+
+def vault_role_writes(text: str, mount: str, role: str) -> list[dict[str, str]]:
+    """The parameters of each `vault|bao write auth/<mount>/role/<role> k=v ...` in a
+    document's shell blocks, continuation lines joined."""
+    joined = text.replace("\\\n", " ")
+    found = re.findall(rf"^(?:vault|bao) write auth/{mount}/role/{role} (.*)$", joined, re.M)
+    return [dict(arg.split("=", 1) for arg in line.split()) for line in found]
+
+
+def test_the_broker_logs_in_to_vault_with_a_projected_token_for_vault_alone():
+    settings = broker_settings()
+    auth = settings.vault.auth
+    assert isinstance(auth, KubernetesAuth)
+    broker = one(WITH_CERT_MANAGER, "Deployment", "ephemeral-broker")
+    spec = pod_spec(broker)
+    # token_path is the file of a projected service-account token, mounted read-only.
+    volume, inner = _mount_for(broker, "broker", str(auth.token_path))
+    (source,) = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["path"] == inner
+    (c,) = spec["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    # Bounded: a copied file is worth an hour at most (600 s is Kubernetes' minimum).
+    assert 600 <= token["expirationSeconds"] <= 3600
+    # Issued for Vault alone: neither the agents' audience at the broker nor the API
+    # server's (the issuer's, the automounted token's), so it stands in for neither.
+    (issuer,) = settings.identity.issuers
+    assert token["audience"] not in ("", settings.identity.audience, issuer.issuer)
+    # The Vault role that deploy/vault-setup.md and README.md write admits exactly this
+    # token: its audience, the pod's service account and namespace, the broker's policy.
+    for doc in (VAULT_SETUP, README):
+        (role,) = vault_role_writes(doc.read_text(), auth.mount, auth.role)
+        assert role["audience"] == token["audience"], doc
+        assert role["bound_service_account_names"] == spec["serviceAccountName"], doc
+        assert role["bound_service_account_namespaces"] == broker.namespace, doc
+        assert role["token_policies"] == "broker", doc
+    # Only the broker's pod holds a Vault token: the migrations Job never logs in.
+    holders = {w.name for w in workloads(WITH_CERT_MANAGER)
+               for v in pod_spec(w).get("volumes", [])
+               for src in v.get("projected", {}).get("sources", [])
+               if "serviceAccountToken" in src}
+    assert holders == {"ephemeral-broker"}
+    # And no AppRole left: no secret id in any workload, Secret key or README command.
+    for docs in VARIANTS.values():
+        for w in workloads(docs):
+            assert "approle" not in json.dumps(w.body).lower(), w
+    assert not [k for keys in _operator_created().values() for k in keys if "approle" in k]
+
+
+def _commented_approle_auth() -> dict[str, Any]:
+    """The AppRole login the broker ConfigMap keeps, commented out, under vault.auth."""
+    text = one(WITH_CERT_MANAGER, "ConfigMap", "ephemeral-broker-config").body["data"][
+        "config.yaml"]
+    lines = text.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.strip() == "# method: approle"]
+    prefix = lines[start][:lines[start].index("#") + 2]
+    block = []
+    for line in lines[start:]:
+        if not line.startswith(prefix) or ":" not in line:
+            break
+        block.append(line[len(prefix):])
+    return yaml.safe_load("\n".join(block))
+
+
+def _readme_section(title: str) -> str:
+    text = README.read_text()
+    section = text[text.index(f"\n## {title}\n") + 1:]
+    return section[:section.index("\n## ")]
+
+
+def _json_patch_adds(body: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """``body`` with JSON-patch ``add`` operations applied (the README's patches use
+    nothing else)."""
+    body = json.loads(json.dumps(body))
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = op["path"].lstrip("/").split("/")
+        node: Any = body
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if last == "-":
+            node.append(op["value"])
+        elif isinstance(node, list):
+            node.insert(int(last), op["value"])
+        else:
+            node[last] = op["value"]
+    return body
+
+
+def test_the_documented_approle_alternative_loads_and_reaches_both_workloads():
+    raw = config_of(WITH_CERT_MANAGER, "ephemeral-broker-config")
+    raw["vault"]["auth"] = _commented_approle_auth()
+    names = env_refs(raw)
+    assert names == set(SECRET_VALUES) | {"BROKER_APPROLE_SECRET_ID"}
+    env = {**SECRET_VALUES, "BROKER_APPROLE_SECRET_ID": "approle-secret"}
+    settings = load_settings(raw, source="AppRole alternative", env=env)
+    assert isinstance(settings.vault.auth, AppRoleAuth)
+    assert settings.vault.auth.secret_id.get_secret_value() == "approle-secret"
+    assert "approle-secret" not in repr(settings)
+    # README.md's overlay patches give the variable to the broker and to the migrations
+    # Job (which loads the same configuration), from the Secret key it asks to add.
+    section = _readme_section("AppRole instead")
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    patched = {}
+    for patch in yaml.safe_load(block)["patches"]:
+        target = one(WITH_CERT_MANAGER, patch["target"]["kind"], patch["target"]["name"])
+        patched[target.name] = _json_patch_adds(target.body, yaml.safe_load(patch["patch"]))
+    assert set(patched) == {"ephemeral-broker", "ephemeral-broker-migrate"}
+    for name, body in patched.items():
+        (c,) = body["spec"]["template"]["spec"]["containers"]
+        assert {e["name"] for e in c["env"]} == names, name
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"]
+                  if e["name"] == "BROKER_APPROLE_SECRET_ID"]
+        assert ref == {"name": "ephemeral-broker-secrets", "key": "approle-secret-id"}
+        assert f"`{ref['key']}`" in section and f"`{ref['name']}`" in section
+        assert kubernetes_validate.validate(body, VERSIONS[-1], strict=True)
 
 
 def test_the_broker_serves_tls_with_the_certificate_issued_for_its_service():
