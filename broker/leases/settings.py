@@ -9,7 +9,8 @@ from broker.settings import Frozen
 
 
 class StoreSettings(Frozen):
-    url: str = "sqlite:///broker.db"
+    # A PostgreSQL URL may hold the password: never in a repr (a traceback, a debug line).
+    url: str = Field("sqlite:///broker.db", repr=False)
     pool_size: int = Field(20, ge=1, le=200)
     connect_timeout_s: float = Field(5.0, gt=0, le=60)
 

@@ -827,3 +827,12 @@ def test_sqs_states_must_be_ec2_states() -> None:
     lines = errors_of(_with(events={"sqs": {**SQS, "states": ["terminated", "exploded"]}}))
     assert any(line.startswith("  events.sqs.states: expected EC2 instance states")
                for line in lines), lines
+
+
+def test_the_store_url_and_its_password_are_not_in_the_settings_repr():
+    from broker.leases.settings import StoreSettings
+
+    store = StoreSettings(url="postgresql://broker:s3cret-pw@db.internal/broker")
+    assert store.url.endswith("@db.internal/broker")
+    assert "s3cret-pw" not in repr(store)
+    assert "s3cret-pw" not in str(store)
