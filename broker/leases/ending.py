@@ -34,6 +34,18 @@ UNKNOWN_BEFORE_REVOCATION = "vault_unknown_before_revocation"
 MISSING_FROM_LISTING = "missing_from_vault_listing"
 UNKNOWN_AT_RENEWAL = "vault_unknown_at_renewal"
 
+# The error line a loss writes, by how it was found: Vault did not know a lease the broker
+# had not revoked (before its expiry), or a direct check found a credential still valid
+# past its expiry.
+LOST_UNKNOWN_LOG = (
+    "a lease was lost: Vault no longer knew it before the broker revoked it; "
+    "the credential may still work until it is ended by hand"
+)
+LOST_ALIVE_LOG = (
+    "a lease was lost: Vault no longer knew it although its credential still "
+    "works past its expiry; it works until it is ended by hand"
+)
+
 
 class CheckAnswer(Protocol):
     """A direct check's answer for one lease, with the name of the check that gave it."""
@@ -195,30 +207,10 @@ class LeaseEnder:
         out: dict[str, Ending] = {}
         for lease in leases:
             ending = await self._decide(lease, ours)
-            moved = await self._ledger.end_decided(
-                lease,
-                ending,
-                actor=actor,
-                engine=self._engine_of.get(lease.role),
-                found_by=found_by,
-                why=why,
-            )
-            if not moved:
-                continue
-            out[lease.lease_id] = ending
-            if ending.state is LeaseState.LOST:
-                self.lost.record(lease.role, found_by)
-                log.error(
-                    "a lease was lost: Vault no longer knew it before the broker revoked it; "
-                    "the credential may still work until it is ended by hand",
-                    extra={
-                        "lease_id": lease.lease_id,
-                        "instance_id": lease.instance_id,
-                        "role": lease.role,
-                        "vault_path": lease.vault_path,
-                        "found_by": found_by,
-                    },
-                )
+            if await self._record(
+                lease, ending, actor=actor, found_by=found_by, why=why, lost_log=LOST_UNKNOWN_LOG
+            ):
+                out[lease.lease_id] = ending
         return out
 
     async def stamp(self, lease_ids: Sequence[str]) -> Stamp:
@@ -316,26 +308,50 @@ class LeaseEnder:
             if answer is None or answer.gone is not False:
                 continue
             alive.add(lease.lease_id)
-            moved = await self._ledger.end_decided(
+            if await self._record(
                 lease,
                 Ending(LeaseState.LOST),
                 actor=actor,
-                engine=self._engine_of.get(lease.role),
                 found_by=found_by,
                 why=why,
-            )
-            if moved:
+                lost_log=LOST_ALIVE_LOG,
+            ):
                 lost.append(lease.lease_id)
-                self.lost.record(lease.role, found_by)
-                log.error(
-                    "a lease was lost: Vault no longer knew it although its credential still "
-                    "works past its expiry; it works until it is ended by hand",
-                    extra={
-                        "lease_id": lease.lease_id,
-                        "instance_id": lease.instance_id,
-                        "role": lease.role,
-                        "vault_path": lease.vault_path,
-                        "found_by": found_by,
-                    },
-                )
         return lost, alive
+
+    async def _record(
+        self,
+        lease: LeaseView,
+        ending: Ending,
+        *,
+        actor: str,
+        found_by: str,
+        why: str,
+        lost_log: str,
+    ) -> bool:
+        """Record ``ending`` with its audit event; False when another path ended the lease
+        (or sent its revocation) meanwhile and nothing was recorded. The one way a loss is
+        recorded: a ``lost`` ending is counted for ``broker_leases_lost_total`` and logged
+        as an error (``lost_log``, saying how it was found) with what an operator needs to
+        end the credential by hand."""
+        moved = await self._ledger.end_decided(
+            lease,
+            ending,
+            actor=actor,
+            engine=self._engine_of.get(lease.role),
+            found_by=found_by,
+            why=why,
+        )
+        if moved and ending.state is LeaseState.LOST:
+            self.lost.record(lease.role, found_by)
+            log.error(
+                lost_log,
+                extra={
+                    "lease_id": lease.lease_id,
+                    "instance_id": lease.instance_id,
+                    "role": lease.role,
+                    "vault_path": lease.vault_path,
+                    "found_by": found_by,
+                },
+            )
+        return moved

@@ -4,6 +4,7 @@ it can matter, and counts what it records lost."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -221,3 +222,51 @@ async def test_only_endings_actually_recorded_are_reported() -> None:
     assert await ender.settle_unknown([_lease()], actor="a", found_by="reconciler") == {}
     assert ender.lost.counts() == {}
     assert await ender.end_one(_lease(), actor="a", found_by="release", ours=L.RELEASED) is None
+
+
+LOST_FIELDS = ("lease_id", "instance_id", "role", "vault_path", "found_by")
+
+
+def _lost_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, object]]]:
+    return [(r.levelname, r.getMessage(), {k: r.__dict__[k] for k in LOST_FIELDS})
+            for r in caplog.records if r.getMessage().startswith("a lease was lost")]
+
+
+@pytest.mark.parametrize("path", ["settle_unknown", "lost_past_expiry"])
+async def test_a_loss_is_recorded_counted_and_logged_the_same_way(
+        path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Both ways a lease is found lost record it, count it by (role, found_by) and write
+    one error line with what an operator needs to end the credential by hand."""
+    caplog.set_level(logging.ERROR, logger="broker.leases.ending")
+    lease = _lease(expires_at=NOW - timedelta(minutes=5)) if path == "lost_past_expiry" \
+        else _lease()
+    ender, ledger = _ender(Vault(set()), Check(False))
+    if path == "settle_unknown":
+        out = await ender.settle_unknown([lease], actor="a", found_by="reconciler", why="w")
+        assert out == {"l-1": Ending(L.LOST)}
+        message = ("a lease was lost: Vault no longer knew it before the broker revoked it; "
+                   "the credential may still work until it is ended by hand")
+    else:
+        assert await ender.lost_past_expiry(
+            [lease], actor="a", found_by="reconciler", why="w") == (["l-1"], {"l-1"})
+        message = ("a lease was lost: Vault no longer knew it although its credential still "
+                   "works past its expiry; it works until it is ended by hand")
+    assert ledger.ended == [("l-1", Ending(L.LOST), "pki", "reconciler", "w")]
+    assert ender.lost.counts() == {("cert", "reconciler"): 1}
+    assert _lost_lines(caplog) == [("ERROR", message, {
+        "lease_id": "l-1", "instance_id": "i-1", "role": "cert",
+        "vault_path": "pki/issue/r", "found_by": "reconciler"})]
+
+
+@pytest.mark.parametrize("path", ["settle_unknown", "lost_past_expiry"])
+async def test_a_loss_another_path_ended_first_is_neither_counted_nor_logged(
+        path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="broker.leases.ending")
+    ender, _ = _ender(Vault(set()), Check(False), moves=False)
+    if path == "settle_unknown":
+        assert await ender.settle_unknown([_lease()], actor="a", found_by="reconciler") == {}
+    else:
+        lease = _lease(expires_at=NOW - timedelta(minutes=5))
+        assert await ender.lost_past_expiry(
+            [lease], actor="a", found_by="reconciler", why="w") == ([], {"l-1"})
+    assert ender.lost.counts() == {} and _lost_lines(caplog) == []
