@@ -26,9 +26,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("resolved_at", UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("resolved_by", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("resolved_reason", sa.String(length=200), nullable=True))
-        batch_op.add_column(
-            sa.Column("resolved_incident", sa.String(length=128), nullable=True)
-        )
+        batch_op.add_column(sa.Column("resolved_incident", sa.String(length=128), nullable=True))
 
 
 def downgrade() -> None:
