@@ -16,6 +16,7 @@ package that calls them; nothing above that boundary catches them.
     ├── InstanceTerminated         409  instance is tombstoned: nothing new is issued
     ├── LeaseLimitReached          409  the role's per-instance lease limit is reached
     ├── SelectionTooLarge          409  a bulk termination reaches more than its --max
+    ├── LeaseNotLost               409  only a lost lease is marked resolved by an operator
     ├── UpstreamRejected           502  Vault refused a request the broker made
     ├── UpstreamUnavailable        503  Vault unreachable, sealed or timing out
     └── StoreUnavailable           503  the lease store cannot be reached
@@ -127,6 +128,13 @@ class LeaseLimitReached(BrokerError):
 class SelectionTooLarge(BrokerError):
     status = 409
     code = "selection_too_large"
+
+
+class LeaseNotLost(BrokerError):
+    """An operator marked a lease resolved that is not ``lost`` (nor resolved already)."""
+
+    status = 409
+    code = "lease_not_lost"
 
 
 class UpstreamRejected(BrokerError):

@@ -116,6 +116,24 @@ async def show_lease(request: web.Request) -> web.Response:
     return web.json_response({**lease_admin(lease), **({"vault": live} if vault else {})})
 
 
+async def resolve_lease(request: web.Request) -> web.Response:
+    """Mark a lost lease resolved: the operator ended its credential by hand. Idempotent
+    (a lease resolved before is answered as it is, ``changed`` false); any other state is
+    409 ``lease_not_lost``."""
+    operator = await operator_of(request, Scope.REVOKE)
+    lease_id = decode.lease_id(request)
+    reason, incident = decode.said(await decode.json_object(request, {"reason", "incident"}))
+    if reason is None or not reason.strip():
+        raise BadRequest(
+            "'reason' is required: how the lost lease's credential was ended by hand",
+            code="invalid_reason",
+        )
+    lease, changed = await request.app[API].admin.actions.resolve(
+        lease_id, operator, reason=reason, incident=incident
+    )
+    return web.json_response({"lease": lease_admin(lease), "changed": changed})
+
+
 async def count_leases(request: web.Request) -> web.Response:
     """Leases counted by role, engine, workload or issuer, largest first (live by default):
     a lease explosion at a glance."""
@@ -366,6 +384,7 @@ def add_admin_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/v1/admin/leases", list_leases)
     r.add_get("/v1/admin/leases/count", count_leases)  # before {lease_id}
     r.add_get("/v1/admin/leases/{lease_id}", show_lease)
+    r.add_post("/v1/admin/leases/{lease_id}/resolve", resolve_lease)
     r.add_get("/v1/admin/instances", list_instances)
     r.add_get("/v1/admin/jobs", list_jobs)
     r.add_post("/v1/admin/jobs/{job_id}/retry", retry_job)

@@ -1,5 +1,6 @@
-"""The OpenAPI description of the admin listings: leases (listed, counted, shown),
-instances and revocation jobs. Merged into ``openapi_document``'s paths.
+"""The OpenAPI description of the admin listings: leases (listed, counted, shown, and a
+lost one marked resolved), instances and revocation jobs. Merged into
+``openapi_document``'s paths.
 
 Every admin GET refuses a query parameter it does not take (400 ``unknown_query``) and a
 repeated one (400 ``invalid_query``); a listing answers a page and ``next``, the cursor
@@ -10,8 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.api.decode import MAX_REASON, PRINTABLE_CLASS
 from broker.api.openapi_operators import ADMIN_ERRORS
-from broker.api.openapi_parts import ADMIN, LEASE_ID, NULL_TIME, TIME, err, ok, or_empty
+from broker.api.openapi_parts import (
+    ADMIN,
+    INCIDENT,
+    LEASE_ID,
+    NULL_TIME,
+    TIME,
+    body,
+    err,
+    ok,
+    or_empty,
+)
 from broker.api.queries import MAX_VALUE, TEXT_PATTERN
 from broker.leases import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
 
@@ -84,6 +96,7 @@ _LEASE: dict[str, Any] = {
         "expires_at",
         "ended_at",
         "vault_lease_id",
+        "resolution",
     ],
     "properties": {
         "lease_id": {"type": "string"},
@@ -98,9 +111,23 @@ _LEASE: dict[str, Any] = {
         "expires_at": _NULL_TIME,
         "ended_at": _NULL_TIME,
         "vault_lease_id": {"type": ["string", "null"]},
+        "resolution": {
+            "type": ["object", "null"],
+            "description": "a lost lease an operator marked resolved (state resolved): "
+            "when, by whom, why and the incident; null otherwise",
+            "required": ["at", "by", "reason", "incident"],
+            "properties": {
+                "at": _TIME,
+                "by": {"type": "string"},
+                "reason": {"type": "string"},
+                "incident": {"type": ["string", "null"]},
+            },
+        },
     },
 }
 LEASE = _LEASE
+# ``resolve``'s reason: printable (``decode.reason``) and not blank.
+_NOT_BLANK = f"^[^{PRINTABLE_CLASS}]*[^{PRINTABLE_CLASS} ][^{PRINTABLE_CLASS}]*$"
 _INSTANCE = {
     "type": "object",
     "required": ["instance_id", "state", "created_at", "terminated_at", "leases", "live_leases"],
@@ -241,6 +268,58 @@ def listing_paths() -> dict[str, Any]:
                     ),
                     "404": err("no such lease"),
                     **_ERRS,
+                },
+            }
+        },
+        "/v1/admin/leases/{lease_id}/resolve": {
+            "post": {
+                "summary": "Mark a lost lease resolved once its credential was ended by hand: "
+                "who, when, why and the incident are recorded on it and audited "
+                "(lease.resolved); it is then no longer listed, counted or reported as lost. "
+                "Idempotent: a lease resolved before is answered as it is (changed false). "
+                "Scope revoke",
+                "security": ADMIN,
+                "parameters": [
+                    {"name": "lease_id", "in": "path", "required": True, "schema": LEASE_ID}
+                ],
+                "requestBody": body(
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["reason"],
+                        "properties": {
+                            "reason": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_REASON,
+                                "pattern": _NOT_BLANK,
+                                "description": "how the credential was ended (printable, "
+                                "not blank); kept on the lease and in the audit event",
+                            },
+                            "incident": INCIDENT,
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": ok(
+                        "the lease, resolved; changed: whether this call marked it",
+                        {
+                            "type": "object",
+                            "required": ["lease", "changed"],
+                            "properties": {"lease": _LEASE, "changed": {"type": "boolean"}},
+                        },
+                    ),
+                    "400": err(
+                        "reason missing or blank, or not printable text of at most "
+                        f"{MAX_REASON} characters (invalid_reason); invalid_incident, "
+                        "malformed_json, unknown_field"
+                    ),
+                    "404": err("no such lease (lease_not_found)"),
+                    "409": err(
+                        "the lease is neither lost nor resolved (lease_not_lost): a live one "
+                        "is ended by revoking its instance"
+                    ),
+                    **ADMIN_ERRORS,
                 },
             }
         },

@@ -97,9 +97,9 @@ class AdminReads(Protocol):
 
 
 class AdminActions(Protocol):
-    """An operator's actions on instances and jobs: terminate one (saying whether the
-    broker never saw it), a selection's blast radius and its bulk termination, retry a
-    failed job, reconcile now."""
+    """An operator's actions on instances, jobs and leases: terminate one (saying whether
+    the broker never saw it), a selection's blast radius and its bulk termination, retry a
+    failed job, reconcile now, mark a lost lease resolved."""
 
     async def terminate(
         self,
@@ -135,6 +135,10 @@ class AdminActions(Protocol):
         reason: str | None = None,
         incident: str | None = None,
     ) -> ReconcileReport: ...
+
+    async def resolve(
+        self, lease_id: str, operator: Operator, *, reason: str, incident: str | None
+    ) -> tuple[LeaseView, bool]: ...
 
 
 class PolicyQuestions(Protocol):

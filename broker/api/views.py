@@ -38,6 +38,8 @@ def lease_public(lease: LeaseView) -> dict[str, Any]:
     d.pop("vault_path")
     d.pop("credential_ref")
     d.pop("revoke_sent_at")
+    for k in ("resolved_at", "resolved_by", "resolved_reason", "resolved_incident"):
+        d.pop(k)  # an operator's marker on a lost lease: the admin API's
     return d
 
 
@@ -51,7 +53,21 @@ def lease_admin(lease: LeaseView) -> dict[str, Any]:
     d["vault_path"] = lease.vault_path
     d["credential_ref"] = lease.credential_ref
     d["revoke_sent_at"] = _iso(lease.revoke_sent_at)
+    d["resolution"] = resolution_public(lease)
     return d
+
+
+def resolution_public(lease: LeaseView) -> dict[str, Any] | None:
+    """Who marked a lost lease resolved, when, why and for which incident; None when no
+    one did."""
+    if lease.resolved_at is None:
+        return None
+    return {
+        "at": iso_z(lease.resolved_at),
+        "by": lease.resolved_by,
+        "reason": lease.resolved_reason,
+        "incident": lease.resolved_incident,
+    }
 
 
 def job_public(job: JobView) -> dict[str, Any]:

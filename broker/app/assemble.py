@@ -244,6 +244,7 @@ def assemble(
                 {name: role.engine for name, role in settings.roles.items()},
             ),
             seen=ledgers.selection,
+            resolutions=ledgers.ending,
         ),
         policy=PolicyService(
             ledgers.admin,

@@ -95,6 +95,15 @@ class ActionRecords(Protocol):
     async def record_audit(self, actor: str, action: str, **detail: Any) -> None: ...
 
 
+class LostResolution(Protocol):
+    """An operator's marker on a lost lease they ended by hand
+    (``broker.leases.EndingRecords.resolve_lost``)."""
+
+    async def resolve_lost(
+        self, lease_id: str, *, actor: str, reason: str, incident: str | None
+    ) -> tuple[LeaseView, bool]: ...
+
+
 class InstanceStanding(Protocol):
     """An instance and its job, as ``policy explain`` reads them."""
 
@@ -251,7 +260,8 @@ class ListingService:
 
 
 class ActionService:
-    """An operator's actions on instances and jobs; every one is recorded as its operator."""
+    """An operator's actions on instances, jobs and lost leases; every one is recorded as
+    its operator."""
 
     def __init__(
         self,
@@ -261,12 +271,14 @@ class ActionService:
         reconcile: Callable[[bool | None], Awaitable[ReconcileReport]],
         bulk: BulkTermination,
         seen: NeverSeen,
+        resolutions: LostResolution,
     ) -> None:
         self._queries = queries
         self._terminate = terminate
         self._reconcile = reconcile
         self._bulk = bulk
         self._seen = seen
+        self._resolutions = resolutions
 
     async def terminate(
         self,
@@ -331,6 +343,14 @@ class ActionService:
             **said,
         )
         return await self._reconcile(revoke_orphans)
+
+    async def resolve(
+        self, lease_id: str, operator: Operator, *, reason: str, incident: str | None
+    ) -> tuple[LeaseView, bool]:
+        """Mark a lost lease resolved: the operator ended its credential by hand."""
+        return await self._resolutions.resolve_lost(
+            lease_id, actor=operator.actor, reason=reason, incident=incident
+        )
 
 
 class PolicyService:

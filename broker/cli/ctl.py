@@ -13,7 +13,8 @@ checkpoint covers · 9 ``revoke`` named an instance the broker has never seen
 (tombstoned, 0 leases: a typo?) · 10 the answer is a refusal (``policy explain``: token
 invalid, role refused by policy, instance terminated, locked). A bulk ``revoke`` that left
 something exits 1, and so does ``revoke --wait`` when a lease was lost (Vault had
-forgotten it: not revoked).
+forgotten it: not revoked) until an operator who ended its credential by hand marks it
+resolved (``leases resolve``).
 
 A list that stops short of everything says so: on stderr in a table or ``-o jsonl``
 ("… more results: pass --limit N or --after CURSOR"), as ``next`` in ``-o json``.

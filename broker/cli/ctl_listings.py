@@ -1,4 +1,5 @@
-"""``brokerctl leases|instances|jobs``: what the broker holds, listed, counted and shown.
+"""``brokerctl leases|instances|jobs``: what the broker holds, listed, counted and shown;
+and ``leases resolve``, an operator's marker on a lost lease they ended by hand.
 
 Every list says when it was cut: on stderr in a table or ``-o jsonl`` (``… more results:
 pass --limit N or --after CURSOR``), as ``next`` in ``-o json``. ``--state`` is checked
@@ -13,8 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.cli.ctlbase import (
+    EXIT_USAGE,
     LEASE_COLUMNS,
     Client,
+    CtlError,
     Listing,
     command,
     moment,
@@ -36,6 +39,7 @@ LEASE_STATES = [
     "abandoned",
     "expired",
     "lost",
+    "resolved",
 ]
 INSTANCE_STATES = ["active", "terminating", "terminated"]
 JOB_STATES = ["pending", "running", "done", "failed"]
@@ -145,10 +149,19 @@ def show_lease(lease: Any) -> str:
     lines = [f"{k:<15} {'' if lease.get(k) is None else lease[k]}" for k in keys]
     ref = lease.get("credential_ref") or {}
     lines.append(f"{'credential_ref':<15} {', '.join(f'{k}={v}' for k, v in sorted(ref.items()))}")
+    resolution = lease.get("resolution")
+    if resolution:
+        lines += [
+            f"{'resolved_at':<15} {resolution['at']}",
+            f"{'resolved_by':<15} {resolution['by']}",
+            f"{'reason':<15} {resolution['reason']}",
+            f"{'incident':<15} {resolution.get('incident') or ''}",
+        ]
     if lease.get("state") == "lost":
         lines.append(
             "LOST: Vault no longer knew this lease before the broker revoked it; the "
-            "credential may still work: end it by hand (README: Lost leases and alerting)"
+            "credential may still work: end it by hand (README: Lost leases and alerting), "
+            f"then: brokerctl leases resolve {lease['lease_id']} --reason TEXT"
         )
     vault = lease.get("vault")
     if vault is not None:
@@ -167,6 +180,27 @@ def show_lease(lease: Any) -> str:
                 f"{'vault renewable':<15} {vault['renewable']}",
             ]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_resolve(c: Client, args: argparse.Namespace) -> Any:
+    if not args.reason.strip():
+        raise CtlError("--reason: say how the credential was ended by hand", EXIT_USAGE)
+    path = f"/v1/admin/leases/{urllib.parse.quote(args.lease_id, safe='')}/resolve"
+    return c.call("POST", path, body=said(args))
+
+
+def show_resolve(result: Any) -> str:
+    lease, resolution = result["lease"], result["lease"]["resolution"]
+    incident = f", incident {resolution['incident']}" if resolution.get("incident") else ""
+    head = (
+        f"lease {lease['lease_id']} resolved"
+        if result["changed"]
+        else f"lease {lease['lease_id']} was resolved already; nothing changed"
+    )
+    return (
+        f"{head}: by {resolution['by']} at {resolution['at']}{incident}\n"
+        f"reason: {resolution['reason']}"
+    )
 
 
 def cmd_instances(c: Client, args: argparse.Namespace) -> Listing:
@@ -255,6 +289,17 @@ def register(sub: Any) -> None:
     ls.add_argument("lease_id")
     ls.add_argument("--vault", action="store_true", help="look the lease up in Vault")
     ls.set_defaults(run=cmd_lease, show=show_lease)
+    lr = command(
+        lsub,
+        "resolve",
+        help="mark a lost lease resolved once its credential was ended by hand (audited)",
+    )
+    lr.add_argument("lease_id")
+    lr.add_argument(
+        "--reason", required=True, help="how the credential was ended: recorded and audited"
+    )
+    lr.add_argument("--incident", metavar="ID", help="an incident reference (e.g. INC-1234)")
+    lr.set_defaults(run=cmd_resolve, show=show_resolve)
 
     inst = sub.add_parser("instances", help="instances the broker tracks")
     isub = inst.add_subparsers(dest="instances_command", required=True)

@@ -255,7 +255,8 @@ def show_revoke(result: Any) -> str:
             lines.append(
                 f"NOT DONE: {leases['lost']} lease(s) LOST: Vault no longer knew them, so "
                 "their credentials may still work; end them by hand "
-                "(brokerctl leases list --state lost, then leases show LEASE_ID)"
+                "(brokerctl leases list --state lost, then leases show LEASE_ID), then "
+                "mark each handled: brokerctl leases resolve LEASE_ID --reason TEXT"
             )
     return "\n".join(lines)
 
@@ -266,7 +267,8 @@ def _lost_lines(lost: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         f"NOT DONE: {len(lost)} lease(s) LOST: Vault no longer knew them before the broker "
-        "revoked them, so their credentials may still work; end them by hand:"
+        "revoked them, so their credentials may still work; end them by hand, then mark "
+        "each handled (brokerctl leases resolve LEASE_ID --reason TEXT):"
     ]
     for lease in lost:
         ref = ", ".join(f"{k}={v}" for k, v in sorted((lease.get("credential_ref") or {}).items()))

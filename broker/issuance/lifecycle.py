@@ -40,6 +40,7 @@ _ENDED = frozenset(
         LeaseState.ABANDONED,
         LeaseState.EXPIRED,
         LeaseState.LOST,
+        LeaseState.RESOLVED,
     }
 )
 

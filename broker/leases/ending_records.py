@@ -1,5 +1,6 @@
 """The ledger of ``broker.leases.ending.LeaseEnder``: ``revoke_sent_at`` and the recorded
-ending of a lease Vault does not know, each one transaction."""
+ending of a lease Vault does not know; and an operator's marker on a lost lease they ended
+by hand (``resolve_lost``). Each one transaction."""
 
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ class EndingRecords:
                 engine=engine,
                 found_by=found_by,
                 why=why,
+            )
+
+    async def resolve_lost(
+        self, lease_id: str, *, actor: str, reason: str, incident: str | None
+    ) -> tuple[LeaseView, bool]:
+        """Mark a lost lease resolved, with its audit event; the lease, and whether this
+        call marked it (False: resolved before). Raises ``NotFound``, ``LeaseNotLost``."""
+        async with self._db.transaction() as conn:
+            return await sql.resolve_lost(
+                conn, self._clock, lease_id, actor=actor, reason=reason, incident=incident
             )
 
 

@@ -122,6 +122,12 @@ class Lease(Base):
     # lease, once Vault confirmed it still knew the lease: from then on Vault not knowing
     # it is the broker's own doing (``revoked``), never a loss.
     revoke_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A ``lost`` lease an operator marked ``resolved`` once they ended its credential by
+    # hand: when, who (``operator:<name>``), why, and the incident it belongs to.
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    resolved_by: Mapped[str | None] = mapped_column(String(128))
+    resolved_reason: Mapped[str | None] = mapped_column(String(200))
+    resolved_incident: Mapped[str | None] = mapped_column(String(128))
 
 
 class RevocationJob(Base):

@@ -22,8 +22,13 @@ class LeaseState(StrEnum):
     # Vault no longer knew the lease before the broker revoked it, and before its expiry
     # (Vault restored from an older snapshot, storage replaced, a mount re-enabled): the
     # credential may still work, and only an operator can end it (engine, Vault path and
-    # ``credential_ref`` say where). Terminal for the broker; never taken for ``revoked``.
+    # ``credential_ref`` say where). Final for the broker; never taken for ``revoked``.
+    # Only an operator moves it on, to ``resolved``.
     LOST = "lost"
+    # A lost lease an operator said they ended by hand (``brokerctl leases resolve``):
+    # who, when, why and the incident are recorded on it and in its audit event. No longer
+    # a problem to list or count; the broker itself never sets it.
+    RESOLVED = "resolved"
 
 
 class InstanceState(StrEnum):
@@ -59,7 +64,8 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.REVOKED: frozenset(),
     LeaseState.ABANDONED: frozenset(),
     LeaseState.EXPIRED: frozenset(),
-    LeaseState.LOST: frozenset(),
+    LeaseState.LOST: frozenset({LeaseState.RESOLVED}),
+    LeaseState.RESOLVED: frozenset(),
 }
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -53,6 +53,11 @@ class LeaseView:
     credential_ref: dict[str, str] | None = None
     # When the broker first sent a revocation covering this lease (Vault knew it then).
     revoke_sent_at: datetime | None = None
+    # A lost lease an operator marked resolved: when, who, why, which incident.
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    resolved_reason: str | None = None
+    resolved_incident: str | None = None
 
 
 @dataclass(frozen=True)

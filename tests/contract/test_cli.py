@@ -15,7 +15,7 @@ from tests.contract.golden import assert_golden
 BROKER_HELP = [[], ["serve"], ["migrate"], ["dev"], ["dev", "token"], ["hash-admin-token"],
                ["agent"], ["injector"]]
 BROKERCTL_HELP = [[], ["revoke"], ["leases"], ["leases", "list"], ["leases", "count"],
-                  ["leases", "show"], ["instances"], ["instances", "list"],
+                  ["leases", "show"], ["leases", "resolve"], ["instances"], ["instances", "list"],
                   ["instances", "show"], ["policy"], ["policy", "explain"], ["jobs"],
                   ["jobs", "list"], ["jobs", "retry"], ["reconcile"], ["whoami"], ["lock"],
                   ["lock", "create"], ["lock", "list"], ["lock", "rm"], ["audit"],
@@ -77,6 +77,7 @@ async def test_usage_errors_exit_2():
              ("broker.cli.ctl", "brokerctl", ["leases", "list", "--state", "nonsense"]),
              ("broker.cli.ctl", "brokerctl", ["leases", "list", "--limit", "0"]),
              ("broker.cli.ctl", "brokerctl", ["leases", "count"]),
+             ("broker.cli.ctl", "brokerctl", ["leases", "resolve", "l-" + "0" * 32]),
              ("broker.cli.ctl", "brokerctl", ["instances", "list", "--since", "yesterday"])]
     env = clean_env()
     runs = await asyncio.gather(*(run(m, *a, env=env) for m, _, a in cases))
@@ -102,12 +103,13 @@ async def test_brokerctl_exit_codes_against_a_broker(broker):
         (["leases", "list", "-o", "json"], {}),
         (["leases", "count", "--group-by", "role"], {}),
         (["leases", "show", "l-" + "0" * 32, "--vault"], {}),
+        (["leases", "resolve", "l-" + "0" * 32, "--reason", "ended by hand"], {}),
     ]
     base = {"BROKER_URL": broker.url, "BROKER_ADMIN_TOKEN": ADMIN_TOKEN}
     runs = [await run("broker.cli.ctl", *args, env=clean_env(**{**base, **over}))
             for args, over in cases]
     codes = [code for code, _, _ in runs]
-    assert codes == [3, 3, 4, 5, 1, 1, 1, 2, 0, 0, 0, 0, 3], runs
+    assert codes == [3, 3, 4, 5, 1, 1, 1, 2, 0, 0, 0, 0, 3, 3], runs
     text = "\n".join(
         transcript("brokerctl", args, *r, env=over)
         for (args, over), r in zip(cases, runs, strict=True))

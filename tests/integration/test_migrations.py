@@ -23,7 +23,7 @@ async def test_upgrade_head_then_check_finds_no_drift(backend, pg, workdir):
         await asyncio.to_thread(migrate, url)
         await asyncio.to_thread(migrate, url)  # idempotent
         await asyncio.to_thread(command.check, alembic_config(url))
-        assert head_revision() == "0006"
+        assert head_revision() == "0007"
     finally:
         if name:
             await asyncio.to_thread(pg.drop_database, name)
@@ -84,6 +84,63 @@ async def test_0006_stamps_leases_older_code_may_have_sent_a_revocation_for(back
             rows = conn.execute(text("SELECT lease_id, revoke_sent_at FROM leases")).all()
         stamped = {lid for lid, at in rows if at is not None}
         assert stamped == {"l-revoking", "l-job", "l-tok"}
+    finally:
+        engine.dispose()
+        if name:
+            await asyncio.to_thread(pg.drop_database, name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_0007_adds_the_resolution_and_a_downgrade_lists_resolved_leases_lost_again(
+        backend, pg, workdir):
+    """Upgraded, a lost lease stays lost with no resolution; downgraded, a lease an operator
+    had resolved is lost again (the code before knows no ``resolved``: it is listed as a
+    problem again, never hidden) and the columns are gone."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, inspect, text
+
+    from broker.leases.migrations import sync_url
+
+    name = None
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir / ('mig-' + secrets.token_hex(6) + '.db')}"
+    else:
+        name = await asyncio.to_thread(pg.create_database)
+        url = pg.url(name)
+    t = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    engine = create_engine(sync_url(url))
+    try:
+        await asyncio.to_thread(command.upgrade, alembic_config(url), "0006")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO instances (instance_id, state, created_at, updated_at) "
+                "VALUES ('i-1', 'terminated', :t, :t)"), {"t": t})
+            for lid, state in (("l-lost", "lost"), ("l-gone", "revoked")):
+                conn.execute(text(
+                    "INSERT INTO leases (lease_id, instance_id, workload, role, kind, state, "
+                    "vault_lease_id, renewable, created_at, updated_at, ended_at) "
+                    "VALUES (:l, 'i-1', 'w', 'r', 'k', :s, :v, false, :t, :t, :t)"),
+                    {"l": lid, "s": state, "v": f"db/creds/r/{lid}", "t": t})
+        await asyncio.to_thread(migrate, url)
+        with engine.begin() as conn:
+            rows = conn.execute(text(
+                "SELECT lease_id, state, resolved_at, resolved_by, resolved_reason, "
+                "resolved_incident FROM leases ORDER BY lease_id")).all()
+            assert [tuple(r) for r in rows] == [
+                ("l-gone", "revoked", None, None, None, None),
+                ("l-lost", "lost", None, None, None, None)]
+            conn.execute(text(
+                "UPDATE leases SET state = 'resolved', resolved_at = :t, "
+                "resolved_by = 'operator:alice', resolved_reason = 'by hand' "
+                "WHERE lease_id = 'l-lost'"), {"t": t})
+        await asyncio.to_thread(command.downgrade, alembic_config(url), "0006")
+        with engine.begin() as conn:
+            rows = conn.execute(text(
+                "SELECT lease_id, state FROM leases ORDER BY lease_id")).all()
+        assert [tuple(r) for r in rows] == [("l-gone", "revoked"), ("l-lost", "lost")]
+        columns = {c["name"] for c in inspect(engine).get_columns("leases")}
+        assert not {c for c in columns if c.startswith("resolved_")}
     finally:
         engine.dispose()
         if name:

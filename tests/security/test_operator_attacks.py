@@ -100,6 +100,7 @@ def revoke_calls(instance: str) -> list[tuple[str, str, dict[str, Any] | None]]:
         ("DELETE", f"/v1/admin/locks/k-{'0' * 32}", None),
         ("POST", f"/v1/admin/jobs/j-{'0' * 32}/retry", None),
         ("POST", "/v1/admin/reconcile", None),
+        ("POST", f"/v1/admin/leases/l-{'0' * 32}/resolve", {"reason": "x"}),
     ]
 
 
@@ -114,9 +115,9 @@ async def test_a_read_operator_changes_nothing(guarded, http):
             assert (resp.status, answer["error"]["code"]) == (
                 403, "operator_scope_insufficient"), path
     refused = events(guarded, "admin.refused")
-    assert len(refused) == 5 and {e["actor"] for e in refused} == {"operator:reader"}
+    assert len(refused) == 6 and {e["actor"] for e in refused} == {"operator:reader"}
     after = guarded.store_snapshot()
-    assert after["audit_events"] == before["audit_events"] + 5
+    assert after["audit_events"] == before["audit_events"] + 6
     assert {k: v for k, v in after.items() if k != "audit_events"} == \
         {k: v for k, v in before.items() if k != "audit_events"}
     # The static admin token still does all of it.

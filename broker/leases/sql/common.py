@@ -292,6 +292,10 @@ def lease_view(r: m.Lease) -> LeaseView:
         r.vault_path,
         r.credential_ref,
         r.revoke_sent_at,
+        r.resolved_at,
+        r.resolved_by,
+        r.resolved_reason,
+        r.resolved_incident,
     )
 
 

@@ -1,5 +1,6 @@
 """The SQL of ending a lease Vault does not know (``broker.leases.ending``): when the
-broker first sent a revocation, and the decided ending with its audit event."""
+broker first sent a revocation, and the decided ending with its audit event; and an
+operator's marker on a lost lease they ended by hand (``resolve_lost``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock
+from broker.errors import LeaseNotLost
 from broker.leases import models as m
 from broker.leases.ending import Ending
-from broker.leases.sql.common import audit
+from broker.leases.resolution import Resolving, not_lost_message, resolving
+from broker.leases.sql.common import audit, iso
+from broker.leases.sql.issuance import get_lease
 from broker.leases.states import LIVE_LEASE_STATES, LeaseState, lease_can_move
 from broker.leases.views import LeaseView
 
@@ -120,3 +124,63 @@ async def end_decided(
         **detail,
     )
     return True
+
+
+async def resolve_lost(
+    conn: AsyncConnection,
+    clock: Clock,
+    lease_id: str,
+    *,
+    actor: str,
+    reason: str,
+    incident: str | None,
+) -> tuple[LeaseView, bool]:
+    """Mark a lost lease resolved (``broker.leases.resolution``): who, when, why and the
+    incident on the lease, and its ``lease.resolved`` event, in the caller's transaction.
+    Returns the lease as it is now, and whether this call marked it (False: resolved
+    before, the first marker stands). Raises ``NotFound`` (``lease_not_found``) and
+    ``LeaseNotLost``."""
+    now = clock.now()
+    lease = await get_lease(conn, lease_id)
+    sources = [s.value for s in LeaseState if lease_can_move(s, LeaseState.RESOLVED)]
+    moved = (
+        await conn.execute(
+            update(m.Lease)
+            .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(sources))
+            .values(
+                state=LeaseState.RESOLVED.value,
+                resolved_at=now,
+                resolved_by=actor[:128],
+                resolved_reason=reason[:200],
+                resolved_incident=incident,
+                updated_at=now,
+            )
+            .returning(m.Lease.lease_id)
+        )
+    ).first()
+    if moved is None:
+        # Read again: the state the guard saw (another operator may have just marked it).
+        lease = await get_lease(conn, lease_id)
+        decision = resolving(LeaseState(lease.state))
+        if decision is Resolving.ALREADY:
+            return lease, False
+        raise LeaseNotLost(not_lost_message(LeaseState(lease.state)))
+    said = {"incident": incident} if incident else {}
+    await audit(
+        conn,
+        clock,
+        actor,
+        "lease.resolved",
+        instance_id=lease.instance_id,
+        lease_id=lease_id,
+        reason=reason,
+        workload=lease.workload,
+        role=lease.role,
+        kind=lease.kind,
+        vault_lease_id=lease.vault_lease_id,
+        vault_path=lease.vault_path,
+        credential_ref=lease.credential_ref,
+        lost_at=iso(lease.ended_at),
+        **said,
+    )
+    return await get_lease(conn, lease_id), True

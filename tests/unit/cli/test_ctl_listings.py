@@ -88,3 +88,60 @@ def test_a_cut_listing_says_so_in_every_output(capsys, output, stdout, stderr):
     args = argparse.Namespace(output=output, show=lambda rows: ctl.table(rows, ["lease_id"]))
     ctl._print(args, LISTING)
     assert capsys.readouterr() == (stdout, stderr)
+
+
+RESOLVED = {
+    "lease_id": "l-" + "a" * 32, "instance_id": "i-1", "workload": "payments",
+    "role": "dev-db", "kind": "database_login", "state": "resolved", "renewable": True,
+    "created_at": "2026-12-02T10:00:00Z", "issued_at": "2026-12-02T10:00:01Z",
+    "expires_at": "2026-12-02T11:00:01Z", "ended_at": "2026-12-02T10:20:00Z",
+    "vault_lease_id": "database/creds/dev-db/x", "vault_path": "database/creds/dev-db",
+    "credential_ref": {"username": "v-dev-db-x7"}, "revoke_sent_at": None,
+    "resolution": {"at": "2026-12-02T10:30:00Z", "by": "operator:alice",
+                   "reason": "dropped the role by hand", "incident": "INC-7"},
+}
+
+
+def test_a_resolved_lease_shows_who_resolved_it_when_and_why():
+    shown = ctl_listings.show_lease(RESOLVED).splitlines()
+    assert shown[-4:] == [
+        "resolved_at     2026-12-02T10:30:00Z",
+        "resolved_by     operator:alice",
+        "reason          dropped the role by hand",
+        "incident        INC-7",
+    ]
+    assert "state           resolved" in shown
+    assert not any(line.startswith("LOST") for line in shown)
+
+
+def test_a_lost_lease_says_how_to_mark_it_handled_once_ended():
+    lost = {**RESOLVED, "state": "lost", "resolution": None}
+    shown = ctl_listings.show_lease(lost).splitlines()
+    assert not any(line.startswith("resolved") for line in shown)
+    assert shown[-1] == (
+        "LOST: Vault no longer knew this lease before the broker revoked it; the credential "
+        "may still work: end it by hand (README: Lost leases and alerting), then: brokerctl "
+        f"leases resolve {lost['lease_id']} --reason TEXT")
+
+
+@pytest.mark.parametrize("changed,head", [
+    (True, f"lease {RESOLVED['lease_id']} resolved"),
+    (False, f"lease {RESOLVED['lease_id']} was resolved already; nothing changed"),
+], ids=["now", "already"])
+def test_resolve_says_whether_it_changed_anything(changed, head):
+    assert ctl_listings.show_resolve({"lease": RESOLVED, "changed": changed}) == (
+        f"{head}: by operator:alice at 2026-12-02T10:30:00Z, incident INC-7\n"
+        "reason: dropped the role by hand")
+
+
+def test_resolve_needs_a_reason_that_says_something(capsys):
+    with pytest.raises(SystemExit) as usage:
+        ctl.main(["--url", "http://127.0.0.1:1", "--admin-token", "t", "leases", "resolve",
+                  "l-" + "a" * 32])
+    assert usage.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+    code = ctl.main(["--url", "http://127.0.0.1:1", "--admin-token", "t", "leases", "resolve",
+                     "l-" + "a" * 32, "--reason", "  "])
+    assert code == 2  # refused before any call (nothing listens on port 1)
+    assert capsys.readouterr().err == (
+        "brokerctl: --reason: say how the credential was ended by hand\n")

@@ -26,6 +26,7 @@ EXPECTED_LEASE_MOVES = {
     (L.ACTIVE, L.RELEASED), (L.ACTIVE, L.REVOKED), (L.ACTIVE, L.REVOKING),
     (L.ACTIVE, L.EXPIRED), (L.ACTIVE, L.LOST),
     (L.REVOKING, L.REVOKED), (L.REVOKING, L.EXPIRED), (L.REVOKING, L.LOST),
+    (L.LOST, L.RESOLVED),  # only an operator's marker, once the credential was ended by hand
 }
 EXPECTED_JOB_MOVES = {
     (J.PENDING, J.RUNNING),
@@ -39,7 +40,7 @@ JOB_PAIRS = list(itertools.product(JobState, JobState))
 def test_state_values() -> None:
     assert [s.value for s in LeaseState] == ["issuing", "active", "revoking", "delivered",
                                              "failed", "released", "revoked", "abandoned",
-                                             "expired", "lost"]
+                                             "expired", "lost", "resolved"]
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
 
 
@@ -63,15 +64,21 @@ def test_every_state_has_a_transition_entry() -> None:
 def test_live_and_final_lease_states() -> None:
     assert LIVE_LEASE_STATES == {L.ISSUING, L.ACTIVE, L.REVOKING}
     assert FINAL_LEASE_STATES == {L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
-                                  L.EXPIRED, L.LOST}
+                                  L.EXPIRED, L.LOST, L.RESOLVED}
 
 
 @pytest.mark.parametrize("state", [L.DELIVERED, L.FAILED, L.RELEASED, L.REVOKED, L.ABANDONED,
-                                   L.EXPIRED, L.LOST],
+                                   L.EXPIRED, L.RESOLVED],
                          ids=lambda s: s.value)
 def test_final_lease_states_have_no_exits(state: LeaseState) -> None:
     assert LEASE_TRANSITIONS[state] == frozenset()
     assert not any(lease_can_move(state, new) for new in LeaseState)
+
+
+def test_lost_leads_only_to_resolved_and_nothing_live_leads_there() -> None:
+    """Final for the broker: the one way out of lost is an operator's marker."""
+    assert LEASE_TRANSITIONS[L.LOST] == {L.RESOLVED}
+    assert [s for s in LeaseState if lease_can_move(s, L.RESOLVED)] == [L.LOST]
 
 
 def test_done_job_has_no_exits() -> None:
