@@ -94,13 +94,13 @@ async def exchange_token(request: web.Request) -> web.Response:
     except BrokerError as exc:
         answer = oauth.refusal(exc)
         # The middleware's count and log line for a refusal, with the broker's own code.
-        api.metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
+        api.metrics.count_refused(exc.code, exc.issuer_name or "")
         requestlog.refused(
             _route(request), answer.status, exc.code, issuer=exc.issuer_name, **exc.details()
         )
         return _oauth_error(answer)
     except web.HTTPRequestEntityTooLarge:  # the body is past client_max_size
-        api.metrics.refused.labels(code="payload_too_large", issuer="").inc()
+        api.metrics.count_refused("payload_too_large")
         requestlog.refused(_route(request), 413, "payload_too_large")
         return _oauth_error(oauth.too_large())
     api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()

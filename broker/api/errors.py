@@ -66,7 +66,7 @@ async def _answer(
     try:
         return await handler(request)
     except BrokerError as exc:
-        metrics.refused.labels(code=exc.code, issuer=exc.issuer_name or "").inc()
+        metrics.count_refused(exc.code, exc.issuer_name or "")
         requestlog.refused(route, exc.status, exc.code, issuer=exc.issuer_name, **exc.details())
         return error_response(exc.status, exc.code, exc.message, exc.details())
     except web.HTTPException as exc:
@@ -75,7 +75,7 @@ async def _answer(
         code = _HTTP_CODES.get(exc.status, "http_error")
         too_large = exc.status == 413
         message = "the request body is too large" if too_large else exc.reason or "request refused"
-        metrics.refused.labels(code=code, issuer="").inc()
+        metrics.count_refused(code)
         requestlog.refused(route, exc.status, code)
         # A 405 says which methods the resource takes (RFC 9110 §15.5.6): aiohttp's Allow.
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None

@@ -195,6 +195,11 @@ class Metrics:
             registry=r,
         )
 
+    def count_refused(self, code: str, issuer: str = "") -> None:
+        """One refused request, by its error code and the issuer it was refused for (empty
+        when none is known: a refusal before any token was read)."""
+        self.refused.labels(code=code, issuer=issuer).inc()
+
     def observe_checkpoints(self, status: CheckpointStatus) -> None:
         age = status.age_s()
         self.checkpoint_seq.set(status.last_seq)

@@ -337,6 +337,7 @@ def assemble(
             settings.server.port,
             settings.server.tls,
             max_header_bytes=header_limit(_max_token_bytes(settings)),
+            counted=metrics,
         ),
         ticks=ticks,
         signing=signing,

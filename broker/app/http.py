@@ -17,7 +17,7 @@ import socket
 
 from aiohttp import web
 
-from broker.app.http_refusals import JsonRefusalsRunner, header_limit
+from broker.app.http_refusals import JsonRefusalsRunner, RefusalCount, header_limit
 from broker.config import ServerTlsSettings
 from broker.errors import StartupFailure
 from broker.listen import bind_problem, bind_socket
@@ -48,15 +48,18 @@ class HttpServer:
         tls: ServerTlsSettings | None = None,
         *,
         max_header_bytes: int = MAX_HEADER_BYTES,
+        counted: RefusalCount | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._tls_settings = tls
         self.max_header_bytes = max_header_bytes
         # A request aiohttp cannot parse (a header over max_header_bytes) gets the broker's
-        # JSON refusal, not aiohttp's plain text (``broker.app.http_refusals``).
+        # JSON refusal, not aiohttp's plain text, counted in ``counted`` with the others
+        # (``broker.app.http_refusals``).
         self._runner = JsonRefusalsRunner(
             app,
+            counted=counted,
             access_log=None,
             handler_cancellation=False,
             max_field_size=max_header_bytes,

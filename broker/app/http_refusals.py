@@ -9,20 +9,25 @@ accepts plus that framing plus slack. A token over its issuer's ``max_token_byte
 under the header limit reaches the verifier (401 ``token_too_large``); a header over the
 limit gets 431 ``header_too_large``. Neither answer nor the log line repeats any of the
 header (aiohttp's own message quotes its first 100 bytes: part of a token).
+
+Each such refusal is counted and logged as every other one is: in the refusal metric by
+its code (no issuer: no token was read) and in the one ``request refused`` line
+(``broker.api.requestlog``, route ``unparsed``). These requests never reach the
+application or its middleware, so the count is handed down to the connection handler as
+an explicit collaborator (``RefusalCount``) with the server's other settings.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from broker.api import requestlog
 from broker.api.errors import error_body
-
-log = logging.getLogger("broker.api")
+from broker.logs import request_fields
 
 # Room for the other headers' sake and for "Authorization: Bearer " itself.
 HEADER_SLACK_BYTES = 8 * 1024
@@ -53,10 +58,23 @@ def refusal(
     return None
 
 
-class _JsonRefusals(RequestHandler):
-    """aiohttp's connection handler, with parse errors answered as JSON refusals."""
+class RefusalCount(Protocol):
+    """Where refusals are counted (``broker.api.metrics.Metrics``)."""
 
-    __slots__ = ()
+    def count_refused(self, code: str, issuer: str = "") -> None: ...
+
+
+class _JsonRefusals(RequestHandler):
+    """aiohttp's connection handler, with parse errors answered as JSON refusals, counted
+    in ``counted`` (when given) and logged."""
+
+    __slots__ = ("_counted",)
+
+    def __init__(
+        self, manager: web.Server, *, counted: RefusalCount | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._counted = counted
 
     def handle_error(
         self,
@@ -69,13 +87,11 @@ class _JsonRefusals(RequestHandler):
         if answer is None:
             return super().handle_error(request, status, exc, message)
         status, code, text = answer
-        # Not HTTP at all on a fresh connection (a TLS hello, a port scan) is noise.
-        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
-        log.log(
-            level,
-            "request refused before routing",
-            extra={"status": status, "code": code, "client": request.remote},
-        )
+        if self._counted is not None:
+            self._counted.count_refused(code)
+        # Not HTTP at all (a TLS hello, a port scan) is noise in the log, not in the count.
+        with request_fields(client=request.remote or "unknown"):
+            requestlog.refused_unparsed(status, code, noise=isinstance(exc, BadHttpMethod))
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent on this connection")
         response = web.json_response(error_body(code, text), status=status)
@@ -89,7 +105,15 @@ class _Server(web.Server):
 
 
 class JsonRefusalsRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer unparsable requests with JSON."""
+    """``web.AppRunner`` whose connections answer unparsable requests with JSON, counting
+    each in ``counted``. aiohttp hands the runner's keyword arguments to the server, which
+    hands them to every connection handler (``_Server``): that is how ``counted`` reaches
+    ``_JsonRefusals``."""
+
+    def __init__(
+        self, app: web.Application, *, counted: RefusalCount | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, counted=counted, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -1,8 +1,10 @@
 """Requests aiohttp refuses before the application sees them get the broker's JSON error
 shape: a header past the server's limit (431 ``header_too_large``), a request line past
 its limit (414 ``uri_too_long``), bytes that are not HTTP (400 ``bad_request``); the limit
-follows the issuers' ``max_token_bytes``; nothing of the refused header is echoed or
-logged. The mapping is pure; the rest is checked against a real server over a socket."""
+follows the issuers' ``max_token_bytes``; each is counted in the refusal metric by its
+code (no issuer) and logged as one ``request refused`` line (route ``unparsed``, bytes that
+are not HTTP at debug); nothing of the refused header or request line is echoed or logged.
+The mapping is pure; the rest is checked against a real server over a socket."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 
+from broker.api.metrics import Metrics
 from broker.app import assemble
 from broker.app.http import MAX_HEADER_BYTES, MAX_LINE_BYTES, HttpServer
 from broker.app.http_refusals import HEADER_SLACK_BYTES, header_limit, refusal
@@ -70,14 +73,30 @@ async def _echo(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[str, int]]:
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def server(metrics: Metrics) -> AsyncIterator[tuple[str, int]]:
     app = web.Application()
     app.router.add_get("/", _echo)
-    http = HttpServer(app, "127.0.0.1", 0, max_header_bytes=LIMIT)
+    http = HttpServer(app, "127.0.0.1", 0, max_header_bytes=LIMIT, counted=metrics)
     url = await http.bind()
     host, port = url.removeprefix("http://").rsplit(":", 1)
     yield host, int(port)
     await http.close()
+
+
+def _refused(metrics: Metrics) -> dict[tuple[str, str], float]:
+    """broker_requests_refused_total by (code, issuer), as /metrics would show it."""
+    return {(s.labels["code"], s.labels["issuer"]): s.value
+            for family in metrics.registry.collect() if family.name == "broker_requests_refused"
+            for s in family.samples if s.name == "broker_requests_refused_total"}
+
+
+def _refusal_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "request refused"]
 
 
 async def _exchange(where: tuple[str, int], request: bytes) -> tuple[int, dict[str, str],
@@ -102,7 +121,8 @@ def _bearer(token_bytes: int) -> bytes:
 
 
 async def test_a_header_past_the_limit_gets_a_json_431_that_echoes_nothing(
-        server: tuple[str, int], caplog: pytest.LogCaptureFixture) -> None:
+        server: tuple[str, int], metrics: Metrics,
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     status, headers, body = await _exchange(server, _bearer(LIMIT))
     assert status == 431
@@ -113,31 +133,68 @@ async def test_a_header_past_the_limit_gets_a_json_431_that_echoes_nothing(
     logged = [r for r in caplog.records if r.name.startswith(("aiohttp", "broker"))]
     assert all(r.levelno < logging.WARNING for r in logged), [r.getMessage() for r in logged]
     assert all(b"AAAA" not in repr(r.__dict__).encode() for r in logged)
-    (line,) = [r for r in logged if r.getMessage() == "request refused before routing"]
-    assert (line.levelno, line.__dict__["status"], line.__dict__["code"]) == (
-        logging.INFO, 431, "header_too_large")
+    assert all(b"eyJ" not in repr(r.__dict__).encode() for r in logged)
+    (line,) = _refusal_lines(caplog)
+    assert line.name == "broker.api" and line.levelno == logging.INFO
+    assert {k: line.__dict__.get(k) for k in ("route", "status", "code", "client")} == {
+        "route": "unparsed", "status": 431, "code": "header_too_large", "client": "127.0.0.1"}
+    assert _refused(metrics) == {("header_too_large", ""): 1.0}
 
 
 async def test_a_token_of_the_largest_configured_size_reaches_the_application(
-        server: tuple[str, int]) -> None:
+        server: tuple[str, int], metrics: Metrics) -> None:
     """Every token the verifier may accept (here 16 KiB) passes the HTTP parser, so the
     verifier, not aiohttp, is what refuses an over-long one (401 token_too_large)."""
     for size in (16 * 1024, 16 * 1024 + 1, LIMIT - len("Authorization") - len("Bearer ")):
         status, _, body = await _exchange(server, _bearer(size))
         assert (status, json.loads(body)) == (200, {"authorization_bytes": size + 7})
+    assert _refused(metrics) == {}  # served, not refused
 
 
-@pytest.mark.parametrize(("request_bytes", "status", "code"), [
-    (b"GET /" + b"a" * MAX_LINE_BYTES + b" HTTP/1.1\r\nHost: b\r\n\r\n", 414, "uri_too_long"),
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request"),
-    (b"GET / HTTP/1.1\r\nHost: b\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
+@pytest.mark.parametrize(("request_bytes", "status", "code", "level"), [
+    (b"GET /" + b"a" * MAX_LINE_BYTES + b" HTTP/1.1\r\nHost: b\r\n\r\n", 414, "uri_too_long",
+     logging.INFO),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request",
+     logging.DEBUG),
+    (b"GET / HTTP/1.1\r\nHost: b\r\nBad Header: x\r\n\r\n", 400, "bad_request", logging.INFO),
 ], ids=["request-line", "tls-hello", "invalid-header"])
-async def test_other_unparsable_requests_get_json_too(server: tuple[str, int],
-                                                      request_bytes: bytes, status: int,
-                                                      code: str) -> None:
+async def test_other_unparsable_requests_get_json_too_and_are_counted_and_logged(
+        server: tuple[str, int], metrics: Metrics, caplog: pytest.LogCaptureFixture,
+        request_bytes: bytes, status: int, code: str, level: int) -> None:
+    """Counted every one; logged at info, except bytes that are not HTTP at all (a TLS
+    hello, a port scan: noise) at debug. Neither line nor count holds the request."""
+    caplog.set_level(logging.DEBUG)
     got, headers, body = await _exchange(server, request_bytes)
     assert (got, json.loads(body)["error"]["code"]) == (status, code)
     assert headers["content-type"] == "application/json; charset=utf-8"
+    assert _refused(metrics) == {(code, ""): 1.0}
+    (line,) = _refusal_lines(caplog)
+    assert (line.levelno, line.__dict__["route"], line.__dict__["status"],
+            line.__dict__["code"]) == (level, "unparsed", status, code)
+    logged = repr([r.__dict__ for r in caplog.records if r.name.startswith("broker")])
+    assert "aaaa" not in logged and "Bad Header" not in logged and "\\x16" not in logged
+
+
+async def test_refusals_are_counted_per_code_across_connections(
+        server: tuple[str, int], metrics: Metrics) -> None:
+    for request_bytes in (_bearer(LIMIT), _bearer(LIMIT + 1),
+                          b"GET /" + b"a" * MAX_LINE_BYTES + b" HTTP/1.1\r\n\r\n",
+                          b"\x16\x03\x01\x00\r\n\r\n"):
+        await _exchange(server, request_bytes)
+    assert _refused(metrics) == {("header_too_large", ""): 2.0, ("uri_too_long", ""): 1.0,
+                                 ("bad_request", ""): 1.0}
+
+
+async def test_a_server_without_a_count_still_answers_json() -> None:
+    app = web.Application()
+    http = HttpServer(app, "127.0.0.1", 0, max_header_bytes=LIMIT)
+    url = await http.bind()
+    try:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        status, _, body = await _exchange((host, int(port)), _bearer(LIMIT))
+        assert (status, json.loads(body)["error"]["code"]) == (431, "header_too_large")
+    finally:
+        await http.close()
 
 
 async def test_the_broker_sizes_its_header_limit_from_the_largest_token_it_accepts(
