@@ -261,6 +261,7 @@ AUDIT_QUERY = {
     "limit",
     "newest",
     "instance",
+    "lease",
     "workload",
     "role",
     "action",
@@ -274,6 +275,7 @@ def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int, bo
     after = q.number("after", 0, low=0, high=2**63 - 1)
     selection = AuditSelection(
         instance=q.text("instance"),
+        lease=q.text("lease"),
         workload=q.text("workload"),
         role=q.text("role"),
         action=q.text("action"),

@@ -77,7 +77,7 @@ def audit_paths() -> dict[str, Any]:
                             "in": "query",
                             "schema": _TEXT,
                         }
-                        for name in ("instance", "workload", "role", "action", "actor")
+                        for name in ("instance", "lease", "workload", "role", "action", "actor")
                     ),
                     {
                         "name": "since",

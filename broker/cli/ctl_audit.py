@@ -4,7 +4,7 @@ the operator collected from every replica, not only the answering replica's file
 only when everything holds, 8 (``EXIT_TAMPERED``) when not, 5 (``EXIT_UNAVAILABLE``) when
 it holds as far as it could be checked but some signature could not be (Vault
 unreachable, the key rotated just now). ``list`` and ``tail`` show events by the
-selectors leases take (plus action, actor and since); ``export`` writes them as
+selectors leases take (plus lease, action, actor and since); ``export`` writes them as
 JSON lines or OCSF records for a SIEM. ``tail --follow`` and ``export --follow`` poll for
 new events until ``--timeout`` or Ctrl-C.
 
@@ -155,7 +155,7 @@ def show_verify(report: Any) -> str:
 # -- list, tail, export ------------------------------------------------------------------
 
 EVENT_COLUMNS = ["seq", "at", "actor", "action", "instance_id", "lease_id", "outcome", "reason"]
-SELECTORS = ("instance", "workload", "role", "action", "actor")
+SELECTORS = ("instance", "lease", "workload", "role", "action", "actor")
 PAGE = 1000
 _AGO = re.compile(r"^(\d+)([smhd])\Z")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -182,7 +182,8 @@ def _count(text: str) -> int:
 
 def _selectors(p: argparse.ArgumentParser) -> None:
     for name in SELECTORS:
-        p.add_argument(f"--{name}")
+        metavar = "LEASE_ID" if name == "lease" else None
+        p.add_argument(f"--{name}", metavar=metavar)
     p.add_argument("--since", type=_since, help="events at or after a time, or a duration ago")
 
 
