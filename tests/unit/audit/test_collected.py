@@ -63,9 +63,10 @@ def test_a_file_line_and_a_log_record_are_the_same_checkpoint():
     json.dumps({**document(CP3), "at": "2026-01-01T12:00:00"}),  # no zone
     json.dumps({k: v for k, v in document(CP3).items() if k != "signature"}),
     "[" * 5000,
+    json.dumps(document(CP3)).replace('"seq": 3', '"seq": 1e400'),
     file_line(CP3) + " " * MAX_LINE,
 ], ids=["torn", "list", "string", "number", "other-log", "log-without", "log-not-object",
-        "naive-time", "no-signature", "deep", "too-long"])
+        "naive-time", "no-signature", "deep", "seq-infinite", "too-long"])
 def test_what_is_not_a_checkpoint(line):
     assert parse_collected(line) is None
 
