@@ -23,7 +23,13 @@ from broker.audit.collected import (
     gather,
     parse_collected,
 )
-from broker.audit.verify import BAD_SIGNATURE, CHECKPOINT_MISMATCH, TRUNCATED, verify
+from broker.audit.verify import (
+    BAD_SIGNATURE,
+    CHECKPOINT_MISMATCH,
+    CHECKPOINT_MISSING_EVENT,
+    TRUNCATED,
+    verify,
+)
 from broker.cli.ctl_audit import collected_lines
 from broker.cli.ctlbase import EXIT_USAGE, CtlError
 from broker.errors import BadRequest
@@ -169,3 +175,10 @@ def test_an_edited_collected_line_is_a_finding_not_trusted():
     forged = replace(CP6, signature="forged")
     report = verify(CHAIN, collect([file_line(forged)]), check_signature=_genuine)
     assert kinds(report) == [(BAD_SIGNATURE, 6)]
+
+
+def test_a_collected_checkpoint_of_a_deleted_event_is_named():
+    holed = [e for e in CHAIN if e.seq != 6]
+    report = verify(holed, collect([file_line(CP6)]), check_signature=_genuine,
+                    head=(9, CHAIN[-1].hash))
+    assert (CHECKPOINT_MISSING_EVENT, 6) in kinds(report) and report.tampered
