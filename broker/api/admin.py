@@ -29,10 +29,12 @@ from broker.api.views import (
     lease_groups,
     lock_public,
 )
+from broker.audit.collected import MAX_BODY, MAX_CHECKPOINTS, NotACheckpoint, collect
 from broker.errors import BadRequest, NotFound
 from broker.leases import (
     LIVE_LEASE_STATES,
     AuditSelection,
+    CheckpointView,
     InstanceState,
     JobState,
     LeaseState,
@@ -277,6 +279,7 @@ AUDIT_QUERY = {
     "limit",
     "newest",
     "instance",
+    "lease",
     "workload",
     "role",
     "action",
@@ -290,6 +293,7 @@ def _audit_selection(request: web.Request) -> tuple[AuditSelection, int, int, bo
     after = q.number("after", 0, low=0, high=2**63 - 1)
     selection = AuditSelection(
         instance=q.text("instance"),
+        lease=q.text("lease"),
         workload=q.text("workload"),
         role=q.text("role"),
         action=q.text("action"),
@@ -309,25 +313,47 @@ async def list_audit_events(request: web.Request) -> web.Response:
     reader = request.app.get(AUDIT_EVENTS)
     if reader is None:
         raise NotFound("this broker does not serve its audit events", code="not_found")
-    events = await reader.events(
-        selection, after=after, limit=limit, newest=newest
-    )
+    events = await reader.events(selection, after=after, limit=limit, newest=newest)
     nxt = events[-1].seq if len(events) == limit and not newest else None
     return web.json_response({"events": [audit_event_public(e) for e in events], "next": nxt})
 
 
 async def verify_audit(request: web.Request) -> web.Response:
-    """Recompute the audit chain (from ``from``, or its start) and answer the report."""
+    """Recompute the audit chain (from ``from``, or its start) and answer the report;
+    ``checkpoints``: lines the operator collected (``broker.audit.collected``), held
+    against the chain with the broker's own."""
     await operator_of(request, Scope.READ)
-    body = await decode.json_object(request, {"from"})
+    body = await decode.json_object(request, {"from", "checkpoints"}, max_bytes=MAX_BODY)
     from_seq = body.get("from", 1)
     if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1:
         raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
+    collected = collected_of(body.get("checkpoints", []), from_seq)
     trail = request.app.get(AUDIT)
     if trail is None:
         raise NotFound("this broker does not verify its audit chain", code="not_found")
-    report = await trail.verify(from_seq)
+    report = await trail.verify(from_seq, collected)
     return web.json_response(report.to_dict())
+
+
+def collected_of(lines: Any, from_seq: int) -> list[CheckpointView]:
+    """The request's ``checkpoints`` decoded: at most ``MAX_CHECKPOINTS`` strings, each a
+    checkpoint line (``broker.audit.collected.collect``); 400 ``invalid_checkpoints``
+    naming the first line that is not one."""
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise BadRequest(
+            "'checkpoints' must be a list of checkpoint lines (strings)",
+            code="invalid_checkpoints",
+        )
+    if len(lines) > MAX_CHECKPOINTS:
+        raise BadRequest(
+            f"at most {MAX_CHECKPOINTS} checkpoint lines in one verification (got "
+            f"{len(lines)}): verify a later stretch with 'from'",
+            code="invalid_checkpoints",
+        )
+    try:
+        return collect(lines, from_seq=from_seq)
+    except NotACheckpoint as exc:
+        raise BadRequest(f"checkpoints: {exc}", code="invalid_checkpoints") from None
 
 
 async def whoami(request: web.Request) -> web.Response:

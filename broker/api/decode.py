@@ -37,9 +37,15 @@ def printable(text: str) -> bool:
     return _PRINTABLE.match(text) is not None
 
 
-async def json_object(request: web.Request, allowed: set[str] | None) -> dict[str, Any]:
+async def json_object(
+    request: web.Request, allowed: set[str] | None, *, max_bytes: int | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object. ``max_bytes``: this route's own bound on the body, in
+    place of the server's (read only after the caller was authenticated)."""
     if request.content_length is None and not request.can_read_body:
         return {}
+    if max_bytes is not None:
+        request = request.clone(client_max_size=max_bytes)
     raw = await request.read()  # bounded by client_max_size → 413
     if not raw.strip():
         return {}

@@ -8,6 +8,7 @@ from typing import Any
 from broker.api.openapi_operators import ADMIN_ERRORS
 from broker.api.openapi_parts import ADMIN, body, err, ok, or_empty
 from broker.api.queries import MAX_VALUE, TEXT_PATTERN
+from broker.audit.collected import MAX_BODY, MAX_CHECKPOINTS, MAX_LINE
 
 _ADMIN_ERRS = ADMIN_ERRORS
 _TEXT = {"type": "string", "maxLength": MAX_VALUE, "pattern": TEXT_PATTERN}
@@ -76,7 +77,7 @@ def audit_paths() -> dict[str, Any]:
                             "in": "query",
                             "schema": _TEXT,
                         }
-                        for name in ("instance", "workload", "role", "action", "actor")
+                        for name in ("instance", "lease", "workload", "role", "action", "actor")
                     ),
                     {
                         "name": "since",
@@ -112,22 +113,36 @@ def audit_paths() -> dict[str, Any]:
         "/v1/admin/audit/verify": {
             "post": {
                 "summary": "Recompute the audit chain from a seq (or its start) to its "
-                "head: every link, checkpoint and signature; findings name their seq",
+                "head: every link, checkpoint and signature (also of the checkpoints the "
+                "caller collected); findings name their seq",
                 "security": ADMIN,
                 "requestBody": body(
                     {
                         "type": "object",
                         "additionalProperties": False,
-                        "properties": {"from": {"type": "integer", "minimum": 1}},
-                        "description": "from: a sequence number, 1 or more (default 1)",
+                        "properties": {
+                            "from": {"type": "integer", "minimum": 1},
+                            "checkpoints": {
+                                "type": "array",
+                                "maxItems": MAX_CHECKPOINTS,
+                                "items": {"type": "string", "maxLength": MAX_LINE},
+                            },
+                        },
+                        "description": "from: a sequence number, 1 or more (default 1); "
+                        "checkpoints: checkpoint lines the operator collected (a line of a "
+                        "checkpoint file, or an audit.checkpoint log record; blank lines "
+                        "skipped, duplicates kept once), held against the chain with the "
+                        "broker's own; the body at most "
+                        f"{MAX_BODY // (1024 * 1024)} MiB",
                     },
                     required=False,
                 ),
                 "responses": {
                     "200": ok("the verification report (ok: every check held)", _AUDIT_REPORT),
                     "400": err(
-                        "'from' is not a sequence number (invalid_field); malformed_json, "
-                        "unknown_field"
+                        "'from' is not a sequence number (invalid_field); a checkpoint "
+                        "line that is not one, named by its number, or too many "
+                        "(invalid_checkpoints); malformed_json, unknown_field"
                     ),
                     "404": err("this broker does not verify its audit chain (not_found)"),
                     **_ADMIN_ERRS,

@@ -18,6 +18,7 @@ from broker.leases import (
     AuditEventView,
     AuditSelection,
     BlastRadius,
+    CheckpointView,
     InstanceListing,
     InstanceView,
     JobView,
@@ -209,7 +210,9 @@ class RefusalAudit(Protocol):
 class AuditTrail(Protocol):
     """The audit chain's verification (``broker.audit.service.AuditVerification``)."""
 
-    async def verify(self, from_seq: int = 1) -> Report: ...
+    async def verify(
+        self, from_seq: int = 1, collected: Sequence[CheckpointView] = ()
+    ) -> Report: ...
 
 
 class EventReceiver(Protocol):

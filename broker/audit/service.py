@@ -2,7 +2,8 @@
 hands each page to the pure verifier (``broker.audit.verify``).
 
 Checkpoints come from the store's table and, where configured, from outside the database
-(``external``: the file or log the signer also writes), so a table truncated together with
+(``external``: the file or log the signer also writes), and from the caller (``collected``:
+the checkpoints of every replica an operator gathered), so a table truncated together with
 its checkpoints is still caught. Signatures are checked by an injected ``check_signature``
 (the checkpoint signer's); without one the report says they were not checked. Given a
 ``clock`` and ``max_uncovered`` (``checkpoint.uncovered_limit`` of the configured
@@ -58,9 +59,11 @@ class AuditVerification:
         self._external = external_checkpoints
         self._page = page
 
-    async def verify(self, from_seq: int = 1) -> Report:
+    async def verify(self, from_seq: int = 1, collected: Sequence[CheckpointView] = ()) -> Report:
         """Verify from ``from_seq`` to the head as it is when verification starts (events
-        appended meanwhile are left for the next run)."""
+        appended meanwhile are left for the next run). ``collected``: checkpoints the
+        caller holds (``broker.audit.collected``), checked like the file's: their
+        signatures, their hashes against the events, the newest past the table's end."""
         if from_seq < 1:
             raise BadRequest("'from' must be a sequence number, 1 or more", code="invalid_field")
         # Checkpoints before the head: a checkpoint is only ever made of a committed head,
@@ -68,6 +71,7 @@ class AuditVerification:
         checkpoints = list(await self._ledger.checkpoints())
         if self._external is not None:
             checkpoints += [cp for cp in await self._external() if cp.seq >= from_seq]
+        checkpoints += [cp for cp in collected if cp.seq >= from_seq]
         head = await self._ledger.head()
         anchor = None
         if from_seq > 1:

@@ -1,10 +1,12 @@
 """``brokerctl audit``: the audit trail. ``verify`` recomputes the chain on the broker and
-names each finding with its seq; exit 0 only when everything holds, 8 (``EXIT_TAMPERED``)
-when not, 5 (``EXIT_UNAVAILABLE``) when it holds as far as it could be checked but some
-signature could not be (Vault unreachable, the key rotated just now). ``list`` and
-``tail`` show events by the selectors leases take (plus action, actor and since);
-``export`` writes them as JSON lines or OCSF records for a SIEM. ``tail --follow`` and
-``export --follow`` poll for new events until ``--timeout`` or Ctrl-C.
+names each finding with its seq (``--checkpoints``: also against the checkpoint lines
+the operator collected from every replica, not only the answering replica's file); exit 0
+only when everything holds, 8 (``EXIT_TAMPERED``) when not, 5 (``EXIT_UNAVAILABLE``) when
+it holds as far as it could be checked but some signature could not be (Vault
+unreachable, the key rotated just now). ``list`` and ``tail`` show events by the
+selectors leases take (plus lease, action, actor and since); ``export`` writes them as
+JSON lines or OCSF records for a SIEM. ``tail --follow`` and ``export --follow`` poll for
+new events until ``--timeout`` or Ctrl-C.
 
 The group is made by ``audit_group``; each leaf is added by its own function
 (``add_verify``), so other leaves (list, tail, export) join the same group beside it."""
@@ -17,15 +19,19 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from broker import __version__
+from broker.audit.collected import MAX_CHECKPOINTS, NotACheckpoint, gather
 from broker.audit.ocsf import to_ocsf
 from broker.cli.ctlbase import (
     EXIT_OK,
     EXIT_TAMPERED,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     Client,
+    CtlError,
     command,
     moment,
     table,
@@ -60,6 +66,14 @@ def add_verify(asub: Any) -> None:
         metavar="SEQ",
         help="start at this sequence number (default: the first event)",
     )
+    v.add_argument(
+        "--checkpoints",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="checkpoint lines you collected (every replica's checkpoint file, or its "
+        "audit.checkpoint log lines), held against the chain too; repeatable; - reads stdin",
+    )
     v.set_defaults(run=cmd_verify, show=show_verify, exit_code=verify_verdict)
 
 
@@ -74,8 +88,35 @@ def _seq(text: str) -> int:
 
 
 def cmd_verify(c: Client, args: argparse.Namespace) -> Any:
-    body = {"from": args.from_seq} if args.from_seq is not None else {}
+    body: dict[str, Any] = {"from": args.from_seq} if args.from_seq is not None else {}
+    if args.checkpoints:
+        body["checkpoints"] = collected_lines(args.checkpoints, args.from_seq or 1)
     return c.call("POST", "/v1/admin/audit/verify", body=body)
+
+
+def collected_lines(names: list[str], from_seq: int) -> list[str]:
+    """The lines of the ``--checkpoints`` files to send: each distinct checkpoint once (a
+    checkpoint in several files, or in a file and the log, is one), those before
+    ``from_seq`` left out; a line that is not a checkpoint is a usage error naming it."""
+    sources = []
+    for name in names:
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CtlError(f"--checkpoints {name}: {why}", EXIT_USAGE) from None
+        sources.append(("stdin" if name == "-" else name, text))
+    try:
+        lines = gather(sources, from_seq=from_seq)
+    except NotACheckpoint as exc:
+        raise CtlError(f"--checkpoints: {exc}", EXIT_USAGE) from None
+    if len(lines) > MAX_CHECKPOINTS:
+        raise CtlError(
+            f"--checkpoints: {len(lines)} distinct checkpoints, at most {MAX_CHECKPOINTS} in "
+            "one verification: verify a later stretch with --from SEQ",
+            EXIT_USAGE,
+        )
+    return lines
 
 
 def verify_verdict(report: Any) -> int:
@@ -114,7 +155,7 @@ def show_verify(report: Any) -> str:
 # -- list, tail, export ------------------------------------------------------------------
 
 EVENT_COLUMNS = ["seq", "at", "actor", "action", "instance_id", "lease_id", "outcome", "reason"]
-SELECTORS = ("instance", "workload", "role", "action", "actor")
+SELECTORS = ("instance", "lease", "workload", "role", "action", "actor")
 PAGE = 1000
 _AGO = re.compile(r"^(\d+)([smhd])\Z")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -141,7 +182,8 @@ def _count(text: str) -> int:
 
 def _selectors(p: argparse.ArgumentParser) -> None:
     for name in SELECTORS:
-        p.add_argument(f"--{name}")
+        metavar = "LEASE_ID" if name == "lease" else None
+        p.add_argument(f"--{name}", metavar=metavar)
     p.add_argument("--since", type=_since, help="events at or after a time, or a duration ago")
 
 

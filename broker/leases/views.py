@@ -166,6 +166,7 @@ class AuditSelection:
     """Which audit events a listing wants (every field given must match)."""
 
     instance: str | None = None
+    lease: str | None = None  # the event names this lease (its ``lease_id``)
     workload: str | None = None  # the event's instance runs this workload
     role: str | None = None  # the event's lease is of this role
     action: str | None = None

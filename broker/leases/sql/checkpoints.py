@@ -95,6 +95,7 @@ async def list_events(
     stmt = select(e).where(e.seq > after)
     for col, value in (
         (e.instance_id, selection.instance),
+        (e.lease_id, selection.lease),
         (e.action, selection.action),
     ):
         if value is not None:

@@ -41,7 +41,7 @@ async def ctl(b, *args: str, timeout: float = 60) -> tuple[int, str, str]:
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_events_by_selector_with_a_cursor(make_broker, http, store):
     b = await make_broker(store=store)
-    status, _ = await issue(http, b, "i-aud-1", "dev-cert", workload="payments")
+    status, issued = await issue(http, b, "i-aud-1", "dev-cert", workload="payments")
     assert status == 201
     status, _ = await issue(http, b, "i-aud-2", "dev-cert", workload="billing")
     assert status == 201
@@ -61,6 +61,18 @@ async def test_events_by_selector_with_a_cursor(make_broker, http, store):
     status, one = await get(http, b, instance="i-aud-1")
     assert {e["instance_id"] for e in one["events"]} == {"i-aud-1"}
     assert "instance.terminate_requested" in {e["action"] for e in one["events"]}
+    # a lease: every event naming it (issued, then revoked with its instance), no other
+    lease = issued["lease_id"]
+    status, of_lease = await get(http, b, lease=lease)
+    assert status == 200 and {e["lease_id"] for e in of_lease["events"]} == {lease}
+    assert "lease.issued" in {e["action"] for e in of_lease["events"]}
+    status, none = await get(http, b, lease="l-" + "0" * 32)
+    assert status == 200 and none["events"] == []
+    code, out, _ = await ctl(b, "audit", "list", "--lease", lease, "-o", "json")
+    assert code == 0 and [e["seq"] for e in json.loads(out)] == [
+        e["seq"] for e in of_lease["events"]]
+    code, out, _ = await ctl(b, "audit", "tail", "--lease", lease, "-n", "1", "-o", "json")
+    assert code == 0 and [e["seq"] for e in json.loads(out)] == [of_lease["events"][-1]["seq"]]
     status, billing = await get(http, b, workload="billing")
     assert {e["instance_id"] for e in billing["events"]} == {"i-aud-2"}
     status, by_action = await get(http, b, action="test.event", actor="reconciler")
@@ -99,9 +111,10 @@ async def _terminated(http, b, instance):
     ({"limit": "0"}, "invalid_query"), ({"limit": "1001"}, "invalid_query"),
     ({"limit": "x"}, "invalid_query"), ({"after": "-1"}, "invalid_query"),
     ({"since": "yesterday"}, "invalid_query"), ({"newest": "yes"}, "invalid_query"),
+    ({"lease": "l" * 1000}, "invalid_query"), ({"lease": "l-\x00"}, "invalid_query"),
     ({"colour": "blue"}, "unknown_query"),
 ], ids=["limit-0", "limit-1001", "limit-nan", "after-negative", "since-words",
-        "newest-not-bool", "unknown"])
+        "newest-not-bool", "lease-too-long", "lease-nul", "unknown"])
 async def test_bad_queries_are_refused(broker, http, query, code):
     """As every admin listing refuses them (``broker.api.queries``); a ``since`` without a
     zone is UTC there, as in the other listings."""
