@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Any
+
+_TAKEN = itertools.count()
+
+
+@dataclass(frozen=True, eq=False)
+class VaultSnapshot:
+    """What Vault holds at one moment: token accessors and the dev roles' leases.
+
+    Two snapshots compare equal when the later one holds nothing the earlier one did not:
+    nothing was minted in between. What the earlier one held and the later one does not
+    has ended on its own (the session's OpenBao is shared, and earlier tests' tokens and
+    leases expire at their TTL, sooner on a busy machine): that is not the request's doing.
+    A revocation the broker makes is recorded in its store, whose snapshot is compared
+    exactly beside this one."""
+
+    accessors: frozenset[str]
+    pki: frozenset[str]
+    db: frozenset[str]
+    taken: int = field(default_factory=lambda: next(_TAKEN))
+
+    def minted_since(self, earlier: VaultSnapshot) -> dict[str, set[str]]:
+        return {name: set(getattr(self, name) - getattr(earlier, name))
+                for name in ("accessors", "pki", "db")
+                if getattr(self, name) - getattr(earlier, name)}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VaultSnapshot):
+            return NotImplemented
+        earlier, later = sorted((self, other), key=lambda s: s.taken)
+        return not later.minted_since(earlier)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"VaultSnapshot(#{self.taken}: {len(self.accessors)} accessors, "
+                f"pki {sorted(self.pki)}, db {sorted(self.db)})")
 
 
 class VaultProbe:
@@ -51,8 +89,8 @@ class VaultProbe:
         assert status == 200, body
         return body["data"].get("meta") or {}
 
-    def snapshot(self) -> dict[str, Any]:
-        """What a refused request must not change."""
-        return {"accessors": self.token_accessors(),
-                "pki": set(self.leases_under("pki/issue/dev-cert/")),
-                "db": set(self.leases_under("database/creds/dev-db/"))}
+    def snapshot(self) -> VaultSnapshot:
+        """What a refused request must not add to (see ``VaultSnapshot``)."""
+        return VaultSnapshot(frozenset(self.token_accessors()),
+                             frozenset(self.leases_under("pki/issue/dev-cert/")),
+                             frozenset(self.leases_under("database/creds/dev-db/")))
