@@ -150,7 +150,9 @@ def token_paths() -> dict[str, Any]:
                     "400": _oauth_error(
                         "invalid_request (a missing, repeated or bad parameter; a bad, "
                         "expired, replayed or unsupported subject token; an actor_token), "
-                        "invalid_target (unknown role, policy refusal or lock: one answer), "
+                        "invalid_target (unknown role, policy refusal, lock, a type or parameter "
+                        "the role cannot serve, an OIDC token outliving its grant: one "
+                        "answer), "
                         "unsupported_grant_type"
                     ),
                     "409": _oauth_error(

@@ -124,3 +124,17 @@ async def test_a_read_operator_changes_nothing(guarded, http):
     async with http.post(f"{guarded.url}/v1/instances/i-atk-read/terminate",
                          headers=bearer(ADMIN_TOKEN)) as resp:
         assert resp.status == 202
+
+
+async def test_the_large_audit_verify_body_is_read_only_after_the_operator_is_known(
+        make_broker, http):
+    """``POST /v1/admin/audit/verify`` takes up to 4 MiB of collected checkpoints: a caller
+    without an operator's token is refused before any of that body is read or parsed."""
+    b = await make_broker(store="sqlite")
+    big = b"{" + b"x" * (1 << 20)  # 1 MiB, not JSON: a read body would be 400 malformed_json
+    headers = {"Content-Type": "application/json"}
+    for auth in ({}, bearer("not-a-token"), bearer(b.token("i-atk-verify"))):
+        async with http.post(f"{b.url}/v1/admin/audit/verify", data=big,
+                             headers={**headers, **auth}) as resp:
+            code = (await resp.json())["error"]["code"]
+            assert resp.status in (401, 403) and code != "malformed_json", (resp.status, code)

@@ -143,28 +143,35 @@ async def resolve_lost(
     now = clock.now()
     lease = await get_lease(conn, lease_id)
     sources = [s.value for s in LeaseState if lease_can_move(s, LeaseState.RESOLVED)]
-    moved = (
-        await conn.execute(
-            update(m.Lease)
-            .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(sources))
-            .values(
-                state=LeaseState.RESOLVED.value,
-                resolved_at=now,
-                resolved_by=actor[:128],
-                resolved_reason=reason[:200],
-                resolved_incident=incident,
-                updated_at=now,
+    # Twice at most: a lease still revoking when the guard looked may have become lost by
+    # the time it is read again; then it is marked as asked.
+    for _ in range(2):
+        moved = (
+            await conn.execute(
+                update(m.Lease)
+                .where(m.Lease.lease_id == lease_id, m.Lease.state.in_(sources))
+                .values(
+                    state=LeaseState.RESOLVED.value,
+                    resolved_at=now,
+                    resolved_by=actor[:128],
+                    resolved_reason=reason[:200],
+                    resolved_incident=incident,
+                    updated_at=now,
+                )
+                .returning(m.Lease.lease_id)
             )
-            .returning(m.Lease.lease_id)
-        )
-    ).first()
-    if moved is None:
+        ).first()
+        if moved is not None:
+            break
         # Read again: the state the guard saw (another operator may have just marked it).
         lease = await get_lease(conn, lease_id)
         decision = resolving(LeaseState(lease.state))
         if decision is Resolving.ALREADY:
             return lease, False
-        raise LeaseNotLost(not_lost_message(LeaseState(lease.state)))
+        if decision is Resolving.REFUSE:
+            raise LeaseNotLost(not_lost_message(LeaseState(lease.state)))
+    else:
+        raise LeaseNotLost("the lease changed while it was being marked: try again")
     said = {"incident": incident} if incident else {}
     await audit(
         conn,
