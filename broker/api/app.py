@@ -22,7 +22,7 @@ from broker.api.context import (
     identity_of,
     verified,
 )
-from broker.api.errors import make_middleware
+from broker.api.errors import make_middleware, note_refusal, route_of
 from broker.api.metrics import Metrics, Scraper
 from broker.api.openapi import openapi_document
 from broker.api.services import (
@@ -40,6 +40,7 @@ from broker.clock import iso_z
 from broker.errors import BadRequest, BrokerError, NotFound
 from broker.events import webhook
 from broker.identity import IdentityVerifier
+from broker.issuance.service import IssuedCredential
 from broker.leases import JobView
 from broker.logs import note_request
 
@@ -61,13 +62,7 @@ async def create_credential(request: web.Request) -> web.Response:
     ttl = decode.ttl(body)
     body.pop("ttl", None)
     credential = await api.credentials.issue(identity, role, ttl, body)
-    api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
-    requestlog.served(
-        requestlog.ISSUED,
-        lease_id=credential.lease_id,
-        kind=credential.kind,
-        expires_at=iso_z(credential.expires_at),
-    )
+    _issued(api, credential)
     return web.json_response(
         credential.response(), status=201, headers={"Cache-Control": "no-store"}
     )
@@ -94,15 +89,18 @@ async def exchange_token(request: web.Request) -> web.Response:
     except BrokerError as exc:
         answer = oauth.refusal(exc)
         # The middleware's count and log line for a refusal, with the broker's own code.
-        api.metrics.count_refused(exc.code, exc.issuer_name or "")
-        requestlog.refused(
-            _route(request), answer.status, exc.code, issuer=exc.issuer_name, **exc.details()
-        )
+        note_refusal(api.metrics, route_of(request), answer.status, exc)
         return _oauth_error(answer)
     except web.HTTPRequestEntityTooLarge:  # the body is past client_max_size
         api.metrics.count_refused("payload_too_large")
-        requestlog.refused(_route(request), 413, "payload_too_large")
+        requestlog.refused(route_of(request), 413, "payload_too_large")
         return _oauth_error(oauth.too_large())
+    _issued(api, credential)
+    return web.json_response(oauth.token_response(credential), headers=oauth.NO_STORE)
+
+
+def _issued(api: Api, credential: IssuedCredential) -> None:
+    """The count and log line of an issued credential, whichever door it came through."""
     api.metrics.issued.labels(role=credential.role, kind=credential.kind).inc()
     requestlog.served(
         requestlog.ISSUED,
@@ -110,12 +108,6 @@ async def exchange_token(request: web.Request) -> web.Response:
         kind=credential.kind,
         expires_at=iso_z(credential.expires_at),
     )
-    return web.json_response(oauth.token_response(credential), headers=oauth.NO_STORE)
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
 
 
 def _oauth_error(answer: oauth.OAuthRefusal) -> web.Response:

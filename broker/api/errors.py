@@ -42,12 +42,23 @@ def error_response(
     return web.json_response(error_body(code, message, details), status=status, headers=headers)
 
 
+def route_of(request: web.Request) -> str:
+    """The route template a request matched (its metric and log label)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def note_refusal(metrics: Metrics, route: str, status: int, exc: BrokerError) -> None:
+    """Count and log one refused request by the broker's own error code."""
+    metrics.count_refused(exc.code, exc.issuer_name or "")
+    requestlog.refused(route, status, exc.code, issuer=exc.issuer_name, **exc.details())
+
+
 def make_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        route = route_of(request)
         with request_fields(client=request.remote or "unknown"):
             response = await _answer(request, handler, route, metrics)
         metrics.requests.labels(
@@ -66,8 +77,7 @@ async def _answer(
     try:
         return await handler(request)
     except BrokerError as exc:
-        metrics.count_refused(exc.code, exc.issuer_name or "")
-        requestlog.refused(route, exc.status, exc.code, issuer=exc.issuer_name, **exc.details())
+        note_refusal(metrics, route, exc.status, exc)
         return error_response(exc.status, exc.code, exc.message, exc.details())
     except web.HTTPException as exc:
         if exc.status < 400:
