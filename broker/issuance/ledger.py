@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from broker.leases import IssueTicket, LeaseLimit, LeaseState, LeaseView
+from broker.leases import IssueTicket, IssuingRow, LeaseLimit, LeaseState, LeaseView
 from broker.leases.locks import LockSubject
 
 
@@ -44,6 +44,7 @@ class IssuanceLedger(Protocol):
         token_id: tuple[str, str] | None = None,
         lock_subject: LockSubject | None = None,
         credential_ref: dict[str, str] | None = None,
+        issuing: IssuingRow | None = None,
     ) -> bool: ...
 
     async def fail_issue(

@@ -65,7 +65,7 @@ from broker.issuance.settle import (
     settle,
 )
 from broker.issuance.tokens import InstanceTokens
-from broker.leases import JobView, LeaseLimit, LeaseView
+from broker.leases import IssueTicket, JobView, LeaseLimit, LeaseView
 from broker.leases.ending import LeaseEnder
 from broker.leases.states import LeaseState
 from broker.liveness import LivenessCheck
@@ -226,7 +226,7 @@ class CredentialService:
             raise
         note_request(lease_id=ticket.lease_id)
         try:
-            credential = await self._issue_recorded(identity, plan, ticket.lease_id)
+            credential = await self._issue_recorded(identity, plan, ticket)
         finally:
             # Chosen under the lease limit: revoked whatever became of the new one (a
             # lease left ``revoking`` by a crash here is finished by the sweep).
@@ -247,9 +247,10 @@ class CredentialService:
         return credential
 
     async def _issue_recorded(
-        self, identity: Identity, plan: Plan, lease_id: str
+        self, identity: Identity, plan: Plan, ticket: IssueTicket
     ) -> IssuedCredential:
-        """Steps 3 to 5 for the ``issuing`` row ``lease_id``: obtain, settle, complete."""
+        """Steps 3 to 5 for the ticket's ``issuing`` row: obtain, settle, complete."""
+        lease_id = ticket.lease_id
         try:
             async with asyncio.timeout(self._deadline_s):
                 outcome = await self._obtain(identity, plan)
@@ -289,6 +290,7 @@ class CredentialService:
                 token_id=self._token_id(identity),
                 lock_subject=lock_subject(identity, plan.role_name),
                 credential_ref=plan.identifier(outcome.answer),
+                issuing=ticket.issuing,
             )
         except Locked as exc:
             # A lock created while Vault was asked: not recorded, taken back now.

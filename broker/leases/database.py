@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+import asyncpg
+from sqlalchemy import event, make_url, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -29,6 +30,45 @@ from broker.leases.sql.common import discard_audit, flush_audit
 log = logging.getLogger(__name__)
 
 
+class GeneralCase(Exception):  # noqa: N818 - not an error: a signal to take the other path
+    """A one-round-trip statement met a case it does not serve (SQLSTATE ``BR001``) and
+    wrote nothing: the caller runs the general path, which decides it."""
+
+
+async def _keep(_: asyncpg.Connection) -> None:
+    """No reset on release: the pool runs single statements in autocommit, whose locks
+    are transaction-level and whose settings are the connection's own, so there is
+    nothing to reset, and asyncpg's reset would cost a round trip per statement."""
+
+
+class OneTrip:
+    """Single statements on a plain asyncpg pool, each its own transaction (autocommit):
+    one round trip, without SQLAlchemy's or a transaction's own (PostgreSQL only; the
+    issuance hot path's server-side functions, ``broker.leases.sql.onetrip``)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        try:
+            return await self._pool.fetchval(query, *args)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == "BR001":
+                raise GeneralCase(str(exc)) from None
+            failure: BaseException = exc
+        except (asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            failure = exc
+        # As ``Database.transaction``: the driver's text may quote values, so debug only.
+        log.debug("a store statement failed", exc_info=failure)
+        raise StoreUnavailable(
+            f"the lease store is unavailable ({type(failure).__name__}); retry shortly",
+            code="store_unavailable",
+        )
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
 def _lock_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
@@ -38,6 +78,8 @@ class Database:
         self._settings = settings
         self._engine: AsyncEngine | None = None
         self.is_sqlite = settings.url.startswith("sqlite")
+        # PostgreSQL's one-round-trip path (``store.one_round_trip``); None: general only.
+        self.one_trip: OneTrip | None = None
 
     async def start(self) -> None:
         url = async_url(self._settings.url)
@@ -59,9 +101,31 @@ class Database:
                     "server_settings": {"application_name": "credential-broker"},
                 },
             )
+            if self._settings.one_round_trip:
+                self.one_trip = OneTrip(await self._one_trip_pool())
         self._engine = engine
 
+    async def _one_trip_pool(self) -> asyncpg.Pool:
+        """Connections are made when first used (``min_size=0``): a store not yet
+        reachable fails its requests, not the start, as the SQLAlchemy pool does."""
+        url = make_url(self._settings.url).set(drivername="postgresql")
+        pool = await asyncpg.create_pool(
+            url.render_as_string(hide_password=False),
+            min_size=0,
+            max_size=self._settings.pool_size,
+            max_inactive_connection_lifetime=1800,
+            reset=_keep,
+            timeout=self._settings.connect_timeout_s,
+            command_timeout=30,
+            server_settings={"application_name": "credential-broker"},
+        )
+        assert pool is not None  # only None when created without awaiting
+        return pool
+
     async def close(self) -> None:
+        if self.one_trip is not None:
+            await self.one_trip.close()
+            self.one_trip = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

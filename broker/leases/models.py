@@ -85,6 +85,8 @@ class Lease(Base):
     __tablename__ = "leases"
     __table_args__ = (
         Index("ix_leases_instance_state", "instance_id", "state"),
+        # The lease limit's count: exactly one instance's live leases of one role.
+        Index("ix_leases_instance_role_state", "instance_id", "role", "state"),
         Index("ix_leases_workload", "workload"),
         Index("ix_leases_role", "role"),
         Index("ix_leases_state_created", "state", "created_at"),

@@ -20,19 +20,21 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.clock import Clock
 from broker.leases import chain as chain_math
-from broker.leases.database import Database
+from broker.leases.database import Database, GeneralCase
 from broker.leases.locks import LockSubject
 from broker.leases.sql import (
     common,
     issuance,
     jobs,
     locks,
+    onetrip,
     reconcile,
     replay,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import (
     IssueTicket,
+    IssuingRow,
     JobView,
     LeaseLimit,
     LeaseView,
@@ -96,6 +98,27 @@ class IssuanceRecords:
         ``claims`` (``broker.identity.recorded``) are recorded on an instance seen for the
         first time, for selecting it later by claim."""
         lease_id = new_id("l")
+        row = IssuingRow(instance_id, issuer_name, workload, role, kind)
+        if self._db.one_trip is not None:
+            try:
+                await onetrip.begin_issue(
+                    self._db.one_trip,
+                    lease_id,
+                    now=self._clock.now(),
+                    instance_id=instance_id,
+                    issuer_name=issuer_name,
+                    workload=workload,
+                    role=role,
+                    kind=kind,
+                    token_id=token_id,
+                    limit=limit,
+                    external_ref=external_ref,
+                    vault_path=vault_path,
+                    claims=claims,
+                )
+                return IssueTicket(lease_id, (), row)
+            except GeneralCase:
+                pass  # nothing written: the general path decides (and says why)
         async with self._db.transaction() as conn:
             superseded = await issuance.begin_issue(
                 conn,
@@ -113,7 +136,7 @@ class IssuanceRecords:
                 lock_subject=lock_subject,
                 claims=claims,
             )
-        return IssueTicket(lease_id, tuple(superseded))
+        return IssueTicket(lease_id, tuple(superseded), row)
 
     async def refuse_if_locked(self, subject: LockSubject) -> None:
         """Raise ``Locked`` if an active lock matches (a renewal's check)."""
@@ -143,6 +166,7 @@ class IssuanceRecords:
         token_id: tuple[str, str] | None = None,
         lock_subject: LockSubject | None = None,
         credential_ref: dict[str, str] | None = None,
+        issuing: IssuingRow | None = None,
     ) -> bool:
         """Mark the lease active (or ``delivered``, for a credential without a Vault lease).
         Returns whether its instance is still active: if not, a revocation job is already on
@@ -150,10 +174,36 @@ class IssuanceRecords:
         before then (its request outlived the issuing bound) is not completed.
         The ``lease.issued`` audit event is written with it: the issuer, workload, role,
         ``engine``, and the token id (issuer, jti) only as a keyed hash. ``credential_ref``:
-        the credential's non-secret identifier (``Engine.identifier``)."""
+        the credential's non-secret identifier (``Engine.identifier``). ``issuing``: the row
+        as ``begin_issue`` wrote it (its ticket's), which lets PostgreSQL complete it in one
+        round trip."""
         ref = None
         if token_id is not None and self._token_key is not None:
             ref = chain_math.token_ref(self._token_key, token_id[0], token_id[1])
+        if self._db.one_trip is not None and issuing is not None:
+            try:
+                return await onetrip.complete_issue(
+                    self._db.one_trip,
+                    lease_id,
+                    now=self._clock.now(),
+                    instance_id=issuing.instance_id,
+                    issuer_name=issuing.issuer_name,
+                    workload=issuing.workload,
+                    role=issuing.role,
+                    kind=issuing.kind,
+                    vault_lease_id=vault_lease_id,
+                    accessor=accessor,
+                    renewable=renewable,
+                    issued_at=issued_at,
+                    expires_at=expires_at,
+                    state=state,
+                    stale=created_after or issuance.EPOCH,
+                    engine=engine,
+                    token_ref=ref,
+                    credential_ref=credential_ref,
+                )
+            except GeneralCase:
+                pass  # nothing written: the general path decides (and says why)
         async with self._db.transaction() as conn:
             return await issuance.complete_issue(
                 conn,

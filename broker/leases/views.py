@@ -22,9 +22,22 @@ class LeaseLimit:
 
 
 @dataclass(frozen=True)
+class IssuingRow:
+    """Whose ``issuing`` row ``begin_issue`` wrote: what its completion's audit event names
+    (and the one-round-trip completion checks against the row)."""
+
+    instance_id: str
+    issuer_name: str
+    workload: str
+    role: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class IssueTicket:
     lease_id: str
     superseded: tuple[tuple[str, str], ...]  # (lease_id, vault_lease_id) to revoke
+    issuing: IssuingRow | None = None
 
 
 class LeasesStillLive(RevocationWaiting):

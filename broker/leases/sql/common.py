@@ -51,6 +51,13 @@ WHICH_INSTANCE = select(INSTANCES.c.state, INSTANCES.c.issuer_name, INSTANCES.c.
 )
 _LOCK_SHARED = WHICH_INSTANCE.with_for_update(read=True)
 _LOCK_EXCLUSIVE = WHICH_INSTANCE.with_for_update()
+# An instance's advisory lock (PostgreSQL): (this class, hashtext of the id). Migration
+# 0008's functions take the same; a collision of two ids' hashes only makes one wait.
+INSTANCE_LOCK_CLASS = 1_386_218_069
+_ADVISORY_SHARED = text(
+    f"SELECT pg_advisory_xact_lock_shared({INSTANCE_LOCK_CLASS}, hashtext(:b_iid))"
+)
+_ADVISORY = text(f"SELECT pg_advisory_xact_lock({INSTANCE_LOCK_CLASS}, hashtext(:b_iid))")
 _INSERT_INSTANCE = INSTANCES.insert()
 INSERT_SEEN = SEEN_TOKENS.insert()
 LIVE = sorted(s.value for s in LIVE_LEASE_STATES)
@@ -93,14 +100,14 @@ async def audit(
     of one transaction share one head read and one head update. A transaction that rolls
     back records nothing."""
     conn.info.setdefault(AUDIT_PENDING, []).append(
-        _Pending(
-            actor=actor[:128],
-            action=action,
+        pending_event(
+            actor,
+            action,
             instance_id=instance_id,
             lease_id=lease_id,
             outcome=outcome,
-            reason=reason[:200] if reason else None,
-            detail=detail,
+            reason=reason,
+            **detail,
         )
     )
     conn.info[AUDIT_CLOCK] = clock
@@ -123,38 +130,11 @@ async def flush_audit(conn: AsyncConnection) -> int:
     if not pending or clock is None:
         return 0
     at = clock.now()
-    documents = [
-        chain.event_document(
-            seq=0,  # assigned under the lock
-            at=at,
-            actor=e.actor,
-            action=e.action,
-            instance_id=e.instance_id,
-            lease_id=e.lease_id,
-            outcome=e.outcome,
-            reason=e.reason,
-            detail=e.detail,
-        )
-        for e in pending
-    ]
+    documents = _documents(pending, at)
     if conn.dialect.name == "postgresql":
         # One round trip: the head row is locked from here to the commit, and on a busy
         # broker every hop back to Python in between would keep it locked longer.
-        await conn.execute(
-            _APPEND,
-            {
-                "tag": chain.TAG,
-                "at": at,
-                "actor": [e.actor for e in pending],
-                "action": [e.action for e in pending],
-                "instance": [e.instance_id for e in pending],
-                "lease": [e.lease_id for e in pending],
-                "outcome": [e.outcome for e in pending],
-                "reason": [e.reason for e in pending],
-                "detail": [json.dumps(d["detail"]) for d in documents],
-                "unsequenced": [chain.unsequenced(d) for d in documents],
-            },
-        )
+        await conn.execute(_APPEND, append_arguments(pending, documents, at))
         return len(pending)
     head = (await conn.execute(_LOCK_HEAD)).one()  # the migration wrote it
     seq, prev = int(head[0]), str(head[1])
@@ -183,13 +163,84 @@ async def flush_audit(conn: AsyncConnection) -> int:
     return len(rows)
 
 
+def _documents(pending: list[_Pending], at: datetime) -> list[dict[str, Any]]:
+    return [
+        chain.event_document(
+            seq=0,  # assigned under the lock
+            at=at,
+            actor=e.actor,
+            action=e.action,
+            instance_id=e.instance_id,
+            lease_id=e.lease_id,
+            outcome=e.outcome,
+            reason=e.reason,
+            detail=e.detail,
+        )
+        for e in pending
+    ]
+
+
+def append_arguments(
+    pending: list[_Pending], documents: list[dict[str, Any]], at: datetime
+) -> dict[str, Any]:
+    """What PostgreSQL's ``audit_append`` takes for these events (column by column)."""
+    return {
+        "tag": chain.TAG,
+        "at": at,
+        "actor": [e.actor for e in pending],
+        "action": [e.action for e in pending],
+        "instance": [e.instance_id for e in pending],
+        "lease": [e.lease_id for e in pending],
+        "outcome": [e.outcome for e in pending],
+        "reason": [e.reason for e in pending],
+        "detail": [json.dumps(d["detail"]) for d in documents],
+        "unsequenced": [chain.unsequenced(d) for d in documents],
+    }
+
+
+def pending_event(
+    actor: str,
+    action: str,
+    *,
+    instance_id: str | None = None,
+    lease_id: str | None = None,
+    outcome: str = "ok",
+    reason: str | None = None,
+    **detail: Any,
+) -> _Pending:
+    """An event as ``audit`` records it (its fields cut to their columns' widths)."""
+    return _Pending(
+        actor=actor[:128],
+        action=action,
+        instance_id=instance_id,
+        lease_id=lease_id,
+        outcome=outcome,
+        reason=reason[:200] if reason else None,
+        detail=detail,
+    )
+
+
+def event_arguments(event: _Pending, at: datetime) -> dict[str, Any]:
+    """One event's ``audit_append`` arguments as scalars, for a server-side function that
+    appends it itself."""
+    columns = append_arguments([event], _documents([event], at), at)
+    return {k: v if k in ("tag", "at") else v[0] for k, v in columns.items()}
+
+
 async def lock_instance(
     conn: AsyncConnection, instance_id: str, *, shared: bool = False
 ) -> tuple[str, str | None, str | None] | None:
     """Lock the instance row; its (state, issuer, workload). Issuance takes a shared lock (many
     requests of one instance proceed together); termination an exclusive one, so it
     waits for every in-flight ``issuing`` row to commit and its job then sees them all."""
-    stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
+    if conn.dialect.name == "postgresql":
+        # Its own statement, before the row is read, so the read's snapshot follows a
+        # termination that held the lock. Shared: an advisory lock, not a row lock, which
+        # PostgreSQL turns into a MultiXact when several requests of one instance share it.
+        await conn.execute(_ADVISORY_SHARED if shared else _ADVISORY, {"b_iid": instance_id})
+        stmt = WHICH_INSTANCE if shared else _LOCK_EXCLUSIVE
+    else:  # SQLite has one writer at a time: the read is the lock
+        stmt = _LOCK_SHARED if shared else _LOCK_EXCLUSIVE
     row = (await conn.execute(stmt, {"b_iid": instance_id})).first()
     return (row[0], row[1], row[2]) if row else None
 

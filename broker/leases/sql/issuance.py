@@ -81,7 +81,7 @@ _COMPLETE_LEASE = (
     )
     .returning(LEASES.c.instance_id, LEASES.c.workload, LEASES.c.role, LEASES.c.kind)
 )
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def begin_issue(
@@ -267,7 +267,7 @@ async def complete_issue(
                 "b_iss": issued_at,
                 "b_exp": expires_at,
                 "b_now": clock.now(),
-                "b_stale": created_after or _EPOCH,
+                "b_stale": created_after or EPOCH,
                 "b_ref": credential_ref,
             },
         )

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import String, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock, iso_z
@@ -19,6 +20,7 @@ from broker.errors import BadRequest, NotFound
 from broker.leases import models as m
 from broker.leases.sql.common import (
     AUDIT_MAX_IDS,
+    INSTANCE_LOCK_CLASS,
     JOBS,
     LIVE,
     audit,
@@ -45,6 +47,12 @@ from broker.leases.views import (
     TokenView,
     new_id,
 )
+
+# Every listed instance's advisory lock, in id order (a sorted subquery: one at a time).
+_LOCK_ALL = text(
+    f"SELECT count(pg_advisory_xact_lock({INSTANCE_LOCK_CLASS}, hashtext(i))) "  # noqa: S608
+    "FROM (SELECT i FROM unnest(:b_ids) AS i ORDER BY i) AS ordered"
+).bindparams(bindparam("b_ids", type_=ARRAY(String)))
 
 
 def _job_in(old: JobState, new: JobState) -> Any:
@@ -152,6 +160,8 @@ async def request_terminations(
     ids = sorted(set(instance_ids))
     if not ids:
         return []
+    if conn.dialect.name == "postgresql":  # as ``lock_instance``, in the rows' order below
+        await conn.execute(_LOCK_ALL, {"b_ids": ids})
     rows = (
         await conn.execute(
             select(

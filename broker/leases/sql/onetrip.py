@@ -1,0 +1,153 @@
+"""Issuance's two store steps in one round trip each, on PostgreSQL: the server-side
+functions migration 0008 created, called on the ``Database``'s plain asyncpg pool.
+
+Each serves the common case only (see the migration) and raises ``GeneralCase`` having
+written nothing otherwise; ``broker.leases.records.IssuanceRecords`` then runs the
+general path (``broker.leases.sql.issuance``), whose answers these must equal: same rows,
+same audit event, byte for byte (the tests run both paths side by side).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Protocol
+
+from broker.leases.sql.common import event_arguments, iso, pending_event
+from broker.leases.states import COUNTED_LEASE_STATES, LeaseState
+from broker.leases.views import LeaseLimit
+
+_BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+_COMPLETE = (
+    "SELECT broker_complete_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+    "$13, $14, $15, $16, $17, $18, $19, $20)"
+)
+_COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
+# What the general path's event says of a credential withheld because its instance was
+# terminated meanwhile (``sql.issuance.complete_issue``).
+WITHHELD_REASON = "instance terminated while the credential was issued"
+
+
+class OneTrip(Protocol):
+    """One statement, its own transaction (``broker.leases.database.OneTrip``)."""
+
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+async def begin_issue(
+    trip: OneTrip,
+    lease_id: str,
+    *,
+    now: datetime,
+    instance_id: str,
+    issuer_name: str,
+    workload: str,
+    role: str,
+    kind: str,
+    token_id: tuple[str, datetime] | None,
+    limit: LeaseLimit | None,
+    external_ref: dict[str, Any] | None,
+    vault_path: str | None,
+    claims: dict[str, Any] | None,
+) -> None:
+    """Write the ``issuing`` row (and the instance's, the token id) or raise
+    ``GeneralCase`` having written nothing."""
+    await trip.fetchval(
+        _BEGIN,
+        lease_id,
+        instance_id,
+        issuer_name,
+        workload,
+        role,
+        kind,
+        token_id[0] if token_id else None,
+        token_id[1] if token_id else None,
+        limit.max_leases if limit else None,
+        _COUNTED,
+        _json(external_ref),
+        vault_path,
+        _json(claims),
+        now,
+    )
+
+
+async def complete_issue(
+    trip: OneTrip,
+    lease_id: str,
+    *,
+    now: datetime,
+    instance_id: str,
+    issuer_name: str,
+    workload: str,
+    role: str,
+    kind: str,
+    vault_lease_id: str | None,
+    accessor: str,
+    renewable: bool,
+    issued_at: datetime,
+    expires_at: datetime,
+    state: LeaseState,
+    stale: datetime,
+    engine: str | None,
+    token_ref: str | None,
+    credential_ref: dict[str, str] | None,
+) -> bool:
+    """Complete the ``issuing`` row with its ``lease.issued`` event; whether the instance
+    is still active. Raises ``GeneralCase`` having written nothing."""
+    subject: dict[str, Any] = {"issuer": issuer_name, "workload": workload}
+    if token_ref is not None:
+        subject["token"] = token_ref
+    detail = {
+        **subject,
+        "role": role,
+        "kind": kind,
+        "engine": engine,
+        "state": state.value,
+        "vault_lease_id": vault_lease_id,
+        "credential_ref": credential_ref,
+        "renewable": renewable,
+        "expires_at": iso(expires_at),
+    }
+    ok, withheld = (
+        event_arguments(
+            pending_event(
+                "workload",
+                "lease.issued",
+                instance_id=instance_id,
+                lease_id=lease_id,
+                outcome=outcome,
+                reason=reason,
+                **detail,
+            ),
+            now,
+        )
+        for outcome, reason in (("ok", None), ("withheld", WITHHELD_REASON))
+    )
+    active = await trip.fetchval(
+        _COMPLETE,
+        lease_id,
+        instance_id,
+        issuer_name,
+        state.value,
+        vault_lease_id,
+        accessor,
+        renewable,
+        issued_at,
+        expires_at,
+        stale,
+        _json(credential_ref),
+        now,
+        ok["tag"],
+        ok["at"],
+        ok["actor"],
+        ok["action"],
+        WITHHELD_REASON,
+        ok["detail"],
+        ok["unsequenced"],
+        withheld["unsequenced"],
+    )
+    return bool(active)

@@ -1,0 +1,256 @@
+"""PostgreSQL's one-round-trip issuance (``broker.leases.sql.onetrip``) against the general
+path it stands in for: the same rows and the same audit event for the common case, the
+general path's own answer (and nothing written) for every other case, and the instance
+lock that termination waits on."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from broker.audit.service import AuditVerification
+from broker.clock import FixedClock
+from broker.errors import InstanceTerminated, LeaseLimitReached, Locked, NotPermitted, TokenInvalid
+from broker.leases import Database, IssuingRow, LeaseLimit, Ledgers
+from broker.leases import models as m
+from broker.leases.locks import LockSubject
+from broker.leases.migrations import migrate
+from broker.leases.settings import StoreSettings
+from broker.leases.sql import jobs
+from broker.leases.sql.common import INSTANCE_LOCK_CLASS
+from tests.harness.wait import eventually
+from tests.integration.leases.support import T0
+
+ROLE, KIND = "db", "database"
+
+
+@pytest.fixture
+async def pair(pg):
+    """Ledgers on one fresh PostgreSQL database: (one round trip, general path only)."""
+    name = await asyncio.to_thread(pg.create_database)
+    url = pg.url(name)
+    await asyncio.to_thread(migrate, url)
+    clock = FixedClock(T0)
+    opened = []
+    for one_trip in (True, False):
+        db = Database(StoreSettings(url=url, one_round_trip=one_trip))
+        await db.start()
+        opened.append(Ledgers.on(db, clock, token_key=b"k" * 32))
+    assert opened[0].database.one_trip is not None and opened[1].database.one_trip is None
+    yield opened[0], opened[1]
+    for s in opened:
+        await s.database.close()
+    await asyncio.to_thread(pg.drop_database, name)
+
+
+def _instance() -> str:
+    return "i-" + secrets.token_hex(4)
+
+
+async def _begin(s: Ledgers, instance: str, **overrides: Any):
+    args: dict[str, Any] = {
+        "instance_id": instance,
+        "issuer_name": "dev",
+        "workload": "w",
+        "role": ROLE,
+        "kind": KIND,
+        "token_id": ("jti-" + secrets.token_hex(4), T0 + timedelta(minutes=5)),
+        "limit": LeaseLimit(3, "revoke_oldest"),
+        "external_ref": {"session": "s-1"},
+        "vault_path": "database/creds/db",
+        "claims": {"sub": "system:serviceaccount:ns:w"},
+    }
+    return await s.issuance.begin_issue(**(args | overrides))
+
+
+async def _complete(s: Ledgers, ticket, vault_lease_id: str) -> bool:
+    return await s.issuance.complete_issue(
+        ticket.lease_id,
+        vault_lease_id=vault_lease_id,
+        accessor="acc-1",
+        renewable=True,
+        issued_at=T0,
+        expires_at=T0 + timedelta(minutes=10),
+        created_after=T0 - timedelta(minutes=2),
+        engine="database",
+        token_id=("dev", "jti-x"),
+        credential_ref={"username": "v-user"},
+        issuing=ticket.issuing,
+    )
+
+
+async def _rows(s: Ledgers, model: Any, where: Any) -> list[dict[str, Any]]:
+    async with s.database.transaction(readonly=True) as conn:
+        return [dict(r._mapping) for r in (await conn.execute(select(model).where(where))).all()]
+
+
+def _without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+async def _story(s: Ledgers, instance: str) -> dict[str, Any]:
+    """What one issuance left in the store, with its ids taken out."""
+    lease = (await _rows(s, m.Lease, m.Lease.instance_id == instance))[0]
+    row = (await _rows(s, m.Instance, m.Instance.instance_id == instance))[0]
+    events = await _rows(s, m.AuditEvent, m.AuditEvent.instance_id == instance)
+    return {
+        "lease": _without(lease, "lease_id", "instance_id", "vault_lease_id"),
+        "instance": _without(row, "instance_id"),
+        "events": [
+            {
+                **_without(e, "id", "seq", "prev_hash", "hash", "instance_id", "lease_id"),
+                "detail": _without(e["detail"], "vault_lease_id"),
+            }
+            for e in events
+        ],
+    }
+
+
+async def test_the_common_case_leaves_what_the_general_path_leaves(pair):
+    fast, general = pair
+    for s in (fast, general, fast):  # the chain runs on across both paths
+        instance = _instance()
+        ticket = await _begin(s, instance)
+        assert ticket.issuing == IssuingRow(instance, "dev", "w", ROLE, KIND)
+        assert await _complete(s, ticket, f"database/creds/db/{instance}") is True
+    one, other = _instance(), _instance()
+    await _complete(fast, await _begin(fast, one), f"database/creds/db/{one}")
+    await _complete(general, await _begin(general, other), f"database/creds/db/{other}")
+    assert await _story(fast, one) == await _story(general, other)
+    assert (await _story(fast, one))["events"][0]["outcome"] == "ok"
+    report = await AuditVerification(fast.chain).verify()
+    assert report.ok and report.events == 5, report.findings
+
+
+async def test_an_instance_terminated_while_vault_was_asked_is_withheld_alike(pair):
+    fast, general = pair
+    stories = []
+    for s in (fast, general):
+        instance = _instance()
+        ticket = await _begin(s, instance)
+        await s.termination.request_termination(instance, actor="operator:o", issuer="dev")
+        assert await _complete(s, ticket, f"database/creds/db/{instance}") is False
+        story = await _story(s, instance)
+        issued = [e for e in story["events"] if e["action"] == "lease.issued"]
+        assert [(e["outcome"], e["reason"]) for e in issued] == [
+            ("withheld", "instance terminated while the credential was issued")
+        ]
+        stories.append(story["lease"])
+    assert stories[0] == stories[1]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["locked", "replayed", "other_issuer", "other_workload", "terminated", "limit_refused"],
+)
+async def test_every_other_case_gets_the_general_paths_answer_and_writes_nothing(pair, case):
+    fast, _ = pair
+    instance = _instance()
+    overrides: dict[str, Any] = {}
+    expected: type[Exception]
+    if case == "locked":
+        await fast.admin.create_lock(
+            kind="workload",
+            value="w",
+            claim=None,
+            reason="incident",
+            incident=None,
+            expires_at=None,
+            actor="operator:o",
+        )
+        overrides["lock_subject"] = LockSubject(issuer="dev", workload="w", role=ROLE, claims={})
+        expected = Locked
+    elif case == "replayed":
+        overrides["token_id"] = ("jti-reused", T0 + timedelta(minutes=5))
+        await _begin(fast, _instance(), token_id=overrides["token_id"])
+        expected = TokenInvalid
+    elif case in ("other_issuer", "other_workload"):
+        await _begin(fast, instance)
+        overrides = {"issuer_name": "other"} if case == "other_issuer" else {"workload": "w2"}
+        expected = NotPermitted
+    elif case == "terminated":
+        await fast.termination.request_termination(instance, actor="operator:o", issuer="dev")
+        expected = InstanceTerminated
+    else:
+        overrides["limit"] = LeaseLimit(1, "refuse")
+        await _begin(fast, instance, limit=overrides["limit"])
+        expected = LeaseLimitReached
+    before = await _counts(fast)
+    with pytest.raises(expected):
+        await _begin(fast, instance, **overrides)
+    assert await _counts(fast) == before
+
+
+async def test_a_full_instance_supersedes_its_oldest_lease_through_the_general_path(pair):
+    fast, _ = pair
+    instance = _instance()
+    tickets = []
+    for n in range(3):
+        ticket = await _begin(fast, instance)
+        await _complete(fast, ticket, f"database/creds/db/{instance}-{n}")
+        tickets.append(ticket)
+    fourth = await _begin(fast, instance)
+    # One of the three (they share the fixed clock's instant; ties go by lease id).
+    assert len(fourth.superseded) == 1
+    assert fourth.superseded[0][0] in {t.lease_id for t in tickets}
+
+
+async def _counts(s: Ledgers) -> tuple[int, ...]:
+    async with s.database.transaction(readonly=True) as conn:
+        counts = []
+        for table in ("instances", "leases", "seen_tokens", "audit_events"):
+            query = text(f"SELECT count(*) FROM {table}")  # noqa: S608 - our own names
+            counts.append((await conn.execute(query)).scalar_one())
+        return tuple(counts)
+
+
+async def _waiting_for_instance_lock(s: Ledgers) -> bool:
+    async with s.database.transaction(readonly=True) as conn:
+        waiting = await conn.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND classid = CAST(CAST(:c AS bigint) AS oid)"
+            ),
+            {"c": INSTANCE_LOCK_CLASS},
+        )
+        return bool(waiting.scalar_one())
+
+
+async def test_termination_waits_for_an_issuance_in_flight_and_then_sees_its_row(pair):
+    fast, general = pair
+    instance = _instance()
+    await _begin(fast, instance)
+    # An issuance holding the instance's shared lock (its transaction not yet committed).
+    async with general.database.transaction() as conn:
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock_shared(:c, hashtext(:i))"),
+            {"c": INSTANCE_LOCK_CLASS, "i": instance},
+        )
+        ending = asyncio.create_task(
+            fast.termination.request_termination(instance, actor="operator:o", issuer="dev")
+        )
+        await eventually(lambda: _waiting_for_instance_lock(fast), "termination waits")
+        assert not ending.done()
+    job = await ending
+    assert job.instance_id == instance
+
+
+async def test_an_issuance_waits_for_a_termination_in_flight_and_is_then_refused(pair):
+    fast, general = pair
+    instance = _instance()
+    await _begin(fast, instance)
+    # A termination holding the instance's lock (its transaction not yet committed).
+    async with general.database.transaction() as conn:
+        await jobs.request_termination(
+            conn, FixedClock(T0), instance, actor="operator:o", issuer="dev"
+        )
+        issuing = asyncio.create_task(_begin(fast, instance, limit=None))
+        await eventually(lambda: _waiting_for_instance_lock(fast), "issuance waits")
+        assert not issuing.done()
+    with pytest.raises(InstanceTerminated):
+        await issuing
