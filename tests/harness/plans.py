@@ -31,6 +31,10 @@ EXPLAIN_EVERY_STATEMENT = {
     "auto_explain.log_nested_statements": "on",
     "auto_explain.log_level": "notice",
     "auto_explain.log_format": "json",
+    # Run, so each scan node says how many rows it read (returned plus filtered out);
+    # without per-node timing, which would only cost.
+    "auto_explain.log_analyze": "on",
+    "auto_explain.log_timing": "off",
     "enable_seqscan": "off",
     # A disabled seq scan costs 1e10, far above jit_above_cost: compiling it would cost
     # tens of milliseconds per statement and tell nothing.
@@ -52,11 +56,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class FullScan:
-    """A scan of ``table`` that no index condition bounds."""
+    """A scan of ``table`` that no index condition bounds, or whose index condition let it
+    read more rows than ``PlanCapture.full_scans`` allows."""
 
     step: str
     table: str
-    node: str  # "Seq Scan", or "Index Scan (no Index Cond)" over a whole index
+    node: str  # "Seq Scan", "Index Scan (no Index Cond)", "Index Scan read 2000 rows"...
     query: str
     plan: str
 
@@ -92,6 +97,8 @@ class PlanCapture:
         self.plans: list[Plan] = []
         self.step = "(no step)"
         self.unparsed: list[str] = []
+        # The database's partial indexes (``partial_indexes``), set by the test.
+        self.partial: set[str] = set()
 
     def listen(self, conn: asyncpg.Connection) -> None:
         """Capture one connection's plans (e.g. from an ``asyncpg.create_pool(init=...)``)."""
@@ -124,18 +131,33 @@ class PlanCapture:
             return
         self.plans.append(Plan(self.step, doc.get("Query Text", ""), doc["Plan"]))
 
-    def full_scans(self, tables: Collection[str], partial: Collection[str] = ()) -> list[FullScan]:
-        """Every scan of one of ``tables`` that no index condition bounds."""
+    def full_scans(self, tables: Collection[str], *, max_rows: int) -> list[FullScan]:
+        """Every scan of one of ``tables`` that no index condition bounds, or that read
+        more than ``max_rows`` rows (an index condition that does not narrow: a state
+        most rows are in, ``IS NOT NULL``)."""
         found = []
         for p in self.plans:
             for node in _nodes(p.plan):
                 table = node.get("Relation Name")
                 if table not in tables:
                     continue
-                kind = _unbounded(node, partial)
+                kind = _unbounded(node, self.partial)
+                if kind is None and rows_read(node) > max_rows:
+                    kind = f"{node.get('Node Type')} read {rows_read(node)} rows"
                 if kind:
                     found.append(FullScan(p.step, table, kind, p.query, p.text()))
         return found
+
+
+def rows_read(node: dict[str, Any]) -> int:
+    """Rows a scan node took from its table: those it returned and those its filter or
+    recheck threw away, over all its loops (auto_explain with ``log_analyze``)."""
+    per_loop = (
+        node.get("Actual Rows", 0)
+        + node.get("Rows Removed by Filter", 0)
+        + node.get("Rows Removed by Index Recheck", 0)
+    )
+    return int(per_loop * node.get("Actual Loops", 1))
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
