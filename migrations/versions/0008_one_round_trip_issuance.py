@@ -104,13 +104,12 @@ CREATE OR REPLACE FUNCTION broker_complete_issue(
     p_lease_id text, p_instance text, p_issuer text, p_state text, p_vault_lease_id text,
     p_accessor text, p_renewable boolean, p_issued_at timestamptz, p_expires_at timestamptz,
     p_stale timestamptz, p_ref text, p_now timestamptz,
-    p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_withheld_reason text,
-    p_detail text, p_ok bytea, p_withheld bytea
-) RETURNS boolean LANGUAGE plpgsql AS $$
+    p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_detail text,
+    p_unsequenced bytea
+) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     st text;
     own text;
-    active boolean;
 BEGIN
     @ANY_LOCK@
     UPDATE leases SET state = p_state, vault_lease_id = p_vault_lease_id,
@@ -123,16 +122,14 @@ BEGIN
     END IF;
     PERFORM pg_advisory_xact_lock_shared(@CLASS@, hashtext(p_instance));
     SELECT state, issuer_name INTO st, own FROM instances WHERE instance_id = p_instance;
-    IF own IS DISTINCT FROM p_issuer THEN
-        RAISE EXCEPTION 'another issuer''s instance' USING ERRCODE = 'BR001';
+    -- A credential withheld (its instance terminated meanwhile) is the general path's:
+    -- its event says so.
+    IF st IS DISTINCT FROM 'active' OR own IS DISTINCT FROM p_issuer THEN
+        RAISE EXCEPTION 'not an active instance of this issuer' USING ERRCODE = 'BR001';
     END IF;
-    active := st = 'active';
     PERFORM audit_append(
         p_tag, p_at, ARRAY[p_actor], ARRAY[p_action], ARRAY[p_instance], ARRAY[p_lease_id],
-        ARRAY[CASE WHEN active THEN 'ok' ELSE 'withheld' END],
-        ARRAY[CASE WHEN active THEN NULL ELSE p_withheld_reason END],
-        ARRAY[p_detail], ARRAY[CASE WHEN active THEN p_ok ELSE p_withheld END]);
-    RETURN active;
+        ARRAY['ok'], ARRAY[NULL::text], ARRAY[p_detail], ARRAY[p_unsequenced]);
 END
 $$
 """

@@ -20,12 +20,9 @@ from broker.leases.views import LeaseLimit
 _BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 _COMPLETE = (
     "SELECT broker_complete_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
-    "$13, $14, $15, $16, $17, $18, $19, $20)"
+    "$13, $14, $15, $16, $17, $18)"
 )
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
-# What the general path's event says of a credential withheld because its instance was
-# terminated meanwhile (``sql.issuance.complete_issue``).
-WITHHELD_REASON = "instance terminated while the credential was issued"
 
 
 class OneTrip(Protocol):
@@ -96,8 +93,9 @@ async def complete_issue(
     token_ref: str | None,
     credential_ref: dict[str, str] | None,
 ) -> bool:
-    """Complete the ``issuing`` row with its ``lease.issued`` event; whether the instance
-    is still active. Raises ``GeneralCase`` having written nothing."""
+    """Complete the ``issuing`` row of an instance still active, with its ``lease.issued``
+    event; True. Raises ``GeneralCase`` having written nothing otherwise (an instance
+    terminated meanwhile too: the general path records the credential withheld)."""
     subject: dict[str, Any] = {"issuer": issuer_name, "workload": workload}
     if token_ref is not None:
         subject["token"] = token_ref
@@ -112,22 +110,13 @@ async def complete_issue(
         "renewable": renewable,
         "expires_at": iso(expires_at),
     }
-    ok, withheld = (
-        event_arguments(
-            pending_event(
-                "workload",
-                "lease.issued",
-                instance_id=instance_id,
-                lease_id=lease_id,
-                outcome=outcome,
-                reason=reason,
-                **detail,
-            ),
-            now,
-        )
-        for outcome, reason in (("ok", None), ("withheld", WITHHELD_REASON))
+    event = event_arguments(
+        pending_event(
+            "workload", "lease.issued", instance_id=instance_id, lease_id=lease_id, **detail
+        ),
+        now,
     )
-    active = await trip.fetchval(
+    await trip.fetchval(
         _COMPLETE,
         lease_id,
         instance_id,
@@ -141,13 +130,11 @@ async def complete_issue(
         stale,
         _json(credential_ref),
         now,
-        ok["tag"],
-        ok["at"],
-        ok["actor"],
-        ok["action"],
-        WITHHELD_REASON,
-        ok["detail"],
-        ok["unsequenced"],
-        withheld["unsequenced"],
+        event["tag"],
+        event["at"],
+        event["actor"],
+        event["action"],
+        event["detail"],
+        event["unsequenced"],
     )
-    return bool(active)
+    return True
