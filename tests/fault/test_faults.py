@@ -242,7 +242,9 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
         leases_before = set(vault.leases_under("database/creds/dev-db/"))
         logins_before = _pg_logins(pg)
 
-        store_proxy.hold_on = b"UPDATE leases SET state="
+        # The completion's one round trip (its statement text goes out when first prepared,
+        # as on this broker's first exchange).
+        store_proxy.hold_on = b"broker_complete_issue("
         token = issuer.mint(instance="i-stuck-crash", workload="payments")
         request = asyncio.create_task(http.post(
             f"{url}/v1/credentials", json={"role": "dev-db"},
