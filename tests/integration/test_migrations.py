@@ -23,7 +23,7 @@ async def test_upgrade_head_then_check_finds_no_drift(backend, pg, workdir):
         await asyncio.to_thread(migrate, url)
         await asyncio.to_thread(migrate, url)  # idempotent
         await asyncio.to_thread(command.check, alembic_config(url))
-        assert head_revision() == "0008"
+        assert head_revision() == "0009"
     finally:
         if name:
             await asyncio.to_thread(pg.drop_database, name)
