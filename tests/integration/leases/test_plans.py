@@ -64,8 +64,8 @@ MAX_ROWS_READ = 50
 # (step, table) of scans known to read the fleet today, each waiting for its index (a
 # proposal beside it): empty this set as the indexes land. The test fails on an entry that
 # no longer happens, so a stale one cannot hide a new scan of the same statement.
-# (The reconciler's three, migration 0009: its Vault paths as a loose index scan, a page of
-# the live leases under one path, an issuer's unseen instances.)
+# (Migration 0009 indexed the reconciler's three: its Vault paths, read as a loose index
+# scan; a page of the live leases under one path; an issuer's unseen instances.)
 KNOWN_MISSING: set[tuple[str, str]] = set()
 
 # (step, table) whose answer is every row it reads: not a scan to narrow.
