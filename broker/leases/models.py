@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,13 @@ class Base(DeclarativeBase):
     pass
 
 
+def _partial(where: str) -> dict[str, Any]:
+    """A partial index's predicate on both backends. Written out, never bound: a query
+    may use the index only if its own conditions imply this text, so the queries state
+    the same values as literals (``broker.leases.sql.reconcile``)."""
+    return {"postgresql_where": text(where), "sqlite_where": text(where)}
+
+
 class Instance(Base):
     __tablename__ = "instances"
     __table_args__ = (
@@ -52,6 +60,15 @@ class Instance(Base):
         # A bulk termination's selectors (``broker.leases.sql.selection``).
         Index("ix_instances_workload", "workload"),
         Index("ix_instances_issuer", "issuer_name"),
+        # The reconciler's unseen instances of an issuer, least recently seen first: only
+        # active ones, by when each was last seen (or created, never seen since), so a
+        # pass reads those unseen and not every instance the issuer has.
+        Index(
+            "ix_instances_active_unseen",
+            "issuer_name",
+            text("coalesce(last_seen_at, created_at)"),
+            **_partial("state = 'active'"),
+        ),
     )
 
     instance_id: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -91,6 +108,18 @@ class Lease(Base):
         Index("ix_leases_role", "role"),
         Index("ix_leases_state_created", "state", "created_at"),
         Index("ix_leases_state_expires", "state", "expires_at"),
+        # The Vault paths the broker holds leases under, one probe per path (a loose
+        # index scan, ``broker.leases.sql.reconcile.vault_paths``), not the whole history.
+        Index("ix_leases_vault_path", "vault_path", **_partial("vault_lease_id IS NOT NULL")),
+        # The live leases with no revocation sent under one Vault path, in the order the
+        # reconciler pages through them: a page reads one page of rows.
+        Index(
+            "ix_leases_unsent_live_path",
+            "vault_path",
+            "created_at",
+            "lease_id",
+            **_partial("state IN ('active', 'revoking') AND revoke_sent_at IS NULL"),
+        ),
     )
 
     lease_id: Mapped[str] = mapped_column(String(40), primary_key=True)

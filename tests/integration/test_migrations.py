@@ -23,7 +23,7 @@ async def test_upgrade_head_then_check_finds_no_drift(backend, pg, workdir):
         await asyncio.to_thread(migrate, url)
         await asyncio.to_thread(migrate, url)  # idempotent
         await asyncio.to_thread(command.check, alembic_config(url))
-        assert head_revision() == "0008"
+        assert head_revision() == "0009"
     finally:
         if name:
             await asyncio.to_thread(pg.drop_database, name)
@@ -141,6 +141,47 @@ async def test_0007_adds_the_resolution_and_a_downgrade_lists_resolved_leases_lo
         assert [tuple(r) for r in rows] == [("l-gone", "revoked"), ("l-lost", "lost")]
         columns = {c["name"] for c in inspect(engine).get_columns("leases")}
         assert not {c for c in columns if c.startswith("resolved_")}
+    finally:
+        engine.dispose()
+        if name:
+            await asyncio.to_thread(pg.drop_database, name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_0009_adds_the_reconciler_indexes_and_a_downgrade_drops_them(backend, pg, workdir):
+    """Indexes only: down to 0008 and up again, and the store has them back."""
+    from sqlalchemy import create_engine, text
+
+    from broker.leases.migrations import sync_url
+
+    name = None
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir / ('mig-' + secrets.token_hex(6) + '.db')}"
+    else:
+        name = await asyncio.to_thread(pg.create_database)
+        url = pg.url(name)
+    engine = create_engine(sync_url(url))
+    added = {("leases", "ix_leases_vault_path"), ("leases", "ix_leases_unsent_live_path"),
+             ("instances", "ix_instances_active_unseen")}
+
+    # From the catalog: SQLAlchemy's reflection skips SQLite's index on an expression.
+    catalog = text(
+        "SELECT tbl_name, name FROM sqlite_master WHERE type = 'index'"
+        if backend == "sqlite"
+        else "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'"
+    )
+
+    def indexes() -> set[tuple[str, str]]:
+        with engine.connect() as conn:
+            return {(r[0], r[1]) for r in conn.execute(catalog)}
+
+    try:
+        await asyncio.to_thread(migrate, url)
+        assert added <= await asyncio.to_thread(indexes)
+        await asyncio.to_thread(command.downgrade, alembic_config(url), "0008")
+        assert not added & await asyncio.to_thread(indexes)
+        await asyncio.to_thread(migrate, url)
+        assert added <= await asyncio.to_thread(indexes)
     finally:
         engine.dispose()
         if name:

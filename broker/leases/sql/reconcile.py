@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import BindParameter, and_, bindparam, func, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock, iso_z
@@ -15,6 +17,18 @@ from broker.leases import models as m
 from broker.leases.sql.common import INSTANCES, LEASES, LIVE, audit, lease_view
 from broker.leases.states import InstanceState, LeaseState
 from broker.leases.views import LeaseView
+
+
+def _written_out(value: Any, *, expanding: bool = False) -> BindParameter[Any]:
+    """A value the statement carries as a literal, not a parameter: a partial index's
+    predicate (``broker.leases.models``) is proved from the query's own text, which a
+    PostgreSQL plan made for any parameter value (a prepared statement's generic plan)
+    cannot do."""
+    return bindparam(None, value, expanding=expanding, literal_execute=True)
+
+
+# The states of ``ix_leases_unsent_live_path``'s predicate.
+_UNSENT_LIVE = [LeaseState.ACTIVE.value, LeaseState.REVOKING.value]
 
 
 async def past_expiry(conn: AsyncConnection, *, before: datetime, limit: int) -> list[LeaseView]:
@@ -122,12 +136,21 @@ async def vault_lease_states(
 
 
 async def vault_paths(conn: AsyncConnection) -> set[str]:
-    rows = await conn.execute(
-        select(m.Lease.vault_path)
-        .where(m.Lease.vault_path.is_not(None), m.Lease.vault_lease_id.is_not(None))
-        .distinct()
+    """The distinct ``vault_path`` of leases Vault gave, as a loose index scan: the least
+    path, then the least one after it, and so on (one probe of ``ix_leases_vault_path``
+    per path), where ``SELECT DISTINCT`` would read every lease ever given."""
+    given = m.Lease.vault_lease_id.is_not(None)
+    paths = select(func.min(m.Lease.vault_path).label("path")).where(given).cte(
+        "paths", recursive=True
     )
-    return {r[0] for r in rows if r[0] is not None}
+    following = (
+        select(func.min(m.Lease.vault_path))
+        .where(given, m.Lease.vault_path > paths.c.path)
+        .scalar_subquery()
+    )
+    paths = paths.union_all(select(following).where(paths.c.path.is_not(None)))
+    rows = await conn.execute(select(paths.c.path).where(paths.c.path.is_not(None)))
+    return {r[0] for r in rows}
 
 
 async def unseen_instances(
@@ -138,7 +161,7 @@ async def unseen_instances(
         select(m.Instance.instance_id)
         .where(
             m.Instance.issuer_name == issuer_name,
-            m.Instance.state == InstanceState.ACTIVE.value,
+            m.Instance.state == _written_out(InstanceState.ACTIVE.value),
             last < seen_before,
         )
         .order_by(last)
@@ -181,6 +204,14 @@ def like_prefix(path: str) -> str:
     return f"{path}/%"
 
 
+def stored_forms(path: str) -> list[str]:
+    """How a lease row may store the Vault path ``path`` (as Vault names it) in
+    ``vault_path``: escaped segment by segment, as ``broker.vault.paths.vault_path`` builds
+    a request's path, or as it is (the same unless a segment holds ``@``, ``:``, ``%``)."""
+    escaped = "/".join(quote(seg, safe="") for seg in path.split("/"))
+    return sorted({escaped, path})
+
+
 async def unsent_live_under(
     conn: AsyncConnection,
     path: str,
@@ -192,9 +223,17 @@ async def unsent_live_under(
     """Live leases Vault named directly under ``path`` (``path/<id>``), with no revocation
     of ours sent and an expiry after ``expiring_after``: Vault's listing of ``path`` must
     show each of them. One page of at most ``limit`` rows, by (created_at, lease_id), from
-    after the cursor ``after``; with the cursor of its last row, or None at the end."""
+    after the cursor ``after``; with the cursor of its last row, or None at the end.
+
+    Vault names a lease after the path it was asked at, which the row recorded as its
+    ``vault_path`` when it began: a lease directly under ``path`` has ``path`` as its
+    ``vault_path`` (``stored_forms``), or none if it began before the store recorded one
+    (migration 0004). Each of these is read on its own, in page order from
+    ``ix_leases_unsent_live_path``, and the pages merged: a page reads a page of rows per
+    form (and the rows left with no ``vault_path`` that are under other paths), never every
+    live lease. The Vault lease id still decides what is under ``path``."""
     where = [
-        m.Lease.state.in_([LeaseState.ACTIVE.value, LeaseState.REVOKING.value]),
+        m.Lease.state.in_(_written_out(_UNSENT_LIVE, expanding=True)),
         m.Lease.vault_lease_id.like(like_prefix(path), escape=_LIKE_ESCAPE),
         m.Lease.revoke_sent_at.is_(None),
         m.Lease.expires_at > expiring_after,
@@ -207,12 +246,20 @@ async def unsent_live_under(
                 and_(m.Lease.created_at == created, m.Lease.lease_id > lease_id),
             )
         )
+        where.append(m.Lease.created_at >= created)  # the same rows, as an index condition
+    recorded = [m.Lease.vault_path == form for form in stored_forms(path)]
+    pages = [
+        select(m.Lease)
+        .where(in_path, *where)
+        .order_by(m.Lease.created_at, m.Lease.lease_id)
+        .limit(limit)
+        .subquery()
+        for in_path in [*recorded, m.Lease.vault_path.is_(None)]
+    ]
+    merged = union_all(*(select(page) for page in pages)).subquery()
     rows = (
         await conn.execute(
-            select(m.Lease)
-            .where(*where)
-            .order_by(m.Lease.created_at, m.Lease.lease_id)
-            .limit(limit)
+            select(merged).order_by(merged.c.created_at, merged.c.lease_id).limit(limit)
         )
     ).all()
     views = [lease_view(m.Lease(**r._mapping)) for r in rows]

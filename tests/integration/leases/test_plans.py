@@ -64,21 +64,9 @@ MAX_ROWS_READ = 50
 # (step, table) of scans known to read the fleet today, each waiting for its index (a
 # proposal beside it): empty this set as the indexes land. The test fails on an entry that
 # no longer happens, so a stale one cannot hide a new scan of the same statement.
-KNOWN_MISSING: set[tuple[str, str]] = {
-    # SELECT DISTINCT vault_path over every lease that ever had a Vault lease: the whole
-    # history. An index on (vault_path) WHERE vault_lease_id IS NOT NULL, read as a loose
-    # index scan (a recursive CTE: next path > the last one), costs one probe per path.
-    ("reconcile.vault_paths", "leases"),
-    # Every live lease (state IN active, revoking), then filtered by vault_lease_id LIKE
-    # 'path/%' and sorted for the page, for every page. Index ON leases (vault_path,
-    # created_at, lease_id) WHERE state IN ('active', 'revoking') AND revoke_sent_at IS
-    # NULL, with the query also saying vault_path = :path, reads one page.
-    ("reconcile.unsent_live_under", "leases"),
-    # coalesce(last_seen_at, created_at) < :before is not an index condition: every active
-    # instance of the issuer is read and sorted. Index ON instances (issuer_name,
-    # coalesce(last_seen_at, created_at)) WHERE state = 'active' reads only the unseen.
-    ("reconcile.unseen_instances", "instances"),
-}
+# (Migration 0009 indexed the reconciler's three: its Vault paths, read as a loose index
+# scan; a page of the live leases under one path; an issuer's unseen instances.)
+KNOWN_MISSING: set[tuple[str, str]] = set()
 
 # (step, table) whose answer is every row it reads: not a scan to narrow.
 WHOLE_ANSWER = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from broker.leases import LeaseState
 from tests.integration.leases.support import T0, audit_events, issue
 
 
@@ -94,3 +95,61 @@ async def test_unsent_live_under_pages_every_row_and_takes_the_path_literally(le
             path, expiring_after=T0 + timedelta(hours=2), limit=10
         )
     ) == ([], None)
+
+
+async def test_unsent_live_under_finds_a_lease_whatever_form_its_row_records_the_path_in(ledgers):
+    """The rows are read by their recorded ``vault_path`` (for the index): a lease directly
+    under the path is found whether its row recorded the path escaped (as the engines build
+    it), as Vault names it, or not at all (a row from before the store recorded paths);
+    a lease under another path is not, whatever its row says, and pages merge in order."""
+    s = await ledgers()
+    path = "gcp/key/sa@p:x"
+    rows = {
+        "escaped": ("gcp/key/sa%40p%3Ax", f"{path}/v1"),
+        "as-named": (path, f"{path}/v2"),
+        "none": (None, f"{path}/v3"),
+        "other": ("gcp/key/other", "gcp/key/other/v4"),
+        "deeper": ("gcp/key/sa%40p%3Ax", f"{path}/deeper/v5"),
+    }
+    ids = {}
+    for name, (vault_path, vault_lease_id) in rows.items():
+        ticket = await s.issuance.begin_issue(
+            instance_id="i-forms", issuer_name="dev", workload="w", role="r", kind="k",
+            vault_path=vault_path)
+        await s.issuance.complete_issue(
+            ticket.lease_id, vault_lease_id=vault_lease_id, accessor="acc", renewable=True,
+            issued_at=T0, expires_at=T0 + timedelta(hours=1))
+        ids[ticket.lease_id] = name
+        ledgers.clock.advance(1)
+    for limit in (1, 2, 10):
+        seen, after = [], None
+        for _ in range(10):
+            page, after = await s.reconcile.unsent_live_under(
+                path, expiring_after=T0, after=after, limit=limit)
+            seen.extend(ids[r.lease_id] for r in page)
+            if after is None:
+                break
+        assert seen == ["escaped", "as-named", "none"], limit
+
+
+async def test_vault_paths_names_each_path_a_lease_was_given_under_once(ledgers):
+    """Every path under which Vault gave a lease, ended ones included, each once; not a
+    path whose request got no Vault lease (yet)."""
+    s = await ledgers()
+    given = ["aws/creds/r", "database/creds/a", "database/creds/a", "pki/issue/r%40x"]
+    for n, vault_path in enumerate(given):
+        ticket = await s.issuance.begin_issue(
+            instance_id="i-paths", issuer_name="dev", workload="w", role="r", kind="k",
+            vault_path=vault_path)
+        await s.issuance.complete_issue(
+            ticket.lease_id, vault_lease_id=f"{vault_path}/v{n}", accessor="acc",
+            renewable=True, issued_at=T0, expires_at=T0 + timedelta(hours=1))
+        if n == 0:
+            assert await s.issuance.end_lease(ticket.lease_id, LeaseState.RELEASED, "workload")
+    await s.issuance.begin_issue(
+        instance_id="i-paths", issuer_name="dev", workload="w", role="r", kind="k",
+        vault_path="kv/never")
+    await s.issuance.begin_issue(
+        instance_id="i-paths", issuer_name="dev", workload="w", role="r", kind="k")
+    assert await s.reconcile.vault_paths() == {
+        "aws/creds/r", "database/creds/a", "pki/issue/r%40x"}
