@@ -1,7 +1,7 @@
 """Issuance through the broker vs straight from OpenBao, in the same run.
 
 For each role (dev-cert, dev-db; dev-oidc on request) and concurrency (1, 16) this issues
-N credentials:
+credentials:
 - direct: the client creates an orphan token per instance through the same token role the
   broker uses (first request of each instance) and reads the credential with it;
 - broker, through one or both doors to the same issuance: the client sends a dev-issuer
@@ -14,13 +14,21 @@ dev-oidc the broker's instance tokens carry an entity alias (an OIDC token needs
 entity), and so do the direct path's, for every role. The broker runs as its own
 `broker serve` process, so client and broker do not share an event loop. Everything is on
 loopback; every phase is bounded in count and time. Leases are revoked at the end.
-With --rounds R, each role and concurrency is measured R times (direct, then the doors,
-their order turning each round); the table shows medians, and cost x is the median of
-each round's own ratio.
+Each timed phase issues for --seconds (5 by default; --n-* only bound it), so that its
+figures are stable. Right before and after each phase the bench reads from /proc the CPU
+time of the `broker serve` process, of OpenBao, of the whole PostgreSQL server (every
+postgres process on the machine: other databases' work is in it) and of itself, and the
+bench database's pg_stat_database counters, and prints them per credential next to the
+throughput, with the broker's CPU over OpenBao's (issue 15's goal). With --rounds R (3 by
+default), each role and concurrency is measured R times (direct, then the doors, their
+order turning each round); the tables show min/median/max, each ratio taken within its
+round first, and every round's own figures follow. --prefill N fills the store first
+(bench/prefill.py: N leases, their instances, audit events, used token ids and sightings,
+no ANALYZE); --pin puts the broker on CPU 0 and OpenBao and the client on CPU 1.
 
-    python bench/exchange.py [--n-cert 400] [--n-db 160] [--n-oidc 400]
+    python bench/exchange.py [--seconds 5] [--n-cert 20000] [--n-db 4000] [--n-oidc 20000]
         [--roles dev-cert,dev-db[,dev-oidc]] [--door credentials|token|both]
-        [--rounds 1] [--store postgresql|sqlite]
+        [--rounds 3] [--store postgresql|sqlite] [--prefill N] [--pin]
 """
 
 from __future__ import annotations
