@@ -1,7 +1,7 @@
 """Issuance through the broker vs straight from OpenBao, in the same run.
 
 For each role (dev-cert, dev-db; dev-oidc on request) and concurrency (1, 16) this issues
-N credentials:
+credentials:
 - direct: the client creates an orphan token per instance through the same token role the
   broker uses (first request of each instance) and reads the credential with it;
 - broker, through one or both doors to the same issuance: the client sends a dev-issuer
@@ -14,13 +14,21 @@ dev-oidc the broker's instance tokens carry an entity alias (an OIDC token needs
 entity), and so do the direct path's, for every role. The broker runs as its own
 `broker serve` process, so client and broker do not share an event loop. Everything is on
 loopback; every phase is bounded in count and time. Leases are revoked at the end.
-With --rounds R, each role and concurrency is measured R times (direct, then the doors,
-their order turning each round); the table shows medians, and cost x is the median of
-each round's own ratio.
+Each timed phase issues for --seconds (5 by default; --n-* only bound it), so that its
+figures are stable. Right before and after each phase the bench reads from /proc the CPU
+time of the `broker serve` process, of OpenBao, of the whole PostgreSQL server (every
+postgres process on the machine: other databases' work is in it) and of itself, and the
+bench database's pg_stat_database counters, and prints them per credential next to the
+throughput, with the broker's CPU over OpenBao's (issue 15's goal). With --rounds R (3 by
+default), each role and concurrency is measured R times (direct, then the doors, their
+order turning each round); the tables show min/median/max, each ratio taken within its
+round first, and every round's own figures follow. --prefill N fills the store first
+(bench/prefill.py: N leases, their instances, audit events, used token ids and sightings,
+no ANALYZE); --pin puts the broker on CPU 0 and OpenBao and the client on CPU 1.
 
-    python bench/exchange.py [--n-cert 400] [--n-db 160] [--n-oidc 400]
+    python bench/exchange.py [--seconds 5] [--n-cert 20000] [--n-db 4000] [--n-oidc 20000]
         [--roles dev-cert,dev-db[,dev-oidc]] [--door credentials|token|both]
-        [--rounds 1] [--store postgresql|sqlite]
+        [--rounds 3] [--store postgresql|sqlite] [--prefill N] [--pin]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import secrets
 import statistics
 import subprocess
@@ -47,15 +56,20 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import prefill, procstat  # noqa: E402
+from bench.procstat import CpuProbe  # noqa: E402
 from broker.dev.environment import dev_settings_dict  # noqa: E402
 from broker.dev.issuer import DevIssuer  # noqa: E402
-from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
+from broker.dev.openbao import OpenBaoDevServer, bao_binary, free_port  # noqa: E402
 from broker.leases.migrations import migrate  # noqa: E402
 from broker.vault.bootstrap import OIDC_ROLE, OIDC_TTL, TOKEN_ROLE, bootstrap_dev  # noqa: E402
 from broker.vault.client import entity_alias_name  # noqa: E402
 from tests.harness.postgres import find_or_start_postgres  # noqa: E402
 
 PHASE_TIMEOUT_S = 180
+# How long after a broker phase its PostgreSQL counters are read: an idle backend reports
+# what it counted up to 10 s (PGSTAT_IDLE_INTERVAL) after its last report.
+STATS_FLUSH_S = 11.0
 PER_INSTANCE = 10  # credentials per simulated instance
 DOORS = ("credentials", "token")
 ROLES = ("dev-cert", "dev-db", OIDC_ROLE)
@@ -73,27 +87,109 @@ def pct(values: list[float], p: float) -> float:
     return values[k]
 
 
-async def run_phase(n: int, concurrency: int, one) -> dict:  # type: ignore[no-untyped-def]
+async def run_phase(  # type: ignore[no-untyped-def]
+    n: int, concurrency: int, one, *, seconds: float = 0.0
+) -> dict:
+    """``one(i)`` for i in 0..n-1, ``concurrency`` at a time. With ``seconds``, new calls
+    stop once that much time has passed (in-flight ones finish), so a phase lasts about
+    that long whatever the rate; ``n`` then only bounds it."""
     latencies: list[float] = []
-    sem = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+    deadline = start + seconds
+    claimed = iter(range(n))
 
-    async def task(i: int) -> None:
-        async with sem:
+    async def worker() -> None:
+        for i in claimed:
             t0 = time.perf_counter()
             await one(i)
             latencies.append(time.perf_counter() - t0)
+            if seconds and time.perf_counter() >= deadline:
+                return
 
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(task(i) for i in range(n))), PHASE_TIMEOUT_S)
+    await asyncio.wait_for(
+        asyncio.gather(*(worker() for _ in range(min(concurrency, n)))), PHASE_TIMEOUT_S
+    )
     wall = time.perf_counter() - start
     return {
-        "n": n,
+        "n": len(latencies),
         "concurrency": concurrency,
-        "throughput": n / wall,
+        "seconds": wall,
+        "throughput": len(latencies) / wall,
         "p50_ms": pct(latencies, 50) * 1000,
         "p99_ms": pct(latencies, 99) * 1000,
         "mean_ms": statistics.fmean(latencies) * 1000,
     }
+
+
+class PgCounters:
+    """The bench database's line of ``pg_stat_database``, read over a connection to another
+    database (``postgres``) so that reading it does not count in it. A backend reports its
+    counters at most once a second and, once idle, up to PGSTAT_IDLE_INTERVAL (10 s, PG 15+)
+    later: a broker phase's figures are read STATS_FLUSH_S after it ends."""
+
+    FIELDS = (
+        "xact_commit",
+        "xact_rollback",
+        "tup_inserted",
+        "tup_updated",
+        "tup_deleted",
+        "tup_fetched",
+        "tup_returned",
+    )
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        import psycopg
+
+        self.database = database
+        self.conn = psycopg.connect(admin_url, autocommit=True)
+
+    def read(self) -> dict[str, int]:
+        row = self.conn.execute(
+            f"SELECT {', '.join(self.FIELDS)} FROM pg_stat_database WHERE datname = %s",
+            (self.database,),
+        ).fetchone()
+        assert row is not None
+        return dict(zip(self.FIELDS, (int(v) for v in row), strict=True))
+
+    def statements_available(self) -> str:
+        """Why statements per exchange are (not) counted."""
+        loaded = self.conn.execute("SHOW shared_preload_libraries").fetchone()
+        if loaded and "pg_stat_statements" in str(loaded[0]):
+            return "pg_stat_statements loaded, but not read by this bench"
+        return (
+            "pg_stat_statements not loaded (shared_preload_libraries is "
+            f"'{loaded[0] if loaded else ''}'): statements per exchange not counted"
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def timed_phase(  # type: ignore[no-untyped-def]
+    n: int,
+    concurrency: int,
+    one,
+    *,
+    seconds: float,
+    probe: CpuProbe,
+    pg: PgCounters | None,
+    settle: bool,
+) -> dict:
+    """``run_phase`` with each party's CPU sampled from /proc right before and after it,
+    and the bench database's counters around it (after ``STATS_FLUSH_S`` if ``settle``:
+    the broker's backends report late), both per credential."""
+    before_pg = pg.read() if pg else None
+    before = probe.sample()
+    result = await run_phase(n, concurrency, one, seconds=seconds)
+    used = probe.sample().minus(before)
+    done = max(1, result["n"])
+    result["cpu_ms"] = {party: s * 1000 / done for party, s in used.items()}
+    if pg and before_pg is not None:
+        if settle:
+            await asyncio.sleep(STATS_FLUSH_S)
+        after_pg = pg.read()
+        result["pg"] = {k: (after_pg[k] - before_pg[k]) / done for k in PgCounters.FIELDS}
+    return result
 
 
 class Direct:
@@ -255,34 +351,47 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, work: Path) -> None:
     raise SystemExit(f"broker did not start; see {work / 'broker.log'}")
 
 
-def median_of(rounds: list[dict], path: str, key: str) -> float:
-    return statistics.median(r[path][key] for r in rounds)
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """min, median, max."""
+    return min(values), statistics.median(values), max(values)
+
+
+CPU_PARTIES = ("broker", "openbao", "postgres", "client", "machine")
+
+
+def round_figures(measured: dict) -> dict[str, dict[str, float]]:
+    """One round's figures per path, flat, with the ratios that need the round's direct
+    phase beside them: cost x, p50 x and broker CPU over OpenBao CPU, in the same phase
+    and in the direct phase (a round's phases ran back to back, on the same load)."""
+    direct = measured["direct"]
+    out: dict[str, dict[str, float]] = {}
+    for path, m in measured.items():
+        f = {k: m[k] for k in ("n", "seconds", "throughput", "p50_ms", "p99_ms")}
+        f.update({f"cpu_{p}": m["cpu_ms"][p] for p in CPU_PARTIES})
+        f.update({f"pg_{k}": v for k, v in m.get("pg", {}).items()})
+        if path != "direct":
+            f["cost_x"] = direct["throughput"] / m["throughput"]
+            f["p50_x"] = m["p50_ms"] / direct["p50_ms"]
+            f["broker_over_openbao"] = m["cpu_ms"]["broker"] / max(m["cpu_ms"]["openbao"], 1e-9)
+            f["broker_over_direct_openbao"] = m["cpu_ms"]["broker"] / max(
+                direct["cpu_ms"]["openbao"], 1e-9
+            )
+        out[path] = f
+    return out
 
 
 def summarize(role: str, conc: int, doors: list[str], rounds: list[dict]) -> dict:
-    """One table row per role and concurrency: medians over the rounds, and each ratio the
-    median of the rounds' own ratios (a round's paths ran back to back, on the same load)."""
-    figures = ("throughput", "p50_ms", "p99_ms")
-    row: dict[str, Any] = {
-        "role": role,
-        "concurrency": conc,
-        "direct": {k: median_of(rounds, "direct", k) for k in figures},
-        "doors": {},
-        "rounds": rounds,
-    }
-    for door in doors:
-        row["doors"][door] = {
-            **{k: median_of(rounds, door, k) for k in figures},
-            "throughput_ratio": statistics.median(
-                r["direct"]["throughput"] / r[door]["throughput"] for r in rounds
-            ),
-            "p50_ratio": statistics.median(
-                r[door]["p50_ms"] / r["direct"]["p50_ms"] for r in rounds
-            ),
-        }
+    """One row per role and concurrency: every figure's min, median and max over the
+    rounds, each ratio taken within its round first."""
+    figures = [round_figures(r) for r in rounds]
+    paths: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for path in ["direct", *doors]:
+        keys = figures[0][path].keys()
+        paths[path] = {k: spread([f[path][k] for f in figures]) for k in keys}
+    row: dict[str, Any] = {"role": role, "concurrency": conc, "paths": paths, "rounds": figures}
     if len(doors) == len(DOORS):
         row["token_vs_credentials"] = statistics.median(
-            r["token"]["throughput"] / r["credentials"]["throughput"] for r in rounds
+            f["token"]["throughput"] / f["credentials"]["throughput"] for f in figures
         )
     return row
 
@@ -298,6 +407,10 @@ async def measure(
     doors: list[str],
     rounds: int,
     entity_alias: str | None,
+    *,
+    seconds: float,
+    probe: CpuProbe,
+    pg: PgCounters | None,
 ) -> dict:
     def direct_for(tag: str) -> Direct:
         return Direct(http, bao.addr, bao.root_token, tag, entity_alias=entity_alias)
@@ -314,34 +427,63 @@ async def measure(
     for k in range(rounds):
         tag = f"{base}-r{k}"
         direct = direct_for(tag)
-        measured = {"direct": await run_phase(count, conc, lambda i, c=direct: c.issue(role, i))}
+        measured = {
+            "direct": await timed_phase(
+                count,
+                conc,
+                lambda i, c=direct: c.issue(role, i),
+                seconds=seconds,
+                probe=probe,
+                pg=pg,
+                settle=False,
+            )
+        }
         # The doors' order turns each round: neither always runs right after direct.
         for door in doors[k % len(doors) :] + doors[: k % len(doors)]:
             via = ViaBroker(http, url, issuer, f"{tag}-{door}", count, door)
-            measured[door] = await run_phase(count, conc, lambda i, c=via: c.issue(role, i))
+            measured[door] = await timed_phase(
+                count,
+                conc,
+                lambda i, c=via: c.issue(role, i),
+                seconds=seconds,
+                probe=probe,
+                pg=pg,
+                settle=True,
+            )
         results.append(measured)
     return summarize(role, conc, doors, results)
 
 
+def _mmm(s: tuple[float, float, float], fmt: str) -> str:
+    return "/".join(format(v, fmt) for v in s)
+
+
+def _med(s: tuple[float, float, float], fmt: str) -> str:
+    """The median, and the range when the rounds differ."""
+    lo, med, hi = s
+    return f"{med:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
+
+
 def print_table(rows: list[dict], store: str, rounds: int) -> None:
+    print(f"\n== throughput and latency: min/median/max of {rounds} rounds, store={store}")
     print(
-        f"\nstore={store}  OpenBao dev (inmem)  {os.cpu_count()} cores  "
-        f"{PER_INSTANCE} credentials per instance"
-        + (f"  medians of {rounds} rounds" if rounds > 1 else "")
-    )
-    print(
-        f"{'role':9} {'conc':>4} {'door':11} | {'direct/s':>9} {'p50ms':>7} {'p99ms':>7} | "
-        f"{'broker/s':>9} {'p50ms':>7} {'p99ms':>7} | {'cost x':>6}"
+        f"{'role':9} {'conc':>4} {'path':11} | {'credentials/s':>19} | {'p50 ms':>19} | "
+        f"{'p99 ms':>6} | {'cost x':>14} | {'p50 x':>5} | {'n':>6} {'s':>5}"
     )
     for r in rows:
-        d = r["direct"]
-        for door, b in r["doors"].items():
+        for path, f in r["paths"].items():
+            cost = _mmm(f["cost_x"], ".2f") if "cost_x" in f else ""
+            p50x = format(f["p50_x"][1], ".2f") if "p50_x" in f else ""
             print(
-                f"{r['role']:9} {r['concurrency']:>4} {door:11} | {d['throughput']:9.0f} "
-                f"{d['p50_ms']:7.1f} {d['p99_ms']:7.1f} | {b['throughput']:9.0f} "
-                f"{b['p50_ms']:7.1f} {b['p99_ms']:7.1f} | {b['throughput_ratio']:6.2f}"
+                f"{r['role']:9} {r['concurrency']:>4} {path:11} | "
+                f"{_mmm(f['throughput'], '.0f'):>19} | {_mmm(f['p50_ms'], '.1f'):>19} | "
+                f"{f['p99_ms'][1]:6.1f} | {cost:>14} | {p50x:>5} | "
+                f"{f['n'][1]:6.0f} {f['seconds'][1]:5.1f}"
             )
-    print("cost x = direct throughput / broker throughput (1.0 = free)")
+    print(
+        "cost x = direct throughput / broker throughput (1.0 = free); p50 x = broker p50 / "
+        "direct p50; p99, p50 x, n and s (phase length) are medians"
+    )
     pairs = [r for r in rows if "token_vs_credentials" in r]
     if pairs:
         print(
@@ -351,12 +493,94 @@ def print_table(rows: list[dict], store: str, rounds: int) -> None:
             )
         )
 
+    print(f"\n== CPU ms per credential from /proc: median (min-max) of {rounds} rounds")
+    print(
+        f"{'role':9} {'conc':>4} {'path':11} | {'broker':>19} | {'OpenBao':>19} | "
+        f"{'PostgreSQL*':>19} | {'client':>19} | {'machine':>19} | "
+        f"{'broker÷OpenBao':>19} | {'÷OpenBao direct':>19}"
+    )
+    for r in rows:
+        for path, f in r["paths"].items():
+            ratios = (
+                f"{_med(f['broker_over_openbao'], '.2f'):>19} | "
+                f"{_med(f['broker_over_direct_openbao'], '.2f'):>19}"
+                if "broker_over_openbao" in f
+                else f"{'':>19} | {'':>19}"
+            )
+            print(
+                f"{r['role']:9} {r['concurrency']:>4} {path:11} | "
+                + " | ".join(f"{_med(f['cpu_' + p], '.2f'):>19}" for p in CPU_PARTIES)
+                + f" | {ratios}"
+            )
+    print(
+        "broker÷OpenBao: the broker's CPU over OpenBao's in the same phase; ÷OpenBao direct: "
+        "over OpenBao's in the round's direct phase\n"
+        "* PostgreSQL = the whole server (every postgres process on the machine, other "
+        "databases' work included); machine = all CPUs' busy time (/proc/stat), everyone's"
+    )
+
+    if any("pg_xact_commit" in f for r in rows for f in r["paths"].values()):
+        print(
+            f"\n== PostgreSQL per credential, bench database (pg_stat_database): median "
+            f"(min-max) of {rounds} rounds; broker phases read {STATS_FLUSH_S:.0f} s after "
+            "they end (the broker's background jobs in that time included)"
+        )
+        fields = [f"pg_{k}" for k in PgCounters.FIELDS]
+        print(f"{'role':9} {'conc':>4} {'path':11} | " + " | ".join(f"{k[3:]:>19}" for k in fields))
+        for r in rows:
+            for path, f in r["paths"].items():
+                if path == "direct":
+                    continue
+                print(
+                    f"{r['role']:9} {r['concurrency']:>4} {path:11} | "
+                    + " | ".join(f"{_med(f[k], '.2f'):>19}" for k in fields)
+                )
+
+
+def print_raw(rows: list[dict]) -> None:
+    """Every repetition's own figures, as measured."""
+    print("\n== every round (CPU in ms per credential; xact = commits per credential)")
+    print(
+        f"{'role':9} {'conc':>4} {'rd':>2} {'path':11} | {'n':>6} {'s':>5} {'cred/s':>7} "
+        f"{'p50':>6} {'p99':>6} | {'broker':>6} {'bao':>6} {'pg':>6} {'client':>6} "
+        f"{'machine':>7} | {'b÷bao':>5} {'cost x':>6} {'xact':>5}"
+    )
+    for r in rows:
+        for k, figures in enumerate(r["rounds"]):
+            for path, f in figures.items():
+                print(
+                    f"{r['role']:9} {r['concurrency']:>4} {k + 1:>2} {path:11} | "
+                    f"{f['n']:6.0f} {f['seconds']:5.1f} {f['throughput']:7.0f} "
+                    f"{f['p50_ms']:6.1f} {f['p99_ms']:6.1f} | {f['cpu_broker']:6.2f} "
+                    f"{f['cpu_openbao']:6.2f} {f['cpu_postgres']:6.2f} {f['cpu_client']:6.2f} "
+                    f"{f['cpu_machine']:7.2f} | "
+                    + (
+                        f"{f['broker_over_openbao']:5.2f} {f['cost_x']:6.2f}"
+                        if "cost_x" in f
+                        else f"{'':5} {'':6}"
+                    )
+                    + (f" {f['pg_xact_commit']:5.2f}" if "pg_xact_commit" in f else "")
+                )
+
+
+def machine_lines() -> list[str]:
+    return [
+        f"machine: {os.cpu_count()} cores, {procstat.cpu_model()}, Python "
+        f"{platform.python_version()}, {procstat.command_version(bao_binary())}",
+    ]
+
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n-cert", type=int, default=400)
-    ap.add_argument("--n-db", type=int, default=160)
-    ap.add_argument("--n-oidc", type=int, default=400)
+    ap.add_argument("--n-cert", type=int, default=20000, help="at most this many per phase")
+    ap.add_argument("--n-db", type=int, default=4000, help="at most this many per phase")
+    ap.add_argument("--n-oidc", type=int, default=20000, help="at most this many per phase")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="each timed phase issues for this long (bounded by --n-*); 0: exactly --n-*",
+    )
     ap.add_argument(
         "--roles",
         default="dev-cert,dev-db",
@@ -368,17 +592,40 @@ async def main() -> None:
         default="both",
         help="POST /v1/credentials, POST /v1/token (RFC 8693), or both in the same run",
     )
-    ap.add_argument("--rounds", type=int, default=1, help="measurements per role and concurrency")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per role and concurrency")
     ap.add_argument("--store", choices=["postgresql", "sqlite"], default="postgresql")
+    ap.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first fill the PostgreSQL store with N leases and their instances, audit "
+        "events, used token ids and sightings (bench/prefill.py)",
+    )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the broker to CPU 0, OpenBao and this client to CPU 1",
+    )
     args = ap.parse_args()
     roles = [r for r in args.roles.split(",") if r]
     if not roles or set(roles) - set(ROLES):
         ap.error(f"--roles: choose from {', '.join(ROLES)}")
     if not 1 <= args.rounds <= 10:
         ap.error("--rounds: 1 to 10")
+    if not 0 <= args.seconds <= 60:
+        ap.error("--seconds: 0 to 60")
+    if args.prefill and args.store != "postgresql":
+        ap.error("--prefill: PostgreSQL store only")
+    if not 0 <= args.prefill <= 10_000_000:
+        ap.error("--prefill: 0 to 10,000,000")
+    if args.pin and (os.cpu_count() or 1) < 2:
+        ap.error("--pin: needs two CPUs")
     doors = list(DOORS) if args.door == "both" else [args.door]
     counts = {"dev-cert": args.n_cert, "dev-db": args.n_db, OIDC_ROLE: args.n_oidc}
     with_oidc = OIDC_ROLE in roles
+    header = machine_lines()
+    header.append(f"load average at start: {procstat.load_average()}")
 
     work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     os.chmod(work, 0o755)
@@ -388,6 +635,7 @@ async def main() -> None:
     proc = None
     db_name = None
     issuer_runner = None
+    counters: PgCounters | None = None
     try:
         setup = bootstrap_dev(bao.addr, bao.root_token, postgres_url=pg.admin_url)
         iport = free_port()
@@ -402,15 +650,63 @@ async def main() -> None:
         else:
             store_url = f"sqlite:///{work / 'bench.db'}"
         migrate(store_url)
+        store_line = f"store: {args.store}"
+        if args.prefill:
+            took = prefill.prefill(store_url, args.prefill)
+            rows_now = prefill.table_rows(store_url)
+            store_line += (
+                f", prefilled in {took['total']:.1f} s ("
+                + ", ".join(f"{t} {took[t]:.1f} s" for t in took if t != "total")
+                + "): "
+                + ", ".join(f"{t} {c:,}" for t, c in rows_now.items())
+                + "; audit hashes are placeholders (not a valid chain); no ANALYZE run"
+            )
+        else:
+            store_line += ", empty at the start"
+        header.append(store_line)
         port = free_port()
         cfg = bench_config(bao, setup, issuer, store_url, port, with_oidc=with_oidc)
         proc = start_broker(cfg, work)
         url = f"http://127.0.0.1:{port}"
         # The broker's instance tokens then carry an entity alias; so do the direct path's.
         entity_alias = entity_alias_name("bench-direct", "payments") if with_oidc else None
+        assert bao.proc is not None
+        probe = CpuProbe(broker_pid=proc.pid, openbao_pid=bao.proc.pid)
+        if db_name:
+            counters = PgCounters(pg.admin_url, db_name)
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as http:
             await wait_ready(http, url, work)
+            if args.pin:
+                # After start-up, so threads started meanwhile are pinned too; later ones
+                # inherit it. PostgreSQL is the machine's shared server: not pinned.
+                procstat.pin(proc.pid, {0})
+                procstat.pin(bao.proc.pid, {1})
+                procstat.pin(os.getpid(), {1})
+            header.append(
+                f"run: rounds {args.rounds}, phases of {args.seconds:g} s each (at most "
+                + ", ".join(f"{r} {counts[r]:,}" for r in roles)
+                + f" credentials), concurrency 1 and 16, doors {'+'.join(doors)}, "
+                f"{PER_INSTANCE} credentials per instance, OpenBao dev (inmem), "
+                + (
+                    "pinned: broker on CPU 0, OpenBao and client on CPU 1, PostgreSQL "
+                    "unpinned (the machine's shared server)"
+                    if args.pin
+                    else "unpinned"
+                )
+            )
+            header.append(
+                "not measured as deployed: the dev issuer's replay protection is off (one JWT "
+                "serves an instance's 10 exchanges), so seen_tokens is not written per "
+                "exchange; durability, audit and metrics are on"
+            )
+            header.append(
+                "CPU: utime+stime from /proc/PID/stat (all threads) right before and after "
+                "each phase: broker = the `broker serve` process, OpenBao = its process, "
+                "PostgreSQL = the whole server, client = this process (load generator)"
+            )
+            if counters:
+                header.append(f"PostgreSQL counters: {counters.statements_available()}")
 
             rows = []
             for role in roles:
@@ -418,7 +714,7 @@ async def main() -> None:
                     continue
                 n = counts[role]
                 for conc in (1, 16):
-                    count = n if conc > 1 else max(20, n // 4)
+                    count = n if conc > 1 or args.seconds else max(20, n // 4)
                     rows.append(
                         await measure(
                             http,
@@ -431,14 +727,32 @@ async def main() -> None:
                             doors,
                             args.rounds,
                             entity_alias,
+                            seconds=args.seconds,
+                            probe=probe,
+                            pg=counters,
                         )
                     )
 
+        header.append(f"load average at end: {procstat.load_average()}")
+        if db_name and args.prefill:
+            header.append(
+                "analyzed by PostgreSQL (autovacuum) by the end: "
+                + ", ".join(f"{t} {at}" for t, at in prefill.analyzed(store_url).items())
+            )
+        print()
+        for line in header:
+            print(line)
         print_table(rows, args.store, args.rounds)
+        print_raw(rows)
         out = ROOT / ".bench"
         out.mkdir(exist_ok=True)
-        (out / f"exchange-{args.store}.json").write_text(json.dumps(rows, indent=2))
+        (out / f"exchange-{args.store}.json").write_text(
+            json.dumps({"conditions": header, "rows": rows}, indent=2)
+        )
     finally:
+        if counters is not None:
+            with contextlib.suppress(Exception):
+                counters.close()
         # Each step on its own: one that fails must not leave the others undone.
         if proc is not None:
             with contextlib.suppress(Exception):
