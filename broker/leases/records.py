@@ -146,6 +146,18 @@ class IssuanceRecords:
     async def record_token(self, *, instance_id: str, accessor: str, expires_at: datetime) -> None:
         """Record an instance token's accessor before the token is used.
         Raises ``InstanceTerminated`` if the instance was tombstoned meanwhile."""
+        if self._db.one_trip is not None:
+            try:
+                await onetrip.record_token(
+                    self._db.one_trip,
+                    now=self._clock.now(),
+                    instance_id=instance_id,
+                    accessor=accessor,
+                    expires_at=expires_at,
+                )
+                return
+            except GeneralCase:
+                pass  # nothing written: the general path decides (and says why)
         async with self._db.transaction() as conn:
             await issuance.record_token(
                 conn, self._clock, instance_id=instance_id, accessor=accessor, expires_at=expires_at

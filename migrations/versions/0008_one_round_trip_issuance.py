@@ -1,6 +1,6 @@
-"""one round trip per issuance step on PostgreSQL: ``broker_begin_issue`` and
-``broker_complete_issue`` do the common case of each store step server-side, and the
-composite index the lease limit's count of live leases runs on
+"""one round trip per issuance step on PostgreSQL: ``broker_begin_issue``,
+``broker_record_token`` and ``broker_complete_issue`` do the common case of each store
+step server-side, and the composite index the lease limit's count of live leases runs on
 
 The functions serve only the common case: an active instance its own issuer and workload
 hold (or one seen for the first time), no active lock anywhere, room under the lease
@@ -134,6 +134,29 @@ END
 $$
 """
 
+_RECORD_TOKEN = """
+CREATE OR REPLACE FUNCTION broker_record_token(
+    p_instance text, p_accessor text, p_expires_at timestamptz, p_now timestamptz,
+    p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_detail text,
+    p_unsequenced bytea
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(@CLASS@, hashtext(p_instance));
+    SELECT state INTO st FROM instances WHERE instance_id = p_instance;
+    IF st IS DISTINCT FROM 'active' THEN
+        RAISE EXCEPTION 'not an active instance' USING ERRCODE = 'BR001';
+    END IF;
+    INSERT INTO instance_tokens (accessor, instance_id, created_at, expires_at)
+    VALUES (p_accessor, p_instance, p_now, p_expires_at);
+    PERFORM audit_append(
+        p_tag, p_at, ARRAY[p_actor], ARRAY[p_action], ARRAY[p_instance], ARRAY[NULL::text],
+        ARRAY['ok'], ARRAY[NULL::text], ARRAY[p_detail], ARRAY[p_unsequenced]);
+END
+$$
+"""
+
 
 def _sql(template: str) -> str:
     """The function's text with the constants above put in (no input reaches it)."""
@@ -148,10 +171,12 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_sql(_BEGIN_ISSUE))
         op.execute(_sql(_COMPLETE_ISSUE))
+        op.execute(_sql(_RECORD_TOKEN))
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS broker_record_token")
         op.execute("DROP FUNCTION IF EXISTS broker_complete_issue")
         op.execute("DROP FUNCTION IF EXISTS broker_begin_issue")
     op.drop_index("ix_leases_instance_role_state", table_name="leases")

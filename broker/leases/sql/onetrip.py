@@ -22,6 +22,7 @@ _COMPLETE = (
     "SELECT broker_complete_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
     "$13, $14, $15, $16, $17, $18)"
 )
+_RECORD_TOKEN = "SELECT broker_record_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
 
 
@@ -138,3 +139,29 @@ async def complete_issue(
         event["unsequenced"],
     )
     return True
+
+
+async def record_token(
+    trip: OneTrip, *, now: datetime, instance_id: str, accessor: str, expires_at: datetime
+) -> None:
+    """Record an instance token's accessor, with its ``instance.token_created`` event (the
+    accessor not named), for an active instance; else ``GeneralCase``, nothing written."""
+    event = event_arguments(
+        pending_event(
+            "broker", "instance.token_created", instance_id=instance_id, expires_at=iso(expires_at)
+        ),
+        now,
+    )
+    await trip.fetchval(
+        _RECORD_TOKEN,
+        instance_id,
+        accessor,
+        expires_at,
+        now,
+        event["tag"],
+        event["at"],
+        event["actor"],
+        event["action"],
+        event["detail"],
+        event["unsequenced"],
+    )

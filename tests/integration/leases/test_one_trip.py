@@ -119,12 +119,22 @@ async def test_the_common_case_leaves_what_the_general_path_leaves(pair):
         assert ticket.issuing == IssuingRow(instance, "dev", "w", ROLE, KIND)
         assert await _complete(s, ticket, f"database/creds/db/{instance}") is True
     one, other = _instance(), _instance()
-    await _complete(fast, await _begin(fast, one), f"database/creds/db/{one}")
-    await _complete(general, await _begin(general, other), f"database/creds/db/{other}")
+    for s, instance in ((fast, one), (general, other)):
+        ticket = await _begin(s, instance)
+        await s.issuance.record_token(
+            instance_id=instance, accessor=f"acc-{instance}", expires_at=T0 + timedelta(hours=1)
+        )
+        await _complete(s, ticket, f"database/creds/db/{instance}")
     assert await _story(fast, one) == await _story(general, other)
+    tokens = [
+        _without(row, "accessor", "instance_id")
+        for s, instance in ((fast, one), (general, other))
+        for row in await _rows(s, m.InstanceToken, m.InstanceToken.instance_id == instance)
+    ]
+    assert len(tokens) == 2 and tokens[0] == tokens[1]
     assert (await _story(fast, one))["events"][0]["outcome"] == "ok"
     report = await AuditVerification(fast.chain).verify()
-    assert report.ok and report.events == 5, report.findings
+    assert report.ok and report.events == 7, report.findings
 
 
 async def test_an_instance_terminated_while_vault_was_asked_is_withheld_alike(pair):
@@ -186,6 +196,19 @@ async def test_every_other_case_gets_the_general_paths_answer_and_writes_nothing
     assert await _counts(fast) == before
 
 
+async def test_a_token_for_a_terminated_instance_is_refused_and_not_recorded(pair):
+    fast, _ = pair
+    instance = _instance()
+    await _begin(fast, instance)
+    await fast.termination.request_termination(instance, actor="operator:o", issuer="dev")
+    before = await _counts(fast)
+    with pytest.raises(InstanceTerminated):
+        await fast.issuance.record_token(
+            instance_id=instance, accessor="acc-late", expires_at=T0 + timedelta(hours=1)
+        )
+    assert await _counts(fast) == before
+
+
 async def test_a_full_instance_supersedes_its_oldest_lease_through_the_general_path(pair):
     fast, _ = pair
     instance = _instance()
@@ -203,7 +226,7 @@ async def test_a_full_instance_supersedes_its_oldest_lease_through_the_general_p
 async def _counts(s: Ledgers) -> tuple[int, ...]:
     async with s.database.transaction(readonly=True) as conn:
         counts = []
-        for table in ("instances", "leases", "seen_tokens", "audit_events"):
+        for table in ("instances", "leases", "seen_tokens", "instance_tokens", "audit_events"):
             query = text(f"SELECT count(*) FROM {table}")  # noqa: S608 - our own names
             counts.append((await conn.execute(query)).scalar_one())
         return tuple(counts)
