@@ -135,6 +135,7 @@ class PgCounters:
         "tup_deleted",
         "tup_fetched",
         "tup_returned",
+        "multixacts",
     )
 
     def __init__(self, admin_url: str, database: str) -> None:
@@ -144,12 +145,23 @@ class PgCounters:
         self.conn = psycopg.connect(admin_url, autocommit=True)
 
     def read(self) -> dict[str, int]:
+        fields = self.FIELDS[:-1]
         row = self.conn.execute(
-            f"SELECT {', '.join(self.FIELDS)} FROM pg_stat_database WHERE datname = %s",
+            f"SELECT {', '.join(fields)} FROM pg_stat_database WHERE datname = %s",
             (self.database,),
         ).fetchone()
         assert row is not None
-        return dict(zip(self.FIELDS, (int(v) for v in row), strict=True))
+        counters = dict(zip(fields, (int(v) for v in row), strict=True))
+        # MultiXacts (several transactions locking one row together, as shared row locks
+        # on a busy row do): the server's next id, which only a checkpoint publishes. The
+        # whole server's: other databases' work included.
+        self.conn.execute("CHECKPOINT")
+        mxid = self.conn.execute(
+            "SELECT next_multixact_id::text::bigint FROM pg_control_checkpoint()"
+        ).fetchone()
+        assert mxid is not None
+        counters["multixacts"] = int(mxid[0])
+        return counters
 
     def statements_available(self) -> str:
         """Why statements per exchange are (not) counted."""
