@@ -30,6 +30,15 @@ from broker.leases.sql.common import discard_audit, flush_audit
 log = logging.getLogger(__name__)
 
 
+# READ COMMITTED whatever the server's default: the instance lock relies on the statement
+# after it taking a fresh snapshot (``sql.common.lock_instance``); under REPEATABLE READ
+# the transaction's snapshot could predate a termination it waited for.
+_SERVER_SETTINGS = {
+    "application_name": "credential-broker",
+    "default_transaction_isolation": "read committed",
+}
+
+
 class GeneralCase(Exception):  # noqa: N818 - not an error: a signal to take the other path
     """A one-round-trip statement met a case it does not serve (SQLSTATE ``BR001``) and
     wrote nothing: the caller runs the general path, which decides it."""
@@ -46,12 +55,15 @@ class OneTrip:
     one round trip, without SQLAlchemy's or a transaction's own (PostgreSQL only; the
     issuance hot path's server-side functions, ``broker.leases.sql.onetrip``)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         try:
-            return await self._pool.fetchval(query, *args)
+            # Bounded like the SQLAlchemy pool's wait: a full pool fails the request (503).
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                return await conn.fetchval(query, *args)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "BR001":
                 raise GeneralCase(str(exc)) from None
@@ -98,11 +110,13 @@ class Database:
                 connect_args={
                     "timeout": self._settings.connect_timeout_s,
                     "command_timeout": 30,
-                    "server_settings": {"application_name": "credential-broker"},
+                    "server_settings": _SERVER_SETTINGS,
                 },
             )
             if self._settings.one_round_trip:
-                self.one_trip = OneTrip(await self._one_trip_pool())
+                self.one_trip = OneTrip(
+                    await self._one_trip_pool(), self._settings.connect_timeout_s
+                )
         self._engine = engine
 
     async def _one_trip_pool(self) -> asyncpg.Pool:
@@ -117,7 +131,7 @@ class Database:
             reset=_keep,
             timeout=self._settings.connect_timeout_s,
             command_timeout=30,
-            server_settings={"application_name": "credential-broker"},
+            server_settings=_SERVER_SETTINGS,
         )
         assert pool is not None  # only None when created without awaiting
         return pool

@@ -11,7 +11,16 @@ statement commits, so nothing is written, and the caller runs the general path
 path takes (``broker.leases.sql.common.lock_instance``), never a shared row lock, which
 PostgreSQL would turn into MultiXacts on an instance's busy row.
 
-SQLite has neither function: its one writer at a time needs no round trip saved.
+SQLite has none of the functions: its one writer at a time needs no round trip saved.
+
+Upgrading: replicas before this revision lock a terminated instance's row only, and the
+ones after it an advisory lock only, so the two do not exclude each other. Stop the old
+replicas before the new ones serve (a termination by an old replica while a new one
+issues could leave the job's first pass without the new row: the completion, which reads
+the instance again, withholds the credential, and the job cannot finish while the row is
+live, but the strict order holds only with one version serving). The index is built
+without CONCURRENTLY: about a second per million leases here, during which issuance
+waits.
 
 Revision ID: 0008
 Revises: 0007
@@ -53,21 +62,22 @@ DECLARE
     live integer;
 BEGIN
     @ANY_LOCK@
-    -- Looked for first: an insert that meets the row waits for whoever is updating it
-    -- (a sighting, a termination); a plain read does not.
+    -- The lock first, as everywhere: a termination of an id never seen holds it while
+    -- it writes the row, and an insert of ours before the lock would wait on it while it
+    -- waits on us. Its own statement, so the read below has a snapshot from after it.
+    IF p_max_leases IS NULL THEN
+        PERFORM pg_advisory_xact_lock_shared(@CLASS@, hashtext(p_instance));
+    ELSE
+        PERFORM pg_advisory_xact_lock(@CLASS@, hashtext(p_instance));
+    END IF;
+    -- Looked for before the insert: an insert that meets the row waits for whoever is
+    -- updating it (a sighting); a plain read does not.
     IF NOT EXISTS (SELECT 1 FROM instances WHERE instance_id = p_instance) THEN
         INSERT INTO instances (instance_id, issuer_name, workload, state, created_at,
                                updated_at, last_seen_at, claims)
         VALUES (p_instance, p_issuer, p_workload, 'active', p_now, p_now, p_now,
                 p_claims::json)
         ON CONFLICT (instance_id) DO NOTHING;
-    END IF;
-    -- Its own statement, before the row is read: the read's snapshot then follows any
-    -- termination that held the lock.
-    IF p_max_leases IS NULL THEN
-        PERFORM pg_advisory_xact_lock_shared(@CLASS@, hashtext(p_instance));
-    ELSE
-        PERFORM pg_advisory_xact_lock(@CLASS@, hashtext(p_instance));
     END IF;
     SELECT state, issuer_name, workload INTO st, own, own_workload
     FROM instances WHERE instance_id = p_instance;
@@ -101,7 +111,8 @@ $$
 
 _COMPLETE_ISSUE = """
 CREATE OR REPLACE FUNCTION broker_complete_issue(
-    p_lease_id text, p_instance text, p_issuer text, p_state text, p_vault_lease_id text,
+    p_lease_id text, p_instance text, p_issuer text, p_workload text, p_role text,
+    p_kind text, p_state text, p_vault_lease_id text,
     p_accessor text, p_renewable boolean, p_issued_at timestamptz, p_expires_at timestamptz,
     p_stale timestamptz, p_ref text, p_now timestamptz,
     p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_detail text,
@@ -115,8 +126,8 @@ BEGIN
     UPDATE leases SET state = p_state, vault_lease_id = p_vault_lease_id,
         token_accessor = p_accessor, renewable = p_renewable, issued_at = p_issued_at,
         expires_at = p_expires_at, updated_at = p_now, credential_ref = p_ref::json
-    WHERE lease_id = p_lease_id AND instance_id = p_instance AND state = 'issuing'
-      AND created_at > p_stale;
+    WHERE lease_id = p_lease_id AND instance_id = p_instance AND workload = p_workload
+      AND role = p_role AND kind = p_kind AND state = 'issuing' AND created_at > p_stale;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'the issuing row changed' USING ERRCODE = 'BR001';
     END IF;

@@ -20,7 +20,7 @@ from broker.leases.views import LeaseLimit
 _BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 _COMPLETE = (
     "SELECT broker_complete_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
-    "$13, $14, $15, $16, $17, $18)"
+    "$13, $14, $15, $16, $17, $18, $19, $20, $21)"
 )
 _RECORD_TOKEN = "SELECT broker_record_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
@@ -32,8 +32,9 @@ class OneTrip(Protocol):
     async def fetchval(self, query: str, *args: Any) -> Any: ...
 
 
-def _json(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else json.dumps(value)
+def _json(value: dict[str, Any] | None) -> str:
+    """As SQLAlchemy's JSON column writes it: None is JSON ``null``, not SQL NULL."""
+    return json.dumps(value)
 
 
 async def begin_issue(
@@ -68,7 +69,7 @@ async def begin_issue(
         _COUNTED,
         _json(external_ref),
         vault_path,
-        _json(claims),
+        None if claims is None else json.dumps(claims),  # absent: SQL NULL, as the general path
         now,
     )
 
@@ -122,6 +123,9 @@ async def complete_issue(
         lease_id,
         instance_id,
         issuer_name,
+        workload,
+        role,
+        kind,
         state.value,
         vault_lease_id,
         accessor,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -277,3 +278,37 @@ async def test_an_issuance_waits_for_a_termination_in_flight_and_is_then_refused
         assert not issuing.done()
     with pytest.raises(InstanceTerminated):
         await issuing
+
+
+async def test_a_first_issuance_waits_for_the_termination_of_an_id_never_seen(pair):
+    """The lock before the instance row: a termination of an id never seen holds the lock
+    and then writes the row; an issuance that wrote the row first would deadlock with it."""
+    fast, general = pair
+    instance = _instance()
+    async with general.database.transaction() as conn:
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(:c, hashtext(:i))"),
+            {"c": INSTANCE_LOCK_CLASS, "i": instance},
+        )
+        issuing = asyncio.create_task(_begin(fast, instance, limit=None))
+        await eventually(lambda: _waiting_for_instance_lock(fast), "issuance waits")
+        # The row is written only now, under the lock the issuance is waiting for.
+        await jobs.request_termination(
+            conn, FixedClock(T0), instance, actor="operator:o", issuer="dev"
+        )
+    with pytest.raises(InstanceTerminated):
+        await issuing
+    assert not await _rows(fast, m.Lease, m.Lease.instance_id == instance)
+
+
+async def test_a_completion_for_another_row_than_its_ticket_is_refused_by_the_general_path(
+    pair,
+):
+    fast, _ = pair
+    instance = _instance()
+    ticket = await _begin(fast, instance)
+    wrong = replace(ticket, issuing=replace(ticket.issuing, role="other-role"))
+    assert await _complete(fast, wrong, f"database/creds/db/{instance}") is True
+    events = await _rows(fast, m.AuditEvent, m.AuditEvent.instance_id == instance)
+    # The general path wrote the event from the row itself, not from the ticket.
+    assert [e["detail"]["role"] for e in events if e["action"] == "lease.issued"] == [ROLE]

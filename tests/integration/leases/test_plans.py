@@ -136,13 +136,27 @@ async def explained_ledgers(pg) -> AsyncIterator[tuple[Ledgers, FixedClock, Plan
             # The one-round-trip statements on one plain connection: a connection of
             # asyncpg's pool delivers its notices only until it is first released.
             await db.one_trip.close()  # type: ignore[union-attr]
-            db.one_trip = OneTrip(await asyncpg.connect(url))
+            db.one_trip = OneTrip(_OneConnection(await asyncpg.connect(url)), 5)  # type: ignore[arg-type]
             try:
                 yield Ledgers.on(db, clock, token_key=b"k" * 32), clock, capture
             finally:
                 await db.close()
     finally:
         await asyncio.to_thread(pg.drop_database, name)
+
+
+class _OneConnection:
+    """One asyncpg connection standing in for ``OneTrip``'s pool."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @asynccontextmanager
+    async def acquire(self, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        yield self._conn
+
+    async def close(self) -> None:
+        await self._conn.close()
 
 
 def _fill(url: str) -> None:
