@@ -14,9 +14,8 @@ import pytest
 from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
 from broker.leases.ending import LeaseEnder
-from broker.revocation import holds
 from broker.revocation.settings import RevocationSettings
-from broker.revocation.worker import Confirmed, RevocationWorker
+from broker.revocation.worker import RevocationWorker
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
@@ -101,25 +100,23 @@ class Ledger:
         self.ended[lease.lease_id] = ending.state
         return True
 
+    async def mark_token_revoked(self, accessor: str) -> None:
+        self.token_revoked.append(accessor)
+
     async def mark_leases_ended(self, lease_ids, state, *, actor):
         for lid in lease_ids:
             self.ended[lid] = state
         return len(lease_ids)
 
 
-def _lease(n: int, *, paths: int = 1, **kw) -> LeaseView:
-    path = "database/creds/r" if paths == 1 else f"database/creds/r{n % paths}"
+def _lease(n: int, **kw) -> LeaseView:
     return LeaseView(f"l-{n}", "i-1", "w", "db", "database", "active", False,
                      NOW - timedelta(hours=1), NOW - timedelta(hours=1), NOW + timedelta(hours=1),
-                     None, f"{path}/v{n:03}", "acc-1", None, path, **kw)
+                     None, f"database/creds/r/v{n:03}", "acc-1", None, "database/creds/r", **kw)
 
 
-def _setup(
-    n: int, *, issuing: int = 0, paths: int = 1
-) -> tuple[RevocationWorker, Vault, Ledger]:
-    """``n`` leases spread over ``paths`` Vault paths: fewer than 16 under each are revoked
-    one by one, more are left to the token's revocation."""
-    leases = [_lease(i, paths=paths) for i in range(n)]
+def _setup(n: int, *, issuing: int = 0) -> tuple[RevocationWorker, Vault, Ledger]:
+    leases = [_lease(i) for i in range(n)]
     leases += [replace(_lease(100 + i), vault_path=None, state="issuing", vault_lease_id=None,
                        token_accessor=None, created_at=NOW - timedelta(hours=1))
                for i in range(issuing)]
@@ -135,21 +132,9 @@ def _setup(
 JOB = JobView("j-1", "i-1", "running", 1, NOW, None, "admin", NOW, None)
 
 
-async def _pass(worker: RevocationWorker, ledger: Ledger) -> None:
-    """One pass of the job, and what it confirmed recorded as the worker records it (with
-    the job's end, or on its own when the pass stops short)."""
-    confirmed = Confirmed()
-    try:
-        await worker._revoke_instance(JOB, confirmed)
-    finally:
-        ledger.token_revoked += confirmed.tokens
-        for lid in confirmed.leases:
-            ledger.ended[lid] = LeaseState.REVOKED
-
-
 async def test_a_clean_pass_stamps_each_chunk_right_before_its_revocations() -> None:
-    worker, vault, ledger = _setup(20, paths=2)
-    await _pass(worker, ledger)
+    worker, vault, ledger = _setup(20)
+    await worker._revoke_instance(JOB)
     kinds = [k for k, _ in vault.log]
     # 16, then 4, each stamped first; the token last, with nothing left to stamp.
     assert kinds == ["stamp", *["revoke"] * 16, "stamp", *["revoke"] * 4, "revoke_accessor"]
@@ -159,21 +144,21 @@ async def test_a_clean_pass_stamps_each_chunk_right_before_its_revocations() -> 
 
 
 async def test_vault_away_leaves_no_stamp_on_leases_it_never_revoked() -> None:
-    worker, vault, ledger = _setup(40, paths=3)
+    worker, vault, ledger = _setup(40)
     vault.away_after = 20  # the second chunk meets a refused connection from its 5th lease
     with pytest.raises(UpstreamUnavailable):
-        await _pass(worker, ledger)
+        await worker._revoke_instance(JOB)
     assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}  # revoked: ours
     assert ("revoke_accessor", "acc-1") not in vault.log and not ledger.token_revoked
     # The third chunk was never stamped nor sent.
-    assert ("revoke", "database/creds/r2/v032") not in vault.log
+    assert ("revoke", "database/creds/r/v032") not in vault.log
 
 
 async def test_a_timeout_keeps_the_stamp_for_a_revocation_that_may_have_been_done() -> None:
     worker, vault, ledger = _setup(3)
     vault.fail["database/creds/r/v001"] = TIMED_OUT
     with pytest.raises(UpstreamUnavailable):
-        await _pass(worker, ledger)
+        await worker._revoke_instance(JOB)
     assert set(ledger.stamps) == {"l-0", "l-1", "l-2"}
     assert not ledger.token_revoked
 
@@ -181,7 +166,7 @@ async def test_a_timeout_keeps_the_stamp_for_a_revocation_that_may_have_been_don
 async def test_a_lease_vault_refused_is_unstamped_then_stamped_for_the_token() -> None:
     worker, vault, ledger = _setup(3, issuing=1)
     vault.fail["database/creds/r/v001"] = REFUSED
-    await _pass(worker, ledger)  # the token's revocation took it: confirmed gone
+    await worker._revoke_instance(JOB)  # the token's revocation took it: confirmed gone
     stamps = [ids for k, ids in vault.log if k == "stamp"]
     assert stamps == ["l-0,l-1,l-2", "l-1,l-100"]
     assert vault.log.index(("stamp", "l-1,l-100")) < vault.log.index(("revoke_accessor", "acc-1"))
@@ -195,7 +180,7 @@ async def test_a_token_revocation_that_certainly_failed_takes_its_stamps_back(er
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_error = error
     with pytest.raises(BrokerError):
-        await _pass(worker, ledger)
+        await worker._revoke_instance(JOB)
     assert set(ledger.stamps) == {"l-0"}  # revoked on its own; l-1 and l-100: nothing sent
     assert not ledger.token_revoked
 
@@ -205,7 +190,7 @@ async def test_a_token_revocation_that_may_have_been_done_keeps_its_stamps() -> 
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_error = TIMED_OUT
     with pytest.raises(UpstreamUnavailable):
-        await _pass(worker, ledger)
+        await worker._revoke_instance(JOB)
     assert set(ledger.stamps) == {"l-0", "l-1", "l-100"}
 
 
@@ -214,7 +199,7 @@ async def test_a_token_vault_no_longer_knows_is_done_but_covers_nothing() -> Non
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_known = False
     with pytest.raises(UpstreamRejected):  # l-1 still held: the job retries it alone
-        await _pass(worker, ledger)
+        await worker._revoke_instance(JOB)
     assert ledger.token_revoked == ["acc-1"]  # not asked again
     assert set(ledger.stamps) == {"l-0"}
     # Next pass: l-1 is looked up again (no stamp); Vault forgot it meanwhile → lost.
@@ -222,67 +207,6 @@ async def test_a_token_vault_no_longer_knows_is_done_but_covers_nothing() -> Non
     vault.known.discard("database/creds/r/v001")
     vault.fail.clear()
     before = len(vault.log)
-    await _pass(worker, ledger)
+    await worker._revoke_instance(JOB)
     assert ledger.ended["l-1"] is LeaseState.LOST
     assert vault.log[before:] == []  # nothing sent: the token is not revoked again
-
-
-async def test_many_leases_under_one_path_are_left_to_the_token_stamped_before_it() -> None:
-    worker, vault, ledger = _setup(20)
-    await _pass(worker, ledger)
-    # One stamp for all twenty, then the token; no lease revoked one by one.
-    assert vault.log == [("stamp", ",".join(f"l-{i}" for i in range(20))),
-                         ("revoke_accessor", "acc-1")]
-    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
-    assert ledger.token_revoked == ["acc-1"]
-
-
-async def test_leases_left_to_a_token_vault_no_longer_knows_are_revoked_one_by_one() -> None:
-    worker, vault, ledger = _setup(20)
-    vault.token_known = False
-    await _pass(worker, ledger)
-    kinds = [k for k, _ in vault.log]
-    # The token's stamp is taken back: each lease is stamped again before its revocation.
-    assert kinds == ["stamp", "revoke_accessor", "stamp", *["revoke"] * 16, "stamp",
-                     *["revoke"] * 4]
-    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
-    assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}
-
-
-async def test_what_vault_still_holds_after_its_queue_stalls_is_revoked_one_by_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(holds, "QUEUE_STALL_S", 0.05)
-    worker, vault, ledger = _setup(20)
-    stuck = {"database/creds/r/v003", "database/creds/r/v007"}
-
-    async def revoke_accessor(accessor: str) -> bool:
-        vault.log.append(("revoke_accessor", accessor))
-        vault.known &= stuck  # Vault revoked all but two, and does not get to those
-        return True
-
-    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
-    await _pass(worker, ledger)
-    revoked = [lid for k, lid in vault.log if k == "revoke"]
-    assert sorted(revoked) == sorted(stuck)
-    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
-
-
-async def test_a_lease_vault_keeps_refusing_after_the_token_fails_the_pass(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(holds, "QUEUE_STALL_S", 0.05)
-    worker, vault, ledger = _setup(20)
-    vault.fail["database/creds/r/v005"] = REFUSED
-
-    async def revoke_accessor(accessor: str) -> bool:
-        vault.log.append(("revoke_accessor", accessor))
-        vault.known &= {"database/creds/r/v005"}  # irrevocable: Vault keeps it
-        return True
-
-    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
-    with pytest.raises(UpstreamRejected) as refused:
-        await _pass(worker, ledger)
-    assert refused.value is REFUSED
-    assert "l-5" not in ledger.ended and len(ledger.ended) == 19
-    assert ledger.token_revoked == ["acc-1"]
