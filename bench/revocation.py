@@ -15,7 +15,7 @@
      ``terminated``, its job ``done`` and every lease ``revoked``, and OpenBao must list
      none of them.
    The ratio is broker ÷ direct (b). The job's phases come from the store's timestamps
-   (job created → token revoked → leases marked revoked → job done), and the CPU seconds
+   (job created → first revocation stamped → leases marked revoked → job done), and the CPU seconds
    OpenBao and the broker spent from /proc: on a 2-core machine shared by the bench, the
    broker, OpenBao and PostgreSQL, CPU is what the two paths compete for.
 2. A fleet: I instances × L leases of dev-cert (PKI, EC P-256: the fastest engine to issue
@@ -27,6 +27,15 @@
    per instance, every token revoked by accessor at the same concurrency, until OpenBao
    lists none of the leases) gives the ratio broker ÷ direct.
 
+3. Terminate → credential dead, for dev-db (PostgreSQL dynamic credentials): an instance
+   gets K credentials (1, 10, 100) through the broker, each is shown to log in to the
+   PostgreSQL database the role creates its users in, then the clock runs from ``POST
+   /v1/instances/{id}/terminate`` until a login with each credential has failed (logins
+   are attempted over and over, 4 at a time, every few ms: the figure is the end of the
+   first failed attempt of the last credential). 20 runs per K, p50 and p99 (with 20 runs
+   the p99 is the slowest run). The same straight against OpenBao (``revoke-accessor`` on
+   the instance token) as the reference.
+
 The PKI mount rebuilds its CRL periodically (``auto_rebuild``) unless ``--crl-on-revoke``:
 with OpenBao's default every revocation rebuilds the whole CRL, so a thousand cost O(n²)
 and whichever path runs second pays for the first's revoked certificates.
@@ -36,7 +45,7 @@ are dropped, the processes stopped and the dev-db leases revoked at the end, on 
 
     python bench/revocation.py [--n 1000] [--instances 2000] [--leases-per-instance 3]
                                [--roles dev-cert,dev-db] [--skip-single] [--skip-fleet]
-                               [--crl-on-revoke]
+                               [--crl-on-revoke] [--skip-dead] [--dead-runs 20]
 """
 
 from __future__ import annotations
@@ -59,13 +68,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import psycopg
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.exchange import bench_config, run_phase, start_broker, wait_ready  # noqa: E402
+from bench.exchange import bench_config, pct, run_phase, start_broker, wait_ready  # noqa: E402
 from broker.dev.issuer import DevIssuer  # noqa: E402
 from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
 from broker.leases.migrations import migrate  # noqa: E402
@@ -81,6 +91,12 @@ LIST_POLL_S = 0.025  # LIST sys/leases/lookup/<prefix> is cheap
 STORE_POLL_S = 0.2
 POOL_SIZE = 10  # per replica, up to twice that with overflow
 PREFIX = {"dev-cert": "pki/issue/dev-cert", "dev-db": "database/creds/dev-db"}
+DEAD_COUNTS = (1, 10, 100)  # credentials per instance, terminate → credential dead
+DEAD_RUNS = 20
+LOGIN_CONCURRENCY = 4  # login attempts in flight: each forks a backend that competes with Vault
+LOGIN_POLL_S = 0.005  # between two sweeps over the credentials still alive
+LOGIN_TIMEOUT_S = 5.0  # one connection attempt
+DEAD_TIMEOUT_S = 60.0  # one run, from the terminate request until every login fails
 
 
 def now_wall() -> float:
@@ -448,26 +464,139 @@ async def one_instance(
     }
 
 
+class Logins:
+    """Logs in to the PostgreSQL database the dev-db role creates its users in, as a
+    workload would with its credential."""
+
+    def __init__(self, admin_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(admin_url.replace("postgresql+psycopg://", "postgresql://"))
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 5432
+        self.database = (parts.path or "/postgres").lstrip("/") or "postgres"
+        self._sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
+
+    async def works(self, user: str, password: str) -> bool:
+        """True: logged in (and out again); False: PostgreSQL refused the credential (its
+        role is gone, or its password no longer holds). Anything else raises."""
+        async with self._sem:
+            try:
+                conn = await asyncpg.connect(
+                    host=self.host,
+                    port=self.port,
+                    user=user,
+                    password=password,
+                    database=self.database,
+                    timeout=LOGIN_TIMEOUT_S,
+                )
+            except asyncpg.InvalidAuthorizationSpecificationError:
+                return False  # 28000 role does not exist / 28P01 password refused
+            await conn.close(timeout=LOGIN_TIMEOUT_S)
+            return True
+
+    async def until_all_fail(self, creds: list[tuple[str, str]], t0: float) -> float:
+        """Attempt every credential still working, sweep after sweep, until each has
+        failed once; seconds from ``t0`` (``perf_counter``) to the last first failure."""
+        alive = list(creds)
+        last = 0.0
+        deadline = t0 + DEAD_TIMEOUT_S
+        while alive:
+            answers = await asyncio.gather(*(self.works(u, p) for u, p in alive))
+            now = time.perf_counter()
+            if not all(answers):
+                last = now - t0
+            alive = [c for c, ok in zip(alive, answers, strict=True) if ok]
+            if alive and now > deadline:
+                raise TimeoutError(f"{len(alive)} credential(s) still log in: {DEAD_TIMEOUT_S}s")
+            if alive:
+                await asyncio.sleep(LOGIN_POLL_S)
+        return last
+
+
+async def terminate_to_dead(
+    env: Env, http: aiohttp.ClientSession, broker: BrokerClient, runs: int
+) -> dict[str, Any]:
+    """Terminate → every credential's PostgreSQL login fails, through the broker and
+    straight against OpenBao, ``runs`` times for each count in ``DEAD_COUNTS``."""
+    assert env.bao is not None and env.issuer is not None
+    vault = VaultDirect(http, env.bao.addr, env.setup.broker_token)
+    logins = Logins(env.pg.admin_url)
+    tag = secrets.token_hex(3)
+
+    async def via_broker(k: int, run: int) -> float:
+        name = f"dead-b-{tag}-{k}-{run}"
+        jwt = env.issuer.mint(instance=name, workload=WORKLOAD, ttl=1800)  # type: ignore[union-attr]
+        creds: list[tuple[str, str]] = []
+
+        async def one(_: int) -> None:
+            async with http.post(
+                f"{broker.url}/v1/credentials",
+                json={"role": "dev-db", "ttl": "10m"},
+                headers={"Authorization": f"Bearer {jwt}"},
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+                data = (await resp.json())["data"]
+                creds.append((data["username"], data["password"]))
+
+        await run_phase(k, ISSUE_CONCURRENCY, one)
+        assert all(await asyncio.gather(*(logins.works(u, p) for u, p in creds)))
+        t0 = time.perf_counter()
+        await broker.terminate(name)
+        return await logins.until_all_fail(creds, t0)
+
+    async def direct(k: int, run: int) -> float:
+        token, accessor = await vault.instance_token(f"dead-d-{tag}-{k}-{run}")
+        creds: list[tuple[str, str]] = []
+
+        async def one(_: int) -> None:
+            status, body = await vault._call("GET", "database/creds/dev-db", token=token)
+            assert status == 200, body
+            creds.append((body["data"]["username"], body["data"]["password"]))
+
+        await run_phase(k, ISSUE_CONCURRENCY, one)
+        assert all(await asyncio.gather(*(logins.works(u, p) for u, p in creds)))
+        t0 = time.perf_counter()
+        await vault.revoke_accessor(accessor)
+        return await logins.until_all_fail(creds, t0)
+
+    out: dict[str, Any] = {"runs": runs, "counts": {}}
+    for k in DEAD_COUNTS:
+        row: dict[str, Any] = {}
+        for name, measure in (("broker", via_broker), ("direct", direct)):
+            await measure(k, -1)  # warm-up
+            times = [await measure(k, run) for run in range(runs)]
+            row[name] = {
+                "p50_ms": pct(times, 50) * 1000,
+                "p99_ms": pct(times, 99) * 1000,
+                "max_ms": max(times) * 1000,
+            }
+        out["counts"][k] = row
+        print(
+            f"  terminate → dead, {k} credential(s): broker p50 {row['broker']['p50_ms']:.0f} ms "
+            f"p99 {row['broker']['p99_ms']:.0f} ms; direct p50 {row['direct']['p50_ms']:.0f} ms "
+            f"p99 {row['direct']['p99_ms']:.0f} ms",
+            flush=True,
+        )
+    return out
+
+
 def phases(store: StoreProbe, instance: str) -> dict[str, float]:
-    """Where the job's time went, from the store's own timestamps: job created → token
-    revoked (explicit revokes of every lease, then the token) → leases marked revoked
-    (lookups, then the update) → job done."""
-    job = store.query(
+    """Where the job's time went, from the store's own timestamps: job created → the first
+    revocation stamped (``revoke_sent_at``: the job claimed, its work read, the leases
+    looked up) → leases marked revoked (revocations, the token, Vault's confirmation; the
+    job's last transaction records them) → job done."""
+    created, completed = store.query(
         "SELECT created_at, completed_at FROM revocation_jobs WHERE instance_id = %s",
         (instance,),
     )[0]
-    token = store.query(
-        "SELECT max(revoked_at) FROM instance_tokens WHERE instance_id = %s",
+    stamped, ended = store.query(
+        "SELECT min(revoke_sent_at), max(ended_at) FROM leases WHERE instance_id = %s",
         (instance,),
-    )[0][0]
-    ended = store.query(
-        "SELECT max(ended_at) FROM leases WHERE instance_id = %s",
-        (instance,),
-    )[0][0]
-    created, completed = job
+    )[0]
     return {
-        "revoke_s": (token - created).total_seconds(),
-        "confirm_s": (ended - token).total_seconds(),
+        "start_s": (stamped - created).total_seconds(),
+        "revoke_s": (ended - stamped).total_seconds(),
         "finish_s": (completed - ended).total_seconds(),
     }
 
@@ -606,6 +735,8 @@ async def main() -> None:
         action="store_true",
         help="keep OpenBao's default: rebuild the PKI CRL on every revocation (O(n²))",
     )
+    ap.add_argument("--skip-dead", action="store_true", help="skip terminate → credential dead")
+    ap.add_argument("--dead-runs", type=int, default=DEAD_RUNS)
     ap.add_argument(
         "--time-limit",
         type=float,
@@ -623,6 +754,7 @@ async def main() -> None:
     env = Env(work, crl_auto_rebuild=not args.crl_on_revoke)
     singles: list[dict[str, Any]] = []
     swarm: dict[str, Any] | None = None
+    dead: dict[str, Any] | None = None
     ok = False
     limit = asyncio.timeout(args.time_limit)
     try:
@@ -633,11 +765,13 @@ async def main() -> None:
             aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
             limit,
         ):
-            if not args.skip_single:
+            if not args.skip_single or not args.skip_dead:
                 store_url = env.store("broker_bench_rev")
                 store = env.probe(store_url)
-                (broker,) = await env.brokers(http, store_url, 1, max_leases=args.n)
-                for role in args.roles.split(","):
+                (broker,) = await env.brokers(
+                    http, store_url, 1, max_leases=max(args.n, *DEAD_COUNTS)
+                )
+                for role in [] if args.skip_single else args.roles.split(","):
                     if role == "dev-db" and not env.setup.database_configured:
                         print("dev-db: not measured (no PostgreSQL for OpenBao)", flush=True)
                         continue
@@ -648,6 +782,11 @@ async def main() -> None:
                         f"direct {row['direct']['all_gone_s']:.2f}s, x{row['ratio']:.2f}",
                         flush=True,
                     )
+                if not args.skip_dead:
+                    if env.setup.database_configured:
+                        dead = await terminate_to_dead(env, http, broker, args.dead_runs)
+                    else:
+                        print("terminate → dead: not measured (no PostgreSQL for OpenBao)")
                 env.stop_brokers()
             if not args.skip_fleet:
                 store_url = env.store("broker_bench_fleet")
@@ -660,12 +799,12 @@ async def main() -> None:
                     env, http, replicas, store, args.instances, args.leases_per_instance
                 )
                 swarm["direct"] = direct
-        report(singles, swarm, env.crl_auto_rebuild)
+        report(singles, swarm, dead, env.crl_auto_rebuild)
         ok = True
     except TimeoutError:
         if not limit.expired():
             raise
-        report(singles, swarm, env.crl_auto_rebuild)
+        report(singles, swarm, dead, env.crl_auto_rebuild)
         print(f"\nstopped at the {args.time_limit:.0f}s time limit; the rest was not measured")
     finally:
         await env.close()
@@ -676,13 +815,35 @@ async def main() -> None:
     out = ROOT / ".bench"
     out.mkdir(exist_ok=True)
     (out / "revocation.json").write_text(
-        json.dumps({"single": singles, "fleet": swarm}, indent=2, default=str)
+        json.dumps({"single": singles, "fleet": swarm, "dead": dead}, indent=2, default=str)
     )
     shutil.rmtree(work, ignore_errors=True)
 
 
-def report(singles: list[dict[str, Any]], swarm: dict[str, Any] | None, auto: bool) -> None:
+def report(
+    singles: list[dict[str, Any]],
+    swarm: dict[str, Any] | None,
+    dead: dict[str, Any] | None,
+    auto: bool,
+) -> None:
     cores = os.cpu_count()
+    if dead is not None:
+        print(
+            f"\nterminate → credential dead (dev-db, PostgreSQL logins), {dead['runs']} runs "
+            f"each; ms from the request until every credential's login has failed once"
+        )
+        print(f"{'leases':>6} | {'broker p50':>10} {'p99':>6} | {'direct p50':>10} {'p99':>6}")
+        for k, row in dead["counts"].items():
+            b, d = row["broker"], row["direct"]
+            print(
+                f"{k:>6} | {b['p50_ms']:10.0f} {b['p99_ms']:6.0f} | "
+                f"{d['p50_ms']:10.0f} {d['p99_ms']:6.0f}"
+            )
+        print(
+            "broker: POST /v1/instances/{id}/terminate; direct: auth/token/revoke-accessor on "
+            f"the instance token; logins {LOGIN_CONCURRENCY} at a time, a sweep every "
+            f"{LOGIN_POLL_S * 1000:.0f} ms plus its own time (the resolution for 100 leases)"
+        )
     crl = "pki CRL auto_rebuild" if auto else "pki CRL rebuilt on every revocation"
     if singles:
         print(
@@ -692,7 +853,7 @@ def report(singles: list[dict[str, Any]], swarm: dict[str, Any] | None, auto: bo
         print(
             f"{'role':9} {'N':>5} | {'direct: revoke':>14} {'all gone':>9} {'leases/s':>9} | "
             f"{'broker: done':>12} {'leases/s':>9} | {'x':>5} | "
-            f"{'revoke':>7} {'confirm':>7} {'finish':>7}"
+            f"{'start':>7} {'revoke':>7} {'finish':>7}"
         )
         for r in singles:
             d, b, p = r["direct"], r["broker"], r["broker"]["phases"]
@@ -700,7 +861,7 @@ def report(singles: list[dict[str, Any]], swarm: dict[str, Any] | None, auto: bo
                 f"{r['role']:9} {r['n']:>5} | {d['revoke_call_s']:13.3f}s {d['all_gone_s']:8.2f}s "
                 f"{r['n'] / d['all_gone_s']:9.0f} | {b['done_polled_s']:11.2f}s "
                 f"{r['n'] / b['done_polled_s']:9.0f} | {r['ratio']:5.2f} | "
-                f"{p['revoke_s']:6.2f}s {p['confirm_s']:6.2f}s {p['finish_s']:6.2f}s"
+                f"{p['start_s']:6.2f}s {p['revoke_s']:6.2f}s {p['finish_s']:6.2f}s"
             )
         print(
             "direct: revoke = auth/token/revoke-accessor returning; all gone = until LIST "
@@ -708,9 +869,9 @@ def report(singles: list[dict[str, Any]], swarm: dict[str, Any] | None, auto: bo
             "broker: done = POST terminate until the job is done (store polled every "
             f"{JOB_POLL_S}s; then GET /v1/instances/{{id}} shows terminated/done, all revoked)\n"
             "x = broker done / direct all gone (target ≤ 1.5)\n"
-            "phases, from the store's timestamps: revoke = job created → token revoked (every "
-            "lease revoked, then the token); confirm → leases marked revoked (lookups); "
-            "finish → job done"
+            "phases, from the store's timestamps: start = job created → first revocation "
+            "stamped (claim, work read, lookups); revoke → leases marked revoked (revocations, "
+            "the token, Vault's confirmation); finish → job done"
         )
         for r in singles:
             d, b = r["direct"], r["broker"]
