@@ -48,8 +48,7 @@ from broker.leases.views import (
     new_id,
 )
 
-# Every listed instance's advisory lock, in key order (a sorted subquery: one at a time;
-# two ids may share a key, so the order is the keys', taken once each).
+# Every listed instance's advisory lock, each key once, in key order (ids may share one).
 _LOCK_ALL = text(
     f"SELECT count(pg_advisory_xact_lock({INSTANCE_LOCK_CLASS}, k)) "  # noqa: S608
     "FROM (SELECT DISTINCT hashtext(i) AS k FROM unnest(:b_ids) AS i ORDER BY k) AS keys"

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from broker.leases.sql.common import event_arguments, iso, pending_event
 from broker.leases.states import COUNTED_LEASE_STATES, LeaseState
-from broker.leases.views import LeaseLimit
+from broker.leases.views import IssuingRow, LeaseLimit
 
 _BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 _COMPLETE = (
@@ -40,13 +40,9 @@ def _json(value: dict[str, Any] | None) -> str:
 async def begin_issue(
     trip: OneTrip,
     lease_id: str,
+    row: IssuingRow,
     *,
     now: datetime,
-    instance_id: str,
-    issuer_name: str,
-    workload: str,
-    role: str,
-    kind: str,
     token_id: tuple[str, datetime] | None,
     limit: LeaseLimit | None,
     external_ref: dict[str, Any] | None,
@@ -58,11 +54,11 @@ async def begin_issue(
     await trip.fetchval(
         _BEGIN,
         lease_id,
-        instance_id,
-        issuer_name,
-        workload,
-        role,
-        kind,
+        row.instance_id,
+        row.issuer_name,
+        row.workload,
+        row.role,
+        row.kind,
         token_id[0] if token_id else None,
         token_id[1] if token_id else None,
         limit.max_leases if limit else None,
@@ -77,13 +73,9 @@ async def begin_issue(
 async def complete_issue(
     trip: OneTrip,
     lease_id: str,
+    row: IssuingRow,
     *,
     now: datetime,
-    instance_id: str,
-    issuer_name: str,
-    workload: str,
-    role: str,
-    kind: str,
     vault_lease_id: str | None,
     accessor: str,
     renewable: bool,
@@ -98,13 +90,13 @@ async def complete_issue(
     """Complete the ``issuing`` row of an instance still active, with its ``lease.issued``
     event; True. Raises ``GeneralCase`` having written nothing otherwise (an instance
     terminated meanwhile too: the general path records the credential withheld)."""
-    subject: dict[str, Any] = {"issuer": issuer_name, "workload": workload}
+    subject: dict[str, Any] = {"issuer": row.issuer_name, "workload": row.workload}
     if token_ref is not None:
         subject["token"] = token_ref
     detail = {
         **subject,
-        "role": role,
-        "kind": kind,
+        "role": row.role,
+        "kind": row.kind,
         "engine": engine,
         "state": state.value,
         "vault_lease_id": vault_lease_id,
@@ -114,18 +106,18 @@ async def complete_issue(
     }
     event = event_arguments(
         pending_event(
-            "workload", "lease.issued", instance_id=instance_id, lease_id=lease_id, **detail
+            "workload", "lease.issued", instance_id=row.instance_id, lease_id=lease_id, **detail
         ),
         now,
     )
     await trip.fetchval(
         _COMPLETE,
         lease_id,
-        instance_id,
-        issuer_name,
-        workload,
-        role,
-        kind,
+        row.instance_id,
+        row.issuer_name,
+        row.workload,
+        row.role,
+        row.kind,
         state.value,
         vault_lease_id,
         accessor,
