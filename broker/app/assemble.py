@@ -177,7 +177,11 @@ def assemble(
         ender=ender,
     )
     revocation = Tick(
-        "revocation", settings.revocation.tick_s, Revocation(worker).run_once, at_start=True
+        "revocation",
+        settings.revocation.tick_s,
+        Revocation(worker).run_once,
+        at_start=True,
+        on_stop=worker.stop_claiming,
     )
     terminate = Terminator(ledgers.termination, tokens, revocation.kick)
     sightings = Sightings()

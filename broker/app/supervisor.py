@@ -65,7 +65,7 @@ def _log_failure(message: str, exc: BaseException, level: int, **extra: object) 
 class Tick:
     """Periodic work: ``run_once`` every ``every_s`` seconds, never two runs at once, runs
     missed while one was running coalesced into one. ``at_start`` runs it as soon as the
-    ticks start instead of one interval later."""
+    ticks start instead of one interval later. ``on_stop``: called when the ticks stop."""
 
     def __init__(
         self,
@@ -74,8 +74,10 @@ class Tick:
         run_once: Callable[[], Awaitable[object]],
         *,
         at_start: bool = False,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_stop = on_stop
         self.every_s = every_s
         self.at_start = at_start
         self._run_once = run_once
@@ -106,8 +108,11 @@ class Tick:
         return self._scheduler is not None
 
     def detach(self) -> None:
-        """Stop taking kicks (the scheduler is being shut down)."""
+        """Stop taking kicks (the scheduler is being shut down), and tell a run in progress
+        to wrap up (``on_stop``) so it ends within the ticks' stop time."""
         self._scheduler = None
+        if self._on_stop is not None:
+            self._on_stop()
 
     def attach(self, scheduler: Any) -> None:
         """Schedule the tick on ``scheduler`` (an APScheduler ``AsyncIOScheduler``)."""

@@ -34,15 +34,14 @@ MAINTENANCE_S = 30.0
 
 
 class Revocation:
-    """Due revocation jobs, batch after batch while batches come back non-empty (a kick
-    during a run makes the tick run once more after it)."""
+    """Due revocation jobs until none is due (``RevocationWorker.drain``; a kick during a
+    run makes the tick run once more after it)."""
 
     def __init__(self, worker: RevocationWorker) -> None:
         self._worker = worker
 
     async def run_once(self) -> None:
-        while await self._worker.run_once():
-            pass
+        await self._worker.drain()
 
 
 class SightingsFlush:

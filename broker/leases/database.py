@@ -78,7 +78,15 @@ class OneTrip:
         )
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the pool, waiting for statements in flight at most as long as a
+        connection may take (``Pool.close`` waits for every checked-out connection: a
+        statement stuck on a store that stopped answering would hold shutdown up to its
+        ``command_timeout``); then the connections left are cut."""
+        try:
+            await asyncio.wait_for(self._pool.close(), self._acquire_timeout_s)
+        except TimeoutError:
+            log.warning("store statements still running at shutdown were cut")
+            self._pool.terminate()
 
 
 def _lock_id(key: str) -> int:

@@ -30,6 +30,7 @@ from broker.leases.sql import (
     onetrip,
     reconcile,
     replay,
+    revocation,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import (
@@ -37,6 +38,7 @@ from broker.leases.views import (
     IssuingRow,
     JobView,
     LeaseLimit,
+    LeasesStillLive,
     LeaseView,
     RevocationWork,
     new_id,
@@ -50,7 +52,9 @@ async def _mark_leases_ended(
         return 0
     now = clock.now()
     async with db.transaction() as conn:
-        return await jobs.mark_leases_ended(conn, clock, lease_ids, state, actor=actor, now=now)
+        return await revocation.mark_leases_ended(
+            conn, clock, lease_ids, state, actor=actor, now=now
+        )
 
 
 class IssuanceRecords:
@@ -344,11 +348,7 @@ class RevocationJobRecords:
 
     async def revocation_work(self, instance_id: str) -> RevocationWork:
         async with self._db.transaction(readonly=True) as conn:
-            return await jobs.revocation_work(conn, instance_id)
-
-    async def mark_token_revoked(self, accessor: str) -> None:
-        async with self._db.transaction() as conn:
-            await jobs.mark_token_revoked(conn, self._clock, accessor)
+            return await revocation.revocation_work(conn, instance_id)
 
     async def mark_leases_ended(
         self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
@@ -360,12 +360,45 @@ class RevocationJobRecords:
         in effect would show up twice."""
         return await _mark_leases_ended(self._db, self._clock, lease_ids, state, actor)
 
-    async def finish_job(self, job: JobView, *, worker: str) -> bool:
-        """Mark the job done and the instance terminated. Refuses (``LeasesStillLive``)
-        while any lease of the instance is still ``issuing`` or ``active``: the instance
-        row is locked first, so no request can complete a lease between check and finish."""
+    async def finish_job(
+        self,
+        job: JobView,
+        *,
+        worker: str,
+        tokens: Sequence[str] = (),
+        revoked: Sequence[str] = (),
+        actor: str | None = None,
+    ) -> bool:
+        """Record what the pass confirmed (``tokens`` revoked, leases ``revoked``, by
+        ``actor``), then mark the job done and the instance terminated: one transaction,
+        so a job's end costs one commit and one append to the audit chain. Refuses
+        (``LeasesStillLive``) while any lease of the instance is still ``issuing`` or
+        ``active``, after recording what was confirmed: the instance row is locked
+        first, so no request can complete a lease between check and finish."""
         async with self._db.transaction() as conn:
-            return await jobs.finish_job(conn, self._clock, job, worker=worker)
+            live = await revocation.record_confirmed(
+                conn,
+                self._clock,
+                job.instance_id,
+                tokens=tokens,
+                revoked=revoked,
+                actor=actor or f"revocation:{worker}",
+            )
+            if not live:
+                return await jobs.finish_job(conn, self._clock, job, worker=worker)
+        raise LeasesStillLive(f"{live} lease(s) of the instance are still live")
+
+    async def record_confirmed(
+        self, instance_id: str, *, tokens: Sequence[str], revoked: Sequence[str], actor: str
+    ) -> None:
+        """What a pass confirmed before it stopped short of the job's end (tokens revoked,
+        leases ``revoked``), in one transaction."""
+        if not tokens and not revoked:
+            return
+        async with self._db.transaction() as conn:
+            await revocation.record_confirmed(
+                conn, self._clock, instance_id, tokens=tokens, revoked=revoked, actor=actor
+            )
 
     async def reschedule_job(
         self,
@@ -398,7 +431,7 @@ class RevocationJobRecords:
         before it revoked them. The sweep finishes the job."""
         cutoff = self._clock.now() - older_than
         async with self._db.transaction(readonly=True) as conn:
-            return await jobs.superseded_leases(conn, cutoff, limit)
+            return await revocation.superseded_leases(conn, cutoff, limit)
 
 
 class ReconcileRecords:

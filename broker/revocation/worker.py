@@ -1,33 +1,41 @@
 """The revocation worker: claims jobs from its ledger and makes Vault forget an instance.
 
 For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
-0. look up the recorded leases no revocation of ours covered yet: one Vault does not know
-   is not taken for revoked (``broker.leases.ending``: expired, confirmed dead by a direct
-   check, else ``lost``);
-1. revoke every recorded live lease explicitly, synchronously, 16 at a time: each chunk
-   gets ``revoke_sent_at`` (committed) right before its revocations are sent, so that a
-   retry takes Vault's silence about them for our own revocation, never for a loss; a
-   revocation that certainly did not take effect (Vault refused it, the connection was
-   refused) takes its stamp back; Vault refusing one lease does not stop the others, Vault
-   away ends the pass before the next chunk is stamped;
+0. ask Vault about the recorded leases (one LIST of a path holding many of them, else a
+   lookup each; a lease the LIST lacks is looked up): one no revocation of ours covered
+   yet that Vault does not know is not taken for revoked (``broker.leases.ending``:
+   expired, confirmed dead by a direct check, else ``lost``);
+1. revoke explicitly, synchronously, 16 at a time, the recorded live leases not left to
+   their token (below): each chunk gets ``revoke_sent_at`` (committed) right before its
+   revocations are sent, so that a retry takes Vault's silence about them for our own
+   revocation, never for a loss; a revocation that certainly did not take effect (Vault
+   refused it, the connection was refused) takes its stamp back; Vault refusing one lease
+   does not stop the others, Vault away ends the pass before the next chunk is stamped;
 2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
-   never managed to record; the leases it covers that carry no stamp (the still issuing
-   ones, one whose own revocation was refused) are stamped right before, and unstamped
-   when it certainly did not take effect; a token Vault no longer knows counts as
-   revoked (retrying cannot change that) but covered nothing;
-3. confirm with Vault that each lease is gone (one LIST of a path that holds many of the
-   job's leases, else ``sys/leases/lookup`` per lease), and only then mark it ``revoked``;
+   never managed to record; right before each, the leases it covers that carry no stamp
+   (those left to it, one whose own revocation was refused, the still issuing ones) are
+   stamped, and unstamped when it certainly did not take effect; a token Vault no longer
+   knows counts as revoked (retrying cannot change that) but covered nothing, and the
+   leases left to it are revoked as in step 1. Left to the token: many leases under one
+   path, issued under it, that step 0's LIST showed (Vault revokes them at half the CPU
+   of a request each);
+3. confirm with Vault that each lease is gone, as in step 0, polling while Vault works
+   through what the token queued, and revoke explicitly what it still holds then; a LIST's
+   silence counts as gone only for a lease a LIST of this pass showed, or whose
+   synchronous revocation Vault answered; only a lease Vault no longer holds is ``revoked``;
 4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
    marked ``abandoned``: its token is revoked, so Vault holds nothing usable for it;
 5. leases that stand for STS sessions (``external_ref``), which no one can revoke, are
    denied in IAM once no request of the instance is in flight any more (so the deny's
    time comes after every session's issue time), abandoned ones included; each is
    marked ``revoked`` only once IAM shows the deny in place;
-6. mark the job done and the instance terminated.
+6. mark the job done and the instance terminated, with what the pass confirmed: one commit.
 
-Every step is idempotent, so a worker that dies anywhere leaves a job that the next claim
-(after ``claim_timeout_s``) finishes. Failures retry with exponential backoff and jitter;
-after ``max_attempts`` the job is ``failed``: visible, counted, retried when asked again.
+Jobs run ``batch`` at a time; a slot a finished job frees is claimed again at once
+(``drain``, which stops claiming when the broker stops). Every step is idempotent, so a
+worker that dies anywhere leaves a job that the next claim (after ``claim_timeout_s``)
+finishes. Failures retry with exponential backoff and jitter; after ``max_attempts`` the
+job is ``failed``: visible, counted, retried when asked again.
 """
 
 from __future__ import annotations
@@ -38,33 +46,33 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from broker.aws import SessionRef
 from broker.backoff import retry_delay
 from broker.clock import Clock
 from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
-from broker.leases.ending import LeaseEnder, Revoked, Stamp, sent_for_certain_not
+from broker.leases.ending import LeaseEnder, Revoked, sent_for_certain_not
 from broker.revocation.bounded import VAULT_CONCURRENCY, Bounded
+from broker.revocation.holds import Holdings, left_to_token
+from broker.revocation.sessions import SessionRevoker, deny_sessions
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
-# From this many of a job's leases under one Vault path, one LIST confirms them all.
-LIST_CONFIRM_MIN = 16
-# A session that expired this long ago (by the broker's clock, against AWS's stamp) needs
-# no deny: AWS refuses it already.
-EXPIRED_MARGIN = timedelta(minutes=5)
 
 
-class SessionRevoker(Protocol):
-    """Stands in for revoking STS sessions: a deny in IAM, confirmed before returning."""
+@dataclass
+class Confirmed:
+    """What a pass confirmed and has not recorded yet: the job's end records it in the
+    same transaction; a pass that stops short records it on its own."""
 
-    async def deny_sessions(self, ref: SessionRef, *, issued_before: datetime) -> None: ...
+    tokens: list[str] = field(default_factory=list)
+    leases: list[str] = field(default_factory=list)
 
 
 class RevocationJobs(Protocol):
@@ -76,7 +84,19 @@ class RevocationJobs(Protocol):
 
     async def extend_claim(self, job: JobView, *, worker: str, claim_for: timedelta) -> bool: ...
 
-    async def finish_job(self, job: JobView, *, worker: str) -> bool: ...
+    async def finish_job(
+        self,
+        job: JobView,
+        *,
+        worker: str,
+        tokens: Sequence[str] = (),
+        revoked: Sequence[str] = (),
+        actor: str | None = None,
+    ) -> bool: ...
+
+    async def record_confirmed(
+        self, instance_id: str, *, tokens: Sequence[str], revoked: Sequence[str], actor: str
+    ) -> None: ...
 
     async def reschedule_job(
         self,
@@ -90,8 +110,6 @@ class RevocationJobs(Protocol):
     ) -> None: ...
 
     async def revocation_work(self, instance_id: str) -> RevocationWork: ...
-
-    async def mark_token_revoked(self, accessor: str) -> None: ...
 
     async def mark_leases_ended(
         self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
@@ -131,6 +149,8 @@ class RevocationWorker:
         # finds every revocation with ``audit list --actor revocation``.
         self.actor = f"revocation:{self.worker_id}"
         self._bounded = Bounded()
+        self._holdings = Holdings(vault, self._bounded)
+        self._stopping = False
         self._completed = 0
         self._retried = 0
         self._failed = 0
@@ -139,16 +159,57 @@ class RevocationWorker:
         """Job passes of this worker since start, by outcome, for the metrics."""
         return {"completed": self._completed, "retried": self._retried, "failed": self._failed}
 
-    async def run_once(self) -> int:
-        """Claim and process one batch of due jobs. Returns how many were claimed."""
-        jobs = await self._ledger.claim_jobs(
-            worker=self.worker_id,
-            limit=self._settings.batch,
-            claim_for=timedelta(seconds=self._settings.claim_timeout_s),
-        )
-        if jobs:
-            await asyncio.gather(*(self._process(job) for job in jobs))
-        return len(jobs)
+    def stop_claiming(self) -> None:
+        """Shutting down: ``drain`` claims no more jobs and returns once the jobs it runs
+        have ended, so that none is left claimed (and waiting ``claim_timeout_s`` for
+        another replica) because the process stopped in the middle of it."""
+        self._stopping = True
+
+    async def drain(self) -> int:
+        """Process due jobs until none is due, up to ``batch`` at once; a slot a finished
+        job frees is filled by a new claim at once, so that one slow instance (many leases,
+        a slow engine) does not hold back the jobs behind it as a batch would, and a job
+        requested meanwhile is claimed without waiting for the next tick. Returns how many
+        jobs were claimed. One job failing in an unexpected way is logged and does not
+        touch the others."""
+        running: dict[asyncio.Task[None], str] = {}
+        claimed = 0
+        try:
+            while True:
+                free = self._settings.batch - len(running)
+                # A claim per freed slot would cost a transaction per job: claim once a
+                # quarter of the slots are free (at once when none is running).
+                wanted = free >= max(1, self._settings.batch // 4) or not running
+                if wanted and not self._stopping:
+                    jobs = await self._ledger.claim_jobs(
+                        worker=self.worker_id,
+                        limit=free,
+                        claim_for=timedelta(seconds=self._settings.claim_timeout_s),
+                    )
+                    claimed += len(jobs)
+                    mine = set(running.values())
+                    for job in jobs:
+                        # Our own claim lapsed (the store was away) and we claimed the job
+                        # again: the task already on it goes on under the renewed claim
+                        # (the same worker id); a second task would run the job twice.
+                        if job.job_id not in mine:
+                            running[asyncio.create_task(self._process(job))] = job.job_id
+                if not running:
+                    return claimed
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    job_id = running.pop(task)
+                    if not task.cancelled() and (exc := task.exception()) is not None:
+                        log.error(
+                            "a revocation job's task failed",
+                            exc_info=exc,
+                            extra={"job_id": job_id},
+                        )
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def _process(self, job: JobView) -> None:
         holding = asyncio.create_task(self._hold_claim(job))
@@ -176,17 +237,26 @@ class RevocationWorker:
                 continue  # the store is away: the claim may lapse; the guards still hold
 
     async def _process_claimed(self, job: JobView) -> None:
+        confirmed = Confirmed()
         try:
-            await self._revoke_instance(job)
+            await self._revoke_instance(job, confirmed)
         except BrokerError as exc:
+            await self._record_confirmed(job, confirmed)
             await self._retry(job, exc)
             return
         except Exception as exc:  # noqa: BLE001 — a job never dies silently
             log.exception("revocation job crashed", extra={"job_id": job.job_id})
+            await self._record_confirmed(job, confirmed)
             await self._retry(job, exc)
             return
         try:
-            finished = await self._ledger.finish_job(job, worker=self.worker_id)
+            finished = await self._ledger.finish_job(
+                job,
+                worker=self.worker_id,
+                tokens=confirmed.tokens,
+                revoked=confirmed.leases,
+                actor=self.actor,
+            )
         except BrokerError as exc:
             await self._retry(job, exc)
             return
@@ -207,6 +277,23 @@ class RevocationWorker:
                 "attempts": job.attempts,
             },
         )
+
+    async def _record_confirmed(self, job: JobView, confirmed: Confirmed) -> None:
+        """What a pass that stops short confirmed, recorded so that the next pass does not
+        do it again. The store away: the next pass finds the same in Vault (its tokens
+        unknown, its leases gone after our stamp) and records it then."""
+        try:
+            await self._ledger.record_confirmed(
+                job.instance_id,
+                tokens=confirmed.tokens,
+                revoked=confirmed.leases,
+                actor=self.actor,
+            )
+        except BrokerError:
+            log.warning(
+                "could not record what a revocation pass confirmed",
+                extra={"job_id": job.job_id},
+            )
 
     async def _retry(self, job: JobView, exc: Exception) -> None:
         code = exc.code if isinstance(exc, BrokerError) else type(exc).__name__
@@ -290,28 +377,6 @@ class RevocationWorker:
                 )
         return await self._ledger.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
 
-    async def _each(
-        self, call: Callable[[str], Awaitable[bool]], vault_lease_ids: list[str]
-    ) -> list[bool | BrokerError]:
-        """``call`` on each Vault lease id, bounded. Vault refusing one
-        lease is that lease's outcome, and the others go on; Vault away ends the pass at
-        once, and the calls not yet answered are cancelled, not left running behind a retry."""
-
-        async def one(lease_id: str) -> bool | BrokerError:
-            try:
-                return await self._bounded(call, lease_id)
-            except UpstreamUnavailable:
-                raise
-            except BrokerError as exc:
-                return exc
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(lease_id)) for lease_id in vault_lease_ids]
-        except* UpstreamUnavailable as away:
-            raise away.exceptions[0] from None
-        return [task.result() for task in tasks]
-
     async def _revoke(self, vault_lease_id: str) -> bool:
         await self._vault.revoke_lease(vault_lease_id)  # sync: done when it returns
         return True
@@ -352,36 +417,40 @@ class RevocationWorker:
     async def _revoke_tokens(
         self,
         tokens: Sequence[TokenView],
-        recorded: list[LeaseView],
+        uncovered: list[LeaseView],
         issuing: list[LeaseView],
-        first: list[bool | BrokerError],
-    ) -> None:
-        """Step 2: the instance's tokens by accessor. The leases their revocation may
-        cover and no stamp covers yet (one whose own revocation certainly failed, the
-        ones still issuing) are stamped right before; the stamp is taken back when no
-        token revocation took effect for them (Vault refused it, the connection was
-        refused, or Vault no longer knew the token)."""
+        confirmed: Confirmed,
+    ) -> set[str]:
+        """Step 2: the instance's tokens by accessor; returns the accessors Vault no longer
+        knew. Right before each token's revocation, the leases it covers that no stamp
+        covers yet are stamped: ``uncovered`` ones issued under it (those left to it, one
+        whose own revocation certainly failed), and, until one token's revocation took
+        effect, those naming no token (still issuing: their request holds one of the
+        instance's tokens). The stamp is taken back when that revocation did not take
+        effect (Vault refused it, the connection was refused, or Vault no longer knew the
+        token), so a stamp never stands for a revocation that was not sent."""
         live = [token for token in tokens if token.revoked_at is None]
-        if not live:
-            return
-        unstamped = [
-            lease
-            for lease, outcome in zip(recorded, first, strict=True)
-            if lease.revoke_sent_at is None and isinstance(outcome, BrokerError)
+        unknown: set[str] = set()
+        floating = [
+            lease.lease_id
+            for lease in (*uncovered, *issuing)
+            if lease.token_accessor is None and lease.revoke_sent_at is None
         ]
-        stamp = await self._ender.stamp(
-            [lease.lease_id for lease in (*unstamped, *issuing) if lease.revoke_sent_at is None]
-        )
-        revoked_any = any(token.revoked_at is not None for token in tokens)
         for token in live:
+            mine = [
+                lease.lease_id
+                for lease in uncovered
+                if lease.token_accessor == token.accessor and lease.revoke_sent_at is None
+            ]
+            stamp = await self._ender.stamp([*mine, *floating])
             try:
                 known = await self._vault.revoke_accessor(token.accessor)
             except BrokerError as exc:
                 if sent_for_certain_not(exc):
-                    await self._unstamp_token(stamp, token.accessor, revoked_any, unstamped)
+                    await self._ender.unstamp(stamp)
                 raise
             if known:
-                revoked_any = True
+                floating = []  # covered by this token's revocation, or by a later one's
             else:
                 # Vault no longer knows the token: nothing it held is revoked by this
                 # call, and retrying cannot change that; its leases are looked at alone.
@@ -389,54 +458,12 @@ class RevocationWorker:
                     "Vault no longer knew an instance token; its leases are checked one by one",
                     extra={"token_accessor": token.accessor},
                 )
-                await self._unstamp_token(stamp, token.accessor, revoked_any, unstamped)
-            await self._ledger.mark_token_revoked(token.accessor)
+                await self._ender.unstamp(stamp)
+                unknown.add(token.accessor)
+            confirmed.tokens.append(token.accessor)
+        return unknown
 
-    async def _unstamp_token(
-        self, stamp: Stamp, accessor: str, revoked_any: bool, leases: list[LeaseView]
-    ) -> None:
-        """Take back the stamp made for a token revocation that did not take effect: all of
-        it while no token revocation of this instance took effect yet, else only on the
-        leases issued under that very token (an issuing lease names no token yet: another
-        token's revocation may cover it, and it keeps the stamp)."""
-        if not revoked_any:
-            await self._ender.unstamp(stamp)
-            return
-        await self._ender.unstamp(
-            stamp, [lease.lease_id for lease in leases if lease.token_accessor == accessor]
-        )
-
-    async def _still_held(
-        self, vault_lease_ids: list[str], *, confirm_absent: bool = False
-    ) -> set[str]:
-        """The leases Vault still holds, by its own word. Many leases under one path are
-        checked with one LIST of that path (an instance with 1,000 leases costs Vault one
-        listing, not 1,000 lookups); a few, or a path that cannot be listed, one lookup
-        each. A lease Vault will not answer for counts as held. ``confirm_absent``: a lease
-        the LIST lacks is looked up too before it counts as gone (a listing is no proof
-        that Vault forgot a lease nobody revoked)."""
-        by_path: dict[str, list[str]] = {}
-        for lease_id in vault_lease_ids:
-            by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)
-        held: set[str] = set()
-        lookups: list[str] = []
-        for path, ids in by_path.items():
-            if len(ids) < LIST_CONFIRM_MIN:
-                lookups.extend(ids)
-                continue
-            try:
-                listed = {f"{path}/{key}" for key in await self._vault.list_lease_keys(path)}
-            except UpstreamRejected:
-                lookups.extend(ids)  # not listable (policy, path): ask one by one
-                continue
-            held.update(i for i in ids if i in listed)
-            if confirm_absent:
-                lookups.extend(i for i in ids if i not in listed)
-        answers = await self._each(self._vault.lease_exists, lookups)
-        held.update(i for i, exists in zip(lookups, answers, strict=True) if exists is not False)
-        return held
-
-    async def _revoke_instance(self, job: JobView) -> None:
+    async def _revoke_instance(self, job: JobView, confirmed: Confirmed) -> None:
         work = await self._ledger.revocation_work(job.instance_id)
         recorded = [lease for lease in work.leases if lease.vault_lease_id]
         issuing = [lease for lease in work.leases if lease.state == LeaseState.ISSUING]
@@ -451,23 +478,54 @@ class RevocationWorker:
         # it stamps the leases it covers), and migration 0006 stamped what older code had
         # sent: a lease without a stamp was covered by no revocation of ours. (A token
         # recorded revoked is no proof: Vault may not have known it any more.)
-        recorded = await self._settle_forgotten(recorded)
-        first = await self._revoke_leases(recorded)
-        await self._revoke_tokens(work.tokens, recorded, issuing, first)
+        recorded, listed = await self._settle_forgotten(recorded)
+        alone, by_token = left_to_token(recorded, work.tokens, listed)
+        outcomes: dict[str, bool | BrokerError] = {}
+        first = await self._revoke_leases(alone)
+        outcomes.update((lease.lease_id, o) for lease, o in zip(alone, first, strict=True))
+        refused = [
+            lease
+            for lease, outcome in zip(alone, first, strict=True)
+            if lease.revoke_sent_at is None and isinstance(outcome, BrokerError)
+        ]
+        unknown = await self._revoke_tokens(work.tokens, [*by_token, *refused], issuing, confirmed)
+        # A token Vault no longer knew revoked nothing: the leases left to it are revoked
+        # one by one (their stamp was taken back), as if never left to it.
+        untaken = [lease for lease in by_token if lease.token_accessor in unknown]
+        if untaken:
+            late = await self._revoke_leases(untaken)
+            outcomes.update((lease.lease_id, o) for lease, o in zip(untaken, late, strict=True))
+            by_token = [lease for lease in by_token if lease.token_accessor not in unknown]
         # Then Vault's word on each: a lease it no longer holds is gone (the token's
-        # revocation may also have taken one whose own revocation was refused).
-        held = await self._still_held([str(lease.vault_lease_id) for lease in recorded])
+        # revocation may also have taken one whose own revocation was refused). The leases
+        # left to the token are waited for while Vault works through them; what it still
+        # holds after that is revoked explicitly, for Vault's own answer.
+        # A LIST's silence about a lease is taken for gone only where a LIST of this pass
+        # showed it, or Vault answered its synchronous revocation; any other is looked up.
+        ids = [str(lease.vault_lease_id) for lease in recorded]
+        trusted = set(listed) | {
+            str(lease.vault_lease_id) for lease in recorded if outcomes.get(lease.lease_id) is True
+        }
+        held = await self._holdings.held(ids, trusted=trusted)
+        if by_token and held:
+            held = await self._holdings.wait_for_queue(
+                [i for i in ids if i in held], trusted=trusted
+            )
+            stragglers = [lease for lease in by_token if lease.vault_lease_id in held]
+            if stragglers:
+                late = await self._revoke_leases(stragglers)
+                outcomes.update(
+                    (lease.lease_id, o) for lease, o in zip(stragglers, late, strict=True)
+                )
+                held = await self._holdings.held(ids, trusted=trusted)
         gone = [lease for lease in recorded if lease.vault_lease_id not in held]
         # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
         # for its deny before it counts as revoked.
-        await self._ledger.mark_leases_ended(
-            [lease.lease_id for lease in gone if lease.external_ref is None],
-            LeaseState.REVOKED,
-            actor=self.actor,
-        )
+        confirmed.leases.extend(lease.lease_id for lease in gone if lease.external_ref is None)
         if len(gone) != len(recorded):
             # Why, when Vault said: its refusal of a lease still live.
-            for lease, outcome in zip(recorded, first, strict=True):
+            for lease in recorded:
+                outcome = outcomes.get(lease.lease_id)
                 if lease.vault_lease_id in held and isinstance(outcome, BrokerError):
                     raise outcome
             raise UpstreamRejected(
@@ -479,31 +537,40 @@ class RevocationWorker:
             self._wait_for_issuing(issuing)
         external = [lease for lease in (*gone, *sessions, *issuing) if lease.external_ref]
         if external:
-            await self._deny_sessions(external)
+            await deny_sessions(
+                external,
+                cloud=self._cloud,
+                ledger=self._ledger,
+                now=self._clock.now(),
+                actor=self.actor,
+            )
         if issuing:
             await self._settle_issuing(issuing)
 
-    async def _settle_forgotten(self, recorded: list[LeaseView]) -> list[LeaseView]:
+    async def _settle_forgotten(
+        self, recorded: list[LeaseView]
+    ) -> tuple[list[LeaseView], frozenset[str]]:
         """Step 0: the recorded leases Vault still knows, or that a revocation of ours
         already covers (stamped); those no revocation covered and Vault does not know are
         settled (expired, confirmed dead, else lost) and left out. An STS session's lease
-        is left to its deny in IAM, whatever Vault knows."""
-        fresh = [
-            lease
-            for lease in recorded
-            if lease.revoke_sent_at is None and lease.external_ref is None
-        ]
-        if not fresh:
-            return recorded
-        known = await self._still_held(
-            [str(lease.vault_lease_id) for lease in fresh], confirm_absent=True
+        is left to its deny in IAM, whatever Vault knows. Also returns the Vault lease ids
+        a LIST showed present (``Survey.listed``)."""
+        asked = [lease for lease in recorded if lease.external_ref is None]
+        if not asked:
+            return recorded, frozenset()
+        survey = await self._holdings.survey(
+            [str(lease.vault_lease_id) for lease in asked]
         )
-        forgotten = [lease for lease in fresh if lease.vault_lease_id not in known]
+        forgotten = [
+            lease
+            for lease in asked
+            if lease.revoke_sent_at is None and lease.vault_lease_id not in survey.held
+        ]
         if not forgotten:
-            return recorded
+            return recorded, survey.listed
         await self._ender.settle_unknown(forgotten, actor=self.actor, found_by="revocation")
         settled = {lease.lease_id for lease in forgotten}
-        return [lease for lease in recorded if lease.lease_id not in settled]
+        return [lease for lease in recorded if lease.lease_id not in settled], survey.listed
 
     def _wait_for_issuing(self, issuing: list[LeaseView]) -> None:
         bound = timedelta(seconds=self._settings.issuing_timeout_s)
@@ -513,45 +580,6 @@ class RevocationWorker:
             # A request is between writing its row and recording Vault's answer; once it
             # records, the lease is revoked on the next pass.
             raise RevocationWaiting(f"{len(young)} lease(s) still being issued")
-
-    async def _deny_sessions(self, leases: list[LeaseView]) -> None:
-        """Deny in IAM the STS sessions these leases stand for, then mark the live ones
-        ``revoked``. Runs only when no request of the instance is in flight, so every
-        session was issued before now. A session known to have expired is left alone."""
-        now = self._clock.now()
-        by_ref: dict[SessionRef, list[LeaseView]] = {}
-        for lease in leases:
-            assert lease.external_ref is not None
-            try:
-                ref = SessionRef.from_record(lease.external_ref)
-            except ValueError:
-                raise UpstreamRejected(
-                    f"lease {lease.lease_id} names an external reference this broker cannot act on",
-                    code="external_ref_unknown",
-                ) from None
-            by_ref.setdefault(ref, []).append(lease)
-        for ref, group in by_ref.items():
-            expired = all(
-                lease.state != LeaseState.ISSUING
-                and lease.expires_at is not None
-                and lease.expires_at + EXPIRED_MARGIN < now
-                for lease in group
-            )
-            if expired:
-                continue
-            if self._cloud is None:
-                raise UpstreamRejected(
-                    "leases of this instance are STS sessions, and the broker has no aws "
-                    "section to deny them with",
-                    code="cloud_not_configured",
-                )
-            async with self._ledger.exclusive(f"aws-deny:{ref.role_arn}"):
-                await self._cloud.deny_sessions(ref, issued_before=now)
-        await self._ledger.mark_leases_ended(
-            [lease.lease_id for lease in leases if lease.state != LeaseState.ISSUING],
-            LeaseState.REVOKED,
-            actor=self.actor,
-        )
 
     async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
         self._wait_for_issuing(issuing)

@@ -8,7 +8,6 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 
@@ -225,14 +224,11 @@ class VaultClient:
         """What Vault lists directly under ``prefix`` in its lease tree: lease ids relative
         to the prefix, and deeper levels ending in ``/``; empty when there is nothing.
         Needs ``list`` and ``sudo`` on ``sys/leases/lookup/*``."""
-        segments = [unquote(seg) for seg in prefix.strip("/").split("/") if seg]
+        # Segments as they are, never unescaped: "%41" is not "A" (that would list another
+        # path, and leases absent from it would look gone); vault_path refuses it.
+        segments = [seg for seg in prefix.strip("/").split("/") if seg]
         path = vault_path("sys", "leases", "lookup", *segments)
-        try:
-            body = await self._call("LIST", f"/v1/{path}/")
-        except UpstreamRejected as exc:
-            if exc.http_status == 404:  # nothing under the prefix
-                return []
-            raise
+        body = await self._call("LIST", f"/v1/{path}/")  # nothing under it: {} (see _call)
         keys = (body.get("data") or {}).get("keys") or []
         return [k for k in keys if isinstance(k, str) and k]
 
@@ -312,11 +308,14 @@ class VaultClient:
             ) from None
         if status in (200, 204):
             return payload or {}
+        if method == "LIST" and status == 404 and payload == {"errors": []}:
+            # An empty listing is Vault's 404 with exactly this body: an answer, not a
+            # refusal. Any other 404 (a proxy's, a missing route) is no evidence that the
+            # path holds nothing, and is raised as a refusal.
+            return {}
         errors = payload.get("errors") if isinstance(payload, dict) else None
         first = str(errors[0])[:200] if errors else ""
         quiet = bool(errors) and all(str(e) in expected for e in errors or ())
-        # An empty listing is a 404 with no errors: an answer, not a refusal.
-        quiet = quiet or (method == "LIST" and status == 404 and not errors)
         if status == 403:
             raise self._denied(path, token, quiet=quiet)
         log.log(

@@ -205,8 +205,14 @@ def _logins_of(pg, vault, lease: str, candidates: set[str]) -> set[str]:
             and -1 <= (until - expires).total_seconds() <= 10}
 
 
+@pytest.mark.parametrize(("one_round_trip", "completion"), [
+    # The completion's one round trip (its statement text goes out when first prepared, as
+    # on this broker's first exchange), and the general path's UPDATE.
+    (True, b"broker_complete_issue("),
+    (False, b"UPDATE leases SET state="),
+], ids=["one-round-trip", "general-path"])
 async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled(
-        workdir, pg, bao, vault_setup, issuer, vault, http):
+        workdir, pg, bao, vault_setup, issuer, vault, http, one_round_trip, completion):
     """kill -9 while the store write that records Vault's answer is in flight: Vault issued
     a PostgreSQL login nobody recorded. After a restart the reconciler finds the row stuck
     in ``issuing``, matches it to the unrecorded lease under its path and revokes it."""
@@ -226,6 +232,7 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
                 store_url=url, admin_token_sha256=ADMIN_SHA, with_database=True, port=port)
             data["revocation"] = {"tick_s": 0.2, "claim_timeout_s": 5, "issuing_timeout_s": 5}
             data["reconcile"] = {"tick_s": 3600, "clock_skew_s": 0}
+            data["store"]["one_round_trip"] = one_round_trip
             path = workdir / f"stuck-{tag}-{name}.yaml"
             path.write_text(yaml.safe_dump(data))
             return path
@@ -242,9 +249,7 @@ async def test_crash_between_vault_issuing_and_the_store_recording_is_reconciled
         leases_before = set(vault.leases_under("database/creds/dev-db/"))
         logins_before = _pg_logins(pg)
 
-        # The completion's one round trip (its statement text goes out when first prepared,
-        # as on this broker's first exchange).
-        store_proxy.hold_on = b"broker_complete_issue("
+        store_proxy.hold_on = completion
         token = issuer.mint(instance="i-stuck-crash", workload="payments")
         request = asyncio.create_task(http.post(
             f"{url}/v1/credentials", json={"role": "dev-db"},

@@ -1,5 +1,5 @@
-"""Termination's SQL: the tombstone and its revocation job, the job's claims, and what a
-job revokes (tokens and live leases) and records as ended.
+"""Termination's SQL: the tombstone and its revocation job, and the job's claims and end
+(what a job revokes and records as ended: ``sql.revocation``).
 
 Every update of a job's state selects its row through ``_job_in``, which consults the
 job state table (``states.JOB_TRANSITIONS``): no statement here can move a job along a
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, func, or_, select, text, update
+from sqlalchemy import String, bindparam, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -19,32 +19,21 @@ from broker.clock import Clock, iso_z
 from broker.errors import BadRequest, NotFound
 from broker.leases import models as m
 from broker.leases.sql.common import (
-    AUDIT_MAX_IDS,
     INSTANCE_LOCK_CLASS,
     JOBS,
-    LIVE,
     audit,
     ensure_instance,
     job_view,
-    lease_view,
-    lock_instance,
     require_owner,
     use_token_once,
 )
 from broker.leases.states import (
-    LIVE_LEASE_STATES,
     InstanceState,
     JobState,
-    LeaseState,
     job_can_move,
-    lease_can_move,
 )
 from broker.leases.views import (
     JobView,
-    LeasesStillLive,
-    LeaseView,
-    RevocationWork,
-    TokenView,
     new_id,
 )
 
@@ -405,11 +394,14 @@ async def claim_jobs(
         .scalars()
         .all()
     )
-    claimed = []
-    for job_id in ids:
-        res = await conn.execute(
+    if not ids:
+        return []
+    # One update for the batch; ``due`` again in it, so that on SQLite (no row locks) a
+    # job another worker claimed meanwhile is left out.
+    rows = (
+        await conn.execute(
             update(m.RevocationJob)
-            .where(m.RevocationJob.job_id == job_id, due)
+            .where(m.RevocationJob.job_id.in_(ids), due)
             .values(
                 state=JobState.RUNNING.value,
                 claimed_by=worker[:64],
@@ -417,15 +409,12 @@ async def claim_jobs(
                 attempts=m.RevocationJob.attempts + 1,
                 updated_at=now,
             )
+            .returning(*m.RevocationJob.__table__.columns)
         )
-        if res.rowcount == 1:
-            claimed.append(job_id)
-    if not claimed:
-        return []
-    rows = (
-        await conn.execute(select(m.RevocationJob).where(m.RevocationJob.job_id.in_(claimed)))
     ).all()
-    return [job_view(m.RevocationJob(**r._mapping)) for r in rows]
+    order = {job_id: k for k, job_id in enumerate(ids)}
+    jobs = [job_view(m.RevocationJob(**r._mapping)) for r in rows]
+    return sorted(jobs, key=lambda job: order[job.job_id])
 
 
 async def extend_claim(
@@ -440,82 +429,11 @@ async def extend_claim(
     return res.rowcount == 1
 
 
-async def revocation_work(conn: AsyncConnection, instance_id: str) -> RevocationWork:
-    toks = (
-        await conn.execute(
-            select(m.InstanceToken).where(m.InstanceToken.instance_id == instance_id)
-        )
-    ).all()
-    leases = (
-        await conn.execute(
-            select(m.Lease).where(m.Lease.instance_id == instance_id, m.Lease.state.in_(LIVE))
-        )
-    ).all()
-    return RevocationWork(
-        tokens=tuple(TokenView(t.accessor, t.expires_at, t.revoked_at) for t in toks),
-        leases=tuple(lease_view(m.Lease(**r._mapping)) for r in leases),
-    )
-
-
-async def mark_token_revoked(conn: AsyncConnection, clock: Clock, accessor: str) -> None:
-    instance_id = (
-        await conn.execute(
-            update(m.InstanceToken)
-            .where(m.InstanceToken.accessor == accessor, m.InstanceToken.revoked_at.is_(None))
-            .values(revoked_at=clock.now())
-            .returning(m.InstanceToken.instance_id)
-        )
-    ).scalar()
-    if instance_id is not None:
-        await audit(conn, clock, "revocation", "instance.token_revoked", instance_id=instance_id)
-
-
-async def mark_leases_ended(
-    conn: AsyncConnection,
-    clock: Clock,
-    lease_ids: Sequence[str],
-    state: LeaseState,
-    *,
-    actor: str,
-    now: datetime,
-) -> int:
-    sources = [old.value for old in LIVE_LEASE_STATES if lease_can_move(old, state)]
-    moved: dict[str, list[str]] = {}
-    for chunk_start in range(0, len(lease_ids), 500):
-        chunk = list(lease_ids[chunk_start : chunk_start + 500])
-        rows = await conn.execute(
-            update(m.Lease)
-            .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources))
-            .values(state=state.value, ended_at=now, updated_at=now)
-            .returning(m.Lease.lease_id, m.Lease.instance_id)
-        )
-        for lease_id, instance_id in rows:
-            moved.setdefault(instance_id, []).append(lease_id)
-    for instance_id, ids in sorted(moved.items()):
-        await audit(
-            conn,
-            clock,
-            actor,
-            f"leases.{state.value}",
-            instance_id=instance_id,
-            count=len(ids),
-            lease_ids=sorted(ids)[:AUDIT_MAX_IDS],
-        )
-    return sum(len(ids) for ids in moved.values())
-
-
 async def finish_job(conn: AsyncConnection, clock: Clock, job: JobView, *, worker: str) -> bool:
+    """The job done and the instance terminated; the caller has ``record_confirmed`` in the
+    same transaction and found no live lease. False: our claim lapsed and another worker
+    holds the job now."""
     now = clock.now()
-    await lock_instance(conn, job.instance_id)
-    live = (
-        await conn.execute(
-            select(func.count()).where(
-                m.Lease.instance_id == job.instance_id, m.Lease.state.in_(LIVE)
-            )
-        )
-    ).scalar_one()
-    if live:
-        raise LeasesStillLive(f"{live} lease(s) of the instance are still live")
     res = await conn.execute(
         update(m.RevocationJob)
         .where(_still_claimed(job, worker, JobState.DONE))
@@ -528,7 +446,7 @@ async def finish_job(conn: AsyncConnection, clock: Clock, job: JobView, *, worke
         )
     )
     if res.rowcount != 1:
-        return False  # our claim lapsed and someone else holds the job now
+        return False
     await conn.execute(
         update(m.Instance)
         .where(m.Instance.instance_id == job.instance_id)
@@ -585,15 +503,3 @@ async def reschedule_job(
             attempts=job.attempts,
             next_attempt_at=iso_z(next_attempt_at),
         )
-
-
-async def superseded_leases(conn: AsyncConnection, cutoff: datetime, limit: int) -> list[LeaseView]:
-    rows = (
-        await conn.execute(
-            select(m.Lease)
-            .where(m.Lease.state == LeaseState.REVOKING.value, m.Lease.updated_at < cutoff)
-            .order_by(m.Lease.updated_at)
-            .limit(limit)
-        )
-    ).all()
-    return [lease_view(m.Lease(**r._mapping)) for r in rows]

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import select, text
 
@@ -19,6 +20,7 @@ from broker.clock import FixedClock
 from broker.errors import InstanceTerminated, LeaseLimitReached, Locked, NotPermitted, TokenInvalid
 from broker.leases import Database, IssuingRow, LeaseLimit, Ledgers
 from broker.leases import models as m
+from broker.leases.database import OneTrip
 from broker.leases.locks import LockSubject
 from broker.leases.migrations import migrate
 from broker.leases.settings import StoreSettings
@@ -312,3 +314,16 @@ async def test_a_completion_for_another_row_than_its_ticket_is_refused_by_the_ge
     events = await _rows(fast, m.AuditEvent, m.AuditEvent.instance_id == instance)
     # The general path wrote the event from the row itself, not from the ticket.
     assert [e["detail"]["role"] for e in events if e["action"] == "lease.issued"] == [ROLE]
+
+
+async def test_closing_cuts_a_statement_still_running_instead_of_waiting_for_it(pg):
+    """``Pool.close`` alone would wait for the statement (an hour here): shutdown waits at
+    most the acquire bound, then cuts the connection."""
+    pool = await asyncpg.create_pool(pg.url("postgres"), min_size=1)
+    one_trip = OneTrip(pool, acquire_timeout_s=0.5)
+    stuck = asyncio.create_task(one_trip.fetchval("SELECT pg_sleep(3600)"))
+    await eventually(lambda: pool.get_idle_size() == 0 and pool.get_size() == 1, "running")
+    await one_trip.close()
+    with pytest.raises(Exception):  # noqa: B017 — cut: whichever error the driver gives
+        await stuck
+    assert pool.is_closing()

@@ -299,8 +299,8 @@ async def drive_every_path(s: Ledgers, clock: FixedClock, capture: PlanCapture) 
     assert await s.jobs.extend_claim(job, worker="w1", claim_for=claim)
     capture.step = "revocation.revocation_work"
     work = await s.jobs.revocation_work("i-1")
-    capture.step = "revocation.mark_token_revoked"
-    await s.jobs.mark_token_revoked("acc-1")
+    capture.step = "revocation.record_confirmed"
+    await s.jobs.record_confirmed("i-1", tokens=["acc-1"], revoked=[], actor="revocation")
     capture.step = "revocation.mark_revoke_sent"
     ids = [lease.lease_id for lease in work.leases]
     await s.ending.mark_revoke_sent(ids, T0)

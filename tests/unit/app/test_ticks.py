@@ -1,5 +1,5 @@
-"""The ticks' ``run_once``: revocation drains batch after batch; maintenance runs every
-step even when one fails."""
+"""The ticks' ``run_once``: revocation drains the due jobs; maintenance runs every step
+even when one fails."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ class Worker:
         self.batches = batches
         self.calls: list[str] = []
 
-    async def run_once(self) -> int:
-        self.calls.append("batch")
-        return self.batches.pop(0)
+    async def drain(self) -> int:
+        self.calls.append("drain")
+        return sum(self.batches)
 
     async def sweep_superseded(self) -> int:
         self.calls.append("sweep")
         return 0
 
 
-async def test_revocation_runs_batches_until_one_claims_nothing() -> None:
-    worker = Worker([16, 3, 0, 5])
+async def test_revocation_drains_the_worker_once_per_run() -> None:
+    worker = Worker([16, 3])
     await Revocation(worker).run_once()  # type: ignore[arg-type]
-    assert worker.calls == ["batch"] * 3 and worker.batches == [5]
+    assert worker.calls == ["drain"]
 
 
 async def test_a_failing_maintenance_step_does_not_skip_the_others() -> None:

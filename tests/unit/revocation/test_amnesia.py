@@ -25,8 +25,9 @@ from broker.revocation.amnesia import (
     worth_asking,
 )
 from broker.revocation.bounded import Bounded
+from broker.revocation.holds import LIST_CONFIRM_MIN
 from broker.revocation.settings import RevocationSettings
-from broker.revocation.worker import LIST_CONFIRM_MIN, RevocationWorker
+from broker.revocation.worker import RevocationWorker
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 L = LeaseState
@@ -288,12 +289,12 @@ async def test_the_worker_looks_up_what_the_listing_lacks_before_calling_it_forg
     listed = set(ids) - {ids[0], ids[1]}
     vault = ListingVault(set(ids) - {ids[1]}, listed)  # Vault knows ids[0]; LIST lacks it
     worker = _worker(vault)
-    held = await worker._still_held(ids, confirm_absent=True)
+    held = (await worker._holdings.survey(ids)).held
     assert held == set(ids) - {ids[1]}
     assert sorted(vault.lookups) == sorted([ids[0], ids[1]])
     # After our own revocation a listing is enough: no lookups.
     vault.lookups.clear()
-    assert await worker._still_held(ids) == listed
+    assert await worker._holdings.held(ids, trusted=ids) == listed
     assert vault.lookups == []
 
 

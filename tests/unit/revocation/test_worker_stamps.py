@@ -14,8 +14,9 @@ import pytest
 from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
 from broker.leases.ending import LeaseEnder
+from broker.revocation import holds
 from broker.revocation.settings import RevocationSettings
-from broker.revocation.worker import RevocationWorker
+from broker.revocation.worker import Confirmed, RevocationWorker
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
@@ -80,8 +81,11 @@ class Ledger:
         self.ended: dict[str, LeaseState] = {}
 
     async def revocation_work(self, instance_id: str) -> RevocationWork:
-        live = [replace(lease, revoke_sent_at=self.stamps.get(lease.lease_id))
-                for lease in self.leases.values() if lease.lease_id not in self.ended]
+        live = [
+            replace(lease, revoke_sent_at=self.stamps.get(lease.lease_id))
+            for lease in self.leases.values()
+            if lease.lease_id not in self.ended
+        ]
         return RevocationWork(tuple(self.tokens), tuple(live))
 
     async def mark_revoke_sent(self, lease_ids, at):
@@ -100,41 +104,81 @@ class Ledger:
         self.ended[lease.lease_id] = ending.state
         return True
 
-    async def mark_token_revoked(self, accessor: str) -> None:
-        self.token_revoked.append(accessor)
-
     async def mark_leases_ended(self, lease_ids, state, *, actor):
         for lid in lease_ids:
             self.ended[lid] = state
         return len(lease_ids)
 
 
-def _lease(n: int, **kw) -> LeaseView:
-    return LeaseView(f"l-{n}", "i-1", "w", "db", "database", "active", False,
-                     NOW - timedelta(hours=1), NOW - timedelta(hours=1), NOW + timedelta(hours=1),
-                     None, f"database/creds/r/v{n:03}", "acc-1", None, "database/creds/r", **kw)
+def _lease(n: int, *, paths: int = 1, **kw) -> LeaseView:
+    path = "database/creds/r" if paths == 1 else f"database/creds/r{n % paths}"
+    return LeaseView(
+        f"l-{n}",
+        "i-1",
+        "w",
+        "db",
+        "database",
+        "active",
+        False,
+        NOW - timedelta(hours=1),
+        NOW - timedelta(hours=1),
+        NOW + timedelta(hours=1),
+        None,
+        f"{path}/v{n:03}",
+        "acc-1",
+        None,
+        path,
+        **kw,
+    )
 
 
-def _setup(n: int, *, issuing: int = 0) -> tuple[RevocationWorker, Vault, Ledger]:
-    leases = [_lease(i) for i in range(n)]
-    leases += [replace(_lease(100 + i), vault_path=None, state="issuing", vault_lease_id=None,
-                       token_accessor=None, created_at=NOW - timedelta(hours=1))
-               for i in range(issuing)]
+def _setup(n: int, *, issuing: int = 0, paths: int = 1) -> tuple[RevocationWorker, Vault, Ledger]:
+    """``n`` leases spread over ``paths`` Vault paths: fewer than 16 under each are revoked
+    one by one, more are left to the token's revocation."""
+    leases = [_lease(i, paths=paths) for i in range(n)]
+    leases += [
+        replace(
+            _lease(100 + i),
+            vault_path=None,
+            state="issuing",
+            vault_lease_id=None,
+            token_accessor=None,
+            created_at=NOW - timedelta(hours=1),
+        )
+        for i in range(issuing)
+    ]
     vault = Vault({str(lease.vault_lease_id) for lease in leases if lease.vault_lease_id})
     ledger = Ledger(vault, leases, [TokenView("acc-1", NOW + timedelta(hours=1), None)])
     clock = Clock()
     ender = LeaseEnder(vault, ledger, clock)  # type: ignore[arg-type]
-    worker = RevocationWorker(RevocationSettings(), ledger, vault, clock,  # type: ignore[arg-type]
-                              ender=ender)
+    worker = RevocationWorker(
+        RevocationSettings(),
+        ledger,
+        vault,
+        clock,  # type: ignore[arg-type]
+        ender=ender,
+    )
     return worker, vault, ledger
 
 
 JOB = JobView("j-1", "i-1", "running", 1, NOW, None, "admin", NOW, None)
 
 
+async def _pass(worker: RevocationWorker, ledger: Ledger) -> None:
+    """One pass of the job, and what it confirmed recorded as the worker records it (with
+    the job's end, or on its own when the pass stops short)."""
+    confirmed = Confirmed()
+    try:
+        await worker._revoke_instance(JOB, confirmed)
+    finally:
+        ledger.token_revoked += confirmed.tokens
+        for lid in confirmed.leases:
+            ledger.ended[lid] = LeaseState.REVOKED
+
+
 async def test_a_clean_pass_stamps_each_chunk_right_before_its_revocations() -> None:
-    worker, vault, ledger = _setup(20)
-    await worker._revoke_instance(JOB)
+    worker, vault, ledger = _setup(20, paths=2)
+    await _pass(worker, ledger)
     kinds = [k for k, _ in vault.log]
     # 16, then 4, each stamped first; the token last, with nothing left to stamp.
     assert kinds == ["stamp", *["revoke"] * 16, "stamp", *["revoke"] * 4, "revoke_accessor"]
@@ -144,21 +188,21 @@ async def test_a_clean_pass_stamps_each_chunk_right_before_its_revocations() -> 
 
 
 async def test_vault_away_leaves_no_stamp_on_leases_it_never_revoked() -> None:
-    worker, vault, ledger = _setup(40)
+    worker, vault, ledger = _setup(40, paths=3)
     vault.away_after = 20  # the second chunk meets a refused connection from its 5th lease
     with pytest.raises(UpstreamUnavailable):
-        await worker._revoke_instance(JOB)
+        await _pass(worker, ledger)
     assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}  # revoked: ours
     assert ("revoke_accessor", "acc-1") not in vault.log and not ledger.token_revoked
     # The third chunk was never stamped nor sent.
-    assert ("revoke", "database/creds/r/v032") not in vault.log
+    assert ("revoke", "database/creds/r2/v032") not in vault.log
 
 
 async def test_a_timeout_keeps_the_stamp_for_a_revocation_that_may_have_been_done() -> None:
     worker, vault, ledger = _setup(3)
     vault.fail["database/creds/r/v001"] = TIMED_OUT
     with pytest.raises(UpstreamUnavailable):
-        await worker._revoke_instance(JOB)
+        await _pass(worker, ledger)
     assert set(ledger.stamps) == {"l-0", "l-1", "l-2"}
     assert not ledger.token_revoked
 
@@ -166,7 +210,7 @@ async def test_a_timeout_keeps_the_stamp_for_a_revocation_that_may_have_been_don
 async def test_a_lease_vault_refused_is_unstamped_then_stamped_for_the_token() -> None:
     worker, vault, ledger = _setup(3, issuing=1)
     vault.fail["database/creds/r/v001"] = REFUSED
-    await worker._revoke_instance(JOB)  # the token's revocation took it: confirmed gone
+    await _pass(worker, ledger)  # the token's revocation took it: confirmed gone
     stamps = [ids for k, ids in vault.log if k == "stamp"]
     assert stamps == ["l-0,l-1,l-2", "l-1,l-100"]
     assert vault.log.index(("stamp", "l-1,l-100")) < vault.log.index(("revoke_accessor", "acc-1"))
@@ -180,7 +224,7 @@ async def test_a_token_revocation_that_certainly_failed_takes_its_stamps_back(er
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_error = error
     with pytest.raises(BrokerError):
-        await worker._revoke_instance(JOB)
+        await _pass(worker, ledger)
     assert set(ledger.stamps) == {"l-0"}  # revoked on its own; l-1 and l-100: nothing sent
     assert not ledger.token_revoked
 
@@ -190,7 +234,7 @@ async def test_a_token_revocation_that_may_have_been_done_keeps_its_stamps() -> 
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_error = TIMED_OUT
     with pytest.raises(UpstreamUnavailable):
-        await worker._revoke_instance(JOB)
+        await _pass(worker, ledger)
     assert set(ledger.stamps) == {"l-0", "l-1", "l-100"}
 
 
@@ -199,7 +243,7 @@ async def test_a_token_vault_no_longer_knows_is_done_but_covers_nothing() -> Non
     vault.fail["database/creds/r/v001"] = REFUSED
     vault.token_known = False
     with pytest.raises(UpstreamRejected):  # l-1 still held: the job retries it alone
-        await worker._revoke_instance(JOB)
+        await _pass(worker, ledger)
     assert ledger.token_revoked == ["acc-1"]  # not asked again
     assert set(ledger.stamps) == {"l-0"}
     # Next pass: l-1 is looked up again (no stamp); Vault forgot it meanwhile → lost.
@@ -207,6 +251,155 @@ async def test_a_token_vault_no_longer_knows_is_done_but_covers_nothing() -> Non
     vault.known.discard("database/creds/r/v001")
     vault.fail.clear()
     before = len(vault.log)
-    await worker._revoke_instance(JOB)
+    await _pass(worker, ledger)
     assert ledger.ended["l-1"] is LeaseState.LOST
     assert vault.log[before:] == []  # nothing sent: the token is not revoked again
+
+
+async def test_many_leases_under_one_path_are_left_to_the_token_stamped_before_it() -> None:
+    worker, vault, ledger = _setup(20)
+    await _pass(worker, ledger)
+    # One stamp for all twenty, then the token; no lease revoked one by one.
+    assert vault.log == [
+        ("stamp", ",".join(f"l-{i}" for i in range(20))),
+        ("revoke_accessor", "acc-1"),
+    ]
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+    assert ledger.token_revoked == ["acc-1"]
+
+
+async def test_leases_left_to_a_token_vault_no_longer_knows_are_revoked_one_by_one() -> None:
+    worker, vault, ledger = _setup(20)
+    vault.token_known = False
+    await _pass(worker, ledger)
+    kinds = [k for k, _ in vault.log]
+    # The token's stamp is taken back: each lease is stamped again before its revocation.
+    assert kinds == [
+        "stamp",
+        "revoke_accessor",
+        "stamp",
+        *["revoke"] * 16,
+        "stamp",
+        *["revoke"] * 4,
+    ]
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+    assert set(ledger.stamps) == {f"l-{i}" for i in range(20)}
+
+
+async def test_what_vault_still_holds_after_its_queue_stalls_is_revoked_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(holds, "QUEUE_STALL_S", 0.05)
+    worker, vault, ledger = _setup(20)
+    stuck = {"database/creds/r/v003", "database/creds/r/v007"}
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        vault.known &= stuck  # Vault revoked all but two, and does not get to those
+        return True
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    await _pass(worker, ledger)
+    revoked = [lid for k, lid in vault.log if k == "revoke"]
+    assert sorted(revoked) == sorted(stuck)
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+
+
+async def test_a_lease_vault_keeps_refusing_after_the_token_fails_the_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(holds, "QUEUE_STALL_S", 0.05)
+    worker, vault, ledger = _setup(20)
+    vault.fail["database/creds/r/v005"] = REFUSED
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        vault.known &= {"database/creds/r/v005"}  # irrevocable: Vault keeps it
+        return True
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    with pytest.raises(UpstreamRejected) as refused:
+        await _pass(worker, ledger)
+    assert refused.value is REFUSED
+    assert "l-5" not in ledger.ended and len(ledger.ended) == 19
+    assert ledger.token_revoked == ["acc-1"]
+
+
+class LaggingListing(Vault):
+    """A LIST that lacks ``unlisted`` although Vault knows them (a listing served by a node
+    that lags, or by another one); lookups answer for the active node."""
+
+    def __init__(self, known: set[str], unlisted: set[str]) -> None:
+        super().__init__(known)
+        self.unlisted = unlisted
+
+    async def list_lease_keys(self, prefix: str) -> list[str]:
+        return [k.rsplit("/", 1)[1] for k in self.known - self.unlisted if k.startswith(prefix)]
+
+
+def _lagging(n: int, unlisted: set[str]) -> tuple[RevocationWorker, Vault, Ledger]:
+    worker, vault, ledger = _setup(n)
+    lagging = LaggingListing(vault.known, unlisted)
+    worker._vault = lagging  # type: ignore[assignment]
+    worker._holdings._vault = lagging  # type: ignore[assignment]
+    worker._ender._vault = lagging  # type: ignore[assignment]
+    ledger.vault = lagging
+    return worker, lagging, ledger
+
+
+async def test_a_lease_no_listing_showed_is_revoked_alone_not_left_to_the_token() -> None:
+    unseen = "database/creds/r/v003"
+    worker, vault, ledger = _lagging(20, {unseen})
+    await _pass(worker, ledger)
+    # Looked up (known), then revoked on its own; the nineteen others left to the token.
+    assert [x for k, x in vault.log if k == "revoke"] == [unseen]
+    assert vault.log.index(("revoke", unseen)) < vault.log.index(("revoke_accessor", "acc-1"))
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+
+
+async def test_a_listings_silence_never_ends_a_lease_vault_still_holds() -> None:
+    """The false "revoked" the review found: a lease Vault keeps (its revocation refused,
+    and the token's revocation does not take it) that the LIST does not show."""
+    unseen = "database/creds/r/v003"
+    worker, vault, ledger = _lagging(20, {unseen})
+    vault.fail[unseen] = REFUSED
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        vault.known &= {unseen}  # Vault keeps it: it is not under this token after all
+        return True
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    with pytest.raises(UpstreamRejected) as refused:
+        await _pass(worker, ledger)
+    assert refused.value is REFUSED
+    assert "l-3" not in ledger.ended and len(ledger.ended) == 19
+
+
+async def test_each_token_stamps_its_own_leases_right_before_its_revocation() -> None:
+    worker, vault, ledger = _setup(40)
+    for n in range(20, 40):  # the second half issued under a second token
+        ledger.leases[f"l-{n}"] = replace(ledger.leases[f"l-{n}"], token_accessor="acc-2")
+    ledger.tokens.append(TokenView("acc-2", NOW + timedelta(hours=1), None))
+    under = {
+        "acc-1": {f"database/creds/r/v{n:03}" for n in range(20)},
+        "acc-2": {f"database/creds/r/v{n:03}" for n in range(20, 40)},
+    }
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        if accessor == "acc-2":
+            raise REFUSED  # certainly not done: its stamp alone is taken back
+        vault.known -= under[accessor]
+        return True
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    with pytest.raises(UpstreamRejected):
+        await _pass(worker, ledger)
+    assert vault.log[:4] == [
+        ("stamp", ",".join(f"l-{n}" for n in range(20))),
+        ("revoke_accessor", "acc-1"),
+        ("stamp", ",".join(f"l-{n}" for n in range(20, 40))),
+        ("revoke_accessor", "acc-2"),
+    ]
+    assert set(ledger.stamps) == {f"l-{n}" for n in range(20)}
