@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
+from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases import LeaseView, TokenView
 from broker.revocation.bounded import Bounded
 
@@ -25,6 +25,8 @@ QUEUE_POLL_FIRST_S = 0.02
 QUEUE_POLL_MAX_S = 0.5
 QUEUE_STALL_S = 2.0
 QUEUE_WAIT_MAX_S = 120.0
+# How often Vault is asked again whether it runs as one node (``sys/leader``).
+ALONE_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Survey:
 class VaultLeaseReads(Protocol):
     """What is asked of Vault (``broker.vault.VaultClient``)."""
 
+    async def runs_alone(self) -> bool: ...
+
     async def lease_exists(self, lease_id: str) -> bool: ...
 
     async def list_lease_keys(self, prefix: str) -> list[str]: ...
@@ -52,6 +56,16 @@ class Holdings:
     def __init__(self, vault: VaultLeaseReads, bounded: Bounded) -> None:
         self._vault = vault
         self._bounded = bounded
+        self._alone: tuple[float, bool] | None = None  # (asked at, answer)
+
+    async def _lists_are_vaults_word(self) -> bool:
+        """A LIST is Vault's own word only when Vault runs as one node; in an HA cluster a
+        standby may answer it from a copy that lags, and every lease is looked up
+        instead. Asked again every ``ALONE_RECHECK_S``."""
+        now = asyncio.get_running_loop().time()
+        if self._alone is None or now - self._alone[0] > ALONE_RECHECK_S:
+            self._alone = (now, await self._vault.runs_alone())
+        return self._alone[1]
 
     async def each(
         self, call: Callable[[str], Awaitable[bool]], vault_lease_ids: list[str]
@@ -87,7 +101,9 @@ class Holdings:
         """The leases Vault still holds, by its own word. Many leases under one path are
         checked with one LIST of that path (an instance with 1,000 leases costs Vault one
         listing, not 1,000 lookups); a few, or a path that cannot be listed, one lookup
-        each. A lease Vault will not answer for counts as held. A lease the LIST lacks
+        each, and every one when Vault runs as an HA cluster (a LIST may then come from
+        a standby that lags). A lease Vault will not answer for counts as held. A lease the
+        LIST lacks
         counts as gone only if it is ``trusted`` (a LIST showed it before, or Vault
         answered its synchronous revocation); any other is looked up: a listing can lag or
         come from another node, and is no proof that a lease is gone."""
@@ -96,8 +112,9 @@ class Holdings:
             by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)
         listed_held: set[str] = set()
         lookups: list[str] = []
+        listable = await self._lists_are_vaults_word()
         for path, ids in by_path.items():
-            if len(ids) < LIST_CONFIRM_MIN:
+            if len(ids) < LIST_CONFIRM_MIN or not listable:
                 lookups.extend(ids)
                 continue
             try:
@@ -113,7 +130,11 @@ class Holdings:
         return Survey(held=listed_held | looked_up, listed=frozenset(listed_held))
 
     async def wait_for_queue(
-        self, vault_lease_ids: list[str], *, trusted: Collection[str]
+        self,
+        vault_lease_ids: list[str],
+        *,
+        trusted: Collection[str],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> set[str]:
         """Poll Vault while it revokes what a token's revocation queued, as long as it
         makes progress (``QUEUE_STALL_S`` without one ends the wait, and so does
@@ -124,6 +145,8 @@ class Holdings:
         start = last_progress = loop.time()
         pause = QUEUE_POLL_FIRST_S
         while ids:
+            if stopping():
+                raise RevocationWaiting("the broker is stopping: the job is taken up again")
             now = loop.time()
             if now - last_progress > QUEUE_STALL_S or now - start > QUEUE_WAIT_MAX_S:
                 break

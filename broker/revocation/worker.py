@@ -1,35 +1,6 @@
-"""The revocation worker: claims jobs from its ledger and makes Vault forget an instance.
-
-For one instance, in this order (see DESIGN: revoking a token only *queues* its leases):
-0. ask Vault about the recorded leases (one LIST of a path holding many of them, else a
-   lookup each; a lease the LIST lacks is looked up): one no revocation of ours covered
-   yet that Vault does not know is not taken for revoked (``broker.leases.ending``:
-   expired, confirmed dead by a direct check, else ``lost``);
-1. revoke explicitly, synchronously, 16 at a time, the recorded live leases not left to
-   their token (below): each chunk gets ``revoke_sent_at`` (committed) right before its
-   revocations are sent, so that a retry takes Vault's silence about them for our own
-   revocation, never for a loss; a revocation that certainly did not take effect (Vault
-   refused it, the connection was refused) takes its stamp back; Vault refusing one lease
-   does not stop the others, Vault away ends the pass before the next chunk is stamped;
-2. revoke every recorded instance token by accessor, the catch-all for a lease the broker
-   never managed to record; right before each, the leases it covers that carry no stamp
-   (those left to it, one whose own revocation was refused, the still issuing ones) are
-   stamped, and unstamped when it certainly did not take effect; a token Vault no longer
-   knows counts as revoked (retrying cannot change that) but covered nothing, and the
-   leases left to it are revoked as in step 1. Left to the token: many leases under one
-   path, issued under it, that step 0's LIST showed (Vault revokes them at half the CPU
-   of a request each);
-3. confirm with Vault that each lease is gone, as in step 0, polling while Vault works
-   through what the token queued, and revoke explicitly what it still holds then; a LIST's
-   silence counts as gone only for a lease a LIST of this pass showed, or whose
-   synchronous revocation Vault answered; only a lease Vault no longer holds is ``revoked``;
-4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
-   marked ``abandoned``: its token is revoked, so Vault holds nothing usable for it;
-5. leases that stand for STS sessions (``external_ref``), which no one can revoke, are
-   denied in IAM once no request of the instance is in flight any more (so the deny's
-   time comes after every session's issue time), abandoned ones included; each is
-   marked ``revoked`` only once IAM shows the deny in place;
-6. mark the job done and the instance terminated, with what the pass confirmed: one commit.
+"""The revocation worker: claims jobs from its ledger and runs each one's pass over its
+instance (``broker.revocation.instance``: what makes Vault forget it), records the
+outcome, and retries what did not finish.
 
 Jobs run ``batch`` at a time; a slot a finished job frees is claimed again at once
 (``drain``, which stops claiming when the broker stops). Every step is idempotent, so a
@@ -41,38 +12,27 @@ job is ``failed``: visible, counted, retried when asked again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import socket
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from broker.backoff import retry_delay
 from broker.clock import Clock
-from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
-from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
-from broker.leases.ending import LeaseEnder, Revoked, sent_for_certain_not
-from broker.revocation.bounded import VAULT_CONCURRENCY, Bounded
-from broker.revocation.holds import Holdings, left_to_token
-from broker.revocation.sessions import SessionRevoker, deny_sessions
+from broker.errors import BrokerError, RevocationWaiting
+from broker.leases import JobView, LeaseState, LeaseView, RevocationWork
+from broker.leases.ending import LeaseEnder, Revoked
+from broker.revocation.bounded import Bounded
+from broker.revocation.instance import Confirmed, InstancePass
+from broker.revocation.sessions import SessionRevoker
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Confirmed:
-    """What a pass confirmed and has not recorded yet: the job's end records it in the
-    same transaction; a pass that stops short records it on its own."""
-
-    tokens: list[str] = field(default_factory=list)
-    leases: list[str] = field(default_factory=list)
 
 
 class RevocationJobs(Protocol):
@@ -149,8 +109,18 @@ class RevocationWorker:
         # finds every revocation with ``audit list --actor revocation``.
         self.actor = f"revocation:{self.worker_id}"
         self._bounded = Bounded()
-        self._holdings = Holdings(vault, self._bounded)
         self._stopping = False
+        self._pass = InstancePass(
+            settings,
+            ledger,
+            vault,
+            clock,
+            ender=ender,
+            bounded=self._bounded,
+            actor=self.actor,
+            cloud=cloud,
+            stopping=lambda: self._stopping,
+        )
         self._completed = 0
         self._retried = 0
         self._failed = 0
@@ -174,18 +144,25 @@ class RevocationWorker:
         touch the others."""
         running: dict[asyncio.Task[None], str] = {}
         claimed = 0
+        claiming = True
         try:
             while True:
                 free = self._settings.batch - len(running)
                 # A claim per freed slot would cost a transaction per job: claim once a
                 # quarter of the slots are free (at once when none is running).
                 wanted = free >= max(1, self._settings.batch // 4) or not running
-                if wanted and not self._stopping:
-                    jobs = await self._ledger.claim_jobs(
-                        worker=self.worker_id,
-                        limit=free,
-                        claim_for=timedelta(seconds=self._settings.claim_timeout_s),
-                    )
+                if wanted and claiming and not self._stopping:
+                    try:
+                        jobs = await self._ledger.claim_jobs(
+                            worker=self.worker_id,
+                            limit=free,
+                            claim_for=timedelta(seconds=self._settings.claim_timeout_s),
+                        )
+                    except BrokerError as exc:
+                        # The store is away: the jobs running go on (each records or
+                        # reschedules what it can); the next tick claims again.
+                        log.warning("could not claim revocation jobs", extra={"code": exc.code})
+                        claiming, jobs = False, []
                     claimed += len(jobs)
                     mine = set(running.values())
                     for job in jobs:
@@ -199,10 +176,10 @@ class RevocationWorker:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     job_id = running.pop(task)
-                    if not task.cancelled() and (exc := task.exception()) is not None:
+                    if not task.cancelled() and (failure := task.exception()) is not None:
                         log.error(
                             "a revocation job's task failed",
-                            exc_info=exc,
+                            exc_info=failure,
                             extra={"job_id": job_id},
                         )
         finally:
@@ -212,13 +189,18 @@ class RevocationWorker:
                 await asyncio.gather(*running, return_exceptions=True)
 
     async def _process(self, job: JobView) -> None:
+        """The job's pass, while its claim is held; a claim lost to another worker stops
+        the pass (the other worker runs the job now)."""
+        passing = asyncio.create_task(self._process_claimed(job))
         holding = asyncio.create_task(self._hold_claim(job))
         try:
-            await self._process_claimed(job)
+            await asyncio.wait({passing, holding}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            holding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await holding
+            for task in (holding, passing):
+                task.cancel()
+            await asyncio.gather(holding, passing, return_exceptions=True)
+        if not passing.cancelled() and (exc := passing.exception()) is not None:
+            raise exc
 
     async def _hold_claim(self, job: JobView) -> None:
         """Extend the claim while the job runs (Vault may be slow or away for longer than
@@ -231,7 +213,10 @@ class RevocationWorker:
                 if not await self._ledger.extend_claim(
                     job, worker=self.worker_id, claim_for=claim_for
                 ):
-                    log.warning("lost the claim on a revocation job", extra={"job_id": job.job_id})
+                    log.warning(
+                        "lost the claim on a revocation job; this worker stops its pass",
+                        extra={"job_id": job.job_id},
+                    )
                     return
             except BrokerError:
                 continue  # the store is away: the claim may lapse; the guards still hold
@@ -239,7 +224,7 @@ class RevocationWorker:
     async def _process_claimed(self, job: JobView) -> None:
         confirmed = Confirmed()
         try:
-            await self._revoke_instance(job, confirmed)
+            await self._pass.revoke_instance(job, confirmed)
         except BrokerError as exc:
             await self._record_confirmed(job, confirmed)
             await self._retry(job, exc)
@@ -376,218 +361,3 @@ class RevocationWorker:
                     },
                 )
         return await self._ledger.mark_leases_ended(gone, LeaseState.REVOKED, actor="lease_limit")
-
-    async def _revoke(self, vault_lease_id: str) -> bool:
-        await self._vault.revoke_lease(vault_lease_id)  # sync: done when it returns
-        return True
-
-    async def _revoke_leases(self, recorded: list[LeaseView]) -> list[bool | BrokerError]:
-        """Step 1, one bounded chunk at a time: the chunk's leases are stamped
-        (``revoke_sent_at``) right before their revocations are sent, and a lease whose
-        revocation certainly did not take effect (Vault refused it, or the connection was
-        refused) has its stamp taken back. Vault away ends the pass after its chunk: the
-        leases of later chunks were never stamped, so a retry still looks them up first."""
-        outcomes: list[bool | BrokerError] = []
-        for start in range(0, len(recorded), VAULT_CONCURRENCY):
-            chunk = recorded[start : start + VAULT_CONCURRENCY]
-            stamp = await self._ender.stamp(
-                [lease.lease_id for lease in chunk if lease.revoke_sent_at is None]
-            )
-            answers = await asyncio.gather(
-                *(self._bounded(self._revoke, str(lease.vault_lease_id)) for lease in chunk),
-                return_exceptions=True,
-            )
-            await self._ender.unstamp(
-                stamp,
-                [
-                    lease.lease_id
-                    for lease, answer in zip(chunk, answers, strict=True)
-                    if sent_for_certain_not(answer)
-                ],
-            )
-            for answer in answers:
-                if isinstance(answer, UpstreamUnavailable) or (
-                    isinstance(answer, BaseException) and not isinstance(answer, BrokerError)
-                ):
-                    raise answer  # Vault away (or a crash): the pass ends after this chunk
-                # Vault refusing one lease is that lease's outcome; the others go on.
-                outcomes.append(answer if isinstance(answer, BrokerError) else True)
-        return outcomes
-
-    async def _revoke_tokens(
-        self,
-        tokens: Sequence[TokenView],
-        uncovered: list[LeaseView],
-        issuing: list[LeaseView],
-        confirmed: Confirmed,
-    ) -> set[str]:
-        """Step 2: the instance's tokens by accessor; returns the accessors Vault no longer
-        knew. Right before each token's revocation, the leases it covers that no stamp
-        covers yet are stamped: ``uncovered`` ones issued under it (those left to it, one
-        whose own revocation certainly failed), and, until one token's revocation took
-        effect, those naming no token (still issuing: their request holds one of the
-        instance's tokens). The stamp is taken back when that revocation did not take
-        effect (Vault refused it, the connection was refused, or Vault no longer knew the
-        token), so a stamp never stands for a revocation that was not sent."""
-        live = [token for token in tokens if token.revoked_at is None]
-        unknown: set[str] = set()
-        floating = [
-            lease.lease_id
-            for lease in (*uncovered, *issuing)
-            if lease.token_accessor is None and lease.revoke_sent_at is None
-        ]
-        for token in live:
-            mine = [
-                lease.lease_id
-                for lease in uncovered
-                if lease.token_accessor == token.accessor and lease.revoke_sent_at is None
-            ]
-            stamp = await self._ender.stamp([*mine, *floating])
-            try:
-                known = await self._vault.revoke_accessor(token.accessor)
-            except BrokerError as exc:
-                if sent_for_certain_not(exc):
-                    await self._ender.unstamp(stamp)
-                raise
-            if known:
-                floating = []  # covered by this token's revocation, or by a later one's
-            else:
-                # Vault no longer knows the token: nothing it held is revoked by this
-                # call, and retrying cannot change that; its leases are looked at alone.
-                log.warning(
-                    "Vault no longer knew an instance token; its leases are checked one by one",
-                    extra={"token_accessor": token.accessor},
-                )
-                await self._ender.unstamp(stamp)
-                unknown.add(token.accessor)
-            confirmed.tokens.append(token.accessor)
-        return unknown
-
-    async def _revoke_instance(self, job: JobView, confirmed: Confirmed) -> None:
-        work = await self._ledger.revocation_work(job.instance_id)
-        recorded = [lease for lease in work.leases if lease.vault_lease_id]
-        issuing = [lease for lease in work.leases if lease.state == LeaseState.ISSUING]
-        # Live STS sessions with no Vault lease: only a deny at AWS ends them.
-        sessions = [
-            lease
-            for lease in work.leases
-            if not lease.vault_lease_id and lease.state != LeaseState.ISSUING
-        ]
-
-        # Every revocation this worker sends is preceded by its stamp (a token's included:
-        # it stamps the leases it covers), and migration 0006 stamped what older code had
-        # sent: a lease without a stamp was covered by no revocation of ours. (A token
-        # recorded revoked is no proof: Vault may not have known it any more.)
-        recorded, listed = await self._settle_forgotten(recorded)
-        alone, by_token = left_to_token(recorded, work.tokens, listed)
-        outcomes: dict[str, bool | BrokerError] = {}
-        first = await self._revoke_leases(alone)
-        outcomes.update((lease.lease_id, o) for lease, o in zip(alone, first, strict=True))
-        refused = [
-            lease
-            for lease, outcome in zip(alone, first, strict=True)
-            if lease.revoke_sent_at is None and isinstance(outcome, BrokerError)
-        ]
-        unknown = await self._revoke_tokens(work.tokens, [*by_token, *refused], issuing, confirmed)
-        # A token Vault no longer knew revoked nothing: the leases left to it are revoked
-        # one by one (their stamp was taken back), as if never left to it.
-        untaken = [lease for lease in by_token if lease.token_accessor in unknown]
-        if untaken:
-            late = await self._revoke_leases(untaken)
-            outcomes.update((lease.lease_id, o) for lease, o in zip(untaken, late, strict=True))
-            by_token = [lease for lease in by_token if lease.token_accessor not in unknown]
-        # Then Vault's word on each: a lease it no longer holds is gone (the token's
-        # revocation may also have taken one whose own revocation was refused). The leases
-        # left to the token are waited for while Vault works through them; what it still
-        # holds after that is revoked explicitly, for Vault's own answer.
-        # A LIST's silence about a lease is taken for gone only where a LIST of this pass
-        # showed it, or Vault answered its synchronous revocation; any other is looked up.
-        ids = [str(lease.vault_lease_id) for lease in recorded]
-        trusted = set(listed) | {
-            str(lease.vault_lease_id) for lease in recorded if outcomes.get(lease.lease_id) is True
-        }
-        held = await self._holdings.held(ids, trusted=trusted)
-        if by_token and held:
-            held = await self._holdings.wait_for_queue(
-                [i for i in ids if i in held], trusted=trusted
-            )
-            stragglers = [lease for lease in by_token if lease.vault_lease_id in held]
-            if stragglers:
-                late = await self._revoke_leases(stragglers)
-                outcomes.update(
-                    (lease.lease_id, o) for lease, o in zip(stragglers, late, strict=True)
-                )
-                held = await self._holdings.held(ids, trusted=trusted)
-        gone = [lease for lease in recorded if lease.vault_lease_id not in held]
-        # A lease that is also an STS session (Vault's revoke of it is a no-op at AWS) waits
-        # for its deny before it counts as revoked.
-        confirmed.leases.extend(lease.lease_id for lease in gone if lease.external_ref is None)
-        if len(gone) != len(recorded):
-            # Why, when Vault said: its refusal of a lease still live.
-            for lease in recorded:
-                outcome = outcomes.get(lease.lease_id)
-                if lease.vault_lease_id in held and isinstance(outcome, BrokerError):
-                    raise outcome
-            raise UpstreamRejected(
-                f"{len(recorded) - len(gone)} lease(s) still exist in Vault after revocation",
-                code="revocation_unconfirmed",
-            )
-
-        if issuing:
-            self._wait_for_issuing(issuing)
-        external = [lease for lease in (*gone, *sessions, *issuing) if lease.external_ref]
-        if external:
-            await deny_sessions(
-                external,
-                cloud=self._cloud,
-                ledger=self._ledger,
-                now=self._clock.now(),
-                actor=self.actor,
-            )
-        if issuing:
-            await self._settle_issuing(issuing)
-
-    async def _settle_forgotten(
-        self, recorded: list[LeaseView]
-    ) -> tuple[list[LeaseView], frozenset[str]]:
-        """Step 0: the recorded leases Vault still knows, or that a revocation of ours
-        already covers (stamped); those no revocation covered and Vault does not know are
-        settled (expired, confirmed dead, else lost) and left out. An STS session's lease
-        is left to its deny in IAM, whatever Vault knows. Also returns the Vault lease ids
-        a LIST showed present (``Survey.listed``)."""
-        asked = [lease for lease in recorded if lease.external_ref is None]
-        if not asked:
-            return recorded, frozenset()
-        survey = await self._holdings.survey(
-            [str(lease.vault_lease_id) for lease in asked]
-        )
-        forgotten = [
-            lease
-            for lease in asked
-            if lease.revoke_sent_at is None and lease.vault_lease_id not in survey.held
-        ]
-        if not forgotten:
-            return recorded, survey.listed
-        await self._ender.settle_unknown(forgotten, actor=self.actor, found_by="revocation")
-        settled = {lease.lease_id for lease in forgotten}
-        return [lease for lease in recorded if lease.lease_id not in settled], survey.listed
-
-    def _wait_for_issuing(self, issuing: list[LeaseView]) -> None:
-        bound = timedelta(seconds=self._settings.issuing_timeout_s)
-        now = self._clock.now()
-        young = [lease for lease in issuing if now - lease.created_at < bound]
-        if young:
-            # A request is between writing its row and recording Vault's answer; once it
-            # records, the lease is revoked on the next pass.
-            raise RevocationWaiting(f"{len(young)} lease(s) still being issued")
-
-    async def _settle_issuing(self, issuing: list[LeaseView]) -> None:
-        self._wait_for_issuing(issuing)
-        moved = await self._ledger.mark_leases_ended(
-            [lease.lease_id for lease in issuing], LeaseState.ABANDONED, actor=self.actor
-        )
-        if moved != len(issuing):
-            # Some completed meanwhile and are active now: revoke them on the next pass.
-            raise RevocationWaiting(
-                f"{len(issuing) - moved} lease(s) completed while being settled"
-            )

@@ -123,6 +123,17 @@ class VaultClient:
             sealed=bool(body.get("sealed", True)),
         )
 
+    async def runs_alone(self) -> bool:
+        """Whether Vault says it runs as one node (``sys/leader``: HA not enabled): every
+        answer, a LIST's included, then comes from the node that revokes. False when HA is
+        enabled (a standby may answer a read from a copy that lags behind) or Vault did not
+        say."""
+        try:
+            body = await self._call("GET", "/v1/sys/leader", token=None)
+        except (UpstreamUnavailable, UpstreamRejected):
+            return False
+        return body.get("ha_enabled") is False
+
     async def create_instance_token(
         self, *, instance_id: str, workload: str, issuer: str
     ) -> InstanceToken:

@@ -40,12 +40,12 @@ async def test_a_credential_taken_back_at_termination_is_revoked_not_lost(
         await components.terminate("i-taken-back", actor="test")
         return answer
 
-    async def not_yet(job: Any) -> None:
+    async def not_yet(job: Any, confirmed: Any) -> None:
         raise RevocationWaiting("the test holds the job until the take-back is done")
 
     # The job waits until the request has taken the credential back (else its token
     # revocation, stamped, may come first and take the lease itself).
-    monkeypatch.setattr(components.worker, "_revoke_instance", not_yet)
+    monkeypatch.setattr(components.worker._pass, "revoke_instance", not_yet)
     monkeypatch.setattr(components.vault, "issue", issue_then_terminate)
     status, body = await issue(http, b, "i-taken-back", "dev-db")
     assert status == 409, body

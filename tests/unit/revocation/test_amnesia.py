@@ -94,6 +94,9 @@ class Vault:
     def __init__(self, known: set[str]) -> None:
         self.known, self.lookups = set(known), []
 
+    async def runs_alone(self) -> bool:
+        return True
+
     async def lease_exists(self, lease_id: str) -> bool:
         self.lookups.append(lease_id)
         return lease_id in self.known
@@ -289,12 +292,12 @@ async def test_the_worker_looks_up_what_the_listing_lacks_before_calling_it_forg
     listed = set(ids) - {ids[0], ids[1]}
     vault = ListingVault(set(ids) - {ids[1]}, listed)  # Vault knows ids[0]; LIST lacks it
     worker = _worker(vault)
-    held = (await worker._holdings.survey(ids)).held
+    held = (await worker._pass._holdings.survey(ids)).held
     assert held == set(ids) - {ids[1]}
     assert sorted(vault.lookups) == sorted([ids[0], ids[1]])
     # After our own revocation a listing is enough: no lookups.
     vault.lookups.clear()
-    assert await worker._holdings.held(ids, trusted=ids) == listed
+    assert await worker._pass._holdings.held(ids, trusted=ids) == listed
     assert vault.lookups == []
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
+from broker.errors import StoreUnavailable
 from broker.leases import JobView
 from broker.leases.ending import LeaseEnder
 from broker.revocation.settings import RevocationSettings
@@ -129,3 +131,59 @@ async def test_stopping_claims_no_more_and_lets_the_running_jobs_end() -> None:
     release.set()
     assert await asyncio.wait_for(draining, 10) == 2
     assert sorted(finished) == ["j-0", "j-1"] and len(queue.due) == 8
+
+
+async def test_the_store_failing_a_claim_lets_the_running_jobs_end() -> None:
+    queue = Queue(4)
+    worker = _worker(queue, batch=4)
+    claims = 0
+    real_claim = queue.claim_jobs
+
+    async def claim_jobs(**kw: Any) -> list[JobView]:
+        nonlocal claims
+        claims += 1
+        if claims > 1:
+            raise StoreUnavailable("the lease store is unavailable")
+        return await real_claim(**kw)
+
+    queue.claim_jobs = claim_jobs  # type: ignore[method-assign]
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def process(job: JobView) -> None:
+        await release.wait()
+        finished.append(job.job_id)
+
+    worker._process = process  # type: ignore[method-assign]
+    queue.due.extend([_job(10), _job(11)])  # due, but the store fails the next claim
+    draining = asyncio.create_task(worker.drain())
+    await eventually(lambda: claims == 1, "the first claim")
+    release.set()
+    assert await asyncio.wait_for(draining, 10) == 4
+    assert sorted(finished) == ["j-0", "j-1", "j-2", "j-3"]
+
+
+async def test_a_claim_lost_to_another_worker_stops_the_pass() -> None:
+    class Lost(Queue):
+        async def extend_claim(self, job: JobView, **kw: Any) -> bool:
+            return False  # another worker holds the job now
+
+    queue = Lost(1)
+    worker = RevocationWorker(
+        RevocationSettings(claim_timeout_s=5),
+        queue,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        ender=LeaseEnder(None, None, None),  # type: ignore[arg-type]
+    )
+    stopped = asyncio.Event()
+
+    async def forever(job: JobView) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    worker._process_claimed = forever  # type: ignore[method-assign]
+    assert await asyncio.wait_for(worker.drain(), 30) == 1
+    assert stopped.is_set()

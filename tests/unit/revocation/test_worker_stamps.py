@@ -6,6 +6,7 @@ fake Vault and ledger, and the real ``LeaseEnder``."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -15,8 +16,10 @@ from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
 from broker.leases.ending import LeaseEnder
 from broker.revocation import holds
+from broker.revocation.bounded import Bounded
+from broker.revocation.instance import Confirmed
 from broker.revocation.settings import RevocationSettings
-from broker.revocation.worker import Confirmed, RevocationWorker
+from broker.revocation.worker import RevocationWorker
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
@@ -45,11 +48,19 @@ class Vault:
         self.token_error: BrokerError | None = None
         self.token_known = True
         self.log: list[tuple[str, str]] = []
+        self.alone = True  # one node: a LIST is Vault's word
+        self.lookups: list[str] = []
+        self.lists = 0
+
+    async def runs_alone(self) -> bool:
+        return self.alone
 
     async def lease_exists(self, lease_id: str) -> bool:
+        self.lookups.append(lease_id)
         return lease_id in self.known
 
     async def list_lease_keys(self, prefix: str) -> list[str]:
+        self.lists += 1
         return [k.rsplit("/", 1)[1] for k in self.known if k.startswith(prefix + "/")]
 
     async def revoke_lease(self, lease_id: str) -> None:
@@ -169,7 +180,7 @@ async def _pass(worker: RevocationWorker, ledger: Ledger) -> None:
     the job's end, or on its own when the pass stops short)."""
     confirmed = Confirmed()
     try:
-        await worker._revoke_instance(JOB, confirmed)
+        await worker._pass.revoke_instance(JOB, confirmed)
     finally:
         ledger.token_revoked += confirmed.tokens
         for lid in confirmed.leases:
@@ -340,9 +351,9 @@ class LaggingListing(Vault):
 def _lagging(n: int, unlisted: set[str]) -> tuple[RevocationWorker, Vault, Ledger]:
     worker, vault, ledger = _setup(n)
     lagging = LaggingListing(vault.known, unlisted)
-    worker._vault = lagging  # type: ignore[assignment]
-    worker._holdings._vault = lagging  # type: ignore[assignment]
-    worker._ender._vault = lagging  # type: ignore[assignment]
+    worker._pass._vault = lagging  # type: ignore[assignment]
+    worker._pass._holdings._vault = lagging  # type: ignore[assignment]
+    worker._pass._ender._vault = lagging  # type: ignore[assignment]
     ledger.vault = lagging
     return worker, lagging, ledger
 
@@ -403,3 +414,94 @@ async def test_each_token_stamps_its_own_leases_right_before_its_revocation() ->
         ("revoke_accessor", "acc-2"),
     ]
     assert set(ledger.stamps) == {f"l-{n}" for n in range(20)}
+
+
+async def test_vault_as_an_ha_cluster_is_asked_lease_by_lease_and_nothing_is_left_to_the_token():
+    """A standby may answer a LIST from a copy that lags: no listing is used at all."""
+    worker, vault, ledger = _setup(20)
+    vault.alone = False
+    await _pass(worker, ledger)
+    assert vault.lists == 0
+    assert len([k for k, _ in vault.log if k == "revoke"]) == 20
+    assert len(vault.lookups) == 40  # before, and after the revocations
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+
+
+async def test_a_listing_that_lags_later_in_the_pass_never_ends_a_lease_vault_holds() -> None:
+    """The review's first case: step 0's LIST shows every lease, the token is one Vault no
+    longer knows, one lease's own revocation is refused, and step 3's LIST (a node that
+    lags) lacks it: it is looked up, held, and not recorded."""
+    worker, vault, ledger = _lagging(20, set())
+    held = "database/creds/r/v003"
+    vault.fail[held] = REFUSED
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        assert isinstance(vault, LaggingListing)
+        vault.unlisted = {held}  # from here on the listing lacks it
+        return False
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    with pytest.raises(UpstreamRejected) as refused:
+        await _pass(worker, ledger)
+    assert refused.value is REFUSED
+    assert held in vault.lookups
+    assert "l-3" not in ledger.ended and len(ledger.ended) == 19
+
+
+async def test_a_lease_gone_that_no_revocation_of_ours_covers_is_settled_not_revoked() -> None:
+    """The review's second case: its own revocation refused (stamp taken back), no live
+    token left to cover it, and then Vault's own expiry queue takes it."""
+    worker, vault, ledger = _setup(3)
+    ledger.tokens = [TokenView("acc-1", NOW + timedelta(hours=1), NOW)]  # revoked earlier
+    taken = "database/creds/r/v001"
+
+    async def revoke_lease(lease_id: str) -> None:
+        vault.log.append(("revoke", lease_id))
+        if lease_id == taken:
+            vault.known.discard(lease_id)  # Vault's own queue, not our revocation
+            raise REFUSED
+        vault.known.discard(lease_id)
+
+    vault.revoke_lease = revoke_lease  # type: ignore[method-assign]
+    await _pass(worker, ledger)
+    assert ledger.ended["l-1"] is LeaseState.LOST
+    assert ledger.ended["l-0"] is LeaseState.REVOKED and ledger.ended["l-2"] is LeaseState.REVOKED
+
+
+async def test_a_pass_cancelled_takes_back_the_stamps_of_revocations_not_sent() -> None:
+    worker, vault, ledger = _setup(3)
+    worker._pass._bounded = Bounded(1)  # the shared limit: one call at a time
+    started = asyncio.Event()
+
+    async def revoke_lease(lease_id: str) -> None:
+        vault.log.append(("revoke", lease_id))
+        started.set()
+        await asyncio.Event().wait()  # Vault never answers
+
+    vault.revoke_lease = revoke_lease  # type: ignore[method-assign]
+    passing = asyncio.create_task(_pass(worker, ledger))
+    await asyncio.wait_for(started.wait(), 10)
+    passing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await passing
+    # l-0's revocation was sent (Vault may have got it): its stamp stays; the two others
+    # waited for the limit and were never sent.
+    assert set(ledger.stamps) == {"l-0"}
+
+
+async def test_floating_leases_lose_their_stamp_when_a_later_token_is_not_revoked() -> None:
+    worker, vault, ledger = _setup(2, issuing=1)
+    ledger.tokens.append(TokenView("acc-2", NOW + timedelta(hours=1), None))
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        if accessor == "acc-2":
+            raise TIMED_OUT  # the issuing request may hold this one
+        return True
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    with pytest.raises(UpstreamUnavailable):
+        await _pass(worker, ledger)
+    assert ("stamp", "l-100") in vault.log
+    assert "l-100" not in ledger.stamps
