@@ -30,6 +30,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from broker.errors import BrokerError
 
+# How long a tick cancelled at shutdown is given to clean up before the clients close.
+CANCELLED_TICK_S = 2.0
 log = logging.getLogger(__name__)
 # A part gets this long to finish what it has in hand once asked to stop (a termination
 # source acknowledging its event); then it is cancelled.
@@ -286,6 +288,13 @@ class Supervisor:
             log.warning("ticks did not finish in time; cancelled", extra={"ticks": late})
         if scheduler.running:
             scheduler.shutdown(wait=False)  # cancels the ticks still running
+        if late:
+            # Let a cancelled run finish its clean-up (a revocation pass takes back the
+            # stamps of what it never sent) before the store and Vault clients close.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(tick.idle() for tick in running)), CANCELLED_TICK_S
+                )
 
     async def _stop_part(
         self, part: Part, stop: asyncio.Event, task: asyncio.Task[None], failure: object

@@ -18,8 +18,9 @@ from broker.revocation.bounded import Bounded
 # they are left to their token's revocation (Vault revokes them itself) instead of being
 # revoked one request each.
 LIST_CONFIRM_MIN = 16
-# Waiting for Vault to revoke what a token's revocation queued: the first poll after this
-# long, each next one 1.3 times later up to QUEUE_POLL_MAX_S; without progress for
+# Waiting for Vault to revoke what a token's revocation queued: a poll every tenth of the
+# time waited so far (so that seeing the end late costs at most a tenth more), within
+# QUEUE_POLL_FIRST_S and QUEUE_POLL_MAX_S; without progress for
 # QUEUE_STALL_S (or after QUEUE_WAIT_MAX_S in all) what is left is revoked one by one.
 QUEUE_POLL_FIRST_S = 0.02
 QUEUE_POLL_MAX_S = 0.5
@@ -103,10 +104,10 @@ class Holdings:
         listing, not 1,000 lookups); a few, or a path that cannot be listed, one lookup
         each, and every one when Vault runs as an HA cluster (a LIST may then come from
         a standby that lags). A lease Vault will not answer for counts as held. A lease the
-        LIST lacks
-        counts as gone only if it is ``trusted`` (a LIST showed it before, or Vault
-        answered its synchronous revocation); any other is looked up: a listing can lag or
-        come from another node, and is no proof that a lease is gone."""
+        LIST lacks counts as gone only if it is ``trusted`` (the caller's word: a LIST of
+        this pass showed it and a revocation of ours covers it, or Vault answered its
+        synchronous revocation); any other is looked up: a listing alone is no proof that
+        a lease is gone."""
         by_path: dict[str, list[str]] = {}
         for lease_id in vault_lease_ids:
             by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)
@@ -139,7 +140,7 @@ class Holdings:
         """Poll Vault while it revokes what a token's revocation queued, as long as it
         makes progress (``QUEUE_STALL_S`` without one ends the wait, and so does
         ``QUEUE_WAIT_MAX_S``); returns what it still holds then. The polls start short and
-        grow, so that a long wait costs Vault few listings."""
+        grow with the wait, so that a long wait costs Vault few listings."""
         ids = list(vault_lease_ids)
         loop = asyncio.get_running_loop()
         start = last_progress = loop.time()
@@ -151,7 +152,7 @@ class Holdings:
             if now - last_progress > QUEUE_STALL_S or now - start > QUEUE_WAIT_MAX_S:
                 break
             await asyncio.sleep(pause)
-            pause = min(pause * 1.3, QUEUE_POLL_MAX_S)
+            pause = min(max(QUEUE_POLL_FIRST_S, (loop.time() - start) / 10), QUEUE_POLL_MAX_S)
             still = await self.held(ids, trusted=trusted)
             if len(still) < len(ids):
                 last_progress = loop.time()

@@ -70,6 +70,13 @@ class Confirmed:
     # Leases a revocation of ours covers (their stamp in effect): stamped before the pass,
     # or by it and not taken back. Only such a lease may be recorded ``revoked``.
     covered: set[str] = field(default_factory=set)
+    # Whether the pass is to end at its next safe point (before a stamp, before the wait
+    # for Vault's queue): the broker is stopping, or another worker holds the job now.
+    halt: Callable[[], bool] = lambda: False
+
+    def check(self) -> None:
+        if self.halt():
+            raise RevocationWaiting("the pass stopped at a safe point; the job is taken up again")
 
 
 class PassLedger(Protocol):
@@ -99,7 +106,6 @@ class InstancePass:
         bounded: Bounded,
         actor: str,
         cloud: SessionRevoker | None = None,
-        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._settings = settings
         self._ledger = ledger
@@ -109,7 +115,6 @@ class InstancePass:
         self._bounded = bounded
         self._holdings = Holdings(vault, bounded)
         self._cloud = cloud
-        self._stopping = stopping
         self.actor = actor
 
     async def _stamp(self, lease_ids: Sequence[str], confirmed: Confirmed) -> Stamp:
@@ -127,7 +132,12 @@ class InstancePass:
 
     async def _revoke(self, lease: LeaseView, sent: set[str]) -> bool:
         sent.add(lease.lease_id)  # from here on Vault may have got it
-        await self._vault.revoke_lease(str(lease.vault_lease_id))  # sync: done when it returns
+        try:
+            await self._vault.revoke_lease(str(lease.vault_lease_id))  # sync: done on return
+        except BrokerError as exc:
+            if sent_for_certain_not(exc):
+                sent.discard(lease.lease_id)  # certainly not: as if never sent
+            raise
         return True
 
     async def _revoke_leases(
@@ -142,9 +152,11 @@ class InstancePass:
         the revocations it had not sent yet (they wait for the shared call limit)."""
         outcomes: list[bool | BrokerError] = []
         for start in range(0, len(recorded), VAULT_CONCURRENCY):
+            confirmed.check()
             chunk = recorded[start : start + VAULT_CONCURRENCY]
             stamp = await self._stamp(
-                [lease.lease_id for lease in chunk if lease.revoke_sent_at is None], confirmed
+                [lease.lease_id for lease in chunk if lease.lease_id not in confirmed.covered],
+                confirmed,
             )
             sent: set[str] = set()
             try:
@@ -153,6 +165,7 @@ class InstancePass:
                     return_exceptions=True,
                 )
             except asyncio.CancelledError:
+                # Sent and not refused for certain: Vault may have acted, the stamp stays.
                 unsent = [lease.lease_id for lease in chunk if lease.lease_id not in sent]
                 await asyncio.shield(self._unstamp(stamp, confirmed, unsent))
                 raise
@@ -189,23 +202,25 @@ class InstancePass:
         instance's tokens). The stamp is taken back when that revocation did not take
         effect (Vault refused it, the connection was refused, or Vault no longer knew the
         token), so a stamp never stands for a revocation that was not sent; the floating
-        leases' stamp is taken back too when the pass ends before every token was revoked
-        (the one their request holds may not be)."""
+        leases' stamp is taken back too when the pass ends before every token was revoked,
+        or one turned out unknown to Vault (the one their request holds may be that one)."""
         live = [token for token in tokens if token.revoked_at is None]
         unknown: set[str] = set()
         floating = [
             lease.lease_id
             for lease in (*uncovered, *issuing)
-            if lease.token_accessor is None and lease.revoke_sent_at is None
+            if lease.token_accessor is None and lease.lease_id not in confirmed.covered
         ]
         floated: Stamp | None = None  # the stamp the floating leases carry
         floaters: list[str] = []
         try:
             for token in live:
+                confirmed.check()
                 mine = [
                     lease.lease_id
                     for lease in uncovered
-                    if lease.token_accessor == token.accessor and lease.revoke_sent_at is None
+                    if lease.token_accessor == token.accessor
+                    and lease.lease_id not in confirmed.covered
                 ]
                 stamp = await self._stamp([*mine, *floating], confirmed)
                 try:
@@ -232,6 +247,9 @@ class InstancePass:
             if floated is not None and len(confirmed.tokens) < len(live):
                 await asyncio.shield(self._unstamp(floated, confirmed, floaters))
             raise
+        if floated is not None and unknown:
+            # A token Vault no longer knew may be the one their request holds.
+            await self._unstamp(floated, confirmed, floaters)
         return unknown
 
     async def revoke_instance(self, job: JobView, confirmed: Confirmed) -> None:
@@ -252,13 +270,13 @@ class InstancePass:
         recorded, listed = await self._settle_forgotten(recorded)
         alone, by_token = left_to_token(recorded, work.tokens, listed)
         outcomes: dict[str, bool | BrokerError] = {}
-        confirmed.covered.update(lease.lease_id for lease in recorded if lease.revoke_sent_at)
+        confirmed.covered.update(lease.lease_id for lease in work.leases if lease.revoke_sent_at)
         first = await self._revoke_leases(alone, confirmed)
         outcomes.update((lease.lease_id, o) for lease, o in zip(alone, first, strict=True))
         refused = [
             lease
             for lease, outcome in zip(alone, first, strict=True)
-            if lease.revoke_sent_at is None and isinstance(outcome, BrokerError)
+            if lease.lease_id not in confirmed.covered and isinstance(outcome, BrokerError)
         ]
         unknown = await self._revoke_tokens(work.tokens, [*by_token, *refused], issuing, confirmed)
         # A token Vault no longer knew revoked nothing: the leases left to it are revoked
@@ -285,7 +303,7 @@ class InstancePass:
         held = await self._holdings.held(ids, trusted=trusted)
         if by_token and held:
             held = await self._holdings.wait_for_queue(
-                [i for i in ids if i in held], trusted=trusted, stopping=self._stopping
+                [i for i in ids if i in held], trusted=trusted, stopping=confirmed.halt
             )
             stragglers = [lease for lease in by_token if lease.vault_lease_id in held]
             if stragglers:

@@ -119,7 +119,6 @@ class RevocationWorker:
             bounded=self._bounded,
             actor=self.actor,
             cloud=cloud,
-            stopping=lambda: self._stopping,
         )
         self._completed = 0
         self._retried = 0
@@ -189,20 +188,17 @@ class RevocationWorker:
                 await asyncio.gather(*running, return_exceptions=True)
 
     async def _process(self, job: JobView) -> None:
-        """The job's pass, while its claim is held; a claim lost to another worker stops
-        the pass (the other worker runs the job now)."""
-        passing = asyncio.create_task(self._process_claimed(job))
-        holding = asyncio.create_task(self._hold_claim(job))
+        """The job's pass, while its claim is held; a claim lost to another worker ends
+        the pass at its next safe point (the other worker runs the job now)."""
+        lost = asyncio.Event()
+        holding = asyncio.create_task(self._hold_claim(job, lost))
         try:
-            await asyncio.wait({passing, holding}, return_when=asyncio.FIRST_COMPLETED)
+            await self._process_claimed(job, halt=lambda: self._stopping or lost.is_set())
         finally:
-            for task in (holding, passing):
-                task.cancel()
-            await asyncio.gather(holding, passing, return_exceptions=True)
-        if not passing.cancelled() and (exc := passing.exception()) is not None:
-            raise exc
+            holding.cancel()
+            await asyncio.gather(holding, return_exceptions=True)
 
-    async def _hold_claim(self, job: JobView) -> None:
+    async def _hold_claim(self, job: JobView, lost: asyncio.Event) -> None:
         """Extend the claim while the job runs (Vault may be slow or away for longer than
         ``claim_timeout_s``), so no other replica takes over a job whose worker is alive.
         A worker that dies stops extending, and its claim lapses as before."""
@@ -214,15 +210,20 @@ class RevocationWorker:
                     job, worker=self.worker_id, claim_for=claim_for
                 ):
                     log.warning(
-                        "lost the claim on a revocation job; this worker stops its pass",
+                        "lost the claim on a revocation job; this worker ends its pass",
                         extra={"job_id": job.job_id},
                     )
+                    lost.set()
                     return
             except BrokerError:
                 continue  # the store is away: the claim may lapse; the guards still hold
+            except Exception:  # a bug: said, and the claim extended at the next turn
+                log.exception("could not extend a revocation job's claim")
 
-    async def _process_claimed(self, job: JobView) -> None:
-        confirmed = Confirmed()
+    async def _process_claimed(
+        self, job: JobView, *, halt: Callable[[], bool] = lambda: False
+    ) -> None:
+        confirmed = Confirmed(halt=halt)
         try:
             await self._pass.revoke_instance(job, confirmed)
         except BrokerError as exc:

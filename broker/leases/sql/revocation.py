@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from broker.clock import Clock
@@ -70,14 +70,18 @@ async def mark_leases_ended(
     *,
     actor: str,
     now: datetime,
+    stamped_only: bool = False,
 ) -> int:
+    """``stamped_only``: only leases a revocation of ours covers (``revoke_sent_at`` set)
+    move; the others stay as they are (a guard under the worker's own bookkeeping)."""
     sources = [old.value for old in LIVE_LEASE_STATES if lease_can_move(old, state)]
     moved: dict[str, list[str]] = {}
+    stamped = m.Lease.revoke_sent_at.is_not(None) if stamped_only else true()
     for chunk_start in range(0, len(lease_ids), 500):
         chunk = list(lease_ids[chunk_start : chunk_start + 500])
         rows = await conn.execute(
             update(m.Lease)
-            .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources))
+            .where(m.Lease.lease_id.in_(chunk), m.Lease.state.in_(sources), stamped)
             .values(state=state.value, ended_at=now, updated_at=now)
             .returning(m.Lease.lease_id, m.Lease.instance_id)
         )
@@ -112,7 +116,13 @@ async def record_confirmed(
     await mark_tokens_revoked(conn, clock, tokens)
     if revoked:
         await mark_leases_ended(
-            conn, clock, revoked, LeaseState.REVOKED, actor=actor, now=clock.now()
+            conn,
+            clock,
+            revoked,
+            LeaseState.REVOKED,
+            actor=actor,
+            now=clock.now(),
+            stamped_only=True,
         )
     return int(
         (

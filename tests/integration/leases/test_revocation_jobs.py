@@ -163,3 +163,20 @@ async def test_the_job_state_table_governs_every_transition(ledgers, monkeypatch
         await s.termination.request_termination("i-table", actor="admin")
     [shown] = await s.admin.list_jobs()
     assert shown.state == "failed"
+
+
+async def test_the_jobs_end_records_revoked_only_a_lease_a_revocation_of_ours_covers(ledgers):
+    """A guard under the worker's bookkeeping: a lease with no ``revoke_sent_at`` is not
+    recorded ``revoked`` by the job's end, which then refuses while it is live."""
+    s = await ledgers()
+    stamped, bare = await issue(s, "i-guard"), await issue(s, "i-guard")
+    for lease_id in (stamped, bare):
+        await complete(s, lease_id)
+    await s.termination.request_termination("i-guard", actor="admin")
+    [job] = await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
+    await s.ending.mark_revoke_sent([stamped], T0)
+    with pytest.raises(LeasesStillLive):
+        await s.jobs.finish_job(job, worker="w", revoked=[stamped, bare], actor="revocation:w")
+    work = await s.jobs.revocation_work("i-guard")
+    # The stamped one was recorded revoked; the bare one is still live.
+    assert {lease.lease_id: lease.state for lease in work.leases} == {bare: "active"}

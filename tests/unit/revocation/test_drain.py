@@ -178,12 +178,10 @@ async def test_a_claim_lost_to_another_worker_stops_the_pass() -> None:
     )
     stopped = asyncio.Event()
 
-    async def forever(job: JobView) -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            stopped.set()
+    async def until_halted(job: JobView, *, halt: Any) -> None:
+        await eventually(halt, "the pass is told to end at its next safe point")
+        stopped.set()
 
-    worker._process_claimed = forever  # type: ignore[method-assign]
+    worker._process_claimed = until_halted  # type: ignore[method-assign]
     assert await asyncio.wait_for(worker.drain(), 30) == 1
     assert stopped.is_set()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from broker.errors import BrokerError, UpstreamRejected, UpstreamUnavailable
+from broker.errors import BrokerError, RevocationWaiting, UpstreamRejected, UpstreamUnavailable
 from broker.leases import JobView, LeaseState, LeaseView, RevocationWork, TokenView
 from broker.leases.ending import LeaseEnder
 from broker.revocation import holds
@@ -505,3 +505,37 @@ async def test_floating_leases_lose_their_stamp_when_a_later_token_is_not_revoke
         await _pass(worker, ledger)
     assert ("stamp", "l-100") in vault.log
     assert "l-100" not in ledger.stamps
+
+
+async def test_floating_leases_lose_their_stamp_when_a_later_token_is_unknown_to_vault() -> None:
+    worker, vault, ledger = _setup(2, issuing=1)
+    ledger.tokens.append(TokenView("acc-2", NOW + timedelta(hours=1), None))
+
+    async def revoke_accessor(accessor: str) -> bool:
+        vault.log.append(("revoke_accessor", accessor))
+        return accessor == "acc-1"  # acc-2: "No token found" (it may be the request's)
+
+    vault.revoke_accessor = revoke_accessor  # type: ignore[method-assign]
+    await _pass(worker, ledger)
+    assert ("stamp", "l-100") in vault.log
+    assert "l-100" not in ledger.stamps
+
+
+async def test_a_pass_told_to_halt_stops_before_its_next_stamp() -> None:
+    worker, vault, ledger = _setup(20, paths=2)  # two chunks, then the token
+    halted = False
+
+    original = vault.revoke_lease
+
+    async def revoke_lease(lease_id: str) -> None:
+        nonlocal halted
+        halted = True  # the broker starts stopping while the first chunk is sent
+        await original(lease_id)
+
+    vault.revoke_lease = revoke_lease  # type: ignore[method-assign]
+    confirmed = Confirmed(halt=lambda: halted)
+    with pytest.raises(RevocationWaiting):
+        await worker._pass.revoke_instance(JOB, confirmed)
+    kinds = [k for k, _ in vault.log]
+    assert kinds == ["stamp", *["revoke"] * 16]  # no second chunk, no token
+    assert set(ledger.stamps) == {f"l-{i}" for i in range(16)}
