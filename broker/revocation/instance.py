@@ -40,6 +40,7 @@ For one instance, in this order (see DESIGN: revoking a token only *queues* its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -118,7 +119,19 @@ class InstancePass:
         self.actor = actor
 
     async def _stamp(self, lease_ids: Sequence[str], confirmed: Confirmed) -> Stamp:
-        stamp = await self._ender.stamp(lease_ids)
+        """Stamp, and count the leases as covered. A pass cancelled while the stamp is
+        being written waits (shielded) for the write and takes it back: nothing was sent."""
+        writing = asyncio.ensure_future(self._ender.stamp(lease_ids))
+        try:
+            stamp = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+
+            async def take_back() -> None:
+                await self._ender.unstamp(await writing)
+
+            with contextlib.suppress(Exception):
+                await asyncio.shield(take_back())
+            raise
         confirmed.covered.update(stamp.lease_ids)
         return stamp
 
@@ -201,9 +214,10 @@ class InstancePass:
         effect, those naming no token (still issuing: their request holds one of the
         instance's tokens). The stamp is taken back when that revocation did not take
         effect (Vault refused it, the connection was refused, or Vault no longer knew the
-        token), so a stamp never stands for a revocation that was not sent; the floating
-        leases' stamp is taken back too when the pass ends before every token was revoked,
-        or one turned out unknown to Vault (the one their request holds may be that one)."""
+        token), so a stamp never stands for a revocation that was not sent; with several
+        live tokens, the floating leases' stamp is taken back too when the pass ends before
+        every token was revoked, or one turned out unknown to Vault (the one their request
+        holds may be that one)."""
         live = [token for token in tokens if token.revoked_at is None]
         unknown: set[str] = set()
         floating = [
@@ -223,16 +237,21 @@ class InstancePass:
                     and lease.lease_id not in confirmed.covered
                 ]
                 stamp = await self._stamp([*mine, *floating], confirmed)
+                if floating:  # theirs until this revocation proves not to take effect
+                    floated, floaters = stamp, floating
                 try:
                     known = await self._vault.revoke_accessor(token.accessor)
                 except BrokerError as exc:
                     if sent_for_certain_not(exc):
                         await self._unstamp(stamp, confirmed)
+                        if floated is stamp:
+                            floated = None
                     raise
                 if known:
-                    if floating:
-                        floated, floaters, floating = stamp, floating, []
+                    floating = []
                 else:
+                    if floated is stamp:
+                        floated = None  # taken back below with the rest of this stamp
                     # Vault no longer knows the token: nothing it held is revoked by this
                     # call, and retrying cannot change that; its leases are looked at alone.
                     log.warning(
@@ -244,7 +263,9 @@ class InstancePass:
                     unknown.add(token.accessor)
                 confirmed.tokens.append(token.accessor)
         except BaseException:
-            if floated is not None and len(confirmed.tokens) < len(live):
+            # With one live token their request holds that one, and its stamp stands as
+            # for its own leases; with several, the one it holds may not be revoked yet.
+            if floated is not None and len(live) > 1 and len(confirmed.tokens) < len(live):
                 await asyncio.shield(self._unstamp(floated, confirmed, floaters))
             raise
         if floated is not None and unknown:

@@ -3,6 +3,7 @@ ended, in the caller's transaction."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
@@ -16,6 +17,7 @@ from broker.leases.sql.common import AUDIT_MAX_IDS, LIVE, audit, lease_view, loc
 from broker.leases.states import LIVE_LEASE_STATES, LeaseState, lease_can_move
 from broker.leases.views import LeaseView, RevocationWork, TokenView
 
+log = logging.getLogger(__name__)
 
 async def revocation_work(conn: AsyncConnection, instance_id: str) -> RevocationWork:
     toks = (
@@ -115,7 +117,7 @@ async def record_confirmed(
     await lock_instance(conn, instance_id)
     await mark_tokens_revoked(conn, clock, tokens)
     if revoked:
-        await mark_leases_ended(
+        moved = await mark_leases_ended(
             conn,
             clock,
             revoked,
@@ -124,6 +126,11 @@ async def record_confirmed(
             now=clock.now(),
             stamped_only=True,
         )
+        if moved < len(revoked):  # ended meanwhile by another path, or held by the guard
+            log.info(
+                "some leases a revocation pass confirmed gone were not recorded revoked",
+                extra={"instance_id": instance_id, "confirmed": len(revoked), "moved": moved},
+            )
     return int(
         (
             await conn.execute(

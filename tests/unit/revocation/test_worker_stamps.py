@@ -20,6 +20,7 @@ from broker.revocation.bounded import Bounded
 from broker.revocation.instance import Confirmed
 from broker.revocation.settings import RevocationSettings
 from broker.revocation.worker import RevocationWorker
+from tests.harness.wait import eventually
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 REFUSED = UpstreamRejected("Vault refused the request", code="vault_invalid_request")
@@ -539,3 +540,38 @@ async def test_a_pass_told_to_halt_stops_before_its_next_stamp() -> None:
     kinds = [k for k, _ in vault.log]
     assert kinds == ["stamp", *["revoke"] * 16]  # no second chunk, no token
     assert set(ledger.stamps) == {f"l-{i}" for i in range(16)}
+
+
+async def test_floating_leases_lose_their_stamp_when_their_tokens_outcome_is_unknown() -> None:
+    """The third review: the first token's revocation times out (it may or may not have
+    been done) and the pass ends before the second token: the floating stamp, made for
+    the first, is taken back; the first token's own leases keep theirs."""
+    worker, vault, ledger = _setup(2, issuing=1)
+    vault.fail["database/creds/r/v001"] = REFUSED  # l-1: left to acc-1's revocation
+    ledger.tokens.append(TokenView("acc-2", NOW + timedelta(hours=1), None))
+    vault.token_error = TIMED_OUT
+    with pytest.raises(UpstreamUnavailable):
+        await _pass(worker, ledger)
+    assert ("stamp", "l-1,l-100") in vault.log
+    assert set(ledger.stamps) == {"l-0", "l-1"}
+
+
+async def test_a_pass_cancelled_while_its_stamp_is_written_takes_the_stamp_back() -> None:
+    worker, vault, ledger = _setup(3)
+    writing, release = asyncio.Event(), asyncio.Event()
+    original = ledger.mark_revoke_sent
+
+    async def slow_stamp(lease_ids, at):  # type: ignore[no-untyped-def]
+        writing.set()
+        await release.wait()
+        return await original(lease_ids, at)
+
+    ledger.mark_revoke_sent = slow_stamp  # type: ignore[method-assign]
+    passing = asyncio.create_task(_pass(worker, ledger))
+    await asyncio.wait_for(writing.wait(), 10)
+    passing.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await passing
+    await eventually(lambda: not ledger.stamps, "the stamp written is taken back")
+    assert not [k for k, _ in vault.log if k == "revoke"]
