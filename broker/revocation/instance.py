@@ -171,26 +171,15 @@ class InstancePass:
                 [lease.lease_id for lease in chunk if lease.lease_id not in confirmed.covered],
                 confirmed,
             )
-            sent: set[str] = set()
+            sent: set[str] = set()  # Vault may have acted on these (``_revoke``)
             try:
                 answers = await asyncio.gather(
                     *(self._bounded(self._revoke, lease, sent) for lease in chunk),
                     return_exceptions=True,
                 )
-            except asyncio.CancelledError:
-                # Sent and not refused for certain: Vault may have acted, the stamp stays.
+            finally:  # answered, or cancelled: the stamps of what was not sent go back
                 unsent = [lease.lease_id for lease in chunk if lease.lease_id not in sent]
                 await asyncio.shield(self._unstamp(stamp, confirmed, unsent))
-                raise
-            await self._unstamp(
-                stamp,
-                confirmed,
-                [
-                    lease.lease_id
-                    for lease, answer in zip(chunk, answers, strict=True)
-                    if sent_for_certain_not(answer)
-                ],
-            )
             for answer in answers:
                 if isinstance(answer, UpstreamUnavailable) or (
                     isinstance(answer, BaseException) and not isinstance(answer, BrokerError)

@@ -17,17 +17,16 @@ import os
 import random
 import socket
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from broker.backoff import retry_delay
 from broker.clock import Clock
 from broker.errors import BrokerError, RevocationWaiting
-from broker.leases import JobView, LeaseState, LeaseView, RevocationWork
+from broker.leases import JobView, LeaseState, LeaseView
 from broker.leases.ending import LeaseEnder, Revoked
 from broker.revocation.bounded import Bounded
-from broker.revocation.instance import Confirmed, InstancePass
+from broker.revocation.instance import Confirmed, InstancePass, PassLedger
 from broker.revocation.sessions import SessionRevoker
 from broker.revocation.settings import RevocationSettings
 from broker.vault import VaultClient
@@ -35,8 +34,9 @@ from broker.vault import VaultClient
 log = logging.getLogger(__name__)
 
 
-class RevocationJobs(Protocol):
-    """What the worker reads and writes of the lease ledgers (``RevocationJobRecords``)."""
+class RevocationJobs(PassLedger, Protocol):
+    """What the worker reads and writes of the lease ledgers (``RevocationJobRecords``),
+    its passes' included."""
 
     async def claim_jobs(
         self, *, worker: str, limit: int, claim_for: timedelta
@@ -69,17 +69,9 @@ class RevocationJobs(Protocol):
         count_attempt: bool = True,
     ) -> None: ...
 
-    async def revocation_work(self, instance_id: str) -> RevocationWork: ...
-
-    async def mark_leases_ended(
-        self, lease_ids: Sequence[str], state: LeaseState, *, actor: str
-    ) -> int: ...
-
     async def superseded_leases(
         self, *, older_than: timedelta, limit: int = 200
     ) -> list[LeaseView]: ...
-
-    def exclusive(self, key: str, *, timeout_s: int = 30) -> AbstractAsyncContextManager[None]: ...
 
 
 class RevocationWorker:

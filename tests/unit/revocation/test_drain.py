@@ -34,15 +34,31 @@ class Queue:
         return claimed
 
 
-def _worker(queue: Queue, batch: int) -> RevocationWorker:
+def _worker(queue: Queue, batch: int = 8, **settings: Any) -> RevocationWorker:
     worker = RevocationWorker(
-        RevocationSettings(batch=batch),
+        RevocationSettings(batch=batch, **settings),
         queue,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         ender=LeaseEnder(None, None, None),  # type: ignore[arg-type]
     )
     return worker
+
+
+def _held(worker: RevocationWorker, *, failing: str | None = None):  # type: ignore[no-untyped-def]
+    """Jobs that run until ``release`` is set, then land in ``finished``; ``failing``: the
+    id of one that fails at once, in a way no job should."""
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def process(job: JobView) -> None:
+        if job.job_id == failing:
+            raise RuntimeError("a bug in one job")
+        await release.wait()
+        finished.append(job.job_id)
+
+    worker._process = process  # type: ignore[method-assign]
+    return release, finished
 
 
 async def test_a_slow_job_does_not_hold_back_the_jobs_behind_it() -> None:
@@ -77,16 +93,7 @@ async def test_nothing_due_claims_once_and_returns() -> None:
 async def test_one_job_failing_unexpectedly_does_not_stop_the_others(caplog) -> None:
     queue = Queue(6)
     worker = _worker(queue, batch=3)
-    finished: list[str] = []
-    release = asyncio.Event()
-
-    async def process(job: JobView) -> None:
-        if job.job_id == "j-1":
-            raise RuntimeError("a bug in one job")
-        await release.wait()
-        finished.append(job.job_id)
-
-    worker._process = process  # type: ignore[method-assign]
+    release, finished = _held(worker, failing="j-1")
     draining = asyncio.create_task(worker.drain())
     await eventually(lambda: "task failed" in caplog.text, "the failure is logged")
     release.set()
@@ -117,14 +124,7 @@ async def test_a_job_claimed_again_while_it_runs_is_not_run_twice() -> None:
 async def test_stopping_claims_no_more_and_lets_the_running_jobs_end() -> None:
     queue = Queue(10)
     worker = _worker(queue, batch=2)
-    release = asyncio.Event()
-    finished: list[str] = []
-
-    async def process(job: JobView) -> None:
-        await release.wait()
-        finished.append(job.job_id)
-
-    worker._process = process  # type: ignore[method-assign]
+    release, finished = _held(worker)
     draining = asyncio.create_task(worker.drain())
     await eventually(lambda: queue.limits == [2], "the first claim")
     worker.stop_claiming()
@@ -147,14 +147,7 @@ async def test_the_store_failing_a_claim_lets_the_running_jobs_end() -> None:
         return await real_claim(**kw)
 
     queue.claim_jobs = claim_jobs  # type: ignore[method-assign]
-    release = asyncio.Event()
-    finished: list[str] = []
-
-    async def process(job: JobView) -> None:
-        await release.wait()
-        finished.append(job.job_id)
-
-    worker._process = process  # type: ignore[method-assign]
+    release, finished = _held(worker)
     queue.due.extend([_job(10), _job(11)])  # due, but the store fails the next claim
     draining = asyncio.create_task(worker.drain())
     await eventually(lambda: claims == 1, "the first claim")
@@ -169,13 +162,7 @@ async def test_a_claim_lost_to_another_worker_stops_the_pass() -> None:
             return False  # another worker holds the job now
 
     queue = Lost(1)
-    worker = RevocationWorker(
-        RevocationSettings(claim_timeout_s=5),
-        queue,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        ender=LeaseEnder(None, None, None),  # type: ignore[arg-type]
-    )
+    worker = _worker(queue, claim_timeout_s=5)
     stopped = asyncio.Event()
 
     async def until_halted(job: JobView, *, halt: Any) -> None:
