@@ -8,25 +8,36 @@ BIN    := $(VENV)/bin
 # packages (real clients for the engines' stories, moto, the linters).
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
+BOOT_STAMP := $(VENV)/.installed-bootstrap
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEV_ARGS ?=
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test lint bench clean lock
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
+# Every package comes from a hash-locked file (requirements/*.txt, written by `make lock`):
+# pip refuses anything the lock does not name with its hash. The broker itself is
+# installed from this tree without build isolation, so its build needs nothing but the
+# locked setuptools.
+LOCKED := $(PIP) --require-hashes -r
+SELF   := $(PIP) --no-deps --no-build-isolation -e .
+
+$(BOOT_STAMP): requirements/bootstrap.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(LOCKED) requirements/bootstrap.txt
+	touch $(BOOT_STAMP)
 
 # --no-compile: byte-compiling every installed module (botocore, SQLAlchemy...) was a fifth
 # of a cold `make install`'s CPU (8 s of 39 s measured); Python compiles what `broker dev`
 # imports (about 3 s) on its first start. `make test` compiles everything (its many
 # subprocesses would otherwise each pay it where PYTHONDONTWRITEBYTECODE is set).
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(PIP) --no-compile -e .
+$(RUN_STAMP): pyproject.toml requirements/runtime.txt $(BOOT_STAMP)
+	$(LOCKED) requirements/runtime.txt --no-compile
+	$(SELF) --no-compile
 	touch $(RUN_STAMP)
 
-$(TEST_STAMP): pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[test]'
+$(TEST_STAMP): pyproject.toml requirements/test.txt $(BOOT_STAMP)
+	$(LOCKED) requirements/test.txt
+	$(SELF)
 	-$(BIN)/python -m compileall -qq -j0 $(VENV)/lib
 	touch $(RUN_STAMP) $(TEST_STAMP)
 
@@ -56,6 +67,17 @@ bench: install-test
 	$(BIN)/python bench/revocation.py
 	$(BIN)/python bench/agent.py
 	$(BIN)/python bench/bulk.py
+
+# Re-resolve the locks from pyproject.toml (and requirements/*.in) with uv: universal
+# (every platform's markers, Python 3.11 on), every file's hash; the test lock keeps the
+# runtime lock's versions, the SBOM tool's lock the test lock's.
+UV_COMPILE := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock"
+lock: install-test
+	$(UV_COMPILE) requirements/bootstrap.in -o requirements/bootstrap.txt
+	$(UV_COMPILE) pyproject.toml -o requirements/runtime.txt
+	$(UV_COMPILE) pyproject.toml --extra test -c requirements/runtime.txt -o requirements/test.txt
+	$(UV_COMPILE) requirements/sbom.in -c requirements/test.txt -o requirements/sbom.txt
 
 clean:
 	rm -rf $(VENV) .broker-dev .pytest_cache
