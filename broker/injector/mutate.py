@@ -43,6 +43,7 @@ from broker.injector.containers import (
     app_mount,
     volumes,
 )
+from broker.injector.images import digest_effect
 from broker.injector.model import (
     PREFIX,
     STATUS_KEY,
@@ -428,12 +429,26 @@ def mutate(
     seen = _first_look(pod, namespace, config)
     if not isinstance(seen, PodView):
         return seen
+    # Every container the pod has now, ours included on a reinvocation: a later webhook
+    # may have added one named by tag.
+    image_warnings, refused = digest_effect(
+        config.image_digests, (*seen.init_containers, *seen.containers)
+    )
     if status_injected(seen.annotations):
-        return _reinvocation(seen, config)
+        if refused is not None:
+            return Refusal(refused)
+        done = _reinvocation(seen, config)
+        if isinstance(done, Patch) and image_warnings:
+            return Patch(done.ops, (*done.warnings, *image_warnings), first_pass=False)
+        return done
     plan = _plan(seen, config)
     if isinstance(plan, Refusal):
+        if refused is not None:
+            return Refusal(f"{plan.message}; {refused}")
         return plan
-    warnings = list(plan.warnings)
+    if refused is not None:
+        return Refusal(refused)
+    warnings = list(plan.warnings) + image_warnings
     if preview is not None:
         more, refusal = preview_effect(preview, plan.spec, strict=config.strict)
         if refusal is not None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from broker.injector.images import ImageDigests, by_digest
 from broker.injector.quantity import parse_quantity
 from broker.settings import NAME, Frozen, require_tls_off_loopback
 
@@ -138,6 +139,9 @@ class InjectorSettings(Frozen):
     token_expiration_s: int = Field(600, ge=600, le=86400)
     strict: bool = False
     skip_namespaces: tuple[str, ...] = ("kube-system", "kube-public")
+    # Opted-in pods whose containers name an image by tag instead of by digest: admitted
+    # as before ("off"), admitted with a warning ("warn"), or refused ("refuse").
+    image_digests: ImageDigests = "off"
     agent: AgentSettings = AgentSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -168,6 +172,11 @@ class InjectorSettings(Frozen):
             )
         if self.strict and self.preview is None:
             raise ValueError("strict: needs the preview section (strict refuses what it refuses)")
+        if self.image_digests != "off" and not by_digest(self.agent.image):
+            raise ValueError(
+                f"agent.image: image_digests is {self.image_digests!r}, so the agent's own "
+                "image must be pinned by digest too (registry/name@sha256:DIGEST)"
+            )
         return self
 
     @property
