@@ -51,7 +51,7 @@ run: install
 # ruff; the architecture contracts (import-linter); mypy --strict over broker/; the size
 # and environment rules that import-linter cannot express.
 lint: install-test
-	$(BIN)/ruff check broker tests bench migrations scripts
+	$(BIN)/ruff check broker tests bench scripts
 	$(BIN)/lint-imports
 	$(BIN)/mypy broker
 	$(BIN)/python scripts/check_shape.py broker

@@ -7,7 +7,8 @@
 - the environment is read only by ``broker/config.py`` (the one loader), and by the two
   places that are not configuration: brokerctl's ``BROKER_URL``/``BROKER_ADMIN_TOKEN``
   defaults (an HTTP client that never loads settings) and ``broker dev``'s OpenBao child,
-  whose environment is cleaned of ``VAULT_*``/``BAO_*``.
+  whose environment is cleaned of ``VAULT_*``/``BAO_*``; and the Alembic script's
+  ``BROKER_STORE_URL``, read only when the ``alembic`` CLI runs it by hand.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 MAX_PUBLIC_METHODS = 15
 MAX_MODULE_LINES = 600
-READS_ENVIRONMENT = {"config.py", "cli/ctl.py", "dev/openbao.py"}
+READS_ENVIRONMENT = {"config.py", "cli/ctl.py", "dev/openbao.py", "leases/schema/env.py"}
 
 
 def _reads_environment(tree: ast.AST) -> int | None:

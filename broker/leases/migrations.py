@@ -1,4 +1,5 @@
-"""Database URLs and schema migrations (Alembic, scripts in ``migrations/``)."""
+"""Database URLs and schema migrations (Alembic, scripts in ``schema/`` beside this module,
+shipped in the package so that an installed broker, in an image say, can migrate)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.leases.reach import unreachable
 
 log = logging.getLogger(__name__)
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "schema"
 
 
 def async_url(url: str) -> str:

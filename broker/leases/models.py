@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the lease store. Migrations in ``migrations/`` must match these
+"""SQLAlchemy models of the lease store. Migrations in ``schema/`` must match these
 (CI runs ``alembic check``)."""
 
 from __future__ import annotations
