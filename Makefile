@@ -12,7 +12,8 @@ BOOT_STAMP := $(VENV)/.installed-bootstrap
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEV_ARGS ?=
 
-.PHONY: install install-test run test lint bench clean lock
+.PHONY: install install-test run test lint bench clean lock sbom image image-tools images \
+	sign-image verify-image pin-image test-image
 
 # Every package comes from a hash-locked file (requirements/*.txt, written by `make lock`):
 # pip refuses anything the lock does not name with its hash. The broker itself is
@@ -30,8 +31,8 @@ $(BOOT_STAMP): requirements/bootstrap.txt
 # of a cold `make install`'s CPU (8 s of 39 s measured); Python compiles what `broker dev`
 # imports (about 3 s) on its first start. `make test` compiles everything (its many
 # subprocesses would otherwise each pay it where PYTHONDONTWRITEBYTECODE is set).
-$(RUN_STAMP): pyproject.toml requirements/runtime.txt $(BOOT_STAMP)
-	$(LOCKED) requirements/runtime.txt --no-compile
+$(RUN_STAMP): pyproject.toml requirements/dev.txt $(BOOT_STAMP)
+	$(LOCKED) requirements/dev.txt --no-compile
 	$(SELF) --no-compile
 	touch $(RUN_STAMP)
 
@@ -56,8 +57,56 @@ lint: install-test
 	$(BIN)/mypy broker
 	$(BIN)/python scripts/check_shape.py broker
 
-test: install-test lint
+# The whole suite, the image's tests included: the image is built twice first (the
+# reproducibility test compares the two), about two minutes.
+test: install-test lint images
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The image's tests alone (what `make test` runs after building the images).
+test-image: install-test images
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/image tests/unit/test_locks.py \
+		tests/unit/test_sbom.py
+
+# A CycloneDX SBOM of the runtime environment: build/sbom/sbom.cdx.json.
+sbom: install-test
+	$(BIN)/python -m scripts.sbom --out build/sbom
+
+# buildah, podman (with runc: crun refuses this machine's hybrid cgroups), skopeo,
+# debootstrap and gpg, from Debian's packages, where missing.
+IMAGE_TOOLS := buildah podman skopeo debootstrap runc gpg
+image-tools:
+	@missing=$$(for t in $(IMAGE_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing from Debian's packages"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			buildah podman skopeo debootstrap runc gnupg >/dev/null; \
+	fi
+
+# The image (build/image/image.oci.tar, its digest in build/image/image.json, its SBOM);
+# `images` builds it twice, the second into build/image-again, for the reproducibility test.
+IMAGE_OUT ?= build/image
+image: install-test image-tools
+	$(BIN)/python -m scripts.image build --out $(IMAGE_OUT)
+
+images: install-test image-tools
+	$(BIN)/python -m scripts.image build --out build/image
+	$(BIN)/python -m scripts.image build --out build/image-again
+
+# Sign with a GPG key: make sign-image GNUPGHOME=DIR KEY=FINGERPRINT (a throwaway key:
+# .venv/bin/python -m scripts.image keygen --home DIR). Writes the signed copy, the
+# policy.json requiring the key, and the signed provenance under IMAGE_OUT.
+sign-image: install-test
+	$(BIN)/python -m scripts.image sign --out $(IMAGE_OUT) --home $(GNUPGHOME) --key $(KEY)
+
+# The signature under the policy, the provenance, the SBOM against the image.
+# TRUST=DIR: a policy.json and public key of your own (default: IMAGE_OUT/trust).
+verify-image: install-test
+	$(BIN)/python -m scripts.image verify --out $(IMAGE_OUT) $(if $(TRUST),--trust $(TRUST))
+
+# deploy/ references the image built into IMAGE_OUT by its digest.
+pin-image: install-test
+	$(BIN)/python -m scripts.image pin --out $(IMAGE_OUT)
 
 bench: install-test
 	$(BIN)/python bench/identity.py
@@ -69,15 +118,17 @@ bench: install-test
 	$(BIN)/python bench/bulk.py
 
 # Re-resolve the locks from pyproject.toml (and requirements/*.in) with uv: universal
-# (every platform's markers, Python 3.11 on), every file's hash; the test lock keeps the
-# runtime lock's versions, the SBOM tool's lock the test lock's.
+# (every platform's markers, Python 3.11 on), every file's hash. runtime.txt is the
+# service (the image's), dev.txt adds `broker dev`'s OpenBao (make run), test.txt the tests'
+# packages; each wider lock keeps the narrower one's versions, the SBOM tool's the tests'.
 UV_COMPILE := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock"
 lock: install-test
 	$(UV_COMPILE) requirements/bootstrap.in -o requirements/bootstrap.txt
 	$(UV_COMPILE) pyproject.toml -o requirements/runtime.txt
-	$(UV_COMPILE) pyproject.toml --extra test -c requirements/runtime.txt -o requirements/test.txt
+	$(UV_COMPILE) pyproject.toml --extra dev -c requirements/runtime.txt -o requirements/dev.txt
+	$(UV_COMPILE) pyproject.toml --extra test -c requirements/dev.txt -o requirements/test.txt
 	$(UV_COMPILE) requirements/sbom.in -c requirements/test.txt -o requirements/sbom.txt
 
 clean:
-	rm -rf $(VENV) .broker-dev .pytest_cache
+	rm -rf $(VENV) .broker-dev .pytest_cache build
