@@ -550,6 +550,17 @@ def test_one_image_for_the_broker_its_migrations_the_injector_and_the_agent():
     assert images == {agent}
 
 
+def test_the_broker_s_image_is_referenced_by_digest_never_by_tag():
+    """`make image` then `make pin-image` rewrites these to the built image's digest."""
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        found += re.findall(r"ghcr\.io/example/ephemeral-broker\S*", path.read_text())
+    assert len(found) >= 4
+    assert {re.fullmatch(r"ghcr\.io/example/ephemeral-broker@sha256:[0-9a-f]{64}", f) is not None
+            for f in found} == {True}, found
+    assert len(set(found)) == 1, "one image, one digest"
+
+
 # -- the configurations ----------------------------------------------------------------
 
 
