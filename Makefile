@@ -75,12 +75,13 @@ sbom: install-test
 # debootstrap and gpg, from Debian's packages, where missing.
 IMAGE_TOOLS := buildah podman skopeo debootstrap runc gpg
 image-tools:
-	@missing=$$(for t in $(IMAGE_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	@missing=$$(for t in $(IMAGE_TOOLS); do command -v $$t >/dev/null || echo $$t; done; \
+		test -f /usr/share/keyrings/debian-archive-keyring.gpg || echo keyring); \
 	if [ -n "$$missing" ]; then \
 		echo "installing $$missing from Debian's packages"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			buildah podman skopeo debootstrap runc gnupg >/dev/null; \
+			buildah podman skopeo debootstrap runc gnupg debian-archive-keyring >/dev/null; \
 	fi
 
 # The image (build/image/image.oci.tar, its digest in build/image/image.json, its SBOM);
@@ -89,20 +90,29 @@ IMAGE_OUT ?= build/image
 image: install-test image-tools
 	$(BIN)/python -m scripts.image build --out $(IMAGE_OUT)
 
-images: install-test image-tools
-	$(BIN)/python -m scripts.image build --out build/image
-	$(BIN)/python -m scripts.image build --out build/image-again
+# As root only (debootstrap, buildah's vfs store): elsewhere the image's tests skip, and
+# fail in CI (BROKER_TESTS_REQUIRE_SERVICES=1), whose machines run as root.
+images: install-test
+	@if [ "$$(id -u)" != 0 ]; then echo "images: not root, not built (the image tests skip)"; \
+		rm -f build/image/image.json build/image-again/image.json; \
+	else $(MAKE) --no-print-directory image-tools && \
+		$(BIN)/python -m scripts.image build --out build/image && \
+		$(BIN)/python -m scripts.image build --out build/image-again; fi
 
 # Sign with a GPG key: make sign-image GNUPGHOME=DIR KEY=FINGERPRINT (a throwaway key:
-# .venv/bin/python -m scripts.image keygen --home DIR). Writes the signed copy, the
-# policy.json requiring the key, and the signed provenance under IMAGE_OUT.
+# .venv/bin/python -m scripts.image keygen --home DIR). Writes the signed copy, the signed
+# provenance and the key's public half under IMAGE_OUT.
 sign-image: install-test
 	$(BIN)/python -m scripts.image sign --out $(IMAGE_OUT) --home $(GNUPGHOME) --key $(KEY)
 
-# The signature under the policy, the provenance, the SBOM against the image.
-# TRUST=DIR: a policy.json and public key of your own (default: IMAGE_OUT/trust).
+# make verify-image PUBKEY=KEY.asc [COMMIT=REV]: the signature under a policy requiring
+# that key, the provenance, the SBOM against the image, for an image built from COMMIT
+# (default HEAD). The key is the verifier's own copy of the signer's, never one from beside
+# the image.
+COMMIT ?= HEAD
 verify-image: install-test
-	$(BIN)/python -m scripts.image verify --out $(IMAGE_OUT) $(if $(TRUST),--trust $(TRUST))
+	$(BIN)/python -m scripts.image verify --out $(IMAGE_OUT) --pubkey $(PUBKEY) \
+		--commit $(COMMIT)
 
 # deploy/ references the image built into IMAGE_OUT by its digest.
 pin-image: install-test

@@ -4,7 +4,8 @@ signed provenance statement and an SBOM, and verified.
     python -m scripts.image build   [--out build/image]          # make image
     python -m scripts.image keygen  --home DIR                    # a throwaway signing key
     python -m scripts.image sign    --home DIR --key FINGERPRINT  # make sign-image
-    python -m scripts.image verify  --pubkey-dir DIR              # make verify-image
+    python -m scripts.image verify  --pubkey KEY.asc [--commit C] # make verify-image
+    python -m scripts.image policy  --pubkey KEY.asc              # containers-policy.json
     python -m scripts.image pin                                   # deploy/ by digest
 
 ``build`` makes an OCI image with buildah from ``scratch``: a Debian root filesystem by
@@ -20,23 +21,32 @@ hash, logs, caches and backup files removed. Two builds of the same commit and l
 the same digest. Only PyPI and Debian's archive are reached, for the locked wheels and
 Debian's packages.
 
+``build`` works from the commit (``git archive HEAD``), never the working tree, so the
+commit it names is exactly what went in. Debian's point-release and security updates are
+applied (apt checks the archives' signatures against Debian's keyring; debootstrap is run
+with ``--force-check-gpg``) before apt is purged.
+
 ``sign`` copies the image to a ``dir:`` layout with a signature made by skopeo (GPG,
-"simple signing") and writes the policy.json that requires that key, and an in-toto
-statement (SLSA provenance v1) naming the image digest, the source commit, the lock's and
-the SBOM's digests, in a DSSE envelope signed with the same key. ``verify`` checks all
-three: the signature under the policy, the provenance's signature and every digest it
-names against the image and the tree, and the SBOM against the image's installed
-distributions and the lock's hashes.
+"simple signing"), and writes an in-toto statement (SLSA provenance v1) naming the image
+digest, the source commit, the lock's, the SBOM's and the Debian package list's digests,
+in a DSSE envelope signed with the same key. ``verify`` takes the signer's public key from
+the verifier (never from beside the image) and the commit the image must come from, and
+checks all three: the signature under a policy.json that requires that key, the
+provenance's signature by the same key and every digest it names against the verified
+image and that commit, and the SBOM against the image's installed distributions and the
+commit's lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +62,6 @@ from typing import Any
 from scripts.sbom import (
     PROJECT,
     ROOT,
-    RUNTIME_LOCK,
     SupplyChainError,
     add_hashes,
     build_wheel,
@@ -71,26 +80,43 @@ IDENTITY = f"{NAME}:{VERSION}"  # the reference a signature vouches for
 UID = 65532
 SUITE = "bookworm"
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SECURITY = os.environ.get("DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PACKAGES = ("python3", "ca-certificates")
 VENV = "/opt/broker"
 SITE = f"{VENV}/lib/python3.11/site-packages"
 STAGE = "/tmp/build"  # noqa: S108 — inside the build root, removed before the commit
 LOCKS = ROOT / "requirements"
 STATEMENT = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 LABEL_LOCK = "io.ephemeral-broker.lock.sha256"
 LABEL_SBOM = "io.ephemeral-broker.sbom.sha256"
 LABEL_REVISION = "org.opencontainers.image.revision"
+LABEL_DEBS = "io.ephemeral-broker.debian-packages.sha256"
 # What the build leaves behind and a container never needs, or that differs per build.
 SCRUB = ("tmp/build", "var/cache/apt", "var/lib/apt", "var/cache/debconf",
          "var/cache/ldconfig/aux-cache", "usr/share/man", "usr/share/info",
          "usr/share/lintian", "etc/resolv.conf", "etc/hostname", "etc/hosts")
 
 
-def revision() -> str:
-    """The source commit, marked when the tree has changes the commit does not hold."""
-    commit = run("git", "rev-parse", "HEAD", cwd=ROOT).strip()
-    dirty = run("git", "status", "--porcelain", "--untracked-files=no", cwd=ROOT).strip()
-    return f"{commit}-dirty" if dirty else commit
+def head() -> str:
+    return run("git", "rev-parse", "HEAD", cwd=ROOT).strip()
+
+
+def checkout(commit: str, dest: Path) -> Path:
+    """The commit's tree (``git archive``): what the image is built from, so no
+    uncommitted change, untracked file or stale build output of the working tree gets in,
+    and the modes are git's."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT,
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SupplyChainError(f"git archive {commit}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
 
 def storage(out: Path) -> list[str]:
@@ -109,31 +135,39 @@ def chroot(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
                *(f"{k}={v}" for k, v in {**base, **(env or {})}.items()), *args)
 
 
-def download_wheels(dest: Path) -> Path:
-    """Every wheel the locks name for the image's platform (CPython 3.11, glibc x86_64),
-    checked against their hashes; the pip wheel that installs them. Kept between builds."""
+# The image's platform, whatever the build host's: CPython 3.11 on glibc 2.36 (Debian 12)
+# x86_64, which takes every manylinux wheel up to glibc 2.36.
+PLATFORM = ["--only-binary", ":all:", "--implementation", "cp", "--python-version", "3.11",
+            "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+            *(f"--platform=manylinux_2_{v}_x86_64" for v in range(36, 16, -1)),
+            "--platform=manylinux2014_x86_64", "--platform=any"]
+
+
+def download_wheels(dest: Path, locks: Path) -> Path:
+    """Every wheel the locks name for the image's platform, checked against their hashes;
+    the pip wheel (the locked version) that installs them. Kept between builds."""
     dest.mkdir(parents=True, exist_ok=True)
-    # this machine's platform (Debian 12, x86_64) is the image's; the interpreter's version
-    # and ABI are named, so another Python running the build still fetches 3.11's wheels
-    platform = ["--only-binary", ":all:", "--implementation", "cp", "--python-version", "3.11",
-                "--abi", "cp311"]
     for lock in ("runtime", "bootstrap", "sbom"):
         run(sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
-            *platform, "-r", LOCKS / f"{lock}.txt", "--dest", dest)
-    pips = sorted(dest.glob("pip-*.whl"))
-    if len(pips) != 1:
-        raise SupplyChainError(f"expected one pip wheel in {dest}, found {pips}")
-    return pips[0]
+            *PLATFORM, "-r", locks / f"{lock}.txt", "--dest", dest)
+    pinned = re.search(r"^pip==(\S+)", (locks / "bootstrap.txt").read_text(), re.MULTILINE)
+    if pinned is None:
+        raise SupplyChainError("requirements/bootstrap.txt pins no pip")
+    pip = dest / f"pip-{pinned.group(1)}-py3-none-any.whl"
+    if not pip.exists():
+        raise SupplyChainError(f"{pip.name} was not downloaded")
+    return pip
 
 
-def stage(root: Path, wheels: Path, pip: Path, wheel: Path) -> None:
+def stage(root: Path, source: Path, wheels: Path, pip: Path, wheel: Path) -> None:
     """What the installs inside the root need, under /tmp/build (removed before commit)."""
     build = root / "tmp" / "build"
     shutil.copytree(wheels, build / "wheels")
     shutil.copy(wheel, build / wheel.name)
-    shutil.copy(ROOT / "pyproject.toml", build / "pyproject.toml")
-    shutil.copy(LOCKS / "sbom.txt", build / "sbom.txt")
-    install_requirements(wheel, build / "requirements.txt", f"file://{STAGE}/{wheel.name}")
+    shutil.copy(source / "pyproject.toml", build / "pyproject.toml")
+    shutil.copy(source / "requirements" / "sbom.txt", build / "sbom.txt")
+    install_requirements(wheel, build / "requirements.txt", f"file://{STAGE}/{wheel.name}",
+                         lock=source / "requirements" / "runtime.txt")
     # cyclonedx-py asks this interpreter for its sys.path: the environment's own, without
     # the SBOM tool's PYTHONPATH
     python = build / "python"
@@ -142,7 +176,7 @@ def stage(root: Path, wheels: Path, pip: Path, wheel: Path) -> None:
     (build / "pip").symlink_to(f"wheels/{pip.name}")
 
 
-def install(root: Path, epoch: int) -> dict[str, Any]:
+def install(root: Path, epoch: int, lock: Path) -> dict[str, Any]:
     """The broker's environment and its SBOM (with the installed files' hashes)."""
     pip = [f"{STAGE}/pip/pip", "install", "--quiet", "--no-index", "--find-links",
            f"{STAGE}/wheels", "--require-hashes", "--no-compile"]
@@ -157,7 +191,7 @@ def install(root: Path, epoch: int) -> dict[str, Any]:
            env={"PYTHONPATH": f"{STAGE}/sbomtool", "SOURCE_DATE_EPOCH": str(epoch)})
     build = root / "tmp" / "build"
     wheel = next(build.glob("*.whl"))
-    allowed = {**lock_hashes(), canonical(PROJECT): {sha256_file(wheel)}}
+    allowed = {**lock_hashes(lock), canonical(PROJECT): {sha256_file(wheel)}}
     return add_hashes(json.loads((build / "environment.cdx.json").read_text()),
                       json.loads((build / "report.json").read_text()), allowed)
 
@@ -175,8 +209,21 @@ def add_user(root: Path, epoch: int) -> None:
     (root / "etc/shadow").write_text("\n".join(fixed) + "\n")
 
 
+def security_updates(root: Path, env: dict[str, str]) -> None:
+    """Debian's point-release and security updates, from archives whose Release files apt
+    checks against Debian's keyring, before apt goes."""
+    (root / "etc/apt/sources.list").write_text(
+        f"deb {MIRROR} {SUITE} main\ndeb {MIRROR} {SUITE}-updates main\n"
+        f"deb {SECURITY} {SUITE}-security main\n")
+    apt = ["apt-get", "-q", "-y", "-o", "APT::Sandbox::User=root"]
+    chroot(root, *apt, "update", env={"DEBIAN_FRONTEND": "noninteractive"})
+    chroot(root, *apt, "upgrade", "--no-install-recommends",
+           env={"DEBIAN_FRONTEND": "noninteractive", "SOURCE_DATE_EPOCH": env["SOURCE_DATE_EPOCH"]})
+
+
 def strip(root: Path) -> None:
-    """No package manager; nothing a build leaves that differs between builds."""
+    """No package manager, no setuid or setgid file; nothing a build leaves that differs
+    between builds."""
     chroot(root, "dpkg", "--purge", "--force-remove-essential", "--force-depends", "apt")
     chroot(root, "dpkg", "--purge", "--force-remove-essential", "--force-depends", "dpkg")
     for part in SCRUB:
@@ -197,6 +244,26 @@ def strip(root: Path) -> None:
             shutil.rmtree(doc) if doc.is_dir() and not doc.is_symlink() else doc.unlink()
     for cache in list(root.rglob("__pycache__")):
         shutil.rmtree(cache)
+    # su, mount, passwd and their kin: nothing in the image may gain privileges, even where
+    # it runs without no-new-privileges
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if not os.path.islink(path) and mode & 0o6000:
+                os.chmod(path, mode & 0o1777)
+
+
+def debian_packages(root: Path) -> str:
+    """``name=version`` of every Debian package the image holds, one a line, sorted (from
+    dpkg's status file, which stays in the image for scanners)."""
+    found = []
+    for entry in (root / "var/lib/dpkg/status").read_text().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in entry.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Status") == "install ok installed":
+            found.append(f"{fields['Package']}={fields['Version']}")
+    return "".join(f"{p}\n" for p in sorted(found))
 
 
 def compile_bytecode(root: Path, epoch: int) -> None:
@@ -232,10 +299,13 @@ class Built:
 
 def build(out: Path, cache: Path) -> Built:
     started = time.monotonic()
+    os.umask(0o022)  # the modes of what pip and the build write, whoever runs it
     out.mkdir(parents=True, exist_ok=True)
-    epoch, rev = source_date_epoch(), revision()
-    pip = download_wheels(cache / "wheels")
-    wheel = build_wheel(out / "dist", epoch)
+    epoch, rev = source_date_epoch(), head()
+    source = checkout(rev, out / "source")
+    lock = source / "requirements" / "runtime.txt"
+    pip = download_wheels(cache / "wheels", source / "requirements")
+    wheel = build_wheel(out / "dist", epoch, source)
     buildah = ["buildah", *storage(out)]
     container = run(*buildah, "from", "--quiet", "scratch").strip()
     try:
@@ -243,22 +313,26 @@ def build(out: Path, cache: Path) -> Built:
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "LC_ALL": "C.UTF-8",
                "DEBIAN_FRONTEND": "noninteractive"}
         (cache / "debs").mkdir(parents=True, exist_ok=True)
-        run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+        run("debootstrap", "--variant=minbase", "--arch=amd64", f"--keyring={KEYRING}",
+            "--force-check-gpg", f"--include={','.join(PACKAGES)}",
             f"--cache-dir={cache / 'debs'}", SUITE, root, MIRROR, env=env)
-        stage(root, cache / "wheels", pip, wheel)
-        sbom = install(root, epoch)
+        security_updates(root, env)
+        stage(root, source, cache / "wheels", pip, wheel)
+        sbom = install(root, epoch, lock)
         sbom_path = out / "sbom.cdx.json"
         write_json(sbom_path, sbom)
         add_user(root, epoch)
         strip(root)
+        debs = out / "debian-packages.txt"
+        debs.write_text(debian_packages(root))
         compile_bytecode(root, epoch)
         clamp_times(root, epoch)
-        lock_sha, sbom_sha = sha256_file(RUNTIME_LOCK), sha256_file(sbom_path)
+        lock_sha, sbom_sha = sha256_file(lock), sha256_file(sbom_path)
         created = datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()
         labels = {
             LABEL_REVISION: rev, "org.opencontainers.image.version": VERSION,
             "org.opencontainers.image.title": PROJECT, "org.opencontainers.image.created": created,
-            LABEL_LOCK: lock_sha, LABEL_SBOM: sbom_sha,
+            LABEL_LOCK: lock_sha, LABEL_SBOM: sbom_sha, LABEL_DEBS: sha256_file(debs),
         }
         run(*buildah, "config", f"--user={UID}:{UID}", "--workingdir=/",
             '--entrypoint=["/opt/broker/bin/broker", "serve"]',
@@ -278,11 +352,13 @@ def build(out: Path, cache: Path) -> Built:
             subprocess.run([*buildah, "rm", container], capture_output=True, check=False)
         shutil.rmtree(out / "storage", ignore_errors=True)
         shutil.rmtree(out / "runroot", ignore_errors=True)
+        shutil.rmtree(out / "source", ignore_errors=True)
     digest = manifest_digest(f"oci-archive:{archive}")
     built = Built(archive, digest, rev, lock_sha, sbom_sha)
     write_json(out / "image.json", {
         "reference": f"{NAME}@{digest}", "digest": digest, "revision": rev,
         "lock_sha256": lock_sha, "sbom_sha256": sbom_sha, "archive_bytes": archive.stat().st_size,
+        "source_date_epoch": epoch, "tools": tool_versions(),
         "build_seconds": round(time.monotonic() - started, 1)})
     return built
 
@@ -311,23 +387,28 @@ def fingerprints(home: Path) -> list[str]:
 
 
 def export_public(home: Path, key: str, dest: Path) -> None:
-    """The public half, for whoever verifies: the armoured key (skopeo's policy) and
-    securesystemslib's form of it (the provenance)."""
-    from securesystemslib.signer import GPGSigner
-
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "signing-key.asc").write_text(
-        run("gpg", "--homedir", home, "--batch", "--armor", "--export", key))
-    _, public = GPGSigner.import_(key.lower(), str(home))
-    write_json(dest / "signing-key.json", {"keyid": public.keyid, **public.to_dict()})
+    """The public half (armoured), for whoever verifies: they get it from the signer
+    out of band, never from beside the image."""
+    dest.write_text(run("gpg", "--homedir", home, "--batch", "--armor", "--export", key))
 
 
 def policy(pubkey: Path) -> dict[str, Any]:
-    """A containers-policy.json that admits nothing but this image signed by this key."""
-    signed_by = [{"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(pubkey),
+    """A containers-policy.json that admits nothing but this image signed by this key (the
+    key inlined: the policy needs no file beside it)."""
+    data = base64.b64encode(pubkey.read_bytes()).decode()
+    signed_by = [{"type": "signedBy", "keyType": "GPGKeys", "keyData": data,
                   "signedIdentity": {"type": "exactReference", "dockerReference": IDENTITY}}]
     return {"default": [{"type": "reject"}],
             "transports": {"dir": {"": signed_by}, "docker": {NAME: signed_by}}}
+
+
+def tool_versions() -> dict[str, str]:
+    """The builders whose output is in the image's bytes (gzip, tar, the root's layout)."""
+    versions = {}
+    for tool in ("buildah", "skopeo", "debootstrap"):
+        done = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
+        versions[tool] = done.stdout.strip().splitlines()[0] if done.stdout.strip() else "?"
+    return versions
 
 
 def statement(built: Built, out: Path) -> dict[str, Any]:
@@ -335,21 +416,26 @@ def statement(built: Built, out: Path) -> dict[str, Any]:
     source = {"uri": f"git+file://{ROOT}", "digest": {"gitCommit": built.revision}}
     info = json.loads((out / "image.json").read_text())
     return {
-        "_type": "https://in-toto.io/Statement/v1",
+        "_type": STATEMENT_TYPE,
         "subject": [{"name": NAME, "digest": {"sha256": built.digest.split(":", 1)[1]}}],
-        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicateType": PREDICATE_TYPE,
         "predicate": {
             "buildDefinition": {
                 "buildType": "https://ephemeral-broker.example/build-types/make-image/v1",
                 "externalParameters": {"source": source, "lock": "requirements/runtime.txt",
                                        "debian": {"suite": SUITE, "mirror": MIRROR,
+                                                  "security": SECURITY,
                                                   "packages": list(PACKAGES)}},
-                "internalParameters": {"SOURCE_DATE_EPOCH": source_date_epoch()},
+                "internalParameters": {"SOURCE_DATE_EPOCH": info["source_date_epoch"],
+                                       "tools": info["tools"]},
                 "resolvedDependencies": [
                     source,
                     {"name": "requirements/runtime.txt", "digest": {"sha256": built.lock_sha256}},
                     {"name": "sbom.cdx.json", "digest": {"sha256": built.sbom_sha256},
                      "mediaType": "application/vnd.cyclonedx+json"},
+                    # Debian's archive moves: the packages this build took, by version
+                    {"name": "debian-packages.txt",
+                     "digest": {"sha256": sha256_file(out / "debian-packages.txt")}},
                 ],
             },
             "runDetails": {
@@ -369,12 +455,15 @@ def load_built(out: Path) -> Built:
 
 
 def sign(out: Path, home: Path, key: str) -> None:
-    """The signed image (``out/signed``, a dir: layout), the key's public half and a policy
-    requiring it (``out/trust``), the signed provenance (``out/provenance.intoto.json``)."""
+    """The signed image (``out/signed``, a dir: layout), the signed provenance
+    (``out/provenance.intoto.json``) and the key's public half (``out/signing-key.asc``,
+    to hand to verifiers out of band: ``verify`` refuses a key from beside the image)."""
     from in_toto.models.metadata import Envelope
     from securesystemslib.signer import GPGSigner
 
     built = load_built(out)
+    if manifest_digest(f"oci-archive:{built.archive}") != built.digest:
+        raise SupplyChainError(f"{built.archive} is not the image image.json records")
     signed = out / "signed"
     shutil.rmtree(signed, ignore_errors=True)
     env = {**os.environ, "GNUPGHOME": str(home)}
@@ -382,9 +471,7 @@ def sign(out: Path, home: Path, key: str) -> None:
         f"oci-archive:{built.archive}", f"dir:{signed}", env=env)
     if manifest_digest(f"dir:{signed}") != built.digest:
         raise SupplyChainError("the signed copy's manifest differs from the built image's")
-    trust = out / "trust"
-    export_public(home, key, trust)
-    write_json(trust / "policy.json", policy(trust / "signing-key.asc"))
+    export_public(home, key, out / "signing-key.asc")
     _, public = GPGSigner.import_(key.lower(), str(home))
     payload = json.dumps(statement(built, out), sort_keys=True).encode()
     envelope = Envelope(payload=payload, payload_type=STATEMENT, signatures={})
@@ -394,20 +481,44 @@ def sign(out: Path, home: Path, key: str) -> None:
 
 # -- verification ---------------------------------------------------------------------------
 
-def verify_signature(out: Path, trust: Path, signed: Path) -> str:
-    """skopeo under the policy: copies the image only if the key signed it."""
-    with tempfile.TemporaryDirectory() as scratch:
-        run("skopeo", "--policy", trust / "policy.json", "copy", "--quiet", f"dir:{signed}",
-            f"dir:{scratch}/verified")
-        return manifest_digest(f"dir:{scratch}/verified")
+@dataclass(frozen=True)
+class Trust:
+    """What a verifier brings: the signer's public key (from the signer, not from beside
+    the image) and the commit the image must be built from."""
+
+    pubkey: Path
+    commit: str
 
 
-def verify_provenance(out: Path, trust: Path, digest: str) -> dict[str, Any]:
+def verify_signature(signed: Path, trust: Trust, scratch: Path) -> Path:
+    """skopeo under a policy that requires the key: copies the image only if it signed it;
+    the copy is what the other checks read, so nothing can change under them."""
+    policy_file = scratch / "policy.json"
+    write_json(policy_file, policy(trust.pubkey))
+    verified = scratch / "verified"
+    run("skopeo", "--policy", policy_file, "copy", "--quiet", f"dir:{signed}", f"dir:{verified}")
+    return verified
+
+
+def provenance_key(pubkey: Path, scratch: Path) -> Any:
+    """The same public key in securesystemslib's form, from a keyring of its own."""
+    from securesystemslib.signer import GPGSigner
+
+    home = scratch / "gnupg"
+    home.mkdir(mode=0o700)
+    run("gpg", "--homedir", home, "--batch", "--import", pubkey)
+    keys = fingerprints(home)
+    if len(keys) != 1:
+        raise SupplyChainError(f"{pubkey}: expected one public key, found {len(keys)}")
+    _, public = GPGSigner.import_(keys[0].lower(), str(home))
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True,
+                   check=False)
+    return public
+
+
+def verify_provenance(out: Path, key: Any, digest: str) -> dict[str, Any]:
     from in_toto.models.metadata import Envelope
-    from securesystemslib.signer import Key
 
-    key_data = json.loads((trust / "signing-key.json").read_text())
-    key = Key.from_dict(key_data.pop("keyid"), key_data)
     envelope = Envelope.from_dict(json.loads((out / "provenance.intoto.json").read_text()))
     if envelope.payload_type != STATEMENT:
         raise SupplyChainError(f"provenance: payload type {envelope.payload_type!r}")
@@ -415,20 +526,22 @@ def verify_provenance(out: Path, trust: Path, digest: str) -> dict[str, Any]:
         envelope.verify([key], 1)
     except Exception as exc:  # securesystemslib's VerificationError and its kin
         raise SupplyChainError(f"provenance: signature does not verify ({exc})") from exc
-    stated = json.loads(envelope.payload)
-    subjects = [s["digest"].get("sha256") for s in stated["subject"]]
+    stated: dict[str, Any] = json.loads(envelope.payload)
+    if (stated.get("_type"), stated.get("predicateType")) != (STATEMENT_TYPE, PREDICATE_TYPE):
+        raise SupplyChainError("provenance: not an in-toto statement of SLSA provenance v1")
+    subjects = [s.get("digest", {}).get("sha256") for s in stated.get("subject", [])]
     if subjects != [digest.split(":", 1)[1]]:
         raise SupplyChainError(f"provenance: its subject {subjects} is not the image {digest}")
     return stated
 
 
-def image_files(signed: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def image_files(layout: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The image's config and the METADATA of every distribution in its environment."""
-    manifest = json.loads((signed / "manifest.json").read_text())
-    config = json.loads((signed / manifest["config"]["digest"].split(":", 1)[1]).read_bytes())
+    manifest = json.loads((layout / "manifest.json").read_text())
+    config = json.loads((layout / manifest["config"]["digest"].split(":", 1)[1]).read_bytes())
     found: dict[str, bytes] = {}
     for layer in manifest["layers"]:
-        blob = signed / layer["digest"].split(":", 1)[1]
+        blob = layout / layer["digest"].split(":", 1)[1]
         with tarfile.open(blob, "r:*") as tar:
             for member in tar:
                 name = member.name.lstrip("./")
@@ -450,15 +563,17 @@ def installed_in(metadata: dict[str, bytes]) -> dict[str, str]:
     return dists
 
 
-def verify_sbom(sbom: dict[str, Any], installed: dict[str, str]) -> None:
+def verify_sbom(sbom: dict[str, Any], installed: dict[str, str],
+                allowed: dict[str, set[str]]) -> None:
+    """The SBOM names exactly the image's distributions at their versions, each with one
+    SHA-256 the lock allows (the broker's own: its wheel's, which the lock cannot know)."""
     listed = {canonical(c["name"]): c for c in
               [sbom["metadata"]["component"], *sbom.get("components", [])]}
-    if {n: c.get("version") for n, c in listed.items()} != installed:
-        extra = sorted(set(listed) - set(installed))
-        missing = sorted(set(installed) - set(listed))
-        raise SupplyChainError(f"SBOM and image disagree: listed only {extra}, installed only "
-                               f"{missing}, or a version differs")
-    allowed = lock_hashes()
+    versions = {n: c.get("version") for n, c in listed.items()}
+    if versions != installed:
+        differ = sorted(n for n in set(versions) | set(installed)
+                        if versions.get(n) != installed.get(n))
+        raise SupplyChainError(f"SBOM and image disagree on {', '.join(differ)}")
     for name, component in listed.items():
         hashes = [h["content"] for h in component.get("hashes", []) if h.get("alg") == "SHA-256"]
         if len(hashes) != 1:
@@ -467,31 +582,50 @@ def verify_sbom(sbom: dict[str, Any], installed: dict[str, str]) -> None:
             raise SupplyChainError(f"SBOM: {name}'s hash is not one the lock allows")
 
 
-def verify(out: Path, trust: Path) -> str:
+def verify(out: Path, trust: Trust) -> str:
     """All three, or a SupplyChainError naming the first that fails."""
+    if trust.pubkey.resolve().is_relative_to(out.resolve()):
+        raise SupplyChainError(f"{trust.pubkey} lies beside the image: a key shipped with what "
+                               "it vouches for proves nothing; use the signer's key from "
+                               "your own copy")
     built = load_built(out)
-    signed = out / "signed"
-    digest = verify_signature(out, trust, signed)
-    if digest != built.digest:
-        raise SupplyChainError(f"the signed image is {digest}, the build made {built.digest}")
-    stated = verify_provenance(out, trust, digest)
-    config, metadata = image_files(signed)
-    labels = config.get("config", {}).get("Labels", {})
-    deps = {d.get("name") or "source": d["digest"]
-            for d in stated["predicate"]["buildDefinition"]["resolvedDependencies"]}
-    sbom_sha = sha256_file(out / "sbom.cdx.json")
-    expected = {
-        "source commit": (deps["source"].get("gitCommit"), labels.get(LABEL_REVISION)),
-        "lock": (deps["requirements/runtime.txt"]["sha256"], labels.get(LABEL_LOCK)),
-        "lock in this tree": (deps["requirements/runtime.txt"]["sha256"],
-                              sha256_file(RUNTIME_LOCK)),
-        "SBOM": (deps["sbom.cdx.json"]["sha256"], labels.get(LABEL_SBOM)),
-        "SBOM file": (deps["sbom.cdx.json"]["sha256"], sbom_sha),
-    }
+    archive = manifest_digest(f"oci-archive:{built.archive}")
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        verified = verify_signature(out / "signed", trust, scratch)
+        digest = manifest_digest(f"dir:{verified}")
+        if not digest == built.digest == archive:
+            raise SupplyChainError(f"the signed image is {digest}, the archive {archive}, "
+                                   f"image.json says {built.digest}")
+        stated = verify_provenance(out, provenance_key(trust.pubkey, scratch), digest)
+        config, metadata = image_files(verified)
+    try:
+        labels = config["config"]["Labels"]
+        deps = {d.get("name") or "source": d["digest"]
+                for d in stated["predicate"]["buildDefinition"]["resolvedDependencies"]}
+        sbom_sha = sha256_file(out / "sbom.cdx.json")
+        expected = {
+            "source commit": (deps["source"]["gitCommit"], trust.commit),
+            "source commit label": (deps["source"]["gitCommit"], labels.get(LABEL_REVISION)),
+            "lock": (deps["requirements/runtime.txt"]["sha256"], labels.get(LABEL_LOCK)),
+            "SBOM": (deps["sbom.cdx.json"]["sha256"], labels.get(LABEL_SBOM)),
+            "SBOM file": (deps["sbom.cdx.json"]["sha256"], sbom_sha),
+            "Debian packages": (deps["debian-packages.txt"]["sha256"], labels.get(LABEL_DEBS)),
+        }
+    except (KeyError, TypeError) as exc:
+        raise SupplyChainError(f"provenance or image config lacks {exc}") from exc
     for what, (stated_value, actual) in expected.items():
         if stated_value != actual:
             raise SupplyChainError(f"provenance: states {what} {stated_value}, found {actual}")
-    verify_sbom(json.loads((out / "sbom.cdx.json").read_text()), installed_in(metadata))
+    lock = run("git", "show", f"{trust.commit}:requirements/runtime.txt", cwd=ROOT)
+    if hashlib.sha256(lock.encode()).hexdigest() != labels[LABEL_LOCK]:
+        raise SupplyChainError(f"the image's lock is not requirements/runtime.txt of "
+                               f"{trust.commit}")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write(lock)
+        f.flush()
+        allowed = lock_hashes(Path(f.name))
+    verify_sbom(json.loads((out / "sbom.cdx.json").read_text()), installed_in(metadata), allowed)
     return digest
 
 
@@ -515,7 +649,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.image",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("build", "sign", "verify", "pin", "keygen"):
+    for name in ("build", "sign", "verify", "pin", "keygen", "policy"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=ROOT / "build" / "image")
         if name == "build":
@@ -524,9 +658,12 @@ def main() -> int:
             p.add_argument("--home", type=Path, required=True, help="the GnuPG home")
         if name == "sign":
             p.add_argument("--key", required=True, help="the signing key's fingerprint")
+        if name in ("verify", "policy"):
+            p.add_argument("--pubkey", type=Path, required=True,
+                           help="the signer's armoured public key, from your own copy")
         if name == "verify":
-            p.add_argument("--trust", type=Path, help="policy.json and the public key "
-                           "(default: OUT/trust, as sign wrote them)")
+            p.add_argument("--commit", default="HEAD",
+                           help="the commit the image must be built from (default: HEAD)")
     args = parser.parse_args()
     out = args.out.resolve()
     try:
@@ -539,12 +676,16 @@ def main() -> int:
             print(keygen(args.home.resolve()))
         elif args.command == "sign":
             sign(out, args.home.resolve(), args.key)
-            print(f"signed: {out / 'signed'}, {out / 'provenance.intoto.json'}, "
-                  f"policy {out / 'trust' / 'policy.json'}")
+            print(f"signed: {out / 'signed'}, {out / 'provenance.intoto.json'}; public key "
+                  f"{out / 'signing-key.asc'} (give verifiers their own copy)")
+        elif args.command == "policy":
+            print(json.dumps(policy(args.pubkey), indent=2))
         elif args.command == "verify":
-            digest = verify(out, (args.trust or out / "trust").resolve())
-            print(f"verified {NAME}@{digest}: signature under the policy, provenance "
-                  "(commit, lock, SBOM), SBOM against the image's distributions")
+            commit = run("git", "rev-parse", "--verify", f"{args.commit}^{{commit}}",
+                         cwd=ROOT).strip()
+            digest = verify(out, Trust(args.pubkey, commit))
+            print(f"verified {NAME}@{digest}: signature under the policy, provenance (commit "
+                  f"{commit[:12]}, lock, SBOM, Debian packages), SBOM against the image")
         else:
             for path in pin(out):
                 print(f"pinned {path.relative_to(ROOT)}")

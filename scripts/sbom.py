@@ -79,26 +79,27 @@ def lock_hashes(lock: Path = RUNTIME_LOCK) -> dict[str, set[str]]:
     return hashes
 
 
-def build_wheel(dest: Path, epoch: int) -> Path:
-    """The broker's wheel from this tree, the same bytes for the same tree: timestamps
-    from ``epoch``, and no stale ``build/lib`` from an earlier build in it."""
-    for stale in (ROOT / "build" / "lib", *ROOT.glob("build/bdist.*")):
+def build_wheel(dest: Path, epoch: int, source: Path = ROOT) -> Path:
+    """The broker's wheel from ``source`` (this tree, or a commit's), the same bytes for
+    the same tree: timestamps from ``epoch``, no stale ``build/lib`` from an earlier build."""
+    for stale in (source / "build" / "lib", *source.glob("build/bdist.*")):
         shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "PYTHONHASHSEED": "0"}
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", dest, ROOT, env=env)
+        "--wheel-dir", dest, source, env=env)
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise SupplyChainError(f"expected one wheel in {dest}, found {wheels}")
     return wheels[0]
 
 
-def install_requirements(wheel: Path, dest: Path, wheel_url: str) -> Path:
+def install_requirements(wheel: Path, dest: Path, wheel_url: str,
+                         lock: Path = RUNTIME_LOCK) -> Path:
     """The runtime lock plus the broker's wheel (at ``wheel_url``, as the installer sees
     it) pinned by its hash: one requirements file for one ``--require-hashes`` install."""
     line = f"{PROJECT} @ {wheel_url} --hash=sha256:{sha256_file(wheel)}\n"
-    dest.write_text(RUNTIME_LOCK.read_text() + line)
+    dest.write_text(lock.read_text() + line)
     return dest
 
 
@@ -153,7 +154,8 @@ def make_sbom(out: Path, wheels: Path | None = None) -> Path:
     report = out / "install-report.json"
     offline = [] if wheels is None else ["--no-index", "--find-links", str(wheels)]
     run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", *offline,
-        "--quiet", "--require-hashes", "--no-compile", "-r", requirements, "--report", report)
+        "--quiet", "--require-hashes", "--only-binary", ":all:", "--no-compile",
+        "-r", requirements, "--report", report)
     raw = out / "environment.cdx.json"
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
     run(Path(sys.executable).parent / "cyclonedx-py", "environment", venv,

@@ -25,7 +25,16 @@ import yaml
 
 from broker.dev.environment import dev_settings_dict
 from broker.dev.openbao import free_port
-from scripts.image import IDENTITY, LABEL_LOCK, LABEL_REVISION, LABEL_SBOM, NAME, SITE, UID
+from scripts.image import (
+    IDENTITY,
+    LABEL_DEBS,
+    LABEL_LOCK,
+    LABEL_REVISION,
+    LABEL_SBOM,
+    NAME,
+    SITE,
+    UID,
+)
 from scripts.sbom import ROOT, sha256_file
 from tests.conftest import ADMIN_SHA
 from tests.harness.api import bearer
@@ -100,6 +109,15 @@ def test_the_labels_name_the_source_commit_the_lock_and_the_sbom():
     assert labels[LABEL_LOCK] == sha256_file(ROOT / "requirements" / "runtime.txt")
     sbom = sha256_file(BUILT / "sbom.cdx.json")
     assert labels[LABEL_SBOM] == sbom == info(BUILT)["sbom_sha256"]
+    assert labels[LABEL_DEBS] == sha256_file(BUILT / "debian-packages.txt")
+
+
+def test_the_debian_packages_are_recorded_by_version_without_a_package_manager():
+    lines = (BUILT / "debian-packages.txt").read_text().splitlines()
+    names = {line.split("=", 1)[0] for line in lines}
+    assert lines == sorted(lines) and all("=" in line for line in lines)
+    assert {"python3", "libpython3.11-stdlib", "ca-certificates", "base-files"} <= names
+    assert not names & {"apt", "dpkg", "gcc", "cpp", "python3-pip", "python3-venv"}
 
 
 def test_no_package_manager_no_compiler_no_pip_and_no_vault_server_in_the_image(layer):
@@ -122,7 +140,7 @@ def test_every_file_is_root_owned_and_none_is_writable_by_others_or_setuid(layer
     for name, member in layer.items():
         world_writable = member.mode & 0o002 and not member.issym()
         assert not world_writable or name in ("tmp", "var/tmp"), name
-        assert not (member.isfile() and member.mode & 0o4000 and name.startswith("opt/")), name
+        assert not member.mode & 0o6000, f"{name} is setuid or setgid"
     owners = {(m.uid, m.gid) for n, m in layer.items() if n.startswith("opt/broker")}
     assert owners == {(0, 0)}  # the broker's user cannot change its own code
 
@@ -217,7 +235,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("signed")
     out = base / "image"
     out.mkdir()
-    for part in ("image.json", "sbom.cdx.json"):
+    for part in ("image.json", "sbom.cdx.json", "debian-packages.txt"):
         shutil.copy(BUILT / part, out / part)
     (out / "image.oci.tar").symlink_to(BUILT / "image.oci.tar")
     homes = []
@@ -226,7 +244,12 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         homes.append((home, script("keygen", "--home", home).stdout.strip()))
     (home, key), other = homes
     script("sign", "--out", out, "--home", home, "--key", key)
-    yield {"out": out, "home": home, "key": key, "other": other, "base": base}
+    pubkey = base / "signer.asc"  # the verifier's own copy of the signer's key
+    shutil.copy(out / "signing-key.asc", pubkey)
+    policy = base / "policy.json"
+    policy.write_text(script("policy", "--pubkey", pubkey).stdout)
+    yield {"out": out, "home": home, "key": key, "other": other, "base": base,
+           "pubkey": pubkey, "policy": policy}
     for home, _ in homes:
         subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False,
                        capture_output=True)
@@ -234,16 +257,16 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_make_verify_image_checks_signature_provenance_and_sbom(signed):
     done = subprocess.run(["make", "--no-print-directory", "verify-image",
-                           f"IMAGE_OUT={signed['out']}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, check=False)
+                           f"IMAGE_OUT={signed['out']}", f"PUBKEY={signed['pubkey']}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"verified {NAME}@{info(BUILT)['digest']}" in done.stdout
 
 
 def policy_pull(podman: Podman, signed: dict[str, Any],
                 source: Path) -> subprocess.CompletedProcess[str]:
-    return podman.run("pull", "--quiet", "--signature-policy",
-                      str(signed["out"] / "trust" / "policy.json"), f"dir:{source}", check=False)
+    return podman.run("pull", "--quiet", "--signature-policy", str(signed["policy"]),
+                      f"dir:{source}", check=False)
 
 
 def test_podman_admits_the_signed_image_under_the_policy(podman, signed):
@@ -284,6 +307,8 @@ def test_the_provenance_names_the_image_commit_lock_and_sbom(signed):
     assert deps[1] == {"name": "requirements/runtime.txt",
                        "digest": {"sha256": sha256_file(ROOT / "requirements" / "runtime.txt")}}
     assert deps[2]["digest"] == {"sha256": sha256_file(BUILT / "sbom.cdx.json")}
+    assert deps[3] == {"name": "debian-packages.txt",
+                       "digest": {"sha256": sha256_file(BUILT / "debian-packages.txt")}}
 
 
 def tampered_copy(signed: dict[str, Any], name: str) -> Path:
@@ -292,9 +317,8 @@ def tampered_copy(signed: dict[str, Any], name: str) -> Path:
     return out
 
 
-def verify(out: Path, trust: Path | None = None) -> subprocess.CompletedProcess[str]:
-    extra = ["--trust", str(trust)] if trust else []
-    return script("verify", "--out", out, *extra, check=False)
+def verify(out: Path, pubkey: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return script("verify", "--out", out, "--pubkey", pubkey, *extra, check=False)
 
 
 def test_a_provenance_changed_after_signing_is_refused(signed):
@@ -306,7 +330,7 @@ def test_a_provenance_changed_after_signing_is_refused(signed):
     source["digest"]["gitCommit"] = "0" * 40
     envelope["payload"] = base64.b64encode(json.dumps(stated).encode()).decode()
     path.write_text(json.dumps(envelope))
-    done = verify(out)
+    done = verify(out, signed["pubkey"])
     assert done.returncode == 1 and "provenance: signature does not verify" in done.stderr
 
 
@@ -314,16 +338,85 @@ def test_a_provenance_signed_by_another_key_is_refused(signed):
     other_home, other_key = signed["other"]
     theirs = tampered_copy(signed, "other-signer")
     script("sign", "--out", theirs, "--home", other_home, "--key", other_key)
-    # under its own key's trust, the other signer's set verifies...
-    assert verify(theirs).returncode == 0
-    # ...but its provenance beside our signed image, under our trust, does not
+    their_key = signed["base"] / "their.asc"
+    shutil.copy(theirs / "signing-key.asc", their_key)
+    # under their own key, the other signer's set verifies...
+    assert verify(theirs, their_key).returncode == 0
+    # ...but their provenance beside our signed image, under our key, does not
     out = tampered_copy(signed, "other-provenance")
     shutil.copy(theirs / "provenance.intoto.json", out / "provenance.intoto.json")
-    done = verify(out)
+    done = verify(out, signed["pubkey"])
     assert done.returncode == 1 and "provenance: signature does not verify" in done.stderr
-    # and the other signer's image under our trust is refused by the policy
-    done = verify(theirs, trust=signed["out"] / "trust")
+    # and their image under our key is refused by the policy
+    done = verify(theirs, signed["pubkey"])
     assert done.returncode == 1 and "signature" in done.stderr.lower(), done.stderr
+
+
+def test_verify_refuses_a_key_shipped_beside_the_image(signed):
+    """Whoever can replace the image can replace a key next to it: the verifier's key is
+    its own copy, never the one in the folder it checks."""
+    done = verify(signed["out"], signed["out"] / "signing-key.asc")
+    assert done.returncode == 1 and "lies beside the image" in done.stderr
+
+
+def resign_statement(signed: dict[str, Any], out: Path, change: Any) -> None:
+    """The provenance changed by ``change`` and signed again with the right key: only the
+    checks of what it states can refuse it."""
+    from in_toto.models.metadata import Envelope
+    from securesystemslib.signer import GPGSigner
+
+    path = out / "provenance.intoto.json"
+    stated = json.loads(base64.b64decode(json.loads(path.read_text())["payload"]))
+    change(stated)
+    _, public = GPGSigner.import_(signed["key"].lower(), str(signed["home"]))
+    envelope = Envelope(payload=json.dumps(stated).encode(),
+                        payload_type="application/vnd.in-toto+json", signatures={})
+    envelope.sign(GPGSigner(public, str(signed["home"])))
+    path.write_text(json.dumps(envelope.to_dict()))
+
+
+def deps_of(stated: dict[str, Any]) -> list[dict[str, Any]]:
+    return stated["predicate"]["buildDefinition"]["resolvedDependencies"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), [
+    ("subject", lambda s: s["subject"][0]["digest"].update(sha256="0" * 64),
+     "provenance: its subject"),
+    ("commit", lambda s: deps_of(s)[0]["digest"].update(gitCommit="0" * 40),
+     "provenance: states source commit 0000"),
+    ("lock", lambda s: deps_of(s)[1]["digest"].update(sha256="0" * 64),
+     "provenance: states lock 0000"),
+    ("debs", lambda s: deps_of(s)[3]["digest"].update(sha256="0" * 64),
+     "provenance: states Debian packages 0000"),
+    ("type", lambda s: s.update(predicateType="https://example.invalid/other"),
+     "not an in-toto statement of SLSA provenance v1"),
+    ("missing", lambda s: deps_of(s).pop(2), "provenance or image config lacks"),
+])
+def test_a_provenance_signed_by_the_right_key_for_something_else_is_refused(
+        signed, case, change, message):
+    out = tampered_copy(signed, f"restated-{case}")
+    resign_statement(signed, out, change)
+    done = verify(out, signed["pubkey"])
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
+def test_an_image_from_another_commit_is_refused_a_rollback(signed):
+    parent = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    done = verify(signed["out"], signed["pubkey"], "--commit", parent)
+    assert done.returncode == 1 and "provenance: states source commit" in done.stderr
+    assert parent in done.stderr
+
+
+def test_an_archive_swapped_after_signing_is_refused(signed):
+    out = tampered_copy(signed, "swapped-archive")
+    (out / "image.oci.tar").unlink()
+    other = f"oci-archive:{out / 'image.oci.tar'}"
+    subprocess.run(["skopeo", "copy", "--quiet", "--format", "v2s2",
+                    f"oci-archive:{BUILT / 'image.oci.tar'}", other], check=True,
+                   capture_output=True)
+    done = verify(out, signed["pubkey"])
+    assert done.returncode == 1 and "the archive sha256:" in done.stderr, done.stderr
 
 
 def test_an_sbom_changed_after_the_build_is_refused(signed):
@@ -331,7 +424,7 @@ def test_an_sbom_changed_after_the_build_is_refused(signed):
     sbom = json.loads((out / "sbom.cdx.json").read_text())
     sbom["components"] = sbom["components"][1:]
     (out / "sbom.cdx.json").write_text(json.dumps(sbom))
-    done = verify(out)
+    done = verify(out, signed["pubkey"])
     assert done.returncode == 1 and "provenance: states SBOM file" in done.stderr
 
 

