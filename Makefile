@@ -16,10 +16,11 @@ DEV_ARGS ?=
 	sign-image verify-image pin-image test-image
 
 # Every package comes from a hash-locked file (requirements/*.txt, written by `make lock`):
-# pip refuses anything the lock does not name with its hash. The broker itself is
-# installed from this tree without build isolation, so its build needs nothing but the
-# locked setuptools.
-LOCKED := $(PIP) --require-hashes -r
+# pip refuses anything the lock does not name with its hash. Wheels only: building a
+# source distribution would fetch its build dependencies without hashes (pip does not
+# check those). The broker itself is installed from this tree without build isolation, so
+# its build needs nothing but the locked setuptools.
+LOCKED := $(PIP) --require-hashes --only-binary :all: -r
 SELF   := $(PIP) --no-deps --no-build-isolation -e .
 
 $(BOOT_STAMP): requirements/bootstrap.txt
