@@ -1,11 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make run   — create .venv, install, start `broker dev` (OpenBao dev, SQLite, dev issuer)
-#   make test  — create .venv, install, lint, run the whole suite on real OpenBao + PostgreSQL
+#   make test  — create .venv, install, lint, build the image twice (as root), run the whole
+#                suite on real OpenBao + PostgreSQL
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Two stamps: `make run` installs the service alone; `make test` adds the test-only
-# packages (real clients for the engines' stories, moto, the linters).
+# Three stamps: the installers (bootstrap); `make run`'s service and its dev OpenBao;
+# `make test`'s test-only packages on top (real clients for the engines' stories, moto,
+# the linters, the supply-chain tools).
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 BOOT_STAMP := $(VENV)/.installed-bootstrap
