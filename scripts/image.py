@@ -68,6 +68,7 @@ from scripts.sbom import (
     canonical,
     install_requirements,
     lock_hashes,
+    lock_pins,
     run,
     sha256_file,
     source_date_epoch,
@@ -75,8 +76,16 @@ from scripts.sbom import (
 )
 
 NAME = "ghcr.io/example/ephemeral-broker"
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-IDENTITY = f"{NAME}:{VERSION}"  # the reference a signature vouches for
+def version_of(pyproject: str) -> str:
+    return str(tomllib.loads(pyproject)["project"]["version"])
+
+
+def identity(version: str) -> str:
+    """The reference a signature vouches for: the name and the broker's version."""
+    return f"{NAME}:{version}"
+
+
+IDENTITY = identity(version_of((ROOT / "pyproject.toml").read_text()))  # this tree's
 UID = 65532
 SUITE = "bookworm"
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -85,6 +94,7 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PACKAGES = ("python3", "ca-certificates")
 VENV = "/opt/broker"
 SITE = f"{VENV}/lib/python3.11/site-packages"
+STATUS = "var/lib/dpkg/status"
 STAGE = "/tmp/build"  # noqa: S108 — inside the build root, removed before the commit
 LOCKS = ROOT / "requirements"
 STATEMENT = "application/vnd.in-toto+json"
@@ -217,8 +227,14 @@ def security_updates(root: Path, env: dict[str, str]) -> None:
         f"deb {SECURITY} {SUITE}-security main\n")
     apt = ["apt-get", "-q", "-y", "-o", "APT::Sandbox::User=root"]
     chroot(root, *apt, "update", env={"DEBIAN_FRONTEND": "noninteractive"})
-    chroot(root, *apt, "upgrade", "--no-install-recommends",
+    # full-upgrade: a plain upgrade holds back (and exits 0 on) an update that needs a new
+    # package; afterwards nothing may be left to upgrade
+    chroot(root, *apt, "full-upgrade", "--no-install-recommends",
            env={"DEBIAN_FRONTEND": "noninteractive", "SOURCE_DATE_EPOCH": env["SOURCE_DATE_EPOCH"]})
+    left = [line for line in chroot(root, *apt, "-s", "full-upgrade").splitlines()
+            if line.startswith("Inst ")]
+    if left:
+        raise SupplyChainError(f"updates not applied: {'; '.join(left[:5])}")
 
 
 def strip(root: Path) -> None:
@@ -254,11 +270,11 @@ def strip(root: Path) -> None:
                 os.chmod(path, mode & 0o1777)
 
 
-def debian_packages(root: Path) -> str:
+def debian_packages(status: str) -> str:
     """``name=version`` of every Debian package the image holds, one a line, sorted (from
     dpkg's status file, which stays in the image for scanners)."""
     found = []
-    for entry in (root / "var/lib/dpkg/status").read_text().split("\n\n"):
+    for entry in status.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in entry.splitlines()
                       if ": " in line and not line.startswith(" "))
         if fields.get("Status") == "install ok installed":
@@ -304,6 +320,7 @@ def build(out: Path, cache: Path) -> Built:
     epoch, rev = source_date_epoch(), head()
     source = checkout(rev, out / "source")
     lock = source / "requirements" / "runtime.txt"
+    version = version_of((source / "pyproject.toml").read_text())
     pip = download_wheels(cache / "wheels", source / "requirements")
     wheel = build_wheel(out / "dist", epoch, source)
     buildah = ["buildah", *storage(out)]
@@ -324,13 +341,13 @@ def build(out: Path, cache: Path) -> Built:
         add_user(root, epoch)
         strip(root)
         debs = out / "debian-packages.txt"
-        debs.write_text(debian_packages(root))
+        debs.write_text(debian_packages((root / STATUS).read_text()))
         compile_bytecode(root, epoch)
         clamp_times(root, epoch)
         lock_sha, sbom_sha = sha256_file(lock), sha256_file(sbom_path)
         created = datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()
         labels = {
-            LABEL_REVISION: rev, "org.opencontainers.image.version": VERSION,
+            LABEL_REVISION: rev, "org.opencontainers.image.version": version,
             "org.opencontainers.image.title": PROJECT, "org.opencontainers.image.created": created,
             LABEL_LOCK: lock_sha, LABEL_SBOM: sbom_sha, LABEL_DEBS: sha256_file(debs),
         }
@@ -345,7 +362,8 @@ def build(out: Path, cache: Path) -> Built:
         archive.unlink(missing_ok=True)
         run(*buildah, "commit", "--quiet", "--format=oci", "--squash", f"--timestamp={epoch}",
             "--disable-compression=false",
-            "--identity-label=false", "--rm", container, f"oci-archive:{archive}:{IDENTITY}")
+            "--identity-label=false", "--rm", container,
+            f"oci-archive:{archive}:{identity(version)}")
         container = ""
     finally:
         if container:
@@ -358,7 +376,7 @@ def build(out: Path, cache: Path) -> Built:
     write_json(out / "image.json", {
         "reference": f"{NAME}@{digest}", "digest": digest, "revision": rev,
         "lock_sha256": lock_sha, "sbom_sha256": sbom_sha, "archive_bytes": archive.stat().st_size,
-        "source_date_epoch": epoch, "tools": tool_versions(),
+        "source_date_epoch": epoch, "tools": tool_versions(), "identity": identity(version),
         "build_seconds": round(time.monotonic() - started, 1)})
     return built
 
@@ -392,12 +410,12 @@ def export_public(home: Path, key: str, dest: Path) -> None:
     dest.write_text(run("gpg", "--homedir", home, "--batch", "--armor", "--export", key))
 
 
-def policy(pubkey: Path) -> dict[str, Any]:
-    """A containers-policy.json that admits nothing but this image signed by this key (the
-    key inlined: the policy needs no file beside it)."""
-    data = base64.b64encode(pubkey.read_bytes()).decode()
+def policy(key: bytes, reference: str = IDENTITY) -> dict[str, Any]:
+    """A containers-policy.json that admits nothing but ``reference`` signed by ``key``
+    (an exported public key, inlined: the policy needs no file beside it)."""
+    data = base64.b64encode(key).decode()
     signed_by = [{"type": "signedBy", "keyType": "GPGKeys", "keyData": data,
-                  "signedIdentity": {"type": "exactReference", "dockerReference": IDENTITY}}]
+                  "signedIdentity": {"type": "exactReference", "dockerReference": reference}}]
     return {"default": [{"type": "reject"}],
             "transports": {"dir": {"": signed_by}, "docker": {NAME: signed_by}}}
 
@@ -467,7 +485,8 @@ def sign(out: Path, home: Path, key: str) -> None:
     signed = out / "signed"
     shutil.rmtree(signed, ignore_errors=True)
     env = {**os.environ, "GNUPGHOME": str(home)}
-    run("skopeo", "copy", "--quiet", "--sign-by", key, "--sign-identity", IDENTITY,
+    reference = json.loads((out / "image.json").read_text())["identity"]
+    run("skopeo", "copy", "--quiet", "--sign-by", key, "--sign-identity", reference,
         f"oci-archive:{built.archive}", f"dir:{signed}", env=env)
     if manifest_digest(f"dir:{signed}") != built.digest:
         raise SupplyChainError("the signed copy's manifest differs from the built image's")
@@ -490,30 +509,38 @@ class Trust:
     commit: str
 
 
-def verify_signature(signed: Path, trust: Trust, scratch: Path) -> Path:
+def verify_signature(signed: Path, key: bytes, reference: str, scratch: Path) -> Path:
     """skopeo under a policy that requires the key: copies the image only if it signed it;
     the copy is what the other checks read, so nothing can change under them."""
     policy_file = scratch / "policy.json"
-    write_json(policy_file, policy(trust.pubkey))
+    write_json(policy_file, policy(key, reference))
     verified = scratch / "verified"
     run("skopeo", "--policy", policy_file, "copy", "--quiet", f"dir:{signed}", f"dir:{verified}")
     return verified
 
 
-def provenance_key(pubkey: Path, scratch: Path) -> Any:
-    """The same public key in securesystemslib's form, from a keyring of its own."""
+def signer_key(pubkey: Path, scratch: Path) -> tuple[bytes, Any]:
+    """The verifier's key, imported once into a keyring of its own: exactly one primary
+    key, which can sign. Both checks use it: its minimal export is the policy's key, and
+    securesystemslib's form of it verifies the provenance."""
     from securesystemslib.signer import GPGSigner
 
     home = scratch / "gnupg"
     home.mkdir(mode=0o700)
     run("gpg", "--homedir", home, "--batch", "--import", pubkey)
-    keys = fingerprints(home)
-    if len(keys) != 1:
-        raise SupplyChainError(f"{pubkey}: expected one public key, found {len(keys)}")
-    _, public = GPGSigner.import_(keys[0].lower(), str(home))
+    listing = run("gpg", "--homedir", home, "--batch", "--with-colons", "--list-keys").splitlines()
+    primaries = [i for i, line in enumerate(listing) if line.startswith("pub:")]
+    if len(primaries) != 1 or "s" not in listing[primaries[0]].split(":")[11].lower():
+        raise SupplyChainError(f"{pubkey}: expected one public key that can sign, found "
+                               f"{len(primaries)}")
+    fpr = next(line.split(":")[9] for line in listing[primaries[0]:] if line.startswith("fpr:"))
+    exported = subprocess.run(["gpg", "--homedir", str(home), "--batch", "--export",
+                               "--export-options", "export-minimal", fpr],
+                              capture_output=True, check=True).stdout
+    _, public = GPGSigner.import_(fpr.lower(), str(home))
     subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True,
                    check=False)
-    return public
+    return exported, public
 
 
 def verify_provenance(out: Path, key: Any, digest: str) -> dict[str, Any]:
@@ -536,7 +563,8 @@ def verify_provenance(out: Path, key: Any, digest: str) -> dict[str, Any]:
 
 
 def image_files(layout: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The image's config and the METADATA of every distribution in its environment."""
+    """The image's config, the METADATA of every distribution in its environment, and
+    dpkg's status file (under the key ``STATUS``)."""
     manifest = json.loads((layout / "manifest.json").read_text())
     config = json.loads((layout / manifest["config"]["digest"].split(":", 1)[1]).read_bytes())
     found: dict[str, bytes] = {}
@@ -545,8 +573,9 @@ def image_files(layout: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         with tarfile.open(blob, "r:*") as tar:
             for member in tar:
                 name = member.name.lstrip("./")
-                if (name.startswith(SITE.lstrip("/") + "/") and name.endswith(".dist-info/METADATA")
-                        and member.isfile()):
+                if member.isfile() and (name == STATUS or (
+                        name.startswith(SITE.lstrip("/") + "/")
+                        and name.endswith(".dist-info/METADATA"))):
                     data = tar.extractfile(member)
                     assert data is not None
                     found[name] = data.read()
@@ -557,16 +586,19 @@ def installed_in(metadata: dict[str, bytes]) -> dict[str, str]:
     from email.parser import BytesParser
 
     dists = {}
-    for raw in metadata.values():
+    for name, raw in metadata.items():
+        if name == STATUS:
+            continue
         headers = BytesParser().parse(io.BytesIO(raw), headersonly=True)
         dists[canonical(headers["Name"])] = headers["Version"]
     return dists
 
 
 def verify_sbom(sbom: dict[str, Any], installed: dict[str, str],
-                allowed: dict[str, set[str]]) -> None:
-    """The SBOM names exactly the image's distributions at their versions, each with one
-    SHA-256 the lock allows (the broker's own: its wheel's, which the lock cannot know)."""
+                pins: dict[str, dict[str, set[str]]]) -> None:
+    """The SBOM names exactly the image's distributions at their versions, each a version
+    the lock pins, with one SHA-256 the lock allows for that version (the broker's own
+    aside: its wheel's, which the lock cannot know)."""
     listed = {canonical(c["name"]): c for c in
               [sbom["metadata"]["component"], *sbom.get("components", [])]}
     versions = {n: c.get("version") for n, c in listed.items()}
@@ -578,54 +610,74 @@ def verify_sbom(sbom: dict[str, Any], installed: dict[str, str],
         hashes = [h["content"] for h in component.get("hashes", []) if h.get("alg") == "SHA-256"]
         if len(hashes) != 1:
             raise SupplyChainError(f"SBOM: {name} has no SHA-256")
-        if name != canonical(PROJECT) and hashes[0] not in allowed.get(name, set()):
+        if name == canonical(PROJECT):
+            continue
+        version = component.get("version")
+        if version not in pins.get(name, {}):
+            raise SupplyChainError(f"SBOM: {name} {version} is not the version the lock pins")
+        if hashes[0] not in pins[name][version]:
             raise SupplyChainError(f"SBOM: {name}'s hash is not one the lock allows")
 
 
+def committed(commit: str, path: str) -> bytes:
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SupplyChainError(f"{commit} has no {path}: {done.stderr.decode().strip()}")
+    return done.stdout
+
+
 def verify(out: Path, trust: Trust) -> str:
-    """All three, or a SupplyChainError naming the first that fails."""
+    """All three, or a SupplyChainError naming the first that fails. Each file beside the
+    image is read once, and what is checked is what was read."""
     if trust.pubkey.resolve().is_relative_to(out.resolve()):
         raise SupplyChainError(f"{trust.pubkey} lies beside the image: a key shipped with what "
                                "it vouches for proves nothing; use the signer's key from "
                                "your own copy")
     built = load_built(out)
+    lock = committed(trust.commit, "requirements/runtime.txt")
+    reference = identity(version_of(committed(trust.commit, "pyproject.toml").decode()))
+    sbom_raw = (out / "sbom.cdx.json").read_bytes()
+    debs_raw = (out / "debian-packages.txt").read_bytes()
     archive = manifest_digest(f"oci-archive:{built.archive}")
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        verified = verify_signature(out / "signed", trust, scratch)
+        key, public = signer_key(trust.pubkey, scratch)
+        verified = verify_signature(out / "signed", key, reference, scratch)
         digest = manifest_digest(f"dir:{verified}")
         if not digest == built.digest == archive:
             raise SupplyChainError(f"the signed image is {digest}, the archive {archive}, "
                                    f"image.json says {built.digest}")
-        stated = verify_provenance(out, provenance_key(trust.pubkey, scratch), digest)
-        config, metadata = image_files(verified)
+        stated = verify_provenance(out, public, digest)
+        config, files = image_files(verified)
+    status = files.get(STATUS)
+    if status is None:
+        raise SupplyChainError(f"the image has no {STATUS}")
+    listed_debs = debian_packages(status.decode()).encode()
     try:
-        labels = config["config"]["Labels"]
+        labels = config["config"]["Labels"] or {}
         deps = {d.get("name") or "source": d["digest"]
                 for d in stated["predicate"]["buildDefinition"]["resolvedDependencies"]}
-        sbom_sha = sha256_file(out / "sbom.cdx.json")
         expected = {
             "source commit": (deps["source"]["gitCommit"], trust.commit),
             "source commit label": (deps["source"]["gitCommit"], labels.get(LABEL_REVISION)),
             "lock": (deps["requirements/runtime.txt"]["sha256"], labels.get(LABEL_LOCK)),
+            "lock of the commit": (deps["requirements/runtime.txt"]["sha256"],
+                                   hashlib.sha256(lock).hexdigest()),
             "SBOM": (deps["sbom.cdx.json"]["sha256"], labels.get(LABEL_SBOM)),
-            "SBOM file": (deps["sbom.cdx.json"]["sha256"], sbom_sha),
+            "SBOM file": (deps["sbom.cdx.json"]["sha256"], hashlib.sha256(sbom_raw).hexdigest()),
             "Debian packages": (deps["debian-packages.txt"]["sha256"], labels.get(LABEL_DEBS)),
+            "Debian package list file": (deps["debian-packages.txt"]["sha256"],
+                                         hashlib.sha256(debs_raw).hexdigest()),
+            "Debian packages in the image": (deps["debian-packages.txt"]["sha256"],
+                                             hashlib.sha256(listed_debs).hexdigest()),
         }
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise SupplyChainError(f"provenance or image config lacks {exc}") from exc
     for what, (stated_value, actual) in expected.items():
         if stated_value != actual:
             raise SupplyChainError(f"provenance: states {what} {stated_value}, found {actual}")
-    lock = run("git", "show", f"{trust.commit}:requirements/runtime.txt", cwd=ROOT)
-    if hashlib.sha256(lock.encode()).hexdigest() != labels[LABEL_LOCK]:
-        raise SupplyChainError(f"the image's lock is not requirements/runtime.txt of "
-                               f"{trust.commit}")
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
-        f.write(lock)
-        f.flush()
-        allowed = lock_hashes(Path(f.name))
-    verify_sbom(json.loads((out / "sbom.cdx.json").read_text()), installed_in(metadata), allowed)
+    verify_sbom(json.loads(sbom_raw), installed_in(files), lock_pins(lock.decode()))
     return digest
 
 
@@ -679,7 +731,7 @@ def main() -> int:
             print(f"signed: {out / 'signed'}, {out / 'provenance.intoto.json'}; public key "
                   f"{out / 'signing-key.asc'} (give verifiers their own copy)")
         elif args.command == "policy":
-            print(json.dumps(policy(args.pubkey), indent=2))
+            print(json.dumps(policy(args.pubkey.read_bytes()), indent=2))
         elif args.command == "verify":
             commit = run("git", "rev-parse", "--verify", f"{args.commit}^{{commit}}",
                          cwd=ROOT).strip()

@@ -65,18 +65,25 @@ def source_date_epoch() -> int:
     return int(run("git", "log", "-1", "--format=%ct", "HEAD", cwd=ROOT).strip())
 
 
-def lock_hashes(lock: Path = RUNTIME_LOCK) -> dict[str, set[str]]:
-    """Each locked distribution's allowed file hashes (every pin of a universal lock)."""
-    hashes: dict[str, set[str]] = {}
-    name = None
-    for line in lock.read_text().splitlines():
+def lock_pins(text: str) -> dict[str, dict[str, set[str]]]:
+    """Each locked distribution's versions (a universal lock may pin several, under
+    exclusive markers), each with its allowed file hashes."""
+    pins: dict[str, dict[str, set[str]]] = {}
+    hashes: set[str] | None = None
+    for line in text.splitlines():
         pin = _PIN.match(line)
         if pin:
-            name = canonical(pin.group(1))
-            hashes.setdefault(name, set())
-        elif name is not None:
-            hashes[name].update(_HASH.findall(line))
-    return hashes
+            version = line[pin.end():].split(";")[0].split("\\")[0].strip()
+            hashes = pins.setdefault(canonical(pin.group(1)), {}).setdefault(version, set())
+        elif hashes is not None:
+            hashes.update(_HASH.findall(line))
+    return pins
+
+
+def lock_hashes(lock: Path = RUNTIME_LOCK) -> dict[str, set[str]]:
+    """Each locked distribution's allowed file hashes, whatever the version."""
+    return {name: set().union(*versions.values())
+            for name, versions in lock_pins(lock.read_text()).items()}
 
 
 def build_wheel(dest: Path, epoch: int, source: Path = ROOT) -> Path:

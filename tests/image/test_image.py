@@ -35,7 +35,7 @@ from scripts.image import (
     SITE,
     UID,
 )
-from scripts.sbom import ROOT, sha256_file
+from scripts.sbom import ROOT, canonical, lock_hashes, sha256_file
 from tests.conftest import ADMIN_SHA
 from tests.harness.api import bearer
 from tests.harness.brokers import TOKEN_ENV, TOKEN_REF
@@ -105,7 +105,7 @@ def test_the_labels_name_the_source_commit_the_lock_and_the_sbom():
     labels = image_config()["config"]["Labels"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
-    assert labels[LABEL_REVISION].removesuffix("-dirty") == head
+    assert labels[LABEL_REVISION] == head
     assert labels[LABEL_LOCK] == sha256_file(ROOT / "requirements" / "runtime.txt")
     sbom = sha256_file(BUILT / "sbom.cdx.json")
     assert labels[LABEL_SBOM] == sbom == info(BUILT)["sbom_sha256"]
@@ -142,8 +142,9 @@ def test_every_file_is_root_owned_and_none_is_writable_by_others_or_setuid(layer
         assert not world_writable or name in ("tmp", "var/tmp"), name
         # (a setgid directory, /var/local's, only gives new files its group)
         assert member.isdir() or not member.mode & 0o6000, f"{name} is setuid or setgid"
+    assert {m.uid for m in layer.values()} == {0}  # the broker's user owns nothing
     owners = {(m.uid, m.gid) for n, m in layer.items() if n.startswith("opt/broker")}
-    assert owners == {(0, 0)}  # the broker's user cannot change its own code
+    assert owners == {(0, 0)}  # nor can its group change its code
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -307,6 +308,7 @@ def test_the_provenance_names_the_image_commit_lock_and_sbom(signed):
     assert deps[0]["digest"]["gitCommit"] == info(BUILT)["revision"]
     assert deps[1] == {"name": "requirements/runtime.txt",
                        "digest": {"sha256": sha256_file(ROOT / "requirements" / "runtime.txt")}}
+    assert deps[2]["name"] == "sbom.cdx.json"
     assert deps[2]["digest"] == {"sha256": sha256_file(BUILT / "sbom.cdx.json")}
     assert deps[3] == {"name": "debian-packages.txt",
                        "digest": {"sha256": sha256_file(BUILT / "debian-packages.txt")}}
@@ -420,6 +422,16 @@ def test_an_archive_swapped_after_signing_is_refused(signed):
     assert done.returncode == 1 and "the archive sha256:" in done.stderr, done.stderr
 
 
+def test_a_package_list_changed_after_the_build_is_refused(signed):
+    """What scanners read: it must be the image's own dpkg status, as signed."""
+    out = tampered_copy(signed, "changed-debs")
+    path = out / "debian-packages.txt"
+    path.write_text(path.read_text().replace("libssl3=", "libssl3=9:"))
+    done = verify(out, signed["pubkey"])
+    assert done.returncode == 1
+    assert "provenance: states Debian package list file" in done.stderr, done.stderr
+
+
 def test_an_sbom_changed_after_the_build_is_refused(signed):
     out = tampered_copy(signed, "changed-sbom")
     sbom = json.loads((out / "sbom.cdx.json").read_text())
@@ -438,8 +450,13 @@ def test_the_sbom_lists_exactly_the_image_s_distributions_with_their_locked_hash
     listed = sorted(f"{c['name']}-{c['version']}" for c in components)
     norm = sorted(d.removesuffix(".dist-info").lower().replace("_", "-") for d in dist_infos)
     assert sorted(x.lower().replace("_", "-") for x in listed) == norm
+    allowed = lock_hashes()
+    wheel = sha256_file(next((BUILT / "dist").glob("*.whl")))
     for c in components:
-        assert [h["alg"] for h in c["hashes"]] == ["SHA-256"], c["name"]
+        (digest,) = [h["content"] for h in c["hashes"] if h["alg"] == "SHA-256"]
+        name = canonical(c["name"])
+        assert digest == wheel if name == "ephemeral-credential-broker" else (
+            digest in allowed[name]), c["name"]
 
 
 def test_make_sbom_lists_every_installed_distribution_with_version_and_hash(tmp_path):

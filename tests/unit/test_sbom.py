@@ -82,12 +82,13 @@ def listed(*extra: tuple[str, str, str]) -> dict[str, Any]:
 
 
 IMAGE = {"pyyaml": "6.0", "aiohttp": "3.9", "ephemeral-credential-broker": "0.1.0"}
+PINS = {"pyyaml": {"6.0": {A}, "5.4": {"d" * 64}}, "aiohttp": {"3.9": {B}}}
 
 
 def test_an_sbom_naming_exactly_the_image_s_distributions_passes():
     from scripts.image import verify_sbom
 
-    verify_sbom(listed(), IMAGE, ALLOWED)
+    verify_sbom(listed(), IMAGE, PINS)
 
 
 @pytest.mark.parametrize(("sbom", "image", "message"), [
@@ -99,7 +100,7 @@ def test_an_sbom_that_is_not_the_image_s_is_refused(sbom, image, message):
     from scripts.image import verify_sbom
 
     with pytest.raises(SupplyChainError, match=message):
-        verify_sbom(sbom, image, ALLOWED)
+        verify_sbom(sbom, image, PINS)
 
 
 def test_an_sbom_hash_the_lock_does_not_allow_or_a_missing_one_is_refused():
@@ -108,8 +109,30 @@ def test_an_sbom_hash_the_lock_does_not_allow_or_a_missing_one_is_refused():
     wrong = listed()
     wrong["components"][0]["hashes"] = [{"alg": "SHA-256", "content": "e" * 64}]
     with pytest.raises(SupplyChainError, match="pyyaml's hash is not one the lock allows"):
-        verify_sbom(wrong, IMAGE, ALLOWED)
+        verify_sbom(wrong, IMAGE, PINS)
     missing = listed()
     del missing["components"][1]["hashes"]
     with pytest.raises(SupplyChainError, match="aiohttp has no SHA-256"):
-        verify_sbom(missing, IMAGE, ALLOWED)
+        verify_sbom(missing, IMAGE, PINS)
+
+
+def test_a_hash_of_another_locked_version_does_not_pass_for_this_one():
+    """The lock pins pyyaml 5.4 too (another marker): its file's hash is not 6.0's."""
+    from scripts.image import verify_sbom
+
+    other = listed()
+    other["components"][0]["hashes"] = [{"alg": "SHA-256", "content": "d" * 64}]
+    with pytest.raises(SupplyChainError, match="pyyaml's hash is not one the lock allows"):
+        verify_sbom(other, IMAGE, PINS)
+    unlocked = listed()
+    unlocked["components"][1]["version"] = "3.8"
+    with pytest.raises(SupplyChainError, match="aiohttp 3.8 is not the version the lock pins"):
+        verify_sbom(unlocked, {**IMAGE, "aiohttp": "3.8"}, PINS)
+
+
+def test_the_lock_s_pins_keep_each_version_s_hashes_apart():
+    from scripts.sbom import lock_pins
+
+    text = ("a==1.0 ; python_version < '3.12' \\\n    --hash=sha256:" + "1" * 64 + "\n"
+            "a==2.0 ; python_version >= '3.12' \\\n    --hash=sha256:" + "2" * 64 + "\n")
+    assert lock_pins(text) == {"a": {"1.0": {"1" * 64}, "2.0": {"2" * 64}}}
