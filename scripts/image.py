@@ -237,29 +237,31 @@ def security_updates(root: Path, env: dict[str, str]) -> None:
         raise SupplyChainError(f"updates not applied: {'; '.join(left[:5])}")
 
 
+def remove(path: Path) -> None:
+    """A file, link or directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def strip(root: Path) -> None:
     """No package manager, no setuid or setgid file; nothing a build leaves that differs
     between builds."""
     chroot(root, "dpkg", "--purge", "--force-remove-essential", "--force-depends", "apt")
     chroot(root, "dpkg", "--purge", "--force-remove-essential", "--force-depends", "dpkg")
     for part in SCRUB:
-        path = root / part
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        remove(root / part)
     for pattern in ("var/log/*", "var/lib/dpkg/*-old", "etc/*-", "dev/*", "run/*", "tmp/*",
-                    "var/tmp/*"):
+                    "var/tmp/*", "usr/share/locale/*/"):  # locales: the image runs C.UTF-8
         for path in root.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    for translations in (root / "usr/share/locale").glob("*/"):
-        shutil.rmtree(translations)  # messages in other languages; the image runs C.UTF-8
+            remove(path)
     # Debian's copyright files stay (the licences' notices); the rest of the docs go
     for doc in (root / "usr/share/doc").glob("*/*"):
         if doc.name != "copyright":
-            shutil.rmtree(doc) if doc.is_dir() and not doc.is_symlink() else doc.unlink()
+            remove(doc)
     for cache in list(root.rglob("__pycache__")):
-        shutil.rmtree(cache)
+        remove(cache)
     # su, mount, passwd and their kin: nothing in the image may gain privileges, even where
     # it runs without no-new-privileges
     for directory, _, files in os.walk(root):
@@ -306,11 +308,18 @@ def clamp_times(root: Path, epoch: int) -> None:
 
 @dataclass(frozen=True)
 class Built:
+    """What ``build`` made: the archive, and its record (``image.json``)."""
+
     archive: Path
-    digest: str  # sha256:<hex> of the image manifest
-    revision: str
-    lock_sha256: str
-    sbom_sha256: str
+    record: dict[str, Any]
+
+    @property
+    def digest(self) -> str:  # sha256:<hex> of the image manifest
+        return str(self.record["digest"])
+
+    @property
+    def revision(self) -> str:
+        return str(self.record["revision"])
 
 
 def build(out: Path, cache: Path) -> Built:
@@ -372,17 +381,17 @@ def build(out: Path, cache: Path) -> Built:
         shutil.rmtree(out / "runroot", ignore_errors=True)
         shutil.rmtree(out / "source", ignore_errors=True)
     digest = manifest_digest(f"oci-archive:{archive}")
-    built = Built(archive, digest, rev, lock_sha, sbom_sha)
-    write_json(out / "image.json", {
+    record = {
         "reference": f"{NAME}@{digest}", "digest": digest, "revision": rev,
         "lock_sha256": lock_sha, "sbom_sha256": sbom_sha, "archive_bytes": archive.stat().st_size,
         "source_date_epoch": epoch, "tools": tool_versions(), "identity": identity(version),
-        "build_seconds": round(time.monotonic() - started, 1)})
-    return built
+        "build_seconds": round(time.monotonic() - started, 1)}
+    write_json(out / "image.json", record)
+    return Built(archive, record)
 
 
-def manifest_digest(image: str, *extra: str) -> str:
-    raw = subprocess.run(["skopeo", *extra, "inspect", "--raw", image], capture_output=True,
+def manifest_digest(image: str) -> str:
+    raw = subprocess.run(["skopeo", "inspect", "--raw", image], capture_output=True,
                          check=False)
     if raw.returncode != 0:
         raise SupplyChainError(f"skopeo inspect {image}: {raw.stderr.decode().strip()}")
@@ -432,7 +441,7 @@ def tool_versions() -> dict[str, str]:
 def statement(built: Built, out: Path) -> dict[str, Any]:
     """The in-toto statement: SLSA provenance v1 for the image."""
     source = {"uri": f"git+file://{ROOT}", "digest": {"gitCommit": built.revision}}
-    info = json.loads((out / "image.json").read_text())
+    info = built.record
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": NAME, "digest": {"sha256": built.digest.split(":", 1)[1]}}],
@@ -448,8 +457,9 @@ def statement(built: Built, out: Path) -> dict[str, Any]:
                                        "tools": info["tools"]},
                 "resolvedDependencies": [
                     source,
-                    {"name": "requirements/runtime.txt", "digest": {"sha256": built.lock_sha256}},
-                    {"name": "sbom.cdx.json", "digest": {"sha256": built.sbom_sha256},
+                    {"name": "requirements/runtime.txt",
+                     "digest": {"sha256": info["lock_sha256"]}},
+                    {"name": "sbom.cdx.json", "digest": {"sha256": info["sbom_sha256"]},
                      "mediaType": "application/vnd.cyclonedx+json"},
                     # Debian's archive moves: the packages this build took, by version
                     {"name": "debian-packages.txt",
@@ -467,9 +477,7 @@ def statement(built: Built, out: Path) -> dict[str, Any]:
 
 
 def load_built(out: Path) -> Built:
-    info = json.loads((out / "image.json").read_text())
-    return Built(out / "image.oci.tar", info["digest"], info["revision"], info["lock_sha256"],
-                 info["sbom_sha256"])
+    return Built(out / "image.oci.tar", json.loads((out / "image.json").read_text()))
 
 
 def sign(out: Path, home: Path, key: str) -> None:
@@ -485,8 +493,7 @@ def sign(out: Path, home: Path, key: str) -> None:
     signed = out / "signed"
     shutil.rmtree(signed, ignore_errors=True)
     env = {**os.environ, "GNUPGHOME": str(home)}
-    reference = json.loads((out / "image.json").read_text())["identity"]
-    run("skopeo", "copy", "--quiet", "--sign-by", key, "--sign-identity", reference,
+    run("skopeo", "copy", "--quiet", "--sign-by", key, "--sign-identity", built.record["identity"],
         f"oci-archive:{built.archive}", f"dir:{signed}", env=env)
     if manifest_digest(f"dir:{signed}") != built.digest:
         raise SupplyChainError("the signed copy's manifest differs from the built image's")
@@ -562,33 +569,35 @@ def verify_provenance(out: Path, key: Any, digest: str) -> dict[str, Any]:
     return stated
 
 
-def image_files(layout: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def image_files(layout: Path) -> tuple[dict[str, Any], list[bytes], bytes | None]:
     """The image's config, the METADATA of every distribution in its environment, and
-    dpkg's status file (under the key ``STATUS``)."""
+    dpkg's status file."""
     manifest = json.loads((layout / "manifest.json").read_text())
     config = json.loads((layout / manifest["config"]["digest"].split(":", 1)[1]).read_bytes())
-    found: dict[str, bytes] = {}
+    metadata: list[bytes] = []
+    status = None
     for layer in manifest["layers"]:
         blob = layout / layer["digest"].split(":", 1)[1]
         with tarfile.open(blob, "r:*") as tar:
             for member in tar:
                 name = member.name.lstrip("./")
-                if member.isfile() and (name == STATUS or (
-                        name.startswith(SITE.lstrip("/") + "/")
-                        and name.endswith(".dist-info/METADATA"))):
+                is_metadata = (name.startswith(SITE.lstrip("/") + "/")
+                               and name.endswith(".dist-info/METADATA"))
+                if member.isfile() and (is_metadata or name == STATUS):
                     data = tar.extractfile(member)
                     assert data is not None
-                    found[name] = data.read()
-    return config, found
+                    if is_metadata:
+                        metadata.append(data.read())
+                    else:
+                        status = data.read()
+    return config, metadata, status
 
 
-def installed_in(metadata: dict[str, bytes]) -> dict[str, str]:
+def installed_in(metadata: list[bytes]) -> dict[str, str]:
     from email.parser import BytesParser
 
     dists = {}
-    for name, raw in metadata.items():
-        if name == STATUS:
-            continue
+    for raw in metadata:
         headers = BytesParser().parse(io.BytesIO(raw), headersonly=True)
         dists[canonical(headers["Name"])] = headers["Version"]
     return dists
@@ -649,8 +658,7 @@ def verify(out: Path, trust: Trust) -> str:
             raise SupplyChainError(f"the signed image is {digest}, the archive {archive}, "
                                    f"image.json says {built.digest}")
         stated = verify_provenance(out, public, digest)
-        config, files = image_files(verified)
-    status = files.get(STATUS)
+        config, metadata, status = image_files(verified)
     if status is None:
         raise SupplyChainError(f"the image has no {STATUS}")
     listed_debs = debian_packages(status.decode()).encode()
@@ -677,7 +685,7 @@ def verify(out: Path, trust: Trust) -> str:
     for what, (stated_value, actual) in expected.items():
         if stated_value != actual:
             raise SupplyChainError(f"provenance: states {what} {stated_value}, found {actual}")
-    verify_sbom(json.loads(sbom_raw), installed_in(files), lock_pins(lock.decode()))
+    verify_sbom(json.loads(sbom_raw), installed_in(metadata), lock_pins(lock.decode()))
     return digest
 
 
@@ -721,9 +729,9 @@ def main() -> int:
     try:
         if args.command == "build":
             built = build(out, args.cache.resolve())
-            info = json.loads((out / "image.json").read_text())
-            print(f"{built.archive}: {NAME}@{built.digest} ({info['archive_bytes'] / 1e6:.1f} "
-                  f"MB, {info['build_seconds']} s)")
+            print(f"{built.archive}: {NAME}@{built.digest} "
+                  f"({built.record['archive_bytes'] / 1e6:.1f} MB, "
+                  f"{built.record['build_seconds']} s)")
         elif args.command == "keygen":
             print(keygen(args.home.resolve()))
         elif args.command == "sign":
