@@ -49,14 +49,17 @@ async def terminate_instance(request: web.Request) -> web.Response:
     operator = await operator_of(request, Scope.REVOKE)
     instance_id = decode.instance_id(request)
     reason, incident = decode.said(await decode.json_object(request, {"reason", "incident"}))
-    job = await request.app[API].admin.actions.terminate(
+    termination = await request.app[API].admin.actions.terminate(
         instance_id, operator, reason=reason, incident=incident
     )
     # Tombstoned all the same (a stolen token of a dead instance draws nothing), but said
     # plainly: a mistyped id is noticed.
-    never_seen = await request.app[API].admin.actions.never_seen(instance_id)
     return web.json_response(
-        {"instance_id": instance_id, "job": job_public(job), "never_seen": never_seen},
+        {
+            "instance_id": instance_id,
+            "job": job_public(termination.job),
+            "never_seen": termination.never_seen,
+        },
         status=202,
     )
 

@@ -26,6 +26,7 @@ from broker.leases import (
     LeaseView,
     Selection,
     StoreCounts,
+    Termination,
     TerminationBatch,
 )
 from broker.leases.views import LockView
@@ -109,9 +110,7 @@ class AdminActions(Protocol):
         *,
         reason: str | None = None,
         incident: str | None = None,
-    ) -> JobView: ...
-
-    async def never_seen(self, instance_id: str) -> bool: ...
+    ) -> Termination: ...
 
     async def selection(self, selection: Selection) -> BlastRadius: ...
 

@@ -239,7 +239,7 @@ def assemble(
         reads=ListingService(ledgers.admin, vault=vault, clock=clock),
         actions=ActionService(
             ledgers.admin,
-            terminate=terminate,
+            terminate=terminate.request,
             reconcile=reconcile,
             bulk=BulkTerminator(
                 ledgers.selection,
@@ -247,7 +247,6 @@ def assemble(
                 revocation.kick,
                 {name: role.engine for name, role in settings.roles.items()},
             ),
-            seen=ledgers.selection,
             resolutions=ledgers.ending,
         ),
         policy=PolicyService(

@@ -15,7 +15,6 @@ from broker.api.views import lock_public
 from broker.clock import Clock, iso_z
 from broker.engines.role import RoleSettings
 from broker.errors import BadRequest, BrokerError, TokenInvalid
-from broker.events import Terminate
 from broker.identity import IdentityVerifier
 from broker.identity.settings import IssuerSettings
 from broker.leases import (
@@ -28,6 +27,7 @@ from broker.leases import (
     LockView,
     Selection,
     StoreCounts,
+    Termination,
     TerminationBatch,
 )
 from broker.leases.locks import LockSubject, refusing_lock
@@ -146,10 +146,18 @@ class LeaseLookup(Protocol):
     async def lookup_lease(self, lease_id: str) -> LeaseInfo | None: ...
 
 
-class NeverSeen(Protocol):
-    """Which instance ids the broker never saw (``SelectionRecords.never_seen``)."""
+class RequestTermination(Protocol):
+    """One instance's termination, answered with whether the broker never saw it
+    (``broker.revocation.terminator.Terminator.request``)."""
 
-    async def never_seen(self, instance_ids: Sequence[str]) -> list[str]: ...
+    async def __call__(
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        incident: str | None = None,
+    ) -> Termination: ...
 
 
 class BulkTermination(Protocol):
@@ -267,17 +275,15 @@ class ActionService:
         self,
         queries: ActionRecords,
         *,
-        terminate: Terminate,
+        terminate: RequestTermination,
         reconcile: Callable[[bool | None], Awaitable[ReconcileReport]],
         bulk: BulkTermination,
-        seen: NeverSeen,
         resolutions: LostResolution,
     ) -> None:
         self._queries = queries
         self._terminate = terminate
         self._reconcile = reconcile
         self._bulk = bulk
-        self._seen = seen
         self._resolutions = resolutions
 
     async def terminate(
@@ -287,14 +293,11 @@ class ActionService:
         *,
         reason: str | None = None,
         incident: str | None = None,
-    ) -> JobView:
+    ) -> Termination:
+        """The job, and whether the broker never saw the instance (it was only tombstoned)."""
         return await self._terminate(
             instance_id, actor=operator.actor, reason=reason, incident=incident
         )
-
-    async def never_seen(self, instance_id: str) -> bool:
-        """Whether the broker never saw the instance (a termination only tombstoned it)."""
-        return bool(await self._seen.never_seen([instance_id]))
 
     async def selection(self, selection: Selection) -> BlastRadius:
         return await self._bulk.blast_radius(selection)

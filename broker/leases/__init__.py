@@ -41,6 +41,7 @@ from broker.leases.views import (
     LockView,
     RevocationWork,
     StoreCounts,
+    Termination,
     TokenView,
     new_id,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Selection",
     "SelectionRecords",
     "Terminated",
+    "Termination",
     "TerminationBatch",
     "SightingRecords",
     "StoreCounts",

@@ -60,10 +60,18 @@ class OneTrip:
         self._acquire_timeout_s = acquire_timeout_s
 
     async def fetchval(self, query: str, *args: Any) -> Any:
+        """The statement's first column of its first row."""
+        return await self._run("fetchval", query, args)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        """The statement's first row, or None."""
+        return await self._run("fetchrow", query, args)
+
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         try:
             # Bounded like the SQLAlchemy pool's wait: a full pool fails the request (503).
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                return await conn.fetchval(query, *args)
+                return await getattr(conn, method)(query, *args)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "BR001":
                 raise GeneralCase(str(exc)) from None

@@ -31,6 +31,7 @@ from broker.leases.sql import (
     reconcile,
     replay,
     revocation,
+    selection,
 )
 from broker.leases.states import LeaseState
 from broker.leases.views import (
@@ -41,6 +42,7 @@ from broker.leases.views import (
     LeasesStillLive,
     LeaseView,
     RevocationWork,
+    Termination,
     new_id,
 )
 
@@ -287,8 +289,9 @@ class TerminationRecords:
         reason: str | None = None,
         incident: str | None = None,
         self_terminated: bool = False,
-    ) -> JobView:
-        """Tombstone the instance and create its revocation job, in one transaction.
+    ) -> Termination:
+        """Tombstone the instance and create its revocation job, in one transaction; the
+        job, and whether the broker never saw the instance (read in that transaction).
         Idempotent: a second call returns the existing job (re-queued if it had failed).
         With ``issuer`` (an event source speaking for one issuer's instances), an instance
         that another issuer owns is refused and left untouched; one the broker never saw
@@ -296,8 +299,25 @@ class TerminationRecords:
         (checked like ``issuer``, and recorded for an instance never seen) and its token
         id, used once like an exchange's; ``reason`` and ``incident`` (an incident
         reference) are written on the job and into the audit event."""
+        if self._db.one_trip is not None:
+            try:
+                job, unseen = await onetrip.request_termination(
+                    self._db.one_trip,
+                    self._clock,
+                    instance_id,
+                    actor=actor,
+                    issuer=issuer,
+                    workload=workload,
+                    token_id=token_id,
+                    reason=reason,
+                    incident=incident,
+                    self_terminated=self_terminated,
+                )
+                return Termination(job, unseen)
+            except GeneralCase:
+                pass  # nothing written: the general path decides (and says why)
         async with self._db.transaction() as conn:
-            return await jobs.request_termination(
+            job = await jobs.request_termination(
                 conn,
                 self._clock,
                 instance_id,
@@ -309,6 +329,7 @@ class TerminationRecords:
                 incident=incident,
                 self_terminated=self_terminated,
             )
+            return Termination(job, bool(await selection.never_seen(conn, [instance_id])))
 
     async def active_instance_ids(self, issuer_name: str) -> set[str]:
         """Ids of the issuer's instances that are still active (for a source that relists

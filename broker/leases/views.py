@@ -89,6 +89,15 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class Termination:
+    """A termination's answer: the instance's revocation job, and whether the broker never
+    saw the instance (no sighting, no lease: the termination only tombstoned it)."""
+
+    job: JobView
+    never_seen: bool
+
+
+@dataclass(frozen=True)
 class InstanceView:
     instance_id: str
     state: str

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
-from broker.leases import JobState, JobView
+from broker.leases import JobState, JobView, Termination
 
 
 class TerminationLedger(Protocol):
-    """The tombstone with its revocation job, in one transaction."""
+    """The tombstone with its revocation job, in one transaction; whether the instance was
+    ever seen, read in it."""
 
     async def request_termination(
         self,
@@ -25,7 +26,7 @@ class TerminationLedger(Protocol):
         reason: str | None = None,
         incident: str | None = None,
         self_terminated: bool = False,
-    ) -> JobView: ...
+    ) -> Termination: ...
 
 
 class Forgets(Protocol):
@@ -58,7 +59,34 @@ class Terminator:
         incident: str | None = None,
         self_terminated: bool = False,
     ) -> JobView:
-        job = await self._ledger.request_termination(
+        """``broker.events.Terminate``: the job."""
+        termination = await self.request(
+            instance_id,
+            actor=actor,
+            issuer=issuer,
+            workload=workload,
+            token_id=token_id,
+            reason=reason,
+            incident=incident,
+            self_terminated=self_terminated,
+        )
+        return termination.job
+
+    async def request(
+        self,
+        instance_id: str,
+        *,
+        actor: str,
+        issuer: str | None = None,
+        workload: str | None = None,
+        token_id: tuple[str, datetime] | None = None,
+        reason: str | None = None,
+        incident: str | None = None,
+        self_terminated: bool = False,
+    ) -> Termination:
+        """The same, answered with whether the broker never saw the instance (an operator's
+        mistyped id is noticed)."""
+        termination = await self._ledger.request_termination(
             instance_id,
             actor=actor,
             issuer=issuer,
@@ -69,6 +97,6 @@ class Terminator:
             self_terminated=self_terminated,
         )
         self._tokens.forget(instance_id)
-        if job.state in (JobState.PENDING, JobState.RUNNING):
+        if termination.job.state in (JobState.PENDING, JobState.RUNNING):
             self._wake_revocation()
-        return job
+        return termination

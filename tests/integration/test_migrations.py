@@ -23,7 +23,7 @@ async def test_upgrade_head_then_check_finds_no_drift(backend, pg, workdir):
         await asyncio.to_thread(migrate, url)
         await asyncio.to_thread(migrate, url)  # idempotent
         await asyncio.to_thread(command.check, alembic_config(url))
-        assert head_revision() == "0009"
+        assert head_revision() == "0010"
     finally:
         if name:
             await asyncio.to_thread(pg.drop_database, name)
@@ -186,3 +186,31 @@ async def test_0009_adds_the_reconciler_indexes_and_a_downgrade_drops_them(backe
         engine.dispose()
         if name:
             await asyncio.to_thread(pg.drop_database, name)
+
+
+async def test_0010_adds_the_termination_function_and_a_downgrade_drops_it(pg):
+    """PostgreSQL only (SQLite gets nothing): down to 0009 and up again."""
+    from sqlalchemy import create_engine, text
+
+    from broker.leases.migrations import sync_url
+
+    name = await asyncio.to_thread(pg.create_database)
+    url = pg.url(name)
+    engine = create_engine(sync_url(url))
+
+    def functions() -> set[str]:
+        with engine.connect() as conn:
+            query = text("SELECT proname FROM pg_proc WHERE proname LIKE 'broker_%'")
+            return {r[0] for r in conn.execute(query)}
+
+    try:
+        await asyncio.to_thread(migrate, url)
+        assert "broker_request_termination" in await asyncio.to_thread(functions)
+        await asyncio.to_thread(command.downgrade, alembic_config(url), "0009")
+        left = await asyncio.to_thread(functions)
+        assert "broker_request_termination" not in left and "broker_begin_issue" in left
+        await asyncio.to_thread(migrate, url)
+        assert "broker_request_termination" in await asyncio.to_thread(functions)
+    finally:
+        engine.dispose()
+        await asyncio.to_thread(pg.drop_database, name)

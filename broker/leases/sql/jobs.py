@@ -110,9 +110,8 @@ async def request_termination(
     ).first()
     if job is None:
         job_id = new_id("j")
-        await conn.execute(
-            JOBS.insert().values(_job_row(job_id, instance_id, actor, reason, incident, now))
-        )
+        row = _job_row(job_id, instance_id, actor, reason, incident, now)
+        await conn.execute(JOBS.insert().values(row))
         # Whose instance, as far as the broker knows (never seen: the caller's word).
         await _audit_requested(
             conn,
@@ -126,7 +125,8 @@ async def request_termination(
             reason=reason,
             incident=incident,
         )
-    elif job.state == JobState.FAILED.value:
+        return job_view(m.RevocationJob(**row))  # as inserted: no read back
+    if job.state == JobState.FAILED.value:
         await _requeue(conn, clock, job.job_id, instance_id, actor, now, reason, incident)
     return await _the_job(conn, instance_id)
 

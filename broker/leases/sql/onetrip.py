@@ -1,10 +1,12 @@
-"""Issuance's two store steps in one round trip each, on PostgreSQL: the server-side
-functions migration 0008 created, called on the ``Database``'s plain asyncpg pool.
+"""Issuance's store steps, and a termination, in one round trip each on PostgreSQL: the
+server-side functions migrations 0008 and 0010 created, called on the ``Database``'s
+plain asyncpg pool.
 
-Each serves the common case only (see the migration) and raises ``GeneralCase`` having
-written nothing otherwise; ``broker.leases.records.IssuanceRecords`` then runs the
-general path (``broker.leases.sql.issuance``), whose answers these must equal: same rows,
-same audit event, byte for byte (the tests run both paths side by side).
+Each serves the common case only (see the migrations) and raises ``GeneralCase`` having
+written nothing otherwise; ``broker.leases.records.IssuanceRecords`` and
+``TerminationRecords`` then run the general path (``broker.leases.sql.issuance``,
+``broker.leases.sql.jobs``), whose answers these must equal: same rows, same audit event,
+byte for byte (the tests run both paths side by side).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 from datetime import datetime
 from typing import Any, Protocol
 
+from broker.clock import Clock
+from broker.leases.database import GeneralCase
 from broker.leases.sql.common import event_arguments, iso, pending_event
-from broker.leases.states import COUNTED_LEASE_STATES, LeaseState
-from broker.leases.views import IssuingRow, LeaseLimit
+from broker.leases.states import COUNTED_LEASE_STATES, InstanceState, JobState, LeaseState
+from broker.leases.views import IssuingRow, JobView, LeaseLimit, new_id
 
 _BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 _COMPLETE = (
@@ -23,6 +27,17 @@ _COMPLETE = (
     "$13, $14, $15, $16, $17, $18, $19, $20, $21)"
 )
 _RECORD_TOKEN = "SELECT broker_record_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# The instance as a termination finds it, read without a lock: the event names its owner,
+# and the function below refuses to go on if the row no longer says what was read here.
+_TERMINATION_READ = (
+    "SELECT i.state, i.issuer_name, i.workload, "
+    "EXISTS (SELECT 1 FROM revocation_jobs j WHERE j.instance_id = i.instance_id) "
+    "FROM instances i WHERE i.instance_id = $1"
+)
+_REQUEST_TERMINATION = (
+    "SELECT broker_request_termination($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+    "$13, $14, $15, $16, $17)"
+)
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
 
 
@@ -30,6 +45,8 @@ class OneTrip(Protocol):
     """One statement, its own transaction (``broker.leases.database.OneTrip``)."""
 
     async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
 
 
 def _json(value: dict[str, Any] | None) -> str:
@@ -161,3 +178,83 @@ async def record_token(
         event["detail"],
         event["unsequenced"],
     )
+
+
+async def request_termination(
+    trip: OneTrip,
+    clock: Clock,
+    instance_id: str,
+    *,
+    actor: str,
+    issuer: str | None,
+    workload: str | None,
+    token_id: tuple[str, datetime] | None,
+    reason: str | None,
+    incident: str | None,
+    self_terminated: bool,
+) -> tuple[JobView, bool]:
+    """Tombstone an active instance that has no job yet, queue its job and record the
+    ``instance.terminate_requested`` event, as ``broker.leases.sql.jobs.request_termination``
+    does; the job and whether the broker never saw the instance. Raises ``GeneralCase``
+    having written nothing for every other case (two round trips: the read, then the
+    function, which re-reads under the instance's lock)."""
+    found = await trip.fetchrow(_TERMINATION_READ, instance_id)
+    if found is None or found[0] != InstanceState.ACTIVE.value or found[3]:
+        raise GeneralCase("not an active instance without a job")
+    owner, owner_workload = found[1], found[2]
+    if (issuer is not None and owner is not None and owner != issuer) or (
+        workload is not None and owner_workload is not None and owner_workload != workload
+    ):
+        raise GeneralCase("another owner: the general path refuses it")
+    if token_id is not None and issuer is None:
+        raise GeneralCase("a token id without its issuer: the general path refuses it")
+    now = clock.now()
+    job = JobView(
+        job_id=new_id("j"),
+        instance_id=instance_id,
+        state=JobState.PENDING.value,
+        attempts=0,
+        next_attempt_at=now,
+        last_error=None,
+        requested_by=actor[:64],
+        created_at=now,
+        completed_at=None,
+        reason=reason[:200] if reason else None,
+        incident=incident,
+    )
+    event = event_arguments(
+        pending_event(
+            actor,
+            "instance.terminate_requested",
+            instance_id=instance_id,
+            reason=reason,
+            job_id=job.job_id,
+            issuer=owner or issuer,
+            workload=owner_workload or workload,
+            previous_state=InstanceState.ACTIVE.value,
+            self_terminated=self_terminated,
+            **({"incident": incident} if incident else {}),
+        ),
+        now,
+    )
+    seen = await trip.fetchval(
+        _REQUEST_TERMINATION,
+        instance_id,
+        owner,
+        owner_workload,
+        token_id[0] if token_id else None,
+        issuer if token_id else None,
+        token_id[1] if token_id else None,
+        job.job_id,
+        job.requested_by,
+        job.reason,
+        incident,
+        now,
+        event["tag"],
+        event["at"],
+        event["actor"],
+        event["action"],
+        event["detail"],
+        event["unsequenced"],
+    )
+    return job, not seen

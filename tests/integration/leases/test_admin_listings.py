@@ -79,7 +79,7 @@ async def test_jobs_paged_by_request_time_then_id(ledgers):
     for n in range(5):
         if n == 3:
             ledgers.clock.advance(10)
-        jobs.append(await s.termination.request_termination(f"i-j{n}", actor="operator:a"))
+        jobs.append((await s.termination.request_termination(f"i-j{n}", actor="operator:a")).job)
     # Within one instant the order is the job id's.
     expected = sorted(jobs[:3], key=lambda j: j.job_id) + sorted(jobs[3:], key=lambda j: j.job_id)
     seen, after = [], None

@@ -27,7 +27,7 @@ async def test_list_filters_and_pagination(ledgers):
 
 async def test_only_a_failed_job_is_retried(ledgers):
     s = await ledgers()
-    job = await s.termination.request_termination("i-retry", actor="admin")
+    job = (await s.termination.request_termination("i-retry", actor="admin")).job
     with pytest.raises(BadRequest):
         await s.admin.retry_job(job.job_id, actor="admin")
     [claimed] = await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))

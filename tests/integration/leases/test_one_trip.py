@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +20,11 @@ from broker.clock import FixedClock
 from broker.errors import InstanceTerminated, LeaseLimitReached, Locked, NotPermitted, TokenInvalid
 from broker.leases import Database, IssuingRow, LeaseLimit, Ledgers
 from broker.leases import models as m
-from broker.leases.database import OneTrip
+from broker.leases.database import GeneralCase, OneTrip
 from broker.leases.locks import LockSubject
 from broker.leases.migrations import migrate
 from broker.leases.settings import StoreSettings
-from broker.leases.sql import jobs
+from broker.leases.sql import jobs, onetrip
 from broker.leases.sql.common import INSTANCE_LOCK_CLASS
 from tests.harness.wait import eventually
 from tests.integration.leases.support import T0
@@ -229,7 +229,14 @@ async def test_a_full_instance_supersedes_its_oldest_lease_through_the_general_p
 async def _counts(s: Ledgers) -> tuple[int, ...]:
     async with s.database.transaction(readonly=True) as conn:
         counts = []
-        for table in ("instances", "leases", "seen_tokens", "instance_tokens", "audit_events"):
+        for table in (
+            "instances",
+            "leases",
+            "seen_tokens",
+            "instance_tokens",
+            "audit_events",
+            "revocation_jobs",
+        ):
             query = text(f"SELECT count(*) FROM {table}")  # noqa: S608 - our own names
             counts.append((await conn.execute(query)).scalar_one())
         return tuple(counts)
@@ -262,8 +269,8 @@ async def test_termination_waits_for_an_issuance_in_flight_and_then_sees_its_row
         )
         await eventually(lambda: _waiting_for_instance_lock(fast), "termination waits")
         assert not ending.done()
-    job = await ending
-    assert job.instance_id == instance
+    termination = await ending
+    assert termination.job.instance_id == instance
 
 
 async def test_an_issuance_waits_for_a_termination_in_flight_and_is_then_refused(pair):
@@ -327,3 +334,194 @@ async def test_closing_cuts_a_statement_still_running_instead_of_waiting_for_it(
     with pytest.raises(Exception):  # noqa: B017 — cut: whichever error the driver gives
         await stuck
     assert pool.is_closing()
+
+
+# A termination in one round trip (migration 0010) against the general path.
+
+
+async def _ended(s: Ledgers, instance: str) -> dict[str, Any]:
+    """What a termination left in the store, with its ids taken out."""
+    row = (await _rows(s, m.Instance, m.Instance.instance_id == instance))[0]
+    job = (await _rows(s, m.RevocationJob, m.RevocationJob.instance_id == instance))[0]
+    events = await _rows(s, m.AuditEvent, m.AuditEvent.instance_id == instance)
+    return {
+        "instance": _without(row, "instance_id"),
+        "job": _without(job, "job_id", "instance_id"),
+        "events": [
+            {
+                **_without(e, "id", "seq", "prev_hash", "hash", "instance_id", "lease_id"),
+                "detail": _without(e["detail"], "job_id", "vault_lease_id"),
+            }
+            for e in events
+            if e["action"] == "instance.terminate_requested"
+        ],
+    }
+
+
+@pytest.mark.parametrize("how", ["operator", "self"])
+async def test_a_termination_leaves_what_the_general_path_leaves(pair, how, monkeypatch):
+    fast, general = pair
+    stories = []
+    for s in (fast, general):
+        if s is fast:  # served in one round trip: the general path is not run at all
+
+            async def not_here(*_: Any, **__: Any) -> None:
+                raise AssertionError("the general path ran")
+
+            monkeypatch.setattr(jobs, "request_termination", not_here)
+        else:
+            monkeypatch.undo()
+        instance = _instance()
+        ticket = await _begin(s, instance)
+        await _complete(s, ticket, f"database/creds/db/{instance}")
+        said: dict[str, Any] = {"reason": "r" * 250, "incident": "INC-7"}
+        if how == "self":
+            said = {
+                "issuer": "dev",
+                "workload": "w",
+                "token_id": ("jti-end-" + instance, T0 + timedelta(minutes=5)),
+                "self_terminated": True,
+            }
+        termination = await s.termination.request_termination(instance, actor="a" * 80, **said)
+        assert termination.never_seen is False
+        story = await _ended(s, instance)
+        # The answer is the row as stored (the fast path builds it without reading it).
+        stored = (await _rows(s, m.RevocationJob, m.RevocationJob.instance_id == instance))[0]
+        unviewed = ("claimed_by", "claimed_until", "updated_at")
+        assert asdict(termination.job) == {k: v for k, v in stored.items() if k not in unviewed}
+        if how == "self":
+            seen = await _rows(s, m.SeenToken, m.SeenToken.jti == "jti-end-" + instance)
+            assert [r["issuer_name"] for r in seen] == ["dev"]
+        stories.append(story)
+    assert stories[0] == stories[1]
+    assert len(stories[0]["events"]) == 1 and stories[0]["job"]["state"] == "pending"
+    report = await AuditVerification(fast.chain).verify()
+    assert report.ok, report.findings
+
+
+async def _set_up(s: Ledgers, case: str, instance: str) -> dict[str, Any]:
+    """The case's store, and what the termination is asked with."""
+    ask: dict[str, Any] = {"actor": "operator:o"}
+    if case != "never_seen":
+        await _begin(s, instance)
+    if case == "terminating":
+        await s.termination.request_termination(instance, actor="operator:first")
+    elif case == "failed":
+        await s.termination.request_termination(instance, actor="operator:first")
+        async with s.database.transaction() as conn:
+            await conn.execute(
+                text("UPDATE revocation_jobs SET state = 'failed' WHERE instance_id = :i"),
+                {"i": instance},
+            )
+    elif case == "other_issuer":
+        ask["issuer"] = "other"
+    elif case == "other_workload":
+        ask.update(issuer="dev", workload="w2")
+    elif case in ("replayed", "no_issuer"):
+        jti = "jti-" + instance
+        await _begin(s, _instance(), token_id=(jti, T0 + timedelta(minutes=5)))
+        ask.update(token_id=(jti, T0 + timedelta(minutes=5)), self_terminated=True)
+        if case == "replayed":
+            ask.update(issuer="dev", workload="w")
+    return ask
+
+
+async def _answer(s: Ledgers, instance: str, ask: dict[str, Any]) -> Any:
+    try:
+        termination = await s.termination.request_termination(instance, **ask)
+    except (NotPermitted, TokenInvalid, ValueError) as exc:
+        return type(exc).__name__, getattr(exc, "code", None)
+    return termination.job.state, termination.job.requested_by, termination.never_seen
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "never_seen",
+        "terminating",
+        "failed",
+        "other_issuer",
+        "other_workload",
+        "replayed",
+        "no_issuer",
+    ],
+)
+async def test_every_other_termination_gets_the_general_paths_answer(pair, case):
+    fast, general = pair
+    answers, stories = [], []
+    for s in (fast, general):
+        instance = _instance()
+        ask = await _set_up(s, case, instance)
+        before = await _counts(s)
+        answers.append(await _answer(s, instance, ask))
+        after = await _counts(s)
+        stories.append([a - b for a, b in zip(after, before, strict=True)])
+    assert answers[0] == answers[1]
+    assert stories[0] == stories[1]  # the same rows written (none where refused)
+    expected = {
+        "never_seen": ("pending", "operator:o", True),
+        "terminating": ("pending", "operator:first", False),
+        "failed": ("pending", "operator:first", False),
+        "other_issuer": ("NotPermitted", "instance_issuer_mismatch"),
+        "other_workload": ("NotPermitted", "instance_workload_mismatch"),
+        "replayed": ("TokenInvalid", "token_replayed"),
+        "no_issuer": ("ValueError", None),
+    }[case]
+    assert answers[0] == expected
+
+
+class _Meddling:
+    """The one-round-trip pool, with something done between the read and the function."""
+
+    def __init__(self, trip: Any, meddle: Any) -> None:
+        self._trip = trip
+        self._meddle = meddle
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        row = await self._trip.fetchrow(query, *args)
+        await self._meddle()
+        return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._trip.fetchval(query, *args)
+
+
+@pytest.mark.parametrize("meddle", ["terminated", "other_owner"])
+async def test_a_row_that_changed_after_the_read_sends_the_termination_to_the_general_path(
+    pair, meddle
+):
+    fast, general = pair
+    instance = _instance()
+    await _begin(fast, instance)
+
+    async def change() -> None:
+        if meddle == "terminated":
+            await general.termination.request_termination(instance, actor="operator:other")
+            return
+        async with general.database.transaction() as conn:
+            await conn.execute(
+                text("UPDATE instances SET workload = 'w9' WHERE instance_id = :i"),
+                {"i": instance},
+            )
+
+    assert fast.database.one_trip is not None
+    before: list[tuple[int, ...]] = []
+
+    async def meddled() -> None:
+        await change()
+        before.append(await _counts(fast))
+
+    with pytest.raises(GeneralCase):
+        await onetrip.request_termination(
+            _Meddling(fast.database.one_trip, meddled),
+            FixedClock(T0),
+            instance,
+            actor="operator:o",
+            issuer=None,
+            workload=None,
+            token_id=None,
+            reason=None,
+            incident=None,
+            self_terminated=False,
+        )
+    assert await _counts(fast) == before[0]  # the function wrote nothing

@@ -58,7 +58,7 @@ async def test_a_job_that_gives_up_stays_visible_and_can_be_requeued(ledgers):
     assert await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30)) == []
     counts = await s.admin.counts()
     assert counts.failed_jobs == 1 and counts.queue_depth == 0
-    requeued = await s.termination.request_termination("i-fail", actor="admin")
+    requeued = (await s.termination.request_termination("i-fail", actor="admin")).job
     assert (requeued.state, requeued.attempts) == ("pending", 0)
     [claimed] = await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=30))
     assert claimed.job_id == job.job_id

@@ -11,8 +11,8 @@ from tests.integration.leases.support import T0, issue
 async def test_termination_is_idempotent_and_tombstones(ledgers):
     s = await ledgers()
     lease_id = await issue(s, "i-2")
-    job1 = await s.termination.request_termination("i-2", actor="admin")
-    job2 = await s.termination.request_termination("i-2", actor="admin")
+    job1 = (await s.termination.request_termination("i-2", actor="admin")).job
+    job2 = (await s.termination.request_termination("i-2", actor="admin")).job
     assert job1.job_id == job2.job_id and job1.state == "pending"
     with pytest.raises(InstanceTerminated):
         await issue(s, "i-2")
@@ -38,7 +38,7 @@ async def test_a_source_for_one_issuer_cannot_end_another_issuers_instance(ledge
     assert info.value.code == "instance_issuer_mismatch"
     assert (await s.issuance.instance_state("i-owned")) == ("active", "dev")
     assert await s.admin.list_jobs() == []
-    job = await s.termination.request_termination("i-owned", actor="events:sqs", issuer="dev")
+    job = (await s.termination.request_termination("i-owned", actor="events:sqs", issuer="dev")).job
     assert job.requested_by == "events:sqs"
     # One the broker never saw is tombstoned for the source's issuer.
     await s.termination.request_termination("i-unknown", actor="events:sqs", issuer="aws")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from broker.errors import StoreUnavailable
-from broker.leases import JobState, JobView
+from broker.leases import JobState, JobView, Termination
 from broker.revocation.terminator import Terminator
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -31,7 +31,7 @@ class Recorder:
                                   token_id: tuple[str, datetime] | None = None,
                                   reason: str | None = None,
                                   incident: str | None = None,
-                                  self_terminated: bool = False) -> JobView:
+                                  self_terminated: bool = False) -> Termination:
         self.calls.append(f"job {instance_id} {actor} {issuer}")
         if self_terminated:
             self.calls.append("self")
@@ -41,7 +41,7 @@ class Recorder:
             self.calls.append(f"incident {incident}")
         if self._fail:
             raise StoreUnavailable("the lease store is unavailable")
-        return job(self._state)
+        return Termination(job(self._state), never_seen=instance_id == "i-typo")
 
     def forget(self, instance_id: str) -> None:
         self.calls.append(f"forget {instance_id}")
@@ -89,3 +89,12 @@ async def test_an_operator_s_reason_and_incident_reach_the_ledger() -> None:
                                          incident="INC-7")
     assert rec.calls == ["job i-1 operator:alice None", "as None None stolen", "incident INC-7",
                          "forget i-1", "wake"]
+
+
+@pytest.mark.parametrize(("instance", "never_seen"), [("i-1", False), ("i-typo", True)])
+async def test_an_operators_termination_is_answered_with_whether_the_id_was_ever_seen(
+        instance: str, never_seen: bool) -> None:
+    rec = Recorder()
+    answer = await Terminator(rec, rec, rec.wake).request(instance, actor="operator:alice")
+    assert (answer.job.state, answer.never_seen) == (JobState.PENDING, never_seen)
+    assert rec.calls == [f"job {instance} operator:alice None", f"forget {instance}", "wake"]
