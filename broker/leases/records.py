@@ -301,7 +301,7 @@ class TerminationRecords:
         reference) are written on the job and into the audit event."""
         if self._db.one_trip is not None:
             try:
-                job, unseen = await onetrip.request_termination(
+                served = await onetrip.request_termination(
                     self._db.one_trip,
                     self._clock,
                     instance_id,
@@ -313,7 +313,8 @@ class TerminationRecords:
                     incident=incident,
                     self_terminated=self_terminated,
                 )
-                return Termination(job, unseen)
+                if served is not None:
+                    return Termination(*served)
             except GeneralCase:
                 pass  # nothing written: the general path decides (and says why)
         async with self._db.transaction() as conn:

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from broker.clock import Clock
-from broker.leases.database import GeneralCase
 from broker.leases.sql.common import event_arguments, iso, pending_event
 from broker.leases.states import COUNTED_LEASE_STATES, InstanceState, JobState, LeaseState
 from broker.leases.views import IssuingRow, JobView, LeaseLimit, new_id
@@ -192,22 +191,23 @@ async def request_termination(
     reason: str | None,
     incident: str | None,
     self_terminated: bool,
-) -> tuple[JobView, bool]:
+) -> tuple[JobView, bool] | None:
     """Tombstone an active instance that has no job yet, queue its job and record the
     ``instance.terminate_requested`` event, as ``broker.leases.sql.jobs.request_termination``
-    does; the job and whether the broker never saw the instance. Raises ``GeneralCase``
-    having written nothing for every other case (two round trips: the read, then the
-    function, which re-reads under the instance's lock)."""
+    does; the job and whether the broker never saw the instance. Every other case has
+    nothing written: None when the read tells (an id never seen, a job already there,
+    another owner), else ``GeneralCase`` from the function, which re-reads the row under
+    the instance's lock (two round trips in all)."""
     found = await trip.fetchrow(_TERMINATION_READ, instance_id)
     if found is None or found[0] != InstanceState.ACTIVE.value or found[3]:
-        raise GeneralCase("not an active instance without a job")
+        return None
     owner, owner_workload = found[1], found[2]
     if (issuer is not None and owner is not None and owner != issuer) or (
         workload is not None and owner_workload is not None and owner_workload != workload
     ):
-        raise GeneralCase("another owner: the general path refuses it")
+        return None  # another owner: the general path refuses it
     if token_id is not None and issuer is None:
-        raise GeneralCase("a token id without its issuer: the general path refuses it")
+        return None  # a token id without its issuer: the general path refuses it
     now = clock.now()
     job = JobView(
         job_id=new_id("j"),
