@@ -45,7 +45,11 @@ are dropped, the processes stopped and the dev-db leases revoked at the end, on 
 
     python bench/revocation.py [--n 1000] [--instances 2000] [--leases-per-instance 3]
                                [--roles dev-cert,dev-db] [--skip-single] [--skip-fleet]
-                               [--crl-on-revoke] [--skip-dead] [--dead-runs 20]
+                               [--crl-on-revoke] [--skip-dead] [--dead-runs 20] [--pin]
+
+``--pin`` puts the brokers on CPU 0 and OpenBao and this client on CPU 1 (PostgreSQL, the
+machine's shared server, is not pinned), so the broker's CPU no longer comes out of
+OpenBao's share; both paths then have one core for OpenBao.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import procstat  # noqa: E402
 from bench.exchange import bench_config, pct, run_phase, start_broker, wait_ready  # noqa: E402
 from broker.dev.issuer import DevIssuer  # noqa: E402
 from broker.dev.openbao import OpenBaoDevServer, free_port  # noqa: E402
@@ -230,6 +235,7 @@ class Env:
     issuer_runner: web.AppRunner | None = None
     admin_token: str = ""
     crl_auto_rebuild: bool = True
+    pin: bool = False  # brokers on CPU 0, OpenBao and this client on CPU 1
 
     def __post_init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -240,6 +246,10 @@ class Env:
         self.pg = find_or_start_postgres(self.work)
         self.bao = OpenBaoDevServer(self.work / "openbao")
         self.bao.start()
+        if self.pin and self.bao.proc is not None:
+            # PostgreSQL is the machine's shared server: not pinned.
+            procstat.pin(self.bao.proc.pid, {1})
+            procstat.pin(os.getpid(), {1})
         self.setup = bootstrap_dev(
             self.bao.addr, self.bao.root_token, postgres_url=self.pg.admin_url
         )
@@ -292,6 +302,8 @@ class Env:
             self.procs.append(start_broker(cfg, d))
             url = f"http://127.0.0.1:{port}"
             await wait_ready(http, url, d)
+            if self.pin:  # after start-up: threads started meanwhile are pinned too
+                procstat.pin(self.procs[-1].pid, {0})
             clients.append(BrokerClient(http, url, self.admin_token))
         return clients
 
@@ -738,6 +750,11 @@ async def main() -> None:
     ap.add_argument("--skip-dead", action="store_true", help="skip terminate → credential dead")
     ap.add_argument("--dead-runs", type=int, default=DEAD_RUNS)
     ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the brokers to CPU 0, OpenBao and this client to CPU 1",
+    )
+    ap.add_argument(
         "--time-limit",
         type=float,
         default=480,
@@ -751,7 +768,9 @@ async def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="broker-bench-revocation-"))
     os.chmod(work, 0o755)
-    env = Env(work, crl_auto_rebuild=not args.crl_on_revoke)
+    if args.pin and (os.cpu_count() or 1) < 2:
+        ap.error("--pin: needs two CPUs")
+    env = Env(work, crl_auto_rebuild=not args.crl_on_revoke, pin=args.pin)
     singles: list[dict[str, Any]] = []
     swarm: dict[str, Any] | None = None
     dead: dict[str, Any] | None = None
@@ -759,6 +778,13 @@ async def main() -> None:
     limit = asyncio.timeout(args.time_limit)
     try:
         await env.start()
+        print(
+            "pinned: brokers on CPU 0, OpenBao and this client on CPU 1, PostgreSQL unpinned "
+            "(the machine's shared server)"
+            if args.pin
+            else "unpinned: brokers, OpenBao, PostgreSQL and this client share every CPU",
+            flush=True,
+        )
         connector = aiohttp.TCPConnector(limit=64)
         timeout = aiohttp.ClientTimeout(total=120)
         async with (

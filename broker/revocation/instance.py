@@ -23,9 +23,11 @@ For one instance, in this order (see DESIGN: revoking a token only *queues* its 
    path, issued under it, that step 0's LIST showed (Vault revokes them at half the CPU
    of a request each);
 3. confirm with Vault that each lease is gone, as in step 0, polling while Vault works
-   through what the token queued, and revoke explicitly what it still holds then; a LIST's
-   silence counts as gone only for a lease a LIST of this pass showed and a revocation of
-   ours covers (stamped), or whose synchronous revocation Vault answered; a lease gone
+   through what the token queued, and revoke explicitly what it still holds then; a lease
+   whose synchronous revocation Vault answered is gone by that answer (Vault answers once
+   it has removed the lease) and is not asked about again; a LIST's silence counts as
+   gone only for a lease a LIST of this pass showed and a revocation of ours covers
+   (stamped); a lease gone
    that no revocation of ours covers is settled as one Vault forgot (expired, confirmed
    dead, else ``lost``); only the others are marked ``revoked``;
 4. a lease still ``issuing`` is waited for (its request is in flight) up to a bound, then
@@ -301,16 +303,26 @@ class InstancePass:
         # left to the token are waited for while Vault works through them; what it still
         # holds after that is revoked explicitly, for Vault's own answer.
         # A LIST's silence about a lease is taken for gone only for one a LIST of this pass
-        # showed and our revocation covers, or whose synchronous revocation Vault
-        # answered; any other is looked up.
+        # showed and our revocation covers; any other is looked up. A lease whose
+        # synchronous revocation Vault answered is not asked about again: Vault answers
+        # only once the lease is removed (or if it had none, which no later question
+        # could tell apart either).
         ids = [str(lease.vault_lease_id) for lease in recorded]
         trusted = {
             str(lease.vault_lease_id)
             for lease in recorded
-            if outcomes.get(lease.lease_id) is True
-            or (lease.vault_lease_id in listed and lease.lease_id in confirmed.covered)
+            if lease.vault_lease_id in listed and lease.lease_id in confirmed.covered
         }
-        held = await self._holdings.held(ids, trusted=trusted)
+
+        def unanswered() -> list[str]:
+            done = {
+                str(lease.vault_lease_id)
+                for lease in recorded
+                if outcomes.get(lease.lease_id) is True
+            }
+            return [i for i in ids if i not in done]
+
+        held = await self._holdings.held(unanswered(), trusted=trusted)
         if by_token and held:
             held = await self._holdings.wait_for_queue(
                 [i for i in ids if i in held], trusted=trusted, stopping=confirmed.halt
@@ -321,7 +333,7 @@ class InstancePass:
                 outcomes.update(
                     (lease.lease_id, o) for lease, o in zip(stragglers, late, strict=True)
                 )
-                held = await self._holdings.held(ids, trusted=trusted)
+                held = await self._holdings.held(unanswered(), trusted=trusted)
         gone = [lease for lease in recorded if lease.vault_lease_id not in held]
         # Gone without a revocation of ours in effect for it (its own refused and taken
         # back, no token of ours left to cover it): not ours to call revoked; settled as

@@ -424,8 +424,32 @@ async def test_vault_as_an_ha_cluster_is_asked_lease_by_lease_and_nothing_is_lef
     await _pass(worker, ledger)
     assert vault.lists == 0
     assert len([k for k, _ in vault.log if k == "revoke"]) == 20
-    assert len(vault.lookups) == 40  # before, and after the revocations
+    # Before the revocations only: Vault answered each synchronous revocation once the
+    # lease was gone, and is not asked again.
+    assert sorted(vault.lookups) == sorted(f"database/creds/r/v{i:03}" for i in range(20))
     assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+
+
+async def test_only_a_lease_whose_revocation_vault_did_not_answer_is_asked_about_after() -> None:
+    """One refused (Vault still holds it after the token's revocation, which then fails
+    the pass), one timed out (it may or may not have been done), one answered."""
+    worker, vault, ledger = _setup(3)
+    vault.token_known = False  # the token takes nothing with it
+    vault.fail["database/creds/r/v001"] = REFUSED
+    vault.fail["database/creds/r/v002"] = TIMED_OUT
+    with pytest.raises(UpstreamUnavailable):
+        await _pass(worker, ledger)
+    assert ledger.ended == {}  # Vault away: the pass ends before its check
+    vault.fail.pop("database/creds/r/v002")
+    vault.lookups.clear()
+    with pytest.raises(UpstreamRejected):
+        await _pass(worker, ledger)
+    # v000 was answered in the first pass; the second asks about it once (step 0: a
+    # stamp stands for it, so it is not taken for forgotten) and not after.
+    assert vault.lookups.count("database/creds/r/v000") == 1
+    assert vault.lookups.count("database/creds/r/v001") == 2  # before, and after: held
+    assert vault.lookups.count("database/creds/r/v002") == 1  # answered this time
+    assert "l-1" not in ledger.ended and ledger.ended["l-2"] is LeaseState.REVOKED
 
 
 async def test_a_listing_that_lags_later_in_the_pass_never_ends_a_lease_vault_holds() -> None:
