@@ -105,9 +105,9 @@ class Holdings:
         each, and every one when Vault runs as an HA cluster (a LIST may then come from
         a standby that lags). A lease Vault will not answer for counts as held. A lease the
         LIST lacks counts as gone only if it is ``trusted`` (the caller's word: a LIST of
-        this pass showed it and a revocation of ours covers it, or Vault answered its
-        synchronous revocation); any other is looked up: a listing alone is no proof that
-        a lease is gone."""
+        this pass showed it and a revocation of ours covers it); any other is looked up:
+        a listing alone is no proof that a lease is gone. (A lease whose synchronous
+        revocation Vault answered is not asked about at all: the answer says it is gone.)"""
         by_path: dict[str, list[str]] = {}
         for lease_id in vault_lease_ids:
             by_path.setdefault(lease_id.rsplit("/", 1)[0], []).append(lease_id)

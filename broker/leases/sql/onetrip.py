@@ -35,7 +35,7 @@ _TERMINATION_READ = (
 )
 _REQUEST_TERMINATION = (
     "SELECT broker_request_termination($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
-    "$13, $14, $15, $16, $17)"
+    "$13, $14, $15, $16, $17, $18)"
 )
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
 
@@ -254,6 +254,7 @@ async def request_termination(
         event["at"],
         event["actor"],
         event["action"],
+        event["reason"],
         event["detail"],
         event["unsequenced"],
     )

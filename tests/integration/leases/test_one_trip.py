@@ -486,7 +486,7 @@ class _Meddling:
         return await self._trip.fetchval(query, *args)
 
 
-@pytest.mark.parametrize("meddle", ["terminated", "other_owner"])
+@pytest.mark.parametrize("meddle", ["terminated", "other_workload", "other_issuer", "job"])
 async def test_a_row_that_changed_after_the_read_sends_the_termination_to_the_general_path(
     pair, meddle
 ):
@@ -498,11 +498,19 @@ async def test_a_row_that_changed_after_the_read_sends_the_termination_to_the_ge
         if meddle == "terminated":
             await general.termination.request_termination(instance, actor="operator:other")
             return
+        statement = {
+            "other_workload": "UPDATE instances SET workload = 'w9' WHERE instance_id = :i",
+            "other_issuer": "UPDATE instances SET issuer_name = 'x9' WHERE instance_id = :i",
+            # Never so in the store (a job comes with the tombstone): the function's own
+            # check, held to its word.
+            "job": (
+                "INSERT INTO revocation_jobs (job_id, instance_id, state, attempts, "
+                "next_attempt_at, requested_by, created_at, updated_at) "
+                "VALUES ('j-meddled', :i, 'done', 0, now(), 'x', now(), now())"
+            ),
+        }[meddle]
         async with general.database.transaction() as conn:
-            await conn.execute(
-                text("UPDATE instances SET workload = 'w9' WHERE instance_id = :i"),
-                {"i": instance},
-            )
+            await conn.execute(text(statement), {"i": instance})
 
     assert fast.database.one_trip is not None
     before: list[tuple[int, ...]] = []

@@ -430,6 +430,20 @@ async def test_vault_as_an_ha_cluster_is_asked_lease_by_lease_and_nothing_is_lef
     assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
 
 
+async def test_vault_as_an_ha_cluster_confirms_what_the_token_took_lease_by_lease() -> None:
+    """Step 3 asks about leases whose own revocation Vault refused and the token's took:
+    twenty under one path, which a single node would list; an HA cluster is asked one by
+    one."""
+    worker, vault, ledger = _setup(20)
+    vault.alone = False
+    for i in range(20):
+        vault.fail[f"database/creds/r/v{i:03}"] = REFUSED
+    await _pass(worker, ledger)
+    assert vault.lists == 0
+    assert len(vault.lookups) == 40  # before, and after the token's revocation
+    assert ledger.ended == {f"l-{i}": LeaseState.REVOKED for i in range(20)}
+
+
 async def test_only_a_lease_whose_revocation_vault_did_not_answer_is_asked_about_after() -> None:
     """One refused (Vault still holds it after the token's revocation, which then fails
     the pass), one timed out (it may or may not have been done), one answered."""
@@ -447,6 +461,7 @@ async def test_only_a_lease_whose_revocation_vault_did_not_answer_is_asked_about
     # v000 was answered in the first pass; the second asks about it once (step 0: a
     # stamp stands for it, so it is not taken for forgotten) and not after.
     assert vault.lookups.count("database/creds/r/v000") == 1
+    assert ledger.ended["l-0"] is LeaseState.REVOKED  # its first pass's stamp covers it
     assert vault.lookups.count("database/creds/r/v001") == 2  # before, and after: held
     assert vault.lookups.count("database/creds/r/v002") == 1  # answered this time
     assert "l-1" not in ledger.ended and ledger.ended["l-2"] is LeaseState.REVOKED

@@ -36,8 +36,8 @@ CREATE OR REPLACE FUNCTION broker_request_termination(
     p_instance text, p_owner text, p_owner_workload text, p_jti text,
     p_jti_issuer text, p_jti_expires timestamptz, p_job_id text, p_requested_by text,
     p_reason text, p_incident text, p_now timestamptz,
-    p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_detail text,
-    p_unsequenced bytea
+    p_tag bytea, p_at timestamptz, p_actor text, p_action text, p_event_reason text,
+    p_detail text, p_unsequenced bytea
 ) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     st text;
@@ -73,7 +73,7 @@ BEGIN
             p_incident, p_now, p_now);
     PERFORM audit_append(
         p_tag, p_at, ARRAY[p_actor], ARRAY[p_action], ARRAY[p_instance], ARRAY[NULL::text],
-        ARRAY['ok'], ARRAY[p_reason], ARRAY[p_detail], ARRAY[p_unsequenced]);
+        ARRAY['ok'], ARRAY[p_event_reason], ARRAY[p_detail], ARRAY[p_unsequenced]);
     RETURN seen OR EXISTS (SELECT 1 FROM leases WHERE instance_id = p_instance);
 END
 $$
