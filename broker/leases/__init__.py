@@ -13,9 +13,7 @@ from broker.leases.records import (
     IssuanceRecords,
     ReconcileRecords,
     ReplayRecords,
-    RevocationJobRecords,
     SightingRecords,
-    TerminationRecords,
 )
 from broker.leases.selection import (
     BlastRadius,
@@ -25,6 +23,7 @@ from broker.leases.selection import (
     TerminationBatch,
 )
 from broker.leases.states import LIVE_LEASE_STATES, InstanceState, JobState, LeaseState
+from broker.leases.termination_records import RevocationJobRecords, TerminationRecords
 from broker.leases.views import (
     AuditEventView,
     AuditSelection,

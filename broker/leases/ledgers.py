@@ -14,10 +14,9 @@ from broker.leases.records import (
     IssuanceRecords,
     ReconcileRecords,
     ReplayRecords,
-    RevocationJobRecords,
     SightingRecords,
-    TerminationRecords,
 )
+from broker.leases.termination_records import RevocationJobRecords, TerminationRecords
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ async def test_0009_adds_the_reconciler_indexes_and_a_downgrade_drops_them(backe
             await asyncio.to_thread(pg.drop_database, name)
 
 
-async def test_0010_adds_the_termination_function_and_a_downgrade_drops_it(pg):
+async def test_0010_adds_the_termination_functions_and_a_downgrade_drops_them(pg):
     """PostgreSQL only (SQLite gets nothing): down to 0009 and up again."""
     from sqlalchemy import create_engine, text
 
@@ -203,14 +203,15 @@ async def test_0010_adds_the_termination_function_and_a_downgrade_drops_it(pg):
             query = text("SELECT proname FROM pg_proc WHERE proname LIKE 'broker_%'")
             return {r[0] for r in conn.execute(query)}
 
+    added = {"broker_request_termination", "broker_finish_job"}
     try:
         await asyncio.to_thread(migrate, url)
-        assert "broker_request_termination" in await asyncio.to_thread(functions)
+        assert added <= await asyncio.to_thread(functions)
         await asyncio.to_thread(command.downgrade, alembic_config(url), "0009")
         left = await asyncio.to_thread(functions)
-        assert "broker_request_termination" not in left and "broker_begin_issue" in left
+        assert not added & left and "broker_begin_issue" in left
         await asyncio.to_thread(migrate, url)
-        assert "broker_request_termination" in await asyncio.to_thread(functions)
+        assert added <= await asyncio.to_thread(functions)
     finally:
         engine.dispose()
         await asyncio.to_thread(pg.drop_database, name)

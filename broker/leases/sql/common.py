@@ -223,8 +223,14 @@ def pending_event(
 def event_arguments(event: _Pending, at: datetime) -> dict[str, Any]:
     """One event's ``audit_append`` arguments as scalars, for a server-side function that
     appends it itself."""
-    columns = append_arguments([event], _documents([event], at), at)
+    columns = events_arguments([event], at)
     return {k: v if k in ("tag", "at") else v[0] for k, v in columns.items()}
+
+
+def events_arguments(events: list[_Pending], at: datetime) -> dict[str, Any]:
+    """Events' ``audit_append`` arguments, column by column, in their order, for a
+    server-side function that appends them itself (in one transaction, one time)."""
+    return append_arguments(events, _documents(events, at), at)
 
 
 async def lock_instance(

@@ -12,12 +12,27 @@ byte for byte (the tests run both paths side by side).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from broker.clock import Clock
-from broker.leases.sql.common import event_arguments, iso, pending_event
-from broker.leases.states import COUNTED_LEASE_STATES, InstanceState, JobState, LeaseState
+from broker.leases.sql.common import (
+    AUDIT_MAX_IDS,
+    event_arguments,
+    events_arguments,
+    iso,
+    pending_event,
+)
+from broker.leases.states import (
+    COUNTED_LEASE_STATES,
+    LIVE_LEASE_STATES,
+    InstanceState,
+    JobState,
+    LeaseState,
+    job_can_move,
+    lease_can_move,
+)
 from broker.leases.views import IssuingRow, JobView, LeaseLimit, new_id
 
 _BEGIN = "SELECT broker_begin_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
@@ -38,6 +53,13 @@ _REQUEST_TERMINATION = (
     "$13, $14, $15, $16, $17, $18)"
 )
 _COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
+_FINISH_JOB = (
+    "SELECT broker_finish_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+)
+# The live states a lease moves to ``revoked`` from (``mark_leases_ended``), and the live
+# states a job cannot end with.
+_REVOCABLE = sorted(s.value for s in LIVE_LEASE_STATES if lease_can_move(s, LeaseState.REVOKED))
+_LIVE = sorted(s.value for s in LIVE_LEASE_STATES)
 
 
 class OneTrip(Protocol):
@@ -259,3 +281,63 @@ async def request_termination(
         event["unsequenced"],
     )
     return job, not seen
+
+
+async def finish_job(
+    trip: OneTrip,
+    clock: Clock,
+    job: JobView,
+    *,
+    worker: str,
+    tokens: Sequence[str],
+    revoked: Sequence[str],
+    actor: str,
+) -> None:
+    """Record what the job's last pass confirmed (``tokens`` revoked, leases ``revoked``
+    by ``actor``) and end the job and its instance, with the events the general path
+    (``revocation.record_confirmed`` and ``jobs.finish_job``) appends, in its order.
+    Raises ``GeneralCase`` having written nothing unless every token and lease moves, no
+    lease of the instance is left live and the job still runs under ``worker``'s claim.
+    Raises ``ValueError`` if the job state table forbids running -> done (a bug), as the
+    general path does."""
+    if not job_can_move(JobState.RUNNING, JobState.DONE):
+        raise ValueError("a revocation job cannot move from running to done")
+    now = clock.now()
+    instance = job.instance_id
+    events = [
+        pending_event("revocation", "instance.token_revoked", instance_id=instance)
+        for _ in tokens
+    ]
+    if revoked:
+        events.append(
+            pending_event(
+                actor,
+                f"leases.{LeaseState.REVOKED.value}",
+                instance_id=instance,
+                count=len(revoked),
+                lease_ids=sorted(revoked)[:AUDIT_MAX_IDS],
+            )
+        )
+    events.append(
+        pending_event(
+            f"revocation:{worker}", "instance.terminated", instance_id=instance, job_id=job.job_id
+        )
+    )
+    columns = events_arguments(events, now)
+    await trip.fetchval(
+        _FINISH_JOB,
+        job.job_id,
+        instance,
+        worker[:64],
+        list(tokens),
+        list(revoked),
+        _REVOCABLE,
+        _LIVE,
+        now,
+        columns["tag"],
+        columns["at"],
+        columns["actor"],
+        columns["action"],
+        columns["detail"],
+        columns["unsequenced"],
+    )

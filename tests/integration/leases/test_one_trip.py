@@ -18,13 +18,13 @@ from sqlalchemy import select, text
 from broker.audit.service import AuditVerification
 from broker.clock import FixedClock
 from broker.errors import InstanceTerminated, LeaseLimitReached, Locked, NotPermitted, TokenInvalid
-from broker.leases import Database, IssuingRow, LeaseLimit, Ledgers
+from broker.leases import Database, IssuingRow, LeaseLimit, LeasesStillLive, Ledgers
 from broker.leases import models as m
 from broker.leases.database import GeneralCase, OneTrip
 from broker.leases.locks import LockSubject
 from broker.leases.migrations import migrate
 from broker.leases.settings import StoreSettings
-from broker.leases.sql import jobs, onetrip
+from broker.leases.sql import jobs, onetrip, revocation
 from broker.leases.sql.common import INSTANCE_LOCK_CLASS
 from tests.harness.wait import eventually
 from tests.integration.leases.support import T0
@@ -533,3 +533,124 @@ async def test_a_row_that_changed_after_the_read_sends_the_termination_to_the_ge
             self_terminated=False,
         )
     assert await _counts(fast) == before[0]  # the function wrote nothing
+
+
+# A job's end in one round trip (migration 0010) against the general path.
+
+
+async def _terminated_with_leases(s: Ledgers, instance: str, n: int = 2) -> tuple[Any, list[str]]:
+    """An instance with ``n`` active leases and a token, terminated, its job claimed by
+    ``w``: (the job, the lease ids)."""
+    leases = []
+    for k in range(n):
+        ticket = await _begin(s, instance, limit=None)
+        if k == 0:
+            await s.issuance.record_token(
+                instance_id=instance, accessor=f"acc-{instance}", expires_at=T0 + timedelta(hours=1)
+            )
+        await _complete(s, ticket, f"database/creds/db/{instance}-{k}")
+        leases.append(ticket.lease_id)
+    await s.termination.request_termination(instance, actor="operator:o")
+    [job] = await s.jobs.claim_jobs(worker="w", limit=1, claim_for=timedelta(seconds=60))
+    assert job.instance_id == instance
+    return job, leases
+
+
+async def _end_story(s: Ledgers, instance: str) -> dict[str, Any]:
+    row = (await _rows(s, m.Instance, m.Instance.instance_id == instance))[0]
+    job = (await _rows(s, m.RevocationJob, m.RevocationJob.instance_id == instance))[0]
+    leases = await _rows(s, m.Lease, m.Lease.instance_id == instance)
+    tokens = await _rows(s, m.InstanceToken, m.InstanceToken.instance_id == instance)
+    events = await _rows(s, m.AuditEvent, m.AuditEvent.instance_id == instance)
+    ended = ("instance.token_revoked", "leases.revoked", "instance.terminated")
+    return {
+        "instance": _without(row, "instance_id"),
+        "job": _without(job, "job_id", "instance_id"),
+        "leases": sorted(
+            (_without(r, "lease_id", "instance_id", "vault_lease_id") for r in leases),
+            key=lambda r: str(sorted(r.items(), key=str)),
+        ),
+        "tokens": [_without(r, "accessor", "instance_id") for r in tokens],
+        "events": [
+            {
+                **_without(e, "id", "seq", "prev_hash", "hash", "instance_id", "lease_id"),
+                "detail": _without(e["detail"], "job_id", "lease_ids"),
+                "lease_count": len(e["detail"].get("lease_ids", [])),
+            }
+            for e in sorted(events, key=lambda e: e["seq"])
+            if e["action"] in ended
+        ],
+    }
+
+
+async def test_a_jobs_end_leaves_what_the_general_path_leaves(pair, monkeypatch):
+    fast, general = pair
+    stories = []
+    for s in (fast, general):
+        if s is fast:  # served in one round trip: the general path is not run at all
+
+            async def not_here(*_: Any, **__: Any) -> None:
+                raise AssertionError("the general path ran")
+
+            monkeypatch.setattr(revocation, "record_confirmed", not_here)
+        else:
+            monkeypatch.undo()
+        instance = _instance()
+        job, leases = await _terminated_with_leases(s, instance)
+        assert await s.ending.mark_revoke_sent(leases, T0) == 2
+        done = await s.jobs.finish_job(
+            job, worker="w", tokens=[f"acc-{instance}"], revoked=leases, actor="revocation:w"
+        )
+        assert done is True
+        stories.append(await _end_story(s, instance))
+    assert stories[0] == stories[1]
+    story = stories[0]
+    assert [e["action"] for e in story["events"]] == [
+        "instance.token_revoked",
+        "leases.revoked",
+        "instance.terminated",
+    ]
+    assert story["events"][1]["lease_count"] == 2 and story["job"]["state"] == "done"
+    assert {lease["state"] for lease in story["leases"]} == {"revoked"}
+    report = await AuditVerification(fast.chain).verify()
+    assert report.ok, report.findings
+
+
+@pytest.mark.parametrize("case", ["claim_lapsed", "live_lease", "token_recorded", "unstamped"])
+async def test_every_other_jobs_end_gets_the_general_paths_answer(pair, case):
+    fast, general = pair
+    answers, stories = [], []
+    for s in (fast, general):
+        instance = _instance()
+        job, leases = await _terminated_with_leases(s, instance)
+        stamped = leases if case != "unstamped" else leases[:1]
+        await s.ending.mark_revoke_sent(stamped, T0)
+        revoked = leases if case != "live_lease" else leases[:1]
+        tokens = [f"acc-{instance}"]
+        if case == "claim_lapsed":
+            async with s.database.transaction() as conn:
+                await conn.execute(
+                    text("UPDATE revocation_jobs SET claimed_by = 'other' WHERE job_id = :j"),
+                    {"j": job.job_id},
+                )
+        elif case == "token_recorded":  # an earlier pass recorded it, then stopped short
+            await s.jobs.record_confirmed(instance, tokens=tokens, revoked=[], actor="revocation:w")
+        before = await _counts(s)
+        try:
+            answer: Any = await s.jobs.finish_job(
+                job, worker="w", tokens=tokens, revoked=revoked, actor="revocation:w"
+            )
+        except LeasesStillLive as exc:
+            answer = type(exc).__name__
+        answers.append(answer)
+        after = await _counts(s)
+        written = [a - b for a, b in zip(after, before, strict=True)]
+        stories.append((written, await _end_story(s, instance)))
+    assert answers[0] == answers[1]
+    assert stories[0] == stories[1]
+    assert answers[0] == {
+        "claim_lapsed": False,
+        "live_lease": "LeasesStillLive",
+        "token_recorded": True,
+        "unstamped": "LeasesStillLive",
+    }[case]

@@ -1,7 +1,8 @@
-"""one round trip for a termination on PostgreSQL: ``broker_request_termination`` tombstones
-an active instance, queues its revocation job and appends the
-``instance.terminate_requested`` event server-side, and says whether the broker ever saw
-the instance
+"""one round trip for a termination and for its job's end on PostgreSQL:
+``broker_request_termination`` tombstones an active instance, queues its revocation job
+and appends the ``instance.terminate_requested`` event server-side, and says whether the
+broker ever saw the instance; ``broker_finish_job`` records what a job's last pass
+confirmed and ends the job and the instance
 
 It serves the common case only: an active instance, with the issuer and workload the
 caller read a moment before (the event names them), no revocation job yet and, for an
@@ -12,6 +13,14 @@ the caller runs the general path (``broker.leases.sql.jobs.request_termination``
 decides it as before. It takes the instance's exclusive advisory lock first, as the
 general path does (``broker.leases.sql.common.lock_instance``), so it waits for every
 issuance in flight and the job's first pass sees their rows.
+
+``broker_finish_job`` serves the common case of a job's end: every token and lease the
+pass confirmed moves (the tokens not yet recorded revoked, the leases live and stamped,
+all of the instance), no lease of the instance is left live, and the job still runs
+under this worker's claim. Otherwise it raises ``BR001`` having written nothing, and
+``broker.leases.sql.revocation.record_confirmed`` with ``broker.leases.sql.jobs.finish_job``
+decide as before (what moved, a lease still live, a claim another worker took). It locks
+the instance as the general path does: the advisory lock, then the row.
 
 SQLite has none of it: its one writer at a time needs no round trip saved.
 
@@ -80,11 +89,60 @@ $$
 """
 
 
+_FINISH_JOB = """
+CREATE OR REPLACE FUNCTION broker_finish_job(
+    p_job_id text, p_instance text, p_worker text, p_tokens text[], p_leases text[],
+    p_sources text[], p_live text[], p_now timestamptz,
+    p_tag bytea, p_at timestamptz, p_actors text[], p_actions text[], p_details text[],
+    p_unsequenced bytea[]
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    moved integer;
+    n integer := cardinality(p_actions);
+BEGIN
+    PERFORM pg_advisory_xact_lock(@CLASS@, hashtext(p_instance));
+    PERFORM 1 FROM instances WHERE instance_id = p_instance FOR UPDATE;
+    UPDATE instance_tokens SET revoked_at = p_now
+    WHERE accessor = ANY (p_tokens) AND revoked_at IS NULL AND instance_id = p_instance;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    IF moved <> cardinality(p_tokens) THEN
+        RAISE EXCEPTION 'not every token moved' USING ERRCODE = 'BR001';
+    END IF;
+    UPDATE leases SET state = 'revoked', ended_at = p_now, updated_at = p_now
+    WHERE lease_id = ANY (p_leases) AND state = ANY (p_sources)
+      AND revoke_sent_at IS NOT NULL AND instance_id = p_instance;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    IF moved <> cardinality(p_leases) THEN
+        RAISE EXCEPTION 'not every lease moved' USING ERRCODE = 'BR001';
+    END IF;
+    IF EXISTS (SELECT 1 FROM leases WHERE instance_id = p_instance AND state = ANY (p_live))
+    THEN
+        RAISE EXCEPTION 'a lease is still live' USING ERRCODE = 'BR001';
+    END IF;
+    UPDATE revocation_jobs SET state = 'done', completed_at = p_now, updated_at = p_now,
+        claimed_until = NULL, last_error = NULL
+    WHERE job_id = p_job_id AND state = 'running' AND claimed_by = p_worker;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the claim is not ours' USING ERRCODE = 'BR001';
+    END IF;
+    UPDATE instances SET state = 'terminated', terminated_at = p_now, updated_at = p_now
+    WHERE instance_id = p_instance;
+    PERFORM audit_append(
+        p_tag, p_at, p_actors, p_actions, array_fill(p_instance, ARRAY[n]),
+        array_fill(NULL::text, ARRAY[n]), array_fill('ok'::text, ARRAY[n]),
+        array_fill(NULL::text, ARRAY[n]), p_details, p_unsequenced);
+END
+$$
+"""
+
+
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_REQUEST_TERMINATION.replace("@CLASS@", str(_CLASS)))
+        op.execute(_FINISH_JOB.replace("@CLASS@", str(_CLASS)))
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS broker_finish_job")
         op.execute("DROP FUNCTION IF EXISTS broker_request_termination")
