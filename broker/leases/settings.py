@@ -13,9 +13,10 @@ class StoreSettings(Frozen):
     url: str = Field("sqlite:///broker.db", repr=False)
     pool_size: int = Field(20, ge=1, le=200)
     connect_timeout_s: float = Field(5.0, gt=0, le=60)
-    # PostgreSQL: issuance's common case in one round trip per step (server-side
-    # functions, on a second pool of up to ``pool_size`` connections). Off: every step on
-    # the general path, a transaction of several statements (the same answers, slower).
+    # PostgreSQL: the common case of issuance's steps, of a termination and of a
+    # revocation job's end in one round trip each (server-side functions, on a second
+    # pool of up to ``pool_size`` connections). Off: every step on the general path, a
+    # transaction of several statements (the same answers, slower).
     one_round_trip: bool = True
 
     @field_validator("url")

@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 from broker.audit.service import AuditVerification
 from broker.clock import FixedClock
 from broker.errors import InstanceTerminated, LeaseLimitReached, Locked, NotPermitted, TokenInvalid
-from broker.leases import Database, IssuingRow, LeaseLimit, LeasesStillLive, Ledgers
+from broker.leases import Database, IssuingRow, LeaseLimit, LeasesStillLive, LeaseState, Ledgers
 from broker.leases import models as m
 from broker.leases.database import GeneralCase, OneTrip
 from broker.leases.locks import LockSubject
@@ -583,7 +583,9 @@ async def _end_story(s: Ledgers, instance: str) -> dict[str, Any]:
     }
 
 
-async def test_a_jobs_end_leaves_what_the_general_path_leaves(pair, monkeypatch):
+@pytest.mark.parametrize("confirmed", [2, 0])
+async def test_a_jobs_end_leaves_what_the_general_path_leaves(pair, monkeypatch, confirmed):
+    """Two leases and the token confirmed; or only the token (the leases ended before)."""
     fast, general = pair
     stories = []
     for s in (fast, general):
@@ -597,26 +599,39 @@ async def test_a_jobs_end_leaves_what_the_general_path_leaves(pair, monkeypatch)
             monkeypatch.undo()
         instance = _instance()
         job, leases = await _terminated_with_leases(s, instance)
-        assert await s.ending.mark_revoke_sent(leases, T0) == 2
+        if confirmed:
+            assert await s.ending.mark_revoke_sent(leases, T0) == 2
+        else:
+            for lease_id in leases:
+                assert await s.issuance.end_lease(lease_id, LeaseState.RELEASED, "workload")
+        revoked = leases if confirmed else []
         done = await s.jobs.finish_job(
-            job, worker="w", tokens=[f"acc-{instance}"], revoked=leases, actor="revocation:w"
+            job, worker="w", tokens=[f"acc-{instance}"], revoked=revoked, actor="revocation:w"
         )
         assert done is True
+        events = await _rows(s, m.AuditEvent, m.AuditEvent.instance_id == instance)
+        said = {e["action"]: e["detail"] for e in events}
+        assert said["instance.terminated"]["job_id"] == job.job_id
+        if confirmed:
+            assert said["leases.revoked"]["lease_ids"] == sorted(leases)
         stories.append(await _end_story(s, instance))
     assert stories[0] == stories[1]
     story = stories[0]
     assert [e["action"] for e in story["events"]] == [
         "instance.token_revoked",
-        "leases.revoked",
+        *(["leases.revoked"] if confirmed else []),
         "instance.terminated",
     ]
-    assert story["events"][1]["lease_count"] == 2 and story["job"]["state"] == "done"
-    assert {lease["state"] for lease in story["leases"]} == {"revoked"}
+    assert story["job"]["state"] == "done" and story["instance"]["state"] == "terminated"
+    assert {lease["state"] for lease in story["leases"]} == {"revoked" if confirmed else "released"}
     report = await AuditVerification(fast.chain).verify()
     assert report.ok, report.findings
 
 
-@pytest.mark.parametrize("case", ["claim_lapsed", "live_lease", "token_recorded", "unstamped"])
+_OTHER_ENDS = ["claim_lapsed", "live_lease", "token_recorded", "unstamped", "ended_meanwhile"]
+
+
+@pytest.mark.parametrize("case", _OTHER_ENDS)
 async def test_every_other_jobs_end_gets_the_general_paths_answer(pair, case):
     fast, general = pair
     answers, stories = [], []
@@ -635,6 +650,22 @@ async def test_every_other_jobs_end_gets_the_general_paths_answer(pair, case):
                 )
         elif case == "token_recorded":  # an earlier pass recorded it, then stopped short
             await s.jobs.record_confirmed(instance, tokens=tokens, revoked=[], actor="revocation:w")
+        elif case == "ended_meanwhile":  # confirmed gone, then released by its workload
+            assert await s.issuance.end_lease(leases[1], LeaseState.RELEASED, "workload")
+        if s is fast:  # the function itself writes nothing and hands it on
+            assert fast.database.one_trip is not None
+            untouched = await _end_story(s, instance)
+            with pytest.raises(GeneralCase):
+                await onetrip.finish_job(
+                    fast.database.one_trip,
+                    FixedClock(T0),
+                    job,
+                    worker="w",
+                    tokens=tokens,
+                    revoked=revoked,
+                    actor="revocation:w",
+                )
+            assert await _end_story(s, instance) == untouched
         before = await _counts(s)
         try:
             answer: Any = await s.jobs.finish_job(
@@ -653,4 +684,26 @@ async def test_every_other_jobs_end_gets_the_general_paths_answer(pair, case):
         "live_lease": "LeasesStillLive",
         "token_recorded": True,
         "unstamped": "LeasesStillLive",
+        "ended_meanwhile": True,
     }[case]
+    if case == "ended_meanwhile":  # the general path's count: what moved, not what was said
+        leases_revoked = [e for e in stories[0][1]["events"] if e["action"] == "leases.revoked"]
+        assert [e["detail"]["count"] for e in leases_revoked] == [1]
+
+
+async def test_a_jobs_end_waits_for_an_issuance_holding_the_instances_lock(pair):
+    fast, general = pair
+    instance = _instance()
+    job, leases = await _terminated_with_leases(fast, instance)
+    await fast.ending.mark_revoke_sent(leases, T0)
+    async with general.database.transaction() as conn:
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock_shared(:c, hashtext(:i))"),
+            {"c": INSTANCE_LOCK_CLASS, "i": instance},
+        )
+        ending = asyncio.create_task(
+            fast.jobs.finish_job(job, worker="w", tokens=[], revoked=leases, actor="revocation:w")
+        )
+        await eventually(lambda: _waiting_for_instance_lock(fast), "the job's end waits")
+        assert not ending.done()
+    assert await ending is True
