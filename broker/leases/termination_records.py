@@ -142,7 +142,8 @@ class RevocationJobRecords:
     ) -> bool:
         """Record what the pass confirmed (``tokens`` revoked, leases ``revoked``, by
         ``actor``), then mark the job done and the instance terminated: one transaction,
-        so a job's end costs one commit and one append to the audit chain. Refuses
+        so a job's end costs one commit and one append to the audit chain (one round
+        trip, on PostgreSQL's common case: ``onetrip.finish_job``). Refuses
         (``LeasesStillLive``) while any lease of the instance is still ``issuing`` or
         ``active``, after recording what was confirmed: the instance row is locked
         first, so no request can complete a lease between check and finish."""

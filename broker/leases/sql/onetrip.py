@@ -1,12 +1,13 @@
-"""Issuance's store steps, and a termination, in one round trip each on PostgreSQL: the
-server-side functions migrations 0008 and 0010 created, called on the ``Database``'s
-plain asyncpg pool.
+"""Issuance's store steps, a termination and a revocation job's end in one round trip
+each on PostgreSQL: the server-side functions migrations 0008 and 0010 created, called on
+the ``Database``'s plain asyncpg pool.
 
 Each serves the common case only (see the migrations) and raises ``GeneralCase`` having
-written nothing otherwise; ``broker.leases.records.IssuanceRecords`` and
-``TerminationRecords`` then run the general path (``broker.leases.sql.issuance``,
-``broker.leases.sql.jobs``), whose answers these must equal: same rows, same audit event,
-byte for byte (the tests run both paths side by side).
+written nothing otherwise (a termination's read may tell at once: None);
+``broker.leases.records.IssuanceRecords`` and ``broker.leases.termination_records`` then
+run the general path (``broker.leases.sql.issuance``, ``jobs``, ``revocation``), whose
+answers these must equal: same rows, same audit events, byte for byte (the tests run both
+paths side by side).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _COMPLETE = (
     "$13, $14, $15, $16, $17, $18, $19, $20, $21)"
 )
 _RECORD_TOKEN = "SELECT broker_record_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
 # The instance as a termination finds it, read without a lock: the event names its owner,
 # and the function below refuses to go on if the row no longer says what was read here.
 _TERMINATION_READ = (
@@ -52,7 +54,6 @@ _REQUEST_TERMINATION = (
     "SELECT broker_request_termination($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
     "$13, $14, $15, $16, $17, $18)"
 )
-_COUNTED = sorted(s.value for s in COUNTED_LEASE_STATES)
 _FINISH_JOB = (
     "SELECT broker_finish_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )

@@ -1,7 +1,7 @@
-"""PostgreSQL's one-round-trip issuance (``broker.leases.sql.onetrip``) against the general
-path it stands in for: the same rows and the same audit event for the common case, the
-general path's own answer (and nothing written) for every other case, and the instance
-lock that termination waits on."""
+"""PostgreSQL's one-round-trip issuance, termination and job's end
+(``broker.leases.sql.onetrip``) against the general path each stands in for: the same
+rows and the same audit events for the common case, the general path's own answer (and
+nothing written) for every other case, and the instance lock they wait on."""
 
 from __future__ import annotations
 
@@ -358,19 +358,25 @@ async def _ended(s: Ledgers, instance: str) -> dict[str, Any]:
     }
 
 
+def _general_path_only_for(general: bool, monkeypatch: Any, module: Any, name: str) -> None:
+    """The one-round-trip ledger must serve the case alone: its general path's step fails
+    the test if it runs; the general ledger gets it back."""
+    if general:
+        monkeypatch.undo()
+        return
+
+    async def not_here(*_: Any, **__: Any) -> None:
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(module, name, not_here)
+
+
 @pytest.mark.parametrize("how", ["operator", "self"])
 async def test_a_termination_leaves_what_the_general_path_leaves(pair, how, monkeypatch):
     fast, general = pair
     stories = []
     for s in (fast, general):
-        if s is fast:  # served in one round trip: the general path is not run at all
-
-            async def not_here(*_: Any, **__: Any) -> None:
-                raise AssertionError("the general path ran")
-
-            monkeypatch.setattr(jobs, "request_termination", not_here)
-        else:
-            monkeypatch.undo()
+        _general_path_only_for(s is general, monkeypatch, jobs, "request_termination")
         instance = _instance()
         ticket = await _begin(s, instance)
         await _complete(s, ticket, f"database/creds/db/{instance}")
@@ -589,14 +595,7 @@ async def test_a_jobs_end_leaves_what_the_general_path_leaves(pair, monkeypatch,
     fast, general = pair
     stories = []
     for s in (fast, general):
-        if s is fast:  # served in one round trip: the general path is not run at all
-
-            async def not_here(*_: Any, **__: Any) -> None:
-                raise AssertionError("the general path ran")
-
-            monkeypatch.setattr(revocation, "record_confirmed", not_here)
-        else:
-            monkeypatch.undo()
+        _general_path_only_for(s is general, monkeypatch, revocation, "record_confirmed")
         instance = _instance()
         job, leases = await _terminated_with_leases(s, instance)
         if confirmed:
