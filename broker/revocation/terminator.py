@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.leases import JobState, JobView, Termination
 
@@ -47,30 +47,9 @@ class Terminator:
         self._tokens = tokens
         self._wake_revocation = wake_revocation
 
-    async def __call__(
-        self,
-        instance_id: str,
-        *,
-        actor: str,
-        issuer: str | None = None,
-        workload: str | None = None,
-        token_id: tuple[str, datetime] | None = None,
-        reason: str | None = None,
-        incident: str | None = None,
-        self_terminated: bool = False,
-    ) -> JobView:
-        """``broker.events.Terminate``: the job."""
-        termination = await self.request(
-            instance_id,
-            actor=actor,
-            issuer=issuer,
-            workload=workload,
-            token_id=token_id,
-            reason=reason,
-            incident=incident,
-            self_terminated=self_terminated,
-        )
-        return termination.job
+    async def __call__(self, instance_id: str, **said: Any) -> JobView:
+        """``broker.events.Terminate``: the job (``request``'s arguments)."""
+        return (await self.request(instance_id, **said)).job
 
     async def request(
         self,
